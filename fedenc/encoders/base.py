@@ -1,0 +1,120 @@
+"""The contract every session encoder fulfils.
+
+An encoder turns a :class:`~fedenc.data.batching.SessionBatch` into one session vector per row and
+scores every item of the catalog against it. It also says which of its parameters form the
+**shared encoder** (exchanged by the federation) and which form the **local head** that never
+leaves a child.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from fedenc.data.batching import SessionBatch
+
+
+@dataclass
+class EncoderConfig:
+    """Hyper-parameters common to the session encoders (each encoder may ignore some)."""
+
+    num_items: int
+    hidden: int = 100
+    steps: int = 1  # graph-propagation steps
+    use_positions: bool = True  # reversed position embeddings (US20220114218A1)
+    max_position: int = 200  # longer sessions share the last position embedding
+    normalize: bool = True  # L2-normalised item and session vectors (NISER), scaled logits
+    scale: float = 12.0  # logit scale when ``normalize`` is on
+    dropout: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)  # encoder-specific options
+
+    def __post_init__(self) -> None:
+        if self.num_items < 1:
+            raise ValueError(f"num_items must be >= 1, got {self.num_items}")
+        if self.hidden < 1 or self.steps < 0 or self.max_position < 1:
+            raise ValueError("hidden and max_position must be >= 1 and steps >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class SessionEncoder(nn.Module, ABC):
+    """Base class: item embeddings, a session-vector network, and full-catalog scoring.
+
+    Items are ``1..num_items``; row 0 of the embedding is padding. :meth:`score` returns logits over
+    items ``1..num_items`` (column ``j`` is item ``j + 1``).
+    """
+
+    type_name: ClassVar[str] = ""
+    #: Parameter-name prefixes of the local head (everything else is the shared encoder).
+    head_prefixes: ClassVar[tuple[str, ...]] = ("embedding.",)
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.num_items + 1, config.hidden, padding_idx=0)
+
+    def reset_parameters(self) -> None:
+        """SR-GNN's initialisation: every parameter uniform in ±1/√d."""
+        bound = 1.0 / math.sqrt(self.config.hidden)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    @abstractmethod
+    def encode(self, batch: SessionBatch) -> Tensor:
+        """Session vectors, shape (B, hidden)."""
+
+    def item_weights(self) -> Tensor:
+        """The candidate item vectors scored against sessions, shape (num_items, hidden)."""
+        return self.embedding.weight[1:]
+
+    def item_vectors(self, items: Tensor) -> Tensor:
+        """Input embeddings of item ids (normalised when the encoder normalises)."""
+        emb = self.embedding(items)
+        return F.normalize(emb, dim=-1) if self.config.normalize else emb
+
+    def score(self, session: Tensor) -> Tensor:
+        """Logits of every catalog item, shape (B, num_items)."""
+        weights = self.item_weights()
+        if self.config.normalize:
+            session = F.normalize(session, dim=-1) * self.config.scale
+            weights = F.normalize(weights, dim=-1)
+        return session @ weights.t()
+
+    def forward(self, batch: SessionBatch) -> Tensor:
+        return self.score(self.encode(batch))
+
+    # -- federation split -------------------------------------------------------------------
+    def shared_parameter_names(self) -> list[str]:
+        """Ordered names of the shared-encoder parameters (what the federation exchanges)."""
+        return [n for n, _ in self.named_parameters() if not n.startswith(self.head_prefixes)]
+
+    def head_parameter_names(self) -> list[str]:
+        """Ordered names of the local-head parameters (they never leave a child)."""
+        return [n for n, _ in self.named_parameters() if n.startswith(self.head_prefixes)]
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"num_items={c.num_items}, hidden={c.hidden}, steps={c.steps}, "
+            f"positions={c.use_positions}, normalize={c.normalize}"
+        )
+
+
+def position_ids(positions: Tensor, max_position: int) -> Tensor:
+    """Clamp reversed positions into the embedding table (padding stays 0)."""
+    return positions.clamp(max=max_position)
+
+
+def ensure_batch_on(module: nn.Module, batch: SessionBatch) -> SessionBatch:
+    device = next(module.parameters()).device
+    return batch if batch.items.device == device else batch.to(device)
+
+
+__all__ = ["EncoderConfig", "SessionEncoder", "ensure_batch_on", "position_ids", "torch"]

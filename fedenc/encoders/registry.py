@@ -1,0 +1,77 @@
+"""Encoder types by name: the built-in ones and any registered through the
+``fedenc.encoders`` entry-point group by another package."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib import import_module
+from importlib.metadata import entry_points
+from typing import Any, TypeVar
+
+from fedenc.encoders.base import EncoderConfig, SessionEncoder
+
+E = TypeVar("E", bound=type[SessionEncoder])
+
+_REGISTRY: dict[str, type[SessionEncoder]] = {}
+_ENTRY_POINT_GROUP = "fedenc.encoders"
+# Modules of the built-in encoders; importing one runs its @register_encoder.
+_BUILTIN_MODULES = ("fedenc.encoders.srgnn",)
+_loaded_entry_points = False
+
+
+class UnknownEncoderError(KeyError):
+    """An encoder type that is neither built in nor registered."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown encoder"
+
+
+def register_encoder(name: str) -> Callable[[E], E]:
+    """Class decorator: make an encoder available as ``name``."""
+
+    def decorate(cls: E) -> E:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"encoder type {name!r} is already registered by {_REGISTRY[name]}")
+        cls.type_name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def _load_builtin_and_plugins() -> None:
+    global _loaded_entry_points
+    for module in _BUILTIN_MODULES:
+        import_module(module)
+    if not _loaded_entry_points:
+        _loaded_entry_points = True
+        for ep in entry_points(group=_ENTRY_POINT_GROUP):
+            cls = ep.load()
+            if ep.name not in _REGISTRY:
+                register_encoder(ep.name)(cls)
+
+
+def available_encoders() -> list[str]:
+    _load_builtin_and_plugins()
+    return sorted(_REGISTRY)
+
+
+def encoder_class(name: str) -> type[SessionEncoder]:
+    _load_builtin_and_plugins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownEncoderError(
+            f"unknown encoder type {name!r}; available: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def build_encoder(name: str, num_items: int, **options: Any) -> SessionEncoder:
+    """Build encoder ``name`` for a catalog of ``num_items``; ``options`` go to
+    :class:`EncoderConfig` (unknown keys land in ``extra``)."""
+    cls = encoder_class(name)
+    known = set(EncoderConfig.__dataclass_fields__) - {"num_items", "extra"}
+    extra = dict(options.pop("extra", {}) or {})
+    extra.update({k: options.pop(k) for k in list(options) if k not in known})
+    config = EncoderConfig(num_items=num_items, extra=extra, **options)
+    return cls(config)
