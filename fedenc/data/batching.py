@@ -1,9 +1,9 @@
 """Session-graph batches, built with vectorised tensor code.
 
-A batch of ``B`` prefixes becomes padded click matrices plus one directed graph per session over its
-unique items (SR-GNN, Wu et al. AAAI 2019). Nothing here loops over sessions in Python: unique nodes
-come from one ``torch.unique`` over ``row * (N + 1) + item`` keys, edges from one scatter, so a batch
-of 100 costs well under a millisecond. :func:`build_batch_reference` is the straightforward
+A batch of ``B`` prefixes becomes padded click matrices plus one directed graph per session over
+its unique items (SR-GNN, Wu et al. AAAI 2019). Nothing here loops over sessions in Python: unique
+nodes come from one ``torch.unique`` over ``row * (N + 1) + item`` keys, edges from one scatter, so
+a batch of 100 costs well under a millisecond. :func:`build_batch_reference` is the straightforward
 per-session loop, kept as the test oracle and the benchmark baseline.
 """
 

@@ -67,6 +67,15 @@ class Sessions:
     def lengths(self) -> IntArray:
         return np.diff(self.offsets)
 
+    @property
+    def num_clicks(self) -> int:
+        return int(self.items.size)
+
+    @property
+    def num_examples(self) -> int:
+        """Number of prefix -> next-item examples, ``sum(n - 1)`` (SR-GNN's augmented count)."""
+        return int(np.maximum(self.lengths - 1, 0).sum())
+
     def session(self, i: int) -> IntArray:
         return self.items[self.offsets[i] : self.offsets[i + 1]]
 

@@ -15,7 +15,11 @@ E = TypeVar("E", bound=type[SessionEncoder])
 _REGISTRY: dict[str, type[SessionEncoder]] = {}
 _ENTRY_POINT_GROUP = "fedenc.encoders"
 # Modules of the built-in encoders; importing one runs its @register_encoder.
-_BUILTIN_MODULES = ("fedenc.encoders.srgnn",)
+_BUILTIN_MODULES = (
+    "fedenc.encoders.srgnn",
+    "fedenc.encoders.edge_attention",
+    "fedenc.encoders.skip_rnn",
+)
 _loaded_entry_points = False
 
 

@@ -1,0 +1,211 @@
+"""The ``fedenc`` command line.
+
+``fedenc train`` trains one encoder locally (a child's trainer on its own); the federation commands
+(``simulate``, ``master``, ``child``) build on the same pieces.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from fedenc import __version__
+
+app = typer.Typer(
+    name="fedenc",
+    help="Federated training of shared session-recommendation encoders.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code=2)
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.command("encoders")
+def encoders_cmd() -> None:
+    """List the available encoder types."""
+    from fedenc.encoders.registry import available_encoders, encoder_class
+
+    for name in available_encoders():
+        doc = (encoder_class(name).__doc__ or encoder_class(name).__module__).strip()
+        typer.echo(f"{name:10s} {doc.splitlines()[0]}")
+
+
+@app.command("train")
+def train_cmd(
+    encoder: Annotated[str, typer.Option(help="Encoder type (see `fedenc encoders`).")] = "srgnn",
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Prepared data directory (train_sessions.txt + test_sessions.txt) or a raw click "
+            "log (.csv Diginetica, .dat/.txt Yoochoose). Omit for the synthetic default."
+        ),
+    ] = None,
+    synthetic: Annotated[
+        bool, typer.Option("--synthetic", help="Use the embedded synthetic data set.")
+    ] = False,
+    synthetic_sessions: Annotated[int, typer.Option(help="Synthetic: sessions to draw.")] = 20000,
+    synthetic_items: Annotated[int, typer.Option(help="Synthetic: catalog size.")] = 2000,
+    epochs: Annotated[int, typer.Option(min=1)] = 8,
+    batch_size: Annotated[int, typer.Option(min=1)] = 100,
+    lr: Annotated[float, typer.Option()] = 1e-3,
+    lr_decay_step: Annotated[int, typer.Option(help="Epochs between LR decays, 0 = never.")] = 3,
+    lr_decay_rate: Annotated[float, typer.Option()] = 0.1,
+    l2: Annotated[float, typer.Option(help="Adam weight decay.")] = 1e-5,
+    hidden: Annotated[int, typer.Option(min=1)] = 100,
+    steps: Annotated[int, typer.Option(min=0, help="Graph propagation steps.")] = 1,
+    positions: Annotated[
+        bool, typer.Option(help="Reversed position embeddings (off = plain SR-GNN).")
+    ] = True,
+    normalize: Annotated[
+        bool, typer.Option(help="L2-normalised item and session vectors (NISER).")
+    ] = True,
+    scale: Annotated[float, typer.Option(help="Logit scale when normalising.")] = 12.0,
+    dropout: Annotated[float, typer.Option(min=0.0, max=0.9)] = 0.0,
+    valid_fraction: Annotated[
+        float, typer.Option(help="Validation share carved from the end of training sessions.")
+    ] = 0.1,
+    patience: Annotated[int, typer.Option(help="Early stop after N epochs w/o gain.")] = 0,
+    max_examples: Annotated[int, typer.Option(help="Cap training pairs per epoch (0=all).")] = 0,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    threads: Annotated[int, typer.Option(help="torch threads (0 = default).")] = 0,
+    out: Annotated[
+        Path | None, typer.Option(help="Directory for the checkpoint and results.json.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+) -> None:
+    """Train one encoder locally; select the epoch on validation, report test once."""
+    import torch
+
+    from fedenc.data.sessions import Examples
+    from fedenc.data.splits import load_dataset
+    from fedenc.data.synthetic import SyntheticConfig, generate
+    from fedenc.encoders.registry import UnknownEncoderError, build_encoder
+    from fedenc.training.checkpoint import save_checkpoint
+    from fedenc.training.config import TrainConfig
+    from fedenc.training.progress import TrainingProgress
+    from fedenc.training.trainer import Trainer
+
+    if data is not None and synthetic:
+        raise _fail("give either --data or --synthetic, not both")
+    try:
+        config = TrainConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            lr_decay_step=lr_decay_step,
+            lr_decay_rate=lr_decay_rate,
+            l2=l2,
+            seed=seed,
+            device=device,
+            patience=patience,
+            max_examples_per_epoch=max_examples,
+            num_threads=threads,
+        )
+        if data is None:
+            splits = generate(
+                SyntheticConfig(
+                    num_sessions=synthetic_sessions,
+                    num_items=synthetic_items,
+                    seed=seed,
+                    valid_fraction=valid_fraction,
+                )
+            )
+        else:
+            splits = load_dataset(data, valid_fraction=valid_fraction)
+        model = build_encoder(
+            encoder,
+            splits.num_items,
+            hidden=hidden,
+            steps=steps,
+            use_positions=positions,
+            normalize=normalize,
+            scale=scale,
+            dropout=dropout,
+        )
+        torch.manual_seed(seed)
+        model.reset_parameters()
+        trainer = Trainer(model, config)
+    except (ValueError, FileNotFoundError, UnknownEncoderError) as err:
+        raise _fail(str(err)) from err
+
+    train_ex = Examples.from_sessions(splits.train)
+    valid_ex = Examples.from_sessions(splits.valid)
+    test_ex = Examples.from_sessions(splits.test)
+    console.print(
+        f"[bold]{encoder}[/] on [bold]{splits.name}[/]: {splits.num_items:,} items, "
+        f"{len(train_ex):,} train / {len(valid_ex):,} valid / {len(test_ex):,} test pairs, "
+        f"device {trainer.device}, {sum(p.numel() for p in model.parameters()):,} parameters"
+    )
+    started = time.time()
+    with TrainingProgress(enabled=not quiet and sys.stderr.isatty(), console=console) as progress:
+        if quiet or not sys.stderr.isatty():
+            progress = _LineProgress(console, quiet)  # type: ignore[assignment]
+        result = trainer.fit(train_ex, valid_ex, test_ex, progress=progress)
+
+    summary: dict[str, Any] = {
+        "encoder": encoder,
+        "encoder_config": model.config.to_dict(),
+        "train_config": config.to_dict(),
+        "data": splits.summary(),
+        "device": str(trainer.device),
+        "started": started,
+        **result.to_dict(),
+    }
+    if out is not None:
+        save_checkpoint(out, model, {"train": summary})
+        (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        console.print(f"checkpoint and results.json written to {out}")
+    if result.test:
+        t = result.test
+        console.print(
+            f"[bold green]test[/] (best valid epoch {result.best_epoch}): "
+            f"P@20 {t['recall@20']:.2f}  MRR@20 {t['mrr@20']:.2f}  "
+            f"P@10 {t['recall@10']:.2f}  MRR@10 {t['mrr@10']:.2f}"
+        )
+
+
+class _LineProgress:
+    """Plain per-epoch lines when there is no terminal (CI logs, background runs)."""
+
+    def __init__(self, console: Console, quiet: bool) -> None:
+        self.console, self.quiet = console, quiet
+
+    def start(self, description: str, total: int) -> None:
+        return None
+
+    def advance(self, task: object, pairs: int, rate: float, loss: float) -> None:
+        return None
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(message)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Encoder checkpoints: a directory with ``encoder.pt`` (the state_dict) and ``meta.json`` (encoder
+type and config, training config, metrics, data summary), enough to rebuild and score again.
+
+Files are written to a temporary name and renamed, so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedenc.encoders.base import SessionEncoder
+from fedenc.encoders.registry import build_encoder
+
+STATE_FILE = "encoder.pt"
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(
+    directory: str | Path, model: SessionEncoder, metadata: dict[str, Any] | None = None
+) -> Path:
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": FORMAT_VERSION,
+        "encoder": model.type_name,
+        "encoder_config": model.config.to_dict(),
+        "shared_parameters": model.shared_parameter_names(),
+        **(metadata or {}),
+    }
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    _atomic_write(out / STATE_FILE, lambda p: torch.save(state, p))
+    _atomic_write(out / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    return out
+
+
+def load_checkpoint(
+    directory: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[SessionEncoder, dict[str, Any]]:
+    src = Path(directory)
+    meta_path, state_path = src / META_FILE, src / STATE_FILE
+    for path in (meta_path, state_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint file missing: {path}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{meta_path}: not valid JSON ({err})") from err
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: unsupported checkpoint format {meta.get('format')!r}")
+    config = dict(meta["encoder_config"])
+    num_items = int(config.pop("num_items"))
+    model = build_encoder(meta["encoder"], num_items, **config)
+    state = torch.load(state_path, map_location=map_location, weights_only=True)
+    model.load_state_dict(state)
+    return model, meta
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)

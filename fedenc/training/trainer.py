@@ -1,0 +1,187 @@
+"""The local trainer: SR-GNN's recipe (Adam, step LR decay, L2, full-softmax cross-entropy) with
+validation-based model selection, reused by every child node.
+
+The hot path is kept tight: batches come from the vectorised graph builder (on the training device,
+so a GPU is not starved by host-side graph building), evaluation runs under ``torch.no_grad()`` and
+ranks targets with one comparison pass instead of a sort.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from fedenc.data.batching import SessionBatch, graph_batch, pad_prefixes
+from fedenc.data.sessions import Examples, IntArray
+from fedenc.encoders.base import SessionEncoder
+from fedenc.training.config import TrainConfig, resolve_device
+from fedenc.training.metrics import RankingAccumulator, target_ranks
+from fedenc.training.progress import TrainingProgress
+
+
+def make_batch(examples: Examples, index: IntArray, device: torch.device) -> SessionBatch:
+    """Pad on the host, build the graphs on ``device`` (only the click matrix crosses the bus)."""
+    items, mask, lengths = pad_prefixes(examples, index)
+    targets = torch.from_numpy(examples.target[index].astype(np.int64, copy=True))
+    if device.type != "cpu":
+        items, mask, lengths, targets = (
+            t.pin_memory().to(device, non_blocking=True) for t in (items, mask, lengths, targets)
+        )
+    return graph_batch(items, mask, lengths, targets)
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_valid: dict[str, float] = field(default_factory=dict)
+    test: dict[str, float] | None = None
+    train_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "history": self.history,
+            "best_epoch": self.best_epoch,
+            "best_valid": self.best_valid,
+            "test": self.test,
+            "train_seconds": self.train_seconds,
+        }
+
+
+class Trainer:
+    """Trains one encoder; keeps its optimizer and RNG across calls (a child's state across rounds)."""
+
+    def __init__(self, model: SessionEncoder, config: TrainConfig | None = None) -> None:
+        self.config = config or TrainConfig()
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        self.device = resolve_device(self.config.device)
+        self.model = model.to(self.device)
+        # The fused kernel makes one pass over each parameter: on a 43k x 100 embedding whose
+        # gradient is dense (full-softmax scoring) it is several times faster than foreach.
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=self.config.lr, weight_decay=self.config.l2, fused=True
+        )
+        step = self.config.lr_decay_step or 10**9
+        self.scheduler = torch.optim.lr_scheduler.StepLR(
+            self.optimizer, step_size=step, gamma=self.config.lr_decay_rate
+        )
+        self.rng = np.random.default_rng(self.config.seed)
+        self.epochs_done = 0
+
+    # -- passes -------------------------------------------------------------------------------
+    def batches(
+        self, examples: Examples, batch_size: int, shuffle: bool
+    ) -> Iterator[SessionBatch]:
+        n = len(examples)
+        order = self.rng.permutation(n) if shuffle else np.arange(n)
+        cap = self.config.max_examples_per_epoch
+        if shuffle and cap and cap < n:
+            order = order[:cap]
+        for lo in range(0, order.size, batch_size):
+            yield make_batch(examples, order[lo : lo + batch_size], self.device)
+
+    def train_epoch(
+        self, examples: Examples, progress: TrainingProgress | None = None
+    ) -> dict[str, float]:
+        if len(examples) == 0:
+            raise ValueError("no training examples (every session needs at least 2 clicks)")
+        self.model.train()
+        progress = progress or TrainingProgress(enabled=False)
+        total = min(len(examples), self.config.max_examples_per_epoch or len(examples))
+        task = progress.start(f"epoch {self.epochs_done + 1}", total)
+        loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
+        for batch in self.batches(examples, self.config.batch_size, shuffle=True):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(self.model(batch), batch.targets - 1)
+            loss.backward()
+            self.optimizer.step()
+            value = float(loss.detach())
+            if not np.isfinite(value):
+                raise FloatingPointError(f"training loss became {value} at example {seen}")
+            loss_sum += value * batch.size
+            seen += batch.size
+            progress.advance(task, batch.size, seen / (time.perf_counter() - t0), loss_sum / seen)
+        self.scheduler.step()
+        self.epochs_done += 1
+        seconds = time.perf_counter() - t0
+        return {"loss": loss_sum / seen, "pairs": seen, "seconds": seconds, "pairs_per_s": seen / seconds}
+
+    @torch.no_grad()
+    def evaluate(
+        self, examples: Examples, progress: TrainingProgress | None = None, label: str = "eval"
+    ) -> dict[str, float]:
+        """Recall@K / MRR@K (percent) ranking every catalog item."""
+        self.model.eval()
+        progress = progress or TrainingProgress(enabled=False)
+        task = progress.start(label, len(examples))
+        acc = RankingAccumulator(ks=self.config.ks)
+        t0 = time.perf_counter()
+        for batch in self.batches(examples, self.config.eval_batch_size, shuffle=False):
+            acc.update(target_ranks(self.model(batch), batch.targets))
+            progress.advance(task, batch.size, acc.count / (time.perf_counter() - t0), float("nan"))
+        out = acc.result()
+        out["pairs_per_s"] = acc.count / max(time.perf_counter() - t0, 1e-9)
+        return out
+
+    # -- the whole recipe ---------------------------------------------------------------------
+    def fit(
+        self,
+        train: Examples,
+        valid: Examples | None,
+        test: Examples | None = None,
+        progress: TrainingProgress | None = None,
+    ) -> FitResult:
+        """Train ``epochs`` epochs, keep the epoch best on validation, report test once at the end.
+
+        Without a validation set the last epoch is kept. Test data never influences selection.
+        """
+        torch.manual_seed(self.config.seed)
+        progress = progress or TrainingProgress(enabled=False)
+        result = FitResult()
+        best_score, best_state, stale = -1.0, None, 0
+        t0 = time.perf_counter()
+        for epoch in range(1, self.config.epochs + 1):
+            row: dict[str, float] = {"epoch": float(epoch), "lr": self.optimizer.param_groups[0]["lr"]}
+            row.update({f"train_{k}": v for k, v in self.train_epoch(train, progress).items()})
+            if valid is not None and len(valid):
+                metrics = self.evaluate(valid, progress, label=f"valid {epoch}")
+                row.update({f"valid_{k}": v for k, v in metrics.items()})
+                score = metrics[self.config.select_metric]
+                if score > best_score:
+                    best_score, stale = score, 0
+                    best_state = copy.deepcopy(self.model.state_dict())
+                    result.best_epoch, result.best_valid = epoch, metrics
+                else:
+                    stale += 1
+            result.history.append(row)
+            progress.log(_format_epoch(row))
+            if self.config.patience and stale >= self.config.patience:
+                progress.log(f"no validation gain for {stale} epochs: stopping early")
+                break
+        result.train_seconds = time.perf_counter() - t0
+        if best_state is not None:
+            self.model.load_state_dict(best_state)
+        else:
+            result.best_epoch = len(result.history)
+        if test is not None and len(test):
+            result.test = self.evaluate(test, progress, label="test")
+            progress.log(
+                "test (epoch {}): ".format(result.best_epoch)
+                + ", ".join(f"{k} {v:.2f}" for k, v in result.test.items() if "@" in k)
+            )
+        return result
+
+
+def _format_epoch(row: dict[str, float]) -> str:
+    parts = [f"epoch {int(row['epoch'])}", f"loss {row['train_loss']:.4f}"]
+    parts.append(f"{row['train_pairs_per_s']:.0f} pairs/s")
+    parts += [f"{k[6:]} {v:.2f}" for k, v in row.items() if k.startswith("valid_") and "@" in k]
+    return " | ".join(parts)
