@@ -159,9 +159,8 @@ def train_cmd(
         f"device {trainer.device}, {sum(p.numel() for p in model.parameters()):,} parameters"
     )
     started = time.time()
-    with TrainingProgress(enabled=not quiet and sys.stderr.isatty(), console=console) as progress:
-        if quiet or not sys.stderr.isatty():
-            progress = _LineProgress(console, quiet)  # type: ignore[assignment]
+    live = sys.stderr.isatty()
+    with TrainingProgress(enabled=not quiet, console=console, lines=not live) as progress:
         result = trainer.fit(train_ex, valid_ex, test_ex, progress=progress)
 
     summary: dict[str, Any] = {
@@ -184,23 +183,6 @@ def train_cmd(
             f"P@20 {t['recall@20']:.2f}  MRR@20 {t['mrr@20']:.2f}  "
             f"P@10 {t['recall@10']:.2f}  MRR@10 {t['mrr@10']:.2f}"
         )
-
-
-class _LineProgress:
-    """Plain per-epoch lines when there is no terminal (CI logs, background runs)."""
-
-    def __init__(self, console: Console, quiet: bool) -> None:
-        self.console, self.quiet = console, quiet
-
-    def start(self, description: str, total: int) -> None:
-        return None
-
-    def advance(self, task: object, pairs: int, rate: float, loss: float) -> None:
-        return None
-
-    def log(self, message: str) -> None:
-        if not self.quiet:
-            self.console.print(message)
 
 
 def main() -> None:

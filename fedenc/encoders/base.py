@@ -86,7 +86,9 @@ class SessionEncoder(nn.Module, ABC):
             session = F.normalize(session, dim=-1) * self.config.scale
             # rsqrt of row sums instead of F.normalize: same values, ~30% cheaper backward on a
             # 43k-row table, where this is the largest element-wise cost of a training step.
-            weights = weights * torch.rsqrt((weights * weights).sum(1, keepdim=True).clamp_min(1e-24))
+            weights = weights * torch.rsqrt(
+                (weights * weights).sum(1, keepdim=True).clamp_min(1e-24)
+            )
         return session @ weights.t()
 
     def forward(self, batch: SessionBatch) -> Tensor:

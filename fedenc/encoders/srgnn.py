@@ -1,11 +1,11 @@
 """``srgnn``: SR-GNN with reversed position embeddings (US20220114218A1).
 
 Each node of the session graph starts as the **concatenation** of its item embedding and the
-embedding of its reversed position (width 2d): positions run ``n, …, 1`` along the click order, so the
-last click is always position 1 whatever the session length, and a node takes the position of its
-most recent click. Gated graph propagation (:class:`GatedGraphCell`) then runs over the normalised
-in/out adjacency, and a soft-attention + last-click readout returns a d-wide session vector scored
-against every item embedding.
+embedding of its reversed position (width 2d): positions run ``n, …, 1`` along the click order, so
+the last click is always position 1 whatever the session length, and a node takes the position of
+its most recent click. Gated graph propagation (:class:`GatedGraphCell`) then runs over the
+normalised in/out adjacency, and a soft-attention + last-click readout returns a d-wide session
+vector scored against every item embedding.
 
 Because the transition graph alone forgets the order of clicks, plain SR-GNN gives the same session
 vector to ``[a, b, a, c, a]`` and ``[a, c, a, b, a]``; the position features tell them apart.
@@ -53,4 +53,5 @@ class SRGNN(SessionEncoder):
             h = self.gnn(h, batch.adj_in, batch.adj_out)
         rows = torch.arange(batch.size, device=h.device)[:, None]
         clicks = h[rows, batch.alias]  # (B, L, width): node state of every click
-        return self.dropout(self.readout(clicks, batch.mask, batch.last))
+        session: Tensor = self.dropout(self.readout(clicks, batch.mask, batch.last))
+        return session

@@ -1,7 +1,8 @@
 """Encoder checkpoints: a directory with ``encoder.pt`` (the state_dict) and ``meta.json`` (encoder
 type and config, training config, metrics, data summary), enough to rebuild and score again.
 
-Files are written to a temporary name and renamed, so a crash never leaves a half-written checkpoint.
+Files are written to a temporary name and renamed, so a crash never leaves a half-written
+checkpoint.
 """
 
 from __future__ import annotations

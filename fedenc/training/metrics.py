@@ -1,7 +1,7 @@
 """Ranking metrics over the full catalog: Recall@K (= P@20 of the SR-GNN papers) and MRR@K.
 
-Instead of a top-K sort, each example's rank is the number of items scored strictly above its target
-(one comparison pass over the logits), which is exact, ties broken in the target's favour, and cheap.
+Instead of a top-K sort, each example's rank is the number of items scored strictly above its
+target (one comparison pass over the logits): exact, ties broken in the target's favour, and cheap.
 """
 
 from __future__ import annotations

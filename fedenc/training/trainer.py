@@ -56,7 +56,7 @@ class FitResult:
 
 
 class Trainer:
-    """Trains one encoder; keeps its optimizer and RNG across calls (a child's state across rounds)."""
+    """Trains one encoder, keeping optimizer and RNG across calls (a child's state over rounds)."""
 
     def __init__(self, model: SessionEncoder, config: TrainConfig | None = None) -> None:
         self.config = config or TrainConfig()
@@ -77,9 +77,7 @@ class Trainer:
         self.epochs_done = 0
 
     # -- passes -------------------------------------------------------------------------------
-    def batches(
-        self, examples: Examples, batch_size: int, shuffle: bool
-    ) -> Iterator[SessionBatch]:
+    def batches(self, examples: Examples, batch_size: int, shuffle: bool) -> Iterator[SessionBatch]:
         n = len(examples)
         order = self.rng.permutation(n) if shuffle else np.arange(n)
         cap = self.config.max_examples_per_epoch
@@ -101,7 +99,7 @@ class Trainer:
         for batch in self.batches(examples, self.config.batch_size, shuffle=True):
             self.optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(self.model(batch), batch.targets - 1)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             self.optimizer.step()
             value = float(loss.detach())
             if not np.isfinite(value):
@@ -112,7 +110,12 @@ class Trainer:
         self.scheduler.step()
         self.epochs_done += 1
         seconds = time.perf_counter() - t0
-        return {"loss": loss_sum / seen, "pairs": seen, "seconds": seconds, "pairs_per_s": seen / seconds}
+        return {
+            "loss": loss_sum / seen,
+            "pairs": seen,
+            "seconds": seconds,
+            "pairs_per_s": seen / seconds,
+        }
 
     @torch.no_grad()
     def evaluate(
@@ -149,7 +152,10 @@ class Trainer:
         best_score, best_state, stale = -1.0, None, 0
         t0 = time.perf_counter()
         for epoch in range(1, self.config.epochs + 1):
-            row: dict[str, float] = {"epoch": float(epoch), "lr": self.optimizer.param_groups[0]["lr"]}
+            row: dict[str, float] = {
+                "epoch": float(epoch),
+                "lr": self.optimizer.param_groups[0]["lr"],
+            }
             row.update({f"train_{k}": v for k, v in self.train_epoch(train, progress).items()})
             if valid is not None and len(valid):
                 metrics = self.evaluate(valid, progress, label=f"valid {epoch}")
@@ -174,7 +180,7 @@ class Trainer:
         if test is not None and len(test):
             result.test = self.evaluate(test, progress, label="test")
             progress.log(
-                "test (epoch {}): ".format(result.best_epoch)
+                f"test (epoch {result.best_epoch}): "
                 + ", ".join(f"{k} {v:.2f}" for k, v in result.test.items() if "@" in k)
             )
         return result

@@ -43,7 +43,7 @@ class GatedGraphCell(nn.Module):
             torch.cat([self.edge_in.weight, self.edge_out.weight], 0),
             torch.cat([self.edge_in.bias, self.edge_out.bias], 0),
         )
-        p_in, p_out = proj.split(self.hidden, dim=-1)
+        p_in, p_out = torch.split(proj, self.hidden, dim=-1)
         msg = torch.cat(
             [torch.bmm(adj_in, p_in) + self.b_iah, torch.bmm(adj_out, p_out) + self.b_oah], -1
         )

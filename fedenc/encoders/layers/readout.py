@@ -4,8 +4,8 @@ For click states ``v_1..v_n`` with last click ``v_n``:
 
     α_t = qᵀ σ(W_1 v_n + W_2 v_t + c),   s_g = Σ_t α_t v_t,   s = W_3 [s_g ; v_n]
 
-Padding clicks get no weight. ``out_features`` may differ from the state width, which lets an encoder
-with concatenated position features (width 2d) return a d-wide session vector.
+Padding clicks get no weight. ``out_features`` may differ from the state width, which lets an
+encoder with concatenated position features (width 2d) return a d-wide session vector.
 """
 
 from __future__ import annotations
@@ -44,4 +44,3 @@ class SoftAttentionReadout(nn.Module):
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.in_features}, {self.out_features})"
-

@@ -1,0 +1,125 @@
+"""Training and evaluation speed of an encoder at SR-GNN's settings (hidden 100, batch 100, full
+softmax over the whole catalog), against a straightforward implementation measured in the same run.
+
+fedenc path: vectorised graph batches, fused Adam, eval under no_grad with a comparison-pass rank.
+Baseline: the same model trained the way the public SR-GNN code does it -- per-session Python graph
+building, per-parameter (foreach) Adam, evaluation with autograd on and a top-k sort.
+
+    python benchmarks/speed.py --data ../shared/data            # Diginetica, 43,097 items
+    python benchmarks/speed.py --synthetic-items 43097          # no data needed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import numpy as np
+import torch
+from _common import data_dir, interleaved, load_avg, median
+from torch.nn import functional as F
+
+from fedenc.data.batching import build_batch_reference
+from fedenc.data.readers import read_session_text
+from fedenc.data.sessions import Examples, Sessions
+from fedenc.data.synthetic import SyntheticConfig, generate
+from fedenc.encoders.registry import build_encoder
+from fedenc.training.metrics import target_ranks
+from fedenc.training.trainer import make_batch
+
+
+def load_examples(args: argparse.Namespace) -> tuple[str, Examples]:
+    root = data_dir(args.data)
+    if root is not None and (root / "diginetica" / "train_sessions.txt").is_file():
+        sessions: Sessions = read_session_text(root / "diginetica" / "train_sessions.txt")
+        return "diginetica", Examples.from_sessions(sessions)
+    splits = generate(SyntheticConfig(num_items=args.synthetic_items, num_sessions=50000))
+    return f"synthetic({args.synthetic_items} items)", Examples.from_sessions(splits.train)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--synthetic-items", type=int, default=43097)
+    ap.add_argument("--encoder", default="srgnn")
+    ap.add_argument("--batches", type=int, default=20, help="batches per timed repeat")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--eval-batch", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--json", default=None, help="also write the figures here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name, ex = load_examples(args)
+    cpu = torch.device("cpu")
+    rng = np.random.default_rng(0)
+    train_idx = [rng.integers(0, len(ex), 100) for _ in range(args.batches)]
+    eval_idx = [
+        np.arange(lo, lo + args.eval_batch) for lo in range(0, args.batches * 100, args.eval_batch)
+    ]
+
+    torch.manual_seed(0)
+    fast = build_encoder(args.encoder, ex.num_items)
+    base = build_encoder(args.encoder, ex.num_items)
+    base.load_state_dict(fast.state_dict())
+    opt_fast = torch.optim.Adam(fast.parameters(), lr=1e-3, weight_decay=1e-5, fused=True)
+    opt_base = torch.optim.Adam(base.parameters(), lr=1e-3, weight_decay=1e-5, foreach=True)
+
+    def train(model: Any, opt: Any, reference: bool) -> None:
+        model.train()
+        for idx in train_idx:
+            b = build_batch_reference(ex, idx) if reference else make_batch(ex, idx, cpu)
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(b), b.targets - 1).backward()
+            opt.step()
+
+    def evaluate_fast() -> None:
+        fast.eval()
+        with torch.no_grad():
+            for idx in eval_idx:
+                b = make_batch(ex, idx, cpu)
+                target_ranks(fast(b), b.targets)
+
+    def evaluate_base() -> None:
+        base.eval()
+        for idx in eval_idx:
+            b = build_batch_reference(ex, idx)
+            scores = base(b)
+            top = scores.topk(20, dim=1).indices
+            (top == (b.targets - 1)[:, None]).any(1).float().mean().item()
+
+    train(fast, opt_fast, False)  # warm-up both
+    train(base, opt_base, True)
+    t = interleaved(
+        {
+            "train fedenc": lambda: train(fast, opt_fast, False),
+            "train baseline": lambda: train(base, opt_base, True),
+            "eval fedenc": evaluate_fast,
+            "eval baseline": evaluate_base,
+        },
+        args.repeats,
+    )
+    n_train = args.batches * 100
+    n_eval = len(eval_idx) * args.eval_batch
+    rate = {k: (n_train if k.startswith("train") else n_eval) / median(v) for k, v in t.items()}
+    print(
+        f"{args.encoder} on {name}: {ex.num_items:,} items, hidden 100, train batch 100, "
+        f"eval batch {args.eval_batch}, torch threads {torch.get_num_threads()}, "
+        f"load avg {load_avg()}, median of {args.repeats} interleaved repeats"
+    )
+    print(f"{'':16s}{'fedenc':>14s}{'baseline':>14s}{'ratio':>8s}")
+    for what in ("train", "eval"):
+        f_, b_ = rate[f"{what} fedenc"], rate[f"{what} baseline"]
+        print(f"{what + ' pairs/s':16s}{f_:14,.0f}{b_:14,.0f}{f_ / b_:7.2f}x")
+    print(
+        f"train ms/batch   {1000 * median(t['train fedenc']) / args.batches:10.1f}"
+        f"{1000 * median(t['train baseline']) / args.batches:14.1f}"
+    )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"dataset": name, "encoder": args.encoder, "pairs_per_s": rate}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Test-wide settings: Flower stays offline and writes only into a temporary home."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ["FLWR_HOME"] = tempfile.mkdtemp(prefix="fedenc-flwr-home-")
+
+# Two cores on CI: one torch thread per test process keeps timings sane and results stable.
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def seed() -> Iterator[int]:
+    torch.manual_seed(0)
+    yield 0
+
+
+@pytest.fixture
+def tmp_out(tmp_path: Path) -> Path:
+    return tmp_path / "out"

@@ -1,0 +1,216 @@
+"""The ``srgnn`` encoder (reversed position embeddings, US20220114218A1), the registry and the
+shared/head split of the encoder base class."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from fedenc.data.batching import batch_from_sessions
+from fedenc.encoders.base import EncoderConfig, SessionEncoder
+from fedenc.encoders.registry import (
+    UnknownEncoderError,
+    available_encoders,
+    build_encoder,
+    encoder_class,
+)
+from fedenc.encoders.srgnn import SRGNN
+
+HIDDEN = 8
+NUM_ITEMS = 20
+BUILTIN = ("edge_attn", "skip_rnn", "srgnn")
+# Same transition graph {1->2, 2->1, 1->3, 3->1}, different click order.
+SAME_GRAPH = [[1, 2, 1, 3, 1], [1, 3, 1, 2, 1]]
+
+
+def make_srgnn(seed: int = 0, **options: object) -> SRGNN:
+    torch.manual_seed(seed)
+    model = build_encoder("srgnn", NUM_ITEMS, hidden=HIDDEN, **options)
+    assert isinstance(model, SRGNN)
+    return model.eval()
+
+
+def test_same_graph_different_order_told_apart_only_with_positions() -> None:
+    batch = batch_from_sessions(SAME_GRAPH)
+    # The premise: identical graphs and nodes, different node positions.
+    assert torch.equal(batch.nodes[0], batch.nodes[1])
+    assert torch.equal(batch.adj_in[0], batch.adj_in[1])
+    assert torch.equal(batch.adj_out[0], batch.adj_out[1])
+    assert not torch.equal(batch.node_positions[0], batch.node_positions[1])
+
+    with torch.no_grad():
+        with_pos = make_srgnn(use_positions=True).encode(batch)
+        without = make_srgnn(use_positions=False).encode(batch)
+    assert (with_pos[0] - with_pos[1]).abs().max() > 1e-3
+    torch.testing.assert_close(without[0], without[1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_widths_concatenated_2d_with_positions_d_without(steps: int) -> None:
+    batch = batch_from_sessions([[1, 2, 3], [4, 4]])
+    model = make_srgnn(steps=steps)
+    assert model.gnn.hidden == 2 * HIDDEN
+    assert model.readout.in_features == 2 * HIDDEN
+    assert model.readout.out_features == HIDDEN
+    assert model.position is not None
+    h = model.node_features(batch)
+    assert h.shape == (2, batch.nodes.shape[1], 2 * HIDDEN)
+    # item ⊕ position, in that order.
+    torch.testing.assert_close(h[..., :HIDDEN], model.item_vectors(batch.nodes))
+    torch.testing.assert_close(h[..., HIDDEN:], model.position(batch.node_positions))
+    assert model.encode(batch).shape == (2, HIDDEN)
+
+    plain = make_srgnn(steps=steps, use_positions=False)
+    assert plain.position is None
+    assert plain.gnn.hidden == HIDDEN and plain.readout.in_features == HIDDEN
+    assert plain.node_features(batch).shape == (2, batch.nodes.shape[1], HIDDEN)
+    assert plain.encode(batch).shape == (2, HIDDEN)
+
+
+def test_long_sessions_share_the_last_position_embedding() -> None:
+    model = make_srgnn(max_position=3)
+    # 5 distinct clicks: positions 5, 4, 3, 2, 1 -> the first three share embedding row 3.
+    batch = batch_from_sessions([[1, 2, 3, 4, 5]])
+    pos = model.node_features(batch)[0, :, HIDDEN:]
+    torch.testing.assert_close(pos[0], pos[2])
+    torch.testing.assert_close(pos[1], pos[2])
+    assert not torch.allclose(pos[2], pos[3])
+
+
+def test_score_columns_are_items_one_to_n() -> None:
+    model = make_srgnn()
+    weights = model.embedding.weight[1:]
+    picks = torch.tensor([1, 7, 20])
+    with torch.no_grad():
+        # A session vector pointing at item k scores item k highest, at exactly the scale.
+        scores = model.score(model.embedding.weight[picks])
+    assert scores.shape == (3, NUM_ITEMS)
+    assert scores.argmax(1).tolist() == (picks - 1).tolist()
+    torch.testing.assert_close(
+        scores[torch.arange(3), picks - 1], torch.full((3,), model.config.scale)
+    )
+    session = torch.randn(4, HIDDEN)
+    with torch.no_grad():
+        want = F.normalize(session, dim=-1) @ F.normalize(weights, dim=-1).t() * 12.0
+        torch.testing.assert_close(model.score(session), want)
+
+
+def test_score_without_normalisation_is_a_plain_dot_product() -> None:
+    model = make_srgnn(normalize=False)
+    session = torch.randn(3, HIDDEN)
+    with torch.no_grad():
+        want = session @ model.embedding.weight[1:].t()
+        torch.testing.assert_close(model.score(session), want)
+        batch = batch_from_sessions([[1, 2], [3]])
+        torch.testing.assert_close(model(batch), model.encode(batch) @ model.embedding.weight[1:].t())
+
+
+@pytest.mark.parametrize("use_positions", [True, False])
+def test_gradients_reach_every_parameter(use_positions: bool) -> None:
+    model = make_srgnn(use_positions=use_positions, steps=2).train()
+    batch = batch_from_sessions([[1, 2, 1, 3], [4, 5], [6]])
+    loss = F.cross_entropy(model(batch), torch.tensor([3, 5, 1]))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+    # The padding rows of the embeddings are never trained.
+    assert torch.all(model.embedding.weight.grad[0] == 0)  # type: ignore[index]
+
+
+@pytest.mark.parametrize("use_positions", [True, False])
+def test_padding_invariance(use_positions: bool) -> None:
+    model = make_srgnn(use_positions=use_positions, steps=2)
+    short = [3, 1, 3]
+    with torch.no_grad():
+        alone = model.encode(batch_from_sessions([short]))
+        padded = model.encode(batch_from_sessions([[9, 8, 7, 6, 5, 4, 9, 2], short, [11]]))
+    torch.testing.assert_close(padded[1], alone[0], rtol=0, atol=1e-6)
+
+
+def test_registry_builds_the_builtin_types() -> None:
+    assert set(BUILTIN) <= set(available_encoders())
+    assert available_encoders() == sorted(available_encoders())
+    for name in BUILTIN:
+        torch.manual_seed(0)
+        model = build_encoder(name, NUM_ITEMS, hidden=4)
+        assert isinstance(model, SessionEncoder)
+        assert isinstance(model, encoder_class(name))
+        assert model.type_name == name
+        assert model.config.num_items == NUM_ITEMS and model.config.hidden == 4
+        with torch.no_grad():
+            scores = model.eval()(batch_from_sessions([[1, 2], [3]]))
+        assert scores.shape == (2, NUM_ITEMS)
+
+
+def test_unknown_encoder_lists_the_available_types() -> None:
+    with pytest.raises(UnknownEncoderError) as info:
+        encoder_class("nope")
+    message = str(info.value)
+    assert "'nope'" in message
+    for name in BUILTIN:
+        assert name in message
+    assert isinstance(info.value, KeyError)
+    with pytest.raises(UnknownEncoderError, match="available"):
+        build_encoder("nope", NUM_ITEMS)
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_shared_and_head_parameters_partition_the_model(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_encoder(name, NUM_ITEMS, hidden=4)
+    names = [n for n, _ in model.named_parameters()]
+    shared, head = model.shared_parameter_names(), model.head_parameter_names()
+    assert head == ["embedding.weight"]
+    assert not set(shared) & set(head)
+    assert sorted(shared + head) == sorted(names)
+    # Both lists keep named_parameters' order (the federation's wire order).
+    assert shared == [n for n in names if n in set(shared)]
+    assert shared  # there is an encoder to share
+
+
+def test_build_encoder_puts_unknown_options_into_extra() -> None:
+    model = build_encoder("srgnn", NUM_ITEMS, hidden=4, steps=2, foo=1, extra={"bar": "x"})
+    assert model.config.hidden == 4 and model.config.steps == 2
+    assert model.config.extra == {"bar": "x", "foo": 1}
+    assert "foo" not in model.config.to_dict() or model.config.to_dict()["extra"]["foo"] == 1
+    plain = build_encoder("srgnn", NUM_ITEMS)
+    assert plain.config.extra == {}
+
+
+def test_encoder_config_validates() -> None:
+    with pytest.raises(ValueError, match="num_items"):
+        EncoderConfig(num_items=0)
+    with pytest.raises(ValueError, match="hidden"):
+        EncoderConfig(num_items=5, hidden=0)
+
+
+def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_reset_parameters_is_deterministic_under_manual_seed() -> None:
+    model = make_srgnn()
+    torch.manual_seed(3)
+    model.reset_parameters()
+    first = state(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    torch.manual_seed(3)
+    model.reset_parameters()
+    again = state(model)
+    assert first.keys() == again.keys()
+    for k in first:
+        assert torch.equal(first[k], again[k]), k
+    # Uniform in ±1/sqrt(d), SR-GNN's initialisation.
+    bound = 1.0 / HIDDEN**0.5
+    assert all(float(v.abs().max()) <= bound for v in first.values())
+    torch.manual_seed(4)
+    model.reset_parameters()
+    assert not torch.equal(state(model)["embedding.weight"], first["embedding.weight"])
+    # Building twice from the same seed gives the same encoder.
+    a, b = state(make_srgnn(seed=5)), state(make_srgnn(seed=5))
+    assert all(torch.equal(a[k], b[k]) for k in a)
