@@ -185,6 +185,57 @@ def train_cmd(
         )
 
 
+data_app = typer.Typer(help="Inspect data sets and partitions.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def _load_splits(data: Path | None, seed: int, valid_fraction: float = 0.1) -> Any:
+    from fedenc.data.splits import load_dataset
+    from fedenc.data.synthetic import SyntheticConfig, generate
+
+    try:
+        if data is None:
+            return generate(SyntheticConfig(seed=seed, valid_fraction=valid_fraction))
+        return load_dataset(data, valid_fraction=valid_fraction)
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(str(err)) from err
+
+
+@data_app.command("stats")
+def data_stats_cmd(
+    data: Annotated[
+        Path | None, typer.Option(help="Data directory or raw log; omit = synthetic.")
+    ] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Sessions, clicks, examples and items of each split."""
+    splits = _load_splits(data, seed)
+    typer.echo(json.dumps(splits.summary(), indent=2))
+
+
+@data_app.command("partition")
+def data_partition_cmd(
+    data: Annotated[
+        Path | None, typer.Option(help="Data directory or raw log; omit = synthetic.")
+    ] = None,
+    children: Annotated[int, typer.Option(min=1, help="Number of children K.")] = 4,
+    scheme: Annotated[str, typer.Option(help="iid | time | dirichlet")] = "iid",
+    alpha: Annotated[
+        float, typer.Option(help="Dirichlet concentration (smaller = more skewed).")
+    ] = 0.5,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Split the training sessions among K children and print per-child statistics."""
+    from fedenc.data.partition import partition, print_partition_stats
+
+    splits = _load_splits(data, seed)
+    try:
+        parts = partition(splits.train, children, scheme, seed=seed, alpha=alpha)
+    except ValueError as err:
+        raise _fail(str(err)) from err
+    print_partition_stats(parts, title=f"{splits.name}: {scheme} over {children} children")
+
+
 def main() -> None:
     app()
 

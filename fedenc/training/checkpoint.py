@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +53,23 @@ def load_checkpoint(
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{meta_path}: not valid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"{meta_path}: unsupported checkpoint format {meta.get('format')!r}")
-    config = dict(meta["encoder_config"])
+    encoder, config = meta.get("encoder"), meta.get("encoder_config")
+    if not isinstance(encoder, str):
+        raise ValueError(f"{meta_path}: no encoder type ('encoder')")
+    if not isinstance(config, dict) or "num_items" not in config:
+        raise ValueError(f"{meta_path}: no encoder configuration ('encoder_config' with num_items)")
+    config = dict(config)
     num_items = int(config.pop("num_items"))
-    model = build_encoder(meta["encoder"], num_items, **config)
-    state = torch.load(state_path, map_location=map_location, weights_only=True)
-    model.load_state_dict(state)
+    model = build_encoder(encoder, num_items, **config)
+    try:
+        state = torch.load(state_path, map_location=map_location, weights_only=True)
+        model.load_state_dict(state)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
+        raise ValueError(f"{state_path}: cannot load the {encoder} parameters ({err})") from err
     return model, meta
 
 

@@ -30,14 +30,26 @@ class TrainConfig:
         problems = []
         if self.epochs < 1:
             problems.append(f"epochs must be >= 1 (got {self.epochs})")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            problems.append("batch sizes must be >= 1")
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
         if not self.lr > 0:
             problems.append(f"lr must be > 0 (got {self.lr})")
-        if self.l2 < 0 or self.lr_decay_step < 0 or not 0 < self.lr_decay_rate <= 1:
-            problems.append("l2 and lr_decay_step must be >= 0, lr_decay_rate in (0, 1]")
+        if not self.l2 >= 0:
+            problems.append(f"l2 must be >= 0 (got {self.l2})")
+        if not 0 < self.lr_decay_rate <= 1:
+            problems.append(f"lr_decay_rate must lie in (0, 1] (got {self.lr_decay_rate})")
+        for name in ("lr_decay_step", "patience", "max_examples_per_epoch", "num_threads"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0 (got {getattr(self, name)})")
         if not self.ks or min(self.ks) < 1:
             problems.append(f"ks must be positive cut-offs (got {self.ks})")
+        else:
+            selectable = [f"{m}@{k}" for k in self.ks for m in ("recall", "mrr")]
+            if self.select_metric not in selectable:
+                problems.append(
+                    f"select_metric must be one of {selectable} (got {self.select_metric!r})"
+                )
         if problems:
             raise ValueError("bad training config: " + "; ".join(problems))
 
@@ -59,7 +71,10 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available; asking for CUDA without one is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available here")
     if dev.type not in {"cpu", "cuda"}:

@@ -14,9 +14,13 @@ from torch import Tensor
 
 
 def target_ranks(logits: Tensor, targets: Tensor) -> Tensor:
-    """0-based rank of each target (column ``targets - 1``) among all items, shape (B,)."""
+    """0-based rank of each target (column ``targets - 1``) among all items, shape (B,).
+
+    A NaN target score (a diverged model) ranks last, past every item, so it is never a hit.
+    """
     target_score = logits.gather(1, (targets - 1)[:, None])
-    return (logits > target_score).sum(1)
+    ranks = (logits > target_score).sum(1)
+    return torch.where(target_score[:, 0].isnan(), logits.shape[1], ranks)
 
 
 @dataclass

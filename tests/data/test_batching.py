@@ -20,11 +20,13 @@ from fedenc.data.batching import (
 from fedenc.data.sessions import Examples, Sessions
 
 
-def examples_of(prefixes: Sequence[Sequence[int]], targets: Sequence[int] | None = None) -> Examples:
+def examples_of(
+    prefixes: Sequence[Sequence[int]], targets: Sequence[int] | None = None
+) -> Examples:
     """Examples whose ``j``-th prefix is ``prefixes[j]`` (target ``targets[j]``, default 1)."""
     tgts = list(targets) if targets is not None else [1] * len(prefixes)
     store = Sessions.from_lists(
-        [list(p) + [t] for p, t in zip(prefixes, tgts, strict=True)],
+        [[*p, t] for p, t in zip(prefixes, tgts, strict=True)],
         num_items=max(max(max(p) for p in prefixes), max(tgts)),
     )
     return Examples(

@@ -1,0 +1,87 @@
+"""The ``fedenc`` command line, driven through typer's CliRunner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch._dynamo  # the first optimizer step imports it (~2 s): pay that at collection
+from typer.testing import CliRunner
+
+from fedenc.cli import app
+from fedenc.data.batching import batch_from_sessions
+from fedenc.training.checkpoint import load_checkpoint
+
+runner = CliRunner()
+TINY = ["--synthetic-sessions", "400", "--synthetic-items", "50", "--hidden", "8", "--epochs", "1"]
+
+
+def flat(text: str) -> str:
+    """Output with line breaks and wrapping removed (rich wraps at the console width)."""
+    return "".join(text.split())
+
+
+def test_encoders_lists_the_three_types() -> None:
+    result = runner.invoke(app, ["encoders"])
+    assert result.exit_code == 0, result.output
+    names = [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
+    assert names == ["edge_attn", "skip_rnn", "srgnn"]
+
+
+def test_train_synthetic_writes_results_and_a_loadable_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--synthetic", *TINY, "--out", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["encoder"] == "srgnn"
+    assert results["encoder_config"]["hidden"] == 8
+    assert results["encoder_config"]["num_items"] == 50
+    assert results["train_config"]["epochs"] == 1
+    assert len(results["history"]) == 1 and results["best_epoch"] == 1
+    test = results["test"]
+    assert test["examples"] == results["data"]["test_examples"] > 0
+    for key in ("recall@20", "mrr@20", "recall@10", "mrr@10"):
+        assert 0.0 <= test[key] <= 100.0, key
+    assert test["mrr@20"] <= test["recall@20"]
+
+    model, meta = load_checkpoint(out)
+    assert meta["encoder"] == "srgnn" and model.config.hidden == 8
+    assert meta["train"]["test"] == test
+    with torch.no_grad():
+        scores = model.eval()(batch_from_sessions([[1, 2, 3], [50]]))
+    assert scores.shape == (2, 50) and torch.isfinite(scores).all()
+
+
+def test_missing_data_path_exits_2_naming_it() -> None:
+    result = runner.invoke(app, ["train", "--data", "/nonexistent", *TINY, "-q"])
+    assert result.exit_code == 2, result.output
+    assert "/nonexistent" in flat(result.stderr)
+    assert "Traceback" not in result.output
+
+
+def test_unknown_encoder_exits_2_naming_the_available_types() -> None:
+    result = runner.invoke(app, ["train", "--synthetic", "--encoder", "nope", *TINY, "-q"])
+    assert result.exit_code == 2, result.output
+    message = flat(result.stderr)
+    assert "nope" in message
+    for name in ("srgnn", "edge_attn", "skip_rnn"):
+        assert name in message
+
+
+def test_data_and_synthetic_together_exit_2(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", "--data", str(tmp_path), "--synthetic", *TINY, "-q"])
+    assert result.exit_code == 2, result.output
+    assert "--synthetic" in flat(result.stderr) and "--data" in flat(result.stderr)
+
+
+def test_bad_training_option_exits_2() -> None:
+    result = runner.invoke(app, ["train", "--synthetic", *TINY, "--lr", "0", "-q"])
+    assert result.exit_code == 2, result.output
+    assert "lr" in flat(result.stderr)
+
+
+def test_unknown_device_exits_2() -> None:
+    result = runner.invoke(app, ["train", "--synthetic", *TINY, "--device", "gpu", "-q"])
+    assert result.exit_code == 2, result.output
+    assert "gpu" in flat(result.stderr)
