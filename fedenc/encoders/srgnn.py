@@ -50,7 +50,7 @@ class SRGNN(SessionEncoder):
     def encode(self, batch: SessionBatch) -> Tensor:
         h = self.dropout(self.node_features(batch))
         for _ in range(self.config.steps):
-            h = self.gnn(h, batch.adj_in, batch.adj_out)
+            h = self.gnn(h, batch.adj_in, batch.adj_out, batch.node_mask)
         rows = torch.arange(batch.size, device=h.device)[:, None]
         clicks = h[rows, batch.alias]  # (B, L, width): node state of every click
         session: Tensor = self.dropout(self.readout(clicks, batch.mask, batch.last))

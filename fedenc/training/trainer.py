@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from fedenc.data.batching import SessionBatch, graph_batch, pad_prefixes
 from fedenc.data.sessions import Examples, IntArray
 from fedenc.encoders.base import SessionEncoder
+from fedenc.training.allocator import tune_allocator
 from fedenc.training.config import TrainConfig, resolve_device
 from fedenc.training.metrics import RankingAccumulator, target_ranks
 from fedenc.training.progress import TrainingProgress
@@ -60,6 +61,7 @@ class Trainer:
 
     def __init__(self, model: SessionEncoder, config: TrainConfig | None = None) -> None:
         self.config = config or TrainConfig()
+        tune_allocator()
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
         self.device = resolve_device(self.config.device)
@@ -99,11 +101,11 @@ class Trainer:
         for batch in self.batches(examples, self.config.batch_size, shuffle=True):
             self.optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(self.model(batch), batch.targets - 1)
+            value = float(loss.detach())
+            if not np.isfinite(value):  # checked before the step: the parameters stay usable
+                raise FloatingPointError(f"training loss became {value} at example {seen}")
             loss.backward()  # type: ignore[no-untyped-call]
             self.optimizer.step()
-            value = float(loss.detach())
-            if not np.isfinite(value):
-                raise FloatingPointError(f"training loss became {value} at example {seen}")
             loss_sum += value * batch.size
             seen += batch.size
             progress.advance(task, batch.size, seen / (time.perf_counter() - t0), loss_sum / seen)

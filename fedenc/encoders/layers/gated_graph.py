@@ -36,17 +36,32 @@ class GatedGraphCell(nn.Module):
         for p in self.parameters():
             nn.init.uniform_(p, -bound, bound)
 
-    def forward(self, h: Tensor, adj_in: Tensor, adj_out: Tensor) -> Tensor:
-        # Both edge projections in one GEMM, then the two bmm's over the (small) adjacency.
-        proj = F.linear(
-            h,
-            torch.cat([self.edge_in.weight, self.edge_out.weight], 0),
-            torch.cat([self.edge_in.bias, self.edge_out.bias], 0),
-        )
+    def forward(
+        self, h: Tensor, adj_in: Tensor, adj_out: Tensor, node_mask: Tensor | None = None
+    ) -> Tensor:
+        """One propagation step. With ``node_mask`` (B, U) the dense projections and the GRU run on
+        the real nodes only (a batch padded to its longest session is mostly padding); padding
+        nodes then come out as zeros."""
+        weight = torch.cat([self.edge_in.weight, self.edge_out.weight], 0)
+        bias = torch.cat([self.edge_in.bias, self.edge_out.bias], 0)
+        if node_mask is None:
+            proj = F.linear(h, weight, bias)
+            p_in, p_out = torch.split(proj, self.hidden, dim=-1)
+            msg = torch.cat(
+                [torch.bmm(adj_in, p_in) + self.b_iah, torch.bmm(adj_out, p_out) + self.b_oah], -1
+            )
+            return self._gru(msg, h)
+        h_real = h[node_mask]  # (n, H)
+        proj = h.new_zeros(*node_mask.shape, 2 * self.hidden)
+        proj[node_mask] = F.linear(h_real, weight, bias)
         p_in, p_out = torch.split(proj, self.hidden, dim=-1)
-        msg = torch.cat(
-            [torch.bmm(adj_in, p_in) + self.b_iah, torch.bmm(adj_out, p_out) + self.b_oah], -1
-        )
+        msg = torch.cat([torch.bmm(adj_in, p_in), torch.bmm(adj_out, p_out)], -1)[node_mask]
+        msg = msg + torch.cat([self.b_iah, self.b_oah])
+        out = h.new_zeros(h.shape)
+        out[node_mask] = self._gru(msg, h_real)
+        return out
+
+    def _gru(self, msg: Tensor, h: Tensor) -> Tensor:
         gi = self.w_ih(msg)
         gh = self.w_hh(h)
         i_r, i_z, i_n = gi.chunk(3, -1)

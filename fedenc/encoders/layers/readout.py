@@ -36,9 +36,11 @@ class SoftAttentionReadout(nn.Module):
         """``clicks`` (B, L, F), ``mask`` (B, L) bool, ``last`` (B,) index of the last click."""
         rows = torch.arange(clicks.shape[0], device=clicks.device)
         v_last = clicks[rows, last]
-        alpha = self.q((self.w_last(v_last)[:, None, :] + self.w_click(clicks)).sigmoid())
-        alpha = alpha * mask[..., None].to(alpha.dtype)
-        s_global = (alpha * clicks).sum(1)
+        # Attention over the real clicks only, packed: a batch is padded to its longest session.
+        click_row = mask.nonzero()[:, 0]
+        real = clicks[mask]
+        alpha = self.q((self.w_last(v_last)[click_row] + self.w_click(real)).sigmoid())
+        s_global = clicks.new_zeros(v_last.shape).index_add(0, click_row, alpha * real)
         out: Tensor = self.combine(torch.cat([s_global, v_last], dim=-1))
         return out
 
