@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from fedenc.data.batching import SessionBatch
+from fedenc.encoders.layers.full_softmax import full_softmax_cross_entropy
 
 
 @dataclass
@@ -93,6 +94,19 @@ class SessionEncoder(nn.Module, ABC):
 
     def forward(self, batch: SessionBatch) -> Tensor:
         return self.score(self.encode(batch))
+
+    def loss(self, batch: SessionBatch) -> Tensor:
+        """Mean full-softmax cross-entropy of the batch's targets over the whole catalog.
+
+        Equal to ``cross_entropy(self(batch), targets - 1)``, computed in item chunks without the
+        (B, N) logit and (N, d) normalisation temporaries (:mod:`.layers.full_softmax`).
+        """
+        session = self.encode(batch)
+        if self.config.normalize:
+            session = F.normalize(session, dim=-1) * self.config.scale
+        return full_softmax_cross_entropy(
+            session, self.embedding.weight, batch.targets, self.config.normalize
+        )
 
     # -- federation split -------------------------------------------------------------------
     def shared_parameter_names(self) -> list[str]:

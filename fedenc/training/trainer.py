@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from fedenc.data.batching import SessionBatch, graph_batch, pad_prefixes
 from fedenc.data.sessions import Examples, IntArray
@@ -100,7 +99,7 @@ class Trainer:
         loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
         for batch in self.batches(examples, self.config.batch_size, shuffle=True):
             self.optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(self.model(batch), batch.targets - 1)
+            loss = self.model.loss(batch)
             value = float(loss.detach())
             if not np.isfinite(value):  # checked before the step: the parameters stay usable
                 raise FloatingPointError(f"training loss became {value} at example {seen}")
