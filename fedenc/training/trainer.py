@@ -128,9 +128,11 @@ class Trainer:
         task = progress.start(label, len(examples))
         acc = RankingAccumulator(ks=self.config.ks)
         t0 = time.perf_counter()
-        for batch in self.batches(examples, self.config.eval_batch_size, shuffle=False):
-            acc.update(target_ranks(self.model(batch), batch.targets))
-            progress.advance(task, batch.size, acc.count / (time.perf_counter() - t0), float("nan"))
+        with self.model.frozen_scoring():
+            for batch in self.batches(examples, self.config.eval_batch_size, shuffle=False):
+                acc.update(target_ranks(self.model(batch), batch.targets))
+                rate = acc.count / (time.perf_counter() - t0)
+                progress.advance(task, batch.size, rate, float("nan"))
         out = acc.result()
         out["pairs_per_s"] = acc.count / max(time.perf_counter() - t0, 1e-9)
         return out

@@ -102,5 +102,7 @@ def full_softmax_cross_entropy(
     ``table``; ``session`` is used as given (normalise/scale it before when needed)."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    out: Tensor = _ChunkedSoftmaxCE.apply(session, table, targets, normalize, chunk)
+    out: Tensor = _ChunkedSoftmaxCE.apply(  # type: ignore[no-untyped-call]
+        session, table, targets, normalize, chunk
+    )
     return out

@@ -1,0 +1,76 @@
+"""The chunked full-softmax cross-entropy equals autograd's expression, values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from fedenc.data.batching import batch_from_sessions
+from fedenc.encoders.layers.full_softmax import full_softmax_cross_entropy
+from fedenc.encoders.registry import build_encoder
+
+
+def _reference(session: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, norm: bool):
+    weights = table[1:]
+    if norm:
+        weights = F.normalize(weights, dim=-1)
+    return F.cross_entropy(session @ weights.t(), targets - 1)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_matches_autograd(normalize: bool, chunk: int) -> None:
+    gen = torch.Generator().manual_seed(chunk)
+    table = torch.randn(201, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    session = torch.randn(9, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    targets = torch.randint(1, 201, (9,), generator=gen)
+    targets[0] = 200  # the last item, in the last (possibly partial) chunk
+    ref = _reference(session, table, targets, normalize)
+    g_table, g_session = torch.autograd.grad(ref, (table, session))
+    out = full_softmax_cross_entropy(session, table, targets, normalize, chunk=chunk)
+    h_table, h_session = torch.autograd.grad(out, (table, session))
+    assert float(out) == pytest.approx(float(ref), rel=1e-12)
+    torch.testing.assert_close(h_table, g_table, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(h_session, g_session, rtol=1e-10, atol=1e-12)
+    assert torch.count_nonzero(h_table[0]) == 0  # the padding row gets no gradient
+
+
+def test_gradcheck() -> None:
+    gen = torch.Generator().manual_seed(1)
+    table = torch.randn(30, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    session = torch.randn(3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    targets = torch.tensor([1, 29, 15])
+    assert torch.autograd.gradcheck(
+        lambda s, t: full_softmax_cross_entropy(s, t, targets, True, chunk=8), (session, table)
+    )
+
+
+def test_rejects_bad_chunk() -> None:
+    with pytest.raises(ValueError, match="chunk"):
+        full_softmax_cross_entropy(
+            torch.zeros(1, 2), torch.zeros(3, 2), torch.tensor([1]), False, 0
+        )
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_encoder_loss_equals_cross_entropy_of_scores(normalize: bool) -> None:
+    torch.manual_seed(0)
+    model = build_encoder("srgnn", 50, hidden=8, normalize=normalize)
+    batch = batch_from_sessions([[1, 2, 3], [4, 4, 5, 6], [7]])
+    batch.targets = torch.tensor([4, 7, 50])
+    expected = F.cross_entropy(model(batch), batch.targets - 1)
+    assert float(model.loss(batch)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_frozen_scoring_gives_the_same_scores_and_is_released() -> None:
+    torch.manual_seed(0)
+    model = build_encoder("srgnn", 40, hidden=8).eval()
+    batch = batch_from_sessions([[1, 2, 3], [3, 9]])
+    with torch.no_grad():
+        plain = model(batch)
+        with model.frozen_scoring():
+            frozen = model(batch)
+        torch.testing.assert_close(frozen, plain)
+        model.embedding.weight.mul_(2.0).add_(0.5)  # weights change after the block
+        assert not torch.allclose(model(batch), plain)
