@@ -25,7 +25,6 @@ from fedenc.data.readers import read_session_text
 from fedenc.data.sessions import Examples, Sessions
 from fedenc.data.synthetic import SyntheticConfig, generate
 from fedenc.encoders.registry import build_encoder
-from fedenc.training.metrics import target_ranks
 from fedenc.training.trainer import make_batch
 
 
@@ -76,10 +75,9 @@ def main() -> None:
 
     def evaluate_fast() -> None:
         fast.eval()
-        with torch.no_grad():
+        with torch.no_grad(), fast.frozen_scoring():
             for idx in eval_idx:
-                b = make_batch(ex, idx, cpu)
-                target_ranks(fast(b), b.targets)
+                fast.rank_targets(make_batch(ex, idx, cpu))
 
     def evaluate_base() -> None:
         base.eval()

@@ -22,7 +22,7 @@ from fedenc.data.sessions import Examples, IntArray
 from fedenc.encoders.base import SessionEncoder
 from fedenc.training.allocator import tune_allocator
 from fedenc.training.config import TrainConfig, resolve_device
-from fedenc.training.metrics import RankingAccumulator, target_ranks
+from fedenc.training.metrics import RankingAccumulator
 from fedenc.training.progress import TrainingProgress
 
 
@@ -130,7 +130,7 @@ class Trainer:
         t0 = time.perf_counter()
         with self.model.frozen_scoring():
             for batch in self.batches(examples, self.config.eval_batch_size, shuffle=False):
-                acc.update(target_ranks(self.model(batch), batch.targets))
+                acc.update(self.model.rank_targets(batch))
                 rate = acc.count / (time.perf_counter() - t0)
                 progress.advance(task, batch.size, rate, float("nan"))
         out = acc.result()

@@ -74,3 +74,16 @@ def test_frozen_scoring_gives_the_same_scores_and_is_released() -> None:
         torch.testing.assert_close(frozen, plain)
         model.embedding.weight.mul_(2.0).add_(0.5)  # weights change after the block
         assert not torch.allclose(model(batch), plain)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 4096])
+def test_rank_targets_matches_ranks_of_full_logits(chunk: int) -> None:
+    from fedenc.training.metrics import target_ranks
+
+    torch.manual_seed(chunk)
+    model = build_encoder("srgnn", 37, hidden=8).eval()
+    batch = batch_from_sessions([[1, 2, 3], [3, 9], [5, 5, 6], [37, 1]])
+    batch.targets = torch.tensor([1, 37, 12, 20])
+    with torch.no_grad():
+        expected = target_ranks(model(batch), batch.targets)
+        assert model.rank_targets(batch, chunk=chunk).tolist() == expected.tolist()
