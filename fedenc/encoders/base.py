@@ -137,7 +137,8 @@ class SessionEncoder(nn.Module, ABC):
             z = session @ weights[lo : lo + chunk].t()
             inside = (cols >= lo) & (cols < lo + z.shape[1])
             z[rows[inside], cols[inside] - lo] = -torch.inf
-            ranks += (z > target_score[:, None]).sum(1, dtype=torch.float32)
+            # In-place float compare (1.0 / 0.0): no bool tensor and no conversion pass.
+            ranks += z.gt_(target_score[:, None]).sum(1)
         ranks = torch.where(target_score.isnan(), float(weights.shape[0]), ranks)
         return ranks.long()
 
