@@ -30,6 +30,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from fedenc.encoders.layers.gated_graph import gru_update
+
 
 def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
     """Softmax over the last dim restricted to ``mask``; masked entries are exactly 0 and a row
@@ -88,14 +90,7 @@ class DirectedEdgeAttention(nn.Module):
         msg = torch.cat(
             [torch.bmm(alpha_in, self.value_in(h)), torch.bmm(alpha_out, self.value_out(h))], -1
         )
-        gi = self.w_ih(msg)
-        gh = self.w_hh(h)
-        i_r, i_z, i_n = gi.chunk(3, -1)
-        h_r, h_z, h_n = gh.chunk(3, -1)
-        reset = torch.sigmoid(i_r + h_r)
-        update = torch.sigmoid(i_z + h_z)
-        new = torch.tanh(i_n + reset * h_n)
-        return new + update * (h - new)
+        return gru_update(self.w_ih(msg), self.w_hh(h), h)
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.hidden}, negative_slope={self.negative_slope})"

@@ -62,14 +62,18 @@ class GatedGraphCell(nn.Module):
         return out
 
     def _gru(self, msg: Tensor, h: Tensor) -> Tensor:
-        gi = self.w_ih(msg)
-        gh = self.w_hh(h)
-        i_r, i_z, i_n = gi.chunk(3, -1)
-        h_r, h_z, h_n = gh.chunk(3, -1)
-        reset = torch.sigmoid(i_r + h_r)
-        update = torch.sigmoid(i_z + h_z)
-        new = torch.tanh(i_n + reset * h_n)
-        return new + update * (h - new)
+        return gru_update(self.w_ih(msg), self.w_hh(h), h)
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.hidden})"
+
+
+def gru_update(gi: Tensor, gh: Tensor, h: Tensor) -> Tensor:
+    """The GRU blend shared by the graph layers: ``gi`` = message projections (…, 3H), ``gh`` =
+    state projections (…, 3H), ``h`` = current state (…, H)."""
+    i_r, i_z, i_n = gi.chunk(3, -1)
+    h_r, h_z, h_n = gh.chunk(3, -1)
+    reset = torch.sigmoid(i_r + h_r)
+    update = torch.sigmoid(i_z + h_z)
+    new = torch.tanh(i_n + reset * h_n)
+    return new + update * (h - new)

@@ -1,0 +1,155 @@
+"""Parameter sets and the validation of a child's reply.
+
+A parameter set is an ordered mapping of tensor name to tensor, the shared part of an encoder's
+``state_dict``. The master's current target is the *reference*: a child's update must carry exactly
+the same names, shapes, dtypes and devices, and only finite values. Anything else is rejected with
+a :class:`BadUpdateError` that names the child and every problem, before any of it reaches an
+accumulator, so one bad reply is logged and skipped and never poisons the round.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from typing import TypeAlias
+
+import torch
+
+Parameters: TypeAlias = dict[str, torch.Tensor]
+"""Tensor name -> tensor; the insertion order is the encoder's and is kept by every rule."""
+
+_MAX_LISTED = 5  # names listed in one message before "... and N more"
+
+
+class BadUpdateError(ValueError):
+    """A child's reply that cannot be fused: ``child`` names the sender, ``reason`` the problem."""
+
+    def __init__(self, child: str, reason: str) -> None:
+        super().__init__(f"rejected update from child {child!r}: {reason}")
+        self.child = child
+        self.reason = reason
+
+
+def _listed(names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:_MAX_LISTED])
+    more = len(names) - _MAX_LISTED
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def count_non_finite(tensor: torch.Tensor) -> int:
+    """Number of NaN/Inf entries of ``tensor`` (0 for integer and bool tensors).
+
+    Fast path: one plain sum (a vectorised reduction, as fast as reading the tensor once): NaN and
+    Inf propagate through it, so a finite sum proves every entry finite. Only a non-finite sum
+    (a bad value, or a rare overflow of huge finite ones) pays for the exact, slower count.
+    """
+    if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.numel() == 0:
+        return 0
+    if not tensor.is_complex() and math.isfinite(float(tensor.sum())):
+        return 0
+    return int((~torch.isfinite(tensor)).sum())
+
+
+def check_compatible(reference: Mapping[str, torch.Tensor], update: object, child: str) -> None:
+    """Raise :class:`BadUpdateError` unless ``update`` matches ``reference`` name for name.
+
+    Checks, all reported together: missing and extra names, non-tensor values, shape, dtype and
+    device, then (only when the structure is right) NaN/Inf values. Names may come in any order;
+    the rules fuse by name and return the reference's order.
+    """
+    if not isinstance(update, Mapping):
+        raise BadUpdateError(child, f"expected a mapping of name to tensor, got {type(update)}")
+    problems: list[str] = []
+    missing = [name for name in reference if name not in update]
+    extra = [str(name) for name in update if name not in reference]
+    if missing:
+        problems.append(f"missing tensor(s) {_listed(missing)}")
+    if extra:
+        problems.append(f"unexpected tensor(s) {_listed(extra)}")
+    for name, ref in reference.items():
+        if name not in update:
+            continue
+        value = update[name]
+        if not isinstance(value, torch.Tensor):
+            problems.append(f"{name!r} is a {type(value).__name__}, not a torch.Tensor")
+            continue
+        if value.shape != ref.shape:
+            problems.append(f"{name!r} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
+        if value.dtype != ref.dtype:
+            problems.append(f"{name!r} has dtype {value.dtype}, expected {ref.dtype}")
+        if value.device != ref.device:
+            problems.append(f"{name!r} is on {value.device}, expected {ref.device}")
+    if not problems:
+        for name in reference:
+            bad = count_non_finite(update[name])
+            if bad:
+                problems.append(f"{name!r} has {bad} NaN/Inf value(s)")
+    if problems:
+        raise BadUpdateError(child, "; ".join(problems))
+
+
+def check_num_samples(num_samples: object, child: str) -> int:
+    """The child's sample count as an ``int``; :class:`BadUpdateError` unless it is an integer
+    >= 1 (a child with no samples should have declined: it would get weight 0)."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
+        raise BadUpdateError(child, f"num_samples must be an integer, got {num_samples!r}")
+    if int(num_samples) < 1:
+        raise BadUpdateError(child, f"num_samples must be >= 1, got {int(num_samples)}")
+    return int(num_samples)
+
+
+def cast_like(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``value`` in ``reference``'s dtype; integer and bool tensors are rounded first, so a fused
+    counter stays a counter."""
+    if reference.is_floating_point() or reference.is_complex():
+        return value.to(reference.dtype)
+    if value.is_floating_point():
+        value = value.round()
+    return value.to(reference.dtype)
+
+
+def _squared(flat: torch.Tensor) -> float:
+    # float32/64 stay as they are (a float64 copy of a big model costs 10x the dot itself);
+    # integers and half precision are widened first.
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.to(torch.float64 if not flat.is_floating_point() else torch.float32)
+    return float(torch.dot(flat, flat))
+
+
+def squared_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """``‖a − b‖²`` over all tensors of two sets with the same names."""
+    total = 0.0
+    for name, x in a.items():
+        y = b[name]
+        if not (x.is_floating_point() and y.is_floating_point()):
+            x, y = x.double(), y.double()
+        total += _squared((x - y).reshape(-1))
+    return total
+
+
+def squared_norm(params: Mapping[str, torch.Tensor]) -> float:
+    """``‖θ‖²`` over all tensors."""
+    return sum((_squared(t.reshape(-1)) for t in params.values()), 0.0)
+
+
+def relative_change(old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]) -> float:
+    """``‖new − old‖ / ‖old‖`` over all tensors (L2): how far a round moved the target.
+
+    0.0 when nothing moved; ``inf`` when ``old`` is all zeros and ``new`` is not.
+    """
+    if set(old) != set(new):
+        raise ValueError(
+            f"parameter sets differ: only in old {_listed([n for n in old if n not in new])}, "
+            f"only in new {_listed([n for n in new if n not in old])}"
+        )
+    for name, tensor in old.items():
+        if tensor.shape != new[name].shape:
+            raise ValueError(
+                f"{name!r}: shape {tuple(tensor.shape)} in old, {tuple(new[name].shape)} in new"
+            )
+    change = math.sqrt(squared_distance(new, old))
+    base = math.sqrt(squared_norm(old))
+    if base == 0.0:
+        return 0.0 if change == 0.0 else math.inf
+    return change / base

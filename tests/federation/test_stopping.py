@@ -1,0 +1,250 @@
+"""Stop rules: each one on a literal sequence of round reports, composed, and built from specs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedenc.federation.stopping import (
+    AllOf,
+    AnyOf,
+    Deadline,
+    MaxRounds,
+    Plateau,
+    RelativeChange,
+    RoundReport,
+    StopRule,
+    build_stop_rule,
+    relative_change,
+)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def report(round: int, change: float | None = None, **metrics: float) -> RoundReport:
+    return RoundReport(
+        round=round,
+        participants=["a", "b"],
+        num_samples=10,
+        metrics={k.replace("_at_", "@"): v for k, v in metrics.items()},
+        param_change=change,
+        seconds=1.0,
+    )
+
+
+def run(rule: StopRule, reports: list[RoundReport]) -> list[str | None]:
+    return [rule.update(r) for r in reports]
+
+
+def test_max_rounds() -> None:
+    out = run(MaxRounds(3), [report(r) for r in (1, 2, 3, 4)])
+    assert out[:2] == [None, None]
+    assert out[2] is not None and "max_rounds" in out[2] and "3" in out[2]
+    assert out[3] is not None
+    with pytest.raises(ValueError, match="max_rounds"):
+        MaxRounds(0)
+
+
+def test_relative_change() -> None:
+    rule = RelativeChange(1e-3)
+    out = run(rule, [report(1, 0.1), report(2, None), report(3, 5e-4)])
+    assert out[:2] == [None, None]
+    assert out[2] is not None and "relative_change" in out[2]
+    patient = RelativeChange(1e-3, patience=2)
+    changes = [5e-4, 0.2, 5e-4, 1e-4]  # the large change resets the count
+    assert [
+        r is not None for r in run(patient, [report(i + 1, c) for i, c in enumerate(changes)])
+    ] == [
+        False,
+        False,
+        False,
+        True,
+    ]
+    for bad in (0, -1e-3, math.nan, math.inf):
+        with pytest.raises(ValueError, match="eps"):
+            RelativeChange(bad)
+
+
+def test_plateau_max() -> None:
+    rule = Plateau("valid_recall@20", patience=3)
+    values = [0.10, 0.20, 0.20, 0.19, 0.20, 0.21]
+    out = run(rule, [report(i + 1, valid_recall_at_20=v) for i, v in enumerate(values)])
+    assert out[:4] == [None] * 4
+    assert out[4] is not None
+    assert "valid_recall@20" in out[4] and "best 0.2 at round 2" in out[4]
+    assert out[5] is None  # 0.21 is an improvement: the count starts again
+    assert rule.best == 0.21 and rule.best_round == 6
+
+
+def test_plateau_min_delta_and_missing_metric_and_nan() -> None:
+    rule = Plateau("valid_recall@20", patience=2, min_delta=0.05)
+    reports = [
+        report(1, valid_recall_at_20=0.10),
+        report(2),  # not evaluated this round: skipped
+        report(3, valid_recall_at_20=0.14),  # +0.04 < min_delta: no improvement
+        report(4, valid_recall_at_20=math.nan),  # NaN: no improvement
+    ]
+    out = run(rule, reports)
+    assert out[:3] == [None, None, None]
+    assert out[3] is not None and "2 evaluated rounds" in out[3]
+
+
+def test_plateau_min_mode() -> None:
+    rule = Plateau("loss", patience=1, mode="min")
+    assert rule.update(report(1, loss=2.0)) is None
+    assert rule.update(report(2, loss=1.5)) is None
+    assert rule.update(report(3, loss=1.6)) is not None
+
+
+@pytest.mark.parametrize(
+    ("options", "option"),
+    [({"patience": 0}, "patience"), ({"min_delta": -0.1}, "min_delta"), ({"mode": "up"}, "mode")],
+)
+def test_plateau_bad_options(options: dict[str, object], option: str) -> None:
+    with pytest.raises(ValueError, match=option):
+        Plateau("m", **options)  # type: ignore[arg-type]
+
+
+def test_deadline_counts_from_the_first_update() -> None:
+    clock = FakeClock()
+    rule = Deadline(60, clock=clock)
+    clock.now += 500  # time before the first update does not count
+    assert rule.update(report(1)) is None
+    clock.now += 59.5
+    assert rule.update(report(2)) is None
+    clock.now += 0.5
+    reason = rule.update(report(3))
+    assert reason is not None and "deadline" in reason and "60.0 s" in reason
+
+
+def test_deadline_explicit_start_and_resume() -> None:
+    clock = FakeClock()
+    rule = Deadline(10, clock=clock)
+    rule.start()
+    clock.now += 7
+    assert rule.update(report(1)) is None
+    state = rule.state_dict()
+    assert state == {"elapsed": 7.0}
+    other_clock = FakeClock()
+    other_clock.now = 5.0
+    resumed = Deadline(10, clock=other_clock)
+    resumed.load_state_dict(state)
+    other_clock.now += 3
+    assert resumed.update(report(2)) is not None  # 7 + 3 >= 10
+    with pytest.raises(ValueError, match="deadline_s"):
+        Deadline(0)
+
+
+def test_any_of_reports_every_rule_that_fired_and_updates_all() -> None:
+    plateau = Plateau("m", patience=1)
+    rule = AnyOf(MaxRounds(2), plateau)
+    assert rule.update(report(1, m=0.5)) is None
+    reason = rule.update(report(2, m=0.4))
+    assert reason is not None and "max_rounds" in reason and "plateau" in reason
+    only = AnyOf(MaxRounds(5), Plateau("m", patience=1))
+    only.update(report(1, m=0.5))
+    assert only.update(report(2, m=0.6)) is None
+    fired = only.update(report(3, m=0.6))
+    assert fired is not None and fired.startswith("plateau") and "max_rounds" not in fired
+
+
+def test_all_of() -> None:
+    rule = AllOf(MaxRounds(2), RelativeChange(0.01))
+    assert rule.update(report(1, 0.001)) is None  # small change, but too early
+    assert rule.update(report(2, 0.5)) is None  # late enough, but still moving
+    reason = rule.update(report(3, 0.001))
+    assert reason is not None and "max_rounds" in reason and " and " in reason
+    with pytest.raises(ValueError):
+        AnyOf()
+
+
+def test_composite_state_round_trip_and_reset() -> None:
+    rule = AnyOf(Plateau("m", patience=2), RelativeChange(0.1, patience=2))
+    rule.update(report(1, 0.01, m=0.5))
+    rule.update(report(2, 0.5, m=0.4))
+    state = rule.state_dict()
+    fresh = AnyOf(Plateau("m", patience=2), RelativeChange(0.1, patience=2))
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == state
+    assert fresh.update(report(3, 0.5, m=0.3)) is not None  # plateau: second stale round
+    fresh.reset()
+    assert fresh.update(report(4, 0.5, m=0.3)) is None
+    with pytest.raises(ValueError):
+        AnyOf(MaxRounds(1)).load_state_dict(state)
+
+
+def test_build_stop_rule_from_dict() -> None:
+    clock = FakeClock()
+    spec = {
+        "max_rounds": 20,
+        "plateau": {"metric": "valid_recall@20", "patience": 3},
+        "deadline_s": 600,
+    }
+    rule = build_stop_rule(spec, clock=clock)
+    assert isinstance(rule, AnyOf)
+    kinds = [type(r) for r in rule.rules]
+    assert kinds == [MaxRounds, Plateau, Deadline]
+    assert rule.update(report(1)) is None
+    clock.now += 601
+    reason = rule.update(report(2))
+    assert reason is not None and reason.startswith("deadline")
+    assert isinstance(build_stop_rule({"max_rounds": 5}), MaxRounds)
+
+
+def test_build_stop_rule_from_strings() -> None:
+    rule = build_stop_rule("max_rounds=20, plateau=valid_recall@20:3:0.001, deadline_s=600")
+    assert isinstance(rule, AnyOf)
+    plateau = rule.rules[1]
+    assert isinstance(plateau, Plateau)
+    assert (plateau.metric, plateau.patience, plateau.min_delta) == ("valid_recall@20", 3, 0.001)
+    rounds = build_stop_rule("20")
+    assert isinstance(rounds, MaxRounds) and rounds.rounds == 20
+    change = build_stop_rule("relative_change=1e-4")
+    assert isinstance(change, RelativeChange) and change.eps == 1e-4
+    js = build_stop_rule('{"relative_change": {"eps": 0.01, "patience": 2}}')
+    assert isinstance(js, RelativeChange) and js.patience == 2
+
+
+def test_build_nested() -> None:
+    rule = build_stop_rule(
+        {"all_of": [{"max_rounds": 3}, {"relative_change": 0.01}], "max_rounds": 10}
+    )
+    assert isinstance(rule, AnyOf) and isinstance(rule.rules[0], AllOf)
+    assert rule.update(report(3, 0.001)) is not None
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ({"max_round": 3}, "max_round"),
+        ({}, "empty"),
+        ("", "empty"),
+        ({"max_rounds": 0}, "max_rounds"),
+        ({"max_rounds": "ten"}, "max_rounds"),
+        ({"deadline_s": -5}, "deadline_s"),
+        ({"plateau": {"patience": 3}}, "metric"),
+        ({"plateau": {"metric": "m", "patiense": 3}}, "plateau"),
+        ({"any_of": {"max_rounds": 3}}, "any_of"),
+        ("max_rounds", "key=value"),
+        ("max_rounds=abc", "max_rounds"),
+        ("{not json", "JSON"),
+        (42, "mapping"),
+    ],
+)
+def test_build_stop_rule_rejects_bad_specs(spec: object, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        build_stop_rule(spec)  # type: ignore[arg-type]
+
+
+def test_relative_change_helper_is_exported() -> None:
+    old = {"w": torch.tensor([1.0, 0.0])}
+    new = {"w": torch.tensor([1.0, 0.1])}
+    assert relative_change(old, new) == pytest.approx(0.1)
