@@ -10,7 +10,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: venv demo test lint format bench bench-accuracy clean
+.PHONY: venv demo test lint format bench bench-accuracy clean proto
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ bench: $(STAMP)
 # Tens of minutes on 2 cores: the accuracy table of the README.
 bench-accuracy: $(STAMP)
 	$(BIN)/python benchmarks/accuracy.py --data $(DATA)
+
+# Regenerates the committed protobuf code (fedenc/proto) from proto/; see fedenc/protocol/codegen.py.
+proto: $(STAMP)
+	$(BIN)/python -m fedenc.protocol.codegen
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

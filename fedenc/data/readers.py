@@ -371,20 +371,35 @@ def read_yoochoose_clicks(path: PathArg) -> Clicks:
     )
 
 
-def _read_tab_clicks(p: Path, lines: list[str]) -> Clicks:
-    first = lines[0].split("\t")
+def _click_rows(
+    p: Path,
+    lines: list[str],
+    sep: str,
+    default_cols: dict[str, int],
+    default_ncols: int,
+    known: Mapping[str, tuple[str, ...]],
+) -> tuple[list[list[str]], dict[str, int], int, IntArray, IntArray]:
+    """Header (optional) and rows of a Yoochoose click file, with validated session/item ids."""
+    first = lines[0].split(sep)
     if _is_int(first[0]):
-        cols, ncols, body, start = {"session": 0, "item": 1, "time": 2}, 3, lines, 1
+        cols, ncols, body, start = default_cols, default_ncols, lines, 1
     else:
-        cols = _header_columns(first, _TAB_COLUMNS, p)
+        cols = _header_columns(first, known, p)
         ncols, body, start = len(first), lines[1:], 2
     if not body:
         raise DataFormatError(p, None, "no click rows after the header")
-    rows = _split_fields(body, start, "\t", ncols, p)
+    rows = _split_fields(body, start, sep, ncols, p)
     session = _cast([r[cols["session"]] for r in rows], np.int64, int, p, start, "session id")
     item = _cast([r[cols["item"]] for r in rows], np.int64, int, p, start, "item id")
     _positive(session, p, start, "session id")
     _positive(item, p, start, "item id")
+    return rows, cols, start, session, item
+
+
+def _read_tab_clicks(p: Path, lines: list[str]) -> Clicks:
+    rows, cols, start, session, item = _click_rows(
+        p, lines, "\t", {"session": 0, "item": 1, "time": 2}, 3, _TAB_COLUMNS
+    )
     time = _cast([r[cols["time"]] for r in rows], np.float64, float, p, start, "time")
     nonfinite = np.flatnonzero(~np.isfinite(time))
     if nonfinite.size:
@@ -393,19 +408,9 @@ def _read_tab_clicks(p: Path, lines: list[str]) -> Clicks:
 
 
 def _read_recsys_clicks(p: Path, lines: list[str]) -> Clicks:
-    first = lines[0].split(",")
-    if _is_int(first[0]):
-        cols, ncols, body, start = {"session": 0, "time": 1, "item": 2}, 4, lines, 1
-    else:
-        cols = _header_columns(first, _RECSYS_COLUMNS, p)
-        ncols, body, start = len(first), lines[1:], 2
-    if not body:
-        raise DataFormatError(p, None, "no click rows after the header")
-    rows = _split_fields(body, start, ",", ncols, p)
-    session = _cast([r[cols["session"]] for r in rows], np.int64, int, p, start, "session id")
-    item = _cast([r[cols["item"]] for r in rows], np.int64, int, p, start, "item id")
-    _positive(session, p, start, "session id")
-    _positive(item, p, start, "item id")
+    rows, cols, start, session, item = _click_rows(
+        p, lines, ",", {"session": 0, "time": 1, "item": 2}, 4, _RECSYS_COLUMNS
+    )
     # numpy refuses zone suffixes; Yoochoose times are all UTC ('Z').
     stamps = [r[cols["time"]].strip().removesuffix("Z") for r in rows]
     when = _cast(stamps, "datetime64[ms]", _check_time, p, start, "timestamp")
