@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fedenc train --synthetic --encoder srgnn --epochs 3 --out runs/demo
+	$(BIN)/fedenc simulate simulations/quickstart.toml --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

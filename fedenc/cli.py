@@ -236,6 +236,120 @@ def data_partition_cmd(
     print_partition_stats(parts, title=f"{splits.name}: {scheme} over {children} children")
 
 
+@app.command("simulate")
+def simulate_cmd(
+    scenario_file: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Scenario TOML (e.g. simulations/quickstart.toml); options below override it.",
+            show_default=False,
+        ),
+    ] = None,
+    children: Annotated[int | None, typer.Option(min=1, help="Number of children K.")] = None,
+    partition: Annotated[str | None, typer.Option(help="iid | time | dirichlet")] = None,
+    alpha: Annotated[float | None, typer.Option(help="Dirichlet concentration.")] = None,
+    encoder: Annotated[str | None, typer.Option(help="Encoder type (`fedenc encoders`).")] = None,
+    rule: Annotated[
+        str | None, typer.Option(help="Fusion rule (weighted_sum, mean, median, krum, ...).")
+    ] = None,
+    stop: Annotated[
+        str | None,
+        typer.Option(help="Extra stop rule, e.g. 'plateau=valid_recall@20:3' or 'deadline_s=600'."),
+    ] = None,
+    rounds: Annotated[int | None, typer.Option(min=0, help="Round budget (0 = none).")] = None,
+    local_epochs: Annotated[int | None, typer.Option(min=1, help="Local epochs per round.")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Data directory or raw click log; omit for the synthetic default."),
+    ] = None,
+    synthetic_sessions: Annotated[int | None, typer.Option(help="Synthetic: sessions.")] = None,
+    synthetic_items: Annotated[int | None, typer.Option(help="Synthetic: catalog size.")] = None,
+    hidden: Annotated[int | None, typer.Option(min=1, help="Encoder width.")] = None,
+    fraction: Annotated[
+        float | None, typer.Option(help="Share of the children sampled per round.")
+    ] = None,
+    min_children: Annotated[int | None, typer.Option(min=1, help="Fewest per round.")] = None,
+    round_timeout: Annotated[
+        float | None, typer.Option(help="Seconds to wait for a round's replies (0 = forever).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output directory (default runs/<name>-<time>).")
+    ] = None,
+) -> None:
+    """Simulate a federation in this process: K children, one master, per-round table."""
+    from rich.live import Live
+
+    from fedenc.federation.master import NotEnoughChildrenError, RoundResult
+    from fedenc.federation.report import round_table
+    from fedenc.runtime.simulate import Scenario, default_out_dir, run_scenario
+
+    try:
+        base = Scenario.from_toml(scenario_file) if scenario_file is not None else Scenario()
+        scenario = base.with_overrides(
+            children=children,
+            partition=partition,
+            alpha=alpha,
+            encoder=encoder,
+            rule=rule,
+            stop=stop,
+            rounds=rounds,
+            local_epochs=local_epochs,
+            data=str(data) if data is not None else None,
+            synthetic_sessions=synthetic_sessions,
+            synthetic_items=synthetic_items,
+            hidden=hidden,
+            fraction=fraction,
+            min_children=min_children,
+            round_timeout=round_timeout,
+            seed=seed,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(str(err)) from err
+    out_dir = out or default_out_dir(scenario)
+    where = scenario.data or f"synthetic ({scenario.synthetic_sessions} sessions)"
+    console.print(
+        f"[bold]{scenario.name}[/]: {scenario.children} children ({scenario.partition}), "
+        f"{scenario.encoder}, rule {scenario.rule}, {scenario.rounds} rounds, data {where}"
+    )
+    rows: list[dict[str, Any]] = []
+    title = f"{scenario.name}: {scenario.encoder} / {scenario.rule}"
+    live = Live(round_table(rows, title), console=console, auto_refresh=False)
+    interactive = console.is_terminal
+
+    def on_round(result: RoundResult) -> None:
+        rows.append(result.to_dict())
+        if interactive:
+            live.update(round_table(rows, title), refresh=True)
+        else:
+            recall = "-" if result.recall_at_20 is None else f"{result.recall_at_20:.2f}"
+            console.print(
+                f"round {result.round}: {len(result.participants)}/{len(result.sampled)} "
+                f"children, Recall@20 {recall}, {result.seconds:.2f} s"
+            )
+
+    try:
+        if interactive:
+            live.start()
+        try:
+            outcome = run_scenario(scenario, out_dir, on_round=on_round)
+        finally:
+            if interactive:
+                live.stop()
+    except (ValueError, FileNotFoundError, NotEnoughChildrenError) as err:
+        raise _fail(str(err)) from err
+    result = outcome.result
+    Console().print(round_table(result["rounds"], title))
+    final = result.get("final_metrics") or {}
+    if "test_recall@20" in final:
+        console.print(
+            f"[bold green]test[/]: P@20 {final['test_recall@20']:.2f}  "
+            f"MRR@20 {final.get('test_mrr@20', float('nan')):.2f}  "
+            f"({int(final.get('test_examples', 0))} examples)"
+        )
+    console.print(f"stopped: {result['stop_reason']}; outputs in {out_dir}")
+
+
 def main() -> None:
     app()
 

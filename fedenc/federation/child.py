@@ -1,0 +1,314 @@
+"""The child's side of the protocol: what ``nodes/child.py``'s ClientApp handlers do.
+
+- ``query`` (the TrainingInstruction): select the local samples for the encoder type, build the
+  model and its trainer, and confirm with the number of samples, or decline with a reason (an
+  encoder type this child cannot build, a catalog smaller than its item ids, no samples);
+- ``train``: load the received shared parameters into the child's model (its local head, the item
+  embeddings, stays as it is), train the local epochs with :class:`~fedenc.training.Trainer`, and
+  reply with the updated shared parameters, the number of samples and the training metrics;
+- ``evaluate``: Recall@K / MRR@K of the received parameters on the local held-out split;
+- ``query.finish``: the job is over; drop its state.
+
+A child loads its data once and keeps its model, optimizer and head across rounds in a
+process-wide registry keyed by ``(run id, partition id, job id)``: Flower's ``Context.state`` only
+holds records, and a module-level dict survives between messages both in this process and in a
+Ray worker. Should a ``train`` or ``evaluate`` message reach a process that has no state for its
+job (another worker, a restart), the child rebuilds it from the instruction that every round
+message carries: it loses its optimizer moments and head, not the round.
+
+Each handler raises on bad input; the runtime turns that into an error reply, which the master
+logs and leaves out of the round.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Context, Message, RecordDict
+
+from fedenc.data.sessions import Examples
+from fedenc.encoders.base import SessionEncoder
+from fedenc.encoders.registry import UnknownEncoderError, encoder_class
+from fedenc.federation import records
+from fedenc.federation.child_data import ChildData, ChildDataConfig, load_child_data
+from fedenc.federation.parameters import Parameters, check_compatible
+from fedenc.federation.runconfig import get_str
+from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
+from fedenc.training.config import TrainConfig
+from fedenc.training.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+StateKey = tuple[int, int, str]
+
+
+class DeclinedError(Exception):
+    """The child cannot take part in the job; ``reason`` goes into its Confirmation."""
+
+
+@dataclass
+class ChildState:
+    """Everything a child keeps across the rounds of one job."""
+
+    key: StateKey
+    name: str
+    instruction: fpb.TrainingInstruction
+    data: ChildData
+    train_examples: Examples
+    model: SessionEncoder
+    trainer: Trainer
+    shared_names: list[str]
+    seed: int
+    rounds_trained: int = 0
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.train_examples)
+
+    def shared(self) -> Parameters:
+        state = self.model.state_dict()
+        return {name: state[name] for name in self.shared_names}
+
+
+_lock = threading.Lock()
+_states: dict[StateKey, ChildState] = {}
+
+
+def _mix(*values: int) -> int:
+    """One 63-bit seed from several integers (job seed, child, round)."""
+    return (
+        int(
+            np.random.SeedSequence([v & 0xFFFFFFFFFFFFFFFF for v in values]).generate_state(
+                2, np.uint64
+            )[0]
+        )
+        >> 1
+    )
+
+
+def data_config(context: Context) -> ChildDataConfig:
+    return ChildDataConfig.from_configs(context.run_config, context.node_config)
+
+
+def select_samples(encoder_type: str, data: ChildData) -> Examples:
+    """The child's training samples for an encoder of ``encoder_type``.
+
+    Every registered encoder reads click sessions and learns from their (prefix, next item) pairs,
+    so every session with at least two clicks qualifies; an unregistered type has none
+    (:class:`DeclinedError`).
+    """
+    try:
+        encoder_class(encoder_type)
+    except UnknownEncoderError as err:
+        raise DeclinedError(f"unknown encoder type {encoder_type!r}: {err}") from None
+    return data.examples("train")
+
+
+def _build_state(
+    key: StateKey, context: Context, instruction: fpb.TrainingInstruction
+) -> ChildState:
+    encoder_type = instruction.encoder.type
+    try:
+        cls = encoder_class(encoder_type)
+    except UnknownEncoderError as err:
+        raise DeclinedError(f"unknown encoder type {encoder_type!r}: {err}") from None
+    cfg = data_config(context)
+    data = load_child_data(cfg)
+    examples = select_samples(encoder_type, data)
+    if len(examples) == 0:
+        raise DeclinedError(f"no training samples for encoder type {encoder_type!r}")
+    try:
+        encoder_config = records.encoder_config_from_spec(instruction.encoder)
+    except ValueError as err:
+        raise DeclinedError(f"bad encoder config: {err}") from None
+    if encoder_config.num_items < data.num_items:
+        raise DeclinedError(
+            f"encoder catalog has {encoder_config.num_items} items, local data use ids up to "
+            f"{data.num_items}"
+        )
+    base = TrainConfig(device=get_str(context.run_config, "device", "cpu") or "cpu")
+    try:
+        train_config = records.training_config_from_proto(instruction.training, base)
+    except ValueError as err:
+        raise DeclinedError(f"bad training config: {err}") from None
+    job_seed = int(train_config.seed)
+    seed = _mix(job_seed, cfg.partition_id)
+    train_config.seed = seed
+    # The head (item embeddings) is initialised from the job seed, as the master initialises its
+    # model, so every child starts from the same embedding space; the shared part is overwritten
+    # by the master's initial parameters before the first round.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(job_seed)
+        model = cls(encoder_config)
+        model.reset_parameters()
+    shared_names = model.shared_parameter_names()
+    expected = [spec.name for spec in instruction.encoder.shared_parameters]
+    if expected and expected != shared_names:
+        raise DeclinedError(
+            f"encoder {encoder_type!r} here has shared parameters {shared_names}, "
+            f"the instruction lists {expected}"
+        )
+    trainer = Trainer(model, train_config)
+    return ChildState(
+        key=key,
+        name=f"child-{cfg.partition_id}",
+        instruction=instruction,
+        data=data,
+        train_examples=examples,
+        model=model,
+        trainer=trainer,
+        shared_names=shared_names,
+        seed=seed,
+    )
+
+
+def _key(context: Context, job_id: str) -> StateKey:
+    return (int(context.run_id), data_config(context).partition_id, job_id)
+
+
+def _state_for(context: Context, config: Mapping[str, Any]) -> ChildState:
+    """The state of the message's job, rebuilt from its instruction when this process has none."""
+    instruction = records.instruction_from_bytes(config.get(records.INSTRUCTION))
+    key = _key(context, instruction.job_id)
+    with _lock:
+        state = _states.get(key)
+    if state is None:
+        log.info("no state for job %s here: rebuilding it from the instruction", key[2])
+        state = _build_state(key, context, instruction)
+        with _lock:
+            state = _states.setdefault(key, state)
+    return state
+
+
+def _summary(data: ChildData, examples: Examples) -> fpb.DataSummary:
+    sessions = data.train
+    n = len(sessions)
+    return fpb.DataSummary(
+        num_sessions=n,
+        num_clicks=sessions.num_clicks,
+        num_examples=len(examples),
+        num_items=int(np.unique(sessions.items).size),
+        mean_session_length=sessions.num_clicks / n if n else 0.0,
+    )
+
+
+# -- handlers ------------------------------------------------------------------------------------
+
+
+def handle_query(message: Message, context: Context) -> Message:
+    """Answer a TrainingInstruction with a Confirmation (accepted or declined with a reason)."""
+    record = message.content.config_records.get(records.FEDENC_KEY)
+    instruction = records.instruction_from_bytes(
+        None if record is None else record.get(records.INSTRUCTION)
+    )
+    key = _key(context, instruction.job_id)
+    name = f"child-{key[1]}"
+    try:
+        state = _build_state(key, context, instruction)
+    except DeclinedError as err:
+        log.info("%s declines job %s: %s", name, instruction.job_id, err)
+        confirmation = fpb.Confirmation(
+            job_id=instruction.job_id, accepted=False, decline_reason=str(err)
+        )
+        return Message(records.confirmation_content(confirmation, name), reply_to=message)
+    with _lock:
+        _states[key] = state
+    confirmation = fpb.Confirmation(
+        job_id=instruction.job_id,
+        accepted=True,
+        num_samples=state.num_samples,
+        summary=_summary(state.data, state.train_examples),
+    )
+    return Message(records.confirmation_content(confirmation, state.name), reply_to=message)
+
+
+def _load_shared(state: ChildState, content: RecordDict) -> None:
+    arrays = content.array_records.get(records.ARRAYS_KEY)
+    if arrays is None:
+        raise ValueError("message carries no shared parameters ('arrays')")
+    params = records.record_to_params(arrays, "master")
+    current = state.shared()
+    check_compatible(current, params, "master")
+    with torch.no_grad():
+        for name in state.shared_names:
+            current[name].copy_(params[name])
+
+
+def _round(config: Mapping[str, Any]) -> int:
+    value = config.get(records.ROUND, 0)
+    return int(value) if isinstance(value, int) else 0
+
+
+def handle_train(message: Message, context: Context) -> Message:
+    """Train the local epochs from the received shared parameters; reply with the updated ones."""
+    config: Mapping[str, Any] = message.content.config_records.get(records.CONFIG_KEY) or {}
+    state = _state_for(context, config)
+    _load_shared(state, message.content)
+    round_ = _round(config)
+    epochs = state.trainer.config.epochs
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    # Global torch RNG (dropout) seeded per child and round, so results do not depend on the order
+    # in which a runtime schedules the children.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_mix(state.seed, round_))
+        for _ in range(epochs):
+            losses.append(state.trainer.train_epoch(state.train_examples)["loss"])
+    state.rounds_trained += 1
+    seconds = time.perf_counter() - t0
+    metrics = {
+        records.NUM_EXAMPLES: state.num_samples,
+        "train_loss": losses[-1],
+        "first_epoch_loss": losses[0],
+        "local_epochs": epochs,
+        "seconds": seconds,
+    }
+    arrays = records.params_to_record(state.shared())
+    return Message(records.metrics_content(metrics, arrays), reply_to=message)
+
+
+def handle_evaluate(message: Message, context: Context) -> Message:
+    """Recall@K / MRR@K of the received shared parameters (with the local head) on held-out data."""
+    config: Mapping[str, Any] = message.content.config_records.get(records.CONFIG_KEY) or {}
+    state = _state_for(context, config)
+    if records.ARRAYS_KEY in message.content.array_records:
+        _load_shared(state, message.content)
+    split = config.get(records.SPLIT, "valid")
+    if split not in records.SPLITS:
+        raise ValueError(f"unknown evaluation split {split!r}; use {', '.join(records.SPLITS)}")
+    examples = state.data.examples(str(split))
+    metrics: dict[str, float | int] = {records.NUM_EXAMPLES: len(examples)}
+    if len(examples):
+        result = state.trainer.evaluate(examples)
+        metrics.update({k: v for k, v in result.items() if "@" in k})
+    return Message(records.metrics_content(metrics), reply_to=message)
+
+
+def handle_finish(message: Message, context: Context) -> Message:
+    """The job is over: drop its state (the data cache stays for the next job)."""
+    config: Mapping[str, Any] = message.content.config_records.get(records.CONFIG_KEY) or {}
+    job_id = config.get(records.JOB_ID, "")
+    key = _key(context, str(job_id))
+    with _lock:
+        dropped = _states.pop(key, None) is not None
+    return Message(records.metrics_content({"dropped": int(dropped)}), reply_to=message)
+
+
+def live_states() -> list[StateKey]:
+    """The jobs this process holds state for (tests, diagnostics)."""
+    with _lock:
+        return list(_states)
+
+
+def forget(run_id: int | None = None) -> None:
+    """Drop the state of ``run_id`` (all runs when None)."""
+    with _lock:
+        for key in [k for k in _states if run_id is None or k[0] == run_id]:
+            del _states[key]

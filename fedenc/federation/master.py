@@ -1,0 +1,710 @@
+"""The master's side of the protocol (patent US20210209417A1), over any Flower ``Grid``.
+
+:func:`run_master` is transport-free: it only calls ``grid.get_node_ids()`` and
+``grid.send_and_receive()``, so the same loop runs on fedenc's in-process grid, its gRPC grid and
+Flower's own engines. One job:
+
+1. **Instruction.** A ``query`` message carrying the ``TrainingInstruction`` (job id, encoder type
+   and config, local training config, round budget) goes to every available child.
+2. **Confirmation.** Each child answers with a ``Confirmation``: accepted with its number of
+   samples and a data summary, or declined with a reason. Decliners, children that fail and
+   children that do not answer in time are left out of the job.
+3. **Initial parameters, only now.** The first ``train`` message, which carries the initial shared
+   parameters, goes to confirmed children only, and only after their confirmation came back.
+4. **Rounds.** Each round samples the confirmed children (``fraction``, seeded, at least
+   ``min_children``), sends them the target, and fuses the replies with the pluggable rule
+   (default ``weighted_sum``: ``w_i = n_i / Σ n_j`` over the round's accepted replies). A reply is
+   rejected with a logged reason when it is an error, late, or malformed (missing or extra
+   tensors, wrong shape or dtype, NaN/Inf, no sample count); the round goes on without it and
+   the weights renormalise. Replies are fused in child order, not arrival order, so a run is
+   reproducible bit for bit. Then ``evaluate`` messages ask every confirmed child for Recall@K /
+   MRR@K of the new target on its held-out data (the example-weighted mean is the round's
+   metric), and the stop rule decides. Children that appear later are queried at the start of the
+   next round and take part once they confirm.
+5. **Publication.** After the last round the target is evaluated on the children's test splits,
+   saved as an encoder checkpoint with the job's metadata, and returned with per-round reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedenc.encoders.base import EncoderConfig
+from fedenc.encoders.registry import build_encoder
+from fedenc.federation import records
+from fedenc.federation.fusion import EmptyRoundError, build_fusion_rule
+from fedenc.federation.parameters import BadUpdateError, Parameters, relative_change
+from fedenc.federation.runconfig import get_bool, get_float, get_int, get_json, get_str
+from fedenc.federation.stopping import AnyOf, MaxRounds, RoundReport, StopRule, build_stop_rule
+from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
+from fedenc.training.checkpoint import save_checkpoint
+from fedenc.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+RoundListener = Callable[["RoundResult"], None]
+round_listener: ContextVar[RoundListener | None] = ContextVar("round_listener", default=None)
+"""A callback for each finished round, for whoever hosts the ServerApp in this thread (the CLI's
+live table); :func:`run_master` calls it in addition to its ``on_round`` argument."""
+
+
+class NotEnoughChildrenError(RuntimeError):
+    """Fewer children confirmed than the job's ``min_children``."""
+
+
+@dataclass
+class MasterConfig:
+    """One job: the encoder, the local training, the fusion and stop rules, participation."""
+
+    encoder: str = "srgnn"
+    num_items: int = 2000
+    encoder_options: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1))
+    rounds: int = 5  # the round budget; 0 = none (then ``stop`` must end the job)
+    stop: str | dict[str, Any] | None = None  # extra stop rule (build_stop_rule spec)
+    rule: str = "weighted_sum"
+    rule_options: dict[str, Any] = field(default_factory=dict)
+    min_children: int = 1
+    fraction: float = 1.0  # share of the confirmed children sampled for each train round
+    round_timeout: float | None = None  # seconds to wait for a round's replies; None = forever
+    query_timeout: float | None = None
+    evaluate_every: int = 1  # evaluate the target every N rounds (0 = only the last round)
+    eval_split: str = "valid"
+    final_test: bool = True  # evaluate the published target on the children's test splits
+    expect_children: int = 0  # wait until this many nodes are online before the query
+    wait_timeout: float = 60.0
+    seed: int = 0
+    job_id: str = ""
+    checkpoint_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.rounds < 0:
+            problems.append(f"rounds must be >= 0 (got {self.rounds})")
+        if self.rounds == 0 and not self.stop:
+            problems.append("rounds = 0 (no budget) needs a stop rule")
+        if self.min_children < 1:
+            problems.append(f"min_children must be >= 1 (got {self.min_children})")
+        if not 0.0 < self.fraction <= 1.0:
+            problems.append(f"fraction must lie in (0, 1] (got {self.fraction})")
+        for name in ("round_timeout", "query_timeout"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                problems.append(f"{name} must be > 0 seconds or None (got {value})")
+        if self.evaluate_every < 0:
+            problems.append(f"evaluate_every must be >= 0 (got {self.evaluate_every})")
+        if self.eval_split not in records.SPLITS:
+            problems.append(f"eval_split must be one of {records.SPLITS} (got {self.eval_split!r})")
+        if problems:
+            raise ValueError("bad master config: " + "; ".join(problems))
+        if not self.job_id:
+            self.job_id = f"{self.encoder}-{uuid.uuid4().hex[:12]}"
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> MasterConfig:
+        """A job from Flower's flat ``run_config`` (kebab-case keys, every one optional).
+
+        Encoder: ``encoder``, ``num-items`` (0 = the catalog of the children's data source, read
+        through ``data`` / ``synthetic-items``), ``hidden``, ``steps``, ``use-positions``,
+        ``normalize``, ``scale``, ``dropout``, ``encoder-options`` (JSON). Local training:
+        ``local-epochs``, ``batch-size``, ``lr``, ``lr-decay-step``, ``lr-decay-rate``, ``l2``,
+        ``max-examples-per-epoch``. Job: ``num-server-rounds`` (or ``rounds``), ``stop``,
+        ``rule``, ``rule-options`` (JSON), ``min-children``, ``fraction``, ``round-timeout`` and
+        ``query-timeout`` (seconds, 0 = none), ``evaluate-every``, ``eval-split``, ``final-test``,
+        ``expect-children``, ``wait-timeout``, ``seed``, ``job-id``, ``out-dir`` (the encoder
+        checkpoint goes to ``<out-dir>/encoder``).
+        """
+        rc = run_config
+        defaults = EncoderConfig(num_items=1)
+        encoder_options: dict[str, Any] = {
+            "hidden": get_int(rc, "hidden", defaults.hidden),
+            "steps": get_int(rc, "steps", defaults.steps),
+            "use_positions": get_bool(rc, "use-positions", defaults.use_positions),
+            "normalize": get_bool(rc, "normalize", defaults.normalize),
+            "scale": get_float(rc, "scale", defaults.scale),
+            "dropout": get_float(rc, "dropout", defaults.dropout),
+        }
+        encoder_options.update(get_json(rc, "encoder-options"))
+        base = TrainConfig()
+        train = TrainConfig(
+            epochs=get_int(rc, "local-epochs", 1),
+            batch_size=get_int(rc, "batch-size", base.batch_size),
+            lr=get_float(rc, "lr", base.lr),
+            lr_decay_step=get_int(rc, "lr-decay-step", base.lr_decay_step),
+            lr_decay_rate=get_float(rc, "lr-decay-rate", base.lr_decay_rate),
+            l2=get_float(rc, "l2", base.l2),
+            max_examples_per_epoch=get_int(rc, "max-examples-per-epoch", 0),
+        )
+        rounds = get_int(rc, "num-server-rounds", get_int(rc, "rounds", 5))
+        round_timeout = get_float(rc, "round-timeout", 0.0)
+        query_timeout = get_float(rc, "query-timeout", 0.0)
+        out_dir = get_str(rc, "out-dir", "")
+        num_items = get_int(rc, "num-items", 0)
+        if num_items <= 0:
+            from fedenc.federation.child_data import ChildDataConfig, load_source
+
+            num_items = load_source(ChildDataConfig.from_configs(rc, {})).num_items
+        return cls(
+            encoder=get_str(rc, "encoder", "srgnn"),
+            num_items=num_items,
+            encoder_options=encoder_options,
+            train=train,
+            rounds=rounds,
+            stop=get_str(rc, "stop", "") or None,
+            rule=get_str(rc, "rule", "weighted_sum"),
+            rule_options=get_json(rc, "rule-options"),
+            min_children=get_int(rc, "min-children", 1),
+            fraction=get_float(rc, "fraction", 1.0),
+            round_timeout=round_timeout or None,
+            query_timeout=query_timeout or None,
+            evaluate_every=get_int(rc, "evaluate-every", 1),
+            eval_split=get_str(rc, "eval-split", "valid"),
+            final_test=get_bool(rc, "final-test", True),
+            expect_children=get_int(rc, "expect-children", 0),
+            wait_timeout=get_float(rc, "wait-timeout", 60.0),
+            seed=get_int(rc, "seed", 0),
+            job_id=get_str(rc, "job-id", ""),
+            checkpoint_dir=Path(out_dir) / "encoder" if out_dir else None,
+        )
+
+    def stop_rule(self) -> StopRule:
+        rules: list[StopRule] = []
+        if self.rounds:
+            rules.append(MaxRounds(self.rounds))
+        if self.stop:
+            rules.append(build_stop_rule(self.stop))
+        return rules[0] if len(rules) == 1 else AnyOf(*rules)
+
+
+@dataclass
+class ChildInfo:
+    """A child as the master knows it."""
+
+    node_id: int
+    name: str
+    accepted: bool
+    num_samples: int = 0
+    reason: str = ""
+    summary: dict[str, Any] = field(default_factory=dict)
+    joined_round: int = 1
+
+
+@dataclass
+class RoundResult:
+    """What happened in one round."""
+
+    round: int
+    sampled: list[str]
+    participants: list[str]
+    excluded: dict[str, str]
+    num_samples: int
+    weights: dict[str, float]
+    loss: float | None
+    recall_at_20: float | None
+    mrr_at_20: float | None
+    metrics: dict[str, float]
+    evaluated: list[str]
+    bytes_sent: int
+    bytes_received: int
+    seconds: float
+    param_change: float | None
+    skipped: str | None = None
+    stop_reason: str | None = None
+
+    @property
+    def bytes_moved(self) -> int:
+        return self.bytes_sent + self.bytes_received
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["bytes_moved"] = self.bytes_moved
+        return out
+
+
+@dataclass
+class MasterResult:
+    """The outcome of a job: the target and the reports."""
+
+    job_id: str
+    encoder: str
+    encoder_config: dict[str, Any]
+    rule: str
+    children: list[ChildInfo]
+    rounds: list[RoundResult]
+    stop_reason: str
+    target: Parameters
+    final_metrics: dict[str, float]
+    seconds: float
+    checkpoint: str | None = None
+
+    @property
+    def bytes_moved(self) -> int:
+        return sum(r.bytes_moved for r in self.rounds)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the tensors, JSON-ready."""
+        return {
+            "job_id": self.job_id,
+            "encoder": self.encoder,
+            "encoder_config": self.encoder_config,
+            "rule": self.rule,
+            "children": [asdict(c) for c in self.children],
+            "rounds": [r.to_dict() for r in self.rounds],
+            "stop_reason": self.stop_reason,
+            "final_metrics": self.final_metrics,
+            "seconds": self.seconds,
+            "bytes_moved": self.bytes_moved,
+            "checkpoint": self.checkpoint,
+            "shared_parameters": list(self.target),
+        }
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _weighted_mean(values: Iterable[tuple[float, float]]) -> float | None:
+    total = weight = 0.0
+    for value, w in values:
+        if w > 0 and math.isfinite(value):
+            total += value * w
+            weight += w
+    return total / weight if weight > 0 else None
+
+
+def _reason(reply: Message) -> str:
+    error = reply.error
+    return f"error reply (code {error.code}): {error.reason}"
+
+
+class _Exchange:
+    """Sends one message per node and sorts the replies into answered / failed / missing."""
+
+    def __init__(self, grid: Grid, children: Mapping[int, ChildInfo]) -> None:
+        self.grid = grid
+        self.children = children
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def label(self, node_id: int) -> str:
+        info = self.children.get(node_id)
+        return info.name if info is not None else f"node-{node_id}"
+
+    def __call__(
+        self,
+        content: RecordDict,
+        node_ids: Sequence[int],
+        message_type: str,
+        group_id: str,
+        timeout: float | None,
+    ) -> tuple[dict[int, Message], dict[int, str]]:
+        """``(replies with content by node, reasons of the nodes without one)``."""
+        size = records.record_bytes(content)
+        messages = [
+            Message(content, dst_node_id=nid, message_type=message_type, group_id=group_id)
+            for nid in node_ids
+        ]
+        self.bytes_sent += size * len(messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        sent = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in messages}
+        # A grid that does not stamp ids on the messages it is given: match by sender instead.
+        by_sender = "" in sent
+        answered: dict[int, Message] = {}
+        failed: dict[int, str] = {}
+        for reply in replies:
+            meta = reply.metadata
+            if by_sender:
+                node = meta.src_node_id if meta.src_node_id in node_ids else None
+            else:
+                node = sent.get(meta.reply_to_message_id)
+            if node is None or node != meta.src_node_id:
+                log.warning(
+                    "ignoring a %s reply from node %s to an unknown message %r",
+                    message_type,
+                    meta.src_node_id,
+                    meta.reply_to_message_id,
+                )
+                continue
+            if node in answered or node in failed:
+                log.warning("ignoring a second %s reply from %s", message_type, self.label(node))
+                continue
+            if reply.has_error():
+                failed[node] = _reason(reply)
+            else:
+                answered[node] = reply
+                self.bytes_received += records.record_bytes(reply.content)
+        for node in node_ids:
+            if node not in answered and node not in failed:
+                failed[node] = (
+                    f"no {message_type} reply within {timeout:g} s"
+                    if timeout is not None
+                    else f"no {message_type} reply"
+                )
+        return answered, failed
+
+
+# -- the job -------------------------------------------------------------------------------------
+
+
+class _Job:
+    def __init__(self, grid: Grid, config: MasterConfig) -> None:
+        self.grid = grid
+        self.config = config
+        self.children: dict[int, ChildInfo] = {}
+        self.exchange = _Exchange(grid, self.children)
+        # Seeded as the children seed their models (their heads start from the same point).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.model = build_encoder(config.encoder, config.num_items, **config.encoder_options)
+            self.model.reset_parameters()
+        state = self.model.state_dict()
+        self.target: Parameters = {
+            name: state[name].detach().clone() for name in self.model.shared_parameter_names()
+        }
+        self.instruction = fpb.TrainingInstruction(
+            job_id=config.job_id,
+            encoder=records.encoder_spec(config.encoder, self.model.config, self.target),
+            training=records.training_config_to_proto(_with_seed(config.train, config.seed)),
+            round_budget=config.rounds,
+            round=1,
+        )
+        self.rule = build_fusion_rule(config.rule, **config.rule_options)
+        self.stop = config.stop_rule()
+
+    # -- 1 + 2: instruction and confirmations ----------------------------------------------------
+
+    def wait_for_nodes(self) -> list[int]:
+        """The online nodes, once ``expect_children`` (at least ``min_children``) are there or
+        ``wait_timeout`` has passed: some runtimes register their nodes after the ServerApp
+        starts."""
+        wanted = max(self.config.expect_children, self.config.min_children)
+        deadline = time.monotonic() + self.config.wait_timeout
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= wanted or time.monotonic() >= deadline:
+                return nodes
+            time.sleep(0.2)
+
+    def query_new(self, round_: int) -> None:
+        """Send the instruction to every online node not asked yet and record their answers."""
+        new = [nid for nid in sorted(self.grid.get_node_ids()) if nid not in self.children]
+        if not new:
+            return
+        self.instruction.round = round_
+        answered, failed = self.exchange(
+            records.query_content(self.instruction),
+            new,
+            "query",
+            f"{self.config.job_id}:query:{round_}",
+            self.config.query_timeout,
+        )
+        names = {info.name for info in self.children.values()}
+        for nid in new:
+            if nid in failed:
+                info = ChildInfo(nid, f"node-{nid}", False, reason=failed[nid])
+            else:
+                try:
+                    confirmation, name = records.read_confirmation(answered[nid].content)
+                except ValueError as err:
+                    info = ChildInfo(nid, f"node-{nid}", False, reason=f"bad confirmation: {err}")
+                else:
+                    info = _child_info(nid, name, confirmation, self.config.job_id)
+            if info.name in names:  # names label reports; keep them unique
+                info.name = f"{info.name}#{nid}"
+            names.add(info.name)
+            info.joined_round = round_
+            self.children[nid] = info
+            if info.accepted:
+                log.info("%s confirmed (%d samples)", info.name, info.num_samples)
+            else:
+                log.warning(
+                    "%s is left out of job %s: %s", info.name, self.config.job_id, info.reason
+                )
+
+    def confirmed(self) -> list[int]:
+        """Confirmed children, ordered by name (the order replies are fused in)."""
+        nodes = [nid for nid, info in self.children.items() if info.accepted]
+        return sorted(nodes, key=lambda nid: (self.children[nid].name, nid))
+
+    # -- 3 + 4: rounds ---------------------------------------------------------------------------
+
+    def sample(self, round_: int) -> list[int]:
+        candidates = self.confirmed()
+        if self.config.fraction >= 1.0:
+            return candidates
+        k = max(self.config.min_children, math.ceil(self.config.fraction * len(candidates)))
+        k = min(k, len(candidates))
+        rng = np.random.default_rng([self.config.seed, round_])
+        chosen = np.sort(rng.choice(len(candidates), size=k, replace=False))
+        return [candidates[int(i)] for i in chosen]
+
+    def train_round(self, round_: int) -> RoundResult:
+        t0 = time.perf_counter()
+        sent0, received0 = self.exchange.bytes_sent, self.exchange.bytes_received
+        if round_ > 1:
+            self.query_new(round_)
+        sampled = self.sample(round_)
+        label = self.exchange.label
+        arrays = records.params_to_record(self.target)
+        answered, excluded_nodes = self.exchange(
+            records.round_content(arrays, self.instruction, round_),
+            sampled,
+            "train",
+            str(round_),
+            self.config.round_timeout,
+        )
+        excluded = {label(n): reason for n, reason in excluded_nodes.items()}
+        for name, reason in excluded.items():
+            log.warning("round %d: %s left out: %s", round_, name, reason)
+        self.rule.begin(round_, self.target)
+        losses: list[tuple[float, float]] = []
+        for nid in sampled:  # child order, whatever the arrival order
+            if nid not in answered:
+                continue
+            name, content = label(nid), answered[nid].content
+            try:
+                arrays_in = content.array_records.get(records.ARRAYS_KEY)
+                if arrays_in is None:
+                    raise BadUpdateError(name, "reply carries no parameters ('arrays')")
+                params = records.record_to_params(arrays_in, name)
+                n = records.read_num_examples(content, name)
+                self.rule.add(name, params, n)
+            except BadUpdateError as err:
+                log.warning("round %d: %s", round_, err)
+                excluded[name] = err.reason
+                continue
+            loss = records.read_metrics(content).get("train_loss")
+            if loss is not None:
+                losses.append((loss, float(n)))
+        participants = self.rule.participants
+        samples = self.rule.num_samples
+        total = sum(samples.values())
+        needed = max(self.config.min_children, self.rule.min_updates)
+        skipped: str | None = None
+        change: float | None = None
+        if len(participants) < needed:
+            skipped = (
+                f"{len(participants)} accepted update(s), the round needs {needed}: "
+                "target unchanged"
+            )
+            log.warning("round %d: %s", round_, skipped)
+        else:
+            try:
+                new = self.rule.result()
+            except EmptyRoundError as err:  # defensive: participants says otherwise
+                skipped = str(err)
+            else:
+                change = relative_change(self.target, new)
+                self.target = new
+        metrics: dict[str, float] = {}
+        loss = _weighted_mean(losses)
+        if loss is not None:
+            metrics["train_loss"] = loss
+        evaluated: list[str] = []
+        if self._evaluate_now(round_):
+            eval_metrics, evaluated = self.evaluate(round_, self.config.eval_split)
+            metrics.update(eval_metrics)
+        split = self.config.eval_split
+        return RoundResult(
+            round=round_,
+            sampled=[label(n) for n in sampled],
+            participants=participants,
+            excluded=excluded,
+            num_samples=total,
+            weights={name: n / total for name, n in samples.items()} if total else {},
+            loss=loss,
+            recall_at_20=metrics.get(f"{split}_recall@20"),
+            mrr_at_20=metrics.get(f"{split}_mrr@20"),
+            metrics=metrics,
+            evaluated=evaluated,
+            bytes_sent=self.exchange.bytes_sent - sent0,
+            bytes_received=self.exchange.bytes_received - received0,
+            seconds=time.perf_counter() - t0,
+            param_change=change,
+            skipped=skipped,
+        )
+
+    def _evaluate_now(self, round_: int) -> bool:
+        every = self.config.evaluate_every
+        if every and round_ % every == 0:
+            return True
+        return bool(self.config.rounds) and round_ == self.config.rounds
+
+    def evaluate(self, round_: int, split: str) -> tuple[dict[str, float], list[str]]:
+        """Example-weighted mean of the children's metrics of the target on ``split``."""
+        nodes = self.confirmed()
+        if not nodes:
+            return {}, []
+        arrays = records.params_to_record(self.target)
+        answered, failed = self.exchange(
+            records.round_content(arrays, self.instruction, round_, split=split),
+            nodes,
+            "evaluate",
+            f"{round_}:{split}",
+            self.config.round_timeout,
+        )
+        for nid, reason in failed.items():
+            log.warning("round %d: %s not evaluated: %s", round_, self.exchange.label(nid), reason)
+        per_metric: dict[str, list[tuple[float, float]]] = {}
+        examples = 0
+        evaluated: list[str] = []
+        for nid in nodes:
+            if nid not in answered:
+                continue
+            values = records.read_metrics(answered[nid].content)
+            n = values.pop(records.NUM_EXAMPLES, 0.0)
+            if not (n > 0 and math.isfinite(n)):
+                continue
+            evaluated.append(self.exchange.label(nid))
+            examples += int(n)
+            for key, value in values.items():
+                per_metric.setdefault(key, []).append((value, n))
+        out: dict[str, float] = {}
+        for key, pairs in per_metric.items():
+            mean = _weighted_mean(pairs)
+            if mean is not None:
+                out[f"{split}_{key}"] = mean
+        if evaluated:
+            out[f"{split}_examples"] = float(examples)
+        return out, evaluated
+
+    def finish(self) -> None:
+        nodes = self.confirmed()
+        if not nodes:
+            return
+        _, failed = self.exchange(
+            records.finish_content(self.config.job_id),
+            nodes,
+            records.FINISH_ACTION,
+            f"{self.config.job_id}:finish",
+            self.config.round_timeout,
+        )
+        for nid, reason in failed.items():
+            log.info(
+                "%s did not acknowledge the end of the job: %s", self.exchange.label(nid), reason
+            )
+
+
+def _with_seed(config: TrainConfig, seed: int) -> TrainConfig:
+    return TrainConfig.from_dict({**config.to_dict(), "seed": seed})
+
+
+def _child_info(nid: int, name: str, confirmation: fpb.Confirmation, job_id: str) -> ChildInfo:
+    name = name or f"node-{nid}"
+    if confirmation.job_id != job_id:
+        return ChildInfo(nid, name, False, reason=f"confirmation for job {confirmation.job_id!r}")
+    if not confirmation.accepted:
+        return ChildInfo(nid, name, False, reason=confirmation.decline_reason or "declined")
+    if confirmation.num_samples < 1:
+        return ChildInfo(nid, name, False, reason="confirmed with no samples")
+    summary = {
+        f.name: getattr(confirmation.summary, f.name)
+        for f in confirmation.summary.DESCRIPTOR.fields
+    }
+    return ChildInfo(nid, name, True, num_samples=int(confirmation.num_samples), summary=summary)
+
+
+def run_master(
+    grid: Grid, config: MasterConfig, on_round: RoundListener | None = None
+) -> MasterResult:
+    """Run one job on ``grid`` (see the module docstring); returns the target and the reports."""
+    t0 = time.perf_counter()
+    job = _Job(grid, config)
+    log.info(
+        "job %s: %s, %d shared tensors, rule %s",
+        config.job_id,
+        config.encoder,
+        len(job.target),
+        config.rule,
+    )
+    nodes = job.wait_for_nodes()
+    log.info("job %s: %d node(s) online", config.job_id, len(nodes))
+    job.query_new(1)
+    confirmed = job.confirmed()
+    if len(confirmed) < config.min_children:
+        job.finish()
+        declined = {c.name: c.reason for c in job.children.values() if not c.accepted}
+        raise NotEnoughChildrenError(
+            f"{len(confirmed)} child(ren) confirmed, job {config.job_id} needs "
+            f"{config.min_children}; left out: {declined}"
+        )
+    listeners = [cb for cb in (on_round, round_listener.get()) if cb is not None]
+    results: list[RoundResult] = []
+    stop_reason = ""
+    round_ = 0
+    try:
+        while not stop_reason:
+            round_ += 1
+            result = job.train_round(round_)
+            report = RoundReport(
+                round=round_,
+                participants=result.participants,
+                num_samples=result.num_samples,
+                metrics=result.metrics,
+                param_change=result.param_change,
+                seconds=result.seconds,
+            )
+            stop_reason = job.stop.update(report) or ""
+            result.stop_reason = stop_reason or None
+            results.append(result)
+            for callback in listeners:
+                callback(result)
+        final: dict[str, float] = {}
+        if config.final_test:
+            final, _ = job.evaluate(round_, "test")
+    finally:
+        job.finish()
+    model = job.model
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, tensor in job.target.items():
+            params[name].copy_(tensor)
+    outcome = MasterResult(
+        job_id=config.job_id,
+        encoder=config.encoder,
+        encoder_config=model.config.to_dict(),
+        rule=job.rule.name,
+        children=sorted(job.children.values(), key=lambda c: c.name),
+        rounds=results,
+        stop_reason=stop_reason,
+        target=job.target,
+        final_metrics=final,
+        seconds=time.perf_counter() - t0,
+    )
+    if config.checkpoint_dir is not None:
+        path = save_checkpoint(
+            config.checkpoint_dir, model, {"federation": _metadata(outcome, config)}
+        )
+        outcome.checkpoint = str(path)
+    return outcome
+
+
+def _metadata(result: MasterResult, config: MasterConfig) -> dict[str, Any]:
+    return {
+        "job_id": result.job_id,
+        "rule": result.rule,
+        "rule_options": config.rule_options,
+        "rounds": len(result.rounds),
+        "round_budget": config.rounds,
+        "stop_reason": result.stop_reason,
+        "train_config": config.train.to_dict(),
+        "seed": config.seed,
+        "participants": {str(r.round): r.participants for r in result.rounds},
+        "metrics": {str(r.round): r.metrics for r in result.rounds},
+        "final_metrics": result.final_metrics,
+        "children": [asdict(c) for c in result.children],
+        "note": "only the shared tensors are the federation's target; the item embeddings "
+        "(the children's local heads) in this checkpoint are the master's initial ones",
+    }

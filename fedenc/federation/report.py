@@ -1,0 +1,183 @@
+"""A job's outputs: ``results.json``, ``rounds.csv``, a plot of the metrics by round, and the
+per-round table, all from :meth:`MasterResult.to_dict` (so they can be rebuilt from the JSON).
+
+The table's columns: participants (accepted / sampled), train loss, Recall@20 and MRR@20 of the
+target on the children's held-out data, tensor bytes moved (both directions), seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+ROUNDS_FILE = "rounds.csv"
+PLOT_FILE = "metrics.png"
+ROUND_COLUMNS = (
+    "round",
+    "participants",
+    "sampled",
+    "excluded",
+    "num_samples",
+    "loss",
+    "recall@20",
+    "mrr@20",
+    "bytes_moved",
+    "seconds",
+    "param_change",
+    "skipped",
+    "participant_names",
+)
+
+
+def _num(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def round_row(r: Mapping[str, Any]) -> dict[str, Any]:
+    """One CSV row of a round dict (``RoundResult.to_dict()``)."""
+    return {
+        "round": r["round"],
+        "participants": len(r["participants"]),
+        "sampled": len(r["sampled"]),
+        "excluded": len(r["excluded"]),
+        "num_samples": r["num_samples"],
+        "loss": r["loss"],
+        "recall@20": r["recall_at_20"],
+        "mrr@20": r["mrr_at_20"],
+        "bytes_moved": r["bytes_moved"],
+        "seconds": round(float(r["seconds"]), 4),
+        "param_change": r["param_change"],
+        "skipped": r["skipped"] or "",
+        "participant_names": ";".join(r["participants"]),
+    }
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    return "-" if value is None else f"{float(value):.{digits}f}"
+
+
+def round_table(rounds: Sequence[Mapping[str, Any]], title: str = "") -> Table:
+    """A rich table of the rounds so far."""
+    table = Table(title=title or None)
+    for name in ("round", "participants", "loss", "Recall@20", "MRR@20", "bytes moved", "seconds"):
+        table.add_column(name, justify="right")
+    for r in rounds:
+        participants = f"{len(r['participants'])}/{len(r['sampled'])}"
+        if r.get("skipped"):
+            participants += " (skipped)"
+        table.add_row(
+            str(r["round"]),
+            participants,
+            _fmt(r["loss"], 4),
+            _fmt(r["recall_at_20"]),
+            _fmt(r["mrr_at_20"]),
+            human_bytes(float(r["bytes_moved"])),
+            _fmt(r["seconds"]),
+        )
+    return table
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_results(
+    result: Mapping[str, Any], out_dir: Path, extra: Mapping[str, Any] | None = None
+) -> Path:
+    """``results.json``: the result dict plus ``extra`` (scenario, runtime counters)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / RESULTS_FILE
+    _atomic_text(path, json.dumps({**result, **(extra or {})}, indent=2, default=str) + "\n")
+    return path
+
+
+def write_rounds_csv(rounds: Sequence[Mapping[str, Any]], out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / ROUNDS_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(ROUND_COLUMNS))
+        writer.writeheader()
+        for r in rounds:
+            writer.writerow(round_row(r))
+    os.replace(tmp, path)
+    return path
+
+
+def plot_rounds(rounds: Sequence[Mapping[str, Any]], out_dir: Path, title: str = "") -> Path | None:
+    """A PNG of Recall@20, MRR@20 and the train loss by round; None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        log.warning("matplotlib is not installed: no %s", PLOT_FILE)
+        return None
+    xs = [int(r["round"]) for r in rounds]
+    fig, (ax_rank, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("recall_at_20", "Recall@20"), ("mrr_at_20", "MRR@20")):
+        points = [(x, _num(r[key])) for x, r in zip(xs, rounds, strict=True) if r[key] is not None]
+        if points:
+            ax_rank.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    ax_rank.set_xlabel("round")
+    ax_rank.set_ylabel("%")
+    ax_rank.set_title("held-out ranking metrics")
+    ax_rank.grid(alpha=0.3)
+    if ax_rank.get_legend_handles_labels()[0]:
+        ax_rank.legend()
+    losses = [
+        (x, _num(r["loss"])) for x, r in zip(xs, rounds, strict=True) if r["loss"] is not None
+    ]
+    if losses:
+        ax_loss.plot([p[0] for p in losses], [p[1] for p in losses], marker="o", color="C3")
+    ax_loss.set_xlabel("round")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title("children's train loss (weighted)")
+    ax_loss.grid(alpha=0.3)
+    for ax in (ax_rank, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / PLOT_FILE
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(
+    result: Mapping[str, Any], out_dir: Path, extra: Mapping[str, Any] | None = None
+) -> dict[str, Path]:
+    """results.json, rounds.csv and the plot under ``out_dir``; the paths written."""
+    rounds = result["rounds"]
+    paths = {
+        "results": write_results(result, out_dir, extra),
+        "rounds": write_rounds_csv(rounds, out_dir),
+    }
+    plot = plot_rounds(rounds, out_dir, title=f"{result['encoder']} / {result['rule']}")
+    if plot is not None:
+        paths["plot"] = plot
+    return paths

@@ -1,0 +1,100 @@
+"""Every non-public Flower (``flwr`` 1.42) touch-point fedenc's runtimes need, in one place.
+
+Flower's public Message API (``flwr.app``, ``flwr.serverapp``, ``flwr.clientapp``) is enough for the
+apps; a runtime that hosts them needs a few more things that Flower keeps internal
+(../shared/notes/custom-grid.md):
+
+- ``Message(content, dst, type)`` reads the process-global ``TaskIdentity`` (run id, source node);
+  a runtime must set it before the ServerApp builds messages (:func:`task_identity`);
+- ``Metadata.message_id`` has no setter: grids write ``metadata.__dict__["_message_id"]``
+  (:func:`set_message_id`);
+- ``Grid.run`` is a :class:`flwr.supercore.run.Run` (:func:`empty_run`);
+- ``ErrorCode`` lives in ``flwr.common.constant`` and serde in ``flwr.common.serde``
+  (:func:`message_to_bytes` / :func:`message_from_bytes`, :func:`error_reply`).
+
+When Flower moves one of these, only this module changes; ``tests/runtime/test_flower_compat.py``
+pins each of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Final
+
+from flwr.app import Error, Message
+from flwr.common.constant import SUPERLINK_NODE_ID as _SUPERLINK_NODE_ID
+from flwr.common.constant import ErrorCode
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.proto.message_pb2 import Message as ProtoMessage
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+__all__ = [
+    "CLIENT_APP_RAISED_EXCEPTION",
+    "NODE_UNAVAILABLE",
+    "SUPERLINK_NODE_ID",
+    "UNKNOWN_ERROR",
+    "Run",
+    "empty_run",
+    "error_reply",
+    "message_from_bytes",
+    "message_to_bytes",
+    "set_message_id",
+    "task_identity",
+]
+
+SUPERLINK_NODE_ID: Final[int] = int(_SUPERLINK_NODE_ID)
+"""The node id Flower gives the ServerApp side (the source of instruction messages)."""
+UNKNOWN_ERROR: Final[int] = int(ErrorCode.UNKNOWN)
+CLIENT_APP_RAISED_EXCEPTION: Final[int] = int(ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
+"""Error code of a reply whose ClientApp handler raised (what SuperNode and simulation use)."""
+NODE_UNAVAILABLE: Final[int] = int(ErrorCode.NODE_UNAVAILABLE)
+"""Error code of a reply to a message for a node that is gone or unknown."""
+
+
+@contextmanager
+def task_identity(
+    run_id: int, node_id: int = SUPERLINK_NODE_ID, task_id: int = 1
+) -> Iterator[None]:
+    """Set the process-global identity that ``Message(...)`` stamps into new messages, and restore
+    the previous one on exit. It is global: run one ServerApp per process at a time."""
+    saved: tuple[Any, Any, Any] = (
+        TaskIdentity._task_id,
+        TaskIdentity._run_id,
+        TaskIdentity._node_id,
+    )
+    TaskIdentity.task_id = task_id
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = node_id
+    try:
+        yield
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def set_message_id(message: Message, message_id: str) -> None:
+    """Give ``message`` its id (Flower's grids do the same; ``Metadata`` has no setter)."""
+    message.metadata.__dict__["_message_id"] = message_id
+
+
+def empty_run(run_id: int) -> Run:
+    """A bare :class:`Run` for ``Grid.set_run`` / ``Grid.run``."""
+    return Run.create_empty(run_id)
+
+
+def error_reply(message: Message, code: int, reason: str) -> Message:
+    """An error reply to ``message`` (Flower's convention for a failed ClientApp or node)."""
+    return Message(Error(code=code, reason=reason), reply_to=message)
+
+
+def message_to_bytes(message: Message) -> bytes:
+    """``message`` (metadata, content or error) in Flower's wire format."""
+    data: bytes = message_to_proto(message).SerializeToString()
+    return data
+
+
+def message_from_bytes(data: bytes) -> Message:
+    """The inverse of :func:`message_to_bytes`; needs no ``TaskIdentity``."""
+    message: Message = message_from_proto(ProtoMessage.FromString(data))
+    return message

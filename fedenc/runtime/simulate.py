@@ -1,0 +1,237 @@
+"""``fedenc simulate``: a scenario (children, partition, encoder, rule, rounds, data) run on the
+in-process runtime with fedenc's own apps (``nodes/master.py`` + ``nodes/child.py``).
+
+A scenario is a flat set of settings, from CLI options or a TOML file (``simulations/*.toml``)
+whose top-level keys are the :class:`Scenario` fields in kebab-case, e.g.::
+
+    name = "quickstart"
+    children = 4
+    partition = "iid"       # iid | time | dirichlet (with alpha)
+    rounds = 3
+    hidden = 32
+    synthetic-sessions = 4000
+    [rule-options]          # optional tables: rule-options, encoder-options, stop
+    accumulator_dtype = "float64"
+
+It becomes the apps' ``run_config`` (:meth:`Scenario.run_config`), the same keys ``flwr run``
+would pass, so a scenario means the same on every runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from fedenc.federation.master import RoundListener, RoundResult, round_listener
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Everything a simulation needs; every field has a quick default."""
+
+    name: str = "simulation"
+    children: int = 4
+    partition: str = "iid"
+    alpha: float = 0.5
+    encoder: str = "srgnn"
+    hidden: int = 100
+    steps: int = 1
+    encoder_options: dict[str, Any] = field(default_factory=dict)
+    rule: str = "weighted_sum"
+    rule_options: dict[str, Any] = field(default_factory=dict)
+    stop: str | dict[str, Any] | None = None
+    rounds: int = 5
+    local_epochs: int = 1
+    batch_size: int = 100
+    lr: float = 1e-3
+    lr_decay_step: int = 3
+    max_examples_per_epoch: int = 0
+    data: str | None = None  # None = the synthetic default
+    synthetic_sessions: int = 20000
+    synthetic_items: int = 2000
+    valid_fraction: float = 0.1
+    seed: int = 0
+    min_children: int = 1
+    fraction: float = 1.0
+    round_timeout: float = 0.0  # seconds, 0 = wait for every reply
+    evaluate_every: int = 1
+    concurrency: int = 1  # ClientApp calls running at once
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.children < 1:
+            raise ValueError(f"children must be >= 1, got {self.children}")
+        if self.rounds < 0:
+            raise ValueError(f"rounds must be >= 0, got {self.rounds}")
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+
+    def check(self) -> None:
+        """``ValueError`` naming the setting when the encoder, rule, partition or stop rule is
+        unknown, before anything runs."""
+        from fedenc.data.partition import SCHEMES
+        from fedenc.encoders.registry import UnknownEncoderError, encoder_class
+        from fedenc.federation.fusion import UnknownFusionRuleError, build_fusion_rule
+        from fedenc.federation.stopping import build_stop_rule
+
+        if self.partition not in SCHEMES:
+            raise ValueError(
+                f"partition must be one of {', '.join(SCHEMES)}, got {self.partition!r}"
+            )
+        try:
+            encoder_class(self.encoder)
+            build_fusion_rule(self.rule, **self.rule_options)
+        except (UnknownEncoderError, UnknownFusionRuleError) as err:
+            raise ValueError(str(err)) from None
+        if self.stop:
+            build_stop_rule(self.stop)
+        if self.rounds == 0 and not self.stop:
+            raise ValueError("rounds = 0 (no budget) needs a stop rule")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "scenario") -> Scenario:
+        """From a mapping with kebab- or snake-case keys; unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        clean: dict[str, Any] = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ValueError(
+                    f"{source}: unknown setting {key!r}; known: {', '.join(sorted(known))}"
+                )
+            clean[name] = value
+        try:
+            return cls(**clean)
+        except TypeError as err:
+            raise ValueError(f"{source}: {err}") from err
+
+    @classmethod
+    def from_toml(cls, path: Path) -> Scenario:
+        try:
+            values = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"scenario file not found: {path}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path}: not valid TOML ({err})") from err
+        values.setdefault("name", path.stem)
+        return cls.from_mapping(values, source=str(path))
+
+    def with_overrides(self, **overrides: Any) -> Scenario:
+        """A copy with the given settings replaced (None values are ignored)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def run_config(self, out_dir: Path | None = None) -> dict[str, bool | int | float | str]:
+        """The apps' flat ``run_config`` for this scenario."""
+        config: dict[str, bool | int | float | str] = {
+            "encoder": self.encoder,
+            "hidden": self.hidden,
+            "steps": self.steps,
+            "rule": self.rule,
+            "num-server-rounds": self.rounds,
+            "local-epochs": self.local_epochs,
+            "batch-size": self.batch_size,
+            "lr": self.lr,
+            "lr-decay-step": self.lr_decay_step,
+            "max-examples-per-epoch": self.max_examples_per_epoch,
+            "partition": self.partition,
+            "alpha": self.alpha,
+            "data": self.data or "",
+            "synthetic-sessions": self.synthetic_sessions,
+            "synthetic-items": self.synthetic_items,
+            "valid-fraction": self.valid_fraction,
+            "seed": self.seed,
+            "min-children": self.min_children,
+            "fraction": self.fraction,
+            "round-timeout": self.round_timeout,
+            "evaluate-every": self.evaluate_every,
+            "expect-children": self.children,
+            "device": self.device,
+        }
+        if self.encoder_options:
+            config["encoder-options"] = json.dumps(self.encoder_options)
+        if self.rule_options:
+            config["rule-options"] = json.dumps(self.rule_options)
+        if self.stop:
+            config["stop"] = self.stop if isinstance(self.stop, str) else json.dumps(self.stop)
+        if out_dir is not None:
+            config["out-dir"] = str(out_dir)
+        return config
+
+
+@dataclass
+class SimulationOutcome:
+    """The job's result (``MasterResult.to_dict()``), where its files are, and the run's cost."""
+
+    result: dict[str, Any]
+    out_dir: Path | None
+    files: dict[str, Path]
+    wire_bytes: int
+    seconds: float
+
+
+def default_out_dir(scenario: Scenario, root: Path = Path("runs")) -> Path:
+    return root / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_scenario(
+    scenario: Scenario, out_dir: Path | None = None, on_round: RoundListener | None = None
+) -> SimulationOutcome:
+    """Run ``scenario`` in this process; with ``out_dir``, write the encoder checkpoint,
+    results.json, rounds.csv and metrics.png there. ``on_round`` sees each round as it ends."""
+    from fedenc.federation.report import PLOT_FILE, ROUNDS_FILE, write_results
+    from fedenc.runtime.inprocess import run_inprocess
+    from nodes.child import app as child_app
+    from nodes.master import RESULT_KEY
+    from nodes.master import app as master_app
+
+    scenario.check()
+    token = round_listener.set(on_round)
+    try:
+        run = run_inprocess(
+            master_app,
+            child_app,
+            scenario.children,
+            scenario.run_config(out_dir),
+            concurrency=scenario.concurrency,
+        )
+    finally:
+        round_listener.reset(token)
+    result: dict[str, Any] = json.loads(str(run.server_context.state[RESULT_KEY]["json"]))
+    files: dict[str, Path] = {}
+    if out_dir is not None:
+        extra = {
+            "scenario": asdict(scenario),
+            "runtime": {
+                "kind": "inprocess",
+                "wire_bytes_sent": run.bytes_sent,
+                "wire_bytes_received": run.bytes_received,
+                "seconds": run.seconds,
+                "messages_handled": {str(k): v for k, v in run.messages_handled.items()},
+            },
+        }
+        files["results"] = write_results(result, out_dir, extra)
+        files["rounds"] = out_dir / ROUNDS_FILE
+        if (out_dir / PLOT_FILE).is_file():
+            files["plot"] = out_dir / PLOT_FILE
+        if result.get("checkpoint"):
+            files["checkpoint"] = Path(result["checkpoint"])
+    return SimulationOutcome(
+        result=result,
+        out_dir=out_dir,
+        files=files,
+        wire_bytes=run.bytes_sent + run.bytes_received,
+        seconds=run.seconds,
+    )
+
+
+__all__ = ["RoundResult", "Scenario", "SimulationOutcome", "default_out_dir", "run_scenario"]

@@ -1,0 +1,41 @@
+"""The master's ServerApp (Flower Message API): reads the run config and runs one job.
+
+Transport-free: it talks to the children through the ``Grid`` it is given, so it runs unchanged on
+fedenc's in-process runtime, its gRPC runtime and Flower's engines. The protocol itself is
+:func:`fedenc.federation.master.run_master`. With ``out-dir`` in the run config it writes the
+encoder checkpoint, ``results.json``, ``rounds.csv`` and a plot there; the result (JSON) and the
+target's tensors are also left in ``context.state`` for the host.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedenc.federation.master import MasterConfig, run_master
+from fedenc.federation.records import params_to_record
+from fedenc.federation.report import write_outputs
+from fedenc.federation.runconfig import get_str
+
+RESULT_KEY = "fedenc.result"
+TARGET_KEY = "fedenc.target"
+
+log = logging.getLogger(__name__)
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = MasterConfig.from_run_config(context.run_config)
+    result = run_master(grid, config)
+    summary = result.to_dict()
+    context.state[RESULT_KEY] = ConfigRecord({"json": json.dumps(summary)})
+    context.state[TARGET_KEY] = params_to_record(result.target)
+    out_dir = get_str(context.run_config, "out-dir", "")
+    if out_dir:
+        write_outputs(summary, Path(out_dir), {"run_config": dict(context.run_config)})
+    log.info("job %s done: %s", result.job_id, result.stop_reason)

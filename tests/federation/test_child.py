@@ -1,0 +1,147 @@
+"""The child's handlers: declines with reasons, state kept across rounds, only shared tensors
+leave, bad parameters refused, the state dropped at the end of the job; and the data partition is
+the same for the same settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch._dynamo  # the first optimizer step imports it: pay that at collection
+from flwr.app import Context, Message, RecordDict
+
+from fedenc.encoders.registry import build_encoder
+from fedenc.federation import child, records
+from fedenc.federation.child_data import ChildDataConfig, load_child_data
+from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
+from fedenc.runtime import flower_compat as fc
+from fedenc.training.config import TrainConfig
+
+RUN_CONFIG = {"synthetic-sessions": 400, "synthetic-items": 60, "seed": 0}
+
+
+def context(pid: int = 0, k: int = 2, run_id: int = 77, **run_config: Any) -> Context:
+    return Context(
+        run_id=run_id,
+        node_id=pid + 2,
+        node_config={"partition-id": pid, "num-partitions": k},
+        state=RecordDict(),
+        run_config={**RUN_CONFIG, **run_config},
+    )
+
+
+def instruction(encoder: str = "srgnn", num_items: int = 60, job: str = "job-1") -> Any:
+    model = build_encoder("srgnn", num_items, hidden=8)
+    state = model.state_dict()
+    shared = {n: state[n] for n in model.shared_parameter_names()}
+    spec = records.encoder_spec("srgnn", model.config, shared)
+    spec.type = encoder
+    return fpb.TrainingInstruction(
+        job_id=job,
+        encoder=spec,
+        training=records.training_config_to_proto(TrainConfig(epochs=1, batch_size=50)),
+        round_budget=3,
+    ), shared
+
+
+def send(content: RecordDict, kind: str, ctx: Context) -> Message:
+    with fc.task_identity(ctx.run_id):
+        msg = Message(content, ctx.node_id, kind)
+    fc.set_message_id(msg, f"ins-{kind}")
+    return fc.message_from_bytes(fc.message_to_bytes(msg))
+
+
+def query(ctx: Context, ins: Any) -> fpb.Confirmation:
+    reply = child.handle_query(send(records.query_content(ins), "query", ctx), ctx)
+    return records.read_confirmation(reply.content)[0]
+
+
+@pytest.fixture(autouse=True)
+def _clean() -> Any:
+    yield
+    child.forget()
+
+
+def test_unknown_encoder_type_and_small_catalog_are_declined_with_reasons() -> None:
+    ins, _ = instruction(encoder="no_such_encoder")
+    conf = query(context(), ins)
+    assert not conf.accepted and "unknown encoder type 'no_such_encoder'" in conf.decline_reason
+    ins, _ = instruction(num_items=30)
+    conf = query(context(), ins)
+    assert not conf.accepted and "catalog" in conf.decline_reason
+    assert child.live_states() == []
+
+
+def test_confirm_train_evaluate_finish_keeps_state_and_sends_only_shared_tensors() -> None:
+    ctx = context()
+    ins, shared = instruction()
+    conf = query(ctx, ins)
+    assert conf.accepted and conf.num_samples > 0 and conf.summary.num_sessions > 0
+    (key,) = child.live_states()
+    state = child._states[key]
+    head_before = state.model.embedding.weight.detach().clone()
+    trainer = state.trainer
+
+    for round_ in (1, 2):
+        content = records.round_content(records.params_to_record(shared), ins, round_)
+        reply = child.handle_train(send(content, "train", ctx), ctx)
+        sent = records.record_to_params(reply.content["arrays"], "child")
+        assert list(sent) == list(shared)  # shared tensors only, in order: no embedding
+        assert records.read_num_examples(reply.content, "child") == conf.num_samples
+        assert records.read_metrics(reply.content)["train_loss"] > 0
+    assert child._states[key].trainer is trainer and trainer.epochs_done == 2
+    assert not torch.equal(state.model.embedding.weight, head_before)  # the head trains locally
+
+    content = records.round_content(records.params_to_record(shared), ins, 2, split="test")
+    reply = child.handle_evaluate(send(content, "evaluate", ctx), ctx)
+    metrics = records.read_metrics(reply.content)
+    assert metrics[records.NUM_EXAMPLES] > 0 and 0 <= metrics["mrr@20"] <= metrics["recall@20"]
+    for name, tensor in shared.items():  # evaluation used the received parameters
+        assert torch.equal(state.model.state_dict()[name], tensor)
+
+    child.handle_finish(send(records.finish_content(ins.job_id), "query.finish", ctx), ctx)
+    assert child.live_states() == []
+
+
+def test_train_refuses_parameters_that_do_not_fit_the_model() -> None:
+    ctx = context()
+    ins, shared = instruction()
+    assert query(ctx, ins).accepted
+    name = next(iter(shared))
+    bad = {**shared, name: torch.zeros(2, 2)}
+    content = records.round_content(records.params_to_record(bad), ins, 1)
+    with pytest.raises(ValueError, match="shape"):
+        child.handle_train(send(content, "train", ctx), ctx)
+
+
+def test_a_round_message_without_state_rebuilds_it_from_the_instruction() -> None:
+    ctx = context(pid=1)
+    ins, shared = instruction()
+    content = records.round_content(records.params_to_record(shared), ins, 1)
+    reply = child.handle_train(send(content, "train", ctx), ctx)
+    assert records.read_num_examples(reply.content, "child") > 0
+    assert len(child.live_states()) == 1
+
+
+def test_same_settings_give_the_same_partition() -> None:
+    cfg = ChildDataConfig(
+        partition_id=1,
+        num_partitions=3,
+        scheme="dirichlet",
+        alpha=0.5,
+        seed=4,
+        synthetic_sessions=400,
+        synthetic_items=60,
+    )
+    a, b = load_child_data(cfg), load_child_data(cfg)
+    for split in ("train", "valid", "test"):
+        np.testing.assert_array_equal(getattr(a, split).items, getattr(b, split).items)
+    others = [
+        load_child_data(ChildDataConfig(**{**cfg.__dict__, "partition_id": p})) for p in (0, 2)
+    ]
+    total = len(a.train) + sum(len(o.train) for o in others)
+    assert total == 400 - len(a.test) - len(a.valid) - sum(
+        len(o.test) + len(o.valid) for o in others
+    )

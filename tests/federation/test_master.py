@@ -1,0 +1,435 @@
+"""The master protocol over a grid: message order (no parameters before a confirmation, none for
+decliners), exclusion of decliners, failing, late and malformed replies with renormalised weights,
+seeded partial participation, stop rules and the saved encoder.
+
+Most tests drive :func:`run_master` against scripted children (echo clients, exact arithmetic,
+no training); one runs the real child app on tiny synthetic data.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch._dynamo  # the first optimizer step imports it: pay that at collection
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedenc.federation import records
+from fedenc.federation.master import (
+    MasterConfig,
+    MasterResult,
+    NotEnoughChildrenError,
+    run_master,
+)
+from fedenc.federation.parameters import Parameters
+from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
+from fedenc.runtime import flower_compat as fc
+from fedenc.runtime.inprocess import InProcessGrid, new_run_id
+from fedenc.training.checkpoint import load_checkpoint
+from fedenc.training.config import TrainConfig
+
+TINY_DATA = {"synthetic-sessions": 400, "synthetic-items": 60, "seed": 0}
+Client = Callable[[Message, Context], Message]
+
+
+def tiny_config(**overrides: Any) -> MasterConfig:
+    values: dict[str, Any] = {
+        "num_items": 60,
+        "encoder_options": {"hidden": 8},
+        "train": TrainConfig(epochs=1, batch_size=50),
+        "rounds": 2,
+        "seed": 0,
+    }
+    values.update(overrides)
+    return MasterConfig(**values)
+
+
+# -- scripted children ----------------------------------------------------------------------------
+
+
+def samples_of(pid: int) -> int:
+    return 10 * (pid + 1)
+
+
+def offset_of(pid: int) -> float:
+    return float(pid + 1)
+
+
+@dataclass
+class Script:
+    """How each partition behaves: decline / raise / stall / corrupt; else echo + offset."""
+
+    decline: set[int] = field(default_factory=set)
+    raise_on_train: set[int] = field(default_factory=set)
+    stall_s: dict[int, float] = field(default_factory=dict)
+    corrupt: dict[int, Callable[[Parameters], Parameters]] = field(default_factory=dict)
+
+
+def echo_client(script: Script) -> Client:
+    """A child without training: confirms with 10 * (pid + 1) samples and returns the received
+    parameters plus (pid + 1), so the fused target is known exactly."""
+
+    def client(msg: Message, ctx: Context) -> Message:
+        pid = int(ctx.node_config["partition-id"])
+        kind = msg.metadata.message_type
+        if kind == "query":
+            record = msg.content.config_records[records.FEDENC_KEY]
+            job = records.instruction_from_bytes(record[records.INSTRUCTION]).job_id
+            if pid in script.decline:
+                conf = fpb.Confirmation(job_id=job, accepted=False, decline_reason="no data here")
+            else:
+                conf = fpb.Confirmation(job_id=job, accepted=True, num_samples=samples_of(pid))
+            return Message(records.confirmation_content(conf, f"child-{pid}"), reply_to=msg)
+        if kind == "train":
+            if pid in script.raise_on_train:
+                raise RuntimeError(f"boom in child {pid}")
+            if pid in script.stall_s:
+                time.sleep(script.stall_s[pid])
+            params = records.record_to_params(msg.content["arrays"], "master")
+            params = {k: v + offset_of(pid) for k, v in params.items()}
+            if pid in script.corrupt:
+                params = script.corrupt[pid](params)
+            metrics = {records.NUM_EXAMPLES: samples_of(pid), "train_loss": float(pid)}
+            content = records.metrics_content(metrics, records.params_to_record(params))
+            return Message(content, reply_to=msg)
+        if kind == "evaluate":
+            metrics = {records.NUM_EXAMPLES: samples_of(pid), "recall@20": 10.0 * pid}
+            return Message(records.metrics_content(metrics), reply_to=msg)
+        return Message(records.metrics_content({"ok": 1}), reply_to=msg)
+
+    return client
+
+
+@dataclass
+class Event:
+    direction: str  # "out" | "in"
+    node: int
+    kind: str
+    has_arrays: bool
+    accepted: bool | None = None
+
+
+class RecordingGrid(Grid):
+    """Wraps a grid; records every message out and every reply in, in order."""
+
+    def __init__(self, inner: InProcessGrid) -> None:
+        self.inner = inner
+        self.events: list[Event] = []
+        self.offline: set[int] = set()  # nodes get_node_ids() does not list (yet)
+
+    def set_run(self, run: fc.Run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> fc.Run:
+        return self.inner.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self.inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> list[int]:
+        return [nid for nid in self.inner.get_node_ids() if nid not in self.offline]
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        raise AssertionError("the master only uses send_and_receive")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        raise AssertionError("the master only uses send_and_receive")
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        messages = list(messages)
+        for m in messages:
+            has_arrays = m.has_content() and bool(m.content.array_records)
+            self.events.append(
+                Event("out", m.metadata.dst_node_id, m.metadata.message_type, has_arrays)
+            )
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        for r in replies:
+            accepted = None
+            if r.metadata.message_type == "query" and r.has_content():
+                accepted = records.read_confirmation(r.content)[0].accepted
+            has_arrays = r.has_content() and bool(r.content.array_records)
+            self.events.append(
+                Event("in", r.metadata.src_node_id, r.metadata.message_type, has_arrays, accepted)
+            )
+        return replies
+
+
+def run_job(
+    client: Client,
+    k: int,
+    config: MasterConfig,
+    run_config: dict[str, Any] | None = None,
+    concurrency: int = 1,
+    grid_type: type[RecordingGrid] = RecordingGrid,
+) -> tuple[MasterResult, RecordingGrid]:
+    rid = new_run_id()
+    configs = [{"partition-id": i, "num-partitions": k} for i in range(k)]
+    with InProcessGrid(client, configs, rid, run_config, concurrency=concurrency) as inner:
+        grid = grid_type(inner)
+        with fc.task_identity(rid):
+            result = run_master(grid, config)
+    return result, grid
+
+
+def node_of(grid: RecordingGrid, pid: int) -> int:
+    for nid, node in grid.inner.nodes.items():
+        if node.context.node_config["partition-id"] == pid:
+            return nid
+    raise KeyError(pid)
+
+
+def initial_target(config: MasterConfig) -> Parameters:
+    from fedenc.encoders.registry import build_encoder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = build_encoder(config.encoder, config.num_items, **config.encoder_options)
+        model.reset_parameters()
+    state = model.state_dict()
+    return {n: state[n].clone() for n in model.shared_parameter_names()}
+
+
+# -- message order --------------------------------------------------------------------------------
+
+
+def test_no_parameters_before_confirmation_and_none_for_decliners() -> None:
+    script = Script(decline={1})
+    result, grid = run_job(echo_client(script), 4, tiny_config(rounds=2))
+    confirmed_at: dict[int, int] = {}
+    for index, event in enumerate(grid.events):
+        if event.direction == "in" and event.kind == "query" and event.accepted:
+            confirmed_at.setdefault(event.node, index)
+        if event.direction == "out" and event.has_arrays:
+            assert event.node in confirmed_at, f"parameters sent to node {event.node} unconfirmed"
+            assert confirmed_at[event.node] < index
+    decliner = node_of(grid, 1)
+    assert [e.kind for e in grid.events if e.direction == "out" and e.node == decliner] == ["query"]
+    # The very first message each node got was the instruction.
+    for nid in grid.inner.nodes:
+        first = next(e for e in grid.events if e.direction == "out" and e.node == nid)
+        assert first.kind == "query" and not first.has_arrays
+    declined = {c.name: c.reason for c in result.children if not c.accepted}
+    assert declined == {"child-1": "no data here"}
+    for r in result.rounds:
+        assert r.participants == ["child-0", "child-2", "child-3"]
+        assert "child-1" not in r.sampled
+
+
+def test_fused_target_is_the_sample_weighted_sum_over_responders() -> None:
+    config = tiny_config(rounds=1, final_test=False)
+    script = Script(decline={1}, raise_on_train={2})
+    result, _ = run_job(echo_client(script), 4, config)
+    (r,) = result.rounds
+    assert r.participants == ["child-0", "child-3"]
+    assert "boom in child 2" in r.excluded["child-2"]
+    n0, n3 = samples_of(0), samples_of(3)
+    assert r.weights == pytest.approx({"child-0": n0 / (n0 + n3), "child-3": n3 / (n0 + n3)})
+    assert sum(r.weights.values()) == pytest.approx(1.0)
+    assert r.num_samples == n0 + n3
+    shift = (n0 * offset_of(0) + n3 * offset_of(3)) / (n0 + n3)  # not shrunk by 1/K
+    start = initial_target(config)
+    assert list(result.target) == list(start)  # the encoder's order
+    for name, tensor in result.target.items():
+        torch.testing.assert_close(tensor, start[name] + shift, rtol=0, atol=1e-5)
+        assert tensor.dtype == start[name].dtype
+
+
+def test_evaluation_is_the_example_weighted_mean() -> None:
+    result, _ = run_job(echo_client(Script(decline={0})), 3, tiny_config(rounds=1))
+    (r,) = result.rounds
+    n1, n2 = samples_of(1), samples_of(2)
+    assert r.recall_at_20 == pytest.approx((10.0 * n1 + 20.0 * n2) / (n1 + n2))
+    assert r.evaluated == ["child-1", "child-2"]
+    assert r.loss == pytest.approx((1.0 * n1 + 2.0 * n2) / (n1 + n2))
+
+
+# -- bad replies ----------------------------------------------------------------------------------
+
+
+def _nan(params: Parameters) -> Parameters:
+    name = next(iter(params))
+    bad = params[name].clone()
+    bad.view(-1)[0] = float("nan")
+    return {**params, name: bad}
+
+
+def _wrong_shape(params: Parameters) -> Parameters:
+    name = next(iter(params))
+    return {**params, name: torch.zeros(3, 3, dtype=params[name].dtype)}
+
+
+def _missing(params: Parameters) -> Parameters:
+    return dict(list(params.items())[1:])
+
+
+def _extra(params: Parameters) -> Parameters:
+    return {**params, "intruder.weight": torch.zeros(2)}
+
+
+def _wrong_dtype(params: Parameters) -> Parameters:
+    return {k: v.double() for k, v in params.items()}
+
+
+def test_bad_replies_are_rejected_with_a_logged_reason(caplog: pytest.LogCaptureFixture) -> None:
+    corrupt = {1: _nan, 2: _wrong_shape, 3: _missing, 4: _extra, 5: _wrong_dtype}
+    config = tiny_config(rounds=1, final_test=False)
+    with caplog.at_level(logging.WARNING, logger="fedenc.federation.master"):
+        result, _ = run_job(echo_client(Script(corrupt=corrupt)), 6, config)
+    (r,) = result.rounds
+    assert r.participants == ["child-0"] and r.skipped is None
+    assert "NaN/Inf" in r.excluded["child-1"]
+    assert "shape" in r.excluded["child-2"]
+    assert "missing tensor" in r.excluded["child-3"]
+    assert "unexpected tensor" in r.excluded["child-4"]
+    assert "dtype" in r.excluded["child-5"]
+    for pid in corrupt:
+        assert f"rejected update from child 'child-{pid}'" in caplog.text
+    # The round is not poisoned: the target is child 0's update alone.
+    start = initial_target(config)
+    for name, tensor in result.target.items():
+        torch.testing.assert_close(tensor, start[name] + offset_of(0), rtol=0, atol=1e-6)
+        assert torch.isfinite(tensor).all()
+
+
+def test_a_round_below_min_children_keeps_the_target() -> None:
+    config = tiny_config(rounds=1, min_children=2, final_test=False)
+    result, _ = run_job(echo_client(Script(raise_on_train={1})), 2, config)
+    (r,) = result.rounds
+    assert r.skipped is not None and "needs 2" in r.skipped
+    start = initial_target(config)
+    for name, tensor in result.target.items():
+        assert torch.equal(tensor, start[name])
+
+
+def test_too_few_confirmations_fail_the_job() -> None:
+    with pytest.raises(NotEnoughChildrenError, match="1 child"):
+        run_job(echo_client(Script(decline={0, 1})), 3, tiny_config(min_children=2))
+
+
+# -- partial participation ------------------------------------------------------------------------
+
+
+def test_a_late_child_is_left_out_of_the_round() -> None:
+    config = tiny_config(rounds=1, round_timeout=1.0, final_test=False, evaluate_every=0)
+    script = Script(stall_s={2: 2.0})
+    result, _ = run_job(echo_client(script), 3, config, concurrency=3)
+    (r,) = result.rounds
+    assert r.participants == ["child-0", "child-1"]
+    assert "within 1 s" in r.excluded["child-2"]
+
+
+def test_fraction_samples_are_seeded_and_respect_min_children() -> None:
+    config = dict(rounds=3, fraction=0.4, min_children=2, final_test=False, evaluate_every=0)
+    first, _ = run_job(echo_client(Script()), 5, tiny_config(**config))
+    again, _ = run_job(echo_client(Script()), 5, tiny_config(**config))
+    samples = [r.sampled for r in first.rounds]
+    assert samples == [r.sampled for r in again.rounds]
+    assert all(len(s) == 2 for s in samples)  # ceil(0.4 * 5) = 2 = min_children
+    assert len({tuple(s) for s in samples}) > 1  # rounds draw afresh
+    assert [r.participants for r in first.rounds] == samples
+
+
+class LateJoinGrid(RecordingGrid):
+    """The last node comes online after the first train round."""
+
+    def __init__(self, inner: InProcessGrid) -> None:
+        super().__init__(inner)
+        self.offline = {max(inner.nodes)}
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        if any(m.metadata.message_type == "train" for m in messages):
+            self.offline = set()
+        return replies
+
+
+def test_a_child_that_comes_online_later_joins_through_its_confirmation() -> None:
+    config = tiny_config(rounds=2, final_test=False)
+    result, grid = run_job(echo_client(Script()), 3, config, grid_type=LateJoinGrid)
+    assert [r.participants for r in result.rounds] == [
+        ["child-0", "child-1"],
+        ["child-0", "child-1", "child-2"],
+    ]
+    late = next(c for c in result.children if c.name == "child-2")
+    assert late.accepted and late.joined_round == 2
+    node = node_of(grid, 2)
+    kinds = [(e.direction, e.kind) for e in grid.events if e.node == node]
+    assert kinds[:3] == [("out", "query"), ("in", "query"), ("out", "train")]
+
+
+def test_stop_rule_ends_the_job_before_the_budget() -> None:
+    config = tiny_config(rounds=10, stop={"plateau": {"metric": "valid_recall@20", "patience": 2}})
+    result, _ = run_job(echo_client(Script()), 2, config)
+    # The scripted metric never changes: best at round 1, two stale rounds, stop after round 3.
+    assert len(result.rounds) == 3
+    assert result.stop_reason.startswith("plateau")
+    assert result.rounds[-1].stop_reason == result.stop_reason
+
+
+# -- the real child app ---------------------------------------------------------------------------
+
+
+def test_real_children_with_a_decliner_and_a_failure_and_the_saved_encoder(tmp_path: Path) -> None:
+    from nodes.child import app as child_app
+
+    def client(msg: Message, ctx: Context) -> Message:
+        pid = int(ctx.node_config["partition-id"])
+        if pid == 1 and msg.metadata.message_type == "query":  # an encoder type it lacks
+            instruction = records.instruction_from_bytes(
+                msg.content.config_records[records.FEDENC_KEY][records.INSTRUCTION]
+            )
+            instruction.encoder.type = "no_such_encoder"
+            forged = RecordDict({records.FEDENC_KEY: records.instruction_to_config(instruction)})
+            return child_app(_with(msg, forged), ctx)
+        if pid == 2 and msg.metadata.message_type == "train":
+            raise RuntimeError("disk on fire")
+        return child_app(msg, ctx)
+
+    config = tiny_config(rounds=2, checkpoint_dir=tmp_path / "encoder")
+    result, _ = run_job(client, 4, config, run_config=dict(TINY_DATA))
+    children = {c.name: c for c in result.children}
+    assert not children["child-1"].accepted
+    assert "unknown encoder type 'no_such_encoder'" in children["child-1"].reason
+    assert children["child-0"].num_samples > 0 and children["child-0"].summary["num_sessions"] > 0
+    for r in result.rounds:
+        assert r.participants == ["child-0", "child-3"]
+        assert "disk on fire" in r.excluded["child-2"]
+        n0, n3 = children["child-0"].num_samples, children["child-3"].num_samples
+        assert r.weights["child-0"] == pytest.approx(n0 / (n0 + n3))
+        assert r.loss is not None and r.recall_at_20 is not None and r.mrr_at_20 is not None
+        assert 0.0 <= r.mrr_at_20 <= r.recall_at_20 <= 100.0
+        assert r.bytes_sent > 0 and r.bytes_received > 0
+    assert "test_recall@20" in result.final_metrics
+    model, meta = load_checkpoint(tmp_path / "encoder")
+    fed = meta["federation"]
+    assert fed["job_id"] == result.job_id and fed["rule"] == "weighted_sum"
+    assert fed["participants"] == {"1": ["child-0", "child-3"], "2": ["child-0", "child-3"]}
+    assert fed["metrics"]["2"]["valid_recall@20"] == result.rounds[-1].recall_at_20
+    state = model.state_dict()
+    for name, tensor in result.target.items():
+        assert torch.equal(state[name], tensor)
+    # Children dropped their job state at the end (query.finish).
+    from fedenc.federation import child
+
+    assert not [k for k in child.live_states() if k[2] == result.job_id]
+
+
+def _with(msg: Message, content: RecordDict) -> Message:
+    """``msg`` with other content (same metadata), as if the master had sent that."""
+    data = fc.message_to_bytes(msg)
+    copy = fc.message_from_bytes(data)
+    copy.content = content
+    return copy

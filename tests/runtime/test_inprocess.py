@@ -1,0 +1,211 @@
+"""The in-process runtime: Flower's Grid contract (ids, reply linkage, error replies, timeouts),
+a copy per destination (the strategies' shared-RecordDict hazard), unchanged Flower strategies on
+it, and bit-identical targets from two runs of the real apps with the same seed."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch._dynamo  # the first optimizer step imports it: pay that at collection
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from fedenc.runtime import flower_compat as fc
+from fedenc.runtime.inprocess import InProcessGrid, new_run_id, run_inprocess
+
+TINY = {
+    "synthetic-sessions": 400,
+    "synthetic-items": 60,
+    "hidden": 8,
+    "batch-size": 50,
+    "num-server-rounds": 2,
+    "final-test": False,
+}
+
+
+def grid_with(client: Any, k: int = 3, concurrency: int = 1) -> InProcessGrid:
+    configs = [{"partition-id": i, "num-partitions": k} for i in range(k)]
+    return InProcessGrid(client, configs, new_run_id(), concurrency=concurrency)
+
+
+def mutating_echo(msg: Message, ctx: Context) -> Message:
+    """Reports the value it received, then scribbles over its input in place."""
+    arrays = msg.content["arrays"]
+    seen = float(arrays["w"].numpy()[0])
+    msg.content["arrays"] = ArrayRecord({"w": Array(np.full(2, -1.0, dtype=np.float32))})
+    msg.content["config"]["extra"] = "scribbled"
+    pid = int(ctx.node_config["partition-id"])
+    return Message(RecordDict({"metrics": MetricRecord({"seen": seen, "pid": pid})}), reply_to=msg)
+
+
+def test_each_destination_gets_its_own_copy_of_a_shared_content() -> None:
+    with grid_with(mutating_echo) as grid, fc.task_identity(grid.run.run_id):
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({"w": Array(np.ones(2, dtype=np.float32))}),
+                "config": ConfigRecord({"x": 1}),
+            }
+        )
+        nodes = grid.get_node_ids()
+        msgs = [Message(content, nid, "train") for nid in nodes]  # one RecordDict for all
+        replies = grid.send_and_receive(msgs)
+    assert sorted(r.content["metrics"]["seen"] for r in replies) == [1.0, 1.0, 1.0]
+    assert float(content["arrays"]["w"].numpy()[0]) == 1.0 and "extra" not in content["config"]
+    ids = {m.metadata.message_id for m in msgs}
+    assert len(ids) == 3 and "" not in ids
+    assert {r.metadata.reply_to_message_id for r in replies} == ids
+    for reply in replies:
+        sent = next(m for m in msgs if m.metadata.message_id == reply.metadata.reply_to_message_id)
+        assert reply.metadata.src_node_id == sent.metadata.dst_node_id
+        assert reply.metadata.dst_node_id == fc.SUPERLINK_NODE_ID
+        assert reply.metadata.run_id == grid.run.run_id
+    assert grid.bytes_sent > 0 and grid.bytes_received > 0
+
+
+def test_raising_client_and_unknown_node_give_flower_error_replies() -> None:
+    def boom(msg: Message, ctx: Context) -> Message:
+        raise ValueError("kaput")
+
+    with grid_with(boom, k=1) as grid, fc.task_identity(grid.run.run_id):
+        content = RecordDict({"config": ConfigRecord({"x": 1})})
+        raised, unknown = grid.send_and_receive(
+            [Message(content, grid.get_node_ids()[0], "query"), Message(content, 999, "query")]
+        )
+    if raised.metadata.src_node_id == 999:
+        raised, unknown = unknown, raised
+    assert raised.has_error() and raised.error.code == fc.CLIENT_APP_RAISED_EXCEPTION
+    assert "kaput" in raised.error.reason
+    assert unknown.has_error() and unknown.error.code == fc.NODE_UNAVAILABLE
+
+
+def test_timeout_returns_partial_results_and_drops_late_replies() -> None:
+    def slow_for_partition_0(msg: Message, ctx: Context) -> Message:
+        if ctx.node_config["partition-id"] == 0:
+            time.sleep(1.0)
+        return Message(RecordDict({"metrics": MetricRecord({"ok": 1})}), reply_to=msg)
+
+    with grid_with(slow_for_partition_0, k=3, concurrency=3) as grid:
+        with fc.task_identity(grid.run.run_id):
+            content = RecordDict({"config": ConfigRecord({"x": 1})})
+            msgs = [Message(content, nid, "query") for nid in grid.get_node_ids()]
+        t0 = time.monotonic()
+        replies = grid.send_and_receive(msgs, timeout=0.3)
+        assert time.monotonic() - t0 < 0.9
+        assert len(replies) == 2
+        time.sleep(1.0)
+        assert grid.pull_messages([m.metadata.message_id for m in msgs]) == []
+
+
+def test_nodes_keep_their_context_across_messages() -> None:
+    def count(msg: Message, ctx: Context) -> Message:
+        record = ctx.state.config_records.get("n") or ConfigRecord({"n": 0})
+        record["n"] = int(record["n"]) + 1
+        ctx.state["n"] = record
+        return Message(RecordDict({"metrics": MetricRecord({"n": record["n"]})}), reply_to=msg)
+
+    with grid_with(count, k=2) as grid, fc.task_identity(grid.run.run_id):
+        for expected in (1, 2, 3):
+            content = RecordDict({"config": ConfigRecord({"x": 1})})
+            replies = grid.send_and_receive(
+                [Message(content, nid, "query") for nid in grid.get_node_ids()]
+            )
+            assert [r.content["metrics"]["n"] for r in replies] == [expected, expected]
+
+
+def test_flower_fedavg_runs_unchanged_on_the_grid() -> None:
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        strategy = FedAvg(min_train_nodes=3, min_evaluate_nodes=3, min_available_nodes=3)
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord({"w": Array(np.zeros(2, np.float32))}),
+            num_rounds=2,
+        )
+        context.state["w"] = result.arrays
+
+    def client(msg: Message, ctx: Context) -> Message:
+        pid = int(ctx.node_config["partition-id"])
+        n = pid + 1
+        metrics = MetricRecord({"num-examples": n})
+        if msg.metadata.message_type == "train":
+            w = msg.content["arrays"]["w"].numpy() + float(pid)
+            content = RecordDict({"arrays": ArrayRecord({"w": Array(w)}), "metrics": metrics})
+        else:
+            content = RecordDict({"metrics": metrics})
+        return Message(content, reply_to=msg)
+
+    run = run_inprocess(server, client, 3)
+    w = run.server_context.state["w"]["w"].numpy()
+    # Each round adds the sample-weighted mean of the offsets 0, 1, 2 (weights 1, 2, 3).
+    np.testing.assert_allclose(w, np.full(2, 2 * (0 * 1 + 1 * 2 + 2 * 3) / 6), rtol=1e-6)
+
+
+def test_task_identity_is_restored_after_a_run() -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    before = TaskIdentity._run_id
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        assert TaskIdentity.run_id == context.run_id
+
+    run_inprocess(server, lambda m, c: m, 1)
+    assert TaskIdentity._run_id == before
+
+
+def _target(run: Any) -> dict[str, torch.Tensor]:
+    from nodes.master import TARGET_KEY
+
+    return dict(run.server_context.state[TARGET_KEY].to_torch_state_dict())
+
+
+def test_same_seed_gives_bit_identical_targets_across_two_runs() -> None:
+    from nodes.child import app as child_app
+    from nodes.master import RESULT_KEY
+    from nodes.master import app as master_app
+
+    config = {**TINY, "seed": 3}
+    first = run_inprocess(master_app, child_app, 3, config)
+    second = run_inprocess(master_app, child_app, 3, config, concurrency=3)
+    a, b = _target(first), _target(second)
+    assert list(a) == list(b) and a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    metrics = [
+        [r["metrics"] for r in json.loads(run.server_context.state[RESULT_KEY]["json"])["rounds"]]
+        for run in (first, second)
+    ]
+    assert metrics[0] == metrics[1]
+    other = _target(run_inprocess(master_app, child_app, 3, {**config, "seed": 4}))
+    assert any(not torch.equal(a[name], other[name]) for name in a)
+
+
+def test_node_configs_are_completed_and_checked() -> None:
+    seen: list[dict[str, Any]] = []
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        content = RecordDict({"config": ConfigRecord({"x": 1})})
+        grid.send_and_receive([Message(content, nid, "query") for nid in grid.get_node_ids()])
+
+    def client(msg: Message, ctx: Context) -> Message:
+        seen.append(dict(ctx.node_config))
+        return Message(RecordDict(), reply_to=msg)
+
+    run_inprocess(server, client, 2, node_configs=[{"data": "/x"}, {}])
+    assert sorted(seen, key=lambda c: c["partition-id"]) == [
+        {"data": "/x", "partition-id": 0, "num-partitions": 2},
+        {"partition-id": 1, "num-partitions": 2},
+    ]
+    with pytest.raises(ValueError, match="node_configs"):
+        run_inprocess(server, client, 3, node_configs=[{}])
