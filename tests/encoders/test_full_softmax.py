@@ -20,10 +20,12 @@ def _reference(session: torch.Tensor, table: torch.Tensor, targets: torch.Tensor
 
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
-def test_matches_autograd(normalize: bool, chunk: int) -> None:
+@pytest.mark.parametrize("magnitude", [1.0, 60.0])  # 60: past the exp-keeping bound on logits
+def test_matches_autograd(normalize: bool, chunk: int, magnitude: float) -> None:
     gen = torch.Generator().manual_seed(chunk)
     table = torch.randn(201, 6, dtype=torch.float64, generator=gen, requires_grad=True)
-    session = torch.randn(9, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    session = torch.randn(9, 6, dtype=torch.float64, generator=gen) * magnitude
+    session.requires_grad_(True)
     targets = torch.randint(1, 201, (9,), generator=gen)
     targets[0] = 200  # the last item, in the last (possibly partial) chunk
     ref = _reference(session, table, targets, normalize)

@@ -20,6 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+# exp() of logits bounded by this cannot overflow float32 even summed over 10^8 items, so the
+# max-subtraction pass of logsumexp can be skipped.
+_SAFE_LOGIT = 40.0
+
 
 class _ChunkedSoftmaxCE(torch.autograd.Function):
     @staticmethod
@@ -29,20 +33,33 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
         items = table[1:]
         n = items.shape[0]
         inv_norm = torch.rsqrt((items * items).sum(1).clamp_min(1e-24)) if normalize else None
-        logits: list[Tensor] = []
-        lse_parts: list[Tensor] = []
+        cols = targets - 1
+        # With unit item vectors |z| <= ||s||: when that is small, keep exp(z) instead of z (one
+        # pass fewer here, and the backward needs exp(z) anyway).
+        keep_exp = inv_norm is not None and float(session.norm(dim=1).max()) <= _SAFE_LOGIT
+        blocks: list[Tensor] = []
+        parts: list[Tensor] = []
         for lo in range(0, n, chunk):
             z = session @ items[lo : lo + chunk].t()
             if inv_norm is not None:
                 z.mul_(inv_norm[lo : lo + chunk])
-            logits.append(z)
-            lse_parts.append(torch.logsumexp(z, 1))
-        lse = torch.logsumexp(torch.stack(lse_parts, 1), 1)
-        rows = torch.arange(session.shape[0], device=session.device)
-        target_logit = _gather(logits, rows, targets - 1, chunk)
+            if keep_exp:
+                z.exp_()
+                parts.append(z.sum(1))
+            else:
+                parts.append(torch.logsumexp(z, 1))
+            blocks.append(z)
+        if keep_exp:
+            lse = torch.stack(parts, 1).sum(1).log_()
+        else:
+            lse = torch.logsumexp(torch.stack(parts, 1), 1)
+        target_logit = (session * items[cols]).sum(1)
+        if inv_norm is not None:
+            target_logit = target_logit * inv_norm[cols]
         extra = () if inv_norm is None else (inv_norm,)
         ctx.save_for_backward(session, table, targets, lse, *extra)
-        ctx.logits = logits
+        ctx.blocks = blocks
+        ctx.keep_exp = keep_exp
         ctx.chunk = chunk
         ctx.normalize = normalize
         return (lse - target_logit).mean()
@@ -52,47 +69,38 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
         saved = ctx.saved_tensors
         session, table, targets, lse = saved[:4]
         inv_norm = saved[4] if ctx.normalize else None
-        logits: list[Tensor] = ctx.logits
+        blocks: list[Tensor] = ctx.blocks
         chunk: int = ctx.chunk
         items = table[1:]
-        bsz = session.shape[0]
-        scale = grad_out / bsz
+        scale = grad_out / session.shape[0]
         cols = targets - 1
         grad_s = torch.zeros_like(session)
         grad_table = torch.empty_like(table)
         grad_table[0].zero_()
-        for k, z in enumerate(logits):
+        if ctx.keep_exp:
+            factor = (scale * torch.exp(-lse))[:, None]  # softmax = exp(z) / sum exp(z)
+        for k, z in enumerate(blocks):
             lo = k * chunk
             hi = lo + z.shape[1]
-            # d loss / d z = softmax(z) - onehot(target), scaled by 1/B.
-            p = (z - lse[:, None]).exp_()
+            # d loss / d z = (softmax(z) - onehot(target)) / B.
+            p = z * factor if ctx.keep_exp else (z - lse[:, None]).exp_().mul_(scale)
             inside = (cols >= lo) & (cols < hi)
-            p[inside.nonzero()[:, 0], cols[inside] - lo] -= 1.0
-            p.mul_(scale)
+            p[inside.nonzero()[:, 0], cols[inside] - lo] -= scale
             e = items[lo:hi]
+            out = grad_table[1 + lo : 1 + hi]
             if inv_norm is None:
                 grad_s.addmm_(p, e)
-                torch.mm(p.t(), session, out=grad_table[1 + lo : 1 + hi])
+                torch.mm(p.t(), session, out=out)
             else:
+                # With ê = r·e (r = 1/||e||) and q = (p·r)ᵀ s = r·(dL/dê):
+                #   dL/ds = (p·r) e,   dL/de = r·(dL/dê − ê (dL/dê · ê)) = q − r² e (q · e)
                 r = inv_norm[lo:hi]
-                e_hat = e * r[:, None]
-                grad_s.addmm_(p, e_hat)
-                g_hat = p.t() @ session  # d loss / d ê
-                # Through ê = e/‖e‖:  d/de = (g − ê (g·ê)) / ‖e‖
-                dot = (g_hat * e_hat).sum(1, keepdim=True)
-                torch.mul(g_hat.sub_(e_hat.mul_(dot)), r[:, None], out=grad_table[1 + lo : 1 + hi])
+                p.mul_(r)
+                grad_s.addmm_(p, e)
+                q = p.t() @ session
+                coef = (q * e).sum(1, keepdim=True).mul_(r[:, None] ** 2).neg_()
+                torch.addcmul(q, e, coef, out=out)
         return grad_s, grad_table, None, None, None
-
-
-def _gather(logits: list[Tensor], rows: Tensor, cols: Tensor, chunk: int) -> Tensor:
-    """z[b, cols[b]] out of the chunked logits."""
-    out = torch.empty(rows.shape[0], dtype=logits[0].dtype, device=logits[0].device)
-    which = torch.div(cols, chunk, rounding_mode="floor")
-    for k, z in enumerate(logits):
-        sel = which == k
-        if bool(sel.any()):
-            out[sel] = z[rows[sel], cols[sel] - k * chunk]
-    return out
 
 
 def full_softmax_cross_entropy(
