@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", default="runs/accuracy")
     ap.add_argument("--only", nargs="*", default=None, choices=sorted(RUNS))
-    ap.add_argument("--epochs", type=int, default=7)
+    ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--extra", default="", help="extra options for every `fedenc train`")
     ap.add_argument("--collect", default=None, help="only print the table of this directory")
     ap.add_argument("--plot", default=None, help="write validation curves to this PNG")
