@@ -25,7 +25,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +79,23 @@ class ChildState:
 
 
 _lock = threading.Lock()
+# torch's global generator is one per process: children running in threads of one process (the
+# in-process runtime with concurrency > 1) must not seed and draw from it at the same time, or
+# their initialisation would depend on the thread schedule.
+_rng_lock = threading.Lock()
+
+
+@contextmanager
+def _global_rng(seed: int, needed: bool = True) -> Iterator[None]:
+    """Seed torch's global generator for this block (restored after), one thread at a time."""
+    if not needed:
+        yield
+        return
+    with _rng_lock, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 _states: dict[StateKey, ChildState] = {}
 
 
@@ -144,8 +162,7 @@ def _build_state(
     # The head (item embeddings) is initialised from the job seed, as the master initialises its
     # model, so every child starts from the same embedding space; the shared part is overwritten
     # by the master's initial parameters before the first round.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(job_seed)
+    with _global_rng(job_seed):
         model = cls(encoder_config)
         model.reset_parameters()
     shared_names = model.shared_parameter_names()
@@ -257,8 +274,8 @@ def handle_train(message: Message, context: Context) -> Message:
     losses: list[float] = []
     # Global torch RNG (dropout) seeded per child and round, so results do not depend on the order
     # in which a runtime schedules the children.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_mix(state.seed, round_))
+    # Only dropout draws from it while training, so without dropout children train in parallel.
+    with _global_rng(_mix(state.seed, round_), needed=state.model.config.dropout > 0):
         for _ in range(epochs):
             losses.append(state.trainer.train_epoch(state.train_examples)["loss"])
     state.rounds_trained += 1
