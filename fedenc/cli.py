@@ -258,6 +258,9 @@ def simulate_cmd(
     ] = None,
     rounds: Annotated[int | None, typer.Option(min=0, help="Round budget (0 = none).")] = None,
     local_epochs: Annotated[int | None, typer.Option(min=1, help="Local epochs per round.")] = None,
+    max_examples: Annotated[
+        int | None, typer.Option(min=0, help="Cap each child's training pairs per epoch (0=all).")
+    ] = None,
     data: Annotated[
         Path | None,
         typer.Option(help="Data directory or raw click log; omit for the synthetic default."),
@@ -295,6 +298,7 @@ def simulate_cmd(
             stop=stop,
             rounds=rounds,
             local_epochs=local_epochs,
+            max_examples_per_epoch=max_examples,
             data=str(data) if data is not None else None,
             synthetic_sessions=synthetic_sessions,
             synthetic_items=synthetic_items,
