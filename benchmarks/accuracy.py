@@ -82,6 +82,8 @@ def main() -> None:
             f"{path.parent.name:20s}{t['recall@20']:7.2f}{t['mrr@20']:8.2f}{t['recall@10']:7.2f}"
             f"{t['mrr@10']:8.2f}{r['best_epoch']:6d}{rate:14,.0f}  {ANCHORS.get(dataset, '')}"
         )
+    if args.plot:
+        plot(out, args.plot)
 
 
 def plot(out: Path, png: str) -> None:
