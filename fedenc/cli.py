@@ -99,8 +99,7 @@ def train_cmd(
     import torch
 
     from fedenc.data.sessions import Examples
-    from fedenc.data.splits import load_dataset
-    from fedenc.data.synthetic import SyntheticConfig, generate
+    from fedenc.data.synthetic import SyntheticConfig
     from fedenc.encoders.registry import UnknownEncoderError, build_encoder
     from fedenc.training.checkpoint import save_checkpoint
     from fedenc.training.config import TrainConfig
@@ -123,17 +122,13 @@ def train_cmd(
             max_examples_per_epoch=max_examples,
             num_threads=threads,
         )
-        if data is None:
-            splits = generate(
-                SyntheticConfig(
-                    num_sessions=synthetic_sessions,
-                    num_items=synthetic_items,
-                    seed=seed,
-                    valid_fraction=valid_fraction,
-                )
-            )
-        else:
-            splits = load_dataset(data, valid_fraction=valid_fraction)
+        synthetic_config = SyntheticConfig(
+            num_sessions=synthetic_sessions,
+            num_items=synthetic_items,
+            seed=seed,
+            valid_fraction=valid_fraction,
+        )
+        splits = _load_splits(data, synthetic_config)
         model = build_encoder(
             encoder,
             splits.num_items,
@@ -189,14 +184,16 @@ data_app = typer.Typer(help="Inspect data sets and partitions.", no_args_is_help
 app.add_typer(data_app, name="data")
 
 
-def _load_splits(data: Path | None, seed: int, valid_fraction: float = 0.1) -> Any:
+def _load_splits(data: Path | None, synthetic: Any) -> Any:
+    """The data set at ``data``, or the synthetic one described by ``synthetic`` (a
+    :class:`~fedenc.data.synthetic.SyntheticConfig`); bad input exits with a clear message."""
     from fedenc.data.splits import load_dataset
-    from fedenc.data.synthetic import SyntheticConfig, generate
+    from fedenc.data.synthetic import generate
 
     try:
         if data is None:
-            return generate(SyntheticConfig(seed=seed, valid_fraction=valid_fraction))
-        return load_dataset(data, valid_fraction=valid_fraction)
+            return generate(synthetic)
+        return load_dataset(data, valid_fraction=synthetic.valid_fraction)
     except (ValueError, FileNotFoundError) as err:
         raise _fail(str(err)) from err
 
@@ -209,7 +206,9 @@ def data_stats_cmd(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Sessions, clicks, examples and items of each split."""
-    splits = _load_splits(data, seed)
+    from fedenc.data.synthetic import SyntheticConfig
+
+    splits = _load_splits(data, SyntheticConfig(seed=seed))
     typer.echo(json.dumps(splits.summary(), indent=2))
 
 
@@ -227,8 +226,9 @@ def data_partition_cmd(
 ) -> None:
     """Split the training sessions among K children and print per-child statistics."""
     from fedenc.data.partition import partition, print_partition_stats
+    from fedenc.data.synthetic import SyntheticConfig
 
-    splits = _load_splits(data, seed)
+    splits = _load_splits(data, SyntheticConfig(seed=seed))
     try:
         parts = partition(splits.train, children, scheme, seed=seed, alpha=alpha)
     except ValueError as err:

@@ -84,9 +84,13 @@ class SessionEncoder(nn.Module, ABC):
 
     def score(self, session: Tensor) -> Tensor:
         """Logits of every catalog item, shape (B, num_items)."""
+        return self.scoring_session(session) @ self.scoring_weights().t()
+
+    def scoring_session(self, session: Tensor) -> Tensor:
+        """The session vectors as scored: unit length times ``scale`` when normalising (NISER)."""
         if self.config.normalize:
-            session = F.normalize(session, dim=-1) * self.config.scale
-        return session @ self.scoring_weights().t()
+            return F.normalize(session, dim=-1) * self.config.scale
+        return session
 
     def scoring_weights(self) -> Tensor:
         """The item vectors :meth:`score` multiplies with (normalised when configured)."""
@@ -125,9 +129,7 @@ class SessionEncoder(nn.Module, ABC):
         never materialised: each block stays in cache, which on a 43k-item catalog is worth more
         than the GEMM itself. The target's own column is excluded from its count.
         """
-        session = self.encode(batch)
-        if self.config.normalize:
-            session = F.normalize(session, dim=-1) * self.config.scale
+        session = self.scoring_session(self.encode(batch))
         weights = self.scoring_weights()
         cols = batch.targets - 1
         target_score = (session * weights[cols]).sum(1)
@@ -148,9 +150,7 @@ class SessionEncoder(nn.Module, ABC):
         Equal to ``cross_entropy(self(batch), targets - 1)``, computed in item chunks without the
         (B, N) logit and (N, d) normalisation temporaries (:mod:`.layers.full_softmax`).
         """
-        session = self.encode(batch)
-        if self.config.normalize:
-            session = F.normalize(session, dim=-1) * self.config.scale
+        session = self.scoring_session(self.encode(batch))
         return full_softmax_cross_entropy(
             session, self.embedding.weight, batch.targets, self.config.normalize
         )
@@ -177,9 +177,4 @@ def position_ids(positions: Tensor, max_position: int) -> Tensor:
     return positions.clamp(max=max_position)
 
 
-def ensure_batch_on(module: nn.Module, batch: SessionBatch) -> SessionBatch:
-    device = next(module.parameters()).device
-    return batch if batch.items.device == device else batch.to(device)
-
-
-__all__ = ["EncoderConfig", "SessionEncoder", "ensure_batch_on", "position_ids", "torch"]
+__all__ = ["EncoderConfig", "SessionEncoder", "position_ids"]
