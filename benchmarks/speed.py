@@ -21,12 +21,11 @@ import torch
 from _common import data_dir, interleaved, load_avg, median
 from torch.nn import functional as F
 
-from fedenc.data.batching import build_batch_reference
+from fedenc.data.batching import build_batch, build_batch_reference
 from fedenc.data.readers import read_session_text
 from fedenc.data.sessions import Examples, Sessions
 from fedenc.data.synthetic import SyntheticConfig, generate
 from fedenc.encoders.registry import build_encoder
-from fedenc.training.trainer import make_batch
 
 
 def load_examples(args: argparse.Namespace) -> tuple[str, Examples]:
@@ -74,14 +73,14 @@ def main() -> None:
                 b = build_batch_reference(ex, idx)
                 F.cross_entropy(model(b), b.targets - 1).backward()
             else:
-                model.loss(make_batch(ex, idx, cpu)).backward()
+                model.loss(build_batch(ex, idx, cpu)).backward()
             opt.step()
 
     def evaluate_fast() -> None:
         fast.eval()
         with torch.no_grad(), fast.frozen_scoring():
             for idx in eval_idx:
-                fast.rank_targets(make_batch(ex, idx, cpu))
+                fast.rank_targets(build_batch(ex, idx, cpu))
 
     def evaluate_base() -> None:
         base.eval()

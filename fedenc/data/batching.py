@@ -129,10 +129,17 @@ def graph_batch(items: Tensor, mask: Tensor, lengths: Tensor, targets: Tensor) -
     )
 
 
-def build_batch(examples: Examples, index: IntArray) -> SessionBatch:
-    """The :class:`SessionBatch` of ``examples[index]`` (on the CPU)."""
+def build_batch(
+    examples: Examples, index: IntArray, device: torch.device | str = "cpu"
+) -> SessionBatch:
+    """The :class:`SessionBatch` of ``examples[index]``, built on ``device``: padding happens on
+    the host, the graphs on the device, so only the click matrix crosses the bus."""
     items, mask, lengths = pad_prefixes(examples, index)
     targets = torch.from_numpy(examples.target[index].astype(np.int64, copy=True))
+    if torch.device(device).type != "cpu":
+        items, mask, lengths, targets = (
+            t.pin_memory().to(device, non_blocking=True) for t in (items, mask, lengths, targets)
+        )
     return graph_batch(items, mask, lengths, targets)
 
 

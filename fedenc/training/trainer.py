@@ -17,24 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedenc.data.batching import SessionBatch, graph_batch, pad_prefixes
-from fedenc.data.sessions import Examples, IntArray
+from fedenc.data.batching import SessionBatch, build_batch
+from fedenc.data.sessions import Examples
 from fedenc.encoders.base import SessionEncoder
 from fedenc.training.allocator import tune_allocator
 from fedenc.training.config import TrainConfig, resolve_device
 from fedenc.training.metrics import RankingAccumulator
 from fedenc.training.progress import TrainingProgress
-
-
-def make_batch(examples: Examples, index: IntArray, device: torch.device) -> SessionBatch:
-    """Pad on the host, build the graphs on ``device`` (only the click matrix crosses the bus)."""
-    items, mask, lengths = pad_prefixes(examples, index)
-    targets = torch.from_numpy(examples.target[index].astype(np.int64, copy=True))
-    if device.type != "cpu":
-        items, mask, lengths, targets = (
-            t.pin_memory().to(device, non_blocking=True) for t in (items, mask, lengths, targets)
-        )
-    return graph_batch(items, mask, lengths, targets)
 
 
 @dataclass
@@ -85,7 +74,7 @@ class Trainer:
         if shuffle and cap and cap < n:
             order = order[:cap]
         for lo in range(0, order.size, batch_size):
-            yield make_batch(examples, order[lo : lo + batch_size], self.device)
+            yield build_batch(examples, order[lo : lo + batch_size], self.device)
 
     def train_epoch(
         self, examples: Examples, progress: TrainingProgress | None = None
