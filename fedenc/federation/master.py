@@ -31,11 +31,11 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -89,6 +89,7 @@ class MasterConfig:
     seed: int = 0
     job_id: str = ""
     checkpoint_dir: Path | None = None
+    fold_order: Literal["child", "arrival"] = "child"  # see _Job.train_round
 
     def __post_init__(self) -> None:
         problems = []
@@ -108,6 +109,8 @@ class MasterConfig:
             problems.append(f"evaluate_every must be >= 0 (got {self.evaluate_every})")
         if self.eval_split not in records.SPLITS:
             problems.append(f"eval_split must be one of {records.SPLITS} (got {self.eval_split!r})")
+        if self.fold_order not in ("child", "arrival"):
+            problems.append(f"fold_order must be 'child' or 'arrival' (got {self.fold_order!r})")
         if problems:
             raise ValueError("bad master config: " + "; ".join(problems))
         if not self.job_id:
@@ -124,8 +127,8 @@ class MasterConfig:
         ``max-examples-per-epoch``. Job: ``num-server-rounds`` (or ``rounds``), ``stop``,
         ``rule``, ``rule-options`` (JSON), ``min-children``, ``fraction``, ``round-timeout`` and
         ``query-timeout`` (seconds, 0 = none), ``evaluate-every``, ``eval-split``, ``final-test``,
-        ``expect-children``, ``wait-timeout``, ``seed``, ``job-id``, ``out-dir`` (the encoder
-        checkpoint goes to ``<out-dir>/encoder``).
+        ``expect-children``, ``wait-timeout``, ``seed``, ``job-id``, ``fold-order``, ``out-dir``
+        (the encoder checkpoint goes to ``<out-dir>/encoder``).
         """
         rc = run_config
         defaults = EncoderConfig(num_items=1)
@@ -177,6 +180,7 @@ class MasterConfig:
             wait_timeout=get_float(rc, "wait-timeout", 60.0),
             seed=get_int(rc, "seed", 0),
             job_id=get_str(rc, "job-id", ""),
+            fold_order=get_str(rc, "fold-order", "child"),  # type: ignore[arg-type]
             checkpoint_dir=Path(out_dir) / "encoder" if out_dir else None,
         )
 
@@ -223,6 +227,7 @@ class RoundResult:
     param_change: float | None
     skipped: str | None = None
     stop_reason: str | None = None
+    held_replies: int = 0  # most train replies held at once to fold them in child order
 
     @property
     def bytes_moved(self) -> int:
@@ -289,6 +294,36 @@ def _reason(reply: Message) -> str:
     return f"error reply (code {error.code}): {error.reason}"
 
 
+class ReplyStream(Protocol):
+    """A grid that can hand back replies one by one as they arrive (fedenc's own grids do).
+
+    ``receive(message_ids, timeout)`` yields each reply to one of ``message_ids`` once, as soon
+    as it is there, and returns when all have come or ``timeout`` seconds have passed; replies
+    that come later are dropped, as in ``send_and_receive``.
+    """
+
+    def receive(self, message_ids: Sequence[str], timeout: float | None) -> Iterator[Message]: ...
+
+
+def _poll_replies(grid: Grid, ids: Sequence[str], timeout: float | None) -> Iterator[Message]:
+    """``receive`` for any Flower grid: ``pull_messages`` with a backoff from 1 ms to 50 ms."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pending = set(ids)
+    pause = 0.001
+    while pending:
+        got = list(grid.pull_messages(sorted(pending)))
+        for reply in got:
+            pending.discard(reply.metadata.reply_to_message_id)
+            yield reply
+        if not pending:
+            return
+        if deadline is not None and time.monotonic() >= deadline:
+            return
+        pause = 0.001 if got else min(pause * 2, 0.05)
+        left = None if deadline is None else deadline - time.monotonic()
+        time.sleep(pause if left is None else max(0.0, min(pause, left)))
+
+
 class _Exchange:
     """Sends one message per node and sorts the replies into answered / failed / missing."""
 
@@ -302,6 +337,60 @@ class _Exchange:
         info = self.children.get(node_id)
         return info.name if info is not None else f"node-{node_id}"
 
+    def stream(
+        self,
+        content: RecordDict,
+        node_ids: Sequence[int],
+        message_type: str,
+        group_id: str,
+        timeout: float | None,
+    ) -> Iterator[tuple[int, Message | str]]:
+        """Send, then yield ``(node, reply)`` as each reply with content arrives and
+        ``(node, reason)`` for each node that errs; the nodes that never answered come last."""
+        size = records.record_bytes(content)
+        messages = [
+            Message(content, dst_node_id=nid, message_type=message_type, group_id=group_id)
+            for nid in node_ids
+        ]
+        self.bytes_sent += size * len(messages)
+        ids = list(self.grid.push_messages(messages))
+        sent = dict(zip(ids, (msg.metadata.dst_node_id for msg in messages), strict=True))
+        receive = getattr(self.grid, "receive", None)
+        replies: Iterable[Message] = (
+            receive(ids, timeout) if callable(receive) else _poll_replies(self.grid, ids, timeout)
+        )
+        done: set[int] = set()
+        for reply in replies:
+            meta = reply.metadata
+            node = sent.get(meta.reply_to_message_id)
+            if node is None or node != meta.src_node_id:
+                log.warning(
+                    "ignoring a %s reply from node %s to an unknown message %r",
+                    message_type,
+                    meta.src_node_id,
+                    meta.reply_to_message_id,
+                )
+                continue
+            if node in done:
+                log.warning("ignoring a second %s reply from %s", message_type, self.label(node))
+                continue
+            done.add(node)
+            if reply.has_error():
+                yield node, _reason(reply)
+            else:
+                self.bytes_received += records.record_bytes(reply.content)
+                yield node, reply
+        for node in node_ids:
+            if node not in done:
+                yield (
+                    node,
+                    (
+                        f"no {message_type} reply within {timeout:g} s"
+                        if timeout is not None
+                        else f"no {message_type} reply"
+                    ),
+                )
+
     def __call__(
         self,
         content: RecordDict,
@@ -311,47 +400,13 @@ class _Exchange:
         timeout: float | None,
     ) -> tuple[dict[int, Message], dict[int, str]]:
         """``(replies with content by node, reasons of the nodes without one)``."""
-        size = records.record_bytes(content)
-        messages = [
-            Message(content, dst_node_id=nid, message_type=message_type, group_id=group_id)
-            for nid in node_ids
-        ]
-        self.bytes_sent += size * len(messages)
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        sent = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in messages}
-        # A grid that does not stamp ids on the messages it is given: match by sender instead.
-        by_sender = "" in sent
         answered: dict[int, Message] = {}
         failed: dict[int, str] = {}
-        for reply in replies:
-            meta = reply.metadata
-            if by_sender:
-                node = meta.src_node_id if meta.src_node_id in node_ids else None
+        for node, outcome in self.stream(content, node_ids, message_type, group_id, timeout):
+            if isinstance(outcome, str):
+                failed[node] = outcome
             else:
-                node = sent.get(meta.reply_to_message_id)
-            if node is None or node != meta.src_node_id:
-                log.warning(
-                    "ignoring a %s reply from node %s to an unknown message %r",
-                    message_type,
-                    meta.src_node_id,
-                    meta.reply_to_message_id,
-                )
-                continue
-            if node in answered or node in failed:
-                log.warning("ignoring a second %s reply from %s", message_type, self.label(node))
-                continue
-            if reply.has_error():
-                failed[node] = _reason(reply)
-            else:
-                answered[node] = reply
-                self.bytes_received += records.record_bytes(reply.content)
-        for node in node_ids:
-            if node not in answered and node not in failed:
-                failed[node] = (
-                    f"no {message_type} reply within {timeout:g} s"
-                    if timeout is not None
-                    else f"no {message_type} reply"
-                )
+                answered[node] = outcome
         return answered, failed
 
 
@@ -382,6 +437,7 @@ class _Job:
         )
         self.rule = build_fusion_rule(config.rule, **config.rule_options)
         self.stop = config.stop_rule()
+        self.held_peak = 0
 
     # -- 1 + 2: instruction and confirmations ----------------------------------------------------
 
@@ -458,36 +514,34 @@ class _Job:
         sampled = self.sample(round_)
         label = self.exchange.label
         arrays = records.params_to_record(self.target)
-        answered, excluded_nodes = self.exchange(
+        self.rule.begin(round_, self.target)
+        excluded: dict[str, str] = {}
+        losses: list[tuple[float, float]] = []
+        # "child" order folds a reply as soon as every child before it (in child order) has been
+        # folded or ruled out, holding only the replies that overtook a slower child: the sums
+        # are then the same bit for bit whatever the arrival order. "arrival" folds each reply
+        # the moment it comes (memory: one model, always).
+        held: dict[int, Message | str] = {}
+        next_rank = 0
+        self.held_peak = 0  # most replies held at once (the reorder buffer's cost)
+        stream = self.exchange.stream(
             records.round_content(arrays, self.instruction, round_),
             sampled,
             "train",
             str(round_),
             self.config.round_timeout,
         )
-        excluded = {label(n): reason for n, reason in excluded_nodes.items()}
-        for name, reason in excluded.items():
-            log.warning("round %d: %s left out: %s", round_, name, reason)
-        self.rule.begin(round_, self.target)
-        losses: list[tuple[float, float]] = []
-        for nid in sampled:  # child order, whatever the arrival order
-            if nid not in answered:
+        for nid, outcome in stream:
+            if self.config.fold_order == "arrival":
+                self._fold(round_, nid, outcome, excluded, losses)
                 continue
-            name, content = label(nid), answered[nid].content
-            try:
-                arrays_in = content.array_records.get(records.ARRAYS_KEY)
-                if arrays_in is None:
-                    raise BadUpdateError(name, "reply carries no parameters ('arrays')")
-                params = records.record_to_params(arrays_in, name)
-                n = records.read_num_examples(content, name)
-                self.rule.add(name, params, n)
-            except BadUpdateError as err:
-                log.warning("round %d: %s", round_, err)
-                excluded[name] = err.reason
-                continue
-            loss = records.read_metrics(content).get("train_loss")
-            if loss is not None:
-                losses.append((loss, float(n)))
+            held[nid] = outcome
+            while next_rank < len(sampled) and sampled[next_rank] in held:
+                node = sampled[next_rank]
+                self._fold(round_, node, held.pop(node), excluded, losses)
+                next_rank += 1
+            waiting = sum(isinstance(o, Message) for o in held.values())
+            self.held_peak = max(self.held_peak, waiting)
         participants = self.rule.participants
         samples = self.rule.num_samples
         total = sum(samples.values())
@@ -534,7 +588,38 @@ class _Job:
             seconds=time.perf_counter() - t0,
             param_change=change,
             skipped=skipped,
+            held_replies=self.held_peak,
         )
+
+    def _fold(
+        self,
+        round_: int,
+        nid: int,
+        outcome: Message | str,
+        excluded: dict[str, str],
+        losses: list[tuple[float, float]],
+    ) -> None:
+        """Validate one child's train reply and fold it into the rule (or record why not)."""
+        name = self.exchange.label(nid)
+        if isinstance(outcome, str):
+            log.warning("round %d: %s left out: %s", round_, name, outcome)
+            excluded[name] = outcome
+            return
+        content = outcome.content
+        try:
+            arrays_in = content.array_records.get(records.ARRAYS_KEY)
+            if arrays_in is None:
+                raise BadUpdateError(name, "reply carries no parameters ('arrays')")
+            params = records.record_to_params(arrays_in, name)
+            n = records.read_num_examples(content, name)
+            self.rule.add(name, params, n)
+        except BadUpdateError as err:
+            log.warning("round %d: %s", round_, err)
+            excluded[name] = err.reason
+            return
+        loss = records.read_metrics(content).get("train_loss")
+        if loss is not None:
+            losses.append((loss, float(n)))
 
     def _evaluate_now(self, round_: int) -> bool:
         every = self.config.evaluate_every

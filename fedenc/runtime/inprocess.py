@@ -32,7 +32,7 @@ import secrets
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,6 +154,38 @@ class InProcessGrid(Grid):
             for reply in out:
                 self._expected.discard(reply.metadata.reply_to_message_id)
         return out
+
+    def receive(self, message_ids: Sequence[str], timeout: float | None) -> Iterator[Message]:
+        """Yield each reply to ``message_ids`` as soon as it is delivered (no polling), until all
+        have come or ``timeout`` seconds have passed; the rest are forgotten (dropped if late)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = list(message_ids)
+        try:
+            while pending:
+                with self._lock:
+                    ready = [mid for mid in pending if mid in self._replies]
+                    while not ready:
+                        left = None if deadline is None else deadline - time.monotonic()
+                        if left is not None and left <= 0:
+                            return
+                        self._lock.wait(left)
+                        ready = [mid for mid in pending if mid in self._replies]
+                    out = [self._replies.pop(mid) for mid in ready]
+                    self._expected.difference_update(ready)
+                pending = [mid for mid in pending if mid not in ready]
+                yield from out  # outside the lock: the caller folds while children go on
+        finally:
+            with self._lock:
+                self._expected.difference_update(pending)
+                for mid in pending:
+                    self._replies.pop(mid, None)
+            if pending:
+                log.info(
+                    "%d of %d replies did not come within %s s",
+                    len(pending),
+                    len(message_ids),
+                    timeout,
+                )
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,8 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedenc.federation import records
+from fedenc.federation.fusion.registry import register_fusion_rule
+from fedenc.federation.fusion.weighted_sum import WeightedSum
 from fedenc.federation.master import (
     MasterConfig,
     MasterResult,
@@ -138,21 +140,15 @@ class RecordingGrid(Grid):
         return [nid for nid in self.inner.get_node_ids() if nid not in self.offline]
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        raise AssertionError("the master only uses send_and_receive")
-
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        raise AssertionError("the master only uses send_and_receive")
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> list[Message]:
         messages = list(messages)
         for m in messages:
             has_arrays = m.has_content() and bool(m.content.array_records)
             self.events.append(
                 Event("out", m.metadata.dst_node_id, m.metadata.message_type, has_arrays)
             )
-        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        return self.inner.push_messages(messages)
+
+    def _record(self, replies: Iterable[Message]) -> Iterator[Message]:
         for r in replies:
             accepted = None
             if r.metadata.message_type == "query" and r.has_content():
@@ -161,7 +157,24 @@ class RecordingGrid(Grid):
             self.events.append(
                 Event("in", r.metadata.src_node_id, r.metadata.message_type, has_arrays, accepted)
             )
-        return replies
+            yield r
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return list(self._record(self.inner.pull_messages(message_ids)))
+
+    def receive(self, message_ids: Sequence[str], timeout: float | None) -> Iterator[Message]:
+        return self._record(self.inner.receive(message_ids, timeout))
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        raise AssertionError("the master streams replies (push_messages + receive)")
+
+
+class PollingGrid(RecordingGrid):
+    """A grid without ``receive``: the master falls back to polling ``pull_messages``."""
+
+    receive = None  # type: ignore[assignment]
 
 
 def run_job(
@@ -346,14 +359,12 @@ class LateJoinGrid(RecordingGrid):
         super().__init__(inner)
         self.offline = {max(inner.nodes)}
 
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> list[Message]:
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
         messages = list(messages)
-        replies = super().send_and_receive(messages, timeout=timeout)
+        ids = super().push_messages(messages)
         if any(m.metadata.message_type == "train" for m in messages):
             self.offline = set()
-        return replies
+        return ids
 
 
 def test_a_child_that_comes_online_later_joins_through_its_confirmation() -> None:
@@ -433,3 +444,61 @@ def _with(msg: Message, content: RecordDict) -> Message:
     copy = fc.message_from_bytes(data)
     copy.content = content
     return copy
+
+
+# -- streaming: replies are folded as they arrive ----------------------------------------------
+
+FOLDS: list[tuple[str, float]] = []
+
+
+@register_fusion_rule("test_spy_weighted_sum")
+class SpyWeightedSum(WeightedSum):
+    """weighted_sum that records who was folded in, and when."""
+
+    def _add(self, child: str, params: Parameters, num_samples: int) -> None:
+        FOLDS.append((child, time.monotonic()))
+        super()._add(child, params, num_samples)
+
+
+REVERSED_ARRIVALS = Script(stall_s={0: 0.8, 1: 0.4})  # child-2 answers first, child-0 last
+
+
+@pytest.mark.parametrize("grid_type", [RecordingGrid, PollingGrid])
+def test_child_order_folding_is_bit_identical_whatever_the_arrival_order(
+    grid_type: type[RecordingGrid],
+) -> None:
+    config = tiny_config(rounds=1, final_test=False, evaluate_every=0, rule="test_spy_weighted_sum")
+    FOLDS.clear()
+    in_order, _ = run_job(echo_client(Script()), 3, config, concurrency=1, grid_type=grid_type)
+    assert [c for c, _ in FOLDS] == ["child-0", "child-1", "child-2"]
+    FOLDS.clear()
+    reversed_, _ = run_job(echo_client(REVERSED_ARRIVALS), 3, config, concurrency=3)
+    assert [c for c, _ in FOLDS] == ["child-0", "child-1", "child-2"]
+    assert reversed_.rounds[0].held_replies >= 1  # child-2 and child-1 waited for child-0
+    for name, tensor in in_order.target.items():
+        assert torch.equal(tensor, reversed_.target[name])
+
+
+def test_arrival_order_folds_each_reply_the_moment_it_comes() -> None:
+    config = tiny_config(
+        rounds=1,
+        final_test=False,
+        evaluate_every=0,
+        rule="test_spy_weighted_sum",
+        fold_order="arrival",
+    )
+    FOLDS.clear()
+    t0 = time.monotonic()
+    result, _ = run_job(echo_client(REVERSED_ARRIVALS), 3, config, concurrency=3)
+    assert [c for c, _ in FOLDS] == ["child-2", "child-1", "child-0"]
+    first_fold = FOLDS[0][1] - t0
+    assert first_fold < 0.6  # folded while child-0 (0.8 s) was still training
+    assert result.rounds[0].held_replies == 0
+    reference, _ = run_job(echo_client(Script()), 3, tiny_config(rounds=1, final_test=False))
+    for name, tensor in reference.target.items():
+        torch.testing.assert_close(result.target[name], tensor, rtol=1e-6, atol=1e-6)
+
+
+def test_a_bad_fold_order_is_refused() -> None:
+    with pytest.raises(ValueError, match="fold_order must be"):
+        tiny_config(fold_order="random")
