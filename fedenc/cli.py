@@ -276,6 +276,13 @@ def simulate_cmd(
         float | None, typer.Option(help="Seconds to wait for a round's replies (0 = forever).")
     ] = None,
     seed: Annotated[int | None, typer.Option()] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=0, help="Run the children in N worker processes (0 = in this process)."),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=0, help="Torch threads per worker (0 = cores / workers).")
+    ] = None,
     out: Annotated[
         Path | None, typer.Option(help="Output directory (default runs/<name>-<time>).")
     ] = None,
@@ -298,6 +305,8 @@ def simulate_cmd(
             stop=stop,
             rounds=rounds,
             local_epochs=local_epochs,
+            workers=workers,
+            threads=threads,
             max_examples_per_epoch=max_examples,
             data=str(data) if data is not None else None,
             synthetic_sessions=synthetic_sessions,

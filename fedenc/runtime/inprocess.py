@@ -19,6 +19,13 @@ node's messages run in order. ClientApp calls of different nodes may interleave 
 run to run; the apps must not depend on that (fedenc's child seeds its own RNG per round and the
 master fuses replies in child order, so two runs with the same seed give bit-identical targets).
 
+Worker pool: with ``workers=W`` the virtual children live in W worker processes
+(:mod:`fedenc.runtime.workers`; node i in worker i mod W, its Context and state there for the
+whole run), so children of different workers train side by side, each worker with its share of the
+cores. On small models this is where the speed is: two 1-thread workers beat one 2-thread process
+(the quick start's rounds take 0.8 s instead of 1.7 s on 2 cores). The messages cross to the
+workers in Flower's wire format, as they would to a remote child.
+
 A ClientApp that raises gets Flower's error reply (code 2, ``CLIENT_APP_RAISED_EXCEPTION``), and a
 message for an unknown node an immediate ``NODE_UNAVAILABLE`` reply (code 5).
 """
@@ -31,8 +38,7 @@ import queue
 import secrets
 import threading
 import time
-import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,20 +47,22 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedenc.runtime import flower_compat as fc
+from fedenc.runtime.node import ClientCallable, handle_message, load_app
+from fedenc.runtime.workers import WorkerDiedError, WorkerPool
 
 log = logging.getLogger(__name__)
 
 UserConfig = dict[str, bool | int | float | str]
-ClientCallable = Callable[[Message, Context], Message]
 
 
 @dataclass
 class VirtualNode:
-    """One virtual child: its id, its node_config and its Context (kept across messages)."""
+    """One virtual child: its id, its node_config and its Context (kept across messages; with a
+    worker pool the Context that matters lives in the worker)."""
 
     node_id: int
     context: Context
-    inbox: queue.Queue[Message | None] = field(default_factory=queue.Queue)
+    inbox: queue.Queue[tuple[str, bytes] | None] = field(default_factory=queue.Queue)
     thread: threading.Thread | None = None
     handled: int = 0
 
@@ -64,16 +72,25 @@ class InProcessGrid(Grid):
 
     def __init__(
         self,
-        client_app: ClientApp | ClientCallable,
+        client_app: ClientApp | ClientCallable | str,
         node_configs: Sequence[Mapping[str, Any]],
         run_id: int,
         run_config: Mapping[str, Any] | None = None,
         *,
         concurrency: int = 1,
+        workers: int = 0,
+        threads: int | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-        self._client_app = client_app
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        if workers and not isinstance(client_app, str):
+            raise ValueError(
+                "a worker pool imports the ClientApp in each worker: give it by reference, "
+                "e.g. 'nodes.child:app'"
+            )
+        self._client_app = load_app(client_app) if isinstance(client_app, str) else client_app
         self._run = fc.empty_run(run_id)
         self._run_config: UserConfig = dict(run_config or {})
         self._slots = threading.Semaphore(concurrency)
@@ -95,6 +112,19 @@ class InProcessGrid(Grid):
                 run_config=dict(self._run_config),
             )
             self.nodes[node_id] = VirtualNode(node_id, context)
+        self.pool: WorkerPool | None = None
+        if workers:
+            assert isinstance(client_app, str)
+            self.pool = WorkerPool(
+                client_app,
+                {nid: node.context.node_config for nid, node in self.nodes.items()},
+                run_id,
+                self._run_config,
+                workers=workers,
+                threads=threads,
+            )
+            # Each worker runs one message at a time; the workers run side by side.
+            self._slots = threading.Semaphore(self.pool.size)
 
     # -- Grid -------------------------------------------------------------------------------------
 
@@ -145,7 +175,7 @@ class InProcessGrid(Grid):
                 self._deliver(fc.error_reply(message, fc.NODE_UNAVAILABLE, reason), message_id)
                 continue
             self._start(node)
-            node.inbox.put(fc.message_from_bytes(data))
+            node.inbox.put((message_id, data))
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
@@ -217,36 +247,24 @@ class InProcessGrid(Grid):
 
     def _serve(self, node: VirtualNode) -> None:
         while True:
-            message = node.inbox.get()
-            if message is None:
+            item = node.inbox.get()
+            if item is None:
                 return
-            message_id = message.metadata.message_id
+            message_id, data = item
             with self._slots:
-                reply = self._handle(node, message)
+                reply = self._handle(node, data)
             node.handled += 1
             self._deliver(reply, message_id)
 
-    def _handle(self, node: VirtualNode, message: Message) -> Message:
-        """Flower's node-side contract: a reply to ``message``, or an error reply."""
+    def _handle(self, node: VirtualNode, data: bytes) -> Message:
+        """Flower's node-side contract: a reply to the message ``data``, or an error reply."""
+        if self.pool is None:
+            return handle_message(self._client_app, fc.message_from_bytes(data), node.context)
         try:
-            reply = self._client_app(message, node.context)
-        except Exception as err:
-            log.warning(
-                "node %d: ClientApp raised on %s: %s\n%s",
-                node.node_id,
-                message.metadata.message_type,
-                err,
-                traceback.format_exc(),
-            )
-            reason = f"{type(err).__name__}: {err}"
-            return fc.error_reply(message, fc.CLIENT_APP_RAISED_EXCEPTION, reason)
-        if (
-            not isinstance(reply, Message)
-            or reply.metadata.reply_to_message_id != message.metadata.message_id
-        ):
-            reason = "the ClientApp did not return a reply to the message"
-            return fc.error_reply(message, fc.CLIENT_APP_RAISED_EXCEPTION, reason)
-        return reply
+            return fc.message_from_bytes(self.pool.handle(node.node_id, data))
+        except WorkerDiedError as err:
+            log.warning("node %d: %s", node.node_id, err)
+            return fc.error_reply(fc.message_from_bytes(data), fc.NODE_UNAVAILABLE, str(err))
 
     def _deliver(self, reply: Message, message_id: str) -> None:
         fc.set_message_id(reply, f"res-{message_id[4:]}")
@@ -267,6 +285,8 @@ class InProcessGrid(Grid):
         for node in self.nodes.values():
             if node.thread is not None:
                 node.thread.join(timeout)
+        if self.pool is not None:
+            self.pool.close(timeout)
 
     def __enter__(self) -> InProcessGrid:
         return self
@@ -298,12 +318,14 @@ def new_run_id() -> int:
 
 def run_inprocess(
     server_app: ServerApp,
-    client_app: ClientApp | ClientCallable,
+    client_app: ClientApp | ClientCallable | str,
     num_children: int,
     run_config: Mapping[str, Any] | None = None,
     node_configs: Sequence[Mapping[str, Any]] | None = None,
     *,
     concurrency: int = 1,
+    workers: int = 0,
+    threads: int | None = None,
     run_id: int | None = None,
 ) -> InProcessRun:
     """Run ``server_app`` against ``num_children`` virtual nodes running ``client_app``.
@@ -311,7 +333,9 @@ def run_inprocess(
     ``node_configs`` default to Flower's simulation convention, ``{"partition-id": i,
     "num-partitions": K}``; given ones are completed with those keys when they lack them. The
     ServerApp runs in the calling thread (a ``contextvars`` value set by the caller is visible to
-    it). Returns when the ServerApp does.
+    it). Returns when the ServerApp does. With ``workers`` > 0 the children run in that many
+    worker processes (:mod:`fedenc.runtime.workers`; ``client_app`` must then be a reference
+    such as ``"nodes.child:app"``) with ``threads`` torch threads each.
     """
     if num_children < 1:
         raise ValueError(f"num_children must be >= 1, got {num_children}")
@@ -333,7 +357,9 @@ def run_inprocess(
         run_config=config,
     )
     t0 = time.perf_counter()
-    with InProcessGrid(client_app, configs, rid, config, concurrency=concurrency) as grid:
+    with InProcessGrid(
+        client_app, configs, rid, config, concurrency=concurrency, workers=workers, threads=threads
+    ) as grid:
         grid.set_run(fc.empty_run(rid))
         with fc.task_identity(rid):
             server_app(grid, context)

@@ -65,7 +65,9 @@ class Scenario:
     fraction: float = 1.0
     round_timeout: float = 0.0  # seconds, 0 = wait for every reply
     evaluate_every: int = 1
-    concurrency: int = 1  # ClientApp calls running at once
+    concurrency: int = 1  # ClientApp calls running at once (in this process)
+    workers: int = 0  # > 0: the children run in this many worker processes
+    threads: int = 0  # torch threads per worker (0 = cores / workers)
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -75,6 +77,10 @@ class Scenario:
             raise ValueError(f"rounds must be >= 0, got {self.rounds}")
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+        if self.workers < 0 or self.threads < 0:
+            raise ValueError(
+                f"workers and threads must be >= 0, got {self.workers}, {self.threads}"
+            )
 
     def check(self) -> None:
         """``ValueError`` naming the setting when the encoder, rule, partition or stop rule is
@@ -183,6 +189,10 @@ def default_out_dir(scenario: Scenario, root: Path = Path("runs")) -> Path:
     return root / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+CHILD_APP = "nodes.child:app"
+"""The ClientApp by reference, for worker processes that import it themselves."""
+
+
 def run_scenario(
     scenario: Scenario, out_dir: Path | None = None, on_round: RoundListener | None = None
 ) -> SimulationOutcome:
@@ -199,10 +209,12 @@ def run_scenario(
     try:
         run = run_inprocess(
             master_app,
-            child_app,
+            CHILD_APP if scenario.workers else child_app,
             scenario.children,
             scenario.run_config(out_dir),
             concurrency=scenario.concurrency,
+            workers=scenario.workers,
+            threads=scenario.threads or None,
         )
     finally:
         round_listener.reset(token)
@@ -213,6 +225,7 @@ def run_scenario(
             "scenario": asdict(scenario),
             "runtime": {
                 "kind": "inprocess",
+                "workers": scenario.workers,
                 "wire_bytes_sent": run.bytes_sent,
                 "wire_bytes_received": run.bytes_received,
                 "seconds": run.seconds,
