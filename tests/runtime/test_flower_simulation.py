@@ -1,0 +1,99 @@
+"""Runtime (b): the same apps under Flower's own simulation engine, through `flwr run .` (a local
+SuperLink in simulation mode, Ray underneath), give the in-process runtime's metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedenc.runtime.inprocess import run_inprocess
+
+pytest.importorskip(
+    "ray", reason="Flower's simulation engine needs ray: pip install 'flwr[simulation]'"
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+TINY = {
+    "synthetic-sessions": 400,
+    "synthetic-items": 60,
+    "hidden": 8,
+    "batch-size": 50,
+    "num-server-rounds": 2,
+    "final-test": False,
+    "seed": 5,
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stop_superlink(home: Path) -> None:
+    """`flwr run` leaves a detached local SuperLink behind; stop the one of this FLWR_HOME."""
+    found = subprocess.run(
+        ["pgrep", "-f", f"flower-superlink.*{home}"], capture_output=True, text=True, check=False
+    )
+    for pid in found.stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    time.sleep(1.0)
+
+
+@pytest.mark.slow
+def test_flwr_run_gives_the_inprocess_metrics(tmp_path: Path) -> None:
+    flwr = BIN / "flwr"
+    if not flwr.exists() or not (BIN / "flower-superlink").exists():
+        pytest.skip("the flwr CLI is not installed next to this Python")
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_HOME": str(home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    }
+    overrides = " ".join(
+        f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}"
+        for k, v in {**TINY, "out-dir": str(out)}.items()
+    )
+    try:
+        proc = subprocess.run(
+            [str(flwr), "run", ".", "local", "--stream", "--run-config", overrides,
+             "--federation-config", "num-supernodes=3"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False,
+        )  # fmt: skip
+    finally:
+        _stop_superlink(home)
+    log = proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, log
+    assert (out / "results.json").is_file(), log
+    ray_rounds = json.loads((out / "results.json").read_text())["rounds"]
+
+    from nodes.child import app as child_app
+    from nodes.master import RESULT_KEY
+    from nodes.master import app as master_app
+
+    run = run_inprocess(master_app, child_app, 3, TINY)
+    local_rounds = json.loads(str(run.server_context.state[RESULT_KEY]["json"]))["rounds"]
+    assert len(ray_rounds) == len(local_rounds) == 2
+    for ray_round, local_round in zip(ray_rounds, local_rounds, strict=True):
+        assert ray_round["participants"] == local_round["participants"]
+        assert ray_round["num_samples"] == local_round["num_samples"]
+        for key, value in local_round["metrics"].items():
+            assert ray_round["metrics"][key] == pytest.approx(value, rel=1e-3, abs=1e-3), key

@@ -1,0 +1,43 @@
+"""The Flower App table in pyproject.toml: `flwr run .` accepts only declared run-config keys, so
+every key the apps read is declared there, with the apps' own defaults."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from fedenc.federation.child_data import ChildDataConfig
+from fedenc.federation.master import MasterConfig
+from fedenc.runtime.simulate import Scenario
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def app_config() -> dict[str, Any]:
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    table: dict[str, Any] = data["tool"]["flwr"]["app"]
+    assert table["components"] == {"serverapp": "nodes.master:app", "clientapp": "nodes.child:app"}
+    return dict(table["config"])
+
+
+def _master(config: dict[str, Any]) -> dict[str, Any]:
+    values = asdict(MasterConfig.from_run_config({**config, "num-items": 7, "job-id": "j"}))
+    return values
+
+
+def test_declared_defaults_are_the_apps_defaults() -> None:
+    declared = app_config()
+    assert _master(declared) == _master({})
+    node = {"partition-id": 1, "num-partitions": 3}
+    assert ChildDataConfig.from_configs(declared, node) == ChildDataConfig.from_configs({}, node)
+
+
+def test_every_key_a_scenario_sets_is_declared() -> None:
+    declared = set(app_config())
+    scenario = Scenario(
+        encoder_options={"x": 1}, rule_options={"y": 2}, stop="deadline_s=60"
+    ).run_config(Path("out"))
+    assert set(scenario) - declared == set()
