@@ -144,8 +144,11 @@ def list_cmd(dir: DirOption = DEFAULT_CERTS_DIR) -> None:
     except (SecurityError, ValueError) as err:
         raise _fail(err) from err
     table = Table(title=f"certificates in {dir}")
-    for column in ("name", "role", "serial", "expires (UTC)", "status"):
-        table.add_column(column, no_wrap=column != "name")
+    table.add_column("name", no_wrap=True, min_width=max(len(r.name) for r in rows))
+    table.add_column("role", no_wrap=True)
+    table.add_column("serial", overflow="fold")  # full hex: what `revoke --serial` takes
+    table.add_column("expires (UTC)", no_wrap=True)
+    table.add_column("status", no_wrap=True)
     for row in rows:
         if row.revoked is not None:
             status = f"[red]revoked {row.revoked:%Y-%m-%d}[/]"
@@ -153,7 +156,5 @@ def list_cmd(dir: DirOption = DEFAULT_CERTS_DIR) -> None:
             status = "[yellow]expired[/]"
         else:
             status = "[green]valid[/]"
-        table.add_row(
-            row.name, row.role, f"{row.serial:x}", f"{row.not_after:%Y-%m-%d %H:%M}", status
-        )
+        table.add_row(row.name, row.role, f"{row.serial:x}", f"{row.not_after:%Y-%m-%d}", status)
     Console().print(table)

@@ -24,6 +24,7 @@ from fedenc.security.naming import child_name_of
 from fedenc.security.validity import utcnow, validity_problem
 
 _REASON = re.compile(re.escape(IDENTITY_ERROR_PREFIX) + r" \(([a-z-]+)\)")
+_CHILD = re.compile(r"child '([A-Za-z0-9._-]+)'")
 
 _REMEDY = {
     IdentityReason.REVOKED: "ask the CA operator for a new certificate "
@@ -74,6 +75,8 @@ def explain_rpc_error(
     reason = refusal_reason(err)
     if reason is not None:
         message = details[details.find(IDENTITY_ERROR_PREFIX) :]
+        if client_cert is None and (named := _CHILD.search(message)):
+            name = named.group(1)
         remedy = _REMEDY[reason].format(name=name)
         return f"the master refused this child ({code}): {message}; {remedy}"
     if "Hostname Verification" in details or "Peer name" in details:

@@ -9,6 +9,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from security_helpers import NOW, PAST
 
 from fedenc.security.ca import CertificateAuthority, create_ca, issued_by
 from fedenc.security.issue import (
@@ -18,10 +19,10 @@ from fedenc.security.issue import (
 )
 from fedenc.security.naming import child_name_of, common_name, validate_child_name
 
-from security_helpers import NOW, PAST
 
-
-def ext(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.Extension[x509.ExtensionType]:
+def ext(
+    cert: x509.Certificate, kind: type[x509.ExtensionType]
+) -> x509.Extension[x509.ExtensionType]:
     return cert.extensions.get_extension_for_class(kind)
 
 
@@ -65,9 +66,7 @@ def test_child_certificate_carries_its_name_in_cn_and_uri(ca: CertificateAuthori
     assert issued_by(child.cert, ca.cert)
     assert common_name(child.cert) == "hospital-3"
     san = ext(child.cert, x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
-        "fedenc://child/hospital-3"
-    ]
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["fedenc://child/hospital-3"]
     assert child_name_of(child.cert) == "hospital-3"
     assert list(ext(child.cert, x509.ExtendedKeyUsage).value) == [ExtendedKeyUsageOID.CLIENT_AUTH]
     assert child.cert.serial_number != issue_child_certificate(ca, "hospital-3").cert.serial_number

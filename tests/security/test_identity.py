@@ -57,7 +57,9 @@ def test_known_child_is_identified_by_name(ca: CertificateAuthority) -> None:
 def test_child_of_another_ca_is_unknown(
     ca: CertificateAuthority, other_ca: CertificateAuthority
 ) -> None:
-    err = refused(IdentityVerifier(ca.cert), pem_bytes(issue_child_certificate(other_ca, "eve").cert))
+    err = refused(
+        IdentityVerifier(ca.cert), pem_bytes(issue_child_certificate(other_ca, "eve").cert)
+    )
     assert err.reason is IdentityReason.UNKNOWN
     assert "not signed by this federation's CA" in str(err)
     assert str(err).startswith("fedenc identity refused (unknown): ")
@@ -93,7 +95,9 @@ def test_revoked_child_is_refused_and_the_crl_reloads(layout: CertLayout) -> Non
     assert verifier.verify_pem(bob).name == "bob"
     # A new certificate for the same name has a new serial, so it is accepted again.
     issue_child(layout, "alice", force=True)
-    assert verifier.verify_pem(pem_bytes(load_certificate(layout.child_cert("alice")))).name == "alice"
+    assert (
+        verifier.verify_pem(pem_bytes(load_certificate(layout.child_cert("alice")))).name == "alice"
+    )
 
 
 def test_crl_not_signed_by_the_ca_is_rejected(

@@ -99,7 +99,9 @@ def test_wrong_kind_of_pem_is_named(tmp_path: Path, ca: CertificateAuthority) ->
 
 
 def test_corrupt_encrypted_and_non_ec_keys_are_refused(tmp_path: Path) -> None:
-    (tmp_path / "bad.pem").write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    (tmp_path / "bad.pem").write_text(
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+    )
     with pytest.raises(PemError, match="not a valid PEM certificate"):
         load_certificate(tmp_path / "bad.pem")
     encrypted = new_private_key().private_bytes(
