@@ -16,10 +16,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from fedenc.security.defaults import CA_DAYS
 from fedenc.security.errors import PemError
 from fedenc.security.layout import CertLayout
 from fedenc.security.pem import PrivateKey, key_matches, load_certificate, load_private_key
-from fedenc.security.validity import CA_DAYS, require_valid, validity_window
+from fedenc.security.validity import require_valid, validity_window
 
 SIGNATURE_HASH = hashes.SHA256()
 

@@ -10,12 +10,17 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
+from fedenc.security.defaults import (
+    CA_DAYS,
+    CHILD_DAYS,
+    DEFAULT_CERTS_DIR,
+    DEFAULT_MASTER_HOSTS,
+    MASTER_DAYS,
+)
 from fedenc.security.errors import SecurityError
-from fedenc.security.issue import DEFAULT_MASTER_HOSTS
-from fedenc.security.layout import DEFAULT_CERTS_DIR, CertLayout
-from fedenc.security.validity import CA_DAYS, CHILD_DAYS, MASTER_DAYS
+
+# The commands import their machinery (cryptography) when they run: `fedenc --help` stays fast.
 
 certs_app = typer.Typer(
     help="Certificates for mutual TLS: a CA, the master's and each child's certificate, "
@@ -52,6 +57,7 @@ def init_cmd(
     force: ForceOption = False,
 ) -> None:
     """Create a CA, an empty revocation list and the master's certificate."""
+    from fedenc.security.layout import CertLayout
     from fedenc.security.store import init_certs
 
     layout = CertLayout(dir)
@@ -75,6 +81,7 @@ def master_cmd(
     force: ForceOption = False,
 ) -> None:
     """Reissue the master's certificate (new host names, renewal) with the existing CA."""
+    from fedenc.security.layout import CertLayout
     from fedenc.security.store import issue_master
 
     layout = CertLayout(dir)
@@ -94,6 +101,7 @@ def issue_cmd(
     force: ForceOption = False,
 ) -> None:
     """Issue a child's client certificate (children/NAME.pem and NAME.key)."""
+    from fedenc.security.layout import CertLayout
     from fedenc.security.store import issue_child
 
     layout = CertLayout(dir)
@@ -120,6 +128,7 @@ def revoke_cmd(
     ] = None,
 ) -> None:
     """Add a child's certificate to the revocation list (crl.pem); the master reloads it."""
+    from fedenc.security.layout import CertLayout
     from fedenc.security.store import revoke_child
 
     if (name is None) == (serial is None):
@@ -137,6 +146,9 @@ def revoke_cmd(
 @certs_app.command("list")
 def list_cmd(dir: DirOption = DEFAULT_CERTS_DIR) -> None:
     """Table of the master's and children's certificates: serial, expiry, revocation."""
+    from rich.table import Table
+
+    from fedenc.security.layout import CertLayout
     from fedenc.security.store import list_certificates
 
     try:

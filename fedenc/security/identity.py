@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ class ChildIdentity:
     name: str
     serial: int
     not_after: dt.datetime
+    cert: x509.Certificate = field(compare=False, repr=False)
 
 
 class IdentityVerifier:
@@ -147,7 +148,15 @@ class IdentityVerifier:
                 f"child {name!r} is not in this master's allowlist",
                 name=name,
             )
-        return ChildIdentity(name=name, serial=serial, not_after=cert.not_valid_after_utc)
+        return ChildIdentity(name, serial, cert.not_valid_after_utc, cert)
+
+    def recheck(self, identity: ChildIdentity) -> None:
+        """Verify an already admitted child again (raises :class:`IdentityError`).
+
+        Checks run when a stream opens; a child whose stream outlives its certificate, its
+        revocation or its removal from the allowlist is only caught by a re-check, e.g. before
+        each round."""
+        self.verify_certificate(identity.cert)
 
     def verify_pem(self, pem: bytes) -> ChildIdentity:
         """:meth:`verify_certificate` on a PEM-encoded certificate."""

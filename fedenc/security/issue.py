@@ -12,11 +12,10 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedenc.security.ca import SIGNATURE_HASH, CertificateAuthority, new_private_key
+from fedenc.security.defaults import CHILD_DAYS, DEFAULT_MASTER_HOSTS, MASTER_DAYS
 from fedenc.security.naming import child_uri, validate_child_name
 from fedenc.security.pem import PrivateKey
-from fedenc.security.validity import CHILD_DAYS, MASTER_DAYS, validity_window
-
-DEFAULT_MASTER_HOSTS = ("localhost", "127.0.0.1")
+from fedenc.security.validity import validity_window
 
 
 @dataclass(frozen=True)

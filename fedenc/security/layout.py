@@ -23,8 +23,6 @@ from pathlib import Path
 
 from fedenc.security.naming import validate_child_name
 
-DEFAULT_CERTS_DIR = Path("certs")
-
 
 @dataclass(frozen=True)
 class CertLayout:

@@ -10,9 +10,9 @@ from pathlib import Path
 from cryptography import x509
 
 from fedenc.security.ca import CertificateAuthority, create_ca, load_ca
+from fedenc.security.defaults import CA_DAYS, CHILD_DAYS, DEFAULT_MASTER_HOSTS, MASTER_DAYS
 from fedenc.security.errors import KeyExistsError, PemError
 from fedenc.security.issue import (
-    DEFAULT_MASTER_HOSTS,
     IssuedCertificate,
     issue_child_certificate,
     issue_master_certificate,
@@ -26,7 +26,7 @@ from fedenc.security.pem import (
     write_private_key,
 )
 from fedenc.security.revocation import build_crl, revoke, revoked_serials
-from fedenc.security.validity import CA_DAYS, CHILD_DAYS, MASTER_DAYS, utcnow
+from fedenc.security.validity import utcnow
 
 
 def _save(cert_path: Path, key_path: Path, issued: IssuedCertificate, force: bool) -> None:

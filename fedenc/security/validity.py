@@ -12,10 +12,6 @@ from fedenc.security.errors import PemError
 # refuse a brand-new certificate as "not yet valid".
 CLOCK_SKEW = dt.timedelta(minutes=5)
 
-CA_DAYS = 3650
-MASTER_DAYS = 825
-CHILD_DAYS = 365
-
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)

@@ -93,6 +93,11 @@ def test_revoked_child_is_refused_and_the_crl_reloads(layout: CertLayout) -> Non
     assert err.reason is IdentityReason.REVOKED
     assert f"serial {serial:x}" in str(err) and "revoked on" in str(err)
     assert verifier.verify_pem(bob).name == "bob"
+    admitted = verifier.verify_pem(bob)
+    revoke_child(layout, "bob")
+    _bump_mtime(layout.crl)
+    with pytest.raises(IdentityError, match=r"\(revoked\)"):
+        verifier.recheck(admitted)  # a long-lived stream is caught at its next re-check
     # A new certificate for the same name has a new serial, so it is accepted again.
     issue_child(layout, "alice", force=True)
     assert (
