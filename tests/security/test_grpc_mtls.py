@@ -212,3 +212,42 @@ def test_nobody_listening_is_explained(layout: CertLayout, tmp_path: Path) -> No
         explain_rpc_error(err, target=target)
         == f"no master is listening at {target} (connection refused)"
     )
+
+
+def test_bidirectional_stream_is_identified_like_the_federation_stream(
+    layout: CertLayout,
+) -> None:
+    """The master's Federation/Connect is a bidi stream: identify once when it opens."""
+    issue_child(layout, "alice")
+    issue_child(layout, "bob")
+    tls = load_master_tls(layout.root, allowlist=["alice"])
+
+    def connect(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        name = tls.verifier.identify_or_abort(context)
+        for request in requests:
+            yield name.encode() + b":" + request
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    handler = grpc.method_handlers_generic_handler(
+        "fedenc.test.Echo", {"Connect": grpc.stream_stream_rpc_method_handler(connect)}
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_secure_port("127.0.0.1:0", tls.credentials)
+    server.start()
+    try:
+        replies: dict[str, Any] = {}
+        for name in ("alice", "bob"):
+            options = (("grpc.use_local_subchannel_pool", 1),)
+            creds = child(layout, name).credentials
+            with grpc.secure_channel(f"127.0.0.1:{port}", creds, options=options) as channel:
+                stream = channel.stream_stream("/fedenc.test.Echo/Connect")
+                try:
+                    replies[name] = list(stream(iter([b"a", b"b"]), timeout=10))
+                except grpc.RpcError as err:
+                    replies[name] = err
+    finally:
+        server.stop(None)
+    assert replies["alice"] == [b"alice:a", b"alice:b"]
+    assert isinstance(replies["bob"], grpc.RpcError)
+    assert replies["bob"].code() == grpc.StatusCode.PERMISSION_DENIED
+    assert refusal_reason(replies["bob"]) is IdentityReason.NOT_ALLOWLISTED
