@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import re
+import secrets
 import stat
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def key_matches(key: PrivateKey, cert: x509.Certificate) -> bool:
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     # O_EXCL: never reuse (and never follow a planted link to) an existing temporary file.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
