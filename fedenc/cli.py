@@ -285,6 +285,9 @@ def simulate_cmd(
     threads: Annotated[
         int | None, typer.Option(min=0, help="Torch threads per worker (0 = cores / workers).")
     ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="Where the children train: cpu | cuda | auto.")
+    ] = None,
     out: Annotated[
         Path | None, typer.Option(help="Output directory (default runs/<name>-<time>).")
     ] = None,
@@ -309,6 +312,7 @@ def simulate_cmd(
             local_epochs=local_epochs,
             workers=workers,
             threads=threads,
+            device=device,
             max_examples_per_epoch=max_examples,
             data=str(data) if data is not None else None,
             synthetic_sessions=synthetic_sessions,
