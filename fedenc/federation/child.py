@@ -252,6 +252,8 @@ def _load_shared(state: ChildState, content: RecordDict) -> None:
         raise ValueError("message carries no shared parameters ('arrays')")
     params = records.record_to_params(arrays, "master")
     current = state.shared()
+    # Tensors arrive on the CPU; a child that trains on a GPU checks and loads them there.
+    params = {k: v.to(current[k].device) if k in current else v for k, v in params.items()}
     check_compatible(current, params, "master")
     with torch.no_grad():
         for name in state.shared_names:
