@@ -31,8 +31,7 @@ import queue
 import secrets
 import threading
 import time
-import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,11 +40,11 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedenc.runtime import flower_compat as fc
+from fedenc.runtime.clientapp import ClientCallable, call_client_app
 
 log = logging.getLogger(__name__)
 
 UserConfig = dict[str, bool | int | float | str]
-ClientCallable = Callable[[Message, Context], Message]
 
 
 @dataclass
@@ -196,25 +195,7 @@ class InProcessGrid(Grid):
 
     def _handle(self, node: VirtualNode, message: Message) -> Message:
         """Flower's node-side contract: a reply to ``message``, or an error reply."""
-        try:
-            reply = self._client_app(message, node.context)
-        except Exception as err:
-            log.warning(
-                "node %d: ClientApp raised on %s: %s\n%s",
-                node.node_id,
-                message.metadata.message_type,
-                err,
-                traceback.format_exc(),
-            )
-            reason = f"{type(err).__name__}: {err}"
-            return fc.error_reply(message, fc.CLIENT_APP_RAISED_EXCEPTION, reason)
-        if (
-            not isinstance(reply, Message)
-            or reply.metadata.reply_to_message_id != message.metadata.message_id
-        ):
-            reason = "the ClientApp did not return a reply to the message"
-            return fc.error_reply(message, fc.CLIENT_APP_RAISED_EXCEPTION, reason)
-        return reply
+        return call_client_app(self._client_app, message, node.context, f"node {node.node_id}")
 
     def _deliver(self, reply: Message, message_id: str) -> None:
         fc.set_message_id(reply, f"res-{message_id[4:]}")

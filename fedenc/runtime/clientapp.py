@@ -1,0 +1,47 @@
+"""Flower's node-side contract for calling a ClientApp, shared by fedenc's runtimes.
+
+A ClientApp that raises, or returns something other than a reply to the message, yields Flower's
+error reply (code 2, ``CLIENT_APP_RAISED_EXCEPTION``), as SuperNode and simulation do; the
+exception is logged with its traceback on the node.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedenc.runtime import flower_compat as fc
+
+log = logging.getLogger(__name__)
+
+ClientCallable = Callable[[Message, Context], Message]
+
+
+def call_client_app(
+    client_app: ClientApp | ClientCallable, message: Message, context: Context, label: str
+) -> Message:
+    """A reply to ``message`` from ``client_app``, or an error reply; ``label`` names the node in
+    logs."""
+    try:
+        reply = client_app(message, context)
+    except Exception as err:  # the app's failure becomes the reply, as in Flower's runtimes
+        log.warning(
+            "%s: ClientApp raised on %s: %s\n%s",
+            label,
+            message.metadata.message_type,
+            err,
+            traceback.format_exc(),
+        )
+        reason = f"{type(err).__name__}: {err}"
+        return fc.error_reply(message, fc.CLIENT_APP_RAISED_EXCEPTION, reason)
+    if (
+        not isinstance(reply, Message)
+        or reply.metadata.reply_to_message_id != message.metadata.message_id
+    ):
+        reason = "the ClientApp did not return a reply to the message"
+        return fc.error_reply(message, fc.CLIENT_APP_RAISED_EXCEPTION, reason)
+    return reply
