@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 from flwr.app import Message
 from google.protobuf.message import DecodeError
@@ -42,7 +42,7 @@ from fedenc.runtime.grpc.transport import (
 
 log = logging.getLogger(__name__)
 
-CloseReason = spb.CloseReason.ValueType
+CloseReason: TypeAlias = spb.CloseReason.ValueType
 
 
 @dataclass
