@@ -302,15 +302,20 @@ class GrpcChild:
         return True
 
     def _beat(self, session: _Session) -> None:
-        while not session.done.wait(session.heartbeat_interval):
-            silent = time.monotonic() - session.last_seen
+        # A short tick, not the interval: the Welcome may shorten the interval after we start.
+        next_beat = 0.0
+        while not session.done.wait(min(0.25, session.heartbeat_interval)):
+            now = time.monotonic()
+            silent = now - session.last_seen
             if silent > session.heartbeat_timeout:
                 session.error = f"no frame from the master for {silent:.1f} s"
                 log.warning("%s: %s: reconnecting", self.name, session.error)
                 session.call.cancel()
                 return
-            beat = spb.Heartbeat(sent_at_unix_ms=int(time.time() * 1000), busy=self._busy)
-            session.send([spb.ChildMessage(heartbeat=beat)])
+            if now >= next_beat:
+                beat = spb.Heartbeat(sent_at_unix_ms=int(time.time() * 1000), busy=self._busy)
+                session.send([spb.ChildMessage(heartbeat=beat)])
+                next_beat = now + session.heartbeat_interval
 
     # -- the ClientApp -----------------------------------------------------------------------------
 
