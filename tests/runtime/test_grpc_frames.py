@@ -21,6 +21,7 @@ from fedenc.runtime.grpc.frames import (
     FrameReader,
     array_to_tensor,
     encode_message,
+    tensor_to_array,
 )
 
 RUN = 77
@@ -271,3 +272,23 @@ def test_fuzz_mutated_streams_only_raise_frame_error(
         _decode_stream(raw)
     except FrameError:
         pass
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.array(3.5, dtype=np.float64),
+        np.zeros((0, 2), dtype=np.int16),
+        np.array([True, False]),
+    ],
+)
+def test_tensor_to_array_matches_flowers_own_array(values: np.ndarray) -> None:
+    ours = tensor_to_array(torch.from_numpy(values.copy()))
+    flowers = Array(values)
+    assert (ours.dtype, ours.shape, ours.stype, ours.data) == (
+        flowers.dtype,
+        flowers.shape,
+        flowers.stype,
+        flowers.data,
+    )
