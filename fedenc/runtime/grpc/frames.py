@@ -97,7 +97,7 @@ def tensor_to_array(t: torch.Tensor) -> Array:
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(values))
     raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
-    data = b"".join((header.getvalue(), memoryview(raw)))
+    data = b"".join((header.getvalue(), raw.data))
     shape = tuple(int(d) for d in values.shape)
     return Array(dtype=str(values.dtype), shape=shape, stype="numpy.ndarray", data=data)
 
