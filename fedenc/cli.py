@@ -238,105 +238,77 @@ def data_partition_cmd(
     print_partition_stats(parts, title=f"{splits.name}: {scheme} over {children} children")
 
 
-@app.command("simulate")
-def simulate_cmd(
-    scenario_file: Annotated[
-        Path | None,
-        typer.Argument(
-            help="Scenario TOML (e.g. simulations/quickstart.toml); options below override it.",
-            show_default=False,
-        ),
-    ] = None,
-    children: Annotated[int | None, typer.Option(min=1, help="Number of children K.")] = None,
-    partition: Annotated[str | None, typer.Option(help="iid | time | dirichlet")] = None,
-    alpha: Annotated[float | None, typer.Option(help="Dirichlet concentration.")] = None,
-    encoder: Annotated[str | None, typer.Option(help="Encoder type (`fedenc encoders`).")] = None,
-    rule: Annotated[
-        str | None, typer.Option(help="Fusion rule (weighted_sum, mean, median, krum, ...).")
-    ] = None,
-    stop: Annotated[
-        str | None,
-        typer.Option(help="Extra stop rule, e.g. 'plateau=valid_recall@20:3' or 'deadline_s=600'."),
-    ] = None,
-    rounds: Annotated[int | None, typer.Option(min=0, help="Round budget (0 = none).")] = None,
-    local_epochs: Annotated[int | None, typer.Option(min=1, help="Local epochs per round.")] = None,
-    max_examples: Annotated[
-        int | None, typer.Option(min=0, help="Cap each child's training pairs per epoch (0=all).")
-    ] = None,
-    data: Annotated[
-        Path | None,
-        typer.Option(help="Data directory or raw click log; omit for the synthetic default."),
-    ] = None,
-    synthetic_sessions: Annotated[int | None, typer.Option(help="Synthetic: sessions.")] = None,
-    synthetic_items: Annotated[int | None, typer.Option(help="Synthetic: catalog size.")] = None,
-    hidden: Annotated[int | None, typer.Option(min=1, help="Encoder width.")] = None,
-    fraction: Annotated[
-        float | None, typer.Option(help="Share of the children sampled per round.")
-    ] = None,
-    min_children: Annotated[int | None, typer.Option(min=1, help="Fewest per round.")] = None,
-    round_timeout: Annotated[
-        float | None, typer.Option(help="Seconds to wait for a round's replies (0 = forever).")
-    ] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(min=0, help="Run the children in N worker processes (0 = in this process)."),
-    ] = None,
-    threads: Annotated[
-        int | None, typer.Option(min=0, help="Torch threads per worker (0 = cores / workers).")
-    ] = None,
-    device: Annotated[
-        str | None, typer.Option(help="Where the children train: cpu | cuda | auto.")
-    ] = None,
-    out: Annotated[
-        Path | None, typer.Option(help="Output directory (default runs/<name>-<time>).")
-    ] = None,
-) -> None:
-    """Simulate a federation in this process: K children, one master, per-round table."""
-    from rich.live import Live
+# Scenario options shared by `fedenc simulate` and `fedenc master` (None = the scenario's value).
+ScenarioFile = Annotated[
+    Path | None,
+    typer.Argument(
+        help="Scenario TOML (e.g. simulations/quickstart.toml); options below override it.",
+        show_default=False,
+    ),
+]
+ChildrenOpt = Annotated[int | None, typer.Option(min=1, help="Number of children K.")]
+PartitionOpt = Annotated[str | None, typer.Option(help="iid | time | dirichlet")]
+AlphaOpt = Annotated[float | None, typer.Option(help="Dirichlet concentration.")]
+EncoderOpt = Annotated[str | None, typer.Option(help="Encoder type (`fedenc encoders`).")]
+RuleOpt = Annotated[
+    str | None, typer.Option(help="Fusion rule (weighted_sum, mean, median, krum, ...).")
+]
+StopOpt = Annotated[
+    str | None,
+    typer.Option(help="Extra stop rule, e.g. 'plateau=valid_recall@20:3' or 'deadline_s=600'."),
+]
+RoundsOpt = Annotated[int | None, typer.Option(min=0, help="Round budget (0 = none).")]
+EpochsOpt = Annotated[int | None, typer.Option(min=1, help="Local epochs per round.")]
+MaxExamplesOpt = Annotated[
+    int | None, typer.Option(min=0, help="Cap each child's training pairs per epoch (0=all).")
+]
+DataOpt = Annotated[
+    Path | None,
+    typer.Option(help="Data directory or raw click log; omit for the synthetic default."),
+]
+SessionsOpt = Annotated[int | None, typer.Option(help="Synthetic: sessions.")]
+ItemsOpt = Annotated[int | None, typer.Option(help="Synthetic: catalog size.")]
+HiddenOpt = Annotated[int | None, typer.Option(min=1, help="Encoder width.")]
+FractionOpt = Annotated[float | None, typer.Option(help="Share of the children sampled per round.")]
+MinChildrenOpt = Annotated[int | None, typer.Option(min=1, help="Fewest per round.")]
+RoundTimeoutOpt = Annotated[
+    float | None, typer.Option(help="Seconds to wait for a round's replies (0 = forever).")
+]
+SeedOpt = Annotated[int | None, typer.Option()]
+OutOpt = Annotated[Path | None, typer.Option(help="Output directory (default runs/<name>-<time>).")]
+InsecureOpt = Annotated[
+    bool,
+    typer.Option(
+        "--insecure",
+        help="Plaintext gRPC (no TLS, children unauthenticated). Required until TLS credentials "
+        "are given; prints a warning.",
+    ),
+]
 
-    from fedenc.federation.master import NotEnoughChildrenError, RoundResult
-    from fedenc.federation.report import round_table
-    from fedenc.runtime.simulate import Scenario, default_out_dir, run_scenario
 
+def _scenario(scenario_file: Path | None, **overrides: Any) -> Any:
+    """The scenario of a file (or the defaults) with the CLI's overrides; exits 2 on bad input."""
+    from fedenc.runtime.simulate import Scenario
+
+    data = overrides.pop("data", None)
     try:
         base = Scenario.from_toml(scenario_file) if scenario_file is not None else Scenario()
-        scenario = base.with_overrides(
-            children=children,
-            partition=partition,
-            alpha=alpha,
-            encoder=encoder,
-            rule=rule,
-            stop=stop,
-            rounds=rounds,
-            local_epochs=local_epochs,
-            workers=workers,
-            threads=threads,
-            device=device,
-            max_examples_per_epoch=max_examples,
-            data=str(data) if data is not None else None,
-            synthetic_sessions=synthetic_sessions,
-            synthetic_items=synthetic_items,
-            hidden=hidden,
-            fraction=fraction,
-            min_children=min_children,
-            round_timeout=round_timeout,
-            seed=seed,
-        )
+        return base.with_overrides(data=str(data) if data is not None else None, **overrides)
     except (ValueError, FileNotFoundError) as err:
         raise _fail(str(err)) from err
-    out_dir = out or default_out_dir(scenario)
-    where = scenario.data or f"synthetic ({scenario.synthetic_sessions} sessions)"
-    console.print(
-        f"[bold]{scenario.name}[/]: {scenario.children} children ({scenario.partition}), "
-        f"{scenario.encoder}, rule {scenario.rule}, {scenario.rounds} rounds, data {where}"
-    )
+
+
+def _round_printer(title: str) -> tuple[Any, Any, list[dict[str, Any]]]:
+    """A live round table on a terminal, one line per round otherwise."""
+    from rich.live import Live
+
+    from fedenc.federation.report import round_table
+
     rows: list[dict[str, Any]] = []
-    title = f"{scenario.name}: {scenario.encoder} / {scenario.rule}"
     live = Live(round_table(rows, title), console=console, auto_refresh=False)
     interactive = console.is_terminal
 
-    def on_round(result: RoundResult) -> None:
+    def on_round(result: Any) -> None:
         rows.append(result.to_dict())
         if interactive:
             live.update(round_table(rows, title), refresh=True)
@@ -347,17 +319,12 @@ def simulate_cmd(
                 f"children, Recall@20 {recall}, {result.seconds:.2f} s"
             )
 
-    try:
-        if interactive:
-            live.start()
-        try:
-            outcome = run_scenario(scenario, out_dir, on_round=on_round)
-        finally:
-            if interactive:
-                live.stop()
-    except (ValueError, FileNotFoundError, NotEnoughChildrenError) as err:
-        raise _fail(str(err)) from err
-    result = outcome.result
+    return (live if interactive else None), on_round, rows
+
+
+def _print_outcome(result: dict[str, Any], title: str, out_dir: Path) -> None:
+    from fedenc.federation.report import round_table
+
     Console().print(round_table(result["rounds"], title))
     final = result.get("final_metrics") or {}
     if "test_recall@20" in final:
@@ -367,6 +334,337 @@ def simulate_cmd(
             f"({int(final.get('test_examples', 0))} examples)"
         )
     console.print(f"stopped: {result['stop_reason']}; outputs in {out_dir}")
+
+
+@app.command("simulate")
+def simulate_cmd(
+    scenario_file: ScenarioFile = None,
+    children: ChildrenOpt = None,
+    partition: PartitionOpt = None,
+    alpha: AlphaOpt = None,
+    encoder: EncoderOpt = None,
+    rule: RuleOpt = None,
+    stop: StopOpt = None,
+    rounds: RoundsOpt = None,
+    local_epochs: EpochsOpt = None,
+    max_examples: MaxExamplesOpt = None,
+    data: DataOpt = None,
+    synthetic_sessions: SessionsOpt = None,
+    synthetic_items: ItemsOpt = None,
+    hidden: HiddenOpt = None,
+    fraction: FractionOpt = None,
+    min_children: MinChildrenOpt = None,
+    round_timeout: RoundTimeoutOpt = None,
+    seed: SeedOpt = None,
+    out: OutOpt = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=0, help="Run the children in N worker processes (0 = in this process)."),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=0, help="Torch threads per worker (0 = cores / workers).")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="Where the children train: cpu | cuda | auto.")
+    ] = None,
+    processes: Annotated[
+        bool,
+        typer.Option(
+            "--processes",
+            help="Run the children as processes over gRPC on 127.0.0.1 (the master stays in this "
+            "process) instead of in this process.",
+        ),
+    ] = False,
+) -> None:
+    """Simulate a federation on this machine: K children, one master, per-round table."""
+    from fedenc.federation.master import NotEnoughChildrenError
+
+    scenario = _scenario(
+        scenario_file,
+        children=children,
+        partition=partition,
+        alpha=alpha,
+        encoder=encoder,
+        rule=rule,
+        stop=stop,
+        rounds=rounds,
+        local_epochs=local_epochs,
+        max_examples_per_epoch=max_examples,
+        data=data,
+        synthetic_sessions=synthetic_sessions,
+        synthetic_items=synthetic_items,
+        hidden=hidden,
+        fraction=fraction,
+        min_children=min_children,
+        round_timeout=round_timeout,
+        seed=seed,
+        workers=workers,
+        threads=threads,
+        device=device,
+    )
+    from fedenc.runtime.simulate import default_out_dir, run_scenario
+
+    out_dir = out or default_out_dir(scenario)
+    where = scenario.data or f"synthetic ({scenario.synthetic_sessions} sessions)"
+    kind = "child processes over gRPC" if processes else "in-process"
+    console.print(
+        f"[bold]{scenario.name}[/]: {scenario.children} children ({scenario.partition}, {kind}), "
+        f"{scenario.encoder}, rule {scenario.rule}, {scenario.rounds} rounds, data {where}"
+    )
+    title = f"{scenario.name}: {scenario.encoder} / {scenario.rule}"
+    live, on_round, _ = _round_printer(title)
+    try:
+        if live is not None:
+            live.start()
+        try:
+            if processes:
+                from fedenc.runtime.grpc.launcher import run_scenario_processes
+
+                outcome = run_scenario_processes(scenario, out_dir, on_round=on_round)
+            else:
+                outcome = run_scenario(scenario, out_dir, on_round=on_round)
+        finally:
+            if live is not None:
+                live.stop()
+    except (ValueError, FileNotFoundError, NotEnoughChildrenError) as err:
+        raise _fail(str(err)) from err
+    _print_outcome(outcome.result, title, out_dir)
+
+
+class _Interrupted(BaseException):
+    """SIGINT/SIGTERM in the master: unwinds the ServerApp (BaseException: no handler eats it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _log_level(level: str) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@app.command("master")
+def master_cmd(
+    scenario_file: ScenarioFile = None,
+    listen: Annotated[
+        str, typer.Option(help="HOST:PORT to serve children on (0.0.0.0 for remote children).")
+    ] = "127.0.0.1:9092",
+    insecure: InsecureOpt = False,
+    children: Annotated[
+        int | None,
+        typer.Option(min=1, help="Children to wait for before the job starts (and K of the run)."),
+    ] = None,
+    wait: Annotated[
+        float, typer.Option(help="Seconds to wait for the children before starting anyway.")
+    ] = 300.0,
+    partition: PartitionOpt = None,
+    alpha: AlphaOpt = None,
+    encoder: EncoderOpt = None,
+    rule: RuleOpt = None,
+    stop: StopOpt = None,
+    rounds: RoundsOpt = None,
+    local_epochs: EpochsOpt = None,
+    max_examples: MaxExamplesOpt = None,
+    data: DataOpt = None,
+    synthetic_sessions: SessionsOpt = None,
+    synthetic_items: ItemsOpt = None,
+    hidden: HiddenOpt = None,
+    fraction: FractionOpt = None,
+    min_children: MinChildrenOpt = None,
+    round_timeout: RoundTimeoutOpt = None,
+    seed: SeedOpt = None,
+    out: OutOpt = None,
+    heartbeat: Annotated[float, typer.Option(help="Heartbeat interval, seconds.")] = 5.0,
+    heartbeat_timeout: Annotated[
+        float, typer.Option(help="Drop a child silent for this long, seconds.")
+    ] = 30.0,
+    log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
+) -> None:
+    """Serve a federation: children dial in (`fedenc child`), the job runs, the master exits.
+
+    SIGINT/SIGTERM close every child's stream (the children exit) and exit 0.
+    """
+    import signal
+
+    from fedenc.federation.master import NotEnoughChildrenError
+    from fedenc.runtime.grpc.master import FederationServer, run_server_app
+    from fedenc.runtime.grpc.transport import InsecureTransportError, ServerSecurity
+    from fedenc.runtime.simulate import default_out_dir, outcome_of
+    from nodes.master import app as master_app
+
+    _log_level(log_level)
+    scenario = _scenario(
+        scenario_file,
+        children=children,
+        partition=partition,
+        alpha=alpha,
+        encoder=encoder,
+        rule=rule,
+        stop=stop,
+        rounds=rounds,
+        local_epochs=local_epochs,
+        max_examples_per_epoch=max_examples,
+        data=data,
+        synthetic_sessions=synthetic_sessions,
+        synthetic_items=synthetic_items,
+        hidden=hidden,
+        fraction=fraction,
+        min_children=min_children,
+        round_timeout=round_timeout,
+        seed=seed,
+    )
+    try:
+        scenario.check()
+        server = FederationServer(
+            listen,
+            ServerSecurity(insecure=insecure),
+            heartbeat_interval=heartbeat,
+            heartbeat_timeout=heartbeat_timeout,
+        )
+    except InsecureTransportError as err:
+        raise _fail(
+            f"{err}. TLS options come with fedenc.security; use --insecure for now"
+        ) from err
+    except (ValueError, OSError) as err:
+        raise _fail(str(err)) from err
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise _Interrupted(signum)
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    out_dir = out or default_out_dir(scenario)
+    title = f"{scenario.name}: {scenario.encoder} / {scenario.rule}"
+    _, on_round, _ = _round_printer(title)
+    server.start()
+    # A line that scripts (and `fedenc simulate --processes`) can wait for.
+    console.print(f"listening on {server.address}, waiting for {scenario.children} children")
+    from fedenc.federation.master import round_listener
+
+    try:
+        run_config = scenario.run_config(out_dir)
+        run_config["wait-timeout"] = wait
+        token = round_listener.set(on_round)
+        try:
+            run = run_server_app(master_app, server, run_config)
+        finally:
+            round_listener.reset(token)
+        runtime = {
+            "kind": "grpc",
+            "listen": server.address,
+            "wire_bytes_sent": run.bytes_sent,
+            "wire_bytes_received": run.bytes_received,
+            "seconds": run.seconds,
+        }
+        outcome = outcome_of(scenario, out_dir, run.server_context, runtime)
+    except _Interrupted as sig:
+        name = signal.Signals(sig.signum).name
+        console.print(f"{name}: closing every child's stream")
+        server.stop(f"the master was stopped ({name})")
+        raise typer.Exit(0) from None
+    except (ValueError, FileNotFoundError, NotEnoughChildrenError) as err:
+        server.stop(f"the job failed: {err}")
+        raise _fail(str(err)) from err
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    server.stop("the job is over")
+    _print_outcome(outcome.result, title, out_dir)
+
+
+@app.command("child")
+def child_cmd(
+    master: Annotated[str, typer.Option(help="The master's HOST:PORT.")] = "127.0.0.1:9092",
+    name: Annotated[
+        str, typer.Option(help="This child's name, unique in the federation.")
+    ] = "child",
+    insecure: InsecureOpt = False,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Local data directory or raw click log (default: the run's)."),
+    ] = None,
+    index: Annotated[int, typer.Option(min=0, help="This child's partition i of K.")] = 0,
+    children: Annotated[int, typer.Option(min=1, help="K: partitions of the data set.")] = 1,
+    partition: Annotated[
+        str | None, typer.Option(help="iid | time | dirichlet (default: the run's).")
+    ] = None,
+    alpha: AlphaOpt = None,
+    synthetic_sessions: SessionsOpt = None,
+    synthetic_items: ItemsOpt = None,
+    valid_fraction: Annotated[float | None, typer.Option(help="Validation share.")] = None,
+    app_path: Annotated[
+        str, typer.Option("--app", help="The ClientApp, module:attribute.")
+    ] = "nodes.child:app",
+    threads: Annotated[int, typer.Option(min=0, help="torch threads (0 = default).")] = 0,
+    connect_timeout: Annotated[
+        float, typer.Option(help="Give up after this long without a connection, seconds.")
+    ] = 60.0,
+    stay: Annotated[
+        bool, typer.Option("--stay", help="Keep serving (reconnect) after the master shuts down.")
+    ] = False,
+    log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
+) -> None:
+    """Join a federation: dial the master, hold one stream, run the ClientApp on its messages.
+
+    Exit codes: 0 after the master's shutdown or SIGINT/SIGTERM (the child says goodbye), 1 when
+    the master cannot be reached, 3 when the master refuses this child.
+    """
+    import importlib
+    import signal
+
+    from fedenc.runtime.grpc.child import GrpcChild
+    from fedenc.runtime.grpc.transport import ChannelSecurity, InsecureTransportError
+
+    _log_level(log_level)
+    if index >= children:
+        raise _fail(f"--index {index} must be below --children {children}")
+    module_name, _, attr = app_path.partition(":")
+    try:
+        client_app = getattr(importlib.import_module(module_name), attr or "app")
+    except (ImportError, AttributeError) as err:
+        raise _fail(f"cannot load the ClientApp {app_path!r}: {err}") from err
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    node_config: dict[str, Any] = {"partition-id": index, "num-partitions": children}
+    optional = {
+        "data": str(data) if data is not None else None,
+        "partition": partition,
+        "alpha": alpha,
+        "synthetic-sessions": synthetic_sessions,
+        "synthetic-items": synthetic_items,
+        "valid-fraction": valid_fraction,
+    }
+    node_config.update({k: v for k, v in optional.items() if v is not None})
+    try:
+        child = GrpcChild(
+            master,
+            name,
+            client_app,
+            node_config,
+            ChannelSecurity(insecure=insecure),
+            connect_timeout=connect_timeout,
+            stay=stay,
+        )
+    except InsecureTransportError as err:
+        raise _fail(
+            f"{err}. TLS options come with fedenc.security; use --insecure for now"
+        ) from err
+    except ValueError as err:
+        raise _fail(str(err)) from err
+
+    def on_signal(signum: int, frame: Any) -> None:
+        child.stop(f"{signal.Signals(signum).name} received")
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, on_signal)
+    raise typer.Exit(child.run())
 
 
 def main() -> None:

@@ -55,19 +55,26 @@ class ChildDataConfig:
     def from_configs(
         cls, run_config: Mapping[str, Any], node_config: Mapping[str, Any]
     ) -> ChildDataConfig:
-        """From Flower's node_config (``partition-id``, ``num-partitions``, optionally ``data``)
-        and run_config (``data``, ``partition``, ``alpha``, ``seed``, ``synthetic-sessions``,
-        ``synthetic-items``, ``valid-fraction``)."""
+        """From Flower's node_config (``partition-id``, ``num-partitions``) and run_config
+        (``data``, ``partition``, ``alpha``, ``seed``, ``synthetic-sessions``,
+        ``synthetic-items``, ``valid-fraction``). A child's own node_config may set the data keys
+        too (``data``, ``partition``, ``alpha``, ``synthetic-sessions``, ``synthetic-items``,
+        ``valid-fraction``: a child process started with its own data); it wins over the run's."""
+
+        def pick(key: str) -> Mapping[str, Any]:
+            alt = key.replace("-", "_")
+            return node_config if key in node_config or alt in node_config else run_config
+
         return cls(
             partition_id=get_int(node_config, "partition-id", 0),
             num_partitions=get_int(node_config, "num-partitions", 1),
             source=get_str(node_config, "data", "") or get_str(run_config, "data", ""),
-            scheme=get_str(run_config, "partition", "iid"),
-            alpha=get_float(run_config, "alpha", 0.5),
+            scheme=get_str(pick("partition"), "partition", "iid"),
+            alpha=get_float(pick("alpha"), "alpha", 0.5),
             seed=get_int(run_config, "seed", 0),
-            synthetic_sessions=get_int(run_config, "synthetic-sessions", 20000),
-            synthetic_items=get_int(run_config, "synthetic-items", 2000),
-            valid_fraction=get_float(run_config, "valid-fraction", 0.1),
+            synthetic_sessions=get_int(pick("synthetic-sessions"), "synthetic-sessions", 20000),
+            synthetic_items=get_int(pick("synthetic-items"), "synthetic-items", 2000),
+            valid_fraction=get_float(pick("valid-fraction"), "valid-fraction", 0.1),
         )
 
     def source_key(self) -> tuple[Any, ...]:

@@ -10,7 +10,10 @@ apps; a runtime that hosts them needs a few more things that Flower keeps intern
   (:func:`set_message_id`);
 - ``Grid.run`` is a :class:`flwr.supercore.run.Run` (:func:`empty_run`);
 - ``ErrorCode`` lives in ``flwr.common.constant`` and serde in ``flwr.common.serde``
-  (:func:`message_to_bytes` / :func:`message_from_bytes`, :func:`error_reply`).
+  (:func:`message_to_bytes` / :func:`message_from_bytes`, :func:`error_reply`);
+- the gRPC runtime ships a message as Flower's own proto with its ArrayRecords emptied (their
+  tensors are streamed apart): :func:`message_without_arrays`, which needs serde's
+  ``metadata_to_proto`` / ``error_to_proto`` from ``flwr.common.serde_utils``.
 
 When Flower moves one of these, only this module changes; ``tests/runtime/test_flower_compat.py``
 pins each of them.
@@ -22,10 +25,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Final
 
-from flwr.app import Error, Message
+from flwr.app import ArrayRecord, Error, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID as _SUPERLINK_NODE_ID
 from flwr.common.constant import ErrorCode
-from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.common.serde import message_from_proto, message_to_proto, recorddict_to_proto
+from flwr.common.serde_utils import error_to_proto, metadata_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -40,6 +44,7 @@ __all__ = [
     "error_reply",
     "message_from_bytes",
     "message_to_bytes",
+    "message_without_arrays",
     "set_message_id",
     "task_identity",
 ]
@@ -98,3 +103,26 @@ def message_from_bytes(data: bytes) -> Message:
     """The inverse of :func:`message_to_bytes`; needs no ``TaskIdentity``."""
     message: Message = message_from_proto(ProtoMessage.FromString(data))
     return message
+
+
+def message_without_arrays(message: Message) -> tuple[bytes, list[tuple[str, ArrayRecord]]]:
+    """``message`` in Flower's wire format with every ArrayRecord left empty (same keys, same
+    order), and the ArrayRecords it had, in content order. No tensor data is copied."""
+    arrays: list[tuple[str, ArrayRecord]] = []
+    content = None
+    if message.has_content():
+        skeleton = RecordDict()
+        for key, record in message.content.items():
+            if isinstance(record, ArrayRecord):
+                arrays.append((key, record))
+                skeleton[key] = ArrayRecord()
+            else:
+                skeleton[key] = record
+        content = recorddict_to_proto(skeleton)
+    proto = ProtoMessage(
+        metadata=metadata_to_proto(message.metadata),
+        content=content,
+        error=error_to_proto(message.error) if message.has_error() else None,
+    )
+    data: bytes = proto.SerializeToString()
+    return data, arrays

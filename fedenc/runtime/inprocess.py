@@ -47,7 +47,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedenc.runtime import flower_compat as fc
-from fedenc.runtime.node import ClientCallable, handle_message, load_app
+from fedenc.runtime.clientapp import ClientCallable, call_client_app, load_app
 from fedenc.runtime.workers import WorkerDiedError, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -259,7 +259,9 @@ class InProcessGrid(Grid):
     def _handle(self, node: VirtualNode, data: bytes) -> Message:
         """Flower's node-side contract: a reply to the message ``data``, or an error reply."""
         if self.pool is None:
-            return handle_message(self._client_app, fc.message_from_bytes(data), node.context)
+            return call_client_app(
+                self._client_app, fc.message_from_bytes(data), node.context, f"node {node.node_id}"
+            )
         try:
             return fc.message_from_bytes(self.pool.handle(node.node_id, data))
         except WorkerDiedError as err:

@@ -25,9 +25,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedenc.federation.master import RoundListener, RoundResult, round_listener
+
+if TYPE_CHECKING:
+    from flwr.app import Context
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -198,10 +201,8 @@ def run_scenario(
 ) -> SimulationOutcome:
     """Run ``scenario`` in this process; with ``out_dir``, write the encoder checkpoint,
     results.json, rounds.csv and metrics.png there. ``on_round`` sees each round as it ends."""
-    from fedenc.federation.report import PLOT_FILE, ROUNDS_FILE, write_results
     from fedenc.runtime.inprocess import run_inprocess
     from nodes.child import app as child_app
-    from nodes.master import RESULT_KEY
     from nodes.master import app as master_app
 
     scenario.check()
@@ -218,20 +219,30 @@ def run_scenario(
         )
     finally:
         round_listener.reset(token)
-    result: dict[str, Any] = json.loads(str(run.server_context.state[RESULT_KEY]["json"]))
+    runtime = {
+        "kind": "inprocess",
+        "workers": scenario.workers,
+        "wire_bytes_sent": run.bytes_sent,
+        "wire_bytes_received": run.bytes_received,
+        "seconds": run.seconds,
+        "messages_handled": {str(k): v for k, v in run.messages_handled.items()},
+    }
+    return outcome_of(scenario, out_dir, run.server_context, runtime)
+
+
+def outcome_of(
+    scenario: Scenario, out_dir: Path | None, server_context: Context, runtime: dict[str, Any]
+) -> SimulationOutcome:
+    """The outcome of a finished run of ``nodes/master.py`` on any runtime: its result from the
+    ServerApp's context; with ``out_dir``, results.json gets the scenario and ``runtime`` (kind,
+    ``wire_bytes_sent`` / ``wire_bytes_received``, ``seconds``, ...)."""
+    from fedenc.federation.report import PLOT_FILE, ROUNDS_FILE, write_results
+    from nodes.master import RESULT_KEY
+
+    result: dict[str, Any] = json.loads(str(server_context.state[RESULT_KEY]["json"]))
     files: dict[str, Path] = {}
     if out_dir is not None:
-        extra = {
-            "scenario": asdict(scenario),
-            "runtime": {
-                "kind": "inprocess",
-                "workers": scenario.workers,
-                "wire_bytes_sent": run.bytes_sent,
-                "wire_bytes_received": run.bytes_received,
-                "seconds": run.seconds,
-                "messages_handled": {str(k): v for k, v in run.messages_handled.items()},
-            },
-        }
+        extra = {"scenario": asdict(scenario), "runtime": runtime}
         files["results"] = write_results(result, out_dir, extra)
         files["rounds"] = out_dir / ROUNDS_FILE
         if (out_dir / PLOT_FILE).is_file():
@@ -242,9 +253,16 @@ def run_scenario(
         result=result,
         out_dir=out_dir,
         files=files,
-        wire_bytes=run.bytes_sent + run.bytes_received,
-        seconds=run.seconds,
+        wire_bytes=int(runtime["wire_bytes_sent"]) + int(runtime["wire_bytes_received"]),
+        seconds=float(runtime["seconds"]),
     )
 
 
-__all__ = ["RoundResult", "Scenario", "SimulationOutcome", "default_out_dir", "run_scenario"]
+__all__ = [
+    "RoundResult",
+    "Scenario",
+    "SimulationOutcome",
+    "default_out_dir",
+    "outcome_of",
+    "run_scenario",
+]

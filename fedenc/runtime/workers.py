@@ -46,7 +46,7 @@ def _worker_main(
     from flwr.app import Context, RecordDict
 
     from fedenc.runtime import flower_compat as fc
-    from fedenc.runtime.node import handle_message, load_app
+    from fedenc.runtime.clientapp import call_client_app, load_app
 
     torch.set_num_threads(threads)
     app = load_app(app_ref)
@@ -70,7 +70,7 @@ def _worker_main(
             return
         node_id, data = item
         message = fc.message_from_bytes(data)
-        reply = handle_message(app, message, contexts[node_id])
+        reply = call_client_app(app, message, contexts[node_id], f"node {node_id}")
         conn.send_bytes(fc.message_to_bytes(reply))
 
 

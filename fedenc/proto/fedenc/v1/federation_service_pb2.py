@@ -26,17 +26,39 @@ from fedenc.proto.fedenc.v1 import federation_pb2 as fedenc_dot_v1_dot_federatio
 from fedenc.proto.fedenc.v1 import tensor_pb2 as fedenc_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"fedenc/v1/federation_service.proto\x12\tfedenc.v1\x1a\x1a\x66\x65\x64\x65nc/v1/federation.proto\x1a\x16\x66\x65\x64\x65nc/v1/tensor.proto\"\xb2\x02\n\x0c\x43hildMessage\x12\x12\n\nmessage_id\x18\x01 \x01(\x04\x12\x10\n\x08reply_to\x18\x02 \x01(\x04\x12/\n\x0c\x63onfirmation\x18\n \x01(\x0b\x32\x17.fedenc.v1.ConfirmationH\x00\x12.\n\x0ctrain_result\x18\x0b \x01(\x0b\x32\x16.fedenc.v1.TrainResultH\x00\x12\x34\n\x0f\x65valuate_result\x18\x0c \x01(\x0b\x32\x19.fedenc.v1.EvaluateResultH\x00\x12\'\n\x05\x63hunk\x18\r \x01(\x0b\x32\x16.fedenc.v1.TensorChunkH\x00\x12\x34\n\x0f\x65ncoder_request\x18\x0e \x01(\x0b\x32\x19.fedenc.v1.EncoderRequestH\x00\x42\x06\n\x04\x62ody\"\xf7\x01\n\rMasterMessage\x12\x12\n\nmessage_id\x18\x01 \x01(\x04\x12\x10\n\x08reply_to\x18\x02 \x01(\x04\x12\x35\n\x0binstruction\x18\n \x01(\x0b\x32\x1e.fedenc.v1.TrainingInstructionH\x00\x12(\n\x05train\x18\x0b \x01(\x0b\x32\x17.fedenc.v1.TrainRequestH\x00\x12.\n\x08\x65valuate\x18\x0c \x01(\x0b\x32\x1a.fedenc.v1.EvaluateRequestH\x00\x12\'\n\x05\x63hunk\x18\r \x01(\x0b\x32\x16.fedenc.v1.TensorChunkH\x00\x42\x06\n\x04\x62ody2N\n\nFederation\x12@\n\x07\x43onnect\x12\x17.fedenc.v1.ChildMessage\x1a\x18.fedenc.v1.MasterMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"fedenc/v1/federation_service.proto\x12\tfedenc.v1\x1a\x1a\x66\x65\x64\x65nc/v1/federation.proto\x1a\x16\x66\x65\x64\x65nc/v1/tensor.proto\"\xcf\x03\n\x0c\x43hildMessage\x12\x12\n\nmessage_id\x18\x01 \x01(\x04\x12\x10\n\x08reply_to\x18\x02 \x01(\x04\x12/\n\x0c\x63onfirmation\x18\n \x01(\x0b\x32\x17.fedenc.v1.ConfirmationH\x00\x12.\n\x0ctrain_result\x18\x0b \x01(\x0b\x32\x16.fedenc.v1.TrainResultH\x00\x12\x34\n\x0f\x65valuate_result\x18\x0c \x01(\x0b\x32\x19.fedenc.v1.EvaluateResultH\x00\x12\'\n\x05\x63hunk\x18\r \x01(\x0b\x32\x16.fedenc.v1.TensorChunkH\x00\x12\x34\n\x0f\x65ncoder_request\x18\x0e \x01(\x0b\x32\x19.fedenc.v1.EncoderRequestH\x00\x12!\n\x05hello\x18\x14 \x01(\x0b\x32\x10.fedenc.v1.HelloH\x00\x12)\n\theartbeat\x18\x15 \x01(\x0b\x32\x14.fedenc.v1.HeartbeatH\x00\x12!\n\x05\x63lose\x18\x16 \x01(\x0b\x32\x10.fedenc.v1.CloseH\x00\x12*\n\x06\x66lower\x18\x17 \x01(\x0b\x32\x18.fedenc.v1.FlowerMessageH\x00\x42\x06\n\x04\x62ody\"\xbb\x03\n\rMasterMessage\x12\x12\n\nmessage_id\x18\x01 \x01(\x04\x12\x10\n\x08reply_to\x18\x02 \x01(\x04\x12\x35\n\x0binstruction\x18\n \x01(\x0b\x32\x1e.fedenc.v1.TrainingInstructionH\x00\x12(\n\x05train\x18\x0b \x01(\x0b\x32\x17.fedenc.v1.TrainRequestH\x00\x12.\n\x08\x65valuate\x18\x0c \x01(\x0b\x32\x1a.fedenc.v1.EvaluateRequestH\x00\x12\'\n\x05\x63hunk\x18\r \x01(\x0b\x32\x16.fedenc.v1.TensorChunkH\x00\x12%\n\x07welcome\x18\x14 \x01(\x0b\x32\x12.fedenc.v1.WelcomeH\x00\x12)\n\theartbeat\x18\x15 \x01(\x0b\x32\x14.fedenc.v1.HeartbeatH\x00\x12!\n\x05\x63lose\x18\x16 \x01(\x0b\x32\x10.fedenc.v1.CloseH\x00\x12*\n\x06\x66lower\x18\x17 \x01(\x0b\x32\x18.fedenc.v1.FlowerMessageH\x00\x12!\n\x03run\x18\x18 \x01(\x0b\x32\x12.fedenc.v1.RunInfoH\x00\x42\x06\n\x04\x62ody\"m\n\x05Hello\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\x04\x12\r\n\x05\x61gent\x18\x05 \x01(\t\"\xad\x01\n\x07Welcome\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x04 \x01(\x01\x12\x1b\n\x13heartbeat_timeout_s\x18\x05 \x01(\x01\x12\x17\n\x0fmax_chunk_bytes\x18\x06 \x01(\x04\x12\r\n\x05\x61gent\x18\x07 \x01(\t\"2\n\tHeartbeat\x12\x17\n\x0fsent_at_unix_ms\x18\x01 \x01(\x04\x12\x0c\n\x04\x62usy\x18\x02 \x01(\x08\"?\n\x05\x43lose\x12&\n\x06reason\x18\x01 \x01(\x0e\x32\x16.fedenc.v1.CloseReason\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"p\n\x0b\x43onfigValue\x12\x14\n\nbool_value\x18\x01 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x12H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x42\x06\n\x04kind\"\x9a\x01\n\x07RunInfo\x12\x0e\n\x06run_id\x18\x01 \x01(\x04\x12\x35\n\nrun_config\x18\x02 \x03(\x0b\x32!.fedenc.v1.RunInfo.RunConfigEntry\x1aH\n\x0eRunConfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.fedenc.v1.ConfigValue:\x02\x38\x01\"P\n\x11\x41rrayRecordHeader\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x07tensors\x18\x02 \x01(\x0b\x32\x1d.fedenc.v1.ParameterSetHeader\"U\n\rFlowerMessage\x12\x0f\n\x07message\x18\x01 \x01(\x0c\x12\x33\n\rarray_records\x18\x02 \x03(\x0b\x32\x1c.fedenc.v1.ArrayRecordHeader*\xfb\x01\n\x0b\x43loseReason\x12\x1c\n\x18\x43LOSE_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43LOSE_REASON_SHUTDOWN\x10\x01\x12\x1f\n\x1b\x43LOSE_REASON_PROTOCOL_ERROR\x10\x02\x12\x1d\n\x19\x43LOSE_REASON_UNAUTHORIZED\x10\x03\x12#\n\x1f\x43LOSE_REASON_DUPLICATE_IDENTITY\x10\x04\x12\x1d\n\x19\x43LOSE_REASON_INCOMPATIBLE\x10\x05\x12\x18\n\x14\x43LOSE_REASON_TIMEOUT\x10\x06\x12\x15\n\x11\x43LOSE_REASON_FULL\x10\x07\x32N\n\nFederation\x12@\n\x07\x43onnect\x12\x17.fedenc.v1.ChildMessage\x1a\x18.fedenc.v1.MasterMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedenc.proto.fedenc.v1.federation_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_RUNINFO_RUNCONFIGENTRY']._loaded_options = None
+  _globals['_RUNINFO_RUNCONFIGENTRY']._serialized_options = b'8\001'
+  _globals['_CLOSEREASON']._serialized_start=1858
+  _globals['_CLOSEREASON']._serialized_end=2109
   _globals['_CHILDMESSAGE']._serialized_start=102
-  _globals['_CHILDMESSAGE']._serialized_end=408
-  _globals['_MASTERMESSAGE']._serialized_start=411
-  _globals['_MASTERMESSAGE']._serialized_end=658
-  _globals['_FEDERATION']._serialized_start=660
-  _globals['_FEDERATION']._serialized_end=738
+  _globals['_CHILDMESSAGE']._serialized_end=565
+  _globals['_MASTERMESSAGE']._serialized_start=568
+  _globals['_MASTERMESSAGE']._serialized_end=1011
+  _globals['_HELLO']._serialized_start=1013
+  _globals['_HELLO']._serialized_end=1122
+  _globals['_WELCOME']._serialized_start=1125
+  _globals['_WELCOME']._serialized_end=1298
+  _globals['_HEARTBEAT']._serialized_start=1300
+  _globals['_HEARTBEAT']._serialized_end=1350
+  _globals['_CLOSE']._serialized_start=1352
+  _globals['_CLOSE']._serialized_end=1415
+  _globals['_CONFIGVALUE']._serialized_start=1417
+  _globals['_CONFIGVALUE']._serialized_end=1529
+  _globals['_RUNINFO']._serialized_start=1532
+  _globals['_RUNINFO']._serialized_end=1686
+  _globals['_RUNINFO_RUNCONFIGENTRY']._serialized_start=1614
+  _globals['_RUNINFO_RUNCONFIGENTRY']._serialized_end=1686
+  _globals['_ARRAYRECORDHEADER']._serialized_start=1688
+  _globals['_ARRAYRECORDHEADER']._serialized_end=1768
+  _globals['_FLOWERMESSAGE']._serialized_start=1770
+  _globals['_FLOWERMESSAGE']._serialized_end=1855
+  _globals['_FEDERATION']._serialized_start=2111
+  _globals['_FEDERATION']._serialized_end=2189
 # @@protoc_insertion_point(module_scope)

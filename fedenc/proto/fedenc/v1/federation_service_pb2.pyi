@@ -8,24 +8,91 @@ instructions and requests, the child pushes its replies. A message that announce
 parameter set (a `parameters_header` payload) is followed on the same stream, without any
 other message in between, by the TensorChunk messages of that set, in header order.
 
-This is a first, minimal contract: connection handshake, keepalives and errors are added in
-later revisions under new field numbers.
+Life of a stream (fedenc's gRPC runtime, fedenc/runtime/grpc/):
+  1. handshake: the child's first message is a Hello (name, protocol version, capabilities);
+     the master answers with a Welcome (the child's node id for this connection, heartbeat
+     interval, limits) or with a Close that says why it refuses the child (unknown or
+     duplicate identity, incompatible version). A second stream claiming a name that is
+     already connected is refused.
+  2. runs: before the first message of a run the master sends a RunInfo (run id, run config).
+  3. messages: Flower Messages (Message API) travel as a FlowerMessage frame; the tensors of
+     its ArrayRecords follow as TensorChunk frames (see FlowerMessage). A child's reply sets
+     `reply_to` to the `message_id` of the frame it answers.
+  4. liveness: both sides send a Heartbeat every `heartbeat_interval_s` when idle or busy
+     (long local training); a peer silent for longer than the heartbeat timeout is dropped.
+     gRPC keepalive pings guard the TCP connection underneath.
+  5. end: either side sends a Close (a goodbye on shutdown, or the reason it refuses the
+     stream: malformed, oversized or out-of-order frames, a reply to a message never sent,
+     tensors other than expected) and ends its half of the stream.
+The typed messages of federation.proto (Confirmation, TrainResult, ...) are the payloads of
+the fedenc apps; they travel inside FlowerMessage records (see fedenc/federation/records.py).
 """
 
+from collections import abc as _abc
 from fedenc.proto.fedenc.v1 import federation_pb2 as _federation_pb2
 from fedenc.proto.fedenc.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
 
-if sys.version_info >= (3, 10):
-    from typing import TypeAlias as _TypeAlias
+if sys.version_info >= (3, 11):
+    from typing import TypeAlias as _TypeAlias, Never as _Never
 else:
-    from typing_extensions import TypeAlias as _TypeAlias
+    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _CloseReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CloseReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CloseReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CLOSE_REASON_UNSPECIFIED: _CloseReason.ValueType  # 0
+    """Not set: read as an unexplained close."""
+    CLOSE_REASON_SHUTDOWN: _CloseReason.ValueType  # 1
+    """The sender shuts down cleanly (a child's goodbye, or the master ending its federation)."""
+    CLOSE_REASON_PROTOCOL_ERROR: _CloseReason.ValueType  # 2
+    """The peer broke the protocol (malformed, oversized or out-of-order frames, a reply to a
+    message never sent, tensors other than expected); `detail` says what.
+    """
+    CLOSE_REASON_UNAUTHORIZED: _CloseReason.ValueType  # 3
+    """The child's identity is unknown or does not match its certificate."""
+    CLOSE_REASON_DUPLICATE_IDENTITY: _CloseReason.ValueType  # 4
+    """Another stream with the same child name is connected."""
+    CLOSE_REASON_INCOMPATIBLE: _CloseReason.ValueType  # 5
+    """The protocol versions or required capabilities do not match."""
+    CLOSE_REASON_TIMEOUT: _CloseReason.ValueType  # 6
+    """The peer was silent for longer than the heartbeat timeout."""
+    CLOSE_REASON_FULL: _CloseReason.ValueType  # 7
+    """The master accepts no more children."""
+
+class CloseReason(_CloseReason, metaclass=_CloseReasonEnumTypeWrapper):
+    """Why a stream ends."""
+
+CLOSE_REASON_UNSPECIFIED: CloseReason.ValueType  # 0
+"""Not set: read as an unexplained close."""
+CLOSE_REASON_SHUTDOWN: CloseReason.ValueType  # 1
+"""The sender shuts down cleanly (a child's goodbye, or the master ending its federation)."""
+CLOSE_REASON_PROTOCOL_ERROR: CloseReason.ValueType  # 2
+"""The peer broke the protocol (malformed, oversized or out-of-order frames, a reply to a
+message never sent, tensors other than expected); `detail` says what.
+"""
+CLOSE_REASON_UNAUTHORIZED: CloseReason.ValueType  # 3
+"""The child's identity is unknown or does not match its certificate."""
+CLOSE_REASON_DUPLICATE_IDENTITY: CloseReason.ValueType  # 4
+"""Another stream with the same child name is connected."""
+CLOSE_REASON_INCOMPATIBLE: CloseReason.ValueType  # 5
+"""The protocol versions or required capabilities do not match."""
+CLOSE_REASON_TIMEOUT: CloseReason.ValueType  # 6
+"""The peer was silent for longer than the heartbeat timeout."""
+CLOSE_REASON_FULL: CloseReason.ValueType  # 7
+"""The master accepts no more children."""
+Global___CloseReason: _TypeAlias = CloseReason  # noqa: Y015
 
 @_typing.final
 class ChildMessage(_message.Message):
@@ -40,6 +107,10 @@ class ChildMessage(_message.Message):
     EVALUATE_RESULT_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     ENCODER_REQUEST_FIELD_NUMBER: _builtins.int
+    HELLO_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    CLOSE_FIELD_NUMBER: _builtins.int
+    FLOWER_FIELD_NUMBER: _builtins.int
     message_id: _builtins.int
     """Sender-assigned identifier, unique and increasing within the stream; 0 is not used."""
     reply_to: _builtins.int
@@ -64,6 +135,22 @@ class ChildMessage(_message.Message):
     def encoder_request(self) -> _federation_pb2.EncoderRequest:
         """A request for a shared encoder (starts a job on the master)."""
 
+    @_builtins.property
+    def hello(self) -> Global___Hello:
+        """The first message of every stream: who the child is and what it speaks."""
+
+    @_builtins.property
+    def heartbeat(self) -> Global___Heartbeat:
+        """Liveness signal, sent every heartbeat interval (also while training)."""
+
+    @_builtins.property
+    def close(self) -> Global___Close:
+        """The child leaves (goodbye) or refuses the stream; nothing follows it."""
+
+    @_builtins.property
+    def flower(self) -> Global___FlowerMessage:
+        """A Flower Message (a reply to the master's FlowerMessage named by `reply_to`)."""
+
     def __init__(
         self,
         *,
@@ -74,12 +161,16 @@ class ChildMessage(_message.Message):
         evaluate_result: _federation_pb2.EvaluateResult | None = ...,
         chunk: _tensor_pb2.TensorChunk | None = ...,
         encoder_request: _federation_pb2.EncoderRequest | None = ...,
+        hello: Global___Hello | None = ...,
+        heartbeat: Global___Heartbeat | None = ...,
+        close: Global___Close | None = ...,
+        flower: Global___FlowerMessage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "confirmation", b"confirmation", "encoder_request", b"encoder_request", "evaluate_result", b"evaluate_result", "train_result", b"train_result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "close", b"close", "confirmation", b"confirmation", "encoder_request", b"encoder_request", "evaluate_result", b"evaluate_result", "flower", b"flower", "heartbeat", b"heartbeat", "hello", b"hello", "train_result", b"train_result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "confirmation", b"confirmation", "encoder_request", b"encoder_request", "evaluate_result", b"evaluate_result", "message_id", b"message_id", "reply_to", b"reply_to", "train_result", b"train_result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "close", b"close", "confirmation", b"confirmation", "encoder_request", b"encoder_request", "evaluate_result", b"evaluate_result", "flower", b"flower", "heartbeat", b"heartbeat", "hello", b"hello", "message_id", b"message_id", "reply_to", b"reply_to", "train_result", b"train_result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["confirmation", "train_result", "evaluate_result", "chunk", "encoder_request"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["confirmation", "train_result", "evaluate_result", "chunk", "encoder_request", "hello", "heartbeat", "close", "flower"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -97,6 +188,11 @@ class MasterMessage(_message.Message):
     TRAIN_FIELD_NUMBER: _builtins.int
     EVALUATE_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    WELCOME_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    CLOSE_FIELD_NUMBER: _builtins.int
+    FLOWER_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
     message_id: _builtins.int
     """Sender-assigned identifier, unique and increasing within the stream; 0 is not used."""
     reply_to: _builtins.int
@@ -117,6 +213,28 @@ class MasterMessage(_message.Message):
     def chunk(self) -> _tensor_pb2.TensorChunk:
         """A slice of a streamed parameter set announced by the previous message."""
 
+    @_builtins.property
+    def welcome(self) -> Global___Welcome:
+        """The master accepts the child's Hello."""
+
+    @_builtins.property
+    def heartbeat(self) -> Global___Heartbeat:
+        """Liveness signal, sent every heartbeat interval."""
+
+    @_builtins.property
+    def close(self) -> Global___Close:
+        """The master ends the stream (shutdown, or the reason it refuses the child); nothing
+        follows it.
+        """
+
+    @_builtins.property
+    def flower(self) -> Global___FlowerMessage:
+        """A Flower Message (an instruction to the child's ClientApp)."""
+
+    @_builtins.property
+    def run(self) -> Global___RunInfo:
+        """The run that the following Flower Messages belong to."""
+
     def __init__(
         self,
         *,
@@ -126,13 +244,323 @@ class MasterMessage(_message.Message):
         train: _federation_pb2.TrainRequest | None = ...,
         evaluate: _federation_pb2.EvaluateRequest | None = ...,
         chunk: _tensor_pb2.TensorChunk | None = ...,
+        welcome: Global___Welcome | None = ...,
+        heartbeat: Global___Heartbeat | None = ...,
+        close: Global___Close | None = ...,
+        flower: Global___FlowerMessage | None = ...,
+        run: Global___RunInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "evaluate", b"evaluate", "instruction", b"instruction", "train", b"train"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "close", b"close", "evaluate", b"evaluate", "flower", b"flower", "heartbeat", b"heartbeat", "instruction", b"instruction", "run", b"run", "train", b"train", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "evaluate", b"evaluate", "instruction", b"instruction", "message_id", b"message_id", "reply_to", b"reply_to", "train", b"train"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "close", b"close", "evaluate", b"evaluate", "flower", b"flower", "heartbeat", b"heartbeat", "instruction", b"instruction", "message_id", b"message_id", "reply_to", b"reply_to", "run", b"run", "train", b"train", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["instruction", "train", "evaluate", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["instruction", "train", "evaluate", "chunk", "welcome", "heartbeat", "close", "flower", "run"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___MasterMessage: _TypeAlias = MasterMessage  # noqa: Y015
+
+@_typing.final
+class Hello(_message.Message):
+    """A child's handshake: the first message of every stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The child's name, unique among connected children (for example "hospital-a"). With mutual
+    TLS the master checks it against the identity of the child's certificate.
+    """
+    protocol_version: _builtins.int
+    """The wire protocol version the child speaks; the master refuses another major version."""
+    max_chunk_bytes: _builtins.int
+    """Largest TensorChunk data, in bytes, the child accepts; 0 means the default
+    (4 MiB - 64 KiB).
+    """
+    agent: _builtins.str
+    """Software that runs the child, for logs (for example "fedenc 0.1.0")."""
+    @_builtins.property
+    def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional features the child supports, for example "flower-message/1", "heartbeat/1"."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        protocol_version: _builtins.int = ...,
+        capabilities: _abc.Iterable[_builtins.str] | None = ...,
+        max_chunk_bytes: _builtins.int = ...,
+        agent: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "capabilities", b"capabilities", "max_chunk_bytes", b"max_chunk_bytes", "name", b"name", "protocol_version", b"protocol_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Hello: _TypeAlias = Hello  # noqa: Y015
+
+@_typing.final
+class Welcome(_message.Message):
+    """The master's answer to an accepted Hello."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.int
+    """The child's node id for this connection (Flower's `dst_node_id`); a reconnecting child gets a
+    new one.
+    """
+    protocol_version: _builtins.int
+    """The wire protocol version the master speaks."""
+    heartbeat_interval_s: _builtins.float
+    """How often each side sends a Heartbeat, in seconds."""
+    heartbeat_timeout_s: _builtins.float
+    """Silence, in seconds, after which each side considers the other gone."""
+    max_chunk_bytes: _builtins.int
+    """Largest TensorChunk data, in bytes, the master accepts and sends."""
+    agent: _builtins.str
+    """Software that runs the master, for logs."""
+    @_builtins.property
+    def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The capabilities both sides support (the intersection); only these are used."""
+
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.int = ...,
+        protocol_version: _builtins.int = ...,
+        capabilities: _abc.Iterable[_builtins.str] | None = ...,
+        heartbeat_interval_s: _builtins.float = ...,
+        heartbeat_timeout_s: _builtins.float = ...,
+        max_chunk_bytes: _builtins.int = ...,
+        agent: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "capabilities", b"capabilities", "heartbeat_interval_s", b"heartbeat_interval_s", "heartbeat_timeout_s", b"heartbeat_timeout_s", "max_chunk_bytes", b"max_chunk_bytes", "node_id", b"node_id", "protocol_version", b"protocol_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Welcome: _TypeAlias = Welcome  # noqa: Y015
+
+@_typing.final
+class Heartbeat(_message.Message):
+    """A liveness signal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SENT_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    BUSY_FIELD_NUMBER: _builtins.int
+    sent_at_unix_ms: _builtins.int
+    """Sender's wall clock, milliseconds since the Unix epoch (for logs; clocks may differ)."""
+    busy: _builtins.bool
+    """True while the sender is busy with a message (a child training, for example)."""
+    def __init__(
+        self,
+        *,
+        sent_at_unix_ms: _builtins.int = ...,
+        busy: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "sent_at_unix_ms", b"sent_at_unix_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
+
+@_typing.final
+class Close(_message.Message):
+    """The last message a side sends on a stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    reason: Global___CloseReason.ValueType
+    """Why the stream ends."""
+    detail: _builtins.str
+    """A human-readable explanation (which frame was refused and why)."""
+    def __init__(
+        self,
+        *,
+        reason: Global___CloseReason.ValueType = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Close: _TypeAlias = Close  # noqa: Y015
+
+@_typing.final
+class ConfigValue(_message.Message):
+    """One value of a Flower run config (a flat mapping of bool, integer, float and string values)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BOOL_VALUE_FIELD_NUMBER: _builtins.int
+    INT_VALUE_FIELD_NUMBER: _builtins.int
+    DOUBLE_VALUE_FIELD_NUMBER: _builtins.int
+    STRING_VALUE_FIELD_NUMBER: _builtins.int
+    bool_value: _builtins.bool
+    """A boolean."""
+    int_value: _builtins.int
+    """A signed integer."""
+    double_value: _builtins.float
+    """A float."""
+    string_value: _builtins.str
+    """A string."""
+    def __init__(
+        self,
+        *,
+        bool_value: _builtins.bool = ...,
+        int_value: _builtins.int = ...,
+        double_value: _builtins.float = ...,
+        string_value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "double_value", b"double_value", "int_value", b"int_value", "kind", b"kind", "string_value", b"string_value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "double_value", b"double_value", "int_value", b"int_value", "kind", b"kind", "string_value", b"string_value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["bool_value", "int_value", "double_value", "string_value"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___ConfigValue: _TypeAlias = ConfigValue  # noqa: Y015
+
+@_typing.final
+class RunInfo(_message.Message):
+    """The run the following Flower Messages belong to: what a child needs to build the Flower
+    Context it keeps for the run.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class RunConfigEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___ConfigValue: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___ConfigValue | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    RUN_CONFIG_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.int
+    """Flower's run id (the `run_id` in every message of the run)."""
+    @_builtins.property
+    def run_config(self) -> _containers.MessageMap[_builtins.str, Global___ConfigValue]:
+        """The run config (Flower's `context.run_config`) by key."""
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.int = ...,
+        run_config: _abc.Mapping[_builtins.str, Global___ConfigValue] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_config", b"run_config", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunInfo: _TypeAlias = RunInfo  # noqa: Y015
+
+@_typing.final
+class ArrayRecordHeader(_message.Message):
+    """An ArrayRecord of a FlowerMessage whose tensors are streamed after it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    TENSORS_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The record's key in the message content."""
+    @_builtins.property
+    def tensors(self) -> _tensor_pb2.ParameterSetHeader:
+        """The record's tensors (their names are the record's array keys), in the order their
+        TensorChunk frames follow.
+        """
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        tensors: _tensor_pb2.ParameterSetHeader | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tensors", b"tensors"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "tensors", b"tensors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArrayRecordHeader: _TypeAlias = ArrayRecordHeader  # noqa: Y015
+
+@_typing.final
+class FlowerMessage(_message.Message):
+    """A Flower Message (Flower 1.42 Message API) on the wire.
+
+    `message` is Flower's own `flwr.proto.Message` (flwr/proto/message.proto in the Flower
+    repository: metadata, content RecordDict, error), serialized, in which every ArrayRecord of
+    the content is left empty. The tensors of those ArrayRecords follow this frame as TensorChunk
+    frames, record after record in `array_records` order, each record's tensors in its header's
+    order, each tensor's chunks by increasing offset (fedenc/protocol/chunking.py), with no other
+    frame in between. Tensor data is raw little-endian element bytes, so a parameter set of any
+    size travels in frames of at most 4 MiB: no gRPC message limit and no protobuf 2 GiB limit
+    applies to it. Receivers check every header and chunk (names, dtypes, shapes, byte lengths,
+    order) and, for a reply, the tensors of an ArrayRecord whose key the instruction also carried
+    against the instruction's tensors.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    ARRAY_RECORDS_FIELD_NUMBER: _builtins.int
+    message: _builtins.bytes
+    """Flower's serialized `flwr.proto.Message`, with every ArrayRecord empty."""
+    @_builtins.property
+    def array_records(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArrayRecordHeader]:
+        """The ArrayRecords whose tensors follow, in content order; their keys are the empty
+        ArrayRecords of `message`.
+        """
+
+    def __init__(
+        self,
+        *,
+        message: _builtins.bytes = ...,
+        array_records: _abc.Iterable[Global___ArrayRecordHeader] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["array_records", b"array_records", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FlowerMessage: _TypeAlias = FlowerMessage  # noqa: Y015

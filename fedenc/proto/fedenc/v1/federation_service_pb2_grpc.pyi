@@ -8,8 +8,24 @@ instructions and requests, the child pushes its replies. A message that announce
 parameter set (a `parameters_header` payload) is followed on the same stream, without any
 other message in between, by the TensorChunk messages of that set, in header order.
 
-This is a first, minimal contract: connection handshake, keepalives and errors are added in
-later revisions under new field numbers.
+Life of a stream (fedenc's gRPC runtime, fedenc/runtime/grpc/):
+  1. handshake: the child's first message is a Hello (name, protocol version, capabilities);
+     the master answers with a Welcome (the child's node id for this connection, heartbeat
+     interval, limits) or with a Close that says why it refuses the child (unknown or
+     duplicate identity, incompatible version). A second stream claiming a name that is
+     already connected is refused.
+  2. runs: before the first message of a run the master sends a RunInfo (run id, run config).
+  3. messages: Flower Messages (Message API) travel as a FlowerMessage frame; the tensors of
+     its ArrayRecords follow as TensorChunk frames (see FlowerMessage). A child's reply sets
+     `reply_to` to the `message_id` of the frame it answers.
+  4. liveness: both sides send a Heartbeat every `heartbeat_interval_s` when idle or busy
+     (long local training); a peer silent for longer than the heartbeat timeout is dropped.
+     gRPC keepalive pings guard the TCP connection underneath.
+  5. end: either side sends a Close (a goodbye on shutdown, or the reason it refuses the
+     stream: malformed, oversized or out-of-order frames, a reply to a message never sent,
+     tensors other than expected) and ends its half of the stream.
+The typed messages of federation.proto (Confirmation, TrainResult, ...) are the payloads of
+the fedenc apps; they travel inside FlowerMessage records (see fedenc/federation/records.py).
 """
 
 from collections import abc as _abc

@@ -1,8 +1,9 @@
-"""What a node does with one message: Flower's node-side contract, shared by fedenc's runtimes.
+"""Flower's node-side contract for calling a ClientApp, shared by fedenc's runtimes, and how
+runtimes find an app by reference (``"nodes.child:app"``).
 
-A ClientApp call either returns a reply to the message or fails; a failure becomes Flower's error
-reply (code 2, ``CLIENT_APP_RAISED_EXCEPTION``), as a SuperNode and Flower's simulation do, so the
-master sees the same thing whichever runtime hosts the child.
+A ClientApp that raises, or returns something other than a reply to the message, yields Flower's
+error reply (code 2, ``CLIENT_APP_RAISED_EXCEPTION``), as SuperNode and simulation do; the
+exception is logged with its traceback on the node.
 """
 
 from __future__ import annotations
@@ -23,14 +24,17 @@ log = logging.getLogger(__name__)
 ClientCallable = Callable[[Message, Context], Message]
 
 
-def handle_message(app: ClientApp | ClientCallable, message: Message, context: Context) -> Message:
-    """``app``'s reply to ``message``, or an error reply naming what went wrong."""
+def call_client_app(
+    client_app: ClientApp | ClientCallable, message: Message, context: Context, label: str
+) -> Message:
+    """A reply to ``message`` from ``client_app``, or an error reply; ``label`` names the node in
+    logs."""
     try:
-        reply = app(message, context)
-    except Exception as err:
+        reply = client_app(message, context)
+    except Exception as err:  # the app's failure becomes the reply, as in Flower's runtimes
         log.warning(
-            "node %d: ClientApp raised on %s: %s\n%s",
-            context.node_id,
+            "%s: ClientApp raised on %s: %s\n%s",
+            label,
             message.metadata.message_type,
             err,
             traceback.format_exc(),

@@ -1,0 +1,292 @@
+"""The gRPC runtime's cost on loopback, next to plain gRPC measured in the same run.
+
+1. Round overhead: a 10M-parameter encoder (40 MB of float32 shared tensors) sent by the master's
+   Grid to 4 child processes, each "training" for a fixed time (a sleep, so the children do not
+   fight the master for the cores), and sent back. Overhead = round time - the slowest child's
+   local training. Baseline: the same bytes (40 MB down and 40 MB up per child, 4 MiB frames)
+   over a plain gRPC bidirectional stream to 4 client processes, no Flower, no codec.
+2. Small-message round trip master -> child -> master (a Flower ``query`` with a tiny
+   ConfigRecord, one child): p50 / p99 against a ping-pong of tiny frames on a plain stream.
+
+Medians over the rounds (after a warm-up). Run: ``python benchmarks/grpc_runtime.py``
+(``--rounds``, ``--pings``, ``--params``, ``--children``, ``--train-seconds``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+HERE = Path(__file__).resolve().parent
+FRAME = 4 * 1024 * 1024 - 64 * 1024
+OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
+
+
+# -- the children's ClientApp (loaded by `fedenc child --app grpc_runtime:bench_app`) -------------
+
+
+def bench_app(msg: Message, ctx: Context) -> Message:
+    """``train``: sleep ``train-seconds`` (the local training), return the received arrays;
+    anything else: a tiny reply."""
+    if msg.metadata.message_type != "train":
+        return Message(RecordDict({"metrics": MetricRecord({"ok": 1})}), reply_to=msg)
+    t0 = time.perf_counter()
+    time.sleep(float(msg.content["config"]["train-seconds"]))
+    spent = time.perf_counter() - t0
+    out = RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({"train": spent})})
+    return Message(out, reply_to=msg)
+
+
+# -- plain gRPC baseline ------------------------------------------------------------------------
+
+
+def _baseline_client(address: str) -> None:
+    """Echo: for each burst the server announces (first frame = 8-byte size), receive that many
+    bytes, then send the same number back in FRAME-sized frames."""
+    out: queue.Queue[bytes | None] = queue.Queue()
+    channel = grpc.insecure_channel(address, options=OPTIONS)
+    call = channel.stream_stream("/bench.Plain/Echo")(iter(out.get, None))
+    out.put(b"hello")
+    want = received = 0
+    for data in call:
+        if want == 0:
+            want, received = int.from_bytes(data[:8], "little"), len(data) - 8
+        else:
+            received += len(data)
+        if received >= want:
+            payload = b"\x01" * min(FRAME, want)
+            sent = 0
+            while sent < want:
+                n = min(FRAME, want - sent)
+                out.put(payload[:n])
+                sent += n
+            want = 0
+    out.put(None)
+
+
+class PlainServer:
+    """The baseline's server: pushes a burst of N bytes to every client and waits for N back."""
+
+    def __init__(self, clients: int) -> None:
+        self.clients = clients
+        self.streams: list[tuple[queue.Queue[bytes | None], queue.Queue[int]]] = []
+        self.ready = threading.Semaphore(0)
+        self.server = grpc.server(ThreadPoolExecutor(clients + 4), options=OPTIONS)
+        handler = grpc.method_handlers_generic_handler(
+            "bench.Plain", {"Echo": grpc.stream_stream_rpc_method_handler(self._echo)}
+        )
+        self.server.add_generic_rpc_handlers((handler,))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def _echo(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        out: queue.Queue[bytes | None] = queue.Queue()
+        back: queue.Queue[int] = queue.Queue()
+
+        def read() -> None:
+            next(requests)  # hello
+            self.streams.append((out, back))
+            self.ready.release()
+            for data in requests:
+                back.put(len(data))
+
+        threading.Thread(target=read, daemon=True).start()
+        yield from iter(out.get, None)
+
+    def burst(self, nbytes: int) -> float:
+        """Seconds to push ``nbytes`` to every client and get ``nbytes`` back from each."""
+        payload = b"\x00" * FRAME
+        t0 = time.perf_counter()
+        for out, _ in self.streams:
+
+            def frames(out: queue.Queue[bytes | None] = out) -> None:
+                first = True
+                sent = 0
+                while sent < nbytes:
+                    n = min(FRAME, nbytes - sent)
+                    head = nbytes.to_bytes(8, "little") if first else b""
+                    out.put(head + payload[:n])
+                    sent += n
+                    first = False
+
+            frames()
+        for _, back in self.streams:
+            got = 0
+            while got < nbytes:
+                got += back.get()
+        return time.perf_counter() - t0
+
+    def stop(self) -> None:
+        for out, _ in self.streams:
+            out.put(None)
+        self.server.stop(1)
+
+
+# -- measurements ---------------------------------------------------------------------------------
+
+
+def start_children(address: str, k: int, app: str | None) -> list[subprocess.Popen[bytes]]:
+    from fedenc.runtime.grpc.launcher import child_command, child_env
+
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env["PYTHONPATH"]])
+    procs = []
+    for i in range(k):
+        if app is None:
+            cmd = [sys.executable, str(Path(__file__)), "--baseline-client", address]
+        else:
+            cmd = child_command(
+                address, f"bench-{i}", options=["--app", app, "--log-level", "warning"]
+            )
+        procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL))
+    return procs
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
+def encoder_record(params: int) -> ArrayRecord:
+    """``params`` float32 values in 10 tensors, like an encoder's shared layers."""
+    rng = np.random.default_rng(0)
+    per = params // 10
+    return ArrayRecord(
+        {f"layer{i}.weight": Array(rng.standard_normal(per, dtype=np.float32)) for i in range(10)}
+    )
+
+
+def grpc_runtime(args: argparse.Namespace) -> dict[str, list[float]]:
+    from fedenc.runtime import flower_compat as fc
+    from fedenc.runtime.grpc.master import FederationServer, GrpcGrid
+    from fedenc.runtime.grpc.transport import ServerSecurity
+
+    server = FederationServer("127.0.0.1:0", ServerSecurity(insecure=True)).start()
+    procs = start_children(server.address, args.children, "grpc_runtime:bench_app")
+    out: dict[str, list[float]] = {"round": [], "overhead": [], "rtt": []}
+    try:
+        assert server.wait_for_children(args.children, 120), "children did not connect"
+        grid = GrpcGrid(server, 1)
+        record = encoder_record(args.params)
+        content = RecordDict(
+            {"arrays": record, "config": ConfigRecord({"train-seconds": args.train_seconds})}
+        )
+        nodes = grid.get_node_ids()
+        for r in range(args.rounds + 1):
+            with fc.task_identity(1):
+                msgs = [Message(content, nid, "train") for nid in nodes]
+            t0 = time.perf_counter()
+            replies = grid.send_and_receive(msgs, timeout=300)
+            seconds = time.perf_counter() - t0
+            assert len(replies) == len(nodes) and not any(m.has_error() for m in replies)
+            slowest = max(float(m.content["metrics"]["train"]) for m in replies)
+            if r:  # round 0 warms up
+                out["round"].append(seconds)
+                out["overhead"].append(seconds - slowest)
+        ping = RecordDict({"config": ConfigRecord({"x": 1})})
+        for i in range(args.pings + 20):
+            with fc.task_identity(1):
+                msg = Message(ping, nodes[0], "query")
+            t0 = time.perf_counter()
+            (reply,) = grid.send_and_receive([msg], timeout=30)
+            assert not reply.has_error()
+            if i >= 20:
+                out["rtt"].append(time.perf_counter() - t0)
+    finally:
+        server.stop("benchmark over")
+        stop(procs)
+    return out
+
+
+def plain_grpc(args: argparse.Namespace) -> dict[str, list[float]]:
+    server = PlainServer(args.children)
+    procs = start_children(f"127.0.0.1:{server.port}", args.children, None)
+    out: dict[str, list[float]] = {"round": [], "rtt": []}
+    try:
+        for _ in range(args.children):
+            assert server.ready.acquire(timeout=120), "baseline clients did not connect"
+        nbytes = (args.params // 10) * 4 * 10
+        for r in range(args.rounds + 1):
+            seconds = server.burst(nbytes)
+            if r:
+                out["round"].append(seconds)
+        one = server.streams[:1]
+        streams, server.streams = server.streams, one
+        for i in range(args.pings + 20):
+            seconds = server.burst(16)
+            if i >= 20:
+                out["rtt"].append(seconds)
+        server.streams = streams
+    finally:
+        server.stop()
+        stop(procs)
+    return out
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.array(xs), q))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--children", type=int, default=4)
+    ap.add_argument("--params", type=int, default=10_000_000)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--pings", type=int, default=300)
+    ap.add_argument("--train-seconds", type=float, default=1.0)
+    ap.add_argument("--baseline-client", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.baseline_client:
+        _baseline_client(args.baseline_client)
+        return
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    sys.path.insert(0, str(HERE))
+    from _common import load_avg
+
+    mb = args.params * 4 / 1e6
+    print(
+        f"gRPC runtime on loopback: {args.children} child processes, {args.params / 1e6:g}M "
+        f"float32 parameters ({mb:.0f} MB each way per child), local training "
+        f"{args.train_seconds:g} s; {os.cpu_count()} cores, load avg {load_avg()}"
+    )
+    plain = plain_grpc(args)
+    ours = grpc_runtime(args)
+    med = statistics.median
+    moved = 2 * args.children * mb
+    print(f"\nround (median of {args.rounds}):")
+    print(f"  plain gRPC stream, same bytes ({moved:.0f} MB)   {med(plain['round']):7.3f} s")
+    print(f"  fedenc round, total                          {med(ours['round']):7.3f} s")
+    print(
+        f"  fedenc round overhead (total - training)     {med(ours['overhead']):7.3f} s"
+        f"   = {med(ours['overhead']) / med(plain['round']):.2f} x plain gRPC"
+    )
+    print(f"\nsmall-message round trip, one child ({args.pings} after 20 warm-up):")
+    print(
+        f"  plain gRPC ping-pong       p50 {pct(plain['rtt'], 50) * 1e3:6.2f} ms"
+        f"   p99 {pct(plain['rtt'], 99) * 1e3:6.2f} ms"
+    )
+    print(
+        f"  fedenc Grid query          p50 {pct(ours['rtt'], 50) * 1e3:6.2f} ms"
+        f"   p99 {pct(ours['rtt'], 99) * 1e3:6.2f} ms   (goal p50 < 5 ms)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""The master's end of one child's Federation stream.
+
+A :class:`ChildConnection` owns two directions:
+
+* **outbound** (:meth:`ChildConnection.frames`, iterated by gRPC in the RPC's thread): a FIFO of
+  items, each a run of frames sent back to back (a FlowerMessage and all its chunks, so nothing
+  can slip between them). Frames get their ``message_id`` as they leave, so ids increase on the
+  wire; a FlowerMessage is recorded as *sent* (wire id -> instruction id, expected tensors) just
+  before it leaves, so a reply can never beat its record.
+* **inbound** (:meth:`ChildConnection.read`, on its own thread): the Hello first, then
+  heartbeats, a goodbye, and Flower Messages with their chunks (:class:`FrameReader`).
+
+Any frame that breaks the protocol closes the stream with ``CLOSE_REASON_PROTOCOL_ERROR`` and a
+logged reason; the master and the other children go on. The owner (:class:`FederationServer`)
+is told through :class:`ConnectionOwner` when a child is welcome, sends a reply, or is gone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol, TypeAlias
+
+from flwr.app import Message
+from google.protobuf.message import DecodeError
+
+from fedenc.proto.fedenc.v1 import federation_service_pb2 as spb
+from fedenc.protocol.tensors import ExpectedSpecs
+from fedenc.runtime import flower_compat as fc
+from fedenc.runtime.grpc.frames import ArraySpecs, EncodedMessage, FrameError, FrameReader
+from fedenc.runtime.grpc.transport import (
+    CAPABILITIES,
+    PROTOCOL_VERSION,
+    REQUIRED_CAPABILITIES,
+    AuthContext,
+)
+
+log = logging.getLogger(__name__)
+
+CloseReason: TypeAlias = spb.CloseReason.ValueType
+
+
+@dataclass
+class Sent:
+    """A FlowerMessage that left on this stream and awaits its reply."""
+
+    message_id: str
+    run_id: int
+    specs: ArraySpecs = field(default_factory=dict)
+
+
+@dataclass
+class _Item:
+    frames: Iterable[spb.MasterMessage]
+    sent: Sent | None = None  # recorded under the first frame's wire id
+    counted: bool = False  # Flower traffic (bytes_sent)
+
+
+class ConnectionOwner(Protocol):
+    """What a connection reports to the server that owns it."""
+
+    def welcome(self, conn: ChildConnection, hello: spb.Hello) -> spb.Close | None:
+        """Register the child; a Close refuses it."""
+
+    def reply(self, conn: ChildConnection, message: Message, sent: Sent) -> None:
+        """A complete, checked reply from the child."""
+
+    def gone(self, conn: ChildConnection, reason: str) -> None:
+        """The stream is over (called once)."""
+
+    def count(self, sent: int, received: int) -> None:
+        """Flower-message bytes on the wire."""
+
+
+class ChildConnection:
+    """One child's stream, seen from the master."""
+
+    def __init__(
+        self,
+        owner: ConnectionOwner,
+        peer: str,
+        auth: AuthContext,
+        *,
+        max_chunk_bytes: int,
+        max_array_bytes: int | None,
+        strict_arrays: bool = True,
+    ) -> None:
+        self.owner = owner
+        self.peer = peer
+        self.auth = auth
+        self.name = ""
+        self.node_id = 0
+        self.strict_arrays = strict_arrays
+        self.created = self.last_seen = time.monotonic()
+        self.welcomed = False
+        self.busy = False
+        self.close_reason = ""
+        self._out: queue.Queue[_Item | None] = queue.Queue()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._sent: dict[int, Sent] = {}
+        self._reader = FrameReader(max_chunk_bytes=max_chunk_bytes, max_array_bytes=max_array_bytes)
+
+    def label(self) -> str:
+        return f"{self.name or '?'} (node {self.node_id}, {self.peer})"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- outbound ----------------------------------------------------------------------------------
+
+    def _put(self, item: _Item) -> bool:
+        with self._lock:
+            if self._closed:
+                return False
+            self._out.put(item)
+            return True
+
+    def send(self, frame: spb.MasterMessage) -> bool:
+        """Queues one control frame; False when the stream is closed."""
+        return self._put(_Item([frame]))
+
+    def send_message(self, encoded: EncodedMessage, sent: Sent) -> bool:
+        """Queues a Flower message (frame + chunks); False when the stream is closed."""
+
+        def frames() -> Iterator[spb.MasterMessage]:
+            yield spb.MasterMessage(flower=encoded.frame)
+            for chunk in encoded.chunks:
+                yield spb.MasterMessage(chunk=chunk)
+
+        return self._put(_Item(frames(), sent=sent, counted=True))
+
+    def frames(self) -> Iterator[bytes]:
+        """The outbound frames, serialized, until the stream is closed (gRPC iterates this)."""
+        while True:
+            item = self._out.get()
+            if item is None:
+                return
+            first = True
+            for frame in item.frames:
+                frame.message_id = next(self._ids)
+                if first and item.sent is not None:
+                    with self._lock:
+                        self._sent[frame.message_id] = item.sent
+                first = False
+                data = frame.SerializeToString()
+                if item.counted:
+                    self.owner.count(len(data), 0)
+                yield data
+
+    def close(self, reason: CloseReason, detail: str) -> None:
+        """Sends a Close (once) and ends the outbound stream; the owner hears of it."""
+        with self._lock:
+            if self._closed:
+                return
+            self._out.put(_Item([spb.MasterMessage(close=spb.Close(reason=reason, detail=detail))]))
+            self._out.put(None)
+            self._closed = True
+            self.close_reason = detail
+        self.owner.gone(self, detail)
+
+    def ended(self, detail: str) -> None:
+        """The RPC is over (peer gone, cancelled): no Close can be sent any more."""
+        with self._lock:
+            if self._closed:
+                return
+            self._out.put(None)
+            self._closed = True
+            self.close_reason = detail
+        self.owner.gone(self, detail)
+
+    def refuse(self, detail: str) -> None:
+        log.warning("refusing the stream of %s: %s", self.label(), detail)
+        self.close(spb.CLOSE_REASON_PROTOCOL_ERROR, detail)
+
+    # -- inbound -----------------------------------------------------------------------------------
+
+    def read(self, requests: Iterator[bytes]) -> None:
+        """Reads the child's frames until the stream ends (run on a thread of its own)."""
+        try:
+            for data in requests:
+                if self._closed:
+                    break
+                self.last_seen = time.monotonic()
+                try:
+                    self._frame(data)
+                except FrameError as err:
+                    self.refuse(str(err))
+                    break
+        except Exception as err:  # gRPC ends an aborted stream's iterator with an exception
+            self.ended(f"stream broken ({type(err).__name__}: {err})")
+            return
+        self.ended("the child closed its stream")
+
+    def _frame(self, data: bytes) -> None:
+        try:
+            frame = spb.ChildMessage.FromString(data)
+        except DecodeError as err:
+            raise FrameError(f"undecodable frame of {len(data)} bytes ({err})") from None
+        kind = frame.WhichOneof("body")
+        if not self.welcomed:
+            if kind != "hello":
+                raise FrameError(f"first frame must be a Hello, got {kind or 'an empty frame'}")
+            self._hello(frame.hello)
+            return
+        if kind == "chunk":
+            self.owner.count(0, len(data))
+            reply_to = self._reader.tag
+            self._done(self._reader.chunk(frame.chunk), reply_to)
+            return
+        if kind == "flower":
+            self.owner.count(0, len(data))
+            message = self._reader.flower(frame.flower, frame.reply_to, self._expect(frame))
+            self._done(message, frame.reply_to)
+            return
+        self._reader.other(kind or "an empty")
+        if kind == "heartbeat":
+            self.busy = frame.heartbeat.busy
+        elif kind == "close":
+            detail = frame.close.detail or spb.CloseReason.Name(frame.close.reason)
+            log.info("%s says goodbye: %s", self.label(), detail)
+            self.close(spb.CLOSE_REASON_SHUTDOWN, f"goodbye from the child: {detail}")
+        else:
+            raise FrameError(f"unexpected {kind or 'empty'} frame from a child")
+
+    def _expect(self, frame: spb.ChildMessage) -> dict[str, ExpectedSpecs] | None:
+        """The tensors the reply's ArrayRecords must hold: those of the instruction."""
+        with self._lock:
+            sent = self._sent.get(frame.reply_to)
+        if sent is None:
+            raise FrameError(
+                f"FlowerMessage replies to frame {frame.reply_to}, which is no message the master "
+                "sent on this stream (or one already answered)"
+            )
+        return dict(sent.specs) if self.strict_arrays else None
+
+    def _done(self, message: Message | None, reply_to: int) -> None:
+        if message is None:
+            return
+        with self._lock:
+            sent = self._sent.pop(reply_to, None)
+        if sent is None:  # defensive: _expect checked it when the message began
+            raise FrameError("reply to a message never sent on this stream")
+        meta = message.metadata
+        problems = []
+        if meta.reply_to_message_id != sent.message_id:
+            problems.append(
+                f"reply_to_message_id {meta.reply_to_message_id!r}, expected {sent.message_id!r}"
+            )
+        if meta.src_node_id != self.node_id:
+            problems.append(f"src_node_id {meta.src_node_id}, this child is node {self.node_id}")
+        if meta.run_id != sent.run_id:
+            problems.append(f"run_id {meta.run_id}, expected {sent.run_id}")
+        if meta.dst_node_id != fc.SUPERLINK_NODE_ID:
+            problems.append(f"dst_node_id {meta.dst_node_id}, expected {fc.SUPERLINK_NODE_ID}")
+        if problems:
+            raise FrameError("reply does not match its instruction: " + "; ".join(problems))
+        self.owner.reply(self, message, sent)
+
+    def _hello(self, hello: spb.Hello) -> None:
+        if hello.protocol_version != PROTOCOL_VERSION:
+            detail = (
+                f"protocol version {hello.protocol_version}, the master speaks {PROTOCOL_VERSION}"
+            )
+            log.warning("refusing %s: %s", self.peer, detail)
+            self.close(spb.CLOSE_REASON_INCOMPATIBLE, detail)
+            return
+        missing = REQUIRED_CAPABILITIES - set(hello.capabilities)
+        if missing:
+            detail = f"child lacks required capabilities {sorted(missing)}"
+            log.warning("refusing %s: %s", self.peer, detail)
+            self.close(spb.CLOSE_REASON_INCOMPATIBLE, detail)
+            return
+        if not hello.name or len(hello.name) > 256 or not hello.name.isprintable():
+            raise FrameError(f"invalid child name {hello.name[:80]!r}")
+        self.name = hello.name
+        refusal = self.owner.welcome(self, hello)
+        if refusal is not None:
+            log.warning("refusing %s: %s", self.label(), refusal.detail)
+            self.close(refusal.reason, refusal.detail)
+            return
+        self.welcomed = True
+
+    @staticmethod
+    def shared_capabilities(hello: spb.Hello) -> list[str]:
+        return [c for c in CAPABILITIES if c in set(hello.capabilities)]

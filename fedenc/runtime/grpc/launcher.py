@@ -1,0 +1,174 @@
+"""One scenario on the gRPC runtime, all on this machine: the master (this process) serves on a
+free port of 127.0.0.1 and K ``fedenc child`` processes dial it (``fedenc simulate --processes``).
+
+Child i is started as ``fedenc child --index i --children K`` with the scenario's data options,
+so it holds the same partition as virtual child i of the in-process runtime; with the same seed
+and the same torch thread count (``child_threads``, by default this process's), the target
+parameters are bit-identical to the in-process runtime's on CPU. Every child process is stopped
+at the end, also on failure: the master's Close SHUTDOWN first, then SIGTERM, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from fedenc.federation.master import RoundListener, round_listener
+from fedenc.runtime.grpc.master import FederationServer, run_server_app
+from fedenc.runtime.grpc.transport import ServerSecurity
+from fedenc.runtime.simulate import Scenario, SimulationOutcome, outcome_of
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment, with the tree this ``fedenc`` comes from first on the path
+    (a child must run the same code) and Flower kept offline."""
+    env = dict(os.environ)
+    paths = [str(REPO_ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    return env
+
+
+def child_command(
+    address: str,
+    name: str,
+    *,
+    index: int = 0,
+    children: int = 1,
+    insecure: bool = True,
+    options: Sequence[str] = (),
+) -> list[str]:
+    """The command line of one ``fedenc child`` process."""
+    cmd = [sys.executable, "-m", "fedenc.cli", "child", "--master", address, "--name", name]
+    cmd += ["--index", str(index), "--children", str(children)]
+    if insecure:
+        cmd.append("--insecure")
+    return [*cmd, *options]
+
+
+def scenario_child_options(scenario: Scenario, threads: int | None) -> list[str]:
+    """The data options that give child i the scenario's partition i."""
+    opts = ["--partition", scenario.partition, "--alpha", repr(scenario.alpha)]
+    opts += ["--synthetic-sessions", str(scenario.synthetic_sessions)]
+    opts += ["--synthetic-items", str(scenario.synthetic_items)]
+    opts += ["--valid-fraction", repr(scenario.valid_fraction)]
+    if scenario.data:
+        opts += ["--data", scenario.data]
+    if threads:
+        opts += ["--threads", str(threads)]
+    return opts
+
+
+class ChildProcesses:
+    """Child processes started together and always stopped (:meth:`stop`)."""
+
+    def __init__(self, commands: Sequence[Sequence[str]], log_dir: Path | None = None) -> None:
+        self.commands = [list(c) for c in commands]
+        self.log_dir = log_dir
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._logs: list[IO[bytes]] = []
+
+    def start(self) -> ChildProcesses:
+        env = child_env()
+        for i, cmd in enumerate(self.commands):
+            out: Any = None  # inherit stderr: children only log warnings by default
+            if self.log_dir is not None:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                handle = (self.log_dir / f"child-{i}.log").open("wb")
+                self._logs.append(handle)
+                out = handle
+            self.procs.append(
+                subprocess.Popen(cmd, env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+            )
+        return self
+
+    def stop(self, timeout: float = 10.0) -> list[int]:
+        """Waits ``timeout`` s for the children to exit, then SIGTERM, then SIGKILL; returns
+        their exit codes."""
+        deadline = time.monotonic() + timeout
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            for proc in self.procs:
+                if proc.poll() is None and sig is not None:
+                    log.warning("child pid %d still running: %s", proc.pid, sig.name)
+                    proc.send_signal(sig)
+            for proc in self.procs:
+                try:
+                    proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            if all(p.poll() is not None for p in self.procs):
+                break
+            deadline = time.monotonic() + 5.0
+        for handle in self._logs:
+            handle.close()
+        return [p.returncode for p in self.procs]
+
+    def __enter__(self) -> ChildProcesses:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(timeout=0.0 if exc[0] is not None else 10.0)
+
+
+def run_scenario_processes(
+    scenario: Scenario,
+    out_dir: Path | None = None,
+    on_round: RoundListener | None = None,
+    *,
+    child_threads: int | None = None,
+    startup_timeout: float = 120.0,
+) -> SimulationOutcome:
+    """Runs ``scenario`` with a master here and ``scenario.children`` child processes."""
+    import torch
+
+    from nodes.master import app as master_app
+
+    scenario.check()
+    threads = child_threads if child_threads is not None else torch.get_num_threads()
+    server = FederationServer("127.0.0.1:0", ServerSecurity(insecure=True)).start()
+    options = scenario_child_options(scenario, threads)
+    commands = [
+        child_command(
+            server.address,
+            f"child-{i}",
+            index=i,
+            children=scenario.children,
+            options=options,
+        )
+        for i in range(scenario.children)
+    ]
+    procs = ChildProcesses(commands, None if out_dir is None else out_dir / "logs")
+    codes: list[int] = []
+    try:
+        procs.start()
+        run_config = scenario.run_config(out_dir)
+        run_config["wait-timeout"] = startup_timeout
+        token = round_listener.set(on_round)
+        try:
+            run = run_server_app(master_app, server, run_config)
+        finally:
+            round_listener.reset(token)
+    finally:
+        server.stop("the scenario is over")
+        codes = procs.stop()
+    runtime = {
+        "kind": "processes",
+        "wire_bytes_sent": run.bytes_sent,
+        "wire_bytes_received": run.bytes_received,
+        "seconds": run.seconds,
+        "child_exit_codes": codes,
+        "child_threads": threads,
+    }
+    return outcome_of(scenario, out_dir, run.server_context, runtime)

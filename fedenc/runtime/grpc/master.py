@@ -1,0 +1,513 @@
+"""The master of fedenc's gRPC runtime: a server that children dial, and a Flower ``Grid`` over
+their streams, so that ``nodes/master.py``'s ServerApp
+(:func:`~fedenc.federation.master.run_master`) runs unchanged.
+
+* :class:`FederationServer` serves ``fedenc.v1.Federation/Connect``: one
+  :class:`~fedenc.runtime.grpc.connection.ChildConnection` per child stream, the handshake (one
+  stream per child name; with an ``identify`` callback, only the name the child's credentials
+  allow), heartbeats both ways, and a Close on shutdown.
+* :class:`GrpcGrid` is the Grid. It behaves as :class:`~fedenc.runtime.inprocess.InProcessGrid`:
+  ids ``ins-N``, one encoding per destination, ``send_and_receive`` waits on a condition (no
+  polling) up to its timeout and drops later replies, a message for an unknown node gets an
+  immediate ``NODE_UNAVAILABLE`` error reply, and a child that goes away (killed, refused,
+  silent past the heartbeat timeout, goodbye) turns every message it still owes into a
+  ``NODE_UNAVAILABLE`` error reply at once, so a round ends with the others. A child that comes
+  back gets a new node id: ``run_master`` sees a new node and queries it at the next round.
+  ``bytes_sent`` / ``bytes_received`` count the Flower messages' frames on the wire.
+* :func:`run_server_app` runs a ServerApp on the grid, as
+  :func:`~fedenc.runtime.inprocess.run_inprocess` does in-process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedenc.proto.fedenc.v1 import federation_service_pb2 as spb
+from fedenc.protocol.chunking import DEFAULT_MAX_CHUNK_BYTES
+from fedenc.protocol.tensors import TensorEncodeError
+from fedenc.runtime import flower_compat as fc
+from fedenc.runtime.grpc.connection import ChildConnection, Sent
+from fedenc.runtime.grpc.frames import encode_message
+from fedenc.runtime.grpc.transport import (
+    AGENT,
+    DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    PROTOCOL_VERSION,
+    ServerSecurity,
+    parse_address,
+    server_options,
+)
+
+log = logging.getLogger(__name__)
+
+UserConfig = dict[str, bool | int | float | str]
+
+
+def run_config_to_proto(run_config: Mapping[str, Any]) -> dict[str, spb.ConfigValue]:
+    out: dict[str, spb.ConfigValue] = {}
+    for key, value in run_config.items():
+        if isinstance(value, bool):
+            out[key] = spb.ConfigValue(bool_value=value)
+        elif isinstance(value, int):
+            out[key] = spb.ConfigValue(int_value=value)
+        elif isinstance(value, float):
+            out[key] = spb.ConfigValue(double_value=value)
+        elif isinstance(value, str):
+            out[key] = spb.ConfigValue(string_value=value)
+        else:
+            raise ValueError(
+                f"run config {key!r}: {type(value).__name__} is not bool/int/float/str"
+            )
+    return out
+
+
+class FederationServer:
+    """The gRPC server children connect to, and the registry of the connected children."""
+
+    def __init__(
+        self,
+        address: str,
+        security: ServerSecurity,
+        *,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+        heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+        hello_timeout: float = 10.0,
+        max_children: int = 256,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+        max_array_bytes: int | None = None,
+        strict_arrays: bool = True,
+    ) -> None:
+        parse_address(address)
+        security.check()
+        if not 0 < heartbeat_interval < heartbeat_timeout:
+            raise ValueError(
+                f"need 0 < heartbeat_interval ({heartbeat_interval}) < heartbeat_timeout "
+                f"({heartbeat_timeout})"
+            )
+        self.security = security
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.hello_timeout = hello_timeout
+        self.max_children = max_children
+        self.max_chunk_bytes = max_chunk_bytes
+        self.max_array_bytes = max_array_bytes
+        self.strict_arrays = strict_arrays
+        self._lock = threading.Condition()
+        self._all: set[ChildConnection] = set()
+        self._by_node: dict[int, ChildConnection] = {}
+        self._by_name: dict[str, ChildConnection] = {}
+        self._node_ids = itertools.count(fc.SUPERLINK_NODE_ID + 1)
+        self._run: spb.RunInfo | None = None
+        self._grid: GrpcGrid | None = None
+        self._stopping = False
+        self._stopped = threading.Event()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._server = grpc.server(
+            ThreadPoolExecutor(max_workers=max_children + 4, thread_name_prefix="fedenc-rpc"),
+            options=server_options(heartbeat_interval),
+            maximum_concurrent_rpcs=max_children + 4,
+        )
+        handler = grpc.method_handlers_generic_handler(
+            "fedenc.v1.Federation",
+            {"Connect": grpc.stream_stream_rpc_method_handler(self._connect)},  # raw bytes
+        )
+        self._server.add_generic_rpc_handlers((handler,))
+        if security.credentials is None:
+            port = self._server.add_insecure_port(address)
+        else:
+            port = self._server.add_secure_port(address, security.credentials)
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
+        self.port = port
+        self.address = f"{parse_address(address)[0]}:{port}"
+        self._monitor = threading.Thread(target=self._watch, name="fedenc-heartbeat", daemon=True)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> FederationServer:
+        self._server.start()
+        self._monitor.start()
+        log.info("master listening on %s", self.address)
+        return self
+
+    def stop(self, detail: str = "the master shuts down", grace: float = 3.0) -> None:
+        """Says goodbye to every child (Close SHUTDOWN), then stops serving."""
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+            conns = list(self._all)
+        for conn in conns:
+            conn.close(spb.CLOSE_REASON_SHUTDOWN, detail)
+        self._server.stop(grace).wait(grace + 1.0)
+        self._stopped.set()
+
+    def __enter__(self) -> FederationServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- registry ----------------------------------------------------------------------------------
+
+    def node_ids(self) -> list[int]:
+        with self._lock:
+            return list(self._by_node)
+
+    def children(self) -> dict[str, int]:
+        """Connected children: name -> node id."""
+        with self._lock:
+            return {name: conn.node_id for name, conn in self._by_name.items()}
+
+    def connection(self, node_id: int) -> ChildConnection | None:
+        with self._lock:
+            return self._by_node.get(node_id)
+
+    def wait_for_children(self, count: int, timeout: float | None = None) -> bool:
+        """Blocks until ``count`` children are connected (False at the timeout)."""
+        with self._lock:
+            return self._lock.wait_for(lambda: len(self._by_node) >= count, timeout)
+
+    def set_run(self, run_id: int, run_config: Mapping[str, Any], grid: GrpcGrid | None) -> None:
+        """Announces a run (RunInfo) to every child, now and on connect; ``grid`` gets the
+        replies and losses."""
+        info = spb.RunInfo(run_id=run_id, run_config=run_config_to_proto(run_config))
+        with self._lock:
+            self._run, self._grid = info, grid
+            for conn in self._by_node.values():
+                conn.send(spb.MasterMessage(run=info))
+
+    def count(self, sent: int, received: int) -> None:
+        with self._lock:
+            self.bytes_sent += sent
+            self.bytes_received += received
+
+    # -- ConnectionOwner ---------------------------------------------------------------------------
+
+    def welcome(self, conn: ChildConnection, hello: spb.Hello) -> spb.Close | None:
+        if self.security.identify is not None:
+            allowed = self.security.identify(conn.auth)
+            if allowed is None:
+                return spb.Close(
+                    reason=spb.CLOSE_REASON_UNAUTHORIZED,
+                    detail=f"child {hello.name!r} at {conn.peer}: identity not allowed",
+                )
+            if allowed != hello.name:
+                return spb.Close(
+                    reason=spb.CLOSE_REASON_UNAUTHORIZED,
+                    detail=f"the credentials of {conn.peer} name child {allowed!r}, "
+                    f"the Hello claims {hello.name!r}",
+                )
+        with self._lock:
+            if self._stopping:
+                return spb.Close(reason=spb.CLOSE_REASON_SHUTDOWN, detail="the master shuts down")
+            other = self._by_name.get(hello.name)
+            if other is not None:
+                return spb.Close(
+                    reason=spb.CLOSE_REASON_DUPLICATE_IDENTITY,
+                    detail=f"a child named {hello.name!r} is already connected "
+                    f"(node {other.node_id}, {other.peer})",
+                )
+            if len(self._by_node) >= self.max_children:
+                return spb.Close(
+                    reason=spb.CLOSE_REASON_FULL,
+                    detail=f"the master takes at most {self.max_children} children",
+                )
+            conn.node_id = next(self._node_ids)
+            # Queued before the node is visible, so Welcome and RunInfo precede any message.
+            conn.send(
+                spb.MasterMessage(
+                    welcome=spb.Welcome(
+                        node_id=conn.node_id,
+                        protocol_version=PROTOCOL_VERSION,
+                        capabilities=ChildConnection.shared_capabilities(hello),
+                        heartbeat_interval_s=self.heartbeat_interval,
+                        heartbeat_timeout_s=self.heartbeat_timeout,
+                        max_chunk_bytes=self.max_chunk_bytes,
+                        agent=AGENT,
+                    )
+                )
+            )
+            if self._run is not None:
+                conn.send(spb.MasterMessage(run=self._run))
+            self._by_node[conn.node_id] = conn
+            self._by_name[hello.name] = conn
+            self._lock.notify_all()
+        log.info("child %s connected (%s)", conn.label(), hello.agent or "unknown agent")
+        return None
+
+    def reply(self, conn: ChildConnection, message: Message, sent: Sent) -> None:
+        grid = self._grid
+        if grid is None:
+            log.info("reply from %s outside any run: dropped", conn.label())
+            return
+        grid.deliver(message, sent.message_id)
+
+    def gone(self, conn: ChildConnection, reason: str) -> None:
+        with self._lock:
+            self._all.discard(conn)
+            registered = self._by_node.get(conn.node_id) is conn
+            if registered:
+                del self._by_node[conn.node_id]
+                del self._by_name[conn.name]
+            grid = self._grid
+            self._lock.notify_all()
+        if registered:
+            log.info("child %s left: %s", conn.label(), reason)
+            if grid is not None:
+                grid.node_lost(conn.node_id, f"child {conn.name!r} is gone: {reason}")
+
+    # -- gRPC --------------------------------------------------------------------------------------
+
+    def _connect(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        auth = {k: list(v) for k, v in (context.auth_context() or {}).items()}
+        conn = ChildConnection(
+            self,
+            context.peer(),
+            auth,
+            max_chunk_bytes=self.max_chunk_bytes,
+            max_array_bytes=self.max_array_bytes,
+            strict_arrays=self.strict_arrays,
+        )
+        with self._lock:
+            if self._stopping:
+                return
+            self._all.add(conn)
+        context.add_callback(lambda: conn.ended("the stream ended"))
+        reader = threading.Thread(
+            target=conn.read, args=(requests,), name="fedenc-child-reader", daemon=True
+        )
+        reader.start()
+        yield from conn.frames()
+
+    def _watch(self) -> None:
+        """Heartbeats out, silent or handshake-less streams closed."""
+        next_beat: dict[ChildConnection, float] = {}
+        tick = min(0.5, self.heartbeat_interval / 2)
+        while not self._stopped.wait(tick):
+            now = time.monotonic()
+            with self._lock:
+                conns = list(self._all)
+            for conn in conns:
+                if not conn.welcomed:
+                    if now - conn.created > self.hello_timeout:
+                        conn.refuse(f"no Hello within {self.hello_timeout:g} s")
+                    continue
+                silent = now - conn.last_seen
+                if silent > self.heartbeat_timeout:
+                    log.warning("child %s silent for %.1f s: dropped", conn.label(), silent)
+                    conn.close(
+                        spb.CLOSE_REASON_TIMEOUT,
+                        f"no frame for {silent:.1f} s (heartbeat timeout "
+                        f"{self.heartbeat_timeout:g} s)",
+                    )
+                    continue
+                if now >= next_beat.get(conn, 0.0):
+                    beat = spb.Heartbeat(sent_at_unix_ms=int(time.time() * 1000))
+                    conn.send(spb.MasterMessage(heartbeat=beat))
+                    next_beat[conn] = now + self.heartbeat_interval
+            for conn in [c for c in next_beat if c.closed]:
+                del next_beat[conn]
+
+
+class GrpcGrid(Grid):
+    """A Flower ``Grid`` over the children connected to a :class:`FederationServer`."""
+
+    def __init__(
+        self, server: FederationServer, run_id: int, run_config: Mapping[str, Any] | None = None
+    ) -> None:
+        self._server = server
+        self._run = fc.empty_run(run_id)
+        self._lock = threading.Condition()
+        self._replies: dict[str, Message] = {}
+        # instruction id -> (node id, instruction), until replied to or expired
+        self._pending: dict[str, tuple[int, Message]] = {}
+        self._ids = itertools.count(1)
+        self._closed = False
+        self._sent0, self._received0 = server.bytes_sent, server.bytes_received
+        server.set_run(run_id, dict(run_config or {}), self)
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._server.bytes_sent - self._sent0
+
+    @property
+    def bytes_received(self) -> int:
+        return self._server.bytes_received - self._received0
+
+    # -- Grid -------------------------------------------------------------------------------------
+
+    def set_run(self, run: fc.Run) -> None:
+        if run.run_id != self._run.run_id:
+            raise ValueError(f"this grid serves run {self._run.run_id}, not {run.run_id}")
+        self._run = run
+
+    @property
+    def run(self) -> fc.Run:
+        return self._run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        return self._server.node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids: list[str] = []
+        for message in messages:
+            meta = message.metadata
+            if meta.run_id != self._run.run_id:
+                raise ValueError(
+                    f"message for run {meta.run_id} pushed to the grid of run {self._run.run_id}"
+                )
+            if meta.reply_to_message_id:
+                raise ValueError("cannot push a reply message as an instruction")
+            message_id = f"ins-{next(self._ids):08d}"
+            fc.set_message_id(message, message_id)
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("the gRPC grid is closed")
+                self._pending[message_id] = (meta.dst_node_id, message)
+            ids.append(message_id)
+            conn = self._server.connection(meta.dst_node_id)
+            if conn is None:
+                reason = f"node {meta.dst_node_id} is not connected"
+                self.deliver(fc.error_reply(message, fc.NODE_UNAVAILABLE, reason), message_id)
+                continue
+            try:
+                encoded = encode_message(message, max_chunk_bytes=self._server.max_chunk_bytes)
+            except TensorEncodeError as err:
+                with self._lock:
+                    self._pending.pop(message_id, None)
+                raise ValueError(f"message {message_id} cannot go on the wire: {err}") from None
+            sent = Sent(message_id, self._run.run_id, encoded.specs)
+            if not conn.send_message(encoded, sent):
+                reason = f"child {conn.name!r} is gone: {conn.close_reason}"
+                self.deliver(fc.error_reply(message, fc.NODE_UNAVAILABLE, reason), message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        with self._lock:
+            out = [self._replies.pop(mid) for mid in message_ids if mid in self._replies]
+        return out
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        ids = self.push_messages(messages)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while not all(mid in self._replies for mid in ids):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._lock.wait(left)
+            out = [self._replies.pop(mid) for mid in ids if mid in self._replies]
+            for mid in ids:  # whatever did not come in time is forgotten: a late reply is dropped
+                self._pending.pop(mid, None)
+        late = len(ids) - len(out)
+        if late:
+            log.info("%d of %d replies did not come within %s s", late, len(ids), timeout)
+        return out
+
+    # -- from the server ---------------------------------------------------------------------------
+
+    def deliver(self, reply: Message, message_id: str) -> None:
+        with self._lock:
+            if self._pending.pop(message_id, None) is None:
+                log.info(
+                    "late or unexpected reply to %s from node %s dropped",
+                    message_id,
+                    reply.metadata.src_node_id,
+                )
+                return
+            self._replies[message_id] = reply
+            self._lock.notify_all()
+
+    def node_lost(self, node_id: int, reason: str) -> None:
+        """Every message still owed by ``node_id`` gets a NODE_UNAVAILABLE error reply now."""
+        with self._lock:
+            owed = [mid for mid, (nid, _) in self._pending.items() if nid == node_id]
+            for mid in owed:
+                _, message = self._pending.pop(mid)
+                self._replies[mid] = fc.error_reply(message, fc.NODE_UNAVAILABLE, reason)
+            if owed:
+                self._lock.notify_all()
+
+    def close(self) -> None:
+        """No more messages; waiting calls return what they have (with error replies)."""
+        with self._lock:
+            self._closed = True
+            for mid, (_, message) in self._pending.items():
+                self._replies[mid] = fc.error_reply(message, fc.NODE_UNAVAILABLE, "the grid closed")
+            self._pending.clear()
+            self._lock.notify_all()
+        self._server.set_run(self._run.run_id, {}, None)
+
+
+# -- entry point -------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerRun:
+    """What :func:`run_server_app` leaves behind (as ``InProcessRun`` does in-process)."""
+
+    run_id: int
+    server_context: Context
+    bytes_sent: int
+    bytes_received: int
+    seconds: float
+
+
+def run_server_app(
+    server_app: ServerApp,
+    server: FederationServer,
+    run_config: Mapping[str, Any] | None = None,
+    *,
+    run_id: int | None = None,
+) -> ServerRun:
+    """Runs ``server_app`` once on a :class:`GrpcGrid` over ``server``'s children."""
+    from fedenc.runtime.inprocess import new_run_id
+
+    rid = run_id if run_id is not None else new_run_id()
+    config: UserConfig = dict(run_config or {})
+    context = Context(
+        run_id=rid,
+        node_id=fc.SUPERLINK_NODE_ID,
+        node_config={},
+        state=RecordDict(),
+        run_config=config,
+    )
+    grid = GrpcGrid(server, rid, config)
+    t0 = time.perf_counter()
+    try:
+        with fc.task_identity(rid):
+            server_app(grid, context)
+    finally:
+        grid.close()
+    return ServerRun(
+        run_id=rid,
+        server_context=context,
+        bytes_sent=grid.bytes_sent,
+        bytes_received=grid.bytes_received,
+        seconds=time.perf_counter() - t0,
+    )

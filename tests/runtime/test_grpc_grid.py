@@ -1,0 +1,450 @@
+"""The gRPC master's Grid over real loopback streams (children as threads of this process, or a
+hand-written raw client for bad input): Flower's Grid contract as the in-process grid has it,
+persistent Context, error replies, timeouts, lost children, handshake refusals, bad frames
+refused with a reason while the master keeps serving, heartbeat timeouts, the identity seam."""
+
+from __future__ import annotations
+
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedenc.proto.fedenc.v1 import federation_service_pb2 as spb
+from fedenc.proto.fedenc.v1 import tensor_pb2 as tpb
+from fedenc.runtime import flower_compat as fc
+from fedenc.runtime.grpc.child import GrpcChild
+from fedenc.runtime.grpc.frames import encode_message
+from fedenc.runtime.grpc.master import FederationServer, GrpcGrid
+from fedenc.runtime.grpc.transport import (
+    CAPABILITIES,
+    MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
+    SERVICE_METHOD,
+    ChannelSecurity,
+    InsecureTransportError,
+    ServerSecurity,
+    channel_options,
+)
+
+RUN = 4242
+INSECURE = ChannelSecurity(insecure=True)
+
+
+def counter_app(msg: Message, ctx: Context) -> Message:
+    """Counts its calls in context.state; echoes arrays; raises on 'query.boom'; sleeps on
+    'query.sleep' for config['s'] seconds."""
+    if msg.metadata.message_type == "query.boom":
+        raise ValueError("kaput")
+    if msg.metadata.message_type == "query.sleep":
+        time.sleep(float(msg.content["config"]["s"]))
+    record = ctx.state.config_records.get("c", ConfigRecord({"n": 0}))
+    record["n"] = int(record["n"]) + 1
+    ctx.state["c"] = record
+    out = RecordDict(
+        {"metrics": MetricRecord({"n": record["n"], "pid": int(ctx.node_config["partition-id"])})}
+    )
+    if "arrays" in msg.content.array_records:
+        out["arrays"] = msg.content["arrays"]
+    out["run"] = ConfigRecord({"x": ctx.run_config.get("x", "missing")})
+    return Message(out, reply_to=msg)
+
+
+@pytest.fixture
+def server() -> Iterator[FederationServer]:
+    srv = FederationServer(
+        "127.0.0.1:0",
+        ServerSecurity(insecure=True),
+        heartbeat_interval=0.2,
+        heartbeat_timeout=1.5,
+        hello_timeout=1.0,
+    ).start()
+    try:
+        yield srv
+    finally:
+        srv.stop(grace=0.5)
+
+
+class Children:
+    """GrpcChild threads, always stopped."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[GrpcChild, threading.Thread, list[int]]] = []
+
+    def start(self, address: str, name: str, pid: int = 0, app: Any = counter_app) -> GrpcChild:
+        child = GrpcChild(address, name, app, {"partition-id": pid}, INSECURE, connect_timeout=5)
+        codes: list[int] = []
+        thread = threading.Thread(target=lambda: codes.append(child.run()), daemon=True)
+        thread.start()
+        self.items.append((child, thread, codes))
+        return child
+
+    def stop_all(self) -> None:
+        for child, _, _ in self.items:
+            child.stop()
+        for _, thread, _ in self.items:
+            thread.join(10)
+
+
+@pytest.fixture
+def children() -> Iterator[Children]:
+    c = Children()
+    try:
+        yield c
+    finally:
+        c.stop_all()
+
+
+def msg(dst: int, kind: str = "query", content: RecordDict | None = None) -> Message:
+    with fc.task_identity(RUN):
+        return Message(content or RecordDict({"config": ConfigRecord({"a": 1})}), dst, kind)
+
+
+def test_grid_contract_persistent_context_and_run_config(
+    server: FederationServer, children: Children
+) -> None:
+    for i in range(2):
+        children.start(server.address, f"c{i}", pid=i)
+    assert server.wait_for_children(2, 10)
+    grid = GrpcGrid(server, RUN, {"x": "from-the-run"})
+    arrays = ArrayRecord({"w": Array(np.arange(6, dtype=np.float32).reshape(2, 3))})
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"a": 1})})
+    nodes = grid.get_node_ids()
+    assert len(nodes) == 2 and fc.SUPERLINK_NODE_ID not in nodes
+    for round_ in (1, 2, 3):
+        sent = [msg(nid, "train", content) for nid in nodes]  # one RecordDict for all
+        replies = grid.send_and_receive(sent, timeout=10)
+        assert len(replies) == 2
+        ids = {m.metadata.message_id for m in sent}
+        assert len(ids) == 2 and "" not in ids
+        assert {r.metadata.reply_to_message_id for r in replies} == ids
+        for reply in replies:
+            assert reply.metadata.src_node_id in nodes
+            assert reply.metadata.dst_node_id == fc.SUPERLINK_NODE_ID
+            assert reply.metadata.run_id == RUN
+            assert reply.content["metrics"]["n"] == round_  # one Context per run, kept
+            assert reply.content["run"]["x"] == "from-the-run"
+            np.testing.assert_array_equal(reply.content["arrays"]["w"].numpy(), arrays["w"].numpy())
+    assert grid.bytes_sent > 6 * 24 and grid.bytes_received > 6 * 24
+    assert sorted(server.children()) == ["c0", "c1"]
+
+
+def test_error_replies_unknown_node_and_timeout(
+    server: FederationServer, children: Children
+) -> None:
+    children.start(server.address, "c0")
+    assert server.wait_for_children(1, 10)
+    grid = GrpcGrid(server, RUN)
+    (nid,) = grid.get_node_ids()
+    raised, unknown = sorted(
+        grid.send_and_receive([msg(nid, "query.boom"), msg(999)], timeout=10),
+        key=lambda r: r.metadata.src_node_id,
+    )
+    assert raised.error.code == fc.CLIENT_APP_RAISED_EXCEPTION and "kaput" in raised.error.reason
+    assert unknown.error.code == fc.NODE_UNAVAILABLE and "999" in unknown.error.reason
+    slow = msg(nid, "query.sleep", RecordDict({"config": ConfigRecord({"s": 1.0})}))
+    t0 = time.monotonic()
+    assert grid.send_and_receive([slow], timeout=0.3) == []  # not in time: left out
+    assert time.monotonic() - t0 < 0.9
+    # The late reply arrives and is dropped; the next exchange gets only its own reply.
+    (ok,) = grid.send_and_receive([msg(nid)], timeout=10)
+    assert ok.metadata.reply_to_message_id != slow.metadata.message_id and not ok.has_error()
+
+
+def test_a_child_that_leaves_mid_message_gives_an_immediate_error_reply(
+    server: FederationServer, children: Children
+) -> None:
+    child = children.start(server.address, "c0")
+    assert server.wait_for_children(1, 10)
+    grid = GrpcGrid(server, RUN)
+    (nid,) = grid.get_node_ids()
+    threading.Timer(0.5, child.stop, args=("test says goodbye",)).start()
+    slow = msg(nid, "query.sleep", RecordDict({"config": ConfigRecord({"s": 5.0})}))
+    t0 = time.monotonic()
+    (reply,) = grid.send_and_receive([slow], timeout=30)
+    assert time.monotonic() - t0 < 3.0  # not the 5 s of the ClientApp nor the timeout
+    assert reply.error.code == fc.NODE_UNAVAILABLE and "goodbye" in reply.error.reason
+    assert grid.get_node_ids() == []
+
+
+def test_plaintext_needs_an_explicit_flag() -> None:
+    with pytest.raises(InsecureTransportError, match="insecure"):
+        FederationServer("127.0.0.1:0", ServerSecurity())
+    with pytest.raises(InsecureTransportError, match="insecure"):
+        GrpcChild("127.0.0.1:1", "c", counter_app, {}, ChannelSecurity())
+
+
+# -- raw clients: handshake refusals and bad frames ------------------------------------------------
+
+
+class RawChild:
+    """A hand-written peer that sends whatever frames it is given."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.insecure_channel(address, options=channel_options())
+        self.out: queue.Queue[bytes | None] = queue.Queue()
+        self.inbox: queue.Queue[spb.MasterMessage | Exception] = queue.Queue()
+        self.call = self.channel.stream_stream(SERVICE_METHOD)(iter(self.out.get, None))
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for data in self.call:
+                self.inbox.put(spb.MasterMessage.FromString(data))
+        except Exception as err:
+            self.inbox.put(err)
+
+    def send(self, frame: spb.ChildMessage | bytes) -> None:
+        self.out.put(frame if isinstance(frame, bytes) else frame.SerializeToString())
+
+    def hello(self, name: str, version: int = PROTOCOL_VERSION) -> spb.MasterMessage:
+        self.send(
+            spb.ChildMessage(
+                hello=spb.Hello(
+                    name=name, protocol_version=version, capabilities=list(CAPABILITIES)
+                )
+            )
+        )
+        return self.next("welcome", "close")
+
+    def next(self, *kinds: str, timeout: float = 5.0) -> spb.MasterMessage:
+        deadline = time.monotonic() + timeout
+        while True:
+            item = self.inbox.get(timeout=max(0.01, deadline - time.monotonic()))
+            if isinstance(item, Exception):
+                raise AssertionError(f"stream ended without {kinds}: {item}")
+            if item.WhichOneof("body") in kinds:
+                return item
+
+    def close(self) -> None:
+        self.out.put(None)
+        self.call.cancel()
+        self.channel.close()
+
+
+@pytest.fixture
+def raw(server: FederationServer) -> Iterator[Callable[[], RawChild]]:
+    made: list[RawChild] = []
+
+    def make() -> RawChild:
+        made.append(RawChild(server.address))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def test_handshake_refusals(server: FederationServer, raw: Callable[[], RawChild]) -> None:
+    first = raw()
+    assert first.hello("alice").welcome.node_id > fc.SUPERLINK_NODE_ID
+    twin = raw().hello("alice")  # a second stream claiming a connected identity
+    assert twin.close.reason == spb.CLOSE_REASON_DUPLICATE_IDENTITY and "alice" in twin.close.detail
+    old = raw().hello("bob", version=99)
+    assert old.close.reason == spb.CLOSE_REASON_INCOMPATIBLE and "99" in old.close.detail
+    mute = raw()
+    mute.send(spb.ChildMessage(heartbeat=spb.Heartbeat()))
+    closed = mute.next("close")
+    assert closed.close.reason == spb.CLOSE_REASON_PROTOCOL_ERROR
+    assert "first frame must be a Hello" in closed.close.detail
+    silent = raw()  # never says hello
+    closed = silent.next("close", timeout=5)
+    assert "no Hello within" in closed.close.detail
+    assert list(server.children()) == ["alice"]
+
+
+def _instruction(
+    server: FederationServer, name: str, raw: Callable[[], RawChild]
+) -> tuple[RawChild, GrpcGrid, Message, spb.MasterMessage]:
+    """A raw child named ``name`` receiving one 'train' message with a 2x3 float32 array."""
+    peer = raw()
+    node = peer.hello(name).welcome.node_id
+    grid = GrpcGrid(server, RUN)
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(np.ones((2, 3), dtype=np.float32))})})
+    instruction = msg(node, "train", content)
+    result: list[list[Message]] = []
+    threading.Thread(
+        target=lambda: result.append(grid.send_and_receive([instruction], timeout=5)), daemon=True
+    ).start()
+    frame = peer.next("flower")
+    return peer, grid, instruction, frame
+
+
+def _reply_frames(
+    instruction: Message, node: int, array: np.ndarray, reply_to: int
+) -> list[spb.ChildMessage]:
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(array)})})
+    reply = Message(content, reply_to=instruction)
+    encoded = encode_message(reply)
+    return [spb.ChildMessage(reply_to=reply_to, flower=encoded.frame)] + [
+        spb.ChildMessage(chunk=c) for c in encoded.chunks
+    ]
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("garbage", "undecodable frame"),
+        ("never_sent", "no message the master sent"),
+        ("wrong_shape", r"shape \[3, 2\], expected \[2, 3\]"),
+        ("wrong_dtype", "dtype float64, expected float32"),
+        ("wrong_name", "missing"),
+        ("missing_chunk", "FlowerMessage frame while the chunks"),
+        ("stray_chunk", "without a FlowerMessage"),
+        ("out_of_order", "out of order|overlaps|leaves bytes"),
+    ],
+)
+def test_bad_frames_are_refused_and_the_master_keeps_serving(
+    server: FederationServer,
+    raw: Callable[[], RawChild],
+    children: Children,
+    case: str,
+    match: str,
+) -> None:
+    good = children.start(server.address, "good")
+    peer, grid, instruction, frame = _instruction(server, "rogue", raw)
+    node, wire = instruction.metadata.dst_node_id, frame.message_id
+    ok = np.ones((2, 3), dtype=np.float32)
+    frames: list[spb.ChildMessage | bytes]
+    if case == "garbage":
+        frames = [b"\x0a\xff\xff\xff\xff"]
+    elif case == "never_sent":
+        frames = list(_reply_frames(instruction, node, ok, wire + 1000))
+    elif case == "wrong_shape":
+        frames = list(_reply_frames(instruction, node, ok.reshape(3, 2), wire))
+    elif case == "wrong_dtype":
+        frames = list(_reply_frames(instruction, node, ok.astype(np.float64), wire))
+    elif case == "wrong_name":
+        reply = Message(RecordDict({"arrays": ArrayRecord({"v": Array(ok)})}), reply_to=instruction)
+        encoded = encode_message(reply)
+        frames = [spb.ChildMessage(reply_to=wire, flower=encoded.frame)]
+    elif case == "missing_chunk":
+        big = np.ones((2, 3), dtype=np.float32)
+        first = _reply_frames(instruction, node, big, wire)
+        frames = [first[0], first[0]]  # the chunks never come, another message does
+    elif case == "stray_chunk":
+        frames = [spb.ChildMessage(chunk=tpb.TensorChunk(name="w", offset=0, data=b"x"))]
+    else:
+        first = _reply_frames(instruction, node, ok, wire)
+        chunk = first[1].chunk
+        chunk.offset, chunk.data, chunk.last = 4, chunk.data[4:8], False  # skips bytes [0, 4)
+        frames = first
+    for f in frames:
+        peer.send(f)
+    closed = peer.next("close")
+    assert closed.close.reason == spb.CLOSE_REASON_PROTOCOL_ERROR
+    assert re.search(match, closed.close.detail), closed.close.detail
+    # The rogue is gone; the master still serves the good child.
+    deadline = time.monotonic() + 5
+    while "rogue" in server.children() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "rogue" not in server.children()
+    assert server.wait_for_children(1, 10)
+    good_node = server.children()["good"]
+    (reply,) = grid.send_and_receive([msg(good_node)], timeout=10)
+    assert not reply.has_error() and reply.content["metrics"]["n"] == 1
+    assert good.sessions == 1
+
+
+def test_an_oversized_frame_ends_that_stream_only(
+    server: FederationServer, raw: Callable[[], RawChild], children: Children
+) -> None:
+    children.start(server.address, "good")
+    peer = raw()
+    peer.hello("big")
+    peer.send(b"\x00" * (MAX_FRAME_BYTES + 1024))  # gRPC refuses it before any parsing
+    deadline = time.monotonic() + 5
+    while "big" in server.children() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "big" not in server.children() and "good" in server.children()
+
+
+def test_a_silent_child_is_dropped_after_the_heartbeat_timeout(
+    server: FederationServer, raw: Callable[[], RawChild]
+) -> None:
+    peer = raw()
+    peer.hello("quiet")  # then never sends a frame again
+    assert peer.next("heartbeat").heartbeat.sent_at_unix_ms > 0
+    closed = peer.next("close", timeout=5)
+    assert closed.close.reason == spb.CLOSE_REASON_TIMEOUT
+    assert "quiet" not in server.children()
+
+
+def test_a_busy_child_keeps_its_stream_through_long_work_by_heartbeats(
+    server: FederationServer, children: Children
+) -> None:
+    children.start(server.address, "worker")
+    assert server.wait_for_children(1, 10)
+    grid = GrpcGrid(server, RUN)
+    (nid,) = grid.get_node_ids()
+    # 2.5 s of "training": longer than the 1.5 s heartbeat timeout.
+    slow = msg(nid, "query.sleep", RecordDict({"config": ConfigRecord({"s": 2.5})}))
+    conn = server.connection(nid)
+    assert conn is not None
+    busy: list[bool] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            busy.append(conn.busy)
+
+    threading.Thread(target=sample, daemon=True).start()
+    (reply,) = grid.send_and_receive([slow], timeout=10)
+    done.set()
+    assert not reply.has_error()
+    assert server.connection(nid) is conn  # the same stream, never dropped
+    assert True in busy  # the child's heartbeats said it was busy
+
+
+def test_identity_callback_refuses_unknown_or_mismatched_children() -> None:
+    seen: list[dict[str, list[bytes]]] = []
+
+    def identify(auth: Any) -> str | None:
+        seen.append(dict(auth))
+        return "allowed" if seen and len(seen) > 1 else None
+
+    srv = FederationServer(
+        "127.0.0.1:0", ServerSecurity(insecure=True, identify=identify), hello_timeout=1.0
+    ).start()
+    peers: list[RawChild] = []
+    try:
+        peers.append(RawChild(srv.address))
+        refused = peers[-1].hello("allowed")
+        assert refused.close.reason == spb.CLOSE_REASON_UNAUTHORIZED
+        assert "not allowed" in refused.close.detail
+        peers.append(RawChild(srv.address))
+        mismatch = peers[-1].hello("mallory")
+        assert mismatch.close.reason == spb.CLOSE_REASON_UNAUTHORIZED
+        assert "'allowed'" in mismatch.close.detail and "'mallory'" in mismatch.close.detail
+        assert seen and all("transport_security_type" in a for a in seen)
+        peers.append(RawChild(srv.address))
+        assert peers[-1].hello("allowed").HasField("welcome")
+    finally:
+        for p in peers:
+            p.close()
+        srv.stop(grace=0.5)
+
+
+def test_a_refused_child_exits_with_code_3() -> None:
+    srv = FederationServer(
+        "127.0.0.1:0", ServerSecurity(insecure=True, identify=lambda auth: None)
+    ).start()
+    try:
+        child = GrpcChild(srv.address, "x", counter_app, {}, INSECURE, connect_timeout=5)
+        assert child.run() == 3
+    finally:
+        srv.stop(grace=0.5)
+
+
+def test_an_unreachable_master_exits_with_code_1() -> None:
+    child = GrpcChild("127.0.0.1:1", "x", counter_app, {}, INSECURE, connect_timeout=0.5)
+    t0 = time.monotonic()
+    assert child.run() == 1
+    assert time.monotonic() - t0 < 10
