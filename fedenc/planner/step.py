@@ -106,8 +106,8 @@ class StepProgram:
 
     Inputs of a run: ``examples`` and ``index`` (the batch's example indices); with prefetch,
     ``batch`` (this step's batch, built during the previous step) and ``next_index`` (or None).
-    The step's loss is ``results[program.loss_task]["value"]``; with prefetch ``results["batch_next"]``
-    is the next step's batch.
+    The step's loss is ``results[program.loss_task]["value"]``; with prefetch
+    ``results["batch_next"]`` is the next step's batch.
     """
 
     def __init__(
