@@ -92,7 +92,9 @@ class CostModel:
     load: str = ""
 
     def add(self, key: str, seconds: float) -> None:
-        self.samples.setdefault(key, []).append(seconds)
+        # Rounded as the cache stores it, so a plan from fresh measurements and one from the
+        # cache of the same measurements are the same plan.
+        self.samples.setdefault(key, []).append(round(seconds, 9))
 
     def has(self, task: Task, kind: str) -> bool:
         return cost_key(task, kind) in self.samples
@@ -114,7 +116,7 @@ class CostModel:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "samples": {k: [round(x, 9) for x in v] for k, v in sorted(self.samples.items())},
+            "samples": {k: list(v) for k, v in sorted(self.samples.items())},
             "bandwidth": self.bandwidth,
             "latency": self.latency,
             "profiled_at": self.profiled_at,
