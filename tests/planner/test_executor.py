@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
@@ -77,14 +78,14 @@ def test_each_processor_runs_its_tasks_in_schedule_order() -> None:
     start = {n: t for kind, n, t in log if kind == "start"}
     end = {n: t for kind, n, t in log if kind == "end"}
     for proc, names in sched.per_processor().items():
-        for a, b in zip(names, names[1:], strict=False):
+        for a, b in itertools.pairwise(names):
             assert end[a] <= start[b], f"{proc}: {a} before {b}"
 
 
 def test_a_failing_task_fails_the_run_and_its_dependents_do_not_run() -> None:
     ran: list[str] = []
 
-    def ok(name: str):  # noqa: ANN202
+    def ok(name: str):
         return lambda args: ran.append(name) or name
 
     def boom(args: Mapping[str, Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from pathlib import Path
 
@@ -27,11 +28,11 @@ def examples() -> Examples:
     return Examples.from_sessions(generate(SyntheticConfig(num_sessions=400, num_items=200)).train)
 
 
-def adam(params):  # noqa: ANN001, ANN201
+def adam(params):
     return torch.optim.Adam(params, lr=1e-3)
 
 
-def planner(examples: Examples, cache: Path, **kw) -> Planner:  # noqa: ANN003
+def planner(examples: Examples, cache: Path, **kw) -> Planner:
     torch.manual_seed(0)
     model = build_encoder("srgnn", examples.num_items, hidden=8)
     return Planner(model, adam, examples, 16, device="cpu", cache_dir=cache, repeats=1, **kw)
@@ -112,7 +113,7 @@ def test_bad_plan_names_are_refused_with_the_grammar() -> None:
 
 def test_trainer_refuses_an_override_before_training(examples: Examples) -> None:
     model = build_encoder("srgnn", examples.num_items, hidden=8)
-    with pytest.raises(PlanError, match="CUDA|threads"):
+    with pytest.raises(PlanError, match=r"CUDA|threads"):
         Trainer(
             model,
             TrainConfig(
@@ -161,5 +162,5 @@ def test_shard_bounds_cover_the_catalog_once() -> None:
         bounds = shard_bounds(n, k)
         assert bounds[0][0] == 0 and bounds[-1][1] == n
         assert all(a < b for a, b in bounds)
-        assert all(b == c for (_, b), (c, _) in zip(bounds, bounds[1:], strict=False))
+        assert all(b == c for (_, b), (c, _) in itertools.pairwise(bounds))
     assert np.sum([b - a for a, b in shard_bounds(43097, 2)]) == 43097

@@ -71,7 +71,7 @@ def brute_force(graph: TaskGraph, procs: list[Processor], table: dict, xfer=None
 def test_exhaustive_finds_the_brute_force_optimum_on_cores(seed: int) -> None:
     rng = random.Random(seed)
     graph, table = random_graph(rng, 5, ("cpu",))
-    procs = CPU2 + [Processor("c2")]
+    procs = [*CPU2, Processor("c2")]
     got = exhaustive(graph, procs, table_cost(table))
     assert got.makespan == pytest.approx(brute_force(graph, procs, table))
     # the schedule it returns is a valid one with that makespan

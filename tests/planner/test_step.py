@@ -26,7 +26,7 @@ def examples() -> Examples:
     return Examples.from_sessions(splits.train)
 
 
-def plain_step(model, examples, index, lr=0.1):  # noqa: ANN001, ANN201
+def plain_step(model, examples, index, lr=0.1):
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     opt.zero_grad(set_to_none=True)
     loss = model.loss(build_batch(examples, index, CPU))
