@@ -11,8 +11,8 @@ then gives child ``i`` the work ``w_i = T / c_i`` so that every child needs abou
   the children's data, fast children can take over work from slow ones.
 
 ``w_i`` never exceeds the child's data and never drops below ``floor`` examples. Children
-without a measurement yet (the first round, a child that just joined) keep their uniform work. Costs are smoothed over rounds (EMA) so that one noisy
-round does not swing the assignment.
+without a measurement yet (the first round, a child that just joined) keep their uniform work.
+Costs are smoothed over rounds (EMA) so that one noisy round does not swing the assignment.
 """
 
 from __future__ import annotations
