@@ -91,6 +91,14 @@ def train_cmd(
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     threads: Annotated[int, typer.Option(help="torch threads (0 = default).")] = 0,
+    plan: Annotated[
+        str,
+        typer.Option(
+            help="Execution plan of a training step: auto (chosen by measured cost, cached "
+            "per machine), default (the plain loop) or a name such as cpu-t1-c4096-s2 "
+            "(docs/planner.md)."
+        ),
+    ] = "auto",
     out: Annotated[
         Path | None, typer.Option(help="Directory for the checkpoint and results.json.")
     ] = None,
@@ -122,6 +130,7 @@ def train_cmd(
             patience=patience,
             max_examples_per_epoch=max_examples,
             num_threads=threads,
+            plan=plan,
         )
         synthetic_config = SyntheticConfig(
             num_sessions=synthetic_sessions,
@@ -154,10 +163,17 @@ def train_cmd(
         f"{len(train_ex):,} train / {len(valid_ex):,} valid / {len(test_ex):,} test pairs, "
         f"device {trainer.device}, {sum(p.numel() for p in model.parameters()):,} parameters"
     )
+    try:
+        trainer.prepare_plan(train_ex, log=lambda line: console.print(line, highlight=False))
+    except ValueError as err:  # a plan override this machine or model cannot run
+        raise _fail(str(err)) from err
     started = time.time()
     live = sys.stderr.isatty()
-    with TrainingProgress(enabled=not quiet, console=console, lines=not live) as progress:
-        result = trainer.fit(train_ex, valid_ex, test_ex, progress=progress)
+    try:
+        with TrainingProgress(enabled=not quiet, console=console, lines=not live) as progress:
+            result = trainer.fit(train_ex, valid_ex, test_ex, progress=progress)
+    finally:
+        trainer.close()
 
     summary: dict[str, Any] = {
         "encoder": encoder,
@@ -165,6 +181,7 @@ def train_cmd(
         "train_config": config.to_dict(),
         "data": splits.summary(),
         "device": str(trainer.device),
+        "plan": trainer.plan.name if trainer.plan is not None else "default",
         "started": started,
         **result.to_dict(),
     }

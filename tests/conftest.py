@@ -14,6 +14,8 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ["FLWR_HOME"] = tempfile.mkdtemp(prefix="fedenc-flwr-home-")
+# `fedenc train` plans by default: its per-machine cost cache goes to a temporary directory too.
+os.environ["FEDENC_PLANNER_CACHE"] = tempfile.mkdtemp(prefix="fedenc-planner-cache-")
 
 # Two cores on CI: one torch thread per test process keeps timings sane and results stable.
 torch.set_num_threads(1)

@@ -40,7 +40,7 @@ from fedenc.encoders.registry import UnknownEncoderError, encoder_class
 from fedenc.federation import records
 from fedenc.federation.child_data import ChildData, ChildDataConfig, load_child_data
 from fedenc.federation.parameters import Parameters, check_compatible
-from fedenc.federation.runconfig import get_str
+from fedenc.federation.runconfig import get_float, get_str
 from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
 from fedenc.training.config import TrainConfig
 from fedenc.training.trainer import Trainer
@@ -274,12 +274,29 @@ def handle_train(message: Message, context: Context) -> Message:
     epochs = state.trainer.config.epochs
     t0 = time.perf_counter()
     losses: list[float] = []
-    # Global torch RNG (dropout) seeded per child and round, so results do not depend on the order
-    # in which a runtime schedules the children.
-    # Only dropout draws from it while training, so without dropout children train in parallel.
-    with _global_rng(_mix(state.seed, round_), needed=state.model.config.dropout > 0):
-        for _ in range(epochs):
-            losses.append(state.trainer.train_epoch(state.train_examples)["loss"])
+    trained = 0
+    # A cost-balanced round sets this round's examples per epoch (fedenc.planner.balance).
+    work = config.get(records.WORK)
+    cap = state.trainer.config.max_examples_per_epoch
+    if isinstance(work, int) and work > 0:
+        state.trainer.config.max_examples_per_epoch = work
+    # A deliberately slowed child (node_config "slowdown", e.g. 3.0 = three times slower) idles
+    # in proportion to its work: a straggler for scenarios, without burning shared cores.
+    slowdown = get_float(context.node_config, "slowdown", 1.0)
+    try:
+        # Global torch RNG (dropout) seeded per child and round, so results do not depend on the
+        # order in which a runtime schedules the children.
+        # Only dropout draws from it while training, so without dropout children train in
+        # parallel.
+        with _global_rng(_mix(state.seed, round_), needed=state.model.config.dropout > 0):
+            for _ in range(epochs):
+                epoch = state.trainer.train_epoch(state.train_examples)
+                losses.append(epoch["loss"])
+                trained += int(epoch["pairs"])
+                if slowdown > 1.0:
+                    time.sleep((slowdown - 1.0) * epoch["seconds"])
+    finally:
+        state.trainer.config.max_examples_per_epoch = cap
     state.rounds_trained += 1
     seconds = time.perf_counter() - t0
     metrics = {
@@ -288,6 +305,7 @@ def handle_train(message: Message, context: Context) -> Message:
         "first_epoch_loss": losses[0],
         "local_epochs": epochs,
         "seconds": seconds,
+        "trained_examples": trained,
     }
     arrays = records.params_to_record(state.shared())
     return Message(records.metrics_content(metrics, arrays), reply_to=message)

@@ -49,6 +49,7 @@ from fedenc.federation.fusion import EmptyRoundError, build_fusion_rule
 from fedenc.federation.parameters import BadUpdateError, Parameters, relative_change
 from fedenc.federation.runconfig import get_bool, get_float, get_int, get_json, get_str
 from fedenc.federation.stopping import AnyOf, MaxRounds, RoundReport, StopRule, build_stop_rule
+from fedenc.planner.balance import WorkBalancer
 from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
 from fedenc.training.checkpoint import save_checkpoint
 from fedenc.training.config import TrainConfig
@@ -90,6 +91,10 @@ class MasterConfig:
     job_id: str = ""
     checkpoint_dir: Path | None = None
     fold_order: Literal["child", "arrival"] = "child"  # see _Job.train_round
+    # Cost-balanced local work (fedenc.planner.balance): from round 2 each child trains as many
+    # examples per epoch as it can in the same time, from its measured seconds per example.
+    balance_work: bool = False
+    work_deadline: float = 0.0  # seconds of local training per round; 0 = keep the total work
 
     def __post_init__(self) -> None:
         problems = []
@@ -109,6 +114,8 @@ class MasterConfig:
             problems.append(f"evaluate_every must be >= 0 (got {self.evaluate_every})")
         if self.eval_split not in records.SPLITS:
             problems.append(f"eval_split must be one of {records.SPLITS} (got {self.eval_split!r})")
+        if self.work_deadline < 0:
+            problems.append(f"work_deadline must be >= 0 (got {self.work_deadline})")
         if self.fold_order not in ("child", "arrival"):
             problems.append(f"fold_order must be 'child' or 'arrival' (got {self.fold_order!r})")
         if problems:
@@ -181,6 +188,8 @@ class MasterConfig:
             seed=get_int(rc, "seed", 0),
             job_id=get_str(rc, "job-id", ""),
             fold_order=get_str(rc, "fold-order", "child"),  # type: ignore[arg-type]
+            balance_work=get_bool(rc, "balance-work", False),
+            work_deadline=get_float(rc, "work-deadline", 0.0),
             checkpoint_dir=Path(out_dir) / "encoder" if out_dir else None,
         )
 
@@ -228,6 +237,7 @@ class RoundResult:
     skipped: str | None = None
     stop_reason: str | None = None
     held_replies: int = 0  # most train replies held at once to fold them in child order
+    work: dict[str, int] = field(default_factory=dict)  # balanced examples/epoch by child
 
     @property
     def bytes_moved(self) -> int:
@@ -344,15 +354,22 @@ class _Exchange:
         message_type: str,
         group_id: str,
         timeout: float | None,
+        per_node: Mapping[int, RecordDict] | None = None,
     ) -> Iterator[tuple[int, Message | str]]:
         """Send, then yield ``(node, reply)`` as each reply with content arrives and
-        ``(node, reason)`` for each node that errs; the nodes that never answered come last."""
-        size = records.record_bytes(content)
+        ``(node, reason)`` for each node that errs; the nodes that never answered come last.
+        ``per_node`` replaces ``content`` for the nodes it names."""
+        per_node = per_node or {}
         messages = [
-            Message(content, dst_node_id=nid, message_type=message_type, group_id=group_id)
+            Message(
+                per_node.get(nid, content),
+                dst_node_id=nid,
+                message_type=message_type,
+                group_id=group_id,
+            )
             for nid in node_ids
         ]
-        self.bytes_sent += size * len(messages)
+        self.bytes_sent += sum(records.record_bytes(m.content) for m in messages)
         ids = list(self.grid.push_messages(messages))
         sent = dict(zip(ids, (msg.metadata.dst_node_id for msg in messages), strict=True))
         receive = getattr(self.grid, "receive", None)
@@ -438,6 +455,7 @@ class _Job:
         self.rule = build_fusion_rule(config.rule, **config.rule_options)
         self.stop = config.stop_rule()
         self.held_peak = 0
+        self.balancer = WorkBalancer(config.work_deadline) if config.balance_work else None
 
     # -- 1 + 2: instruction and confirmations ----------------------------------------------------
 
@@ -524,12 +542,17 @@ class _Job:
         held: dict[int, Message | str] = {}
         next_rank = 0
         self.held_peak = 0  # most replies held at once (the reorder buffer's cost)
+        content = records.round_content(arrays, self.instruction, round_)
+        per_node: dict[int, RecordDict] = {}
+        assigned: dict[int, int] = {}
+        if self.balancer is not None:
+            uniform = {nid: self._uniform_work(nid) for nid in sampled}
+            limit = {nid: self.children[nid].num_samples for nid in sampled}
+            assigned = self.balancer.assign(uniform, limit)
+            for nid, work in assigned.items():
+                per_node[nid] = records.round_content(arrays, self.instruction, round_, work=work)
         stream = self.exchange.stream(
-            records.round_content(arrays, self.instruction, round_),
-            sampled,
-            "train",
-            str(round_),
-            self.config.round_timeout,
+            content, sampled, "train", str(round_), self.config.round_timeout, per_node
         )
         for nid, outcome in stream:
             if self.config.fold_order == "arrival":
@@ -589,6 +612,7 @@ class _Job:
             param_change=change,
             skipped=skipped,
             held_replies=self.held_peak,
+            work={label(nid): int(w) for nid, w in assigned.items()},
         )
 
     def _fold(
@@ -617,9 +641,18 @@ class _Job:
             log.warning("round %d: %s", round_, err)
             excluded[name] = err.reason
             return
-        loss = records.read_metrics(content).get("train_loss")
+        metrics = records.read_metrics(content)
+        loss = metrics.get("train_loss")
         if loss is not None:
             losses.append((loss, float(n)))
+        if self.balancer is not None:
+            self.balancer.observe(nid, metrics.get("seconds"), metrics.get("trained_examples"))
+
+    def _uniform_work(self, nid: int) -> int:
+        """Examples per epoch a child trains without balancing."""
+        n = self.children[nid].num_samples
+        cap = self.config.train.max_examples_per_epoch
+        return min(n, cap) if cap else n
 
     def _evaluate_now(self, round_: int) -> bool:
         every = self.config.evaluate_every

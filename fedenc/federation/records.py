@@ -52,6 +52,7 @@ NAME: Final = "name"
 JOB_ID: Final = "job-id"
 ROUND: Final = "server-round"
 SPLIT: Final = "split"
+WORK: Final = "work-examples"  # per-child local work of a cost-balanced round (examples/epoch)
 NUM_EXAMPLES: Final = "num-examples"
 FINISH_ACTION: Final = "query.finish"
 SPLITS: Final = ("valid", "test")
@@ -198,8 +199,10 @@ def round_content(
     instruction: fpb.TrainingInstruction,
     round: int,
     split: str | None = None,
+    work: int | None = None,
 ) -> RecordDict:
-    """The content of a ``train`` (no split) or ``evaluate`` message."""
+    """The content of a ``train`` (no split) or ``evaluate`` message; ``work`` sets the child's
+    examples per local epoch for this round (cost-balanced rounds)."""
     config: dict[str, Any] = {
         JOB_ID: instruction.job_id,
         ROUND: round,
@@ -207,6 +210,8 @@ def round_content(
     }
     if split is not None:
         config[SPLIT] = split
+    if work is not None:
+        config[WORK] = int(work)
     return RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord(config)})
 
 

@@ -72,6 +72,11 @@ class Scenario:
     workers: int = 0  # > 0: the children run in this many worker processes
     threads: int = 0  # torch threads per worker (0 = cores / workers)
     device: str = "cpu"
+    # Stragglers and cost-balanced work (fedenc.planner.balance): per-child slowdown factors
+    # (child i idles (f_i - 1) x its training time), and the master's balancing.
+    slowdown: tuple[float, ...] = ()
+    balance_work: bool = False
+    work_deadline: float = 0.0
 
     def __post_init__(self) -> None:
         if self.children < 1:
@@ -80,6 +85,11 @@ class Scenario:
             raise ValueError(f"rounds must be >= 0, got {self.rounds}")
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+        object.__setattr__(self, "slowdown", tuple(float(f) for f in self.slowdown))
+        if len(self.slowdown) > self.children or any(not f >= 1.0 for f in self.slowdown):
+            raise ValueError(
+                f"slowdown takes at most one factor >= 1 per child, got {list(self.slowdown)}"
+            )
         if self.workers < 0 or self.threads < 0:
             raise ValueError(
                 f"workers and threads must be >= 0, got {self.workers}, {self.threads}"
@@ -166,6 +176,9 @@ class Scenario:
             "expect-children": self.children,
             "device": self.device,
         }
+        if self.balance_work:
+            config["balance-work"] = True
+            config["work-deadline"] = self.work_deadline
         if self.encoder_options:
             config["encoder-options"] = json.dumps(self.encoder_options)
         if self.rule_options:
@@ -213,6 +226,8 @@ def run_scenario(
             CHILD_APP if scenario.workers else child_app,
             scenario.children,
             scenario.run_config(out_dir),
+            [{"slowdown": f} for f in scenario.slowdown]
+            + [{}] * (scenario.children - len(scenario.slowdown)),
             concurrency=scenario.concurrency,
             workers=scenario.workers,
             threads=scenario.threads or None,

@@ -24,6 +24,7 @@ class TrainConfig:
     patience: int = 0  # stop after this many epochs without validation gain (0 = off)
     max_examples_per_epoch: int = 0  # 0 = all; a cap for quick runs
     num_threads: int = 0  # torch intra-op threads (0 = torch's default)
+    plan: str = "default"  # execution plan: default (plain loop) | auto | a name (fedenc.planner)
 
     def __post_init__(self) -> None:
         self.ks = tuple(self.ks)
@@ -50,6 +51,13 @@ class TrainConfig:
                 problems.append(
                     f"select_metric must be one of {selectable} (got {self.select_metric!r})"
                 )
+        if self.plan not in ("default", "auto"):
+            from fedenc.planner.spec import PlanError, PlanSpec
+
+            try:
+                PlanSpec.parse(self.plan)
+            except PlanError as err:
+                problems.append(str(err))
         if problems:
             raise ValueError("bad training config: " + "; ".join(problems))
 

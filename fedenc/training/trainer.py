@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from fedenc.training.allocator import tune_allocator
 from fedenc.training.config import TrainConfig, resolve_device
 from fedenc.training.metrics import RankingAccumulator
 from fedenc.training.progress import TrainingProgress
+
+if TYPE_CHECKING:
+    from fedenc.planner.plan import PlanChoice, PlannedSteps
 
 
 @dataclass
@@ -65,16 +68,79 @@ class Trainer:
         )
         self.rng = np.random.default_rng(self.config.seed)
         self.epochs_done = 0
+        self.plan: PlanChoice | None = None  # chosen on the first epoch (needs the data)
+        self._planned: PlannedSteps | None = None
+        if self.config.plan not in ("default", "auto"):
+            self._check_plan_override()
+
+    # -- the execution plan (fedenc.planner) ----------------------------------------------------
+    def _check_plan_override(self) -> None:
+        """Refuse a named plan this machine or model cannot run, before any training."""
+        from fedenc.planner.spec import PlanError, PlanSpec, cuda_available, machine_cores
+
+        spec = PlanSpec.parse(self.config.plan)
+        spec.check(
+            machine_cores(), self.model.config.num_items, self.config.batch_size, cuda_available()
+        )
+        if self.config.device == "cpu" and spec.device == "cuda":
+            raise PlanError(f"plan {spec.name!r} refused: it runs on the GPU and device is cpu")
+
+    def prepare_plan(
+        self, examples: Examples, log: Callable[[str], None] | None = None
+    ) -> PlanChoice:
+        """Choose the plan for ``config.plan`` (profiling on a copy of the model when the
+        machine's cost cache lacks it), log it and why, and set the training steps up for it."""
+        from fedenc.planner.plan import PlanChoice, PlannedSteps, Planner
+
+        if self.plan is not None:
+            return self.plan
+        if self.config.plan == "default":
+            choice = PlanChoice("default", None, reason="requested")
+        else:
+            planner = Planner(
+                self.model,
+                lambda params: torch.optim.Adam(
+                    params, lr=self.config.lr, weight_decay=self.config.l2, fused=True
+                ),
+                examples,
+                self.config.batch_size,
+                device=self.config.device,
+                seed=self.config.seed,
+            )
+            choice = planner.choose(self.config.plan, log)
+            if choice.spec is not None:
+                device = torch.device("cuda" if choice.spec.device == "cuda" else "cpu")
+                if device.type != self.device.type:
+                    self.model.to(device)  # before the first step: the optimizer has no state
+                    self.device = device
+                self._planned = PlannedSteps(self.model, self.optimizer, choice, planner.workload)
+        if log is not None and self.config.plan != "default":
+            for line in choice.explain():
+                log(line)
+        self.plan = choice
+        return choice
+
+    def close(self) -> None:
+        """Stop the planned steps' worker threads (the plain loop has none)."""
+        if self._planned is not None:
+            self._planned.close()
+            self._planned = None
 
     # -- passes -------------------------------------------------------------------------------
-    def batches(self, examples: Examples, batch_size: int, shuffle: bool) -> Iterator[SessionBatch]:
+    def index_batches(
+        self, examples: Examples, batch_size: int, shuffle: bool
+    ) -> Iterator[np.ndarray]:
         n = len(examples)
         order = self.rng.permutation(n) if shuffle else np.arange(n)
         cap = self.config.max_examples_per_epoch
         if shuffle and cap and cap < n:
             order = order[:cap]
         for lo in range(0, order.size, batch_size):
-            yield build_batch(examples, order[lo : lo + batch_size], self.device)
+            yield order[lo : lo + batch_size]
+
+    def batches(self, examples: Examples, batch_size: int, shuffle: bool) -> Iterator[SessionBatch]:
+        for index in self.index_batches(examples, batch_size, shuffle):
+            yield build_batch(examples, index, self.device)
 
     def train_epoch(
         self, examples: Examples, progress: TrainingProgress | None = None
@@ -85,8 +151,15 @@ class Trainer:
         progress = progress or TrainingProgress(enabled=False)
         total = min(len(examples), self.config.max_examples_per_epoch or len(examples))
         task = progress.start(f"epoch {self.epochs_done + 1}", total)
+        self.prepare_plan(examples, progress.log)
         loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
-        for batch in self.batches(examples, self.config.batch_size, shuffle=True):
+        if self._planned is not None:
+            indices = self.index_batches(examples, self.config.batch_size, shuffle=True)
+            for size, value in self._planned.run(examples, indices):
+                loss_sum += value * size
+                seen += size
+                progress.advance(task, size, seen / (time.perf_counter() - t0), loss_sum / seen)
+        for batch in self._plain_batches(examples):
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.model.loss(batch)
             value = float(loss.detach())
@@ -106,6 +179,11 @@ class Trainer:
             "seconds": seconds,
             "pairs_per_s": seen / seconds,
         }
+
+    def _plain_batches(self, examples: Examples) -> Iterator[SessionBatch]:
+        if self._planned is not None:
+            return iter(())
+        return self.batches(examples, self.config.batch_size, shuffle=True)
 
     @torch.no_grad()
     def evaluate(

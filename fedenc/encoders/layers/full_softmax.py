@@ -32,27 +32,11 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
     ) -> Tensor:
         items = table[1:]
         n = items.shape[0]
-        inv_norm = torch.rsqrt((items * items).sum(1).clamp_min(1e-24)) if normalize else None
+        inv_norm = inverse_norms(items) if normalize else None
         cols = targets - 1
-        # With unit item vectors |z| <= ||s||: when that is small, keep exp(z) instead of z (one
-        # pass fewer here, and the backward needs exp(z) anyway).
-        keep_exp = inv_norm is not None and float(session.norm(dim=1).max()) <= _SAFE_LOGIT
-        blocks: list[Tensor] = []
-        parts: list[Tensor] = []
-        for lo in range(0, n, chunk):
-            z = session @ items[lo : lo + chunk].t()
-            if inv_norm is not None:
-                z.mul_(inv_norm[lo : lo + chunk])
-            if keep_exp:
-                z.exp_()
-                parts.append(z.sum(1))
-            else:
-                parts.append(torch.logsumexp(z, 1))
-            blocks.append(z)
-        if keep_exp:
-            lse = torch.stack(parts, 1).sum(1).log_()
-        else:
-            lse = torch.logsumexp(torch.stack(parts, 1), 1)
+        keep_exp = keeps_exp(session, normalize)
+        blocks, parts = forward_blocks(session, items, inv_norm, keep_exp, 0, n, chunk)
+        lse = combine_parts(parts, keep_exp)
         target_logit = (session * items[cols]).sum(1)
         if inv_norm is not None:
             target_logit = target_logit * inv_norm[cols]
@@ -77,30 +61,110 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
         grad_s = torch.zeros_like(session)
         grad_table = torch.empty_like(table)
         grad_table[0].zero_()
-        if ctx.keep_exp:
-            factor = (scale * torch.exp(-lse))[:, None]  # softmax = exp(z) / sum exp(z)
-        for k, z in enumerate(blocks):
-            lo = k * chunk
-            hi = lo + z.shape[1]
-            # d loss / d z = (softmax(z) - onehot(target)) / B.
-            p = z * factor if ctx.keep_exp else (z - lse[:, None]).exp_().mul_(scale)
-            inside = (cols >= lo) & (cols < hi)
-            p[inside.nonzero()[:, 0], cols[inside] - lo] -= scale
-            e = items[lo:hi]
-            out = grad_table[1 + lo : 1 + hi]
-            if inv_norm is None:
-                grad_s.addmm_(p, e)
-                torch.mm(p.t(), session, out=out)
-            else:
-                # With ê = r·e (r = 1/||e||) and q = (p·r)ᵀ s = r·(dL/dê):
-                #   dL/ds = (p·r) e,   dL/de = r·(dL/dê − ê (dL/dê · ê)) = q − r² e (q · e)
-                r = inv_norm[lo:hi]
-                p.mul_(r)
-                grad_s.addmm_(p, e)
-                q = p.t() @ session
-                coef = (q * e).sum(1, keepdim=True).mul_(r[:, None] ** 2).neg_()
-                torch.addcmul(q, e, coef, out=out)
+        backward_blocks(
+            blocks,
+            0,
+            chunk,
+            session,
+            items,
+            inv_norm,
+            cols,
+            lse,
+            scale,
+            ctx.keep_exp,
+            grad_s,
+            grad_table,
+        )
         return grad_s, grad_table, None, None, None
+
+
+# -- the per-chunk pieces, also run item shard by item shard by the planner ----------------------
+
+
+def inverse_norms(items: Tensor) -> Tensor:
+    """1 / ||e_j|| for every row of ``items``."""
+    return torch.rsqrt((items * items).sum(1).clamp_min(1e-24))
+
+
+def keeps_exp(session: Tensor, normalize: bool) -> bool:
+    """With unit item vectors |z| <= ||s||: when that is small, keep exp(z) instead of z (one
+    pass fewer in the forward, and the backward needs exp(z) anyway)."""
+    return normalize and float(session.norm(dim=1).max()) <= _SAFE_LOGIT
+
+
+def forward_blocks(
+    session: Tensor,
+    items: Tensor,
+    inv_norm: Tensor | None,
+    keep_exp: bool,
+    lo: int,
+    hi: int,
+    chunk: int,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Logit blocks (exp'd when ``keep_exp``) of items ``lo..hi`` in ``chunk``-item blocks, and
+    each block's per-row partial (sum of exp, or logsumexp). ``inv_norm`` covers all items."""
+    blocks: list[Tensor] = []
+    parts: list[Tensor] = []
+    for a in range(lo, hi, chunk):
+        b = min(a + chunk, hi)
+        z = session @ items[a:b].t()
+        if inv_norm is not None:
+            z.mul_(inv_norm[a:b])
+        if keep_exp:
+            z.exp_()
+            parts.append(z.sum(1))
+        else:
+            parts.append(torch.logsumexp(z, 1))
+        blocks.append(z)
+    return blocks, parts
+
+
+def combine_parts(parts: list[Tensor], keep_exp: bool) -> Tensor:
+    """Per-row logsumexp over all items from the blocks' partials, in block order."""
+    if keep_exp:
+        return torch.stack(parts, 1).sum(1).log_()
+    return torch.logsumexp(torch.stack(parts, 1), 1)
+
+
+def backward_blocks(
+    blocks: list[Tensor],
+    lo: int,
+    chunk: int,
+    session: Tensor,
+    items: Tensor,
+    inv_norm: Tensor | None,
+    cols: Tensor,
+    lse: Tensor,
+    scale: Tensor,
+    keep_exp: bool,
+    grad_s: Tensor,
+    grad_table: Tensor,
+) -> None:
+    """Accumulate d loss / d session into ``grad_s`` and write rows ``1+lo..`` of ``grad_table``
+    for the blocks that :func:`forward_blocks` returned for items from ``lo`` (overwrites them)."""
+    if keep_exp:
+        factor = (scale * torch.exp(-lse))[:, None]  # softmax = exp(z) / sum exp(z)
+    for k, z in enumerate(blocks):
+        a = lo + k * chunk
+        b = a + z.shape[1]
+        # d loss / d z = (softmax(z) - onehot(target)) * scale.
+        p = z * factor if keep_exp else (z - lse[:, None]).exp_().mul_(scale)
+        inside = (cols >= a) & (cols < b)
+        p[inside.nonzero()[:, 0], cols[inside] - a] -= scale
+        e = items[a:b]
+        out = grad_table[1 + a : 1 + b]
+        if inv_norm is None:
+            grad_s.addmm_(p, e)
+            torch.mm(p.t(), session, out=out)
+        else:
+            # With ê = r·e (r = 1/||e||) and q = (p·r)ᵀ s = r·(dL/dê):
+            #   dL/ds = (p·r) e,   dL/de = r·(dL/dê − ê (dL/dê · ê)) = q − r² e (q · e)
+            r = inv_norm[a:b]
+            p.mul_(r)
+            grad_s.addmm_(p, e)
+            q = p.t() @ session
+            coef = (q * e).sum(1, keepdim=True).mul_(r[:, None] ** 2).neg_()
+            torch.addcmul(q, e, coef, out=out)
 
 
 def full_softmax_cross_entropy(
