@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from fedenc import __version__
+from fedenc.ps.cli import ps_app
 from fedenc.security.cli import certs_app
 
 app = typer.Typer(
@@ -184,6 +185,7 @@ def train_cmd(
 data_app = typer.Typer(help="Inspect data sets and partitions.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(certs_app, name="certs")
+app.add_typer(ps_app, name="ps")
 
 
 def _load_splits(data: Path | None, synthetic: Any) -> Any:
