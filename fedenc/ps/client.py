@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, TypeVar
 
 import grpc
@@ -133,7 +134,9 @@ class ShardedClient:
         n = self.rows_per_request
         return [pos[lo : lo + n] for lo in range(0, pos.size, n)]
 
-    def _per_shard(self, keys: NDArray[np.int64], work: Callable[[int, NDArray[np.int64]], None]) -> None:
+    def _per_shard(
+        self, keys: NDArray[np.int64], work: Callable[[int, NDArray[np.int64]], None]
+    ) -> None:
         parts = split_by_shard(keys, len(self.stubs))
         if len(parts) == 1:
             work(*parts[0])
@@ -151,7 +154,7 @@ class ShardedClient:
             stub = self.stubs[shard]
             for batch in self._batches(pos):
                 request = pspb.PullRequest(keys=keys_to_proto(keys[batch]))
-                reply = self._call(shard, lambda: stub.Pull(request, timeout=self.timeout))
+                reply = self._call(shard, partial(stub.Pull, request, timeout=self.timeout))
                 out[torch.from_numpy(batch)] = rows_from_proto(reply.rows)
 
         self._per_shard(keys, work)
@@ -182,7 +185,7 @@ class ShardedClient:
                     client_id=self.client_id,
                     sequence=seq,
                 )
-                reply = self._call(shard, lambda: stub.Push(request, timeout=self.timeout))
+                reply = self._call(shard, partial(stub.Push, request, timeout=self.timeout))
                 with lock:
                     applied[0] += reply.rows_applied
 
@@ -193,26 +196,22 @@ class ShardedClient:
     def stats(self) -> list[dict[str, Any]]:
         out = []
         for i, stub in enumerate(self.stubs):
-            r = self._call(i, lambda s=stub: s.Stats(pspb.StatsRequest(), timeout=self.timeout))
-            out.append(
-                {
-                    f.name: getattr(r, f.name)
-                    for f in r.DESCRIPTOR.fields
-                    if f.name != "optimizer"
-                }
-                | {"optimizer": pspb.RowOptimizer.Name(r.optimizer).removeprefix("ROW_OPTIMIZER_").lower()}
-            )
+            r = self._call(i, partial(stub.Stats, pspb.StatsRequest(), timeout=self.timeout))
+            row = {f.name: getattr(r, f.name) for f in r.DESCRIPTOR.fields}
+            row["optimizer"] = pspb.RowOptimizer.Name(r.optimizer).split("_")[-1].lower()
+            out.append(row)
         return out
 
     def snapshot(self) -> list[str]:
         return [
-            self._call(i, lambda s=s: s.Snapshot(pspb.SnapshotRequest(), timeout=self.timeout)).path
+            self._call(i, partial(s.Snapshot, pspb.SnapshotRequest(), timeout=self.timeout)).path
             for i, s in enumerate(self.stubs)
         ]
 
     def restore(self) -> list[int]:
+        request = pspb.RestoreRequest()
         return [
-            self._call(i, lambda s=s: s.Restore(pspb.RestoreRequest(), timeout=self.timeout)).version
+            self._call(i, partial(s.Restore, request, timeout=self.timeout)).version
             for i, s in enumerate(self.stubs)
         ]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from numpy.typing import NDArray
 from torch import Tensor
@@ -23,7 +24,7 @@ class InProcessPS:
             ShardTable(
                 spec,
                 i,
-                None if snapshot_dir is None else snapshot_dir / f"shard-{i}-of-{spec.num_shards}.pt",
+                None if snapshot_dir is None else snapshot_dir / shard_file(i, spec.num_shards),
             )
             for i in range(spec.num_shards)
         ]
@@ -78,3 +79,8 @@ class InProcessPS:
 
     def close(self) -> None:
         pass
+
+
+def shard_file(shard: int, num_shards: int) -> str:
+    """The snapshot file name of a shard."""
+    return f"shard-{shard}-of-{num_shards}.pt"

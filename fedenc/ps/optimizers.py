@@ -72,13 +72,19 @@ class RowOptimizer:
             self.state["step"] = torch.zeros(rows, dtype=torch.int64)
 
     def apply(self, values: Tensor, index: Tensor, delta: Tensor) -> None:
-        """``values[index]`` updated from ``delta`` (one row per index, indices unique)."""
+        """``values[index]`` updated from pushed deltas (one row per index, indices unique)."""
+        if self.config.name == "sgd":
+            values.index_add_(0, index, delta, alpha=self.config.learning_rate)
+        else:
+            self.step(values, index, delta.neg())
+
+    def step(self, values: Tensor, index: Tensor, g: Tensor, lr: float | None = None) -> None:
+        """One optimizer step of rows ``index`` with gradient ``g`` (``lr`` overrides)."""
         c = self.config
-        lr = c.learning_rate
+        lr = c.learning_rate if lr is None else lr
         if c.name == "sgd":
-            values.index_add_(0, index, delta, alpha=lr)
+            values.index_add_(0, index, g, alpha=-lr)
             return
-        g = delta.neg()
         if c.name == "adagrad":
             acc = self.state["acc"]
             a = acc.index_select(0, index).addcmul_(g, g)
@@ -96,3 +102,9 @@ class RowOptimizer:
         m_hat = mi / (1 - c.beta1**tf)
         v_hat = vi / (1 - c.beta2**tf)
         values.index_add_(0, index, m_hat / v_hat.sqrt_().add_(c.eps), alpha=-lr)
+
+    def reset(self, index: Tensor) -> None:
+        """Forget the state of rows ``index`` (their slots now hold other keys)."""
+        for name, t in self.state.items():
+            fill = self.config.initial_accumulator if name == "acc" else 0
+            t.index_fill_(0, index, fill)

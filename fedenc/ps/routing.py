@@ -56,9 +56,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     return shard, num_shards
 
 
-def split_by_shard(
-    keys: NDArray[np.int64], num_shards: int
-) -> list[tuple[int, NDArray[np.int64]]]:
+def split_by_shard(keys: NDArray[np.int64], num_shards: int) -> list[tuple[int, NDArray[np.int64]]]:
     """``(shard, positions in keys)`` for every shard that gets at least one key."""
     owner = shard_of(keys, num_shards)
     if num_shards == 1:

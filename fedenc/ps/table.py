@@ -84,7 +84,9 @@ class PushResult:
     version: int
 
 
-def as_keys(keys: Tensor | NDArray[np.integer] | list[int], what: str = "keys") -> NDArray[np.int64]:
+def as_keys(
+    keys: Tensor | NDArray[np.integer] | list[int], what: str = "keys"
+) -> NDArray[np.int64]:
     """A 1-D int64 array of keys; :class:`PSError` otherwise."""
     arr = keys.numpy() if isinstance(keys, Tensor) else np.asarray(keys)
     if arr.ndim != 1:

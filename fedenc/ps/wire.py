@@ -19,8 +19,10 @@ def keys_to_proto(keys: NDArray[np.int64]) -> pb.Tensor:
 
 def keys_from_proto(msg: pb.Tensor) -> NDArray[np.int64]:
     if msg.spec.dtype != pb.DTYPE_INT64 or len(msg.spec.shape) != 1:
-        raise PSError(f"keys must be a 1-D int64 tensor, got dtype {msg.spec.dtype} "
-                      f"shape {list(msg.spec.shape)}")
+        raise PSError(
+            f"keys must be a 1-D int64 tensor, got dtype {msg.spec.dtype} "
+            f"shape {list(msg.spec.shape)}"
+        )
     keys: NDArray[np.int64] = decode_tensor(msg.spec, msg.data, msg.compression).numpy()
     return keys
 
