@@ -42,6 +42,7 @@ from fedenc.federation.child_data import ChildData, ChildDataConfig, load_child_
 from fedenc.federation.parameters import Parameters, check_compatible
 from fedenc.federation.runconfig import get_str
 from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
+from fedenc.ps.federation import end_round, make_trainer
 from fedenc.training.config import TrainConfig
 from fedenc.training.trainer import Trainer
 
@@ -172,7 +173,10 @@ def _build_state(
             f"encoder {encoder_type!r} here has shared parameters {shared_names}, "
             f"the instruction lists {expected}"
         )
-    trainer = Trainer(model, train_config)
+    try:
+        trainer = make_trainer(model, train_config, context.run_config, job_seed)
+    except ValueError as err:
+        raise DeclinedError(f"bad parameter-server settings: {err}") from None
     return ChildState(
         key=key,
         name=f"child-{cfg.partition_id}",
@@ -278,6 +282,7 @@ def handle_train(message: Message, context: Context) -> Message:
     with _global_rng(_mix(state.seed, round_), needed=state.model.config.dropout > 0):
         for _ in range(epochs):
             losses.append(state.trainer.train_epoch(state.train_examples)["loss"])
+    ps_metrics = end_round(state.trainer)  # the two-level PS flushes its last window
     state.rounds_trained += 1
     seconds = time.perf_counter() - t0
     metrics = {
@@ -286,6 +291,7 @@ def handle_train(message: Message, context: Context) -> Message:
         "first_epoch_loss": losses[0],
         "local_epochs": epochs,
         "seconds": seconds,
+        **ps_metrics,
     }
     arrays = records.params_to_record(state.shared())
     return Message(records.metrics_content(metrics, arrays), reply_to=message)
