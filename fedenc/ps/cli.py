@@ -52,6 +52,7 @@ def ps_cmd(
     from fedenc.ps.server import serve
     from fedenc.ps.table import PSError, ShardTable, TableSpec
     from fedenc.ps.tls import shard_credentials
+    from fedenc.security.errors import SecurityError
 
     try:
         index, num_shards = parse_shard(shard)
@@ -73,7 +74,7 @@ def ps_cmd(
             credentials=credentials,
             snapshot_every=snapshot_every if snapshot is not None else 0,
         )
-    except (ValueError, PSError, OSError) as err:
+    except (ValueError, PSError, OSError, SecurityError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise typer.Exit(2) from err
     host = listen.rsplit(":", 1)[0]
