@@ -96,7 +96,7 @@ class ShardedClient:
                 )
             if (s["num_keys"], s["width"]) != (self._num_keys, self._width):
                 raise PSError(f"{addresses[i]} serves another table: {s} vs shard 0 {first[0]}")
-        self.rows_per_request = max(1, REQUEST_BYTES // (4 * self._width))
+        self.rows_per_request = max(1, REQUEST_BYTES // (4 * self._width + 8))  # rows + keys
         self.bytes_pulled = 0
         self.bytes_pushed = 0
 
