@@ -84,7 +84,9 @@ def test_a_full_local_table_forces_an_exchange() -> None:
     _train_batch(ps, [4, 5], 10)  # needs 2 slots, 1 left
     assert ps.stats.forced_exchanges == 1 and len(freed) == 1
     assert sorted(ps.slot_of) == [4, 5]
-    torch.testing.assert_close(remote.pull(np.array([1]))[0], ps.base.new_tensor(0) + 0.5 + _init(1))
+    torch.testing.assert_close(
+        remote.pull(np.array([1]))[0], ps.base.new_tensor(0) + 0.5 + _init(1)
+    )
 
 
 def _init(key: int) -> torch.Tensor:

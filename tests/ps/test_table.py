@@ -41,7 +41,9 @@ def test_initial_rows_do_not_depend_on_sharding() -> None:
         ([None], torch.zeros(1, 8, dtype=torch.float64), "must be float32"),
     ],
 )
-def test_refused_pushes_change_nothing(keys: list[int | None], rows: torch.Tensor, message: str) -> None:
+def test_refused_pushes_change_nothing(
+    keys: list[int | None], rows: torch.Tensor, message: str
+) -> None:
     table = ShardTable(SPEC, 0)
     own = _key_of(0)
     arr = np.array([own if k is None else k for k in keys], dtype=np.int64)
