@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from fedenc import __version__
+from fedenc.ps.cli import ps_app
 from fedenc.security.cli import certs_app
 
 app = typer.Typer(
@@ -103,6 +104,16 @@ def train_cmd(
         Path | None, typer.Option(help="Directory for the checkpoint and results.json.")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+    ps: Annotated[
+        bool, typer.Option("--ps", help="Item rows through the two-level PS (docs/ps.md).")
+    ] = False,
+    ps_exchange_every: Annotated[
+        int, typer.Option(min=0, help="PS: samples between exchanges (0 = every epoch).")
+    ] = 0,
+    ps_scoring: Annotated[str, typer.Option(help="PS: full | sampled softmax.")] = "full",
+    ps_addresses: Annotated[
+        str, typer.Option(help="PS: gRPC shard addresses, comma-separated (default in-process).")
+    ] = "",
 ) -> None:
     """Train one encoder locally; select the epoch on validation, report test once."""
     import torch
@@ -152,6 +163,21 @@ def train_cmd(
         torch.manual_seed(seed)
         model.reset_parameters()
         trainer = Trainer(model, config)
+        if ps:
+            from fedenc.ps.federation import make_trainer
+
+            trainer = make_trainer(
+                model,
+                config,
+                {
+                    "ps": "local",
+                    "ps-exchange-every": ps_exchange_every,
+                    "ps-scoring": ps_scoring,
+                    "ps-addresses": ps_addresses,
+                },
+                seed,
+            )
+            trainer.flush_after_epoch = ps_exchange_every == 0  # type: ignore[attr-defined]
     except (ValueError, FileNotFoundError, UnknownEncoderError) as err:
         raise _fail(str(err)) from err
 
@@ -201,6 +227,7 @@ def train_cmd(
 data_app = typer.Typer(help="Inspect data sets and partitions.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(certs_app, name="certs")
+app.add_typer(ps_app, name="ps")
 
 
 def _load_splits(data: Path | None, synthetic: Any) -> Any:

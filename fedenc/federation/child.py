@@ -42,6 +42,7 @@ from fedenc.federation.child_data import ChildData, ChildDataConfig, load_child_
 from fedenc.federation.parameters import Parameters, check_compatible
 from fedenc.federation.runconfig import get_float, get_str
 from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
+from fedenc.ps.federation import end_round, make_trainer
 from fedenc.training.config import TrainConfig
 from fedenc.training.trainer import Trainer
 
@@ -172,7 +173,10 @@ def _build_state(
             f"encoder {encoder_type!r} here has shared parameters {shared_names}, "
             f"the instruction lists {expected}"
         )
-    trainer = Trainer(model, train_config)
+    try:
+        trainer = make_trainer(model, train_config, context.run_config, job_seed)
+    except ValueError as err:
+        raise DeclinedError(f"bad parameter-server settings: {err}") from None
     return ChildState(
         key=key,
         name=f"child-{cfg.partition_id}",
@@ -297,6 +301,7 @@ def handle_train(message: Message, context: Context) -> Message:
                     time.sleep((slowdown - 1.0) * epoch["seconds"])
     finally:
         state.trainer.config.max_examples_per_epoch = cap
+    ps_metrics = end_round(state.trainer)  # the two-level PS flushes its last window
     state.rounds_trained += 1
     seconds = time.perf_counter() - t0
     metrics = {
@@ -306,6 +311,7 @@ def handle_train(message: Message, context: Context) -> Message:
         "local_epochs": epochs,
         "seconds": seconds,
         "trained_examples": trained,
+        **ps_metrics,
     }
     arrays = records.params_to_record(state.shared())
     return Message(records.metrics_content(metrics, arrays), reply_to=message)

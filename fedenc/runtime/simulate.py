@@ -77,6 +77,12 @@ class Scenario:
     slowdown: tuple[float, ...] = ()
     balance_work: bool = False
     work_deadline: float = 0.0
+    # Two-level PS in the children (fedenc.ps.federation): "" = off, "local" = placement (a).
+    ps: str = ""
+    ps_exchange_every: int = 0  # samples between exchanges, 0 = end of round
+    ps_scoring: str = "full"  # full | sampled
+    ps_negatives: int = 256
+    ps_capacity: int = 20000
 
     def __post_init__(self) -> None:
         if self.children < 1:
@@ -116,6 +122,9 @@ class Scenario:
             build_stop_rule(self.stop)
         if self.rounds == 0 and not self.stop:
             raise ValueError("rounds = 0 (no budget) needs a stop rule")
+        from fedenc.ps.federation import ps_config_from_run_config
+
+        ps_config_from_run_config(self.run_config())
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str = "scenario") -> Scenario:
@@ -185,6 +194,16 @@ class Scenario:
             config["rule-options"] = json.dumps(self.rule_options)
         if self.stop:
             config["stop"] = self.stop if isinstance(self.stop, str) else json.dumps(self.stop)
+        if self.ps:
+            config.update(
+                {
+                    "ps": self.ps,
+                    "ps-exchange-every": self.ps_exchange_every,
+                    "ps-scoring": self.ps_scoring,
+                    "ps-negatives": self.ps_negatives,
+                    "ps-capacity": self.ps_capacity,
+                }
+            )
         if out_dir is not None:
             config["out-dir"] = str(out_dir)
         return config

@@ -1,0 +1,227 @@
+"""The sharded client of the gRPC distributed PS.
+
+Keys are routed to their shards (:mod:`.routing`), every shard's part is split into requests
+that stay below gRPC's default 4 MiB, and the shards are served concurrently: one thread per
+shard sends that shard's requests one after the other. One in-flight request per shard keeps
+push sequences in order (a retried push is recognised as such and not applied twice) and is
+enough to keep loopback busy; more shards mean more parallel streams.
+
+A shard that is down (``UNAVAILABLE``, e.g. being restarted from its snapshot) is retried with
+a backoff for ``retry_seconds``; a refused request (``INVALID_ARGUMENT``) raises
+:class:`~fedenc.ps.table.PSError` with the shard's message at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import Tensor
+
+from fedenc.proto.fedenc.v1 import parameter_server_pb2 as pspb
+from fedenc.proto.fedenc.v1 import parameter_server_pb2_grpc as psgrpc
+from fedenc.ps.routing import split_by_shard
+from fedenc.ps.server import MAX_MESSAGE_BYTES
+from fedenc.ps.table import PSError, as_keys, check_push
+from fedenc.ps.wire import keys_to_proto, rows_from_proto, rows_to_proto
+
+T = TypeVar("T")
+#: Row bytes per request: under gRPC's default 4 MiB receive limit with room for the envelope.
+REQUEST_BYTES = 4 * 1024 * 1024 - 64 * 1024
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class ShardUnavailableError(ConnectionError):
+    """A shard stayed unreachable for longer than the client's ``retry_seconds``."""
+
+
+class ShardedClient:
+    """:class:`~fedenc.ps.service.DistributedPS` over the shards at ``addresses`` (shard i at
+    ``addresses[i]``); checks on connect that each shard is the one expected."""
+
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        *,
+        credentials: Any = None,
+        options: Sequence[tuple[str, Any]] = (),
+        client_id: str | None = None,
+        retry_seconds: float = 30.0,
+        timeout: float = 30.0,
+    ) -> None:
+        if not addresses:
+            raise ValueError("give the address of every shard (shard i at position i)")
+        self.addresses = list(addresses)
+        self.client_id = client_id or uuid.uuid4().hex
+        self.retry_seconds = retry_seconds
+        self.timeout = timeout
+        opts = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # A restarted shard must be found again within a second, not after gRPC's default
+            # reconnect backoff (up to 120 s).
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+            *options,
+        ]
+        self.channels = [
+            grpc.insecure_channel(a, options=opts)
+            if credentials is None
+            else grpc.secure_channel(a, credentials, options=opts)
+            for a in self.addresses
+        ]
+        self.stubs = [psgrpc.ParameterServerStub(c) for c in self.channels]
+        self._pool = ThreadPoolExecutor(max_workers=len(addresses), thread_name_prefix="ps-shard")
+        self._sequence = itertools.count(1)
+        self._seq_lock = threading.Lock()
+        first = self.stats()
+        self._num_keys = int(first[0]["num_keys"])
+        self._width = int(first[0]["width"])
+        for i, s in enumerate(first):
+            if s["shard_index"] != i or s["num_shards"] != len(addresses):
+                raise PSError(
+                    f"{addresses[i]} serves shard {s['shard_index']}/{s['num_shards']}, "
+                    f"expected shard {i}/{len(addresses)}: list the shards in order"
+                )
+            if (s["num_keys"], s["width"]) != (self._num_keys, self._width):
+                raise PSError(f"{addresses[i]} serves another table: {s} vs shard 0 {first[0]}")
+        self.rows_per_request = max(1, REQUEST_BYTES // (4 * self._width + 8))  # rows + keys
+        self.bytes_pulled = 0
+        self.bytes_pushed = 0
+
+    @property
+    def num_keys(self) -> int:
+        return self._num_keys
+
+    @property
+    def width(self) -> int:
+        return self._width
+
+    # -- one call, retried while the shard is down --------------------------------------------
+
+    def _call(self, shard: int, fn: Callable[[], T]) -> T:
+        deadline = time.monotonic() + self.retry_seconds
+        pause = 0.05
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as err:
+                code = err.code()
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise PSError(err.details()) from None
+                if code not in _RETRYABLE or time.monotonic() >= deadline:
+                    if code in _RETRYABLE:
+                        raise ShardUnavailableError(
+                            f"PS shard {shard} at {self.addresses[shard]} unreachable for "
+                            f"{self.retry_seconds:g} s: {err.details()}"
+                        ) from None
+                    raise PSError(f"shard {shard}: {code.name}: {err.details()}") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
+
+    def _batches(self, pos: NDArray[np.int64]) -> list[NDArray[np.int64]]:
+        n = self.rows_per_request
+        return [pos[lo : lo + n] for lo in range(0, pos.size, n)]
+
+    def _per_shard(
+        self, keys: NDArray[np.int64], work: Callable[[int, NDArray[np.int64]], None]
+    ) -> None:
+        parts = split_by_shard(keys, len(self.stubs))
+        if len(parts) == 1:
+            work(*parts[0])
+            return
+        for f in [self._pool.submit(work, shard, pos) for shard, pos in parts]:
+            f.result()
+
+    # -- the interface -------------------------------------------------------------------------
+
+    def pull(self, keys: NDArray[np.int64]) -> Tensor:
+        keys = as_keys(keys)
+        out = torch.empty(keys.size, self._width)
+
+        def work(shard: int, pos: NDArray[np.int64]) -> None:
+            stub = self.stubs[shard]
+            for batch in self._batches(pos):
+                request = pspb.PullRequest(keys=keys_to_proto(keys[batch]))
+                reply = self._call(shard, partial(stub.Pull, request, timeout=self.timeout))
+                out[torch.from_numpy(batch)] = rows_from_proto(reply.rows)
+
+        self._per_shard(keys, work)
+        self.bytes_pulled += out.numel() * 4
+        return out
+
+    def push(self, keys: NDArray[np.int64], rows: Tensor, overwrite: bool = False) -> int:
+        keys = as_keys(keys)
+        if rows.dim() != 2 or rows.shape[0] != keys.size:
+            raise PSError(f"{list(rows.shape)} rows for {keys.size} keys")
+        # Checked here for the whole push, so that no shard applies its part of a push that
+        # another shard would refuse (the shards check again: other clients exist).
+        check_push(keys, rows, self._num_keys, self._width)
+        mode = pspb.PUSH_MODE_OVERWRITE if overwrite else pspb.PUSH_MODE_DELTA
+        rows = rows.detach().contiguous()
+        applied = [0]
+        lock = threading.Lock()
+
+        def work(shard: int, pos: NDArray[np.int64]) -> None:
+            stub = self.stubs[shard]
+            for batch in self._batches(pos):
+                with self._seq_lock:
+                    seq = next(self._sequence)
+                request = pspb.PushRequest(
+                    keys=keys_to_proto(keys[batch]),
+                    rows=rows_to_proto(rows[torch.from_numpy(batch)]),
+                    mode=mode,
+                    client_id=self.client_id,
+                    sequence=seq,
+                )
+                reply = self._call(shard, partial(stub.Push, request, timeout=self.timeout))
+                with lock:
+                    applied[0] += reply.rows_applied
+
+        self._per_shard(keys, work)
+        self.bytes_pushed += rows.numel() * 4
+        return applied[0]
+
+    def stats(self) -> list[dict[str, Any]]:
+        out = []
+        for i, stub in enumerate(self.stubs):
+            r = self._call(i, partial(stub.Stats, pspb.StatsRequest(), timeout=self.timeout))
+            row = {f.name: getattr(r, f.name) for f in r.DESCRIPTOR.fields}
+            row["optimizer"] = pspb.RowOptimizer.Name(r.optimizer).split("_")[-1].lower()
+            out.append(row)
+        return out
+
+    def snapshot(self) -> list[str]:
+        return [
+            self._call(i, partial(s.Snapshot, pspb.SnapshotRequest(), timeout=self.timeout)).path
+            for i, s in enumerate(self.stubs)
+        ]
+
+    def restore(self) -> list[int]:
+        request = pspb.RestoreRequest()
+        return [
+            self._call(i, partial(s.Restore, request, timeout=self.timeout)).version
+            for i, s in enumerate(self.stubs)
+        ]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for c in self.channels:
+            c.close()
+
+    def __enter__(self) -> ShardedClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,116 @@
+"""One gRPC shard of the distributed PS: the ``fedenc.v1.ParameterServer`` service over a
+:class:`~fedenc.ps.table.ShardTable`.
+
+Refused requests answer ``INVALID_ARGUMENT`` with the table's message (unknown key, wrong width,
+NaN...). With a snapshot path and ``snapshot_every = K``, every K-th applied push is written to
+disk before it is acknowledged, so after a crash a restart from the snapshot loses at most the
+last K - 1 acknowledged pushes (none with K = 1) plus whatever was in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+from fedenc.proto.fedenc.v1 import parameter_server_pb2 as pspb
+from fedenc.proto.fedenc.v1 import parameter_server_pb2_grpc as psgrpc
+from fedenc.ps.optimizers import PROTO_OPTIMIZER
+from fedenc.ps.table import PSError, ShardTable
+from fedenc.ps.wire import keys_from_proto, rows_from_proto, rows_to_proto
+
+log = logging.getLogger(__name__)
+
+#: Requests stay below gRPC's default 4 MiB; allow some headroom for foreign clients.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+class ShardServicer(psgrpc.ParameterServerServicer):
+    def __init__(self, table: ShardTable, snapshot_every: int = 0) -> None:
+        if snapshot_every < 0:
+            raise ValueError(f"snapshot_every must be >= 0, got {snapshot_every}")
+        if snapshot_every and table.snapshot_path is None:
+            raise ValueError("snapshot_every needs a snapshot path")
+        self.table = table
+        self.snapshot_every = snapshot_every
+        self._snapshot_lock = threading.Lock()
+
+    def Pull(self, request: pspb.PullRequest, context: Any) -> pspb.PullResponse:
+        try:
+            keys = keys_from_proto(request.keys)
+            rows, version = self.table.pull(keys)
+        except (PSError, ValueError) as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"shard {self.table.label}: {err}")
+        return pspb.PullResponse(rows=rows_to_proto(rows), version=version)
+
+    def Push(self, request: pspb.PushRequest, context: Any) -> pspb.PushResponse:
+        try:
+            if request.mode not in (pspb.PUSH_MODE_DELTA, pspb.PUSH_MODE_OVERWRITE):
+                raise PSError("push mode not set: use PUSH_MODE_DELTA or PUSH_MODE_OVERWRITE")
+            keys = keys_from_proto(request.keys)
+            rows = rows_from_proto(request.rows)
+            result = self.table.push(
+                keys,
+                rows,
+                overwrite=request.mode == pspb.PUSH_MODE_OVERWRITE,
+                client_id=request.client_id,
+                sequence=request.sequence,
+            )
+        except (PSError, ValueError) as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"shard {self.table.label}: {err}")
+        if self.snapshot_every and not result.duplicate:
+            if result.version % self.snapshot_every == 0:
+                with self._snapshot_lock:  # one writer at a time
+                    self.table.snapshot()
+        return pspb.PushResponse(
+            rows_applied=result.rows_applied, duplicate=result.duplicate, version=result.version
+        )
+
+    def Stats(self, request: pspb.StatsRequest, context: Any) -> pspb.StatsResponse:
+        s = self.table.stats()
+        s["optimizer"] = PROTO_OPTIMIZER[s["optimizer"]]
+        return pspb.StatsResponse(**s)
+
+    def Snapshot(self, request: pspb.SnapshotRequest, context: Any) -> pspb.SnapshotResponse:
+        try:
+            with self._snapshot_lock:
+                path, version = self.table.snapshot(request.path or None)
+        except (PSError, OSError) as err:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"shard {self.table.label}: {err}")
+        return pspb.SnapshotResponse(path=str(path), version=version)
+
+    def Restore(self, request: pspb.RestoreRequest, context: Any) -> pspb.RestoreResponse:
+        try:
+            path, version = self.table.restore(request.path or None)
+        except PSError as err:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"shard {self.table.label}: {err}")
+        return pspb.RestoreResponse(path=str(path), version=version)
+
+
+def serve(
+    table: ShardTable,
+    listen: str,
+    *,
+    credentials: Any = None,
+    snapshot_every: int = 0,
+    max_workers: int = 4,
+) -> tuple[grpc.Server, int]:
+    """Start a shard server on ``listen`` (``HOST:PORT``, port 0 = any free one); returns the
+    started server and the bound port. ``credentials``: ``grpc.ServerCredentials`` for TLS."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_OPTIONS)
+    psgrpc.add_ParameterServerServicer_to_server(ShardServicer(table, snapshot_every), server)
+    if credentials is None:
+        port = server.add_insecure_port(listen)
+    else:
+        port = server.add_secure_port(listen, credentials)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    server.start()
+    return server, port
