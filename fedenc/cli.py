@@ -162,6 +162,14 @@ def train_cmd(
         )
         torch.manual_seed(seed)
         model.reset_parameters()
+        if ps and plan not in ("auto", "default"):
+            raise ValueError(
+                f"--plan {plan} cannot drive the two-level PS trainer; use --plan default"
+            )
+        if ps:
+            # The planner's step programs assume the plain embedding table: the PS trainer
+            # runs the default loop.
+            config.plan = "default"
         trainer = Trainer(model, config)
         if ps:
             from fedenc.ps.federation import make_trainer
@@ -411,6 +419,10 @@ def simulate_cmd(
     device: Annotated[
         str | None, typer.Option(help="Where the children train: cpu | cuda | auto.")
     ] = None,
+    share: Annotated[
+        str | None,
+        typer.Option(help="What is federated: all (item table too) | encoder (table stays local)."),
+    ] = None,
     processes: Annotated[
         bool,
         typer.Option(
@@ -445,6 +457,7 @@ def simulate_cmd(
         workers=workers,
         threads=threads,
         device=device,
+        share=share,
     )
     from fedenc.runtime.simulate import default_out_dir, run_scenario
 

@@ -166,17 +166,29 @@ def _build_state(
     with _global_rng(job_seed):
         model = cls(encoder_config)
         model.reset_parameters()
-    shared_names = model.shared_parameter_names()
+    # The instruction names the tensors the job federates, in the encoder's order (the whole
+    # encoder, or all but the item table); an older instruction without names means the latter.
     expected = [spec.name for spec in instruction.encoder.shared_parameters]
-    if expected and expected != shared_names:
+    shared_names = expected or model.shared_parameter_names()
+    own = [name for name, _ in model.named_parameters()]
+    unknown = sorted(set(shared_names) - set(own))
+    if unknown:
         raise DeclinedError(
-            f"encoder {encoder_type!r} here has shared parameters {shared_names}, "
-            f"the instruction lists {expected}"
+            f"encoder {encoder_type!r} here has no parameters {unknown} that the instruction lists"
         )
+    if shared_names != [name for name in own if name in set(shared_names)]:
+        raise DeclinedError("the instruction lists the shared parameters out of encoder order")
     try:
         trainer = make_trainer(model, train_config, context.run_config, job_seed)
     except ValueError as err:
         raise DeclinedError(f"bad parameter-server settings: {err}") from None
+    if type(trainer) is not Trainer:
+        head = set(model.head_parameter_names()) & set(shared_names)
+        if head:
+            raise DeclinedError(
+                f"the item table lives in this child's parameter server; the job shares "
+                f"{sorted(head)}: run it with share = 'encoder'"
+            )
     return ChildState(
         key=key,
         name=f"child-{cfg.partition_id}",

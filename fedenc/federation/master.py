@@ -91,6 +91,11 @@ class MasterConfig:
     job_id: str = ""
     checkpoint_dir: Path | None = None
     fold_order: Literal["child", "arrival"] = "child"  # see _Job.train_round
+    # What the federation trains together: "all" = the whole encoder, item table included (the
+    # children share one catalog: their item rows must live in one space for the fused encoder
+    # to mean anything); "encoder" = everything but the item table, which stays local to each
+    # child (private catalogs, or item rows too revealing to share).
+    share: Literal["all", "encoder"] = "all"
     # Cost-balanced local work (fedenc.planner.balance): from round 2 each child trains as many
     # examples per epoch as it can in the same time, from its measured seconds per example.
     balance_work: bool = False
@@ -116,6 +121,8 @@ class MasterConfig:
             problems.append(f"eval_split must be one of {records.SPLITS} (got {self.eval_split!r})")
         if self.work_deadline < 0:
             problems.append(f"work_deadline must be >= 0 (got {self.work_deadline})")
+        if self.share not in ("all", "encoder"):
+            problems.append(f"share must be 'all' or 'encoder' (got {self.share!r})")
         if self.fold_order not in ("child", "arrival"):
             problems.append(f"fold_order must be 'child' or 'arrival' (got {self.fold_order!r})")
         if problems:
@@ -134,8 +141,8 @@ class MasterConfig:
         ``max-examples-per-epoch``. Job: ``num-server-rounds`` (or ``rounds``), ``stop``,
         ``rule``, ``rule-options`` (JSON), ``min-children``, ``fraction``, ``round-timeout`` and
         ``query-timeout`` (seconds, 0 = none), ``evaluate-every``, ``eval-split``, ``final-test``,
-        ``expect-children``, ``wait-timeout``, ``seed``, ``job-id``, ``fold-order``, ``out-dir``
-        (the encoder checkpoint goes to ``<out-dir>/encoder``).
+        ``expect-children``, ``wait-timeout``, ``seed``, ``job-id``, ``fold-order``, ``share``,
+        ``out-dir`` (the encoder checkpoint goes to ``<out-dir>/encoder``).
         """
         rc = run_config
         defaults = EncoderConfig(num_items=1)
@@ -188,6 +195,7 @@ class MasterConfig:
             seed=get_int(rc, "seed", 0),
             job_id=get_str(rc, "job-id", ""),
             fold_order=get_str(rc, "fold-order", "child"),  # type: ignore[arg-type]
+            share=get_str(rc, "share", "all"),  # type: ignore[arg-type]
             balance_work=get_bool(rc, "balance-work", False),
             work_deadline=get_float(rc, "work-deadline", 0.0),
             checkpoint_dir=Path(out_dir) / "encoder" if out_dir else None,
@@ -443,7 +451,7 @@ class _Job:
             self.model.reset_parameters()
         state = self.model.state_dict()
         self.target: Parameters = {
-            name: state[name].detach().clone() for name in self.model.shared_parameter_names()
+            name: state[name].detach().clone() for name in shared_names(self.model, config.share)
         }
         self.instruction = fpb.TrainingInstruction(
             job_id=config.job_id,
@@ -713,6 +721,15 @@ class _Job:
             log.info(
                 "%s did not acknowledge the end of the job: %s", self.exchange.label(nid), reason
             )
+
+
+def shared_names(model: torch.nn.Module, share: str) -> list[str]:
+    """The ordered names of the tensors a job federates (see ``MasterConfig.share``); the
+    instruction lists them, and the children exchange exactly those."""
+    if share == "all":
+        return [name for name, _ in model.named_parameters()]
+    names: list[str] = model.shared_parameter_names()  # type: ignore[operator]
+    return names
 
 
 def _with_seed(config: TrainConfig, seed: int) -> TrainConfig:

@@ -51,6 +51,9 @@ class Scenario:
     steps: int = 1
     encoder_options: dict[str, Any] = field(default_factory=dict)
     rule: str = "weighted_sum"
+    # What the children train together: "all" (the whole encoder, item table included), "encoder"
+    # (item table local), "auto" = "encoder" with a parameter server in the children, else "all".
+    share: str = "auto"
     rule_options: dict[str, Any] = field(default_factory=dict)
     stop: str | dict[str, Any] | None = None
     rounds: int = 5
@@ -96,6 +99,8 @@ class Scenario:
             raise ValueError(
                 f"slowdown takes at most one factor >= 1 per child, got {list(self.slowdown)}"
             )
+        if self.share not in ("auto", "all", "encoder"):
+            raise ValueError(f"share must be auto, all or encoder, got {self.share!r}")
         if self.workers < 0 or self.threads < 0:
             raise ValueError(
                 f"workers and threads must be >= 0, got {self.workers}, {self.threads}"
@@ -165,6 +170,7 @@ class Scenario:
             "hidden": self.hidden,
             "steps": self.steps,
             "rule": self.rule,
+            "share": self.share if self.share != "auto" else ("encoder" if self.ps else "all"),
             "num-server-rounds": self.rounds,
             "local-epochs": self.local_epochs,
             "batch-size": self.batch_size,

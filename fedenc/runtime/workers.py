@@ -23,6 +23,7 @@ import multiprocessing as mp
 import os
 import signal
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -49,6 +50,15 @@ def _worker_main(
     from fedenc.runtime.clientapp import call_client_app, load_app
 
     torch.set_num_threads(threads)
+    parent = os.getppid()
+
+    def orphan_watch() -> None:  # a killed parent must not leave workers training for nobody
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=orphan_watch, name="fedenc-orphan-watch", daemon=True).start()
     app = load_app(app_ref)
     contexts = {
         nid: Context(

@@ -29,6 +29,7 @@ from fedenc.federation.master import (
     MasterResult,
     NotEnoughChildrenError,
     run_master,
+    shared_names,
 )
 from fedenc.federation.parameters import Parameters
 from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
@@ -209,7 +210,7 @@ def initial_target(config: MasterConfig) -> Parameters:
         model = build_encoder(config.encoder, config.num_items, **config.encoder_options)
         model.reset_parameters()
     state = model.state_dict()
-    return {n: state[n].clone() for n in model.shared_parameter_names()}
+    return {n: state[n].clone() for n in shared_names(model, config.share)}
 
 
 # -- message order --------------------------------------------------------------------------------

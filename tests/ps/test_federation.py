@@ -20,7 +20,7 @@ BASE = Scenario(
 
 @pytest.mark.parametrize("scoring", ["full", "sampled"])
 def test_placement_a_federates_only_the_dense_encoder(scoring: str) -> None:
-    plain = run_scenario(BASE).result
+    plain = run_scenario(BASE.with_overrides(share="encoder")).result  # item table local
     with_ps = run_scenario(
         BASE.with_overrides(ps="local", ps_exchange_every=200, ps_scoring=scoring, ps_capacity=500)
     ).result
