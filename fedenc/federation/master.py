@@ -51,6 +51,7 @@ from fedenc.federation.runconfig import get_bool, get_float, get_int, get_json, 
 from fedenc.federation.stopping import AnyOf, MaxRounds, RoundReport, StopRule, build_stop_rule
 from fedenc.planner.balance import WorkBalancer
 from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
+from fedenc.training.allocator import tune_allocator
 from fedenc.training.checkpoint import save_checkpoint
 from fedenc.training.config import TrainConfig
 
@@ -442,6 +443,9 @@ class _Job:
     def __init__(self, grid: Grid, config: MasterConfig) -> None:
         self.grid = grid
         self.config = config
+        # Each round's fused target is a fresh model-sized allocation: keep freed ones in the
+        # heap (first-touch page faults would otherwise halve the fusion's speed).
+        tune_allocator()
         self.children: dict[int, ChildInfo] = {}
         self.exchange = _Exchange(grid, self.children)
         # Seeded as the children seed their models (their heads start from the same point).
