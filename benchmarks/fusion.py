@@ -134,10 +134,11 @@ def main() -> None:
     ap.add_argument("--params", type=int, default=10_000_000)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rules", nargs="*", default=list(RULES))
-    ap.add_argument("--ks", nargs="*", type=int, default=[2, 4, 8, 16])
+    ap.add_argument("--ks", nargs="*", type=int, default=[4, 8, 16])
     ap.add_argument("--mem-params", type=int, default=10_000_000)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the master's fold)")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -146,7 +147,8 @@ def main() -> None:
         name, k, p = args.memory_child
         memory_child(name, int(k), int(p))
         return
-    throughput(args)
+    if not args.skip_throughput:
+        throughput(args)
     if not args.skip_memory:
         memory(args)
 

@@ -467,6 +467,7 @@ class _Job:
         self.rule = build_fusion_rule(config.rule, **config.rule_options)
         self.stop = config.stop_rule()
         self.held_peak = 0
+        self.child_seconds: list[float] = []
         self.balancer = WorkBalancer(config.work_deadline) if config.balance_work else None
 
     # -- 1 + 2: instruction and confirmations ----------------------------------------------------
@@ -554,6 +555,7 @@ class _Job:
         held: dict[int, Message | str] = {}
         next_rank = 0
         self.held_peak = 0  # most replies held at once (the reorder buffer's cost)
+        self.child_seconds = []  # each accepted child's local training time
         content = records.round_content(arrays, self.instruction, round_)
         per_node: dict[int, RecordDict] = {}
         assigned: dict[int, int] = {}
@@ -601,6 +603,9 @@ class _Job:
         loss = _weighted_mean(losses)
         if loss is not None:
             metrics["train_loss"] = loss
+        if self.child_seconds:  # the children's own training time, as they report it
+            metrics["child_seconds_max"] = max(self.child_seconds)
+            metrics["child_seconds_sum"] = sum(self.child_seconds)
         evaluated: list[str] = []
         if self._evaluate_now(round_):
             eval_metrics, evaluated = self.evaluate(round_, self.config.eval_split)
@@ -657,6 +662,9 @@ class _Job:
         loss = metrics.get("train_loss")
         if loss is not None:
             losses.append((loss, float(n)))
+        seconds = metrics.get("seconds")
+        if seconds is not None and math.isfinite(seconds) and seconds >= 0:
+            self.child_seconds.append(seconds)
         if self.balancer is not None:
             self.balancer.observe(nid, metrics.get("seconds"), metrics.get("trained_examples"))
 
