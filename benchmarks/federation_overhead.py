@@ -44,7 +44,7 @@ def main() -> None:
     )
     rounds = run_scenario(scenario).result["rounds"][1:-1]
     wall = [r["seconds"] for r in rounds]
-    local = [r["metrics"]["child_seconds_sum"] for r in rounds]
+    local = [r["child_seconds_sum"] for r in rounds]
     overhead = [w - t for w, t in zip(wall, local, strict=True)]
     mib = statistics.median(r["bytes_moved"] for r in rounds) / 2**20
     med = statistics.median

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -69,6 +69,9 @@ class ChildState:
     shared_names: list[str]
     seed: int
     rounds_trained: int = 0
+    # Per shared item-table tensor: the samples of this child's data touching each row (the
+    # master fuses such tables row by row; fusion/weighted_sum.py says why).
+    row_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
@@ -189,6 +192,13 @@ def _build_state(
                 f"the item table lives in this child's parameter server; the job shares "
                 f"{sorted(head)}: run it with share = 'encoder'"
             )
+    shared_heads = [name for name in shared_names if name in set(model.head_parameter_names())]
+    row_weights: dict[str, torch.Tensor] = {}
+    if shared_heads:
+        counts = np.bincount(data.train.items, minlength=encoder_config.num_items + 1)
+        for name in shared_heads:
+            rows = model.state_dict()[name].shape[0]
+            row_weights[name] = torch.from_numpy(counts[:rows].astype(np.float32))
     return ChildState(
         key=key,
         name=f"child-{cfg.partition_id}",
@@ -199,6 +209,7 @@ def _build_state(
         trainer=trainer,
         shared_names=shared_names,
         seed=seed,
+        row_weights=row_weights,
     )
 
 
@@ -326,7 +337,8 @@ def handle_train(message: Message, context: Context) -> Message:
         **ps_metrics,
     }
     arrays = records.params_to_record(state.shared())
-    return Message(records.metrics_content(metrics, arrays), reply_to=message)
+    rows = records.params_to_record(state.row_weights) if state.row_weights else None
+    return Message(records.metrics_content(metrics, arrays, rows), reply_to=message)
 
 
 def handle_evaluate(message: Message, context: Context) -> Message:

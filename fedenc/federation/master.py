@@ -97,6 +97,9 @@ class MasterConfig:
     # to mean anything); "encoder" = everything but the item table, which stays local to each
     # child (private catalogs, or item rows too revealing to share).
     share: Literal["all", "encoder"] = "all"
+    # With the item table shared, fuse its rows one by one, each child weighted by the samples of
+    # its data that touch the row (rules that support it: weighted_sum); see fusion/weighted_sum.
+    row_weighting: bool = True
     # Cost-balanced local work (fedenc.planner.balance): from round 2 each child trains as many
     # examples per epoch as it can in the same time, from its measured seconds per example.
     balance_work: bool = False
@@ -143,7 +146,7 @@ class MasterConfig:
         ``rule``, ``rule-options`` (JSON), ``min-children``, ``fraction``, ``round-timeout`` and
         ``query-timeout`` (seconds, 0 = none), ``evaluate-every``, ``eval-split``, ``final-test``,
         ``expect-children``, ``wait-timeout``, ``seed``, ``job-id``, ``fold-order``, ``share``,
-        ``out-dir`` (the encoder checkpoint goes to ``<out-dir>/encoder``).
+        ``row-weighting``, ``out-dir`` (the encoder checkpoint goes to ``<out-dir>/encoder``).
         """
         rc = run_config
         defaults = EncoderConfig(num_items=1)
@@ -197,6 +200,7 @@ class MasterConfig:
             job_id=get_str(rc, "job-id", ""),
             fold_order=get_str(rc, "fold-order", "child"),  # type: ignore[arg-type]
             share=get_str(rc, "share", "all"),  # type: ignore[arg-type]
+            row_weighting=get_bool(rc, "row-weighting", True),
             balance_work=get_bool(rc, "balance-work", False),
             work_deadline=get_float(rc, "work-deadline", 0.0),
             checkpoint_dir=Path(out_dir) / "encoder" if out_dir else None,
@@ -246,6 +250,10 @@ class RoundResult:
     skipped: str | None = None
     stop_reason: str | None = None
     held_replies: int = 0  # most train replies held at once to fold them in child order
+    # The accepted children's own training time, as they report it (timings stay out of
+    # ``metrics``, which are reproducible bit for bit).
+    child_seconds_max: float | None = None
+    child_seconds_sum: float | None = None
     work: dict[str, int] = field(default_factory=dict)  # balanced examples/epoch by child
 
     @property
@@ -468,6 +476,12 @@ class _Job:
         self.stop = config.stop_rule()
         self.held_peak = 0
         self.child_seconds: list[float] = []
+        encoder_only = set(self.model.shared_parameter_names())  # all but the item table
+        self.row_names = (
+            [name for name in self.target if name not in encoder_only]
+            if config.row_weighting
+            else []
+        )
         self.balancer = WorkBalancer(config.work_deadline) if config.balance_work else None
 
     # -- 1 + 2: instruction and confirmations ----------------------------------------------------
@@ -545,7 +559,7 @@ class _Job:
         sampled = self.sample(round_)
         label = self.exchange.label
         arrays = records.params_to_record(self.target)
-        self.rule.begin(round_, self.target)
+        self.rule.begin(round_, self.target, row_weighted=self.row_names)
         excluded: dict[str, str] = {}
         losses: list[tuple[float, float]] = []
         # "child" order folds a reply as soon as every child before it (in child order) has been
@@ -603,9 +617,6 @@ class _Job:
         loss = _weighted_mean(losses)
         if loss is not None:
             metrics["train_loss"] = loss
-        if self.child_seconds:  # the children's own training time, as they report it
-            metrics["child_seconds_max"] = max(self.child_seconds)
-            metrics["child_seconds_sum"] = sum(self.child_seconds)
         evaluated: list[str] = []
         if self._evaluate_now(round_):
             eval_metrics, evaluated = self.evaluate(round_, self.config.eval_split)
@@ -653,7 +664,9 @@ class _Job:
                 raise BadUpdateError(name, "reply carries no parameters ('arrays')")
             params = records.record_to_params(arrays_in, name)
             n = records.read_num_examples(content, name)
-            self.rule.add(name, params, n)
+            rows_in = content.array_records.get(records.ROW_WEIGHTS_KEY)
+            rows = records.record_to_params(rows_in, name) if rows_in is not None else None
+            self.rule.add(name, params, n, rows)
         except BadUpdateError as err:
             log.warning("round %d: %s", round_, err)
             excluded[name] = err.reason

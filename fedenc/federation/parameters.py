@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TypeAlias
 
 import torch
@@ -87,6 +87,40 @@ def check_compatible(reference: Mapping[str, torch.Tensor], update: object, chil
                 problems.append(f"{name!r} has {bad} NaN/Inf value(s)")
     if problems:
         raise BadUpdateError(child, "; ".join(problems))
+
+
+def check_row_weights(
+    reference: Mapping[str, torch.Tensor], row_weights: object, names: Sequence[str], child: str
+) -> dict[str, torch.Tensor]:
+    """``row_weights`` as float64 vectors, one per row of each named tensor; raise
+    :class:`BadUpdateError` unless every entry names a row-weighted tensor of this round and is a
+    finite, non-negative vector with one weight per row."""
+    if not isinstance(row_weights, Mapping):
+        raise BadUpdateError(
+            child, f"row weights must map names to vectors, got {type(row_weights)}"
+        )
+    problems: list[str] = []
+    out: dict[str, torch.Tensor] = {}
+    for name, value in row_weights.items():
+        if name not in names:
+            problems.append(f"row weights for {name!r}, which is not row-weighted this round")
+            continue
+        rows = reference[name].shape[0]
+        if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.shape[0] != rows:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            problems.append(f"row weights of {name!r} must be a vector of {rows}, got {shape}")
+            continue
+        if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            problems.append(f"row weights of {name!r} have dtype {value.dtype}")
+            continue
+        weights = value.detach().to(device=reference[name].device, dtype=torch.float64)
+        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+            problems.append(f"row weights of {name!r} must be finite and >= 0")
+            continue
+        out[name] = weights
+    if problems:
+        raise BadUpdateError(child, "; ".join(problems))
+    return out
 
 
 def check_num_samples(num_samples: object, child: str) -> int:

@@ -16,7 +16,9 @@ reply                   ``fedenc``: ConfigRecord{``confirmation``: Confirmation 
 ``train``               ``arrays``: the target's shared tensors; ``config``: {``job-id``,
                         ``server-round``, ``instruction``}
 reply                   ``arrays``: the child's updated shared tensors; ``metrics``:
-                        {``num-examples``, ``train_loss``, ``seconds``, ...}
+                        {``num-examples``, ``train_loss``, ``seconds``, ...};
+                        ``row-weights`` (when the item table is shared): one weight
+                        per item row, the samples of the child's data touching it
 ``evaluate``            ``arrays``: the target; ``config``: {..., ``split``: valid | test}
 reply                   ``metrics``: {``num-examples``, ``recall@20``, ``mrr@20``, ...}
 ``query.finish``        ``config``: {``job-id``}: the job is over, the child may drop its state
@@ -46,6 +48,7 @@ FEDENC_KEY: Final = "fedenc"
 ARRAYS_KEY: Final = "arrays"
 CONFIG_KEY: Final = "config"
 METRICS_KEY: Final = "metrics"
+ROW_WEIGHTS_KEY: Final = "row-weights"
 INSTRUCTION: Final = "instruction"
 CONFIRMATION: Final = "confirmation"
 NAME: Final = "name"
@@ -246,7 +249,9 @@ def read_confirmation(content: RecordDict) -> tuple[fpb.Confirmation, str]:
 
 
 def metrics_content(
-    metrics: Mapping[str, float | int], arrays: ArrayRecord | None = None
+    metrics: Mapping[str, float | int],
+    arrays: ArrayRecord | None = None,
+    row_weights: ArrayRecord | None = None,
 ) -> RecordDict:
     """A reply's content: metrics (Flower's MetricRecord rejects numpy scalars and bools, so every
     value is made a plain int or float) and, for ``train``, the updated tensors."""
@@ -261,6 +266,8 @@ def metrics_content(
     content = RecordDict({METRICS_KEY: MetricRecord(clean)})
     if arrays is not None:
         content[ARRAYS_KEY] = arrays
+    if row_weights is not None:
+        content[ROW_WEIGHTS_KEY] = row_weights
     return content
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -459,6 +459,12 @@ class SpyWeightedSum(WeightedSum):
     def _add(self, child: str, params: Parameters, num_samples: int) -> None:
         FOLDS.append((child, time.monotonic()))
         super()._add(child, params, num_samples)
+
+    def _add_rows(
+        self, child: str, params: Parameters, num_samples: int, rows: Mapping[str, Any]
+    ) -> None:
+        FOLDS.append((child, time.monotonic()))
+        super()._add_rows(child, params, num_samples, rows)
 
 
 REVERSED_ARRIVALS = Script(stall_s={0: 0.8, 1: 0.4})  # child-2 answers first, child-0 last

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from fedenc.federation.parameters import (
@@ -25,6 +25,7 @@ from fedenc.federation.parameters import (
     Parameters,
     check_compatible,
     check_num_samples,
+    check_row_weights,
 )
 
 
@@ -44,6 +45,10 @@ class FusionRule(ABC):
     """The registry name, set by :func:`~fedenc.federation.fusion.registry.register_fusion_rule`."""
     streaming: ClassVar[bool] = False
     """True when the rule's memory is one model plus state, whatever the number of replies."""
+    row_weighted: ClassVar[bool] = False
+    """True when the rule fuses the row-weighted tensors of a round (the item table) row by row,
+    each child weighted by its row weights (the samples that touched the row); other rules ignore
+    row weights."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -53,26 +58,39 @@ class FusionRule(ABC):
         self._samples: dict[str, int] = {}
         self._rejected: dict[str, str] = {}
         self._result: Parameters | None = None
+        self._row_names: tuple[str, ...] = ()
 
     # -- round life cycle ------------------------------------------------------------------------
 
-    def begin(self, round: int, current: Parameters) -> None:
+    def begin(self, round: int, current: Parameters, row_weighted: Sequence[str] = ()) -> None:
         """Open round ``round`` with ``current`` as the present target (the reference that every
-        update is checked against, and the point that delta-based rules move from)."""
+        update is checked against, and the point that delta-based rules move from).
+        ``row_weighted`` names the tensors whose rows updates may weight one by one."""
+        unknown = [name for name in row_weighted if name not in current]
+        if unknown:
+            raise ValueError(f"row-weighted tensor(s) {unknown} are not in the target")
         with self._lock:
             self._round = round
             self._current = current
+            self._row_names = tuple(row_weighted)
             self._participants = []
             self._samples = {}
             self._rejected = {}
             self._result = None
             self._begin(current)
 
-    def add(self, child: str, params: Parameters, num_samples: int) -> None:
-        """Fold in ``child``'s updated set trained on ``num_samples`` samples.
+    def add(
+        self,
+        child: str,
+        params: Parameters,
+        num_samples: int,
+        row_weights: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Fold in ``child``'s updated set trained on ``num_samples`` samples; ``row_weights``
+        optionally weights the rows of the round's row-weighted tensors (one weight per row).
 
-        Raises :class:`BadUpdateError` (state untouched) for a malformed set, a bad sample count
-        or a second reply from the same child in this round.
+        Raises :class:`BadUpdateError` (state untouched) for a malformed set or row weights, a
+        bad sample count or a second reply from the same child in this round.
         """
         current = self._open_round()
         try:
@@ -80,12 +98,20 @@ class FusionRule(ABC):
             if child in self._samples:
                 raise BadUpdateError(child, f"a second update in round {self._round}")
             check_compatible(current, params, child)
+            rows = (
+                check_row_weights(current, row_weights, self._row_names, child)
+                if row_weights
+                else {}
+            )
             with self._lock:
                 if self._result is not None or self._current is not current:
                     raise RuntimeError(f"round {self._round} closed while {child!r} was added")
                 if child in self._samples:
                     raise BadUpdateError(child, f"a second update in round {self._round}")
-                self._add(child, params, n)
+                if self.row_weighted and self._row_names:
+                    self._add_rows(child, params, n, rows)
+                else:
+                    self._add(child, params, n)
                 self._participants.append(child)
                 self._samples[child] = n
         except BadUpdateError as err:
@@ -171,6 +197,17 @@ class FusionRule(ABC):
     @abstractmethod
     def _add(self, child: str, params: Parameters, num_samples: int) -> None:
         """Fold in an update that has already been validated."""
+
+    def _add_rows(
+        self, child: str, params: Parameters, num_samples: int, rows: Mapping[str, Any]
+    ) -> None:
+        """``_add`` with row weights (float64 vectors, validated); only row-weighted rules."""
+        raise NotImplementedError(f"{type(self).__name__} declares row_weighted but no _add_rows")
+
+    @property
+    def row_names(self) -> tuple[str, ...]:
+        """The tensors this round fuses row by row (when the rule is row-weighted)."""
+        return self._row_names
 
     @abstractmethod
     def _fuse(self) -> Parameters:

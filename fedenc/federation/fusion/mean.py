@@ -13,7 +13,9 @@ from fedenc.federation.fusion.weighted_sum import WeightedSum
 
 @register_fusion_rule("mean")
 class Mean(WeightedSum):
-    """``target = Σ θ_i / K``, folded in as replies arrive."""
+    """``target = Σ θ_i / K``, folded in as replies arrive (row weights ignored)."""
+
+    row_weighted = False
 
     def _weight(self, num_samples: int) -> float:
         return 1.0
