@@ -664,3 +664,83 @@ def test_register_a_class_directly() -> None:
 
 def test_all_builtin_names_are_unique() -> None:
     assert sorted(build_fusion_rule(n).name for n in BUILTIN) == BUILTIN
+
+
+# -- row-weighted fusion of an item table ---------------------------------------------------------
+
+
+def _table(*rows: list[float]) -> dict[str, torch.Tensor]:
+    return {"emb": torch.tensor(rows, dtype=torch.float32), "w": torch.zeros(2)}
+
+
+def test_row_weighted_sum_fuses_each_row_by_the_samples_that_touched_it() -> None:
+    current = _table([0.0, 0.0], [0.0, 0.0], [9.0, 9.0])
+    rule = WeightedSum()
+    rule.begin(1, current, row_weighted=["emb"])
+    a = {"emb": torch.tensor([[1.0, 1.0], [4.0, 4.0], [7.0, 7.0]]), "w": torch.full((2,), 1.0)}
+    b = {"emb": torch.tensor([[3.0, 3.0], [8.0, 8.0], [5.0, 5.0]]), "w": torch.full((2,), 4.0)}
+    rule.add("a", a, 10, {"emb": torch.tensor([1.0, 0.0, 0.0])})  # a touched row 0 once
+    rule.add("b", b, 30, {"emb": torch.tensor([3.0, 2.0, 0.0])})
+    out = rule.result()
+    # row 0: (1*1 + 3*3) / 4; row 1: only b touched it; row 2: nobody, the target's row stays
+    assert_close(out["emb"], torch.tensor([[2.5, 2.5], [8.0, 8.0], [9.0, 9.0]]))
+    # the dense tensor keeps w_i = n_i / Σ n
+    assert_close(out["w"], torch.full((2,), (10 * 1.0 + 30 * 4.0) / 40))
+
+
+def test_a_child_without_row_weights_counts_its_samples_for_every_row() -> None:
+    current = _table([0.0], [0.0])
+    rule = WeightedSum()
+    rule.begin(1, current, row_weighted=["emb"])
+    rule.add("a", {"emb": torch.tensor([[2.0], [2.0]]), "w": torch.zeros(2)}, 2)
+    rule.add(
+        "b",
+        {"emb": torch.tensor([[6.0], [6.0]]), "w": torch.zeros(2)},
+        1,
+        {"emb": torch.tensor([2.0, 0.0])},
+    )
+    out = rule.result()
+    assert_close(out["emb"], torch.tensor([[4.0], [2.0]]))  # (2*2 + 2*6)/4 and (2*2)/2
+
+
+def test_without_row_weighted_names_row_weights_change_nothing() -> None:
+    current = _table([0.0], [0.0])
+    plain, weighted = WeightedSum(), WeightedSum()
+    plain.begin(1, current)
+    weighted.begin(1, current)
+    update = {"emb": torch.tensor([[2.0], [4.0]]), "w": torch.ones(2)}
+    plain.add("a", update, 3)
+    with pytest.raises(BadUpdateError, match="not row-weighted"):
+        weighted.add("a", update, 3, {"emb": torch.tensor([1.0, 0.0])})
+    weighted.add("a", update, 3)
+    for name in current:
+        assert torch.equal(plain.result()[name], weighted.result()[name])
+
+
+@pytest.mark.parametrize(
+    ("weights", "reason"),
+    [
+        (torch.tensor([1.0]), "vector of 2"),
+        (torch.tensor([1.0, float("nan")]), "finite and >= 0"),
+        (torch.tensor([1.0, -1.0]), "finite and >= 0"),
+        (torch.ones(2, 2), "vector of 2"),
+    ],
+)
+def test_bad_row_weights_are_rejected_and_leave_the_round_untouched(
+    weights: torch.Tensor, reason: str
+) -> None:
+    current = _table([0.0], [0.0])
+    rule = WeightedSum()
+    rule.begin(1, current, row_weighted=["emb"])
+    rule.add("good", {"emb": torch.tensor([[2.0], [2.0]]), "w": torch.ones(2)}, 1)
+    with pytest.raises(BadUpdateError, match=reason):
+        rule.add(
+            "bad", {"emb": torch.tensor([[9.0], [9.0]]), "w": torch.ones(2)}, 1, {"emb": weights}
+        )
+    assert rule.participants == ["good"]
+    assert_close(rule.result()["emb"], torch.tensor([[2.0], [2.0]]))
+
+
+def test_begin_refuses_unknown_row_weighted_names() -> None:
+    with pytest.raises(ValueError, match="not in the target"):
+        WeightedSum().begin(1, _table([0.0]), row_weighted=["nope"])

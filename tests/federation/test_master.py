@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -509,3 +509,49 @@ def test_arrival_order_folds_each_reply_the_moment_it_comes() -> None:
 def test_a_bad_fold_order_is_refused() -> None:
     with pytest.raises(ValueError, match="fold_order must be"):
         tiny_config(fold_order="random")
+
+
+# -- what is shared ------------------------------------------------------------------------------
+
+
+class RowSpy(SpyWeightedSum):
+    """Records the row weights each child sent."""
+
+    seen: ClassVar[dict[str, dict[str, torch.Tensor]]] = {}
+
+    def _add_rows(
+        self, child: str, params: Parameters, num_samples: int, rows: Mapping[str, Any]
+    ) -> None:
+        RowSpy.seen[child] = dict(rows)
+        super()._add_rows(child, params, num_samples, rows)
+
+
+register_fusion_rule("test_row_spy")(RowSpy)
+
+
+def test_share_all_federates_the_item_table_row_weighted_by_the_childrens_data() -> None:
+    from nodes.child import app as child_app
+
+    RowSpy.seen.clear()
+    config = tiny_config(rounds=1, final_test=False, rule="test_row_spy")
+    result, _ = run_job(child_app, 2, config, run_config=dict(TINY_DATA))
+    assert "embedding.weight" in result.target
+    assert set(RowSpy.seen) == {"child-0", "child-1"}
+    from fedenc.federation.child_data import ChildDataConfig, load_child_data
+
+    for pid in (0, 1):
+        counts = RowSpy.seen[f"child-{pid}"]["embedding.weight"]
+        data = load_child_data(
+            ChildDataConfig.from_configs(TINY_DATA, {"partition-id": pid, "num-partitions": 2})
+        )
+        expected = torch.bincount(torch.from_numpy(data.train.items), minlength=61)
+        assert torch.equal(counts, expected.double())
+
+
+def test_share_encoder_keeps_the_item_table_in_the_children() -> None:
+    from nodes.child import app as child_app
+
+    config = tiny_config(rounds=1, final_test=False, share="encoder")
+    result, _ = run_job(child_app, 2, config, run_config=dict(TINY_DATA))
+    assert result.target and not any(n.startswith("embedding.") for n in result.target)
+    assert [r.participants for r in result.rounds] == [["child-0", "child-1"]]
