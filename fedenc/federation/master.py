@@ -641,6 +641,8 @@ class _Job:
             skipped=skipped,
             held_replies=self.held_peak,
             work={label(nid): int(w) for nid, w in assigned.items()},
+            child_seconds_max=max(self.child_seconds) if self.child_seconds else None,
+            child_seconds_sum=sum(self.child_seconds) if self.child_seconds else None,
         )
 
     def _fold(

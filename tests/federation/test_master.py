@@ -555,3 +555,13 @@ def test_share_encoder_keeps_the_item_table_in_the_children() -> None:
     result, _ = run_job(child_app, 2, config, run_config=dict(TINY_DATA))
     assert result.target and not any(n.startswith("embedding.") for n in result.target)
     assert [r.participants for r in result.rounds] == [["child-0", "child-1"]]
+
+
+def test_rounds_report_the_childrens_own_training_time() -> None:
+    from nodes.child import app as child_app
+
+    result, _ = run_job(child_app, 2, tiny_config(rounds=1, final_test=False), dict(TINY_DATA))
+    (r,) = result.rounds
+    assert r.child_seconds_max is not None and r.child_seconds_sum is not None
+    assert 0 < r.child_seconds_max <= r.child_seconds_sum <= 2 * r.child_seconds_max
+    assert "child_seconds_max" not in r.metrics  # timings stay out of the reproducible metrics
