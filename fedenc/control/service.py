@@ -218,6 +218,7 @@ class ControlService(cgrpc.ControlServicer):
     def attach(self) -> ControlService:
         """Adds the service to the server (before ``server.start()``) and starts the job worker."""
         cgrpc.add_ControlServicer_to_server(self, self._server.grpc_server)
+        _enable_reflection(self._server.grpc_server)
         self._server.observer = self
         self._worker.start()
         return self
@@ -692,6 +693,23 @@ class ControlService(cgrpc.ControlServicer):
         if job.state == cpb.JOB_STATE_FAILED:
             return f"job {job.job_id} failed ({job.error}): it has no encoder"
         return f"job {job.job_id} saved no encoder checkpoint"
+
+
+def _enable_reflection(server: grpc.Server) -> bool:
+    """gRPC server reflection (``grpcurl`` without ``-proto``) when ``grpcio-reflection`` is
+    installed; it is optional: clients generated from ``proto/`` do not need it."""
+    try:
+        from grpc_reflection.v1alpha import reflection  # type: ignore[import-untyped,unused-ignore]
+    except ImportError:
+        log.debug("grpcio-reflection not installed: no server reflection")
+        return False
+    names = (
+        cpb.DESCRIPTOR.services_by_name["Control"].full_name,
+        spb.DESCRIPTOR.services_by_name["Federation"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+    return True
 
 
 def serve_defaults(run_config: Mapping[str, Any], children: int | None, wait: float) -> RunConfig:
