@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from fedenc import __version__
+from fedenc.control.cli import control_app
 from fedenc.ps.cli import ps_app
 from fedenc.security.cli import certs_app
 
@@ -55,6 +56,7 @@ def encoders_cmd() -> None:
 
 @app.command("train")
 def train_cmd(
+    ctx: typer.Context,
     encoder: Annotated[str, typer.Option(help="Encoder type (see `fedenc encoders`).")] = "srgnn",
     data: Annotated[
         Path | None,
@@ -114,8 +116,131 @@ def train_cmd(
     ps_addresses: Annotated[
         str, typer.Option(help="PS: gRPC shard addresses, comma-separated (default in-process).")
     ] = "",
+    master: Annotated[
+        str | None,
+        typer.Option(
+            help="Train federated instead: submit the job to the Control API of the master at "
+            "HOST:PORT (`fedenc master --serve`), show its rounds live, and save the encoder to "
+            "--out (default runs/<job id>). Only the encoder and training options given here "
+            "are sent; the rest is the master's default.",
+            rich_help_panel="Federated (--master)",
+        ),
+    ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure",
+            help="--master: plaintext gRPC (no TLS).",
+            rich_help_panel="Federated (--master)",
+        ),
+    ] = False,
+    certs: Annotated[
+        Path | None,
+        typer.Option(
+            help="--master: certificates directory (fedenc certs) for TLS.",
+            rich_help_panel="Federated (--master)",
+        ),
+    ] = None,
+    cert_name: Annotated[
+        str,
+        typer.Option(
+            "--as",
+            help="--master with --certs: the name of this client's certificate.",
+            rich_help_panel="Federated (--master)",
+        ),
+    ] = "operator",
+    rounds: Annotated[
+        int | None,
+        typer.Option(min=0, help="--master: round budget.", rich_help_panel="Federated (--master)"),
+    ] = None,
+    rule: Annotated[
+        str | None,
+        typer.Option(help="--master: fusion rule.", rich_help_panel="Federated (--master)"),
+    ] = None,
+    stop: Annotated[
+        str | None,
+        typer.Option(
+            help="--master: extra stop rule, e.g. 'plateau=valid_recall@20:3'.",
+            rich_help_panel="Federated (--master)",
+        ),
+    ] = None,
+    min_children: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="--master: fewest children per round.",
+            rich_help_panel="Federated (--master)",
+        ),
+    ] = None,
+    round_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="--master: seconds to wait for a round's replies (0 = forever).",
+            rich_help_panel="Federated (--master)",
+        ),
+    ] = None,
+    num_items: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="--master: catalog size (default: the master's data).",
+            rich_help_panel="Federated (--master)",
+        ),
+    ] = None,
+    request: Annotated[
+        bool,
+        typer.Option(
+            "--request",
+            help="--master: ask for an encoder of --encoder's type (RequestEncoder): reuse a "
+            "finished or running job's encoder of that type, else start one.",
+            rich_help_panel="Federated (--master)",
+        ),
+    ] = False,
+    job: Annotated[
+        str | None,
+        typer.Option(
+            help="--master: follow (and download) this existing job instead of submitting one.",
+            rich_help_panel="Federated (--master)",
+        ),
+    ] = None,
 ) -> None:
-    """Train one encoder locally; select the epoch on validation, report test once."""
+    """Train one encoder locally; select the epoch on validation, report test once.
+
+    With --master HOST:PORT, train it federated through a master's Control API instead.
+    """
+    remote_only = {
+        "--rounds": rounds,
+        "--rule": rule,
+        "--stop": stop,
+        "--min-children": min_children,
+        "--round-timeout": round_timeout,
+        "--num-items": num_items,
+        "--job": job,
+        "--certs": certs,
+    }
+    if master is None:
+        given_remote = [flag for flag, value in remote_only.items() if value is not None]
+        given_remote += ["--request"] if request else []
+        if given_remote:
+            raise _fail(f"{', '.join(given_remote)} need --master HOST:PORT")
+    else:
+        from click.core import ParameterSource
+
+        from fedenc.control.cli import security_of, train_remote
+
+        explicit = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+        given = {name for name in ctx.params if ctx.get_parameter_source(name) in explicit}
+        train_remote(
+            master,
+            security_of(insecure, certs, cert_name),
+            ctx.params,
+            given,
+            request=request,
+            job_id=job,
+            out=out,
+            quiet=quiet,
+        )
+        return
     import torch
 
     from fedenc.data.sessions import Examples
@@ -236,6 +361,7 @@ data_app = typer.Typer(help="Inspect data sets and partitions.", no_args_is_help
 app.add_typer(data_app, name="data")
 app.add_typer(certs_app, name="certs")
 app.add_typer(ps_app, name="ps")
+app.add_typer(control_app, name="control")
 
 
 def _load_splits(data: Path | None, synthetic: Any) -> Any:
@@ -542,10 +668,21 @@ def master_cmd(
         float, typer.Option(help="Drop a child silent for this long, seconds.")
     ] = 30.0,
     log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
+    serve: Annotated[
+        bool,
+        typer.Option(
+            "--serve",
+            help="Start with no job and serve the Control API (fedenc.v1.Control, "
+            "docs/control-api.md) on the same port until SIGINT/SIGTERM: jobs come from "
+            "`fedenc train --master` or any gRPC client; the scenario and options above are "
+            "their defaults; --out is the root of the jobs' output directories.",
+        ),
+    ] = False,
 ) -> None:
     """Serve a federation: children dial in (`fedenc child`), the job runs, the master exits.
 
-    SIGINT/SIGTERM close every child's stream (the children exit) and exit 0.
+    With --serve, the master runs the jobs that Control clients submit, one at a time, until
+    stopped. SIGINT/SIGTERM close every child's stream (the children exit) and exit 0.
     """
     import signal
 
@@ -595,6 +732,13 @@ def master_cmd(
         raise _Interrupted(signum)
 
     previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    if serve:
+        try:
+            _serve_control(server, scenario, out, children, wait)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return
     out_dir = out or default_out_dir(scenario)
     title = f"{scenario.name}: {scenario.encoder} / {scenario.rule}"
     _, on_round, _ = _round_printer(title)
@@ -632,6 +776,33 @@ def master_cmd(
             signal.signal(s, handler)
     server.stop("the job is over")
     _print_outcome(outcome.result, title, out_dir)
+
+
+def _serve_control(
+    server: Any, scenario: Any, out: Path | None, children: int | None, wait: float
+) -> None:
+    """``fedenc master --serve``: the Control API next to Federation until a signal."""
+    import signal
+
+    from fedenc.control.service import ControlService, serve_defaults
+
+    out_root = out or Path("runs") / f"control-{time.strftime('%Y%m%d-%H%M%S')}"
+    defaults = serve_defaults(scenario.run_config(), children, wait)
+    service = ControlService(server, defaults, out_root).attach()
+    server.start()
+    # A line that scripts can wait for, as in the default mode.
+    console.print(
+        f"listening on {server.address}, serving the Control API (no job yet); "
+        f"job outputs go to {out_root}/<job id>"
+    )
+    try:
+        while True:
+            time.sleep(0.5)
+    except _Interrupted as sig:
+        name = signal.Signals(sig.signum).name
+        console.print(f"{name}: cancelling the jobs, closing every child's stream")
+        service.stop(f"the master was stopped ({name})", timeout=10.0)
+        server.stop(f"the master was stopped ({name})")
 
 
 @app.command("child")

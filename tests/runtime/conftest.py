@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 
 import pytest
+from control_master import ControlMaster, serve_control_master
 
 
 @pytest.fixture
@@ -14,3 +16,10 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+@pytest.fixture(scope="session")
+def control_master(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlMaster]:
+    """A real `fedenc master --serve` and two `fedenc child` processes for the session."""
+    with serve_control_master(tmp_path_factory.mktemp("control")) as served:
+        yield served

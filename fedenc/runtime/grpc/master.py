@@ -24,10 +24,10 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from flwr.app import Context, Message, RecordDict
@@ -52,6 +52,14 @@ from fedenc.runtime.grpc.transport import (
 log = logging.getLogger(__name__)
 
 UserConfig = dict[str, bool | int | float | str]
+
+
+class ChildObserver(Protocol):
+    """Told when a child is welcome and when it is gone (the Control API's child registry)."""
+
+    def child_joined(self, conn: ChildConnection, hello: spb.Hello) -> None: ...
+
+    def child_left(self, conn: ChildConnection, reason: str) -> None: ...
 
 
 def run_config_to_proto(run_config: Mapping[str, Any]) -> dict[str, spb.ConfigValue]:
@@ -114,6 +122,7 @@ class FederationServer:
         self._stopped = threading.Event()
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.observer: ChildObserver | None = None
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=max_children + 4, thread_name_prefix="fedenc-rpc"),
             options=server_options(heartbeat_interval),
@@ -133,6 +142,11 @@ class FederationServer:
         self.port = port
         self.address = f"{parse_address(address)[0]}:{port}"
         self._monitor = threading.Thread(target=self._watch, name="fedenc-heartbeat", daemon=True)
+
+    @property
+    def grpc_server(self) -> grpc.Server:
+        """The underlying server, to add services next to Federation (before :meth:`start`)."""
+        return self._server
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -246,6 +260,8 @@ class FederationServer:
             self._by_name[hello.name] = conn
             self._lock.notify_all()
         log.info("child %s connected (%s)", conn.label(), hello.agent or "unknown agent")
+        if self.observer is not None:
+            self.observer.child_joined(conn, hello)
         return None
 
     def reply(self, conn: ChildConnection, message: Message, sent: Sent) -> None:
@@ -266,6 +282,8 @@ class FederationServer:
             self._lock.notify_all()
         if registered:
             log.info("child %s left: %s", conn.label(), reason)
+            if self.observer is not None:
+                self.observer.child_left(conn, reason)
             if grid is not None:
                 grid.node_lost(conn.node_id, f"child {conn.name!r} is gone: {reason}")
 
@@ -484,8 +502,10 @@ def run_server_app(
     run_config: Mapping[str, Any] | None = None,
     *,
     run_id: int | None = None,
+    grid_class: Callable[[FederationServer, int, Mapping[str, Any]], GrpcGrid] | None = None,
 ) -> ServerRun:
-    """Runs ``server_app`` once on a :class:`GrpcGrid` over ``server``'s children."""
+    """Runs ``server_app`` once on a :class:`GrpcGrid` over ``server``'s children
+    (``grid_class``: a subclass, e.g. the Control API's, which watches and can cancel the run)."""
     from fedenc.runtime.inprocess import new_run_id
 
     rid = run_id if run_id is not None else new_run_id()
@@ -497,7 +517,7 @@ def run_server_app(
         state=RecordDict(),
         run_config=config,
     )
-    grid = GrpcGrid(server, rid, config)
+    grid = (grid_class or GrpcGrid)(server, rid, config)
     t0 = time.perf_counter()
     try:
         with fc.task_identity(rid):

@@ -1,0 +1,730 @@
+"""The master's side of ``fedenc.v1.Control``: a job queue run on the connected children, served
+on the same gRPC server (port, TLS) as ``fedenc.v1.Federation``.
+
+* **Jobs.** :meth:`ControlService.submit` checks a spec (:mod:`fedenc.control.spec`) and queues
+  it. One worker thread runs the queue in order, one job at a time, each as an ordinary run of
+  ``nodes/master.py``'s ServerApp through :func:`~fedenc.runtime.grpc.master.run_server_app`
+  (so the Flower task identity, the run announcement to the children and the grid's cleanup are
+  the runtime's own). Each job writes its outputs, encoder checkpoint included, to
+  ``<out_root>/<job id>/``.
+* **Rounds.** ``run_master`` reports each round through the ``round_listener`` ContextVar; the
+  service keeps the reports (WatchJob replays them) and wakes the watchers.
+* **Cancel.** A cancelled job stops after its current round: the round listener raises
+  :class:`JobCancelled`, which unwinds ``run_master`` through its ``finally`` (the children get
+  the end-of-job message). Before the first round (waiting for children, confirmations) the
+  job's grid raises it at the next ``get_node_ids``, so the job does not wait out its timeout.
+* **Children.** The :class:`~fedenc.runtime.grpc.master.FederationServer` tells the service who
+  joins and leaves; the job's grid (:class:`_ControlGrid`) tells it who was queried, who
+  confirmed or declined, and which replies are still owed (in round).
+* **Download.** From the job's saved checkpoint, not from memory: what a client downloads is the
+  master's saved encoder bit for bit, and a finished job costs no memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+import torch
+from flwr.app import Message
+from flwr.serverapp import ServerApp
+
+from fedenc.control.spec import (
+    JobSpecError,
+    RunConfig,
+    check_job,
+    dict_to_struct,
+    encoder_view,
+    matches,
+    round_report,
+    spec_to_run_config,
+    struct_to_dict,
+)
+from fedenc.encoders.base import EncoderConfig
+from fedenc.encoders.registry import UnknownEncoderError, encoder_class
+from fedenc.federation import records
+from fedenc.federation.master import MasterConfig, RoundResult, round_listener
+from fedenc.proto.fedenc.v1 import control_pb2 as cpb
+from fedenc.proto.fedenc.v1 import control_pb2_grpc as cgrpc
+from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
+from fedenc.proto.fedenc.v1 import federation_service_pb2 as spb
+from fedenc.protocol.chunking import DEFAULT_MAX_CHUNK_BYTES, stream_tensors
+from fedenc.runtime.grpc.connection import ChildConnection
+from fedenc.runtime.grpc.master import FederationServer, GrpcGrid, run_server_app
+from fedenc.training.checkpoint import META_FILE, STATE_FILE
+
+log = logging.getLogger(__name__)
+
+TERMINAL = frozenset({cpb.JOB_STATE_SUCCEEDED, cpb.JOB_STATE_FAILED, cpb.JOB_STATE_CANCELLED})
+_ROUND_MESSAGES = frozenset({"train", "evaluate"})
+
+
+class JobCancelled(Exception):
+    """Raised inside a running job to stop it (CancelJob, or the master stopping)."""
+
+
+class ServiceStopped(RuntimeError):
+    """The master is shutting down and takes no more jobs."""
+
+
+def _ms(t: float) -> int:
+    return int(t * 1000) if t else 0
+
+
+def _wall(monotonic_time: float) -> float:
+    """A ``time.monotonic()`` instant as Unix time."""
+    return time.time() - (time.monotonic() - monotonic_time)
+
+
+def _state_name(state: int) -> str:
+    return cpb.JobState.Name(state).removeprefix("JOB_STATE_").lower()  # type: ignore[arg-type]
+
+
+@dataclass(eq=False)
+class JobRecord:
+    """A job as the service keeps it (guarded by the service's lock)."""
+
+    job_id: str
+    spec: cpb.JobSpec
+    requester: str
+    run_config: RunConfig
+    config: MasterConfig
+    created: float = field(default_factory=time.time)
+    state: int = cpb.JOB_STATE_QUEUED
+    rounds: list[cpb.RoundReport] = field(default_factory=list)
+    started: float = 0.0
+    finished: float = 0.0
+    stop_reason: str = ""
+    error: str = ""
+    cancel_requested: bool = False
+    cancel_reason: str = ""
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    target_names: list[str] = field(default_factory=list)
+
+    @property
+    def encoder_type(self) -> str:
+        return self.config.encoder
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL
+
+
+@dataclass(eq=False)
+class _Child:
+    name: str
+    node_id: int
+    peer: str
+    agent: str
+    connected_at: float
+    conn: ChildConnection | None
+    left_reason: str = ""
+    last_seen: float = 0.0  # Unix time, kept when the child leaves
+
+
+class _ControlGrid(GrpcGrid):
+    """The job's grid: the runtime's :class:`GrpcGrid`, plus what ListChildren and CancelJob
+    need (who was queried, who confirmed, which replies are owed; cancel before round 1)."""
+
+    def __init__(
+        self,
+        server: FederationServer,
+        run_id: int,
+        run_config: Mapping[str, Any],
+        *,
+        service: ControlService,
+        job: JobRecord,
+    ) -> None:
+        self._service = service
+        self._job = job
+        super().__init__(server, run_id, run_config)
+
+    def get_node_ids(self) -> list[int]:
+        # run_master asks for the nodes while it waits for children and before each query: the
+        # place to stop a job cancelled before its first round (later, the round listener does).
+        if self._job.cancel_requested and not self._job.rounds:
+            raise JobCancelled("cancelled before its first round")
+        return super().get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        batch = list(messages)
+        queried = [m.metadata.dst_node_id for m in batch if m.metadata.message_type == "query"]
+        if queried:
+            self._service._note_queried(queried)
+        return super().push_messages(batch)
+
+    def deliver(self, reply: Message, message_id: str) -> None:
+        with self._lock:
+            entry = self._pending.get(message_id)
+        if entry is not None and entry[1].metadata.message_type == "query":
+            self._service._note_answer(entry[0], reply)
+        super().deliver(reply, message_id)
+
+    def owed(self) -> set[int]:
+        """Nodes whose train or evaluate reply the job still awaits."""
+        with self._lock:
+            return {
+                nid
+                for nid, message in self._pending.values()
+                if message.metadata.message_type in _ROUND_MESSAGES
+            }
+
+
+class ControlService(cgrpc.ControlServicer):
+    """``fedenc.v1.Control`` on a :class:`FederationServer`: call :meth:`attach` before the
+    server starts, :meth:`stop` before it stops."""
+
+    def __init__(
+        self,
+        server: FederationServer,
+        defaults: Mapping[str, Any],
+        out_root: Path,
+        *,
+        server_app: ServerApp | None = None,
+    ) -> None:
+        if server_app is None:
+            from nodes.master import app as master_app
+
+            server_app = master_app
+        self._server = server
+        self._server_app = server_app
+        self._defaults: RunConfig = {
+            k: v for k, v in defaults.items() if k not in ("job-id", "out-dir")
+        }
+        self.out_root = Path(out_root)
+        self._cond = threading.Condition()
+        self._jobs: dict[str, JobRecord] = {}
+        self._queue: deque[JobRecord] = deque()
+        self._current: JobRecord | None = None
+        self._grid: _ControlGrid | None = None
+        # node id -> (ChildState, decline reason) in the running job
+        self._participation: dict[int, tuple[int, str]] = {}
+        self._children: dict[str, _Child] = {}
+        self._stopping = False
+        self._worker = threading.Thread(target=self._work, name="fedenc-control-jobs", daemon=True)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def attach(self) -> ControlService:
+        """Adds the service to the server (before ``server.start()``) and starts the job worker."""
+        cgrpc.add_ControlServicer_to_server(self, self._server.grpc_server)
+        _enable_reflection(self._server.grpc_server)
+        self._server.observer = self
+        self._worker.start()
+        return self
+
+    def stop(self, reason: str = "the master shuts down", timeout: float = 30.0) -> None:
+        """No more jobs: queued ones are cancelled, the running one stops after its round."""
+        with self._cond:
+            self._stopping = True
+            while self._queue:
+                self._end(self._queue.popleft(), cpb.JOB_STATE_CANCELLED, error=reason)
+            if self._current is not None:
+                self._current.cancel_requested = True
+                self._current.cancel_reason = reason
+            self._cond.notify_all()
+        if self._worker.is_alive():
+            self._worker.join(timeout)
+
+    # -- jobs (Python API; the RPCs below wrap it) -----------------------------------------------
+
+    def submit(self, spec: cpb.JobSpec, requester: str = "") -> JobRecord:
+        """Checks ``spec`` and queues it; :class:`JobSpecError` says what is wrong."""
+        run_config = spec_to_run_config(spec, self._defaults)
+        encoder = str(run_config.get("encoder", "srgnn"))
+        job_id = f"{encoder}-{uuid.uuid4().hex[:12]}"
+        run_config["job-id"] = job_id
+        run_config["out-dir"] = str(self.out_root / job_id)
+        config = check_job(run_config)
+        job = JobRecord(job_id, spec, requester, run_config, config)
+        with self._cond:
+            if self._stopping:
+                raise ServiceStopped("the master is shutting down and takes no more jobs")
+            self._jobs[job_id] = job
+            self._queue.append(job)
+            self._cond.notify_all()
+        log.info(
+            "job %s queued (%s, %d rounds%s)",
+            job_id,
+            encoder,
+            config.rounds,
+            f", for {requester}" if requester else "",
+        )
+        return job
+
+    def request_encoder(self, request: fpb.EncoderRequest) -> tuple[JobRecord, bool]:
+        """Claim 2: the job whose encoder answers ``request``, and whether it was started now."""
+        if not request.encoder_type:
+            raise JobSpecError("encoder_type is required")
+        try:
+            encoder_class(request.encoder_type)
+        except UnknownEncoderError as err:
+            raise JobSpecError(str(err)) from None
+        wanted = struct_to_dict(request.config)
+        with self._cond:
+            candidates = [
+                j
+                for j in reversed(self._jobs.values())
+                if j.encoder_type == request.encoder_type
+                and matches(encoder_view(j.config), wanted)
+            ]
+            for states in (
+                {cpb.JOB_STATE_SUCCEEDED},
+                {cpb.JOB_STATE_RUNNING, cpb.JOB_STATE_QUEUED},
+            ):
+                for job in candidates:
+                    if job.state in states and not job.cancel_requested:
+                        return job, False
+        spec = cpb.JobSpec(encoder_type=request.encoder_type, training=request.training)
+        if request.HasField("config"):
+            spec.encoder_config.CopyFrom(request.config)
+        if request.round_budget:
+            spec.rounds = request.round_budget
+        return self.submit(spec, request.requester), True
+
+    def job(self, job_id: str) -> JobRecord | None:
+        with self._cond:
+            return self._jobs.get(job_id)
+
+    def wait(self, job_id: str, timeout: float | None = None) -> JobRecord:
+        """Blocks until the job has ended (or ``timeout``); for hosts and tests."""
+        with self._cond:
+            job = self._jobs[job_id]
+            self._cond.wait_for(lambda: job.done, timeout)
+            return job
+
+    def cancel(self, job_id: str, reason: str = "") -> JobRecord | None:
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None or job.done:
+                return job
+            job.cancel_requested = True
+            job.cancel_reason = reason
+            if job.state == cpb.JOB_STATE_QUEUED:
+                self._queue.remove(job)
+                self._end(job, cpb.JOB_STATE_CANCELLED, error=self._cancel_text(job))
+            self._cond.notify_all()
+        log.info("job %s: cancel requested%s", job_id, f" ({reason})" if reason else "")
+        return job
+
+    # -- the worker -------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._queue) or self._stopping)
+                if self._stopping:
+                    return
+                job = self._queue.popleft()
+                job.state = cpb.JOB_STATE_RUNNING
+                job.started = time.time()
+                self._current = job
+                self._participation = {}
+                self._cond.notify_all()
+            log.info("job %s started", job.job_id)
+            try:
+                self._run(job)
+            finally:
+                with self._cond:
+                    self._current = None
+                    self._grid = None
+                    self._participation = {}
+                    self._cond.notify_all()
+
+    def _run(self, job: JobRecord) -> None:
+        from fedenc.federation.master import NotEnoughChildrenError
+        from nodes.master import RESULT_KEY
+
+        def on_round(result: RoundResult) -> None:
+            with self._cond:
+                job.rounds.append(round_report(job.job_id, result))
+                cancel = job.cancel_requested and not result.stop_reason
+                self._cond.notify_all()
+            if cancel:
+                raise JobCancelled(f"cancelled after round {result.round}")
+
+        def make_grid(server: FederationServer, run_id: int, config: Mapping[str, Any]) -> GrpcGrid:
+            grid = _ControlGrid(server, run_id, config, service=self, job=job)
+            with self._cond:
+                self._grid = grid
+            return grid
+
+        token = round_listener.set(on_round)
+        try:
+            run = run_server_app(
+                self._server_app, self._server, job.run_config, grid_class=make_grid
+            )
+        except JobCancelled:
+            with self._cond:
+                self._end(job, cpb.JOB_STATE_CANCELLED, error=self._cancel_text(job))
+            return
+        except (NotEnoughChildrenError, ValueError, FileNotFoundError) as err:
+            self._fail(job, str(err))
+            return
+        except Exception as err:  # a job's bug must not take the master down
+            log.exception("job %s crashed", job.job_id)
+            self._fail(job, f"{type(err).__name__}: {err}")
+            return
+        finally:
+            round_listener.reset(token)
+        summary: dict[str, Any] = json.loads(str(run.server_context.state[RESULT_KEY]["json"]))
+        with self._cond:
+            job.stop_reason = str(summary.get("stop_reason", ""))
+            job.final_metrics = {k: float(v) for k, v in summary.get("final_metrics", {}).items()}
+            job.target_names = list(summary.get("shared_parameters", []))
+            checkpoint = summary.get("checkpoint")
+            job.checkpoint = Path(checkpoint) if checkpoint else None
+            self._end(job, cpb.JOB_STATE_SUCCEEDED)
+
+    def _fail(self, job: JobRecord, error: str) -> None:
+        log.warning("job %s failed: %s", job.job_id, error)
+        with self._cond:
+            self._end(job, cpb.JOB_STATE_FAILED, error=error)
+
+    def _end(self, job: JobRecord, state: int, error: str = "") -> None:
+        """Under the lock."""
+        job.state = state
+        job.error = error
+        job.finished = time.time()
+        self._cond.notify_all()
+        log.info("job %s %s%s", job.job_id, _state_name(state), f": {error}" if error else "")
+
+    @staticmethod
+    def _cancel_text(job: JobRecord) -> str:
+        where = f"after round {len(job.rounds)}" if job.rounds else "before its first round"
+        if job.state == cpb.JOB_STATE_QUEUED:
+            where = "before it started"
+        return f"cancelled {where}" + (f" ({job.cancel_reason})" if job.cancel_reason else "")
+
+    # -- children ----------------------------------------------------------------------------------
+
+    def child_joined(self, conn: ChildConnection, hello: spb.Hello) -> None:
+        with self._cond:
+            self._children[hello.name] = _Child(
+                hello.name, conn.node_id, conn.peer, hello.agent, time.time(), conn
+            )
+
+    def child_left(self, conn: ChildConnection, reason: str) -> None:
+        with self._cond:
+            entry = self._children.get(conn.name)
+            if entry is not None and entry.conn is conn:
+                entry.conn = None
+                entry.left_reason = reason
+                entry.last_seen = _wall(conn.last_seen)
+
+    def _note_queried(self, nodes: list[int]) -> None:
+        with self._cond:
+            for nid in nodes:
+                self._participation[nid] = (cpb.CHILD_STATE_QUERIED, "")
+
+    def _note_answer(self, node_id: int, reply: Message) -> None:
+        if reply.has_error():
+            answer = (cpb.CHILD_STATE_DECLINED, f"error reply: {reply.error.reason}")
+        else:
+            try:
+                confirmation, _ = records.read_confirmation(reply.content)
+            except ValueError as err:
+                answer = (cpb.CHILD_STATE_DECLINED, f"bad confirmation: {err}")
+            else:
+                if confirmation.accepted:
+                    answer = (cpb.CHILD_STATE_CONFIRMED, "")
+                else:
+                    answer = (cpb.CHILD_STATE_DECLINED, confirmation.decline_reason or "declined")
+        with self._cond:
+            self._participation[node_id] = answer
+
+    def children(self) -> list[cpb.ChildInfo]:
+        with self._cond:
+            entries = list(self._children.values())
+            grid, job = self._grid, self._current
+            participation = dict(self._participation)
+        owed = grid.owed() if grid is not None else set()
+        out: list[cpb.ChildInfo] = []
+        for entry in entries:
+            info = cpb.ChildInfo(
+                name=entry.name,
+                node_id=entry.node_id,
+                peer=entry.peer,
+                agent=entry.agent,
+                connected_unix_ms=_ms(entry.connected_at),
+            )
+            conn = entry.conn
+            if conn is None or conn.closed:
+                info.state = cpb.CHILD_STATE_GONE
+                if conn is None:
+                    info.left_reason = entry.left_reason
+                    info.last_seen_unix_ms = _ms(entry.last_seen)
+                else:  # closing, not yet reported gone
+                    info.left_reason = conn.close_reason or "closing"
+                    info.last_seen_unix_ms = _ms(_wall(conn.last_seen))
+                out.append(info)
+                continue
+            info.connected = True
+            info.busy = conn.busy
+            info.last_seen_unix_ms = _ms(_wall(conn.last_seen))
+            state, reason = participation.get(entry.node_id, (cpb.CHILD_STATE_IDLE, ""))
+            if job is not None and state != cpb.CHILD_STATE_IDLE:
+                info.job_id = job.job_id
+            info.confirmed = state == cpb.CHILD_STATE_CONFIRMED
+            info.decline_reason = reason
+            if info.confirmed and entry.node_id in owed:
+                state = cpb.CHILD_STATE_IN_ROUND
+                info.in_round = True
+            info.state = state  # type: ignore[assignment]
+            out.append(info)
+        out.sort(key=lambda c: (not c.connected, c.name))
+        return out
+
+    # -- wire views --------------------------------------------------------------------------------
+
+    def _job_proto(self, job: JobRecord) -> cpb.Job:
+        """Under the lock."""
+        position = 0
+        if job.state == cpb.JOB_STATE_QUEUED:
+            position = next((i + 1 for i, j in enumerate(self._queue) if j is job), 0)
+        return cpb.Job(
+            job_id=job.job_id,
+            state=job.state,  # type: ignore[arg-type]
+            encoder_type=job.encoder_type,
+            spec=job.spec,
+            requester=job.requester,
+            rounds_done=len(job.rounds),
+            round_budget=job.config.rounds,
+            stop_reason=job.stop_reason,
+            error=job.error,
+            cancel_requested=job.cancel_requested,
+            queue_position=position,
+            created_unix_ms=_ms(job.created),
+            started_unix_ms=_ms(job.started),
+            finished_unix_ms=_ms(job.finished),
+            final_metrics=job.final_metrics,
+            encoder_available=job.state == cpb.JOB_STATE_SUCCEEDED and job.checkpoint is not None,
+            effective_config=dict_to_struct(job.run_config),
+        )
+
+    def job_proto(self, job: JobRecord) -> cpb.Job:
+        with self._cond:
+            return self._job_proto(job)
+
+    # -- RPCs -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _abort(context: Any, code: grpc.StatusCode, message: str) -> NoReturn:
+        context.abort(code, message)
+        raise AssertionError("context.abort returned")  # it raises; this keeps mypy honest
+
+    def _lookup(self, job_id: str, context: Any) -> JobRecord:
+        if not job_id:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, "job_id is required")
+        job = self.job(job_id)
+        if job is None:
+            with self._cond:
+                known = ", ".join(self._jobs) or "none"
+            self._abort(
+                context, grpc.StatusCode.NOT_FOUND, f"unknown job id {job_id!r} (jobs: {known})"
+            )
+        return job
+
+    def SubmitJob(self, request: cpb.SubmitJobRequest, context: Any) -> cpb.Job:
+        try:
+            job = self.submit(request.spec, request.requester)
+        except JobSpecError as err:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"bad job spec: {err}")
+        except ServiceStopped as err:
+            self._abort(context, grpc.StatusCode.UNAVAILABLE, str(err))
+        return self.job_proto(job)
+
+    def RequestEncoder(
+        self, request: fpb.EncoderRequest, context: Any
+    ) -> cpb.RequestEncoderResponse:
+        try:
+            job, started = self.request_encoder(request)
+        except JobSpecError as err:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"bad encoder request: {err}")
+        except ServiceStopped as err:
+            self._abort(context, grpc.StatusCode.UNAVAILABLE, str(err))
+        return cpb.RequestEncoderResponse(job=self.job_proto(job), started=started)
+
+    def GetJob(self, request: cpb.GetJobRequest, context: Any) -> cpb.Job:
+        return self.job_proto(self._lookup(request.job_id, context))
+
+    def ListJobs(self, request: cpb.ListJobsRequest, context: Any) -> cpb.ListJobsResponse:
+        states = set(request.states)
+        with self._cond:
+            jobs = [
+                self._job_proto(j) for j in self._jobs.values() if not states or j.state in states
+            ]
+        return cpb.ListJobsResponse(jobs=jobs)
+
+    def CancelJob(self, request: cpb.CancelJobRequest, context: Any) -> cpb.Job:
+        job = self._lookup(request.job_id, context)
+        self.cancel(job.job_id, request.reason)
+        return self.job_proto(job)
+
+    def ListChildren(
+        self, request: cpb.ListChildrenRequest, context: Any
+    ) -> cpb.ListChildrenResponse:
+        return cpb.ListChildrenResponse(children=self.children())
+
+    def WatchJob(self, request: cpb.WatchJobRequest, context: Any) -> Iterator[cpb.JobEvent]:
+        job = self._lookup(request.job_id, context)
+        sent = max(0, int(request.from_round) - 1)
+        last_state: int | None = None
+        while True:
+
+            def news(seen: int = sent, known: int | None = last_state) -> bool:
+                return len(job.rounds) > seen or job.state != known
+
+            with self._cond:
+                self._cond.wait_for(news, timeout=1.0)  # also to notice a client that went away
+                rounds = job.rounds[sent:]
+                state = job.state
+                snapshot = self._job_proto(job)
+            if not context.is_active():
+                return
+            if last_state is None:  # first: the job as it is now
+                yield cpb.JobEvent(job=snapshot)
+                last_state = state
+            for report in rounds:
+                yield cpb.JobEvent(round=report)
+            sent += len(rounds)
+            if state in TERMINAL:  # last: the job in its final state, after its rounds
+                yield cpb.JobEvent(job=snapshot)
+                return
+            if state != last_state:
+                yield cpb.JobEvent(job=snapshot)
+                last_state = state
+
+    def DownloadEncoder(
+        self, request: cpb.DownloadEncoderRequest, context: Any
+    ) -> Iterator[cpb.EncoderDownload]:
+        if request.job_id:
+            job = self._lookup(request.job_id, context)
+        elif request.encoder_type:
+            with self._cond:
+                done = [
+                    j
+                    for j in self._jobs.values()
+                    if j.encoder_type == request.encoder_type and j.state == cpb.JOB_STATE_SUCCEEDED
+                ]
+            if not done:
+                self._abort(
+                    context,
+                    grpc.StatusCode.NOT_FOUND,
+                    f"no finished encoder of type {request.encoder_type!r}; "
+                    "ask for one with RequestEncoder",
+                )
+            job = done[-1]
+        else:
+            self._abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "give a job_id or an encoder_type"
+            )
+        max_chunk = request.max_chunk_bytes or DEFAULT_MAX_CHUNK_BYTES
+        if max_chunk > DEFAULT_MAX_CHUNK_BYTES:
+            self._abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"max_chunk_bytes {max_chunk} is above the master's {DEFAULT_MAX_CHUNK_BYTES}",
+            )
+        with self._cond:
+            state, checkpoint = job.state, job.checkpoint
+            why = self._no_encoder(job)
+        if state != cpb.JOB_STATE_SUCCEEDED or checkpoint is None:
+            self._abort(context, grpc.StatusCode.FAILED_PRECONDITION, why)
+        try:
+            meta = json.loads((checkpoint / META_FILE).read_text())
+            # mmap: the tensors are paged in as they are streamed, not loaded whole
+            state_dict = torch.load(checkpoint / STATE_FILE, map_location="cpu", mmap=True)
+        except (OSError, ValueError, RuntimeError) as err:
+            self._abort(
+                context,
+                grpc.StatusCode.DATA_LOSS,
+                f"the checkpoint of job {job.job_id} cannot be read: {err}",
+            )
+        tensors = {name: state_dict[name] for name in job.target_names}
+        local = []
+        if request.include_local:
+            local = [name for name in state_dict if name not in tensors]
+            tensors.update({name: state_dict[name] for name in local})
+        config = EncoderConfig(**meta["encoder_config"])
+        target = {name: tensors[name] for name in job.target_names}
+        info = cpb.EncoderInfo(
+            job_id=job.job_id,
+            encoder=records.encoder_spec(meta["encoder"], config, target),
+            rounds=len(job.rounds),
+            stop_reason=job.stop_reason,
+            final_metrics=job.final_metrics,
+            metadata=dict_to_struct(meta),
+            local_tensors=local,
+        )
+        header, chunks = stream_tensors(
+            tensors,
+            metadata={"job_id": job.job_id, "encoder": meta["encoder"]},
+            max_chunk_bytes=max_chunk,
+        )
+        yield cpb.EncoderDownload(info=info)
+        yield cpb.EncoderDownload(header=header)
+        for chunk in chunks:
+            if not context.is_active():
+                return
+            yield cpb.EncoderDownload(chunk=chunk)
+
+    def _no_encoder(self, job: JobRecord) -> str:
+        """Why ``job`` has no encoder to download (under the lock)."""
+        if job.state == cpb.JOB_STATE_QUEUED:
+            return f"job {job.job_id} is queued: its encoder is not trained yet; watch it"
+        if job.state == cpb.JOB_STATE_RUNNING:
+            return (
+                f"job {job.job_id} is running (round {len(job.rounds)} of "
+                f"{job.config.rounds or 'no budget'}): its encoder is not ready; watch it"
+            )
+        if job.state == cpb.JOB_STATE_CANCELLED:
+            return f"job {job.job_id} was {job.error}: it has no encoder"
+        if job.state == cpb.JOB_STATE_FAILED:
+            return f"job {job.job_id} failed ({job.error}): it has no encoder"
+        return f"job {job.job_id} saved no encoder checkpoint"
+
+
+def _enable_reflection(server: grpc.Server) -> bool:
+    """gRPC server reflection (``grpcurl`` without ``-proto``) when ``grpcio-reflection`` is
+    installed; it is optional: clients generated from ``proto/`` do not need it."""
+    try:
+        from grpc_reflection.v1alpha import reflection  # type: ignore[import-untyped,unused-ignore]
+    except ImportError:
+        log.debug("grpcio-reflection not installed: no server reflection")
+        return False
+    names = (
+        cpb.DESCRIPTOR.services_by_name["Control"].full_name,
+        spb.DESCRIPTOR.services_by_name["Federation"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+    return True
+
+
+def serve_defaults(run_config: Mapping[str, Any], children: int | None, wait: float) -> RunConfig:
+    """A served master's job defaults from its scenario's run config: wait for ``children``
+    (when given) at most ``wait`` seconds, else start with the children connected."""
+    defaults: RunConfig = dict(run_config)
+    defaults["expect-children"] = children or 0
+    defaults["wait-timeout"] = wait
+    return defaults
+
+
+__all__ = [
+    "ControlService",
+    "JobCancelled",
+    "JobRecord",
+    "ServiceStopped",
+    "serve_defaults",
+]
