@@ -931,6 +931,7 @@ def run_master(
             "num_keys": job.table.num_keys,
             "width": job.table.width,
             "rows_applied": job.table.rows_applied,
+            "finite": bool(table_rows is not None and torch.isfinite(table_rows).all()),
         }
     outcome = MasterResult(
         job_id=config.job_id,
