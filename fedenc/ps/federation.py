@@ -298,8 +298,9 @@ def make_trainer(
         remote = view
     else:
         remote = child_remote(rc, num_keys, width, seed)
-    if ps.scoring == "full":
-        # The child's head starts from the rows of the PS.
+    if ps.scoring == "full" and view is None:
+        # The child's head starts from the rows of the PS (placement b: refresh_rows loads
+        # them before every round and evaluation).
         with torch.no_grad():
             model.embedding.weight.copy_(remote.pull(np.arange(remote.num_keys)))
     trainer = PSTrainer(model, config, remote, ps)
