@@ -37,7 +37,8 @@ def test_declared_defaults_are_the_apps_defaults() -> None:
 
 def test_every_key_a_scenario_sets_is_declared() -> None:
     declared = set(app_config())
-    scenario = Scenario(
-        encoder_options={"x": 1}, rule_options={"y": 2}, stop="deadline_s=60"
-    ).run_config(Path("out"))
-    assert set(scenario) - declared == set()
+    for ps in ("", "local", "federation"):
+        scenario = Scenario(
+            encoder_options={"x": 1}, rule_options={"y": 2}, stop="deadline_s=60", ps=ps
+        ).run_config(Path("out"))
+        assert set(scenario) - declared == set()

@@ -42,7 +42,7 @@ from fedenc.federation.child_data import ChildData, ChildDataConfig, load_child_
 from fedenc.federation.parameters import Parameters, check_compatible
 from fedenc.federation.runconfig import get_float, get_str
 from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
-from fedenc.ps.federation import end_round, make_trainer
+from fedenc.ps.federation import end_round, make_trainer, refresh_rows, take_pulled, take_rows
 from fedenc.training.config import TrainConfig
 from fedenc.training.trainer import Trainer
 
@@ -182,7 +182,9 @@ def _build_state(
     if shared_names != [name for name in own if name in set(shared_names)]:
         raise DeclinedError("the instruction lists the shared parameters out of encoder order")
     try:
-        trainer = make_trainer(model, train_config, context.run_config, job_seed)
+        trainer = make_trainer(
+            model, train_config, context.run_config, job_seed, instruction.job_id
+        )
     except ValueError as err:
         raise DeclinedError(f"bad parameter-server settings: {err}") from None
     if type(trainer) is not Trainer:
@@ -297,6 +299,7 @@ def handle_train(message: Message, context: Context) -> Message:
     config: Mapping[str, Any] = message.content.config_records.get(records.CONFIG_KEY) or {}
     state = _state_for(context, config)
     _load_shared(state, message.content)
+    refresh_rows(state.trainer)  # placement b: the federation table moved since last round
     round_ = _round(config)
     epochs = state.trainer.config.epochs
     t0 = time.perf_counter()
@@ -336,9 +339,15 @@ def handle_train(message: Message, context: Context) -> Message:
         "trained_examples": trained,
         **ps_metrics,
     }
+    sparse = take_rows(state.trainer)  # placement b: the round's item rows
+    if sparse is not None:
+        metrics[records.PS_ROWS_PULLED] = sparse[1]
     arrays = records.params_to_record(state.shared())
     rows = records.params_to_record(state.row_weights) if state.row_weights else None
-    return Message(records.metrics_content(metrics, arrays, rows), reply_to=message)
+    content = records.metrics_content(metrics, arrays, rows)
+    if sparse is not None:
+        content[records.ROWS_KEY] = sparse[0].to_record()
+    return Message(content, reply_to=message)
 
 
 def handle_evaluate(message: Message, context: Context) -> Message:
@@ -353,8 +362,12 @@ def handle_evaluate(message: Message, context: Context) -> Message:
     examples = state.data.examples(str(split))
     metrics: dict[str, float | int] = {records.NUM_EXAMPLES: len(examples)}
     if len(examples):
+        refresh_rows(state.trainer)  # placement b: score against the current federation table
         result = state.trainer.evaluate(examples)
         metrics.update({k: v for k, v in result.items() if "@" in k})
+        pulled = take_pulled(state.trainer)
+        if pulled:
+            metrics[records.PS_ROWS_PULLED] = pulled
     return Message(records.metrics_content(metrics), reply_to=message)
 
 

@@ -21,6 +21,12 @@ Flower's own engines. One job:
    MRR@K of the new target on its held-out data (the example-weighted mean is the round's
    metric), and the stop rule decides. Children that appear later are queried at the start of the
    next round and take part once they confirm.
+   With the federation-level PS (``ps = "federation"``, placement b of docs/ps.md) the item
+   table lives in a distributed PS the master hosts (:class:`~fedenc.ps.federation.
+   FederationTable`): the dense encoder is fused as above, each reply's sparse item rows are
+   checked with it (one bad part rejects the whole reply) and fused row by row with the job's
+   rule weighted by the samples that touched each row (:class:`~fedenc.ps.sparse.RowFusion`),
+   then applied to the table once the round is over.
 5. **Publication.** After the last round the target is evaluated on the children's test splits,
    saved as an encoder checkpoint with the job's metadata, and returned with per-round reports.
 """
@@ -51,6 +57,8 @@ from fedenc.federation.runconfig import get_bool, get_float, get_int, get_json, 
 from fedenc.federation.stopping import AnyOf, MaxRounds, RoundReport, StopRule, build_stop_rule
 from fedenc.planner.balance import WorkBalancer
 from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
+from fedenc.ps.federation import PLACEMENTS, FederationTable
+from fedenc.ps.sparse import ROW_RULES, RowFusion, rows_from_record
 from fedenc.training.allocator import tune_allocator
 from fedenc.training.checkpoint import save_checkpoint
 from fedenc.training.config import TrainConfig
@@ -104,6 +112,12 @@ class MasterConfig:
     # examples per epoch as it can in the same time, from its measured seconds per example.
     balance_work: bool = False
     work_deadline: float = 0.0  # seconds of local training per round; 0 = keep the total work
+    # The children's parameter server (fedenc.ps.federation): "" = none, "local" = each child's
+    # own (placement a: nothing changes here), "federation" = the item table in a PS the master
+    # hosts (placement b): ps_shards in-process shards, or the gRPC shards of ps_addresses.
+    ps: str = ""
+    ps_shards: int = 1
+    ps_addresses: str = ""
 
     def __post_init__(self) -> None:
         problems = []
@@ -127,6 +141,19 @@ class MasterConfig:
             problems.append(f"work_deadline must be >= 0 (got {self.work_deadline})")
         if self.share not in ("all", "encoder"):
             problems.append(f"share must be 'all' or 'encoder' (got {self.share!r})")
+        if self.ps not in PLACEMENTS:
+            problems.append(f"ps must be one of {PLACEMENTS} (got {self.ps!r})")
+        if self.ps == "federation":
+            if self.share != "encoder":
+                problems.append(
+                    "ps = 'federation' keeps the item table in the federation PS: share must "
+                    f"be 'encoder' (got {self.share!r})"
+                )
+            if self.rule not in ROW_RULES:
+                problems.append(
+                    f"ps = 'federation' fuses item rows with {sorted(ROW_RULES)}; rule "
+                    f"{self.rule!r} has no row-wise form here"
+                )
         if self.fold_order not in ("child", "arrival"):
             problems.append(f"fold_order must be 'child' or 'arrival' (got {self.fold_order!r})")
         if problems:
@@ -146,7 +173,8 @@ class MasterConfig:
         ``rule``, ``rule-options`` (JSON), ``min-children``, ``fraction``, ``round-timeout`` and
         ``query-timeout`` (seconds, 0 = none), ``evaluate-every``, ``eval-split``, ``final-test``,
         ``expect-children``, ``wait-timeout``, ``seed``, ``job-id``, ``fold-order``, ``share``,
-        ``row-weighting``, ``out-dir`` (the encoder checkpoint goes to ``<out-dir>/encoder``).
+        ``row-weighting``, ``ps``, ``ps-shards``, ``ps-addresses``, ``out-dir`` (the encoder
+        checkpoint goes to ``<out-dir>/encoder``).
         """
         rc = run_config
         defaults = EncoderConfig(num_items=1)
@@ -203,6 +231,9 @@ class MasterConfig:
             row_weighting=get_bool(rc, "row-weighting", True),
             balance_work=get_bool(rc, "balance-work", False),
             work_deadline=get_float(rc, "work-deadline", 0.0),
+            ps=get_str(rc, "ps", ""),
+            ps_shards=get_int(rc, "ps-shards", 1),
+            ps_addresses=get_str(rc, "ps-addresses", ""),
             checkpoint_dir=Path(out_dir) / "encoder" if out_dir else None,
         )
 
@@ -255,10 +286,19 @@ class RoundResult:
     child_seconds_max: float | None = None
     child_seconds_sum: float | None = None
     work: dict[str, int] = field(default_factory=dict)  # balanced examples/epoch by child
+    # The training exchange alone (train messages, replies, and with the federation PS the rows
+    # children read from it while training), without the round's evaluation.
+    train_bytes: int = 0
+    # Placement b: bytes of the rows the children read from the federation PS this round
+    # (training and evaluation; keys as int64 + float32 rows, as the PS protocol carries them).
+    ps_bytes_pulled: int = 0
+    # Placement b: the item-table part of train_bytes (the sparse rows of the replies and the
+    # rows pulled while training), to set against the dense table's bytes.
+    table_bytes: int = 0
 
     @property
     def bytes_moved(self) -> int:
-        return self.bytes_sent + self.bytes_received
+        return self.bytes_sent + self.bytes_received + self.ps_bytes_pulled
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -281,6 +321,7 @@ class MasterResult:
     final_metrics: dict[str, float]
     seconds: float
     checkpoint: str | None = None
+    ps_table: dict[str, Any] = field(default_factory=dict)  # placement b: the table's figures
 
     @property
     def bytes_moved(self) -> int:
@@ -301,6 +342,7 @@ class MasterResult:
             "bytes_moved": self.bytes_moved,
             "checkpoint": self.checkpoint,
             "shared_parameters": list(self.target),
+            "ps_table": self.ps_table,
         }
 
 
@@ -314,6 +356,13 @@ def _weighted_mean(values: Iterable[tuple[float, float]]) -> float | None:
             total += value * w
             weight += w
     return total / weight if weight > 0 else None
+
+
+def _row_count(value: float | None) -> int:
+    """A child's reported row count (0 when absent or not a sane count)."""
+    if value is None or not math.isfinite(value) or value < 0:
+        return 0
+    return int(value)
 
 
 def _reason(reply: Message) -> str:
@@ -483,6 +532,25 @@ class _Job:
             else []
         )
         self.balancer = WorkBalancer(config.work_deadline) if config.balance_work else None
+        self.table: FederationTable | None = None
+        self.row_fusion: RowFusion | None = None
+        if config.ps == "federation":
+            self.table = FederationTable(
+                config.job_id,
+                config.num_items + 1,
+                self.model.config.hidden,
+                config.seed,
+                config.ps_shards,
+                config.ps_addresses,
+            )
+            self.row_fusion = RowFusion(config.rule)
+        self.rows_pulled = 0  # rows the children read from the federation PS this round
+        self.rows_bytes = 0  # bytes of the sparse rows in this round's accepted replies
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one pulled row (an int64 key and float32 values)."""
+        return 8 + 4 * self.model.config.hidden
 
     # -- 1 + 2: instruction and confirmations ----------------------------------------------------
 
@@ -560,6 +628,9 @@ class _Job:
         label = self.exchange.label
         arrays = records.params_to_record(self.target)
         self.rule.begin(round_, self.target, row_weighted=self.row_names)
+        if self.row_fusion is not None:
+            self.row_fusion.begin()
+        self.rows_pulled = self.rows_bytes = 0
         excluded: dict[str, str] = {}
         losses: list[tuple[float, float]] = []
         # "child" order folds a reply as soon as every child before it (in child order) has been
@@ -593,6 +664,14 @@ class _Job:
                 next_rank += 1
             waiting = sum(isinstance(o, Message) for o in held.values())
             self.held_peak = max(self.held_peak, waiting)
+        train_bytes = (
+            self.exchange.bytes_sent
+            - sent0
+            + self.exchange.bytes_received
+            - received0
+            + self.rows_pulled * self.row_bytes
+        )
+        table_bytes = self.rows_bytes + self.rows_pulled * self.row_bytes
         participants = self.rule.participants
         samples = self.rule.num_samples
         total = sum(samples.values())
@@ -614,6 +693,13 @@ class _Job:
                 change = relative_change(self.target, new)
                 self.target = new
         metrics: dict[str, float] = {}
+        if self.row_fusion is not None and self.table is not None and skipped is None:
+            # The table changes only here, between rounds: every child of the round read it
+            # as the previous round left it.
+            keys, deltas = self.row_fusion.result()
+            self.table.apply(keys, deltas)
+            metrics["ps_rows_received"] = float(self.row_fusion.rows_received)
+            metrics["ps_rows_fused"] = float(keys.size)
         loss = _weighted_mean(losses)
         if loss is not None:
             metrics["train_loss"] = loss
@@ -643,6 +729,9 @@ class _Job:
             work={label(nid): int(w) for nid, w in assigned.items()},
             child_seconds_max=max(self.child_seconds) if self.child_seconds else None,
             child_seconds_sum=sum(self.child_seconds) if self.child_seconds else None,
+            train_bytes=train_bytes,
+            table_bytes=table_bytes,
+            ps_bytes_pulled=self.rows_pulled * self.row_bytes,
         )
 
     def _fold(
@@ -666,14 +755,27 @@ class _Job:
                 raise BadUpdateError(name, "reply carries no parameters ('arrays')")
             params = records.record_to_params(arrays_in, name)
             n = records.read_num_examples(content, name)
-            rows_in = content.array_records.get(records.ROW_WEIGHTS_KEY)
-            rows = records.record_to_params(rows_in, name) if rows_in is not None else None
-            self.rule.add(name, params, n, rows)
+            rows = None
+            weights_in = content.array_records.get(records.ROW_WEIGHTS_KEY)
+            row_weights = (
+                records.record_to_params(weights_in, name) if weights_in is not None else None
+            )
+            if self.row_fusion is not None and self.table is not None:
+                # Checked before the dense part is folded: a bad half rejects the whole reply.
+                record = content.array_records.get(records.ROWS_KEY)
+                if record is None:
+                    raise BadUpdateError(name, "reply carries no sparse item rows ('rows')")
+                rows = rows_from_record(record, name, self.table.num_keys, self.table.width)
+            self.rule.add(name, params, n, row_weights)
+            if rows is not None and self.row_fusion is not None:
+                self.row_fusion.add(name, rows)
+                self.rows_bytes += rows.wire_bytes()
         except BadUpdateError as err:
             log.warning("round %d: %s", round_, err)
             excluded[name] = err.reason
             return
         metrics = records.read_metrics(content)
+        self.rows_pulled += _row_count(metrics.get(records.PS_ROWS_PULLED))
         loss = metrics.get("train_loss")
         if loss is not None:
             losses.append((loss, float(n)))
@@ -717,6 +819,7 @@ class _Job:
             if nid not in answered:
                 continue
             values = records.read_metrics(answered[nid].content)
+            self.rows_pulled += _row_count(values.pop(records.PS_ROWS_PULLED, None))
             n = values.pop(records.NUM_EXAMPLES, 0.0)
             if not (n > 0 and math.isfinite(n)):
                 continue
@@ -826,13 +929,27 @@ def run_master(
         final: dict[str, float] = {}
         if config.final_test:
             final, _ = job.evaluate(round_, "test")
+        table_rows = job.table.rows() if job.table is not None else None
     finally:
         job.finish()
+        if job.table is not None:
+            job.table.close()
     model = job.model
     with torch.no_grad():
         params = dict(model.named_parameters())
         for name, tensor in job.target.items():
             params[name].copy_(tensor)
+        if table_rows is not None:  # placement b: the published encoder has the fused table
+            model.embedding.weight.copy_(table_rows)
+    ps_table: dict[str, Any] = {}
+    if job.table is not None:
+        ps_table = {
+            "placement": "federation",
+            "num_keys": job.table.num_keys,
+            "width": job.table.width,
+            "rows_applied": job.table.rows_applied,
+            "finite": bool(table_rows is not None and torch.isfinite(table_rows).all()),
+        }
     outcome = MasterResult(
         job_id=config.job_id,
         encoder=config.encoder,
@@ -844,6 +961,7 @@ def run_master(
         target=job.target,
         final_metrics=final,
         seconds=time.perf_counter() - t0,
+        ps_table=ps_table,
     )
     if config.checkpoint_dir is not None:
         path = save_checkpoint(
@@ -868,5 +986,9 @@ def _metadata(result: MasterResult, config: MasterConfig) -> dict[str, Any]:
         "final_metrics": result.final_metrics,
         "children": [asdict(c) for c in result.children],
         "note": "only the shared tensors are the federation's target; the item embeddings "
-        "(the children's local heads) in this checkpoint are the master's initial ones",
+        + (
+            "are the federation PS's fused table (placement b)"
+            if result.ps_table
+            else "(the children's local heads) in this checkpoint are the master's initial ones"
+        ),
     }

@@ -18,9 +18,14 @@ reply                   ``fedenc``: ConfigRecord{``confirmation``: Confirmation 
 reply                   ``arrays``: the child's updated shared tensors; ``metrics``:
                         {``num-examples``, ``train_loss``, ``seconds``, ...};
                         ``row-weights`` (when the item table is shared): one weight
-                        per item row, the samples of the child's data touching it
+                        per item row, the samples of the child's data touching it; with the
+                        federation-level PS (``ps = "federation"``) also ``rows``: the round's
+                        sparse item rows {``keys`` int32 [n], ``deltas`` float32 [n, d],
+                        ``counts`` int32 [n]} (fedenc.ps.sparse) and ``ps-rows-pulled`` (rows
+                        read from the federation PS this round) in ``metrics``
 ``evaluate``            ``arrays``: the target; ``config``: {..., ``split``: valid | test}
-reply                   ``metrics``: {``num-examples``, ``recall@20``, ``mrr@20``, ...}
+reply                   ``metrics``: {``num-examples``, ``recall@20``, ``mrr@20``, ...,
+                        ``ps-rows-pulled`` with the federation-level PS}
 ``query.finish``        ``config``: {``job-id``}: the job is over, the child may drop its state
 ======================  ===============================================================
 """
@@ -57,6 +62,8 @@ ROUND: Final = "server-round"
 SPLIT: Final = "split"
 WORK: Final = "work-examples"  # per-child local work of a cost-balanced round (examples/epoch)
 NUM_EXAMPLES: Final = "num-examples"
+ROWS_KEY: Final = "rows"  # placement b: a train reply's sparse item rows (fedenc.ps.sparse)
+PS_ROWS_PULLED: Final = "ps-rows-pulled"  # placement b: rows a child read from the federation PS
 FINISH_ACTION: Final = "query.finish"
 SPLITS: Final = ("valid", "test")
 

@@ -14,6 +14,11 @@ trainer touches, exchanged with the distributed PS every ``exchange_every`` trai
   are left forces an early exchange, after which every slot is freed (counted in
   ``forced_exchanges``). A freed row loses its local optimizer moments.
 
+* **Touch counts.** Each slot counts the training samples whose loss involved its row since the
+  last exchange (the trainer passes the batch size with the slots it touched: every sample of a
+  batch is scored against every row the batch resolved); each push hands ``(keys, counts)`` to
+  the ``on_push`` callbacks (placement b weighs a child's row by it).
+
 ``identity = True`` is the layout of the full-softmax path: slot ``k`` holds key ``k`` for the
 whole key space (the model's own embedding is the local table) and every row counts as touched.
 """
@@ -82,10 +87,13 @@ class BuiltinPS:
         self.slot_of: dict[int, int] = {}
         self.free: list[int] = []
         self.touched = torch.zeros(values.shape[0], dtype=torch.bool)
+        self.touch_counts = torch.zeros(values.shape[0], dtype=torch.int64)
         self.since_exchange = 0
         self.stats = ExchangeStats()
         #: Called with the freed slots when all slots are freed (the owner resets moments).
         self.on_evict: list[Callable[[Tensor], None]] = []
+        #: Called after each push with its keys and their touch counts since the last exchange.
+        self.on_push: list[Callable[[np.ndarray, np.ndarray], None]] = []
         if identity:
             self.key_of_slot[1:] = np.arange(1, values.shape[0])
             every = np.arange(1, values.shape[0], dtype=np.int64)
@@ -129,12 +137,15 @@ class BuiltinPS:
         self.key_of_slot[slots.numpy()] = keys
         self.stats.rows_pulled += keys.size
 
-    def mark_touched(self, slots: Tensor | None = None) -> None:
-        """Rows whose values the trainer changed (all rows when ``slots`` is None)."""
+    def mark_touched(self, slots: Tensor | None = None, samples: int = 0) -> None:
+        """Rows whose values the trainer changed (all rows when ``slots`` is None), by the loss
+        of ``samples`` training samples."""
         if slots is None:
             self.touched[1:] = True
+            self.touch_counts[1:] += samples
         else:
             self.touched[slots] = True
+            self.touch_counts[slots] += samples
 
     # -- exchange -------------------------------------------------------------------------------
 
@@ -147,8 +158,9 @@ class BuiltinPS:
             return True
         return False
 
-    def exchange(self, forced: bool = False) -> None:
-        """Push the deltas of the touched rows, then pull fresh values of every held row."""
+    def exchange(self, forced: bool = False, pull: bool = True) -> None:
+        """Push the deltas of the touched rows, then pull fresh values of every held row
+        (``pull = False``: the held rows are about to be dropped or reloaded, so skip it)."""
         slots = self.touched.nonzero().flatten()
         if slots.numel():
             keys = self.key_of_slot[slots.numpy()]
@@ -156,19 +168,23 @@ class BuiltinPS:
                 delta = self.values.index_select(0, slots) - self.base.index_select(0, slots)
             self.remote.push(keys, delta)
             self.stats.rows_pushed += int(slots.numel())
+            counts = self.touch_counts[slots].numpy()
+            for callback in self.on_push:
+                callback(keys, counts)
         held = torch.from_numpy(np.flatnonzero(self.key_of_slot >= 0))
-        if held.numel():
+        if pull and held.numel():
             self._load(self.key_of_slot[held.numpy()], held)
         self.touched.zero_()
+        self.touch_counts.zero_()
         self.since_exchange = 0
         self.stats.exchanges += 1
         self.stats.forced_exchanges += int(forced)
         self.stats.history.append(self.stats.samples)
 
-    def flush(self) -> None:
+    def flush(self, pull: bool = True) -> None:
         """Exchange the last partial window (if anything was trained since the last one)."""
         if self.since_exchange or bool(self.touched.any()):
-            self.exchange()
+            self.exchange(pull=pull)
 
     def evict_all(self) -> None:
         """Free every slot (after an exchange: nothing is pending)."""

@@ -186,9 +186,11 @@ class PSTrainer(Trainer):
                         grad = grad.add(rows.detach(), alpha=self.config.l2)
                     lr = float(self.optimizer.param_groups[0]["lr"])
                     self.rows_opt.step(self.builtin.values, slots, grad, lr=lr)
-                self.builtin.mark_touched(slots)
+                self.builtin.mark_touched(slots, batch.size)
             else:
-                self.builtin.mark_touched()  # the full softmax's gradient is dense
+                self.builtin.mark_touched(
+                    samples=batch.size
+                )  # the full softmax's gradient is dense
             self.builtin.count(batch.size)
             loss_sum += value * batch.size
             seen += batch.size

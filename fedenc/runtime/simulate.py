@@ -80,12 +80,15 @@ class Scenario:
     slowdown: tuple[float, ...] = ()
     balance_work: bool = False
     work_deadline: float = 0.0
-    # Two-level PS in the children (fedenc.ps.federation): "" = off, "local" = placement (a).
+    # Two-level PS (fedenc.ps.federation): "" = off, "local" = placement (a), each child's own
+    # PS; "federation" = placement (b), one item table in a PS the master hosts.
     ps: str = ""
     ps_exchange_every: int = 0  # samples between exchanges, 0 = end of round
     ps_scoring: str = "full"  # full | sampled
     ps_negatives: int = 256
     ps_capacity: int = 20000
+    ps_shards: int = 1  # in-process shards of the (child's or the federation's) PS
+    ps_pad_rows: int = 0  # placement b: random zero-delta rows added to each reply
 
     def __post_init__(self) -> None:
         if self.children < 1:
@@ -208,6 +211,8 @@ class Scenario:
                     "ps-scoring": self.ps_scoring,
                     "ps-negatives": self.ps_negatives,
                     "ps-capacity": self.ps_capacity,
+                    "ps-shards": self.ps_shards,
+                    "ps-pad-rows": self.ps_pad_rows,
                 }
             )
         if out_dir is not None:

@@ -37,5 +37,5 @@ def test_placement_a_federates_only_the_dense_encoder(scoring: str) -> None:
 
 
 def test_unknown_placement_is_refused_before_anything_runs() -> None:
-    with pytest.raises(ValueError, match="placement b"):
-        BASE.with_overrides(ps="federation").check()
+    with pytest.raises(ValueError, match="ps must be one of"):
+        BASE.with_overrides(ps="elsewhere").check()
