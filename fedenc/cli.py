@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from fedenc import __version__
+from fedenc.elastic.cli import elastic_app
 from fedenc.ps.cli import ps_app
 from fedenc.security.cli import certs_app
 
@@ -236,6 +237,7 @@ data_app = typer.Typer(help="Inspect data sets and partitions.", no_args_is_help
 app.add_typer(data_app, name="data")
 app.add_typer(certs_app, name="certs")
 app.add_typer(ps_app, name="ps")
+app.add_typer(elastic_app, name="elastic")
 
 
 def _load_splits(data: Path | None, synthetic: Any) -> Any:
