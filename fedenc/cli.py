@@ -660,6 +660,9 @@ def child_cmd(
         str, typer.Option("--app", help="The ClientApp, module:attribute.")
     ] = "nodes.child:app",
     threads: Annotated[int, typer.Option(min=0, help="torch threads (0 = default).")] = 0,
+    workers: Annotated[
+        int, typer.Option(min=0, help="Train on N computing-server processes (fedenc.elastic).")
+    ] = 0,
     connect_timeout: Annotated[
         float, typer.Option(help="Give up after this long without a connection, seconds.")
     ] = 60.0,
@@ -699,6 +702,7 @@ def child_cmd(
         "synthetic-sessions": synthetic_sessions,
         "synthetic-items": synthetic_items,
         "valid-fraction": valid_fraction,
+        "elastic-workers": workers or None,
     }
     node_config.update({k: v for k, v in optional.items() if v is not None})
     try:

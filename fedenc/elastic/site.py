@@ -134,6 +134,7 @@ class ElasticSite:
             s / n for s, n in zip(task.epoch_loss, task.epoch_pairs, strict=True)
         ]
         report["stale_refused"] = task.stale_refused
+        report["pairs"] = int(sum(task.epoch_pairs))
         progress.log(describe(p, seconds))
         return report
 
