@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NoReturn, TypeVar
 
 import grpc
 import torch
@@ -80,3 +80,9 @@ def batch_from_proto(items: tpb.Tensor, lengths: tpb.Tensor, targets: tpb.Tensor
 
 def rpc_code(err: BaseException) -> Any:
     return err.code() if isinstance(err, grpc.Call) else None
+
+
+def abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+    """``context.abort`` typed as never returning (it raises to end the RPC)."""
+    context.abort(code, details)
+    raise AssertionError("unreachable: context.abort raises")

@@ -31,7 +31,7 @@ import torch
 
 from fedenc.data.batching import pad_prefixes
 from fedenc.data.sessions import Examples
-from fedenc.elastic.common import OPTIONS, ElasticError, batch_to_proto
+from fedenc.elastic.common import OPTIONS, ElasticError, abort, batch_to_proto
 from fedenc.elastic.param_store import ParameterStore
 from fedenc.encoders.base import SessionEncoder
 from fedenc.proto.fedenc.v1 import elastic_pb2 as epb
@@ -164,7 +164,9 @@ class DataServer(egrpc.DataServerServicer):
         return self._encoded[1]
 
     # -- RPCs -------------------------------------------------------------------------------
-    def Describe(self, request: epb.DescribeRequest, context: Any) -> epb.DescribeResponse:
+    def Describe(
+        self, request: epb.DescribeRequest, context: grpc.ServicerContext
+    ) -> epb.DescribeResponse:
         task = self.task
         if task is None:
             return epb.DescribeResponse()
@@ -181,14 +183,17 @@ class DataServer(egrpc.DataServerServicer):
             version=task.version,
         )
 
-    def Assign(self, request: epb.AssignRequest, context: Any) -> epb.AssignResponse:
+    def Assign(
+        self, request: epb.AssignRequest, context: grpc.ServicerContext
+    ) -> epb.AssignResponse:
         with self._lock:
             task = self.task
             if task is None or request.task_id != task.task_id:
                 return epb.AssignResponse(reason=f"no task {request.task_id!r} on this data server")
             b = request.batch_id
             if b >= task.total_batches:
-                context.abort(
+                abort(
+                    context,
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"batch {b} out of range: the task has {task.total_batches} batches",
                 )
@@ -218,9 +223,11 @@ class DataServer(egrpc.DataServerServicer):
         stream.put(item)
         return epb.AssignResponse(accepted=True)
 
-    def Work(self, request: epb.WorkRequest, context: Any) -> Iterator[epb.WorkItem]:
+    def Work(
+        self, request: epb.WorkRequest, context: grpc.ServicerContext
+    ) -> Iterator[epb.WorkItem]:
         if not request.worker_id:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "worker_id must not be empty")
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "worker_id must not be empty")
         mine: queue.Queue[epb.WorkItem | None] = queue.Queue()
         with self._lock:
             old = self._streams.get(request.worker_id)
@@ -240,55 +247,59 @@ class DataServer(egrpc.DataServerServicer):
                     del self._streams[request.worker_id]
 
     def GetParameters(
-        self, request: epb.ParametersRequest, context: Any
+        self, request: epb.ParametersRequest, context: grpc.ServicerContext
     ) -> epb.ParametersResponse:
         with self._lock:
             task = self.task
             if task is None:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no task on this data server")
+                abort(context, grpc.StatusCode.FAILED_PRECONDITION, "no task on this data server")
             return epb.ParametersResponse(version=task.version, parameters=self._parameters(task))
 
     def StoreResult(
-        self, request: epb.StoreResultRequest, context: Any
+        self, request: epb.StoreResultRequest, context: grpc.ServicerContext
     ) -> epb.StoreResultResponse:
         task = self.task
         if task is None or request.task_id != task.task_id:
-            context.abort(
+            abort(
+                context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"no task {request.task_id!r} on this data server",
             )
         try:
             grads = parameters_from_proto(request.gradients, check_finite=True)
         except TensorDecodeError as err:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad gradients: {err}")
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"bad gradients: {err}")
         params = dict(task.model.named_parameters())
         unknown = sorted(set(grads) - set(params))
         if unknown:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown parameters {unknown}")
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"unknown parameters {unknown}")
         for name, g in grads.items():
             if g.shape != params[name].shape or g.dtype != params[name].dtype:
-                context.abort(
+                abort(
+                    context,
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"gradient {name!r} is {g.dtype} {list(g.shape)}, the parameter "
                     f"{params[name].dtype} {list(params[name].shape)}",
                 )
         if not math.isfinite(request.loss) or request.pairs < 1:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "loss must be finite, pairs >= 1")
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "loss must be finite, pairs >= 1")
         b = request.batch_id
         with self._lock:
             if b >= task.total_batches:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"batch {b} out of range")
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"batch {b} out of range")
             if b in task.applied_set:
                 return epb.StoreResultResponse(duplicate=True, version=task.version)
             if task.mode == epb.TRAINING_MODE_SYNC:
                 if b != len(task.applied) or request.base_version != task.version:
-                    context.abort(
+                    abort(
+                        context,
                         grpc.StatusCode.FAILED_PRECONDITION,
                         f"synchronous mode: expected batch {len(task.applied)} from version "
                         f"{task.version}, got batch {b} from version {request.base_version}",
                     )
             elif request.base_version > task.version:
-                context.abort(
+                abort(
+                    context,
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"base version {request.base_version} is ahead of {task.version}",
                 )

@@ -43,7 +43,7 @@ class Journal:
                     self.done[int(entry["batch"])] = str(entry.get("worker", ""))
                 good += len(line)
         self.resumed = len(self.done)
-        self._file: IO[bytes] = open(path, "r+b" if path.exists() else "w+b")  # noqa: SIM115
+        self._file: IO[bytes] = open(path, "r+b" if path.exists() else "w+b")
         self._file.truncate(good)
         self._file.seek(good)
         if good == 0:

@@ -56,7 +56,9 @@ class ParameterStore:
         if list(params) != list(self.shapes):
             raise ElasticError(f"parameters {list(params)} do not match {list(self.shapes)}")
         flat = torch.zeros(self.rows * self.width, dtype=torch.float32)
-        torch.cat([p.detach().reshape(-1).float().cpu() for p in params.values()], out=flat[: self.total])
+        torch.cat(
+            [p.detach().reshape(-1).float().cpu() for p in params.values()], out=flat[: self.total]
+        )
         self.ps.push(self.keys, flat.view(self.rows, self.width), overwrite=True)
 
     def read(self) -> dict[str, Tensor]:

@@ -19,7 +19,11 @@ from typing import Any
 from fedenc.data.sessions import Examples
 from fedenc.elastic import data_server as ds_mod
 from fedenc.elastic import task_server as tis_mod
-from fedenc.elastic.common import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TIMEOUT, ElasticError
+from fedenc.elastic.common import (
+    DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    ElasticError,
+)
 from fedenc.elastic.data_server import DataServer, DataTask
 from fedenc.elastic.task_server import TaskInfoServer
 from fedenc.proto.fedenc.v1 import elastic_pb2 as epb
@@ -30,7 +34,9 @@ from fedenc.training.trainer import Trainer
 log = logging.getLogger(__name__)
 
 
-def worker_command(task_address: str, worker_id: str, threads: int = 1, delay: float = 0.0) -> list[str]:
+def worker_command(
+    task_address: str, worker_id: str, threads: int = 1, delay: float = 0.0
+) -> list[str]:
     return [
         sys.executable, "-m", "fedenc.elastic.worker", "--task-server", task_address,
         "--id", worker_id, "--insecure", "--threads", str(threads), "--delay", str(delay),
@@ -104,8 +110,8 @@ class ElasticSite:
         self.tis.reset_worker_stats()
         t0 = time.perf_counter()
         self.data.start_task(task)
-        bar = progress.start(f"elastic epochs {trainer.epochs_done + 1}..{trainer.epochs_done + epochs}",
-                             task.total_batches)  # fmt: skip
+        first = trainer.epochs_done + 1
+        bar = progress.start(f"elastic epochs {first}..{first + epochs - 1}", task.total_batches)
         shown = 0
         deadline = time.monotonic() + timeout
         while not task.done.wait(0.25):

@@ -20,7 +20,6 @@ import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 
@@ -29,6 +28,7 @@ from fedenc.elastic.common import (
     DEFAULT_HEARTBEAT_TIMEOUT,
     OPTIONS,
     ElasticError,
+    abort,
 )
 from fedenc.elastic.journal import Journal
 from fedenc.proto.fedenc.v1 import elastic_pb2 as epb
@@ -219,10 +219,10 @@ class TaskInfoServer(egrpc.TaskInformationServicer):
 
     # -- RPCs ----------------------------------------------------------------------------------
     def Register(
-        self, request: epb.RegisterWorkerRequest, context: Any
+        self, request: epb.RegisterWorkerRequest, context: grpc.ServicerContext
     ) -> epb.RegisterWorkerResponse:
         if not request.worker_id:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "worker_id must not be empty")
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "worker_id must not be empty")
         with self._lock:
             w = self.workers.get(request.worker_id)
             if w is not None and w.alive:
@@ -239,7 +239,9 @@ class TaskInfoServer(egrpc.TaskInformationServicer):
             data_server=self.advertise,
         )
 
-    def Heartbeat(self, request: epb.HeartbeatRequest, context: Any) -> epb.HeartbeatResponse:
+    def Heartbeat(
+        self, request: epb.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> epb.HeartbeatResponse:
         with self._lock:
             w = self.workers.get(request.worker_id)
             if w is None or not w.alive:
@@ -247,7 +249,7 @@ class TaskInfoServer(egrpc.TaskInformationServicer):
             w.last_beat = time.monotonic()
         return epb.HeartbeatResponse(known=True)
 
-    def Leave(self, request: epb.LeaveRequest, context: Any) -> epb.LeaveResponse:
+    def Leave(self, request: epb.LeaveRequest, context: grpc.ServicerContext) -> epb.LeaveResponse:
         with self._lock:
             w = self.workers.get(request.worker_id)
             if w is None:
@@ -256,18 +258,22 @@ class TaskInfoServer(egrpc.TaskInformationServicer):
             self._lock.notify_all()
         return epb.LeaveResponse(known=True)
 
-    def ReportBatch(self, request: epb.BatchReport, context: Any) -> epb.BatchReportResponse:
+    def ReportBatch(
+        self, request: epb.BatchReport, context: grpc.ServicerContext
+    ) -> epb.BatchReportResponse:
         with self._lock:
             task = self.task
             if task is None or request.task_id != task.task_id:
-                context.abort(
+                abort(
+                    context,
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"no task {request.task_id!r} here (current: "
                     f"{task.task_id if task else 'none'!r})",
                 )
             b = request.batch_id
             if b >= task.total:
-                context.abort(
+                abort(
+                    context,
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"batch {b} out of range: the task has {task.total} batches",
                 )
@@ -295,7 +301,9 @@ class TaskInfoServer(egrpc.TaskInformationServicer):
                 w.busy_seconds += request.seconds
             return epb.BatchReportResponse(recorded=True)
 
-    def Progress(self, request: epb.ProgressRequest, context: Any) -> epb.ProgressResponse:
+    def Progress(
+        self, request: epb.ProgressRequest, context: grpc.ServicerContext
+    ) -> epb.ProgressResponse:
         return self.progress()
 
     def progress(self) -> epb.ProgressResponse:

@@ -107,7 +107,10 @@ class ComputeWorker:
                     if self._stop.is_set():
                         break
             except grpc.RpcError as err:
-                log.info("data server stream ended: %s", err.code() if isinstance(err, grpc.Call) else err)
+                log.info(
+                    "data server stream ended: %s",
+                    err.code() if isinstance(err, grpc.Call) else err,
+                )
             finally:
                 channel.close()
             down_since = down_since or time.monotonic()

@@ -46,9 +46,9 @@ def test_child_round_with_two_workers_equals_the_in_process_round() -> None:
         assert torch.equal(value, elastic[name]), name
     metrics = records.read_metrics(replies[2].content)
     assert metrics["elastic_batches"] > 0 and metrics["elastic_reassigned"] == 0
-    assert metrics["trained_examples"] == records.read_metrics(replies[0].content)[
-        "trained_examples"
-    ]
+    assert (
+        metrics["trained_examples"] == records.read_metrics(replies[0].content)["trained_examples"]
+    )
     assert metrics["train_loss"] == pytest.approx(
         records.read_metrics(replies[0].content)["train_loss"], rel=1e-6
     )

@@ -156,7 +156,7 @@ def test_sigkilled_worker_mid_batch_its_batch_finishes_elsewhere_exactly_once(
 
     progress = site.tis.progress()
     assert progress.reassigned >= 1
-    assert not [w for w in progress.workers if w.worker_id == victim.worker_id][0].alive
+    assert not next(w for w in progress.workers if w.worker_id == victim.worker_id).alive
     task = site.data.task
     assert task is not None
     # Every batch applied exactly once, in order (sync), and recorded in the journal once.
