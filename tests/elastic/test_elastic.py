@@ -113,13 +113,21 @@ def test_sync_equals_single_process_and_a_late_worker_is_picked_up(
     reference: dict[str, torch.Tensor],
     site_factory: Callable[..., ElasticSite],
 ) -> None:
-    # Slow enough (40 batches x 0.25 s) that the late process starts before the task ends.
-    site = site_factory(1, worker_delay=0.25)
+    site = site_factory(1, worker_delay=0.05, heartbeat_timeout=60.0)
     wait_for("the first computing server", lambda: alive_workers(site.tis.progress()) == 1)
     trainer = Trainer(fresh_model(), copy.deepcopy(CONFIG))
     run = run_training(site, trainer, examples)
     wait_for("a first batch", lambda: site.tis.progress().batches_done >= 2)
-    site.add_worker("late")
+    # Pause the first computing server while the late one starts (a loaded machine may take
+    # seconds to import torch), so that the task is still mid-epoch when it joins.
+    first = site.procs["site-w0"]
+    first.send_signal(signal.SIGSTOP)
+    try:
+        site.add_worker("late")
+        wait_for("the late computing server", lambda: alive_workers(site.tis.progress()) == 2)
+        assert site.tis.progress().batches_done < 20  # still in the first epoch
+    finally:
+        first.send_signal(signal.SIGCONT)
     run["thread"].join(120)
     assert "error" not in run, run.get("error")
     progress = site.tis.progress()
