@@ -17,6 +17,7 @@ from rich.console import Console
 
 from fedenc import __version__
 from fedenc.control.cli import control_app
+from fedenc.elastic.cli import elastic_app
 from fedenc.ps.cli import ps_app
 from fedenc.security.cli import certs_app
 
@@ -362,6 +363,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(certs_app, name="certs")
 app.add_typer(ps_app, name="ps")
 app.add_typer(control_app, name="control")
+app.add_typer(elastic_app, name="elastic")
 
 
 def _load_splits(data: Path | None, synthetic: Any) -> Any:
@@ -829,6 +831,9 @@ def child_cmd(
         str, typer.Option("--app", help="The ClientApp, module:attribute.")
     ] = "nodes.child:app",
     threads: Annotated[int, typer.Option(min=0, help="torch threads (0 = default).")] = 0,
+    workers: Annotated[
+        int, typer.Option(min=0, help="Train on N computing-server processes (fedenc.elastic).")
+    ] = 0,
     connect_timeout: Annotated[
         float, typer.Option(help="Give up after this long without a connection, seconds.")
     ] = 60.0,
@@ -868,6 +873,7 @@ def child_cmd(
         "synthetic-sessions": synthetic_sessions,
         "synthetic-items": synthetic_items,
         "valid-fraction": valid_fraction,
+        "elastic-workers": workers or None,
     }
     node_config.update({k: v for k, v in optional.items() if v is not None})
     try:

@@ -40,7 +40,7 @@ from fedenc.encoders.registry import UnknownEncoderError, encoder_class
 from fedenc.federation import records
 from fedenc.federation.child_data import ChildData, ChildDataConfig, load_child_data
 from fedenc.federation.parameters import Parameters, check_compatible
-from fedenc.federation.runconfig import get_float, get_str
+from fedenc.federation.runconfig import get_float, get_int, get_str
 from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
 from fedenc.ps.federation import end_round, make_trainer, refresh_rows, take_pulled, take_rows
 from fedenc.training.config import TrainConfig
@@ -313,13 +313,20 @@ def handle_train(message: Message, context: Context) -> Message:
     # A deliberately slowed child (node_config "slowdown", e.g. 3.0 = three times slower) idles
     # in proportion to its work: a straggler for scenarios, without burning shared cores.
     slowdown = get_float(context.node_config, "slowdown", 1.0)
+    elastic_metrics: dict[str, float | int] = {}
     try:
         # Global torch RNG (dropout) seeded per child and round, so results do not depend on the
         # order in which a runtime schedules the children.
         # Only dropout draws from it while training, so without dropout children train in
         # parallel.
+        site = _elastic_site(context, state)
+        if site is not None:  # N computing-server processes train the round's epochs
+            elastic = site.train(state.trainer, state.train_examples, epochs)
+            losses.extend(elastic.pop("epoch_losses"))
+            trained = int(elastic.pop("pairs"))
+            elastic_metrics.update(elastic)
         with _global_rng(_mix(state.seed, round_), needed=state.model.config.dropout > 0):
-            for _ in range(epochs):
+            for _ in range(0 if site is not None else epochs):
                 epoch = state.trainer.train_epoch(state.train_examples)
                 losses.append(epoch["loss"])
                 trained += int(epoch["pairs"])
@@ -338,6 +345,7 @@ def handle_train(message: Message, context: Context) -> Message:
         "seconds": seconds,
         "trained_examples": trained,
         **ps_metrics,
+        **elastic_metrics,
     }
     sparse = take_rows(state.trainer)  # placement b: the round's item rows
     if sparse is not None:
@@ -348,6 +356,30 @@ def handle_train(message: Message, context: Context) -> Message:
     if sparse is not None:
         content[records.ROWS_KEY] = sparse[0].to_record()
     return Message(content, reply_to=message)
+
+
+_sites: dict[int, Any] = {}
+
+
+def _elastic_site(context: Context, state: ChildState) -> Any:
+    """The child's elastic site (node_config ``elastic-workers`` = N computing-server processes,
+    ``fedenc child --workers N``), started on first use and kept for the process's lifetime;
+    None for ordinary in-process training."""
+    workers = get_int(context.node_config, "elastic-workers", 0)
+    if workers <= 0:
+        return None
+    if type(state.trainer) is not Trainer or state.trainer.config.plan != "default":
+        raise ValueError("elastic training (--workers) needs the plain trainer: no PS, no plan")
+    from fedenc.elastic.site import ElasticSite
+
+    with _lock:
+        site = _sites.get(workers)
+        if site is None:
+            import atexit
+
+            site = _sites[workers] = ElasticSite(workers, name=state.name)
+            atexit.register(site.close)
+    return site
 
 
 def handle_evaluate(message: Message, context: Context) -> Message:
