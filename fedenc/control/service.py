@@ -283,7 +283,8 @@ class ControlService(cgrpc.ControlServicer):
                 {cpb.JOB_STATE_RUNNING, cpb.JOB_STATE_QUEUED},
             ):
                 for job in candidates:
-                    if job.state in states and not job.cancel_requested:
+                    # a running job being cancelled will not produce the encoder
+                    if job.state in states and not (job.cancel_requested and not job.done):
                         return job, False
         spec = cpb.JobSpec(encoder_type=request.encoder_type, training=request.training)
         if request.HasField("config"):

@@ -25,7 +25,7 @@ from fedenc.runtime.grpc.launcher import child_env
 from fedenc.runtime.grpc.transport import ChannelSecurity
 from fedenc.training.checkpoint import STATE_FILE, load_checkpoint
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(400)  # the first test also starts the shared processes
 
 
 @pytest.fixture

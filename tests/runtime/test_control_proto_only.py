@@ -22,7 +22,7 @@ from fedenc.training.checkpoint import STATE_FILE
 REPO = Path(__file__).resolve().parents[2]
 CLIENT = Path(__file__).resolve().parent / "control_proto_client.py"
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(400)  # the first test also starts the shared processes
 
 
 def generate_stubs(dest: Path) -> Path:
