@@ -72,14 +72,21 @@ def test_flwr_run_gives_the_inprocess_metrics(tmp_path: Path) -> None:
         f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}"
         for k, v in {**TINY, "out-dir": str(out)}.items()
     )
-    try:
-        proc = subprocess.run(
-            [str(flwr), "run", ".", "local", "--stream", "--run-config", overrides,
-             "--federation-config", "num-supernodes=3"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False,
-        )  # fmt: skip
-    finally:
-        _stop_superlink(home)
+    cmd = [str(flwr), "run", ".", "local", "--stream", "--run-config", overrides,
+           "--federation-config", "num-supernodes=3"]  # fmt: skip
+    for _attempt in range(2):
+        try:
+            proc = subprocess.run(
+                cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+            )
+        finally:
+            _stop_superlink(home)
+        # Flower gives its local SuperLink 15 s to start; on a loaded machine that can pass.
+        if (
+            proc.returncode == 0
+            or "Failed to start local SuperLink" not in proc.stdout + proc.stderr
+        ):
+            break
     log = proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, log
     assert (out / "results.json").is_file(), log
