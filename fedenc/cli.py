@@ -31,7 +31,7 @@ console = Console(stderr=True)
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     return typer.Exit(code=2)
 
 
@@ -606,8 +606,15 @@ def master_cmd(
     written after each round; --resume continues a killed master's job from it. SIGINT/SIGTERM
     close every child's stream (the children exit) and exit 0.
     """
+    import os
     import signal
 
+    if certs is not None and "GRPC_VERBOSITY" not in os.environ:
+        # A child whose certificate BoringSSL rejects (another CA, expired) never reaches
+        # fedenc's code; gRPC's own "Handshake failed ..." line is the master's only trace of
+        # it. Flower silences gRPC below errors when imported (next lines) unless the variable
+        # is set: set, but empty, it keeps gRPC's default log.
+        os.environ["GRPC_VERBOSITY"] = ""
     from fedenc.federation.checkpoint import MasterStateError, read_master_state
     from fedenc.federation.master import NotEnoughChildrenError
     from fedenc.runtime.grpc.master import FederationServer, run_server_app
@@ -809,7 +816,7 @@ def child_cmd(
             stay=stay,
         )
     except PemError as err:  # its own certificate: the master would refuse it
-        console.print(f"[bold red]refused:[/] {err}")
+        console.print(f"[bold red]refused:[/] {err}", soft_wrap=True, highlight=False)
         raise typer.Exit(code=EXIT_REFUSED) from err
     except (ValueError, SecurityError) as err:
         raise _fail(str(err)) from err
