@@ -8,8 +8,12 @@
 2. Small-message round trip master -> child -> master (a Flower ``query`` with a tiny
    ConfigRecord, one child): p50 / p99 against a ping-pong of tiny frames on a plain stream.
 
+Both are measured twice in the same run: fedenc in plaintext (``--insecure``) and over mutual
+TLS (a throwaway CA, certificates from fedenc.security, as ``fedenc simulate --processes``
+makes them); the plain-gRPC baseline is plaintext.
+
 Medians over the rounds (after a warm-up). Run: ``python benchmarks/grpc_runtime.py``
-(``--rounds``, ``--pings``, ``--params``, ``--children``, ``--train-seconds``).
+(``--rounds``, ``--pings``, ``--params``, ``--children``, ``--train-seconds``, ``--no-tls``).
 """
 
 from __future__ import annotations
@@ -138,7 +142,9 @@ class PlainServer:
 # -- measurements ---------------------------------------------------------------------------------
 
 
-def start_children(address: str, k: int, app: str | None) -> list[subprocess.Popen[bytes]]:
+def start_children(
+    address: str, k: int, app: str | None, certs: Path | None = None
+) -> list[subprocess.Popen[bytes]]:
     from fedenc.runtime.grpc.launcher import child_command, child_env
 
     env = child_env()
@@ -149,7 +155,10 @@ def start_children(address: str, k: int, app: str | None) -> list[subprocess.Pop
             cmd = [sys.executable, str(Path(__file__)), "--baseline-client", address]
         else:
             cmd = child_command(
-                address, f"bench-{i}", options=["--app", app, "--log-level", "warning"]
+                address,
+                f"bench-{i}",
+                certs=certs,
+                options=["--app", app, "--log-level", "warning"],
             )
         procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL))
     return procs
@@ -173,13 +182,25 @@ def encoder_record(params: int) -> ArrayRecord:
     )
 
 
-def grpc_runtime(args: argparse.Namespace) -> dict[str, list[float]]:
-    from fedenc.runtime import flower_compat as fc
-    from fedenc.runtime.grpc.master import FederationServer, GrpcGrid
-    from fedenc.runtime.grpc.transport import ServerSecurity
+def grpc_runtime(args: argparse.Namespace, tls: bool = False) -> dict[str, list[float]]:
+    from contextlib import ExitStack
 
-    server = FederationServer("127.0.0.1:0", ServerSecurity(insecure=True)).start()
-    procs = start_children(server.address, args.children, "grpc_runtime:bench_app")
+    from fedenc.runtime import flower_compat as fc
+    from fedenc.runtime.grpc.launcher import prepare_certs
+    from fedenc.runtime.grpc.master import FederationServer, GrpcGrid
+    from fedenc.runtime.grpc.security import server_security
+    from fedenc.runtime.grpc.transport import ServerSecurity
+    from fedenc.security.credentials import load_master_tls
+
+    stack = ExitStack()
+    certs: Path | None = None
+    security = ServerSecurity(insecure=True)
+    if tls:
+        names = [f"bench-{i}" for i in range(args.children)]
+        certs = prepare_certs(names, None, stack)
+        security = server_security(load_master_tls(certs, allowlist=names))
+    server = FederationServer("127.0.0.1:0", security).start()
+    procs = start_children(server.address, args.children, "grpc_runtime:bench_app", certs)
     out: dict[str, list[float]] = {"round": [], "overhead": [], "rtt": []}
     try:
         assert server.wait_for_children(args.children, 120), "children did not connect"
@@ -212,6 +233,7 @@ def grpc_runtime(args: argparse.Namespace) -> dict[str, list[float]]:
     finally:
         server.stop("benchmark over")
         stop(procs)
+        stack.close()
     return out
 
 
@@ -251,6 +273,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--pings", type=int, default=300)
     ap.add_argument("--train-seconds", type=float, default=1.0)
+    ap.add_argument("--no-tls", action="store_true", help="skip the mutual-TLS measurement")
     ap.add_argument("--baseline-client", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.baseline_client:
@@ -267,25 +290,29 @@ def main() -> None:
         f"{args.train_seconds:g} s; {os.cpu_count()} cores, load avg {load_avg()}"
     )
     plain = plain_grpc(args)
-    ours = grpc_runtime(args)
+    runs = {"plaintext": grpc_runtime(args)}
+    if not args.no_tls:
+        runs["mutual TLS"] = grpc_runtime(args, tls=True)
     med = statistics.median
     moved = 2 * args.children * mb
     print(f"\nround (median of {args.rounds}):")
     print(f"  plain gRPC stream, same bytes ({moved:.0f} MB)   {med(plain['round']):7.3f} s")
-    print(f"  fedenc round, total                          {med(ours['round']):7.3f} s")
-    print(
-        f"  fedenc round overhead (total - training)     {med(ours['overhead']):7.3f} s"
-        f"   = {med(ours['overhead']) / med(plain['round']):.2f} x plain gRPC"
-    )
+    for label, ours in runs.items():
+        print(f"  fedenc round, total, {label:12s}            {med(ours['round']):7.3f} s")
+        print(
+            f"  fedenc round overhead, {label:12s}          {med(ours['overhead']):7.3f} s"
+            f"   = {med(ours['overhead']) / med(plain['round']):.2f} x plain gRPC"
+        )
     print(f"\nsmall-message round trip, one child ({args.pings} after 20 warm-up):")
     print(
-        f"  plain gRPC ping-pong       p50 {pct(plain['rtt'], 50) * 1e3:6.2f} ms"
+        f"  plain gRPC ping-pong            p50 {pct(plain['rtt'], 50) * 1e3:6.2f} ms"
         f"   p99 {pct(plain['rtt'], 99) * 1e3:6.2f} ms"
     )
-    print(
-        f"  fedenc Grid query          p50 {pct(ours['rtt'], 50) * 1e3:6.2f} ms"
-        f"   p99 {pct(ours['rtt'], 99) * 1e3:6.2f} ms   (goal p50 < 5 ms)"
-    )
+    for label, ours in runs.items():
+        print(
+            f"  fedenc Grid query, {label:12s} p50 {pct(ours['rtt'], 50) * 1e3:6.2f} ms"
+            f"   p99 {pct(ours['rtt'], 99) * 1e3:6.2f} ms   (goal p50 < 5 ms)"
+        )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from fedenc.control.cli import control_app
 from fedenc.elastic.cli import elastic_app
 from fedenc.ps.cli import ps_app
 from fedenc.security.cli import certs_app
+from fedenc.security.errors import PemError, SecurityError
 
 app = typer.Typer(
     name="fedenc",
@@ -32,7 +33,7 @@ console = Console(stderr=True)
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     return typer.Exit(code=2)
 
 
@@ -460,10 +461,22 @@ InsecureOpt = Annotated[
     bool,
     typer.Option(
         "--insecure",
-        help="Plaintext gRPC (no TLS, children unauthenticated). Required until TLS credentials "
-        "are given; prints a warning.",
+        help="Plaintext gRPC (no TLS, children unauthenticated): the explicit opt-out of --certs; "
+        "prints a warning.",
     ),
 ]
+CertsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--certs",
+        help="Certificates directory (`fedenc certs init` / `issue`): mutual TLS, each child "
+        "identified by its certificate.",
+    ),
+]
+
+
+def _warn(message: str) -> None:
+    console.print(f"[bold yellow]{message}[/]", highlight=False)
 
 
 def _scenario(scenario_file: Path | None, **overrides: Any) -> Any:
@@ -556,8 +569,20 @@ def simulate_cmd(
         typer.Option(
             "--processes",
             help="Run the children as processes over gRPC on 127.0.0.1 (the master stays in this "
-            "process) instead of in this process.",
+            "process) instead of in this process. Mutual TLS with a throwaway CA unless --certs "
+            "or --insecure.",
         ),
+    ] = False,
+    certs: Annotated[
+        Path | None,
+        typer.Option(
+            "--certs",
+            help="--processes: certificates directory to use (missing child-i certificates are "
+            "issued with its CA key) instead of a throwaway CA.",
+        ),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="--processes: plaintext gRPC (prints a warning).")
     ] = False,
 ) -> None:
     """Simulate a federation on this machine: K children, one master, per-round table."""
@@ -589,6 +614,14 @@ def simulate_cmd(
     )
     from fedenc.runtime.simulate import default_out_dir, run_scenario
 
+    if (certs is not None or insecure) and not processes:
+        raise _fail("--certs and --insecure apply to --processes only")
+    if certs is not None and insecure:
+        raise _fail("give either --certs DIR or --insecure, not both")
+    if insecure:
+        from fedenc.security.policy import insecure_warning
+
+        _warn(insecure_warning("master"))
     out_dir = out or default_out_dir(scenario)
     where = scenario.data or f"synthetic ({scenario.synthetic_sessions} sessions)"
     kind = "child processes over gRPC" if processes else "in-process"
@@ -605,13 +638,15 @@ def simulate_cmd(
             if processes:
                 from fedenc.runtime.grpc.launcher import run_scenario_processes
 
-                outcome = run_scenario_processes(scenario, out_dir, on_round=on_round)
+                outcome = run_scenario_processes(
+                    scenario, out_dir, on_round=on_round, certs=certs, insecure=insecure
+                )
             else:
                 outcome = run_scenario(scenario, out_dir, on_round=on_round)
         finally:
             if live is not None:
                 live.stop()
-    except (ValueError, FileNotFoundError, NotEnoughChildrenError) as err:
+    except (ValueError, FileNotFoundError, NotEnoughChildrenError, SecurityError) as err:
         raise _fail(str(err)) from err
     _print_outcome(outcome.result, title, out_dir)
 
@@ -640,7 +675,29 @@ def master_cmd(
     listen: Annotated[
         str, typer.Option(help="HOST:PORT to serve children on (0.0.0.0 for remote children).")
     ] = "127.0.0.1:9092",
+    certs: CertsOpt = None,
+    allowlist: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --certs: only these children may join (one name per line, # comments; "
+            "reloaded when it changes)."
+        ),
+    ] = None,
     insecure: InsecureOpt = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the interrupted job whose state is in --state (or <--out>/state) from "
+            "its last completed round.",
+        ),
+    ] = False,
+    state: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where the job's checkpoint is written after each round (default <out>/state)."
+        ),
+    ] = None,
     children: Annotated[
         int | None,
         typer.Option(min=1, help="Children to wait for before the job starts (and K of the run)."),
@@ -684,13 +741,23 @@ def master_cmd(
     """Serve a federation: children dial in (`fedenc child`), the job runs, the master exits.
 
     With --serve, the master runs the jobs that Control clients submit, one at a time, until
-    stopped. SIGINT/SIGTERM close every child's stream (the children exit) and exit 0.
+    stopped. Mutual TLS with --certs DIR (plaintext only with an explicit --insecure). A
+    checkpoint is written after each round; --resume continues a killed master's job from it.
+    SIGINT/SIGTERM close every child's stream (the children exit) and exit 0.
     """
+    import os
     import signal
 
+    if certs is not None and "GRPC_VERBOSITY" not in os.environ:
+        # A child whose certificate BoringSSL rejects (another CA, expired) never reaches
+        # fedenc's code; gRPC's own "Handshake failed ..." line is the master's only trace of
+        # it. Flower silences gRPC below errors when imported (next lines) unless the variable
+        # is set: set, but empty, it keeps gRPC's default log.
+        os.environ["GRPC_VERBOSITY"] = ""
+    from fedenc.federation.checkpoint import MasterStateError, read_master_state
     from fedenc.federation.master import NotEnoughChildrenError
     from fedenc.runtime.grpc.master import FederationServer, run_server_app
-    from fedenc.runtime.grpc.transport import InsecureTransportError, ServerSecurity
+    from fedenc.runtime.grpc.security import master_security
     from fedenc.runtime.simulate import default_out_dir, outcome_of
     from nodes.master import app as master_app
 
@@ -715,19 +782,24 @@ def master_cmd(
         round_timeout=round_timeout,
         seed=seed,
     )
+    state_dir = state if state is not None else (out / "state" if out is not None else None)
+    if resume and state_dir is None:
+        raise _fail("--resume needs the interrupted job's --out (or --state) directory")
+    run_id: int | None = None
     try:
         scenario.check()
+        if resume:
+            assert state_dir is not None
+            # The children key their state by run id: the resumed run keeps the job's.
+            run_id = read_master_state(state_dir).run_id
+        security = master_security(certs, insecure, allowlist=allowlist, warn=_warn)
         server = FederationServer(
             listen,
-            ServerSecurity(insecure=insecure),
+            security,
             heartbeat_interval=heartbeat,
             heartbeat_timeout=heartbeat_timeout,
         )
-    except InsecureTransportError as err:
-        raise _fail(
-            f"{err}. TLS options come with fedenc.security; use --insecure for now"
-        ) from err
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, SecurityError, MasterStateError) as err:
         raise _fail(str(err)) from err
 
     def interrupt(signum: int, frame: Any) -> None:
@@ -752,13 +824,17 @@ def master_cmd(
     try:
         run_config = scenario.run_config(out_dir)
         run_config["wait-timeout"] = wait
+        run_config["state-dir"] = str(state_dir or out_dir / "state")
+        run_config["resume"] = resume
         token = round_listener.set(on_round)
         try:
-            run = run_server_app(master_app, server, run_config)
+            run = run_server_app(master_app, server, run_config, run_id=run_id)
         finally:
             round_listener.reset(token)
         runtime = {
             "kind": "grpc",
+            "tls": certs is not None,
+            "resumed": resume,
             "listen": server.address,
             "wire_bytes_sent": run.bytes_sent,
             "wire_bytes_received": run.bytes_received,
@@ -811,8 +887,28 @@ def _serve_control(
 def child_cmd(
     master: Annotated[str, typer.Option(help="The master's HOST:PORT.")] = "127.0.0.1:9092",
     name: Annotated[
-        str, typer.Option(help="This child's name, unique in the federation.")
+        str,
+        typer.Option(
+            help="This child's name, unique in the federation; with --certs, the name of its "
+            "certificate (the master knows the child by that name only)."
+        ),
     ] = "child",
+    certs: CertsOpt = None,
+    server_name: Annotated[
+        str | None,
+        typer.Option(
+            help="With --certs: the name to expect in the master's certificate when the dialled "
+            "address is not among its names (a tunnel, a load balancer)."
+        ),
+    ] = None,
+    local_check: Annotated[
+        bool,
+        typer.Option(
+            "--local-check/--no-local-check",
+            help="With --certs: check this child's certificate (CA, validity, key) before "
+            "dialling; --no-local-check lets the master's TLS handshake decide.",
+        ),
+    ] = True,
     insecure: InsecureOpt = False,
     data: Annotated[
         Path | None,
@@ -845,13 +941,14 @@ def child_cmd(
     """Join a federation: dial the master, hold one stream, run the ClientApp on its messages.
 
     Exit codes: 0 after the master's shutdown or SIGINT/SIGTERM (the child says goodbye), 1 when
-    the master cannot be reached, 3 when the master refuses this child.
+    the master cannot be reached, 2 on bad options, 3 when the master refuses this child (or its
+    own certificate is unusable), with the reason.
     """
     import importlib
     import signal
 
-    from fedenc.runtime.grpc.child import GrpcChild
-    from fedenc.runtime.grpc.transport import ChannelSecurity, InsecureTransportError
+    from fedenc.runtime.grpc.child import EXIT_REFUSED, GrpcChild
+    from fedenc.runtime.grpc.security import child_security
 
     _log_level(log_level)
     if index >= children:
@@ -877,20 +974,28 @@ def child_cmd(
     }
     node_config.update({k: v for k, v in optional.items() if v is not None})
     try:
+        security = child_security(
+            certs,
+            insecure,
+            name,
+            master,
+            server_name=server_name,
+            local_check=local_check,
+            warn=_warn,
+        )
         child = GrpcChild(
             master,
             name,
             client_app,
             node_config,
-            ChannelSecurity(insecure=insecure),
+            security,
             connect_timeout=connect_timeout,
             stay=stay,
         )
-    except InsecureTransportError as err:
-        raise _fail(
-            f"{err}. TLS options come with fedenc.security; use --insecure for now"
-        ) from err
-    except ValueError as err:
+    except PemError as err:  # its own certificate: the master would refuse it
+        console.print(f"[bold red]refused:[/] {err}", soft_wrap=True, highlight=False)
+        raise typer.Exit(code=EXIT_REFUSED) from err
+    except (ValueError, SecurityError) as err:
         raise _fail(str(err)) from err
 
     def on_signal(signum: int, frame: Any) -> None:

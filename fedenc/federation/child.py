@@ -16,12 +16,25 @@ Ray worker. Should a ``train`` or ``evaluate`` message reach a process that has 
 job (another worker, a restart), the child rebuilds it from the instruction that every round
 message carries: it loses its optimizer moments and head, not the round.
 
+A master that restarts (``fedenc master --resume``) queries the children again: a child that
+still holds the job's state confirms with it (its model, optimizer and head are kept), and since
+the master resumes after its last *completed* round, it may send a round this child has already
+trained (the master died before fusing it). The child keeps a copy of its local state from before
+the last round it trained (model, optimizer, LR schedule, shuffling RNG) and trains such a round
+again from that copy, so a resumed job gives the target of an uninterrupted one, bit for bit on
+CPU. The copy costs one model plus its optimizer state in memory; ``replay-round = false`` in the
+run config turns it off. A child that restarted has lost all of that: it rebuilds its state from
+the instruction (fresh optimizer moments, a head from the job seed), so the job goes on but its
+result differs from an uninterrupted run. The two-level PS trainer keeps its rows in parameter
+servers and is not rewound.
+
 Each handler raises on bad input; the runtime turns that into an error reply, which the master
 logs and leaves out of the round.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -40,7 +53,7 @@ from fedenc.encoders.registry import UnknownEncoderError, encoder_class
 from fedenc.federation import records
 from fedenc.federation.child_data import ChildData, ChildDataConfig, load_child_data
 from fedenc.federation.parameters import Parameters, check_compatible
-from fedenc.federation.runconfig import get_float, get_int, get_str
+from fedenc.federation.runconfig import get_bool, get_float, get_int, get_str
 from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
 from fedenc.ps.federation import end_round, make_trainer, refresh_rows, take_pulled, take_rows
 from fedenc.training.config import TrainConfig
@@ -53,6 +66,19 @@ StateKey = tuple[int, int, str]
 
 class DeclinedError(Exception):
     """The child cannot take part in the job; ``reason`` goes into its Confirmation."""
+
+
+@dataclass
+class _Snapshot:
+    """A child's local training state before a round (see the module docstring)."""
+
+    round: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: Mapping[str, Any]
+    epochs_done: int
+    rounds_trained: int
 
 
 @dataclass
@@ -72,6 +98,8 @@ class ChildState:
     # Per shared item-table tensor: the samples of this child's data touching each row (the
     # master fuses such tables row by row; fusion/weighted_sum.py says why).
     row_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    last_round: int = 0  # the highest round number trained
+    before_last: _Snapshot | None = None  # the state before training ``last_round``
 
     @property
     def num_samples(self) -> int:
@@ -219,6 +247,68 @@ def _key(context: Context, job_id: str) -> StateKey:
     return (int(context.run_id), data_config(context).partition_id, job_id)
 
 
+def _take_snapshot(state: ChildState, round_: int) -> _Snapshot:
+    trainer = state.trainer
+    return _Snapshot(
+        round=round_,
+        model={k: v.detach().clone() for k, v in state.model.state_dict().items()},
+        optimizer=copy.deepcopy(trainer.optimizer.state_dict()),
+        scheduler=copy.deepcopy(trainer.scheduler.state_dict()),
+        rng=copy.deepcopy(trainer.rng.bit_generator.state),
+        epochs_done=trainer.epochs_done,
+        rounds_trained=state.rounds_trained,
+    )
+
+
+def _restore_snapshot(state: ChildState, snap: _Snapshot) -> None:
+    # Copies in: the snapshot must stay intact should the same round come a third time.
+    trainer = state.trainer
+    state.model.load_state_dict(snap.model)
+    trainer.optimizer.load_state_dict(copy.deepcopy(snap.optimizer))
+    trainer.scheduler.load_state_dict(copy.deepcopy(snap.scheduler))
+    trainer.rng.bit_generator.state = copy.deepcopy(snap.rng)
+    trainer.epochs_done = snap.epochs_done
+    state.rounds_trained = snap.rounds_trained
+
+
+def _replay_guard(state: ChildState, round_: int, context: Context) -> None:
+    """Before training ``round_``: rewind when it is the last round trained again (a master
+    that resumed after the round before it), else keep a snapshot of the state before it."""
+    if round_ <= 0 or type(state.trainer) is not Trainer:
+        return  # no round number, or the PS trainer (its rows live in parameter servers)
+    if not get_bool(context.run_config, "replay-round", True):
+        return
+    if round_ == state.last_round and state.before_last is not None:
+        log.warning(
+            "%s: round %d of job %s again (the master resumed): training it from the state "
+            "before its first run",
+            state.name,
+            round_,
+            state.key[2],
+        )
+        _restore_snapshot(state, state.before_last)
+    elif round_ < state.last_round:
+        log.warning(
+            "%s: round %d after round %d: only the last round can be replayed; training from "
+            "the current state",
+            state.name,
+            round_,
+            state.last_round,
+        )
+    else:
+        state.before_last = _take_snapshot(state, round_)
+        state.last_round = round_
+
+
+def _same_job(a: fpb.TrainingInstruction, b: fpb.TrainingInstruction) -> bool:
+    """The same job, encoder and training (the round a child joins at may differ)."""
+    left, right = fpb.TrainingInstruction(), fpb.TrainingInstruction()
+    left.CopyFrom(a)
+    right.CopyFrom(b)
+    left.round = right.round = 0
+    return left == right
+
+
 def _state_for(context: Context, config: Mapping[str, Any]) -> ChildState:
     """The state of the message's job, rebuilt from its instruction when this process has none."""
     instruction = records.instruction_from_bytes(config.get(records.INSTRUCTION))
@@ -256,8 +346,16 @@ def handle_query(message: Message, context: Context) -> Message:
     )
     key = _key(context, instruction.job_id)
     name = f"child-{key[1]}"
+    with _lock:
+        existing = _states.get(key)
     try:
-        state = _build_state(key, context, instruction)
+        if existing is not None and _same_job(existing.instruction, instruction):
+            # Asked again (a reconnect, a master that resumed the job): keep what this child
+            # has learnt so far, model, optimizer and head.
+            log.info("%s confirms job %s again with its current state", name, instruction.job_id)
+            state = existing
+        else:
+            state = _build_state(key, context, instruction)
     except DeclinedError as err:
         log.info("%s declines job %s: %s", name, instruction.job_id, err)
         confirmation = fpb.Confirmation(
@@ -298,9 +396,10 @@ def handle_train(message: Message, context: Context) -> Message:
     """Train the local epochs from the received shared parameters; reply with the updated ones."""
     config: Mapping[str, Any] = message.content.config_records.get(records.CONFIG_KEY) or {}
     state = _state_for(context, config)
+    round_ = _round(config)
+    _replay_guard(state, round_, context)
     _load_shared(state, message.content)
     refresh_rows(state.trainer)  # placement b: the federation table moved since last round
-    round_ = _round(config)
     epochs = state.trainer.config.epochs
     t0 = time.perf_counter()
     losses: list[float] = []

@@ -39,7 +39,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -51,6 +51,17 @@ from flwr.serverapp import Grid
 from fedenc.encoders.base import EncoderConfig
 from fedenc.encoders.registry import build_encoder
 from fedenc.federation import records
+from fedenc.federation.checkpoint import (
+    MasterState,
+    MasterStateError,
+    capture_rng,
+    check_resumable,
+    config_fingerprint,
+    read_master_state,
+    restore_rng,
+    state_path,
+    write_master_state,
+)
 from fedenc.federation.fusion import EmptyRoundError, build_fusion_rule
 from fedenc.federation.parameters import BadUpdateError, Parameters, relative_change
 from fedenc.federation.runconfig import get_bool, get_float, get_int, get_json, get_str
@@ -99,6 +110,10 @@ class MasterConfig:
     seed: int = 0
     job_id: str = ""
     checkpoint_dir: Path | None = None
+    # The job's checkpoint after each completed round (fedenc.federation.checkpoint), and whether
+    # to continue the job found there instead of starting one.
+    state_dir: Path | None = None
+    resume: bool = False
     fold_order: Literal["child", "arrival"] = "child"  # see _Job.train_round
     # What the federation trains together: "all" = the whole encoder, item table included (the
     # children share one catalog: their item rows must live in one space for the fused encoder
@@ -156,9 +171,11 @@ class MasterConfig:
                 )
         if self.fold_order not in ("child", "arrival"):
             problems.append(f"fold_order must be 'child' or 'arrival' (got {self.fold_order!r})")
+        if self.resume and self.state_dir is None:
+            problems.append("resume needs a state directory (state-dir, or out-dir)")
         if problems:
             raise ValueError("bad master config: " + "; ".join(problems))
-        if not self.job_id:
+        if not self.job_id and not self.resume:  # a resumed job takes its checkpoint's id
             self.job_id = f"{self.encoder}-{uuid.uuid4().hex[:12]}"
 
     @classmethod
@@ -174,7 +191,8 @@ class MasterConfig:
         ``query-timeout`` (seconds, 0 = none), ``evaluate-every``, ``eval-split``, ``final-test``,
         ``expect-children``, ``wait-timeout``, ``seed``, ``job-id``, ``fold-order``, ``share``,
         ``row-weighting``, ``ps``, ``ps-shards``, ``ps-addresses``, ``out-dir`` (the encoder
-        checkpoint goes to ``<out-dir>/encoder``).
+        checkpoint goes to ``<out-dir>/encoder``, the job's checkpoint after each round to
+        ``state-dir``, by default ``<out-dir>/state``), ``resume``.
         """
         rc = run_config
         defaults = EncoderConfig(num_items=1)
@@ -201,6 +219,9 @@ class MasterConfig:
         round_timeout = get_float(rc, "round-timeout", 0.0)
         query_timeout = get_float(rc, "query-timeout", 0.0)
         out_dir = get_str(rc, "out-dir", "")
+        state_dir = get_str(rc, "state-dir", "") or (
+            str(Path(out_dir) / "state") if out_dir else ""
+        )
         num_items = get_int(rc, "num-items", 0)
         if num_items <= 0:
             from fedenc.federation.child_data import ChildDataConfig, load_source
@@ -235,6 +256,8 @@ class MasterConfig:
             ps_shards=get_int(rc, "ps-shards", 1),
             ps_addresses=get_str(rc, "ps-addresses", ""),
             checkpoint_dir=Path(out_dir) / "encoder" if out_dir else None,
+            state_dir=Path(state_dir) if state_dir else None,
+            resume=get_bool(rc, "resume", False),
         )
 
     def stop_rule(self) -> StopRule:
@@ -304,6 +327,12 @@ class RoundResult:
         out = asdict(self)
         out["bytes_moved"] = self.bytes_moved
         return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> RoundResult:
+        """Undo :meth:`to_dict` (a resumed job's earlier rounds)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
 
 
 @dataclass
@@ -551,6 +580,48 @@ class _Job:
     def row_bytes(self) -> int:
         """Bytes of one pulled row (an int64 key and float32 values)."""
         return 8 + 4 * self.model.config.hidden
+
+    # -- checkpoint ------------------------------------------------------------------------------
+
+    def restore(self, state: MasterState) -> list[RoundResult]:
+        """Continue from ``state``: target, rule and stop-rule state, RNG; returns the reports
+        of the rounds done."""
+        names = list(self.target)
+        if list(state.target) != names or any(
+            state.target[n].shape != self.target[n].shape
+            or state.target[n].dtype != self.target[n].dtype
+            for n in names
+        ):
+            raise MasterStateError(
+                f"the checkpoint's target does not match encoder {self.config.encoder!r} "
+                "(other tensors, shapes or dtypes)"
+            )
+        self.target = {n: state.target[n].clone() for n in names}
+        self.rule.load_state_dict(state.rule)
+        self.stop.load_state_dict(state.stop)
+        restore_rng(state.rng)
+        return [RoundResult.from_dict(r) for r in state.rounds]
+
+    def save(
+        self, round_: int, results: Sequence[RoundResult], stop_reason: str, run_id: int
+    ) -> None:
+        """Write the job's checkpoint for a completed round (atomically)."""
+        if self.config.state_dir is None:
+            return
+        state = MasterState(
+            job_id=self.config.job_id,
+            run_id=run_id,
+            round=round_,
+            config=config_fingerprint(self.config),
+            target=self.target,
+            rule=self.rule.state_dict(),
+            stop=self.stop.state_dict(),
+            stop_reason=stop_reason,
+            rounds=[r.to_dict() for r in results],
+            children=[asdict(c) for c in self.children.values()],
+            rng=capture_rng(),
+        )
+        write_master_state(self.config.state_dir, state)
 
     # -- 1 + 2: instruction and confirmations ----------------------------------------------------
 
@@ -884,9 +955,29 @@ def _child_info(nid: int, name: str, confirmation: fpb.Confirmation, job_id: str
 def run_master(
     grid: Grid, config: MasterConfig, on_round: RoundListener | None = None
 ) -> MasterResult:
-    """Run one job on ``grid`` (see the module docstring); returns the target and the reports."""
+    """Run one job on ``grid`` (see the module docstring); returns the target and the reports.
+
+    With ``config.state_dir`` a checkpoint is written after each completed round; with
+    ``config.resume`` the job continues from it (children confirm again, then the next round
+    runs as it would have without the interruption)."""
     t0 = time.perf_counter()
+    saved = _saved_state(config) if config.resume else None
     job = _Job(grid, config)
+    results: list[RoundResult] = []
+    stop_reason = ""
+    round_ = 0
+    if saved is not None:
+        results = job.restore(saved)
+        round_, stop_reason = saved.round, saved.stop_reason
+        log.info("job %s: resumed after round %d", config.job_id, round_)
+    elif config.state_dir is not None and state_path(config.state_dir).exists():
+        log.warning(
+            "%s holds an earlier job's checkpoint: this new job replaces it after its first "
+            "round (resume that job instead with --resume)",
+            config.state_dir,
+        )
+    run = getattr(grid, "run", None)
+    run_id = int(run.run_id) if run is not None else 0
     log.info(
         "job %s: %s, %d shared tensors, rule %s",
         config.job_id,
@@ -896,7 +987,7 @@ def run_master(
     )
     nodes = job.wait_for_nodes()
     log.info("job %s: %d node(s) online", config.job_id, len(nodes))
-    job.query_new(1)
+    job.query_new(round_ + 1)
     confirmed = job.confirmed()
     if len(confirmed) < config.min_children:
         job.finish()
@@ -906,9 +997,6 @@ def run_master(
             f"{config.min_children}; left out: {declined}"
         )
     listeners = [cb for cb in (on_round, round_listener.get()) if cb is not None]
-    results: list[RoundResult] = []
-    stop_reason = ""
-    round_ = 0
     try:
         while not stop_reason:
             round_ += 1
@@ -924,6 +1012,9 @@ def run_master(
             stop_reason = job.stop.update(report) or ""
             result.stop_reason = stop_reason or None
             results.append(result)
+            # The round is complete (fused, evaluated, the stop rule updated): a master killed
+            # from here on resumes after it.
+            job.save(round_, results, stop_reason, run_id)
             for callback in listeners:
                 callback(result)
         final: dict[str, float] = {}
@@ -969,6 +1060,16 @@ def run_master(
         )
         outcome.checkpoint = str(path)
     return outcome
+
+
+def _saved_state(config: MasterConfig) -> MasterState:
+    """The checkpoint to resume, checked against ``config`` (whose empty job id it fills)."""
+    if config.state_dir is None:
+        raise MasterStateError("resume needs a state directory")
+    state = read_master_state(config.state_dir)
+    check_resumable(state, config.job_id, config_fingerprint(config))
+    config.job_id = state.job_id
+    return state
 
 
 def _metadata(result: MasterResult, config: MasterConfig) -> dict[str, Any]:

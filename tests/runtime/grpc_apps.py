@@ -37,3 +37,17 @@ def checksum(msg: Message, ctx: Context) -> Message:
             count += 1
     metrics = MetricRecord({"nbytes": nbytes, "sum": total, "arrays": count})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def hold_after_train(msg: Message, ctx: Context) -> Message:
+    """fedenc's ClientApp, except that after training round ``FEDENC_TEST_ROUND`` the first
+    time, it touches ``FEDENC_TEST_MARKER`` and holds its reply ``FEDENC_TEST_SLEEP`` seconds
+    (the round is trained but not yet fused: the test kills the master then)."""
+    reply = fedenc_child(msg, ctx)
+    if msg.metadata.message_type == "train":
+        round_ = msg.content["config"]["server-round"]
+        marker = Path(os.environ["FEDENC_TEST_MARKER"])
+        if str(round_) == os.environ.get("FEDENC_TEST_ROUND") and not marker.exists():
+            marker.touch()
+            time.sleep(float(os.environ.get("FEDENC_TEST_SLEEP", "3")))
+    return reply

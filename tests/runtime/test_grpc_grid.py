@@ -415,10 +415,10 @@ def test_identity_callback_refuses_unknown_or_mismatched_children() -> None:
     ).start()
     peers: list[RawChild] = []
     try:
+        # Refused when the stream opens: aborted with PERMISSION_DENIED, before any Hello.
         peers.append(RawChild(srv.address))
-        refused = peers[-1].hello("allowed")
-        assert refused.close.reason == spb.CLOSE_REASON_UNAUTHORIZED
-        assert "not allowed" in refused.close.detail
+        with pytest.raises(AssertionError, match=r"PERMISSION_DENIED.*name no child"):
+            peers[-1].hello("allowed")
         peers.append(RawChild(srv.address))
         mismatch = peers[-1].hello("mallory")
         assert mismatch.close.reason == spb.CLOSE_REASON_UNAUTHORIZED

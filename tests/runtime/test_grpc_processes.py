@@ -67,11 +67,15 @@ class Procs:
         self.root = root
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, cmd: list[str], extra_env: dict[str, str] | None = None) -> None:
+    def start(
+        self, name: str, cmd: list[str], extra_env: dict[str, str | None] | None = None
+    ) -> None:
+        """Starts ``cmd``; ``extra_env`` adds variables to the environment (None removes one)."""
         log = (self.root / f"{name}.log").open("wb")
+        merged: dict[str, str | None] = {**env(), **(extra_env or {})}
         self.procs[name] = subprocess.Popen(
             cmd,
-            env={**env(), **(extra_env or {})},
+            env={k: v for k, v in merged.items() if v is not None},
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,

@@ -13,7 +13,10 @@ the Flower Messages the master pushes.
 * **Reconnects.** A lost stream is dialled again with backoff (a new node id each time; the
   master queries the child again and it rejoins the running job at the next round). The child
   gives up after ``connect_timeout`` seconds without a welcome (exit code 1), and stops for good
-  when refused for its identity or version (exit code 3).
+  when refused for its identity or version (exit code 3), with a readable reason: the master's
+  identity refusal (revoked, not allowlisted, unknown, a Hello naming someone else), a master
+  this child does not trust, or, with TLS, a handshake the master cuts short three times in a
+  row (its certificate was rejected: expired, from another CA).
 * **Shutdown.** :meth:`GrpcChild.stop` (SIGINT/SIGTERM in the CLI) sends a goodbye (Close
   SHUTDOWN) and ends the stream; when the master closes with SHUTDOWN, the child exits (code 0)
   unless it was told to stay for the next federation.
@@ -51,6 +54,7 @@ from fedenc.runtime.grpc.transport import (
     channel_options,
     parse_address,
 )
+from fedenc.security.rpc_errors import explain_rpc_error, refusal_reason
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,26 @@ EXIT_OK: Final = 0
 EXIT_UNREACHABLE: Final = 1
 EXIT_REFUSED: Final = 3
 _FATAL = frozenset({spb.CLOSE_REASON_UNAUTHORIZED, spb.CLOSE_REASON_INCOMPATIBLE})
+# TLS failures that retrying cannot heal: this child does not trust the master, the dialled
+# name is not in the master's certificate, the master speaks plaintext.
+_TLS_FATAL = ("CERTIFICATE_VERIFY_FAILED", "Hostname Verification", "WRONG_VERSION_NUMBER")
+# With TLS 1.3 a master that rejects this child's certificate just closes the socket; a master
+# that is down refuses the connection instead. Three such closes in a row are a refusal.
+_HANDSHAKE_CLOSES = 3
+
+
+@dataclass(frozen=True)
+class _CloseError:
+    """The master's Close, shaped like a ``grpc.RpcError`` for ``explain``."""
+
+    reason: str
+    detail: str
+
+    def code(self) -> str:
+        return self.reason
+
+    def details(self) -> str:
+        return self.detail
 
 
 def run_config_from_proto(values: Mapping[str, spb.ConfigValue]) -> dict[str, Any]:
@@ -80,6 +104,7 @@ class _Session:
     welcomed: bool = False
     close: spb.Close | None = None  # the master's Close, if it sent one
     error: str = ""
+    rpc_error: Any = None  # the grpc.RpcError that ended the stream, if one did
     last_seen: float = field(default_factory=time.monotonic)
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
@@ -139,6 +164,9 @@ class GrpcChild:
         self._inbox: queue.Queue[tuple[_Session, int, Message]] = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="fedenc-clientapp", daemon=True)
         self._session: _Session | None = None
+        self._handshake_closes = 0
+        #: Why the master refused this child (exit code 3), for the CLI and tests.
+        self.refusal = ""
 
     # -- control -----------------------------------------------------------------------------------
 
@@ -161,8 +189,10 @@ class GrpcChild:
                 backoff = 0.2
             close = session.close
             if close is not None and close.reason in _FATAL:
-                log.error("%s: the master refuses this child: %s", self.name, close.detail)
-                return EXIT_REFUSED
+                reason = spb.CloseReason.Name(close.reason).removeprefix("CLOSE_REASON_")
+                return self._refused(_CloseError(reason, close.detail))
+            if close is None and self._fatal(session):
+                return self._refused(session.rpc_error)
             if close is not None and close.reason == spb.CLOSE_REASON_SHUTDOWN:
                 log.info("%s: the master closed the federation: %s", self.name, close.detail)
                 if not self.stay:
@@ -182,6 +212,31 @@ class GrpcChild:
             self._stop.wait(backoff)
             backoff = min(backoff * 2, 5.0)
         return EXIT_OK
+
+    def _fatal(self, session: _Session) -> bool:
+        """Whether the error that ended an unwelcomed stream is a refusal (see _TLS_FATAL)."""
+        err = session.rpc_error
+        if session.welcomed or err is None:
+            self._handshake_closes = 0
+            return False
+        if refusal_reason(err) is not None:
+            return True
+        if self.security.credentials is None:
+            return False
+        details = err.details() if callable(getattr(err, "details", None)) else str(err)
+        if any(marker in details for marker in _TLS_FATAL):
+            return True
+        if "Socket closed" in details or "handshake" in details.lower():
+            self._handshake_closes += 1
+            return self._handshake_closes >= _HANDSHAKE_CLOSES
+        self._handshake_closes = 0
+        return False
+
+    def _refused(self, err: Any) -> int:
+        explain = self.security.explain or (lambda e: explain_rpc_error(e, target=self.address))
+        self.refusal = explain(err)
+        log.error("%s: refused: %s", self.name, self.refusal)
+        return EXIT_REFUSED
 
     # -- one stream --------------------------------------------------------------------------------
 
@@ -255,6 +310,7 @@ class GrpcChild:
             else:
                 session.error = session.error or "the master ended the stream"
         except grpc.RpcError as err:
+            session.rpc_error = err
             code = err.code() if hasattr(err, "code") else None
             details = err.details() if hasattr(err, "details") else str(err)
             session.error = session.error or f"{code}: {details}"

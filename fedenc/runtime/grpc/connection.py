@@ -95,6 +95,10 @@ class ChildConnection:
         self.auth = auth
         self.name = ""
         self.node_id = 0
+        #: The child name the stream's credentials prove (None without TLS identities).
+        self.identity: str | None = None
+        #: Group id (round) of the last message before which the identity was re-checked.
+        self.checked_group: str | None = None
         self.strict_arrays = strict_arrays
         self.created = self.last_seen = time.monotonic()
         self.welcomed = False

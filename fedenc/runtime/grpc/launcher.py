@@ -6,6 +6,11 @@ so it holds the same partition as virtual child i of the in-process runtime; wit
 and the same torch thread count (``child_threads``, by default this process's), the target
 parameters are bit-identical to the in-process runtime's on CPU. Every child process is stopped
 at the end, also on failure: the master's Close SHUTDOWN first, then SIGTERM, then SIGKILL.
+
+Mutual TLS by default, as between machines: without ``certs`` a throwaway CA, the master's
+certificate and one certificate per child are made in a temporary directory (deleted at the end);
+``certs`` uses an existing ``fedenc certs init`` directory, issuing the missing ``child-i``
+certificates with its CA key; ``insecure=True`` runs in plaintext.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, Any
 
@@ -48,14 +55,36 @@ def child_command(
     index: int = 0,
     children: int = 1,
     insecure: bool = True,
+    certs: Path | None = None,
     options: Sequence[str] = (),
 ) -> list[str]:
-    """The command line of one ``fedenc child`` process."""
+    """The command line of one ``fedenc child`` process (mutual TLS with ``certs``)."""
     cmd = [sys.executable, "-m", "fedenc.cli", "child", "--master", address, "--name", name]
     cmd += ["--index", str(index), "--children", str(children)]
-    if insecure:
+    if certs is not None:
+        cmd += ["--certs", str(certs)]
+    elif insecure:
         cmd.append("--insecure")
     return [*cmd, *options]
+
+
+def prepare_certs(names: Sequence[str], certs: Path | None, stack: ExitStack) -> Path:
+    """A certificates directory holding the master's and ``names``' certificates: ``certs``
+    (its missing child certificates issued with its CA key) or, when None, a throwaway CA in a
+    temporary directory that ``stack`` deletes."""
+    from fedenc.security.layout import CertLayout
+    from fedenc.security.store import init_certs, issue_child
+
+    if certs is None:
+        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedenc-certs-")))
+        layout = CertLayout(root)
+        init_certs(layout)  # hosts localhost and 127.0.0.1: the launcher's address
+    else:
+        layout = CertLayout(Path(certs))
+    for name in names:
+        if not layout.child_cert(name).exists():
+            issue_child(layout, name)
+    return layout.root
 
 
 def scenario_child_options(scenario: Scenario, threads: int | None) -> list[str]:
@@ -129,26 +158,56 @@ def run_scenario_processes(
     *,
     child_threads: int | None = None,
     startup_timeout: float = 120.0,
+    certs: Path | None = None,
+    insecure: bool = False,
 ) -> SimulationOutcome:
-    """Runs ``scenario`` with a master here and ``scenario.children`` child processes."""
+    """Runs ``scenario`` with a master here and ``scenario.children`` child processes (mutual
+    TLS unless ``insecure``; see the module docstring for ``certs``)."""
     import torch
 
+    scenario.check()
+    if certs is not None and insecure:
+        raise ValueError("give either certs or insecure, not both")
+    threads = child_threads if child_threads is not None else torch.get_num_threads()
+    names = [f"child-{i}" for i in range(scenario.children)]
+    stack = ExitStack()
+    with stack:
+        if insecure:
+            security, certs_dir = ServerSecurity(insecure=True), None
+        else:
+            from fedenc.runtime.grpc.security import server_security
+            from fedenc.security.credentials import load_master_tls
+
+            certs_dir = prepare_certs(names, certs, stack)
+            security = server_security(load_master_tls(certs_dir, allowlist=names))
+        server = FederationServer("127.0.0.1:0", security).start()
+        options = scenario_child_options(scenario, threads)
+        commands = [
+            child_command(
+                server.address,
+                name,
+                index=i,
+                children=scenario.children,
+                insecure=insecure,
+                certs=certs_dir,
+                options=options,
+            )
+            for i, name in enumerate(names)
+        ]
+        return _run(scenario, out_dir, on_round, server, commands, threads, startup_timeout)
+
+
+def _run(
+    scenario: Scenario,
+    out_dir: Path | None,
+    on_round: RoundListener | None,
+    server: FederationServer,
+    commands: list[list[str]],
+    threads: int,
+    startup_timeout: float,
+) -> SimulationOutcome:
     from nodes.master import app as master_app
 
-    scenario.check()
-    threads = child_threads if child_threads is not None else torch.get_num_threads()
-    server = FederationServer("127.0.0.1:0", ServerSecurity(insecure=True)).start()
-    options = scenario_child_options(scenario, threads)
-    commands = [
-        child_command(
-            server.address,
-            f"child-{i}",
-            index=i,
-            children=scenario.children,
-            options=options,
-        )
-        for i in range(scenario.children)
-    ]
     procs = ChildProcesses(commands, None if out_dir is None else out_dir / "logs")
     codes: list[int] = []
     try:
@@ -170,5 +229,6 @@ def run_scenario_processes(
         "seconds": run.seconds,
         "child_exit_codes": codes,
         "child_threads": threads,
+        "tls": server.security.credentials is not None,
     }
     return outcome_of(scenario, out_dir, run.server_context, runtime)

@@ -44,10 +44,13 @@ from fedenc.runtime.grpc.transport import (
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_HEARTBEAT_TIMEOUT,
     PROTOCOL_VERSION,
+    AuthContext,
+    Refused,
     ServerSecurity,
     parse_address,
     server_options,
 )
+from fedenc.security.errors import IDENTITY_ERROR_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -211,19 +214,14 @@ class FederationServer:
     # -- ConnectionOwner ---------------------------------------------------------------------------
 
     def welcome(self, conn: ChildConnection, hello: spb.Hello) -> spb.Close | None:
-        if self.security.identify is not None:
-            allowed = self.security.identify(conn.auth)
-            if allowed is None:
-                return spb.Close(
-                    reason=spb.CLOSE_REASON_UNAUTHORIZED,
-                    detail=f"child {hello.name!r} at {conn.peer}: identity not allowed",
-                )
-            if allowed != hello.name:
-                return spb.Close(
-                    reason=spb.CLOSE_REASON_UNAUTHORIZED,
-                    detail=f"the credentials of {conn.peer} name child {allowed!r}, "
-                    f"the Hello claims {hello.name!r}",
-                )
+        # The identity was proved when the stream opened (_connect); a Hello naming someone
+        # else is refused: the name in the certificate is the child's name, never a claimed one.
+        if conn.identity is not None and conn.identity != hello.name:
+            return spb.Close(
+                reason=spb.CLOSE_REASON_UNAUTHORIZED,
+                detail=f"the certificate of {conn.peer} names child {conn.identity!r}, "
+                f"the Hello claims {hello.name!r}",
+            )
         with self._lock:
             if self._stopping:
                 return spb.Close(reason=spb.CLOSE_REASON_SHUTDOWN, detail="the master shuts down")
@@ -291,6 +289,7 @@ class FederationServer:
 
     def _connect(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         auth = {k: list(v) for k, v in (context.auth_context() or {}).items()}
+        identity = self._identify(auth, context)
         conn = ChildConnection(
             self,
             context.peer(),
@@ -299,6 +298,7 @@ class FederationServer:
             max_array_bytes=self.max_array_bytes,
             strict_arrays=self.strict_arrays,
         )
+        conn.identity = identity
         with self._lock:
             if self._stopping:
                 return
@@ -309,6 +309,45 @@ class FederationServer:
         )
         reader.start()
         yield from conn.frames()
+
+    def _identify(self, auth: AuthContext, context: grpc.ServicerContext) -> str | None:
+        """The child name the stream's credentials prove (None without an identify callback);
+        a refused peer's stream is aborted with the refusal's status and message, which the
+        child turns into a readable error (fedenc.security.rpc_errors)."""
+        identify = self.security.identify
+        if identify is None:
+            return None
+        try:
+            name = identify(auth)
+        except Refused as err:
+            log.warning("refusing the stream of %s: %s", context.peer(), err)
+            context.abort(err.code, str(err))
+            raise  # unreachable: abort raises
+        if name is None:
+            detail = (
+                f"{IDENTITY_ERROR_PREFIX} (unknown): the credentials of {context.peer()} "
+                "name no child"
+            )
+            log.warning("refusing the stream of %s: %s", context.peer(), detail)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, detail)
+        return name
+
+    def recheck(self, conn: ChildConnection) -> str | None:
+        """Verify an admitted child's credentials again (revocation, allowlist and expiry change
+        while a stream lives for days); the reason of a refusal, or None."""
+        identify = self.security.identify
+        if identify is None or conn.identity is None:
+            return None
+        try:
+            name = identify(conn.auth)
+        except Refused as err:
+            return str(err)
+        if name != conn.identity:
+            return (
+                f"{IDENTITY_ERROR_PREFIX} (unknown): the credentials of {conn.peer} no longer "
+                "name a child"
+            )
+        return None
 
     def _watch(self) -> None:
         """Heartbeats out, silent or handshake-less streams closed."""
@@ -411,6 +450,17 @@ class GrpcGrid(Grid):
                 reason = f"node {meta.dst_node_id} is not connected"
                 self.deliver(fc.error_reply(message, fc.NODE_UNAVAILABLE, reason), message_id)
                 continue
+            if conn.checked_group != meta.group_id:
+                # Before each round (a new group id) the child's certificate is checked again:
+                # a revocation ends a stream that opened before it.
+                conn.checked_group = meta.group_id
+                refusal = self._server.recheck(conn)
+                if refusal is not None:
+                    log.warning("closing the stream of %s: %s", conn.label(), refusal)
+                    conn.close(spb.CLOSE_REASON_UNAUTHORIZED, refusal)
+                    reason = f"child {conn.name!r} is refused: {refusal}"
+                    self.deliver(fc.error_reply(message, fc.NODE_UNAVAILABLE, reason), message_id)
+                    continue
             try:
                 encoded = encode_message(message, max_chunk_bytes=self._server.max_chunk_bytes)
             except TensorEncodeError as err:

@@ -5,8 +5,11 @@ Security seam. The runtime does not make certificates: :class:`ServerSecurity` a
 :class:`ChannelSecurity` take ready ``grpc`` credentials (``fedenc.security`` builds them from
 its CA, certificates and keys) and, on the master, an ``identify`` callback that maps a stream's
 ``context.auth_context()`` (for mutual TLS: the peer certificate's names) to the child name it
-may use, or ``None`` to refuse the child. Plaintext needs an explicit ``insecure=True`` (the
-CLIs' ``--insecure``), and is logged as a warning.
+may use; it refuses a child by raising :class:`Refused` (the stream is aborted with its status
+code and message, which the child can explain) or by returning ``None``. The master calls it when
+a stream opens and again before each round (a revoked certificate ends a long-lived stream).
+Plaintext needs an explicit ``insecure=True`` (the CLIs' ``--insecure``), and is logged as a
+warning. :mod:`fedenc.runtime.grpc.security` builds both from :mod:`fedenc.security`.
 """
 
 from __future__ import annotations
@@ -42,8 +45,18 @@ DEFAULT_HEARTBEAT_INTERVAL: Final = 5.0
 DEFAULT_HEARTBEAT_TIMEOUT: Final = 30.0
 
 AuthContext = Mapping[str, Sequence[bytes]]
-#: Maps a stream's auth context to the child name it may use; ``None`` refuses the child.
+#: Maps a stream's auth context to the child name it may use; ``None`` (or :class:`Refused`)
+#: refuses the child.
 Identify = Callable[[AuthContext], str | None]
+
+
+class Refused(Exception):
+    """An identity refusal: the master aborts the stream with ``code`` and this message (or, on
+    an open stream, closes it with ``CLOSE_REASON_UNAUTHORIZED`` and this message)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.PERMISSION_DENIED):
+        super().__init__(message)
+        self.code = code
 
 
 class InsecureTransportError(ValueError):
@@ -119,6 +132,9 @@ class ChannelSecurity:
     insecure: bool = False
     #: TLS name to verify the master's certificate against, when it differs from the address.
     target_name: str | None = None
+    #: Turns a refusal (a ``grpc.RpcError``, or the detail of the master's Close) into a
+    #: readable explanation for the child's operator (fedenc.security's ``explain_rpc_error``).
+    explain: Callable[[Any], str] | None = None
 
     def check(self) -> None:
         if self.credentials is None and not self.insecure:
@@ -152,6 +168,7 @@ __all__ = [
     "ChannelSecurity",
     "Identify",
     "InsecureTransportError",
+    "Refused",
     "ServerSecurity",
     "channel_options",
     "parse_address",
