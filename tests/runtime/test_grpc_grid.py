@@ -448,3 +448,26 @@ def test_an_unreachable_master_exits_with_code_1() -> None:
     t0 = time.monotonic()
     assert child.run() == 1
     assert time.monotonic() - t0 < 10
+
+
+def test_the_grid_hands_replies_over_as_they_arrive(
+    server: FederationServer, children: Children
+) -> None:
+    """``receive`` (what the master folds from) yields each reply when its child delivers it,
+    not when the slowest child is done; what misses the timeout is dropped."""
+    for i in range(2):
+        children.start(server.address, f"c{i}", pid=i)
+    assert server.wait_for_children(2, 10)
+    grid = GrpcGrid(server, RUN)
+    fast_node, slow_node = grid.get_node_ids()
+    slow = msg(slow_node, "query.sleep", RecordDict({"config": ConfigRecord({"s": 1.5})}))
+    ids = grid.push_messages([msg(fast_node), slow])
+    t0 = time.monotonic()
+    stream = grid.receive(ids, timeout=10)
+    first = next(stream)
+    assert first.metadata.src_node_id == fast_node and time.monotonic() - t0 < 1.2
+    second = next(stream)
+    assert second.metadata.src_node_id == slow_node and time.monotonic() - t0 >= 1.4
+    assert list(stream) == []
+    late = msg(slow_node, "query.sleep", RecordDict({"config": ConfigRecord({"s": 1.0})}))
+    assert list(grid.receive(grid.push_messages([late]), timeout=0.2)) == []
