@@ -48,6 +48,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedenc.runtime import flower_compat as fc
 from fedenc.runtime.clientapp import ClientCallable, call_client_app, load_app
+from fedenc.runtime.replies import stream_replies
 from fedenc.runtime.workers import WorkerDiedError, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -188,34 +189,9 @@ class InProcessGrid(Grid):
     def receive(self, message_ids: Sequence[str], timeout: float | None) -> Iterator[Message]:
         """Yield each reply to ``message_ids`` as soon as it is delivered (no polling), until all
         have come or ``timeout`` seconds have passed; the rest are forgotten (dropped if late)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pending = list(message_ids)
-        try:
-            while pending:
-                with self._lock:
-                    ready = [mid for mid in pending if mid in self._replies]
-                    while not ready:
-                        left = None if deadline is None else deadline - time.monotonic()
-                        if left is not None and left <= 0:
-                            return
-                        self._lock.wait(left)
-                        ready = [mid for mid in pending if mid in self._replies]
-                    out = [self._replies.pop(mid) for mid in ready]
-                    self._expected.difference_update(ready)
-                pending = [mid for mid in pending if mid not in ready]
-                yield from out  # outside the lock: the caller folds while children go on
-        finally:
-            with self._lock:
-                self._expected.difference_update(pending)
-                for mid in pending:
-                    self._replies.pop(mid, None)
-            if pending:
-                log.info(
-                    "%d of %d replies did not come within %s s",
-                    len(pending),
-                    len(message_ids),
-                    timeout,
-                )
+        return stream_replies(
+            self._lock, self._replies, message_ids, timeout, self._expected.difference_update
+        )
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

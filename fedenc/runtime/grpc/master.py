@@ -50,6 +50,7 @@ from fedenc.runtime.grpc.transport import (
     parse_address,
     server_options,
 )
+from fedenc.runtime.replies import stream_replies
 from fedenc.security.errors import IDENTITY_ERROR_PREFIX
 
 log = logging.getLogger(__name__)
@@ -482,29 +483,12 @@ class GrpcGrid(Grid):
         """Yield each reply to ``message_ids`` as soon as its stream delivers it (no polling),
         until all have come or ``timeout`` seconds have passed; the rest are forgotten (a late
         reply is dropped). The master folds each reply while the others are still training."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pending = list(message_ids)
-        try:
-            while pending:
-                with self._lock:
-                    ready = [mid for mid in pending if mid in self._replies]
-                    while not ready:
-                        left = None if deadline is None else deadline - time.monotonic()
-                        if left is not None and left <= 0:
-                            return
-                        self._lock.wait(left)
-                        ready = [mid for mid in pending if mid in self._replies]
-                    out = [self._replies.pop(mid) for mid in ready]
-                pending = [mid for mid in pending if mid not in ready]
-                yield from out
-        finally:
-            with self._lock:
-                for mid in pending:
-                    self._pending.pop(mid, None)
-                    self._replies.pop(mid, None)
-            if pending:
-                log.info("%d of %d replies did not come within %s s", len(pending),
-                         len(message_ids), timeout)  # fmt: skip
+
+        def forget(ids: list[str]) -> None:
+            for mid in ids:
+                self._pending.pop(mid, None)
+
+        return stream_replies(self._lock, self._replies, message_ids, timeout, forget)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
