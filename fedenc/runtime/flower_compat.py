@@ -31,6 +31,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.serde import message_from_proto, message_to_proto, recorddict_to_proto
 from flwr.common.serde_utils import error_to_proto, metadata_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
+from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -40,6 +41,7 @@ __all__ = [
     "SUPERLINK_NODE_ID",
     "UNKNOWN_ERROR",
     "Run",
+    "RunGrid",
     "empty_run",
     "error_reply",
     "message_from_bytes",
@@ -126,3 +128,30 @@ def message_without_arrays(message: Message) -> tuple[bytes, list[tuple[str, Arr
     )
     data: bytes = proto.SerializeToString()
     return data, arrays
+
+
+class RunGrid(Grid):
+    """The part of a Flower ``Grid`` that is the same for fedenc's grids: one run, fixed at
+    construction (``self._run``, a :class:`Run`), and the deprecated-but-abstract
+    ``create_message``. Subclasses provide the nodes and the message exchange."""
+
+    _run: Run
+
+    def set_run(self, run: Run) -> None:
+        if run.run_id != self._run.run_id:
+            raise ValueError(f"this grid serves run {self._run.run_id}, not {run.run_id}")
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)

@@ -44,7 +44,7 @@ from typing import Any
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp import ServerApp
 
 from fedenc.runtime import flower_compat as fc
 from fedenc.runtime.clientapp import ClientCallable, call_client_app, load_app
@@ -68,7 +68,7 @@ class VirtualNode:
     handled: int = 0
 
 
-class InProcessGrid(Grid):
+class InProcessGrid(fc.RunGrid):
     """A Flower ``Grid`` over virtual nodes that run ``client_app`` in this process."""
 
     def __init__(
@@ -128,25 +128,6 @@ class InProcessGrid(Grid):
             self._slots = threading.Semaphore(self.pool.size)
 
     # -- Grid -------------------------------------------------------------------------------------
-
-    def set_run(self, run: fc.Run) -> None:
-        if run.run_id != self._run.run_id:
-            raise ValueError(f"this grid serves run {self._run.run_id}, not {run.run_id}")
-        self._run = run
-
-    @property
-    def run(self) -> fc.Run:
-        return self._run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)

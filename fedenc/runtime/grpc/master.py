@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import grpc
 from flwr.app import Context, Message, RecordDict
-from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp import ServerApp
 
 from fedenc.proto.fedenc.v1 import federation_service_pb2 as spb
 from fedenc.protocol.chunking import DEFAULT_MAX_CHUNK_BYTES
@@ -380,7 +380,7 @@ class FederationServer:
                 del next_beat[conn]
 
 
-class GrpcGrid(Grid):
+class GrpcGrid(fc.RunGrid):
     """A Flower ``Grid`` over the children connected to a :class:`FederationServer`."""
 
     def __init__(
@@ -406,25 +406,6 @@ class GrpcGrid(Grid):
         return self._server.bytes_received - self._received0
 
     # -- Grid -------------------------------------------------------------------------------------
-
-    def set_run(self, run: fc.Run) -> None:
-        if run.run_id != self._run.run_id:
-            raise ValueError(f"this grid serves run {self._run.run_id}, not {run.run_id}")
-        self._run = run
-
-    @property
-    def run(self) -> fc.Run:
-        return self._run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> list[int]:
         return self._server.node_ids()
