@@ -3,10 +3,10 @@ batches to the computing servers the task-information server names and applies t
 
 It owns the order of the optimizer steps, which is what makes synchronous mode exact: batch
 ``b``'s examples are the ones :meth:`fedenc.training.trainer.Trainer.index_batches` would draw
-(the same ``rng.permutation`` per epoch), its gradients are computed from the parameters after
-batches ``0..b-1``, and the data server applies them with the trainer's own fused Adam and
-StepLR. In asynchronous mode results are applied as they arrive, if computed from a version at
-most ``max_staleness`` steps old.
+(the trainer's own :class:`fedenc.training.order.EpochOrder`), its gradients are computed from
+the parameters after batches ``0..b-1``, and the data server applies them with the trainer's own
+fused Adam and StepLR. In asynchronous mode results are applied as they arrive, if computed from
+a version at most ``max_staleness`` steps old.
 
 Exactly once: every applied batch id is kept; a second result for it is acknowledged as a
 duplicate and not applied, and an assignment of an applied batch is answered ``already_applied``.
@@ -39,6 +39,7 @@ from fedenc.proto.fedenc.v1 import elastic_pb2_grpc as egrpc
 from fedenc.proto.fedenc.v1 import tensor_pb2 as tpb
 from fedenc.protocol.tensors import TensorDecodeError, parameters_from_proto, parameters_to_proto
 from fedenc.runtime.grpc.transport import ServerSecurity
+from fedenc.training.order import EpochOrder
 from fedenc.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class DataTask:
     model: SessionEncoder
     optimizer: torch.optim.Optimizer
     scheduler: Any  # torch.optim.lr_scheduler.LRScheduler (StepLR)
-    rng: np.random.Generator
+    order: EpochOrder
     examples: Examples
     batch_size: int
     epochs: int
@@ -94,7 +95,7 @@ class DataTask:
             model=trainer.model,
             optimizer=trainer.optimizer,
             scheduler=trainer.scheduler,
-            rng=trainer.rng,
+            order=trainer.epoch_order,
             examples=examples,
             batch_size=trainer.config.batch_size,
             epochs=epochs,
@@ -117,10 +118,7 @@ class DataTask:
         epoch, j = divmod(batch_id, self.batches_per_epoch)
         n = len(self.examples)
         while len(self._orders) <= epoch:  # the generator draws in epoch order, as the trainer
-            order = self.rng.permutation(n)
-            if self.cap and self.cap < n:
-                order = order[: self.cap]
-            self._orders.append(order)
+            self._orders.append(self.order.next_epoch(n, self.cap))
         return self._orders[epoch][j * self.batch_size : (j + 1) * self.batch_size]
 
 

@@ -76,7 +76,7 @@ class _Snapshot:
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
-    rng: Mapping[str, Any]
+    order: tuple[dict[str, object], np.ndarray | None, int]  # EpochOrder.state()
     epochs_done: int
     rounds_trained: int
 
@@ -254,7 +254,7 @@ def _take_snapshot(state: ChildState, round_: int) -> _Snapshot:
         model={k: v.detach().clone() for k, v in state.model.state_dict().items()},
         optimizer=copy.deepcopy(trainer.optimizer.state_dict()),
         scheduler=copy.deepcopy(trainer.scheduler.state_dict()),
-        rng=copy.deepcopy(trainer.rng.bit_generator.state),
+        order=trainer.epoch_order.state(),
         epochs_done=trainer.epochs_done,
         rounds_trained=state.rounds_trained,
     )
@@ -266,7 +266,7 @@ def _restore_snapshot(state: ChildState, snap: _Snapshot) -> None:
     state.model.load_state_dict(snap.model)
     trainer.optimizer.load_state_dict(copy.deepcopy(snap.optimizer))
     trainer.scheduler.load_state_dict(copy.deepcopy(snap.scheduler))
-    trainer.rng.bit_generator.state = copy.deepcopy(snap.rng)
+    trainer.epoch_order.restore(snap.order)
     trainer.epochs_done = snap.epochs_done
     state.rounds_trained = snap.rounds_trained
 

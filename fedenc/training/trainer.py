@@ -23,6 +23,7 @@ from fedenc.encoders.base import SessionEncoder
 from fedenc.training.allocator import tune_allocator
 from fedenc.training.config import TrainConfig, resolve_device
 from fedenc.training.metrics import RankingAccumulator
+from fedenc.training.order import EpochOrder
 from fedenc.training.progress import TrainingProgress
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ class Trainer:
             self.optimizer, step_size=step, gamma=self.config.lr_decay_rate
         )
         self.rng = np.random.default_rng(self.config.seed)
+        self.epoch_order = EpochOrder(self.rng)
         self.epochs_done = 0
         self.plan: PlanChoice | None = None  # chosen on the first epoch (needs the data)
         self._planned: PlannedSteps | None = None
@@ -131,10 +133,8 @@ class Trainer:
         self, examples: Examples, batch_size: int, shuffle: bool
     ) -> Iterator[np.ndarray]:
         n = len(examples)
-        order = self.rng.permutation(n) if shuffle else np.arange(n)
         cap = self.config.max_examples_per_epoch
-        if shuffle and cap and cap < n:
-            order = order[:cap]
+        order = self.epoch_order.next_epoch(n, cap) if shuffle else np.arange(n)
         for lo in range(0, order.size, batch_size):
             yield order[lo : lo + batch_size]
 
