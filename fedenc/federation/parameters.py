@@ -51,14 +51,12 @@ def count_non_finite(tensor: torch.Tensor) -> int:
     return int((~torch.isfinite(tensor)).sum())
 
 
-def check_compatible(
-    reference: Mapping[str, torch.Tensor], update: object, child: str, values: bool = True
-) -> None:
+def check_compatible(reference: Mapping[str, torch.Tensor], update: object, child: str) -> None:
     """Raise :class:`BadUpdateError` unless ``update`` matches ``reference`` name for name.
 
     Checks, all reported together: missing and extra names, non-tensor values, shape, dtype and
-    device, then (only when the structure is right, and unless ``values`` is False) NaN/Inf
-    values. Names may come in any order; the rules fuse by name and return the reference's order.
+    device, then (only when the structure is right) NaN/Inf values. Names may come in any order;
+    the rules fuse by name and return the reference's order.
     """
     if not isinstance(update, Mapping):
         raise BadUpdateError(child, f"expected a mapping of name to tensor, got {type(update)}")
@@ -82,19 +80,11 @@ def check_compatible(
             problems.append(f"{name!r} has dtype {value.dtype}, expected {ref.dtype}")
         if value.device != ref.device:
             problems.append(f"{name!r} is on {value.device}, expected {ref.device}")
-    if problems:
-        raise BadUpdateError(child, "; ".join(problems))
-    if values:
-        check_finite(update, child)
-
-
-def check_finite(update: Mapping[str, torch.Tensor], child: str) -> None:
-    """Raise :class:`BadUpdateError` naming every tensor of ``update`` with NaN/Inf values."""
-    problems = [
-        f"{name!r} has {bad} NaN/Inf value(s)"
-        for name, tensor in update.items()
-        if (bad := count_non_finite(tensor))
-    ]
+    if not problems:
+        for name in reference:
+            bad = count_non_finite(update[name])
+            if bad:
+                problems.append(f"{name!r} has {bad} NaN/Inf value(s)")
     if problems:
         raise BadUpdateError(child, "; ".join(problems))
 

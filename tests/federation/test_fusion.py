@@ -145,13 +145,9 @@ def test_accumulation_buffer_is_reused_across_rounds(name: str) -> None:
     rule: Any = build_fusion_rule(name)
     first = fuse(rule, ZERO, [("a", T1, 1), ("b", T2, 3)], round=1)
     first_copy = {k: v.clone() for k, v in first.items()}
-    pointers = {rule.buffer.data_ptr()}
+    pointer = rule.buffer.data_ptr()
     second = fuse(rule, first, [("a", T2, 1)], round=2)
-    pointers.add(rule.buffer.data_ptr())
-    fuse(rule, second, [("a", T1, 1)], round=3)
-    fuse(rule, second, [("b", T1, 1)], round=4)
-    pointers.add(rule.buffer.data_ptr())
-    assert len(pointers) <= 2  # one buffer, or the checked fold's pair, reused: never a new one
+    assert rule.buffer.data_ptr() == pointer
     assert_same(first, first_copy, exact=True)  # results never alias the buffer
     if name in ("weighted_sum", "mean"):
         assert_same(second, T2, exact=True)  # the buffer was zeroed between rounds

@@ -1,15 +1,9 @@
-"""Streaming weighted sums: ``Σ w_i θ_i`` and ``Σ w_i`` in a flat buffer the size of one model.
+"""Streaming weighted sums: ``Σ w_i θ_i`` and ``Σ w_i`` in one flat buffer the size of one model.
 
-Each update is folded in as it arrives and can then be dropped, so fusing K replies costs the
-memory of one model (two buffers, below), never K. The buffers are allocated once and reused round
-after round while the model's layout stays the same: no allocator churn, and the pages stay warm.
-
-Checked folding: an update must be rejected whole if any value is NaN/Inf, and a rejected update
-must leave the sum exactly as it was. Checking first and adding second reads every update twice
-from memory; instead each fold writes ``spare = active + w·θ`` block by block (about 4 MB, so the
-block is still in cache when its sum is taken: NaN/Inf propagate into the sum) and swaps the two
-buffers only when every block is finite. The out-of-place add moves the same bytes as an in-place
-one, the check costs a pass over cached data, and a bad update just leaves ``spare`` as scratch.
+Each update is folded in with one in-place ``acc.add_(θ_i, alpha=w_i)`` per tensor and can then be
+dropped, so fusing K replies costs the memory of one model, never K, and each reply is folded in as
+it arrives. The buffer is allocated once and reused round after round (zeroed, not reallocated)
+while the model's layout stays the same: no allocator churn, and the pages stay warm.
 """
 
 from __future__ import annotations
@@ -18,9 +12,8 @@ from collections.abc import Mapping
 
 import torch
 
-from fedenc.federation.parameters import BadUpdateError, Parameters, cast_like, check_finite
+from fedenc.federation.parameters import Parameters, cast_like
 
-BLOCK = 1 << 20  # elements per checked block: 4 MB of float32 stays in this L3 between the passes
 _DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64}
 
 
@@ -42,10 +35,8 @@ class WeightedAccumulator:
     def __init__(self, dtype: torch.dtype | None = None) -> None:
         self._dtype_option = dtype
         self._buffer: torch.Tensor | None = None
-        self._spare: torch.Tensor | None = None  # the checked fold's target, allocated on first use
         self._layout: tuple[tuple[str, torch.Size], ...] = ()
         self._views: dict[str, torch.Tensor] = {}
-        self._spare_views: dict[str, torch.Tensor] = {}
         self.total_weight = 0.0
         self.count = 0
 
@@ -72,58 +63,23 @@ class WeightedAccumulator:
         ):
             total = sum(t.numel() for t in reference.values())
             buffer = torch.zeros(total, dtype=dtype, device=device)
-            self._buffer, self._layout = buffer, layout
-            self._views = self._views_of(buffer)
-            self._spare, self._spare_views = None, {}
+            views: dict[str, torch.Tensor] = {}
+            offset = 0
+            for name, tensor in reference.items():
+                views[name] = buffer[offset : offset + tensor.numel()].view(tensor.shape)
+                offset += tensor.numel()
+            self._buffer, self._layout, self._views = buffer, layout, views
         else:
             buffer.zero_()
         self.total_weight = 0.0
         self.count = 0
 
-    def _views_of(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
-        views: dict[str, torch.Tensor] = {}
-        offset = 0
-        for name, shape in self._layout:
-            numel = shape.numel()
-            views[name] = buffer[offset : offset + numel].view(shape)
-            offset += numel
-        return views
-
     def add(self, params: Mapping[str, torch.Tensor], weight: float) -> None:
-        """``acc += weight · params`` in place; ``params`` already validated, values included."""
+        """``acc += weight · params`` in place (``params`` already validated against the layout)."""
         if self._buffer is None:
             raise RuntimeError("WeightedAccumulator.add before reset")
         for name, view in self._views.items():
             view.add_(params[name], alpha=weight)
-        self.total_weight += weight
-        self.count += 1
-
-    def add_checked(self, params: Mapping[str, torch.Tensor], weight: float, child: str) -> None:
-        """``acc += weight · params`` unless a value of ``params`` (or of the sum) is NaN/Inf.
-
-        Raises :class:`BadUpdateError` naming the tensors with NaN/Inf and leaves the sum exactly
-        as it was. ``params`` must already match the layout (names, shapes, dtypes, devices).
-        """
-        if self._buffer is None:
-            raise RuntimeError("WeightedAccumulator.add_checked before reset")
-        if self._spare is None:
-            self._spare = torch.empty_like(self._buffer)
-            self._spare_views = self._views_of(self._spare)
-        partials: list[torch.Tensor] = []
-        for name, view in self._views.items():
-            src, dst = params[name].reshape(-1), self._spare_views[name].view(-1)
-            acc = view.view(-1)
-            for lo in range(0, acc.numel(), BLOCK):
-                out = dst[lo : lo + BLOCK]
-                torch.add(acc[lo : lo + BLOCK], src[lo : lo + BLOCK], alpha=weight, out=out)
-                partials.append(out.sum())
-        if partials and not bool(torch.isfinite(torch.stack(partials).sum())):
-            check_finite(params, child)
-            # Every input finite: a finite-overflow of the partial sums (or of the fold itself).
-            if not all(bool(torch.isfinite(v).all()) for v in self._spare_views.values()):
-                raise BadUpdateError(child, f"weight {weight:g} x update overflows the sum")
-        self._buffer, self._spare = self._spare, self._buffer
-        self._views, self._spare_views = self._spare_views, self._views
         self.total_weight += weight
         self.count += 1
 

@@ -49,9 +49,6 @@ class FusionRule(ABC):
     """True when the rule fuses the row-weighted tensors of a round (the item table) row by row,
     each child weighted by its row weights (the samples that touched the row); other rules ignore
     row weights."""
-    checks_values: ClassVar[bool] = False
-    """True when ``_add`` itself rejects NaN/Inf values (raising :class:`BadUpdateError` with its
-    state untouched) while it folds them, so ``add`` skips its own pass over the values."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -100,7 +97,7 @@ class FusionRule(ABC):
             n = check_num_samples(num_samples, child)
             if child in self._samples:
                 raise BadUpdateError(child, f"a second update in round {self._round}")
-            check_compatible(current, params, child, values=not self.checks_values)
+            check_compatible(current, params, child)
             rows = (
                 check_row_weights(current, row_weights, self._row_names, child)
                 if row_weights

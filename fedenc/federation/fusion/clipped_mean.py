@@ -36,7 +36,6 @@ class ClippedMean(FusionRule):
     """Weighted mean of the children's deltas, each clipped to L2 norm ``clip_norm``."""
 
     streaming = True
-    checks_values = True
 
     def __init__(
         self, clip_norm: float = 1.0, weighted: bool = True, accumulator_dtype: str = "auto"
@@ -69,7 +68,7 @@ class ClippedMean(FusionRule):
         norm = delta_norm(params, self.current)
         scale = 1.0 if norm <= self.clip_norm else self.clip_norm / norm
         weight = float(num_samples) if self.weighted else 1.0
-        self._accumulator.add_checked(params, weight * scale, child)
+        self._accumulator.add(params, weight * scale)
         self._denominator += weight
         self.scales[child] = scale
 

@@ -31,7 +31,7 @@ import torch
 from fedenc.federation.fusion.accumulator import WeightedAccumulator, parse_accumulator_dtype
 from fedenc.federation.fusion.base import FusionRule
 from fedenc.federation.fusion.registry import register_fusion_rule
-from fedenc.federation.parameters import Parameters, check_finite
+from fedenc.federation.parameters import Parameters
 
 
 @register_fusion_rule("weighted_sum", aliases=("fedavg",))
@@ -44,7 +44,6 @@ class WeightedSum(FusionRule):
 
     streaming = True
     row_weighted = True
-    checks_values = True
 
     def __init__(self, accumulator_dtype: str = "auto") -> None:
         super().__init__()
@@ -68,12 +67,11 @@ class WeightedSum(FusionRule):
         }
 
     def _add(self, child: str, params: Parameters, num_samples: int) -> None:
-        self._accumulator.add_checked(params, self._weight(num_samples), child)
+        self._accumulator.add(params, self._weight(num_samples))
 
     def _add_rows(
         self, child: str, params: Parameters, num_samples: int, rows: Mapping[str, torch.Tensor]
     ) -> None:
-        check_finite(params, child)  # before any in-place add: a rejected set leaves no trace
         weight = self._weight(num_samples)
         acc = self._accumulator
         for name, view in acc.sums().items():
