@@ -546,6 +546,10 @@ def simulate_cmd(
     synthetic_items: ItemsOpt = None,
     hidden: HiddenOpt = None,
     fraction: FractionOpt = None,
+    sampling: Annotated[
+        str | None,
+        typer.Option(help="How --fraction is drawn: random (seeded) | cyclic (children in turn)."),
+    ] = None,
     min_children: MinChildrenOpt = None,
     round_timeout: RoundTimeoutOpt = None,
     seed: SeedOpt = None,
@@ -604,6 +608,7 @@ def simulate_cmd(
         synthetic_items=synthetic_items,
         hidden=hidden,
         fraction=fraction,
+        sampling=sampling,
         min_children=min_children,
         round_timeout=round_timeout,
         seed=seed,

@@ -11,8 +11,9 @@ Flower's own engines. One job:
    children that do not answer in time are left out of the job.
 3. **Initial parameters, only now.** The first ``train`` message, which carries the initial shared
    parameters, goes to confirmed children only, and only after their confirmation came back.
-4. **Rounds.** Each round samples the confirmed children (``fraction``, seeded, at least
-   ``min_children``), sends them the target, and fuses the replies with the pluggable rule
+4. **Rounds.** Each round samples the confirmed children (``fraction``, at least
+   ``min_children``: seeded at random, or in turn with ``sampling = "cyclic"``), sends them the
+   target, and fuses the replies with the pluggable rule
    (default ``weighted_sum``: ``w_i = n_i / Σ n_j`` over the round's accepted replies). A reply is
    rejected with a logged reason when it is an error, late, or malformed (missing or extra
    tensors, wrong shape or dtype, NaN/Inf, no sample count); the round goes on without it and
@@ -100,6 +101,12 @@ class MasterConfig:
     rule_options: dict[str, Any] = field(default_factory=dict)
     min_children: int = 1
     fraction: float = 1.0  # share of the confirmed children sampled for each train round
+    # How a fraction < 1 is drawn: "random" (seeded by job seed and round) or "cyclic" (in turn,
+    # in name order: round r takes the next k children after round r-1's, wrapping). Cyclic with
+    # one child a round is cyclic weight transfer: the encoder visits the children one after the
+    # other, so a pass over the children is one pass over all the data, step for step like
+    # centralized training (same number of optimizer steps per epoch), at the cost of parallelism.
+    sampling: Literal["random", "cyclic"] = "random"
     round_timeout: float | None = None  # seconds to wait for a round's replies; None = forever
     query_timeout: float | None = None
     evaluate_every: int = 1  # evaluate the target every N rounds (0 = only the last round)
@@ -144,6 +151,8 @@ class MasterConfig:
             problems.append(f"min_children must be >= 1 (got {self.min_children})")
         if not 0.0 < self.fraction <= 1.0:
             problems.append(f"fraction must lie in (0, 1] (got {self.fraction})")
+        if self.sampling not in ("random", "cyclic"):
+            problems.append(f"sampling must be 'random' or 'cyclic' (got {self.sampling!r})")
         for name in ("round_timeout", "query_timeout"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -238,6 +247,7 @@ class MasterConfig:
             rule_options=get_json(rc, "rule-options"),
             min_children=get_int(rc, "min-children", 1),
             fraction=get_float(rc, "fraction", 1.0),
+            sampling=get_str(rc, "sampling", "random"),  # type: ignore[arg-type]
             round_timeout=round_timeout or None,
             query_timeout=query_timeout or None,
             evaluate_every=get_int(rc, "evaluate-every", 1),
@@ -686,6 +696,10 @@ class _Job:
             return candidates
         k = max(self.config.min_children, math.ceil(self.config.fraction * len(candidates)))
         k = min(k, len(candidates))
+        if self.config.sampling == "cyclic":
+            start = (round_ - 1) * k % len(candidates)
+            picked = {(start + i) % len(candidates) for i in range(k)}
+            return [candidates[i] for i in sorted(picked)]
         rng = np.random.default_rng([self.config.seed, round_])
         chosen = np.sort(rng.choice(len(candidates), size=k, replace=False))
         return [candidates[int(i)] for i in chosen]

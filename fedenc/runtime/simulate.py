@@ -69,6 +69,8 @@ class Scenario:
     seed: int = 0
     min_children: int = 1
     fraction: float = 1.0
+    sampling: str = "random"  # random | cyclic (the children in turn; see MasterConfig)
+    row_weighting: bool = True  # fuse a shared item table row by row (weighted_sum)
     round_timeout: float = 0.0  # seconds, 0 = wait for every reply
     evaluate_every: int = 1
     concurrency: int = 1  # ClientApp calls running at once (in this process)
@@ -102,6 +104,8 @@ class Scenario:
             raise ValueError(
                 f"slowdown takes at most one factor >= 1 per child, got {list(self.slowdown)}"
             )
+        if self.sampling not in ("random", "cyclic"):
+            raise ValueError(f"sampling must be random or cyclic, got {self.sampling!r}")
         if self.share not in ("auto", "all", "encoder"):
             raise ValueError(f"share must be auto, all or encoder, got {self.share!r}")
         if self.workers < 0 or self.threads < 0:
@@ -189,6 +193,8 @@ class Scenario:
             "seed": self.seed,
             "min-children": self.min_children,
             "fraction": self.fraction,
+            "sampling": self.sampling,
+            "row-weighting": self.row_weighting,
             "round-timeout": self.round_timeout,
             "evaluate-every": self.evaluate_every,
             "expect-children": self.children,

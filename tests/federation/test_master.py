@@ -353,6 +353,25 @@ def test_fraction_samples_are_seeded_and_respect_min_children() -> None:
     assert [r.participants for r in first.rounds] == samples
 
 
+def test_cyclic_sampling_visits_the_children_in_turn() -> None:
+    config = dict(rounds=7, fraction=0.2, sampling="cyclic", final_test=False, evaluate_every=0)
+    result, _ = run_job(echo_client(Script()), 5, tiny_config(**config))
+    names = [r.sampled for r in result.rounds]
+    assert names == [[f"child-{i % 5}"] for i in range(7)]  # one per round, wrapping around
+    pairs = dict(rounds=3, fraction=0.4, sampling="cyclic", final_test=False, evaluate_every=0)
+    result, _ = run_job(echo_client(Script()), 5, tiny_config(**pairs))
+    assert [r.sampled for r in result.rounds] == [
+        ["child-0", "child-1"],
+        ["child-2", "child-3"],
+        ["child-0", "child-4"],  # wraps: child-4 then child-0, fused in name order
+    ]
+
+
+def test_unknown_sampling_is_refused() -> None:
+    with pytest.raises(ValueError, match="sampling must be 'random' or 'cyclic'"):
+        tiny_config(sampling="round-robin")
+
+
 class LateJoinGrid(RecordingGrid):
     """The last node comes online after the first train round."""
 
