@@ -842,8 +842,12 @@ class _Job:
             n = records.read_num_examples(content, name)
             rows = None
             weights_in = content.array_records.get(records.ROW_WEIGHTS_KEY)
+            # A child sends row weights whenever it shares the table; they only mean something
+            # when this job fuses rows one by one (row_weighting on, rows named).
             row_weights = (
-                records.record_to_params(weights_in, name) if weights_in is not None else None
+                records.record_to_params(weights_in, name)
+                if weights_in is not None and self.row_names
+                else None
             )
             if self.row_fusion is not None and self.table is not None:
                 # Checked before the dense part is folded: a bad half rejects the whole reply.

@@ -209,3 +209,28 @@ def test_node_configs_are_completed_and_checked() -> None:
     ]
     with pytest.raises(ValueError, match="node_configs"):
         run_inprocess(server, client, 3, node_configs=[{}])
+
+
+def test_cyclic_weight_transfer_with_row_weighting_off_hands_the_encoder_on() -> None:
+    """One child a round, in turn, the table shared but not row-weighted: every reply is accepted
+    (the children's row weights are ignored, not refused) and the target is the child's set."""
+    from nodes.child import app as child_app
+    from nodes.master import RESULT_KEY
+    from nodes.master import app as master_app
+
+    config = {
+        **TINY,
+        "num-server-rounds": 4,
+        "fraction": 1 / 3,
+        "sampling": "cyclic",
+        "row-weighting": False,
+    }
+    run = run_inprocess(master_app, child_app, 3, config)
+    rounds = json.loads(run.server_context.state[RESULT_KEY]["json"])["rounds"]
+    assert [r["participants"] for r in rounds] == [
+        ["child-0"],
+        ["child-1"],
+        ["child-2"],
+        ["child-0"],
+    ]
+    assert all(not r["excluded"] for r in rounds)
