@@ -471,3 +471,63 @@ def test_the_grid_hands_replies_over_as_they_arrive(
     assert list(stream) == []
     late = msg(slow_node, "query.sleep", RecordDict({"config": ConfigRecord({"s": 1.0})}))
     assert list(grid.receive(grid.push_messages([late]), timeout=0.2)) == []
+
+
+# -- inbound admission: replies' tensors are assembled one at a time -------------------------------
+
+
+@pytest.mark.parametrize("slots", [1, 0])
+def test_inbound_slots_hold_a_second_reply_until_the_first_is_assembled(slots: int) -> None:
+    srv = FederationServer(
+        "127.0.0.1:0",
+        ServerSecurity(insecure=True),
+        heartbeat_interval=0.2,
+        heartbeat_timeout=1.0,
+        inbound_slots=slots,
+    ).start()
+    peers: list[tuple[RawChild, int]] = []
+    try:
+        for name in ("a", "b"):
+            peer = RawChild(srv.address)
+            peers.append((peer, peer.hello(name).welcome.node_id))
+        grid = GrpcGrid(srv, RUN)
+        array = np.arange(6, dtype=np.float32).reshape(2, 3)
+        content = RecordDict({"arrays": ArrayRecord({"w": Array(array)})})
+        instructions = [msg(node, "train", content) for _, node in peers]
+        ids = grid.push_messages(instructions)
+        arrived: list[Message] = []
+        threading.Thread(target=lambda: arrived.extend(grid.receive(ids, 10)), daemon=True).start()
+        wires = [peer.next("flower").message_id for peer, _ in peers]
+        replies = [  # the 24-byte array in six 4-byte chunks
+            encode_message(
+                Message(RecordDict({"arrays": ArrayRecord({"w": Array(array)})}), reply_to=ins),
+                max_chunk_bytes=4,
+            )
+            for ins in instructions
+        ]
+        (a, node_a), (b, node_b) = peers
+        chunks_a = [spb.ChildMessage(chunk=c) for c in replies[0].chunks]
+        a.send(spb.ChildMessage(reply_to=wires[0], flower=replies[0].frame))
+        a.send(chunks_a[0])  # a holds the slot, its reply partly assembled
+        time.sleep(0.1)
+        b.send(spb.ChildMessage(reply_to=wires[1], flower=replies[1].frame))
+        for c in replies[1].chunks:
+            b.send(spb.ChildMessage(chunk=c))
+        for c in chunks_a[1:-1]:  # a trickles on for 1.6 s, longer than the heartbeat timeout
+            time.sleep(0.4)
+            a.send(c)
+        got = [m.metadata.src_node_id for m in arrived]
+        assert got == ([] if slots else [node_b])  # with a slot, b waits for a
+        a.send(chunks_a[-1])
+        deadline = time.monotonic() + 5
+        while len(arrived) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not any(m.has_error() for m in arrived)  # b was held back, not timed out
+        got = [m.metadata.src_node_id for m in arrived]
+        assert got == ([node_a, node_b] if slots else [node_b, node_a])
+        if slots:  # (without, b's raw peer has been silent since its reply: dropped, rightly)
+            assert sorted(srv.children()) == ["a", "b"]
+    finally:
+        for peer, _ in peers:
+            peer.close()
+        srv.stop(grace=0.5)

@@ -89,6 +89,7 @@ class ChildConnection:
         max_chunk_bytes: int,
         max_array_bytes: int | None,
         strict_arrays: bool = True,
+        inbound: threading.BoundedSemaphore | None = None,
     ) -> None:
         self.owner = owner
         self.peer = peer
@@ -110,6 +111,12 @@ class ChildConnection:
         self._closed = False
         self._sent: dict[int, Sent] = {}
         self._reader = FrameReader(max_chunk_bytes=max_chunk_bytes, max_array_bytes=max_array_bytes)
+        # Inbound admission (shared by the master's streams): a reply's tensors are assembled
+        # only while this stream holds a slot; the others stop reading, and gRPC's flow control
+        # holds their children's sends. Eight 1 GiB replies arriving together then cost the
+        # master a slot's worth of buffers, not 8 GiB.
+        self._inbound = inbound
+        self._holding = False
 
     def label(self) -> str:
         return f"{self.name or '?'} (node {self.node_id}, {self.peer})"
@@ -180,6 +187,21 @@ class ChildConnection:
             self.close_reason = detail
         self.owner.gone(self, detail)
 
+    def _admit(self) -> None:
+        """Wait for an inbound slot before a reply's chunks are read (no-op without admission)."""
+        if self._inbound is None or self._holding:
+            return
+        while not self._inbound.acquire(timeout=0.2):
+            if self._closed:
+                return
+            self.last_seen = time.monotonic()  # alive, only held back by the master itself
+        self._holding = True
+
+    def _release(self) -> None:
+        if self._holding and self._inbound is not None:
+            self._holding = False
+            self._inbound.release()
+
     def refuse(self, detail: str) -> None:
         log.warning("refusing the stream of %s: %s", self.label(), detail)
         self.close(spb.CLOSE_REASON_PROTOCOL_ERROR, detail)
@@ -201,6 +223,8 @@ class ChildConnection:
         except Exception as err:  # gRPC ends an aborted stream's iterator with an exception
             self.ended(f"stream broken ({type(err).__name__}: {err})")
             return
+        finally:
+            self._release()  # a stream that ends mid-message gives its slot back
         self.ended("the child closed its stream")
 
     def _frame(self, data: bytes) -> None:
@@ -217,11 +241,16 @@ class ChildConnection:
         if kind == "chunk":
             self.owner.count(0, len(data))
             reply_to = self._reader.tag
-            self._done(self._reader.chunk(frame.chunk), reply_to)
+            message = self._reader.chunk(frame.chunk)
+            if message is not None:
+                self._release()
+            self._done(message, reply_to)
             return
         if kind == "flower":
             self.owner.count(0, len(data))
             message = self._reader.flower(frame.flower, frame.reply_to, self._expect(frame))
+            if message is None:  # its tensors follow: assemble them only with a slot
+                self._admit()
             self._done(message, frame.reply_to)
             return
         self._reader.other(kind or "an empty")

@@ -99,6 +99,7 @@ class FederationServer:
         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
         max_array_bytes: int | None = None,
         strict_arrays: bool = True,
+        inbound_slots: int = 1,
     ) -> None:
         parse_address(address)
         security.check()
@@ -115,6 +116,11 @@ class FederationServer:
         self.max_chunk_bytes = max_chunk_bytes
         self.max_array_bytes = max_array_bytes
         self.strict_arrays = strict_arrays
+        if inbound_slots < 0:
+            raise ValueError(f"inbound_slots must be >= 0 (0 = no limit), got {inbound_slots}")
+        # Replies whose tensors are assembled at once (ChildConnection._admit); 0 = no limit.
+        self.inbound_slots = inbound_slots
+        self._inbound = threading.BoundedSemaphore(inbound_slots) if inbound_slots else None
         self._lock = threading.Condition()
         self._all: set[ChildConnection] = set()
         self._by_node: dict[int, ChildConnection] = {}
@@ -298,6 +304,7 @@ class FederationServer:
             max_chunk_bytes=self.max_chunk_bytes,
             max_array_bytes=self.max_array_bytes,
             strict_arrays=self.strict_arrays,
+            inbound=self._inbound,
         )
         conn.identity = identity
         with self._lock:
