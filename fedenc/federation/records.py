@@ -46,6 +46,7 @@ from google.protobuf.struct_pb2 import Struct
 from fedenc.encoders.base import EncoderConfig
 from fedenc.federation.parameters import BadUpdateError, Parameters
 from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
+from fedenc.protocol.flower_arrays import array_to_tensor
 from fedenc.protocol.tensors import tensor_spec
 from fedenc.training.config import TrainConfig
 
@@ -77,11 +78,16 @@ def params_to_record(params: Mapping[str, torch.Tensor]) -> ArrayRecord:
 
 
 def record_to_params(record: ArrayRecord, child: str) -> Parameters:
-    """The tensors of ``record`` by name; :class:`BadUpdateError` when one cannot be decoded."""
+    """The tensors of ``record`` by name; :class:`BadUpdateError` when one cannot be decoded.
+
+    The tensors are read-only views on the record's bytes where the layout allows (no copy of
+    a reply the master only folds, or of a target the child only copies into its model): do not
+    write to them.
+    """
     out: Parameters = {}
     for name in record:
         try:
-            out[name] = torch.from_numpy(np.ascontiguousarray(record[name].numpy()))
+            out[name] = array_to_tensor(record[name])
         except Exception as err:  # any malformed array is the sender's fault
             raise BadUpdateError(child, f"tensor {name!r} cannot be decoded: {err}") from err
     return out

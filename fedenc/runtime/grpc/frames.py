@@ -19,16 +19,12 @@ shapes or dtypes. The reader refuses any other frame while a message's chunks ar
 
 from __future__ import annotations
 
-import io
-import math
-import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import chain
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import ArrayRecord, Message
 
 from fedenc.proto.fedenc.v1 import federation_service_pb2 as spb
 from fedenc.proto.fedenc.v1 import tensor_pb2 as tpb
@@ -38,6 +34,7 @@ from fedenc.protocol.chunking import (
     ParameterSetAssembler,
     stream_tensors,
 )
+from fedenc.protocol.flower_arrays import array_to_tensor, tensor_to_array
 from fedenc.protocol.tensors import ExpectedSpecs, TensorDecodeError, TensorEncodeError
 from fedenc.runtime import flower_compat as fc
 
@@ -61,45 +58,6 @@ class FrameError(ValueError):
 
 
 # -- sending ---------------------------------------------------------------------------------------
-
-
-def array_to_tensor(array: Array) -> torch.Tensor:
-    """The tensor held by a Flower ``Array``, without copying its data when it can be viewed.
-
-    Flower stores a NumPy array as ``np.save`` bytes; this reads the ``.npy`` header and views the
-    rest (read-only: the tensor must not be written to). Other layouts (Fortran order, non-native
-    byte order, another ``stype``) go through ``Array.numpy()`` (one copy).
-    """
-    if array.stype == "numpy.ndarray":
-        data = array.data
-        buf = io.BytesIO(data)
-        try:
-            version = np.lib.format.read_magic(buf)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
-            else:
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
-        except ValueError:
-            shape, fortran, dtype = (), True, np.dtype(object)  # let numpy() say what is wrong
-        if not fortran and not dtype.hasobject and dtype.isnative:
-            count = math.prod(shape)
-            view = np.frombuffer(data, dtype=dtype, count=count, offset=buf.tell())
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*not writable.*")
-                return torch.from_numpy(view.reshape(shape))
-    return torch.from_numpy(np.ascontiguousarray(array.numpy()))
-
-
-def tensor_to_array(t: torch.Tensor) -> Array:
-    """A Flower ``Array`` (``.npy`` bytes, as ``Array(ndarray)`` makes) from a CPU tensor, with
-    one copy of the data instead of ``np.save``'s several (this is on every received tensor)."""
-    values = t.numpy()
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(values))
-    raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
-    data = b"".join((header.getvalue(), raw.data))
-    shape = tuple(int(d) for d in values.shape)
-    return Array(dtype=str(values.dtype), shape=shape, stype="numpy.ndarray", data=data)
 
 
 @dataclass
