@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -178,6 +178,7 @@ class _Slot:
     byte_length: int
     buffer: bytearray | None = None
     received: int = 0
+    prefix: bytes = b""  # written before the data in the same buffer (see ``prefix`` below)
     # Unordered mode: received byte ranges, disjoint, sorted, adjacent ones merged.
     starts: list[int] = field(default_factory=list)
     ends: list[int] = field(default_factory=list)
@@ -196,6 +197,10 @@ class ParameterSetAssembler:
     arrives. ``max_total_bytes`` bounds the sum of the declared byte lengths (the memory the
     assembler may allocate). ``max_chunk_bytes`` bounds each chunk's data. ``ordered`` requires the
     sender's order (see the module docstring); ``ordered=False`` accepts any order.
+
+    ``prefix`` may give, per tensor header, bytes to put in front of that tensor's data in the
+    same buffer (e.g. a ``.npy`` header, so the received buffer can become a Flower ``Array``
+    without another copy); :meth:`finish` then keeps those whole buffers in :attr:`buffers`.
     """
 
     def __init__(
@@ -207,6 +212,7 @@ class ParameterSetAssembler:
         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
         max_total_bytes: int | None = None,
         check_finite: bool = False,
+        prefix: Callable[[pb.TensorHeader], bytes | None] | None = None,
     ) -> None:
         _check_max_chunk(max_chunk_bytes)
         self.metadata: dict[str, str] = dict(header.metadata)
@@ -223,7 +229,12 @@ class ParameterSetAssembler:
         except TensorDecodeError as err:
             raise ChunkError(err.tensor, err.reason) from None
         for h in headers:
-            self._slots.append(self._check_header(h, expected))
+            slot = self._check_header(h, expected)
+            if prefix is not None:
+                slot.prefix = prefix(h) or b""
+            self._slots.append(slot)
+        #: Whole buffers (prefix + data) of the prefixed tensors, filled by :meth:`finish`.
+        self.buffers: dict[str, bytearray] = {}
         self._by_name = {s.name: s for s in self._slots}
         self.total_bytes = sum(s.byte_length for s in self._slots)
         if max_total_bytes is not None and self.total_bytes > max_total_bytes:
@@ -326,9 +337,11 @@ class ParameterSetAssembler:
             self._check_order(slot, offset)
         else:
             self._claim(slot, offset, end)
+        skip = len(slot.prefix)
         if slot.buffer is None:
-            slot.buffer = bytearray(slot.byte_length)
-        slot.buffer[offset:end] = data
+            slot.buffer = bytearray(skip + slot.byte_length)
+            slot.buffer[:skip] = slot.prefix
+        slot.buffer[skip + offset : skip + end] = data
         slot.received += size
         slot.complete = slot.received == slot.byte_length
         self.received_bytes += size
@@ -398,14 +411,17 @@ class ParameterSetAssembler:
         try:
             for s in self._slots:
                 buf, s.buffer = s.buffer, None
-                assert buf is not None
+                if buf is None:  # a zero-byte tensor never got a chunk
+                    buf = bytearray(s.prefix)
                 out[s.name] = decode_tensor(
                     s.header.spec,
-                    buf,
+                    memoryview(buf)[len(s.prefix) :] if s.prefix else buf,
                     s.header.compression,
                     expected=s.expected,
                     check_finite=self.check_finite,
                 )
+                if s.prefix:
+                    self.buffers[s.name] = buf
                 del buf
         except TensorDecodeError as err:
             chunk_err = ChunkError(err.tensor, err.reason)

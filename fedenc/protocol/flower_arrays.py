@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from flwr.app import Array
 
-__all__ = ["array_to_tensor", "tensor_to_array"]
+__all__ = ["array_over", "array_to_tensor", "npy_header", "tensor_to_array"]
 
 
 def array_to_tensor(array: Array) -> torch.Tensor:
@@ -48,13 +48,32 @@ def array_to_tensor(array: Array) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(values))
 
 
+def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """The ``.npy`` (version 1.0) header ``np.save`` writes for a C-order array."""
+    out = io.BytesIO()
+    descr = np.lib.format.dtype_to_descr(dtype)
+    header = {"descr": descr, "fortran_order": False, "shape": tuple(shape)}
+    np.lib.format.write_array_header_1_0(out, header)
+    return out.getvalue()
+
+
 def tensor_to_array(t: torch.Tensor) -> Array:
     """A Flower ``Array`` (``.npy`` bytes, as ``Array(ndarray)`` makes) from a CPU tensor, with
-    one copy of the data instead of ``np.save``'s several (this is on every received tensor)."""
+    one copy of the data instead of ``np.save``'s several."""
     values = t.numpy()
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(values))
-    raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
-    data = b"".join((header.getvalue(), raw.data))
     shape = tuple(int(d) for d in values.shape)
+    raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
+    data = b"".join((npy_header(values.dtype, shape), raw.data))
     return Array(dtype=str(values.dtype), shape=shape, stype="numpy.ndarray", data=data)
+
+
+def array_over(buffer: bytearray, dtype: np.dtype, shape: tuple[int, ...]) -> Array:
+    """A Flower ``Array`` whose data *is* ``buffer`` (``npy_header(dtype, shape)`` then the
+    values), without a copy: how a received tensor becomes an Array (``buffer`` is handed over).
+
+    Flower checks for ``bytes`` only in the constructor; everything that reads an Array
+    (``numpy()``, ``count_bytes()``, :func:`array_to_tensor`) takes any buffer.
+    """
+    array = Array(dtype=str(dtype), shape=tuple(shape), stype="numpy.ndarray", data=b"")
+    array.data = buffer  # type: ignore[assignment]
+    return array

@@ -267,7 +267,7 @@ def parameters_to_proto(
 # --- decoding ---------------------------------------------------------------------------------
 
 
-def _inflate(name: str, data: bytes | bytearray, size: int) -> bytes:
+def _inflate(name: str, data: bytes | bytearray | memoryview, size: int) -> bytes:
     inflater = zlib.decompressobj()
     try:
         raw = inflater.decompress(data, size + 1)  # bounded: a zlib bomb cannot grow past it
@@ -281,7 +281,7 @@ def _inflate(name: str, data: bytes | bytearray, size: int) -> bytes:
 
 
 def _from_le(
-    name: str, buf: bytes | bytearray, dtype: torch.dtype, shape: tuple[int, ...]
+    name: str, buf: bytes | bytearray | memoryview, dtype: torch.dtype, shape: tuple[int, ...]
 ) -> Tensor:
     """A tensor over little-endian bytes whose length is already checked; owns writable memory."""
     if len(buf) == 0:
@@ -306,7 +306,7 @@ def _from_le(
 
 def decode_tensor(
     spec: pb.TensorSpec,
-    data: bytes | bytearray,
+    data: bytes | bytearray | memoryview,
     compression: int = pb.COMPRESSION_NONE,
     *,
     expected: tuple[Sequence[int], torch.dtype] | None = None,
@@ -314,7 +314,8 @@ def decode_tensor(
 ) -> Tensor:
     """Decodes a tensor's encoded bytes, fully validated (see the module docstring).
 
-    ``bytes`` are copied once; a ``bytearray`` is taken over without a copy (do not reuse it).
+    ``bytes`` are copied once; a ``bytearray`` (or a writable ``memoryview`` of one) is taken
+    over without a copy (do not reuse it).
     """
     name = spec.name
     dtype = dtype_from_proto(spec.dtype, name)

@@ -292,3 +292,18 @@ def test_tensor_to_array_matches_flowers_own_array(values: np.ndarray) -> None:
         flowers.stype,
         flowers.data,
     )
+
+
+def test_received_tensors_become_arrays_over_their_receive_buffers() -> None:
+    """No copy between the chunks' buffer and the Flower Array: the buffer is received behind
+    the .npy header that np.save would write, and handed over as the Array's data."""
+    values = np.arange(40, dtype=np.float32).reshape(8, 5)
+    back = receive(*frames_of(message(RecordDict({"arrays": ArrayRecord({"w": Array(values)})}))))
+    array = back.content["arrays"]["w"]
+    assert isinstance(array.data, bytearray)
+    assert bytes(array.data) == Array(values).data  # the very bytes Flower would hold
+    assert np.array_equal(array.numpy(), values)
+    view = array_to_tensor(array)
+    start = np.frombuffer(array.data, dtype=np.uint8).ctypes.data
+    assert start <= view.data_ptr() < start + len(array.data)
+    assert back.content["arrays"].count_bytes() == ArrayRecord({"w": Array(values)}).count_bytes()

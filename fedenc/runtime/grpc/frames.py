@@ -9,6 +9,10 @@ Sending is lazy (:func:`encode_message`): the header is built at once, the chunk
 the Arrays' bytes only when the stream pulls them, without copying a whole tensor (an Array of
 NumPy type is Flower's ``np.save`` bytes; the tensor is a view on the part after its header).
 
+Receiving writes each uncompressed tensor's chunks behind the ``.npy`` header ``np.save``
+would write, in one buffer that then becomes the Flower Array's data as it is (no copy between
+the wire's chunks and the Array; :func:`fedenc.protocol.flower_arrays.array_over`).
+
 Receiving (:class:`FrameReader`) validates everything the peer controls and raises
 :class:`FrameError` naming the problem: undecodable bytes, a Flower message that does not
 parse, an ArrayRecord sent inline or announced twice, chunks out of order, missing, oversized or
@@ -19,6 +23,7 @@ shapes or dtypes. The reader refuses any other frame while a message's chunks ar
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import chain
@@ -34,8 +39,13 @@ from fedenc.protocol.chunking import (
     ParameterSetAssembler,
     stream_tensors,
 )
-from fedenc.protocol.flower_arrays import array_to_tensor, tensor_to_array
-from fedenc.protocol.tensors import ExpectedSpecs, TensorDecodeError, TensorEncodeError
+from fedenc.protocol.flower_arrays import array_over, array_to_tensor, npy_header, tensor_to_array
+from fedenc.protocol.tensors import (
+    ExpectedSpecs,
+    TensorDecodeError,
+    TensorEncodeError,
+    dtype_from_proto,
+)
 from fedenc.runtime import flower_compat as fc
 
 __all__ = [
@@ -115,6 +125,18 @@ def _skeleton(data: bytes) -> Message:
         raise FrameError(f"undecodable Flower message ({type(err).__name__}: {err})") from None
 
 
+def _npy_prefix(header: tpb.TensorHeader) -> bytes | None:
+    """The ``.npy`` header to receive an uncompressed tensor behind, so that its buffer becomes
+    the Flower Array's data as it is (None: the tensor is converted with a copy instead)."""
+    if header.compression != tpb.COMPRESSION_NONE or sys.byteorder != "little":
+        return None
+    try:
+        dtype = torch.empty(0, dtype=dtype_from_proto(header.spec.dtype)).numpy().dtype
+    except (TypeError, TensorDecodeError):  # e.g. bfloat16 has no NumPy dtype
+        return None
+    return npy_header(dtype, tuple(int(d) for d in header.spec.shape))
+
+
 class MessageAssembler:
     """Rebuilds one Flower Message from its ``FlowerMessage`` frame and the chunks that follow.
 
@@ -153,6 +175,7 @@ class MessageAssembler:
                     expected=want,
                     max_chunk_bytes=max_chunk_bytes,
                     max_total_bytes=budget,
+                    prefix=_npy_prefix,
                 )
             except ChunkError as err:
                 raise FrameError(f"array record {h.key!r}: {err}") from None
@@ -195,7 +218,15 @@ class MessageAssembler:
         for key, part in self._parts:
             try:
                 tensors = part.finish()
-                record = ArrayRecord({name: tensor_to_array(t) for name, t in tensors.items()})
+                # Item by item: ArrayRecord(dict) rebuilds each Array and insists on bytes.
+                record = ArrayRecord()
+                for name, t in tensors.items():
+                    buf = part.buffers.get(name)
+                    record[name] = (
+                        array_over(buf, t.numpy().dtype, tuple(t.shape))
+                        if buf is not None
+                        else tensor_to_array(t)
+                    )
             except (TensorDecodeError, TypeError, RuntimeError) as err:
                 raise FrameError(f"array record {key!r}: {err}") from None
             self.message.content[key] = record
