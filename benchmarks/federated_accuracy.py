@@ -1,16 +1,22 @@
 """Federated against centralized accuracy on a real data set (issue 3's accuracy benchmark).
 
-Three jobs on the same data and the same recipe (srgnn, hidden 100, batch 100, Adam 1e-3, StepLR
+Jobs on the same data and the same recipe (srgnn, hidden 100, batch 100, Adam 1e-3, StepLR
 3/0.1, seed 0): the centralized baseline (``fedenc train``, E epochs, selected on validation), and
-the federation over K children, iid and non-IID (Dirichlet α), with R = E rounds of one local epoch
-each, so every sample is seen E times in both. The children's validation and test splits are the
-centralized ones dealt among them, so the example-weighted federated metrics are metrics on the
-very same examples.
+the federation over K children, iid and non-IID (Dirichlet α), so every sample is seen E times in
+all of them:
+
+* ``iid``, ``dirichlet``: parallel FedAvg (``weighted_sum``), R = E rounds of one local epoch;
+* ``cyclic-iid``, ``cyclic-dirichlet``: cyclic weight transfer (``--sampling cyclic --fraction
+  1/K --no-row-weighting``), R = E x K rounds, one child a round training one local epoch.
+
+The children's validation and test splits are the centralized ones dealt among them, so the
+example-weighted federated metrics are metrics on the very same examples.
 
     python benchmarks/federated_accuracy.py --data ../shared/data/diginetica     # CPU: hours
     python benchmarks/federated_accuracy.py --data DIR --device cuda --parallel --workers 5
     python benchmarks/federated_accuracy.py --collect runs/fed-accuracy          # table only
     python benchmarks/federated_accuracy.py --data DIR --epochs 1 --max-examples 20000
+    python benchmarks/federated_accuracy.py --data DIR --only central cyclic-iid cyclic-dirichlet
 
 Prints federated / centralized test P@20 (goal >= 0.97), MRR@20, the first round whose validation
 P@20 reaches 0.97 of the centralized best validation P@20, and the bytes the federation moved.
@@ -30,6 +36,7 @@ from typing import Any
 from _common import data_dir
 
 GOAL = 0.97
+JOBS = ("iid", "dirichlet", "cyclic-iid", "cyclic-dirichlet")
 
 
 def _jobs(args: argparse.Namespace, data: Path, out: Path) -> dict[str, list[str]]:
@@ -42,10 +49,18 @@ def _jobs(args: argparse.Namespace, data: Path, out: Path) -> dict[str, list[str
     if args.threads:
         central += ["--threads", str(args.threads)]
     jobs = {"central": central}
-    for name, extra in (("iid", ["--partition", "iid"]), ("dirichlet", ["--partition", "dirichlet",
-                        "--alpha", str(args.alpha)])):  # fmt: skip
-        cmd = [*fedenc, "simulate", *common, "--children", str(args.children), *extra]
-        cmd += ["--encoder", "srgnn", "--rounds", str(args.epochs), "--local-epochs", "1"]
+    k = args.children
+    cyclic = ["--sampling", "cyclic", "--fraction", str(1 / k), "--no-row-weighting"]
+    cyclic += ["--evaluate-every", str(k)]
+    for name, extra, rounds in (
+        ("iid", ["--partition", "iid"], args.epochs),
+        ("dirichlet", ["--partition", "dirichlet", "--alpha", str(args.alpha)], args.epochs),
+        ("cyclic-iid", ["--partition", "iid", *cyclic], args.epochs * k),
+        ("cyclic-dirichlet", ["--partition", "dirichlet", "--alpha", str(args.alpha), *cyclic],
+         args.epochs * k),
+    ):  # fmt: skip
+        cmd = [*fedenc, "simulate", *common, "--children", str(k), *extra]
+        cmd += ["--encoder", "srgnn", "--rounds", str(rounds), "--local-epochs", "1"]
         cmd += ["--device", args.device, "--out", str(out / name)]
         if args.workers:
             cmd += ["--workers", str(args.workers)]
@@ -100,14 +115,14 @@ def collect(out: Path) -> dict[str, Any]:
             "device": central.get("device"),
         }
     }
-    print(f"{'job':<10} {'test P@20':>9} {'MRR@20':>7} {'ratio':>6} {'goal':>5} "
+    print(f"{'job':<16} {'test P@20':>9} {'MRR@20':>7} {'ratio':>6} {'goal':>5} "
           f"{'round>=0.97':>11} {'MB moved':>9} {'seconds':>8}")  # fmt: skip
-    print(f"{'central':<10} {c_test['recall@20']:9.2f} {c_test['mrr@20']:7.2f} {1.0:6.3f} "
+    print(f"{'central':<16} {c_test['recall@20']:9.2f} {c_test['mrr@20']:7.2f} {1.0:6.3f} "
           f"{'':>5} {'':>11} {'':>9} {central.get('train_seconds', 0):8.0f}")  # fmt: skip
-    for name in ("iid", "dirichlet"):
+    for name in JOBS:
         fed = _load(out / name / "results.json")
         if fed is None:
-            print(f"{name:<10} (no result)")
+            print(f"{name:<16} (no result)")
             continue
         final = fed["final_metrics"]
         p20, mrr = final["test_recall@20"], final["test_mrr@20"]
@@ -132,7 +147,7 @@ def collect(out: Path) -> dict[str, Any]:
             ],
         }
         met = "yes" if ratio >= GOAL else "NO"
-        print(f"{name:<10} {p20:9.2f} {mrr:7.2f} {ratio:6.3f} {met:>5} "
+        print(f"{name:<16} {p20:9.2f} {mrr:7.2f} {ratio:6.3f} {met:>5} "
               f"{reached if reached is not None else '-':>11} {fed['bytes_moved'] / 1e6:9.1f} "
               f"{fed['seconds']:8.0f}")  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -150,8 +165,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="worker processes per federation")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--max-examples", type=int, default=0, help="training pairs per epoch, all")
-    ap.add_argument("--parallel", action="store_true", help="run the three jobs side by side")
-    ap.add_argument("--only", nargs="*", choices=("central", "iid", "dirichlet"))
+    ap.add_argument("--parallel", action="store_true", help="run the jobs side by side")
+    ap.add_argument("--only", nargs="*", choices=("central", *JOBS))
     ap.add_argument("--collect", default=None, help="print the table of a finished --out")
     args = ap.parse_args()
     if args.collect:

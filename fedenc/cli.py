@@ -550,6 +550,16 @@ def simulate_cmd(
         str | None,
         typer.Option(help="How --fraction is drawn: random (seeded) | cyclic (children in turn)."),
     ] = None,
+    row_weighting: Annotated[
+        bool | None,
+        typer.Option(
+            "--row-weighting/--no-row-weighting",
+            help="Fuse a shared item table row by row, weighted by the samples touching each row.",
+        ),
+    ] = None,
+    evaluate_every: Annotated[
+        int | None, typer.Option(min=0, help="Evaluate every N rounds (0 = the last round only).")
+    ] = None,
     min_children: MinChildrenOpt = None,
     round_timeout: RoundTimeoutOpt = None,
     seed: SeedOpt = None,
@@ -609,6 +619,8 @@ def simulate_cmd(
         hidden=hidden,
         fraction=fraction,
         sampling=sampling,
+        row_weighting=row_weighting,
+        evaluate_every=evaluate_every,
         min_children=min_children,
         round_timeout=round_timeout,
         seed=seed,
