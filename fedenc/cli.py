@@ -560,6 +560,13 @@ def simulate_cmd(
     evaluate_every: Annotated[
         int | None, typer.Option(min=0, help="Evaluate every N rounds (0 = the last round only).")
     ] = None,
+    carry_optimizer: Annotated[
+        bool | None,
+        typer.Option(
+            "--carry-optimizer/--no-carry-optimizer",
+            help="Cyclic, one child a round: hand the Adam moments on with the encoder.",
+        ),
+    ] = None,
     min_children: MinChildrenOpt = None,
     round_timeout: RoundTimeoutOpt = None,
     seed: SeedOpt = None,
@@ -621,6 +628,7 @@ def simulate_cmd(
         sampling=sampling,
         row_weighting=row_weighting,
         evaluate_every=evaluate_every,
+        carry_optimizer=carry_optimizer,
         min_children=min_children,
         round_timeout=round_timeout,
         seed=seed,

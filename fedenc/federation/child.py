@@ -52,6 +52,7 @@ from fedenc.encoders.base import SessionEncoder
 from fedenc.encoders.registry import UnknownEncoderError, encoder_class
 from fedenc.federation import records
 from fedenc.federation.child_data import ChildData, ChildDataConfig, load_child_data
+from fedenc.federation.optimizer_state import export_moments, import_moments
 from fedenc.federation.parameters import Parameters, check_compatible
 from fedenc.federation.runconfig import get_bool, get_float, get_int, get_str
 from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
@@ -399,6 +400,14 @@ def handle_train(message: Message, context: Context) -> Message:
     round_ = _round(config)
     _replay_guard(state, round_, context)
     _load_shared(state, message.content)
+    carried = message.content.array_records.get(records.OPTIMIZER_KEY)
+    if carried is not None:  # carry-optimizer: the previous child's Adam moments
+        import_moments(
+            state.trainer.optimizer,
+            dict(state.model.named_parameters()),
+            state.shared_names,
+            records.record_to_params(carried, "master"),
+        )
     refresh_rows(state.trainer)  # placement b: the federation table moved since last round
     epochs = state.trainer.config.epochs
     t0 = time.perf_counter()
@@ -451,7 +460,14 @@ def handle_train(message: Message, context: Context) -> Message:
         metrics[records.PS_ROWS_PULLED] = sparse[1]
     arrays = records.params_to_record(state.shared())
     rows = records.params_to_record(state.row_weights) if state.row_weights else None
-    content = records.metrics_content(metrics, arrays, rows)
+    moments = None
+    if config.get(records.CARRY_OPTIMIZER):
+        moments = records.params_to_record(
+            export_moments(
+                state.trainer.optimizer, dict(state.model.named_parameters()), state.shared_names
+            )
+        )
+    content = records.metrics_content(metrics, arrays, rows, moments)
     if sparse is not None:
         content[records.ROWS_KEY] = sparse[0].to_record()
     return Message(content, reply_to=message)

@@ -46,7 +46,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
-from flwr.app import Message, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedenc.encoders.base import EncoderConfig
@@ -64,6 +64,7 @@ from fedenc.federation.checkpoint import (
     write_master_state,
 )
 from fedenc.federation.fusion import EmptyRoundError, build_fusion_rule
+from fedenc.federation.optimizer_state import OptimizerStateError, check_moments
 from fedenc.federation.parameters import BadUpdateError, Parameters, relative_change
 from fedenc.federation.runconfig import get_bool, get_float, get_int, get_json, get_str
 from fedenc.federation.stopping import AnyOf, MaxRounds, RoundReport, StopRule, build_stop_rule
@@ -107,6 +108,9 @@ class MasterConfig:
     # other, so a pass over the children is one pass over all the data, step for step like
     # centralized training (same number of optimizer steps per epoch), at the cost of parallelism.
     sampling: Literal["random", "cyclic"] = "random"
+    # With cyclic sampling of one child a round: the Adam moments travel with the encoder from
+    # child to child (fedenc.federation.optimizer_state says why, and what that reveals).
+    carry_optimizer: bool = False
     round_timeout: float | None = None  # seconds to wait for a round's replies; None = forever
     query_timeout: float | None = None
     evaluate_every: int = 1  # evaluate the target every N rounds (0 = only the last round)
@@ -153,6 +157,8 @@ class MasterConfig:
             problems.append(f"fraction must lie in (0, 1] (got {self.fraction})")
         if self.sampling not in ("random", "cyclic"):
             problems.append(f"sampling must be 'random' or 'cyclic' (got {self.sampling!r})")
+        if self.carry_optimizer and self.sampling != "cyclic":
+            problems.append("carry_optimizer needs sampling = 'cyclic' (one child a round)")
         for name in ("round_timeout", "query_timeout"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -248,6 +254,7 @@ class MasterConfig:
             min_children=get_int(rc, "min-children", 1),
             fraction=get_float(rc, "fraction", 1.0),
             sampling=get_str(rc, "sampling", "random"),  # type: ignore[arg-type]
+            carry_optimizer=get_bool(rc, "carry-optimizer", False),
             round_timeout=round_timeout or None,
             query_timeout=query_timeout or None,
             evaluate_every=get_int(rc, "evaluate-every", 1),
@@ -565,6 +572,7 @@ class _Job:
         self.held_peak = 0
         self.child_seconds: list[float] = []
         encoder_only = set(self.model.shared_parameter_names())  # all but the item table
+        self.carried: ArrayRecord | None = None  # carry_optimizer: the last child's moments
         self.row_names = (
             [name for name in self.target if name not in encoder_only]
             if config.row_weighting
@@ -710,6 +718,12 @@ class _Job:
         if round_ > 1:
             self.query_new(round_)
         sampled = self.sample(round_)
+        if self.config.carry_optimizer and len(sampled) != 1:
+            raise ValueError(
+                f"carry_optimizer hands the moments from one child to the next, but round "
+                f"{round_} samples {len(sampled)} children: set fraction to 1/K and "
+                "min_children to 1"
+            )
         label = self.exchange.label
         arrays = records.params_to_record(self.target)
         self.rule.begin(round_, self.target, row_weighted=self.row_names)
@@ -726,7 +740,13 @@ class _Job:
         next_rank = 0
         self.held_peak = 0  # most replies held at once (the reorder buffer's cost)
         self.child_seconds = []  # each accepted child's local training time
-        content = records.round_content(arrays, self.instruction, round_)
+        content = records.round_content(
+            arrays,
+            self.instruction,
+            round_,
+            carry=self.config.carry_optimizer,
+            optimizer=self.carried,
+        )
         per_node: dict[int, RecordDict] = {}
         assigned: dict[int, int] = {}
         if self.balancer is not None:
@@ -855,7 +875,20 @@ class _Job:
                 if record is None:
                     raise BadUpdateError(name, "reply carries no sparse item rows ('rows')")
                 rows = rows_from_record(record, name, self.table.num_keys, self.table.width)
+            moments = None
+            if self.config.carry_optimizer:
+                moments = content.array_records.get(records.OPTIMIZER_KEY)
+                if moments is None:
+                    raise BadUpdateError(name, "reply carries no optimizer moments ('optimizer')")
+                try:
+                    check_moments(
+                        self.target, list(self.target), records.record_to_params(moments, name)
+                    )
+                except OptimizerStateError as err:
+                    raise BadUpdateError(name, str(err)) from None
             self.rule.add(name, params, n, row_weights)
+            if moments is not None:
+                self.carried = moments  # handed to the next round's child
             if rows is not None and self.row_fusion is not None:
                 self.row_fusion.add(name, rows)
                 self.rows_bytes += rows.wire_bytes()

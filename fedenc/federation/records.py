@@ -63,6 +63,8 @@ ROUND: Final = "server-round"
 SPLIT: Final = "split"
 WORK: Final = "work-examples"  # per-child local work of a cost-balanced round (examples/epoch)
 NUM_EXAMPLES: Final = "num-examples"
+OPTIMIZER_KEY: Final = "optimizer"  # carry-optimizer: the Adam moments travelling with the encoder
+CARRY_OPTIMIZER: Final = "carry-optimizer"  # train config flag: send your moments back
 ROWS_KEY: Final = "rows"  # placement b: a train reply's sparse item rows (fedenc.ps.sparse)
 PS_ROWS_PULLED: Final = "ps-rows-pulled"  # placement b: rows a child read from the federation PS
 FINISH_ACTION: Final = "query.finish"
@@ -216,9 +218,12 @@ def round_content(
     round: int,
     split: str | None = None,
     work: int | None = None,
+    carry: bool = False,
+    optimizer: ArrayRecord | None = None,
 ) -> RecordDict:
     """The content of a ``train`` (no split) or ``evaluate`` message; ``work`` sets the child's
-    examples per local epoch for this round (cost-balanced rounds)."""
+    examples per local epoch for this round (cost-balanced rounds); ``carry`` asks the child to
+    return its optimizer moments and ``optimizer`` gives it the previous child's."""
     config: dict[str, Any] = {
         JOB_ID: instruction.job_id,
         ROUND: round,
@@ -228,7 +233,12 @@ def round_content(
         config[SPLIT] = split
     if work is not None:
         config[WORK] = int(work)
-    return RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord(config)})
+    if carry:
+        config[CARRY_OPTIMIZER] = True
+    content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord(config)})
+    if optimizer is not None:
+        content[OPTIMIZER_KEY] = optimizer
+    return content
 
 
 def finish_content(job_id: str) -> RecordDict:
@@ -265,6 +275,7 @@ def metrics_content(
     metrics: Mapping[str, float | int],
     arrays: ArrayRecord | None = None,
     row_weights: ArrayRecord | None = None,
+    optimizer: ArrayRecord | None = None,
 ) -> RecordDict:
     """A reply's content: metrics (Flower's MetricRecord rejects numpy scalars and bools, so every
     value is made a plain int or float) and, for ``train``, the updated tensors."""
@@ -281,6 +292,8 @@ def metrics_content(
         content[ARRAYS_KEY] = arrays
     if row_weights is not None:
         content[ROW_WEIGHTS_KEY] = row_weights
+    if optimizer is not None:
+        content[OPTIMIZER_KEY] = optimizer
     return content
 
 

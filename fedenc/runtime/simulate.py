@@ -71,6 +71,7 @@ class Scenario:
     fraction: float = 1.0
     sampling: str = "random"  # random | cyclic (the children in turn; see MasterConfig)
     row_weighting: bool = True  # fuse a shared item table row by row (weighted_sum)
+    carry_optimizer: bool = False  # cyclic, one child a round: Adam moments travel along
     round_timeout: float = 0.0  # seconds, 0 = wait for every reply
     evaluate_every: int = 1
     concurrency: int = 1  # ClientApp calls running at once (in this process)
@@ -195,6 +196,7 @@ class Scenario:
             "fraction": self.fraction,
             "sampling": self.sampling,
             "row-weighting": self.row_weighting,
+            "carry-optimizer": self.carry_optimizer,
             "round-timeout": self.round_timeout,
             "evaluate-every": self.evaluate_every,
             "expect-children": self.children,

@@ -234,3 +234,35 @@ def test_cyclic_weight_transfer_with_row_weighting_off_hands_the_encoder_on() ->
         ["child-0"],
     ]
     assert all(not r["excluded"] for r in rounds)
+
+
+def test_carried_optimizer_moments_travel_from_child_to_child() -> None:
+    """Cyclic, one child a round, carry-optimizer: every reply carries its Adam moments and is
+    accepted, and handing them on changes the training (the exact hand-over is tested in
+    tests/federation/test_optimizer_state.py)."""
+    from nodes.child import app as child_app
+    from nodes.master import RESULT_KEY
+    from nodes.master import app as master_app
+
+    config = {
+        **TINY,
+        "num-server-rounds": 3,
+        "fraction": 1 / 3,
+        "sampling": "cyclic",
+        "row-weighting": False,
+        "carry-optimizer": True,
+    }
+    run = run_inprocess(master_app, child_app, 3, config)
+    rounds = json.loads(run.server_context.state[RESULT_KEY]["json"])["rounds"]
+    assert [r["participants"] for r in rounds] == [["child-0"], ["child-1"], ["child-2"]]
+    assert all(not r["excluded"] for r in rounds)
+    without = run_inprocess(master_app, child_app, 3, {**config, "carry-optimizer": False})
+    a, b = _target(run), _target(without)
+    assert any(not torch.equal(a[n], b[n]) for n in a)  # the moments change the training
+
+
+def test_carrying_the_optimizer_needs_cyclic_sampling() -> None:
+    from fedenc.federation.master import MasterConfig
+
+    with pytest.raises(ValueError, match="carry_optimizer needs sampling = 'cyclic'"):
+        MasterConfig(num_items=10, carry_optimizer=True)
