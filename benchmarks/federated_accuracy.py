@@ -7,7 +7,8 @@ all of them:
 
 * ``iid``, ``dirichlet``: parallel FedAvg (``weighted_sum``), R = E rounds of one local epoch;
 * ``cyclic-iid``, ``cyclic-dirichlet``: cyclic weight transfer (``--sampling cyclic --fraction
-  1/K --no-row-weighting``), R = E x K rounds, one child a round training one local epoch.
+  1/K --no-row-weighting --carry-optimizer``), R = E x K rounds, one child a round training one
+  local epoch, the Adam moments handed on with the encoder.
 
 The children's validation and test splits are the centralized ones dealt among them, so the
 example-weighted federated metrics are metrics on the very same examples.
@@ -51,6 +52,7 @@ def _jobs(args: argparse.Namespace, data: Path, out: Path) -> dict[str, list[str
     jobs = {"central": central}
     k = args.children
     cyclic = ["--sampling", "cyclic", "--fraction", str(1 / k), "--no-row-weighting"]
+    cyclic += ["--carry-optimizer"]
     cyclic += ["--evaluate-every", str(k)]
     for name, extra, rounds in (
         ("iid", ["--partition", "iid"], args.epochs),
