@@ -15,6 +15,7 @@ a torn file. It holds:
   moments and step count), the stop rule's state, the stop reason if the job had ended;
 * the per-round reports, the children and their confirmations (for the record: children confirm
   again after a restart, under new node ids);
+* with ``carry_optimizer``, the moments the next round's child is to start from;
 * the global RNG states of the master process (torch, numpy, ``random``). fedenc's own loop
   draws from none of them (child sampling is seeded by ``(seed, round)``), so this only matters
   to a custom rule that does.
@@ -75,6 +76,8 @@ class MasterState:
     children: list[dict[str, Any]] = field(default_factory=list)
     rng: dict[str, Any] = field(default_factory=dict)
     saved_at: float = 0.0
+    # carry_optimizer: the Adam moments the next round's child starts from
+    carried: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def config_fingerprint(config: Any) -> dict[str, Any]:
@@ -191,6 +194,7 @@ def read_master_state(directory: Path) -> MasterState:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise MasterStateError(f"{path} is not a fedenc master checkpoint ({FORMAT}): {found!r}")
     names = {f.name for f in dataclasses.fields(MasterState)}
+    payload.setdefault("carried", {})  # checkpoints from before carry_optimizer
     missing = names - set(payload)
     if missing:
         raise MasterStateError(f"{path} lacks {sorted(missing)}: written by another version?")

@@ -617,6 +617,7 @@ class _Job:
         self.target = {n: state.target[n].clone() for n in names}
         self.rule.load_state_dict(state.rule)
         self.stop.load_state_dict(state.stop)
+        self.carried = records.params_to_record(state.carried) if state.carried else None
         restore_rng(state.rng)
         return [RoundResult.from_dict(r) for r in state.rounds]
 
@@ -638,6 +639,13 @@ class _Job:
             rounds=[r.to_dict() for r in results],
             children=[asdict(c) for c in self.children.values()],
             rng=capture_rng(),
+            carried=(
+                {}
+                if self.carried is None
+                else {
+                    n: t.clone() for n, t in records.record_to_params(self.carried, "").items()
+                }
+            ),
         )
         write_master_state(self.config.state_dir, state)
 

@@ -196,3 +196,20 @@ def test_resume_needs_a_state_directory() -> None:
         MasterConfig(num_items=60, resume=True)
     resumed = MasterConfig(num_items=60, resume=True, state_dir=Path("s"))
     assert resumed.job_id == ""  # taken from the checkpoint when the job resumes
+
+
+def test_carried_optimizer_moments_round_trip_and_old_checkpoints_still_load(
+    tmp_path: Path,
+) -> None:
+    carried = {"w/step": torch.tensor(12.0), "w/exp_avg": torch.randn(3, 2)}
+    carried["w/exp_avg_sq"] = torch.rand(3, 2)
+    write_master_state(tmp_path, state(2, carried=carried))
+    back = read_master_state(tmp_path)
+    assert back.carried.keys() == carried.keys()
+    assert all(torch.equal(back.carried[k], v) for k, v in carried.items())
+    # A checkpoint written before carry_optimizer existed has no "carried" entry.
+    path = tmp_path / "master.pt"
+    payload = torch.load(path, weights_only=True)
+    del payload["carried"]
+    torch.save(payload, path)
+    assert read_master_state(tmp_path).carried == {}
