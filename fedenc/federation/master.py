@@ -642,9 +642,7 @@ class _Job:
             carried=(
                 {}
                 if self.carried is None
-                else {
-                    n: t.clone() for n, t in records.record_to_params(self.carried, "").items()
-                }
+                else {n: t.clone() for n, t in records.record_to_params(self.carried, "").items()}
             ),
         )
         write_master_state(self.config.state_dir, state)
