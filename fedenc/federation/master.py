@@ -88,6 +88,9 @@ class NotEnoughChildrenError(RuntimeError):
     """Fewer children confirmed than the job's ``min_children``."""
 
 
+SAMPLINGS = ("random", "cyclic")  # how a fraction of the children is drawn (MasterConfig)
+
+
 @dataclass
 class MasterConfig:
     """One job: the encoder, the local training, the fusion and stop rules, participation."""
@@ -155,7 +158,7 @@ class MasterConfig:
             problems.append(f"min_children must be >= 1 (got {self.min_children})")
         if not 0.0 < self.fraction <= 1.0:
             problems.append(f"fraction must lie in (0, 1] (got {self.fraction})")
-        if self.sampling not in ("random", "cyclic"):
+        if self.sampling not in SAMPLINGS:
             problems.append(f"sampling must be 'random' or 'cyclic' (got {self.sampling!r})")
         if self.carry_optimizer and self.sampling != "cyclic":
             problems.append("carry_optimizer needs sampling = 'cyclic' (one child a round)")

@@ -411,8 +411,7 @@ class ParameterSetAssembler:
         try:
             for s in self._slots:
                 buf, s.buffer = s.buffer, None
-                if buf is None:  # a zero-byte tensor never got a chunk
-                    buf = bytearray(s.prefix)
+                assert buf is not None  # complete slots got at least one chunk
                 out[s.name] = decode_tensor(
                     s.header.spec,
                     memoryview(buf)[len(s.prefix) :] if s.prefix else buf,

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedenc.federation.master import RoundListener, RoundResult, round_listener
+from fedenc.federation.master import SAMPLINGS, RoundListener, RoundResult, round_listener
 
 if TYPE_CHECKING:
     from flwr.app import Context
@@ -105,7 +105,7 @@ class Scenario:
             raise ValueError(
                 f"slowdown takes at most one factor >= 1 per child, got {list(self.slowdown)}"
             )
-        if self.sampling not in ("random", "cyclic"):
+        if self.sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be random or cyclic, got {self.sampling!r}")
         if self.share not in ("auto", "all", "encoder"):
             raise ValueError(f"share must be auto, all or encoder, got {self.share!r}")
