@@ -153,6 +153,32 @@ def test_accumulation_buffer_is_reused_across_rounds(name: str) -> None:
         assert_same(second, T2, exact=True)  # the buffer was zeroed between rounds
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("rows", [False, True])
+def test_last_rounds_sums_never_leak_into_the_next(dtype: str, rows: bool) -> None:
+    # The buffer is not zeroed between rounds: the first update overwrites it, or the row-weighted
+    # path zeroes it before folding in place.
+    current = _table([0.0, 0.0], [0.0, 0.0])
+    huge = {"emb": torch.full((2, 2), 1e6), "w": torch.full((2,), -1e6)}
+    a = {"emb": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "w": torch.tensor([0.5, 0.25])}
+    b = {"emb": torch.tensor([[5.0, 6.0], [7.0, 8.0]]), "w": torch.tensor([1.5, 2.0])}
+    weights = {"emb": torch.tensor([1.0, 2.0])} if rows else None
+    names = ["emb"] if rows else []
+
+    def second_round(rule: WeightedSum) -> dict[str, torch.Tensor]:
+        rule.begin(2, current, row_weighted=names)
+        rule.add("a", a, 1, weights)
+        rule.add("b", b, 3)
+        return rule.result()
+
+    reused = WeightedSum(accumulator_dtype=dtype)
+    reused.begin(1, current, row_weighted=names)
+    reused.add("x", huge, 7)
+    reused.result()
+    fresh = WeightedSum(accumulator_dtype=dtype)
+    assert_same(second_round(reused), second_round(fresh), exact=True)
+
+
 @pytest.mark.parametrize("name", STREAMING)
 def test_streaming_rules_keep_no_reference_to_updates(name: str) -> None:
     rule = build_fusion_rule(name)
