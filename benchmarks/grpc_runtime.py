@@ -12,7 +12,9 @@ Both are measured twice in the same run: fedenc in plaintext (``--insecure``) an
 TLS (a throwaway CA, certificates from fedenc.security, as ``fedenc simulate --processes``
 makes them); the plain-gRPC baseline is plaintext.
 
-Medians over the rounds (after a warm-up). Run: ``python benchmarks/grpc_runtime.py``
+All runtimes are up at once and their rounds alternate (plain, fedenc, fedenc over TLS, plain,
+...), so load from other work hits each alike. Medians over the rounds (after a warm-up).
+Run: ``python benchmarks/grpc_runtime.py``
 (``--rounds``, ``--pings``, ``--params``, ``--children``, ``--train-seconds``, ``--no-tls``).
 """
 
@@ -182,84 +184,91 @@ def encoder_record(params: int) -> ArrayRecord:
     )
 
 
-def grpc_runtime(args: argparse.Namespace, tls: bool = False) -> dict[str, list[float]]:
-    from contextlib import ExitStack
+class FedencRun:
+    """The fedenc runtime: a FederationServer, its Grid and ``children`` child processes."""
 
-    from fedenc.runtime import flower_compat as fc
-    from fedenc.runtime.grpc.launcher import prepare_certs
-    from fedenc.runtime.grpc.master import FederationServer, GrpcGrid
-    from fedenc.runtime.grpc.security import server_security
-    from fedenc.runtime.grpc.transport import ServerSecurity
-    from fedenc.security.credentials import load_master_tls
+    def __init__(self, args: argparse.Namespace, tls: bool = False) -> None:
+        from contextlib import ExitStack
 
-    stack = ExitStack()
-    certs: Path | None = None
-    security = ServerSecurity(insecure=True)
-    if tls:
-        names = [f"bench-{i}" for i in range(args.children)]
-        certs = prepare_certs(names, None, stack)
-        security = server_security(load_master_tls(certs, allowlist=names))
-    server = FederationServer("127.0.0.1:0", security).start()
-    procs = start_children(server.address, args.children, "grpc_runtime:bench_app", certs)
-    out: dict[str, list[float]] = {"round": [], "overhead": [], "rtt": []}
-    try:
-        assert server.wait_for_children(args.children, 120), "children did not connect"
-        grid = GrpcGrid(server, 1)
-        record = encoder_record(args.params)
-        content = RecordDict(
-            {"arrays": record, "config": ConfigRecord({"train-seconds": args.train_seconds})}
+        from fedenc.runtime.grpc.launcher import prepare_certs
+        from fedenc.runtime.grpc.master import FederationServer, GrpcGrid
+        from fedenc.runtime.grpc.security import server_security
+        from fedenc.runtime.grpc.transport import ServerSecurity
+        from fedenc.security.credentials import load_master_tls
+
+        self.stack = ExitStack()
+        certs: Path | None = None
+        security = ServerSecurity(insecure=True)
+        if tls:
+            names = [f"bench-{i}" for i in range(args.children)]
+            certs = prepare_certs(names, None, self.stack)
+            security = server_security(load_master_tls(certs, allowlist=names))
+        self.server = FederationServer("127.0.0.1:0", security).start()
+        self.procs = start_children(
+            self.server.address, args.children, "grpc_runtime:bench_app", certs
         )
-        nodes = grid.get_node_ids()
-        for r in range(args.rounds + 1):
-            with fc.task_identity(1):
-                msgs = [Message(content, nid, "train") for nid in nodes]
-            t0 = time.perf_counter()
-            replies = grid.send_and_receive(msgs, timeout=300)
-            seconds = time.perf_counter() - t0
-            assert len(replies) == len(nodes) and not any(m.has_error() for m in replies)
-            slowest = max(float(m.content["metrics"]["train"]) for m in replies)
-            if r:  # round 0 warms up
-                out["round"].append(seconds)
-                out["overhead"].append(seconds - slowest)
-        ping = RecordDict({"config": ConfigRecord({"x": 1})})
-        for i in range(args.pings + 20):
-            with fc.task_identity(1):
-                msg = Message(ping, nodes[0], "query")
-            t0 = time.perf_counter()
-            (reply,) = grid.send_and_receive([msg], timeout=30)
-            assert not reply.has_error()
-            if i >= 20:
-                out["rtt"].append(time.perf_counter() - t0)
-    finally:
-        server.stop("benchmark over")
-        stop(procs)
-        stack.close()
-    return out
+        assert self.server.wait_for_children(args.children, 120), "children did not connect"
+        self.grid = GrpcGrid(self.server, 1)
+        self.content = RecordDict(
+            {
+                "arrays": encoder_record(args.params),
+                "config": ConfigRecord({"train-seconds": args.train_seconds}),
+            }
+        )
+        self.nodes = self.grid.get_node_ids()
+
+    def round(self) -> tuple[float, float]:
+        """(round seconds, round seconds minus the slowest child's training)."""
+        from fedenc.runtime import flower_compat as fc
+
+        with fc.task_identity(1):
+            msgs = [Message(self.content, nid, "train") for nid in self.nodes]
+        t0 = time.perf_counter()
+        replies = self.grid.send_and_receive(msgs, timeout=300)
+        seconds = time.perf_counter() - t0
+        assert len(replies) == len(self.nodes) and not any(m.has_error() for m in replies)
+        slowest = max(float(m.content["metrics"]["train"]) for m in replies)
+        return seconds, seconds - slowest
+
+    def ping(self) -> float:
+        from fedenc.runtime import flower_compat as fc
+
+        with fc.task_identity(1):
+            msg = Message(RecordDict({"config": ConfigRecord({"x": 1})}), self.nodes[0], "query")
+        t0 = time.perf_counter()
+        (reply,) = self.grid.send_and_receive([msg], timeout=30)
+        assert not reply.has_error()
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.server.stop("benchmark over")
+        stop(self.procs)
+        self.stack.close()
 
 
-def plain_grpc(args: argparse.Namespace) -> dict[str, list[float]]:
-    server = PlainServer(args.children)
-    procs = start_children(f"127.0.0.1:{server.port}", args.children, None)
-    out: dict[str, list[float]] = {"round": [], "rtt": []}
-    try:
+class PlainRun:
+    """The baseline: the same bytes over plain gRPC streams to ``children`` echo processes."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.server = PlainServer(args.children)
+        self.procs = start_children(f"127.0.0.1:{self.server.port}", args.children, None)
         for _ in range(args.children):
-            assert server.ready.acquire(timeout=120), "baseline clients did not connect"
-        nbytes = (args.params // 10) * 4 * 10
-        for r in range(args.rounds + 1):
-            seconds = server.burst(nbytes)
-            if r:
-                out["round"].append(seconds)
-        one = server.streams[:1]
-        streams, server.streams = server.streams, one
-        for i in range(args.pings + 20):
-            seconds = server.burst(16)
-            if i >= 20:
-                out["rtt"].append(seconds)
-        server.streams = streams
-    finally:
-        server.stop()
-        stop(procs)
-    return out
+            assert self.server.ready.acquire(timeout=120), "baseline clients did not connect"
+        self.nbytes = (args.params // 10) * 4 * 10
+
+    def round(self) -> float:
+        return self.server.burst(self.nbytes)
+
+    def ping(self) -> float:
+        streams, self.server.streams = self.server.streams, self.server.streams[:1]
+        try:
+            return self.server.burst(16)
+        finally:
+            self.server.streams = streams
+
+    def close(self) -> None:
+        self.server.stop()
+        stop(self.procs)
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -289,24 +298,54 @@ def main() -> None:
         f"float32 parameters ({mb:.0f} MB each way per child), local training "
         f"{args.train_seconds:g} s; {os.cpu_count()} cores, load avg {load_avg()}"
     )
-    plain = plain_grpc(args)
-    runs = {"plaintext": grpc_runtime(args)}
-    if not args.no_tls:
-        runs["mutual TLS"] = grpc_runtime(args, tls=True)
+    # Every runtime is up at once and the rounds alternate between them, so a burst of load from
+    # other work on the machine hits the baseline and fedenc alike.
+    plain = PlainRun(args)
+    labels = ["plaintext"] + ([] if args.no_tls else ["mutual TLS"])
+    fedenc = {label: FedencRun(args, tls=label != "plaintext") for label in labels}
+    base: dict[str, list[float]] = {"round": [], "rtt": []}
+    runs: dict[str, dict[str, list[float]]] = {
+        label: {"round": [], "overhead": [], "rtt": []} for label in labels
+    }
+    try:
+        for r in range(args.rounds + 1):  # round 0 warms up
+            seconds = plain.round()
+            if r:
+                base["round"].append(seconds)
+            for label, run in fedenc.items():
+                seconds, overhead = run.round()
+                if r:
+                    runs[label]["round"].append(seconds)
+                    runs[label]["overhead"].append(overhead)
+        for i in range(args.pings + 20):
+            rtt = plain.ping()
+            if i >= 20:
+                base["rtt"].append(rtt)
+            for label, run in fedenc.items():
+                rtt = run.ping()
+                if i >= 20:
+                    runs[label]["rtt"].append(rtt)
+    finally:
+        plain.close()
+        for run in fedenc.values():
+            run.close()
+    plain_stats = base
     med = statistics.median
     moved = 2 * args.children * mb
     print(f"\nround (median of {args.rounds}):")
-    print(f"  plain gRPC stream, same bytes ({moved:.0f} MB)   {med(plain['round']):7.3f} s")
+    print(f"  plain gRPC stream, same bytes ({moved:.0f} MB)   {med(plain_stats['round']):7.3f} s")
     for label, ours in runs.items():
+        paired = [o / b for o, b in zip(ours["overhead"], plain_stats["round"], strict=True)]
         print(f"  fedenc round, total, {label:12s}            {med(ours['round']):7.3f} s")
         print(
             f"  fedenc round overhead, {label:12s}          {med(ours['overhead']):7.3f} s"
-            f"   = {med(ours['overhead']) / med(plain['round']):.2f} x plain gRPC"
+            f"   = {med(ours['overhead']) / med(plain_stats['round']):.2f} x plain gRPC"
+            f" (median of the rounds' own ratios {med(paired):.2f})"
         )
     print(f"\nsmall-message round trip, one child ({args.pings} after 20 warm-up):")
     print(
-        f"  plain gRPC ping-pong            p50 {pct(plain['rtt'], 50) * 1e3:6.2f} ms"
-        f"   p99 {pct(plain['rtt'], 99) * 1e3:6.2f} ms"
+        f"  plain gRPC ping-pong            p50 {pct(plain_stats['rtt'], 50) * 1e3:6.2f} ms"
+        f"   p99 {pct(plain_stats['rtt'], 99) * 1e3:6.2f} ms"
     )
     for label, ours in runs.items():
         print(

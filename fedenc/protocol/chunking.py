@@ -41,6 +41,7 @@ from fedenc.protocol.tensors import (
     tensor_spec,
     wire_view,
 )
+from fedenc.protocol.wire_chunks import RawChunk
 
 __all__ = [
     "DEFAULT_MAX_CHUNK_BYTES",
@@ -50,6 +51,7 @@ __all__ = [
     "ParameterSetAssembler",
     "assemble",
     "stream_parameter_set",
+    "stream_tensor_chunks",
     "stream_tensors",
 ]
 
@@ -84,21 +86,19 @@ def _check_name(name: str) -> None:
         raise TensorEncodeError(f"tensor name longer than {MAX_NAME_BYTES} bytes: {name[:80]!r}...")
 
 
-def _split(name: str, data: memoryview, max_chunk_bytes: int) -> Iterator[pb.TensorChunk]:
+def _split(name: str, data: memoryview, max_chunk_bytes: int) -> Iterator[RawChunk]:
     size = len(data)
     if size == 0:
-        yield pb.TensorChunk(name=name, offset=0, data=b"", last=True)
+        yield RawChunk(name=name, offset=0, data=data, last=True)
         return
     for start in range(0, size, max_chunk_bytes):
         end = min(start + max_chunk_bytes, size)
-        yield pb.TensorChunk(
-            name=name, offset=start, data=data[start:end].tobytes(), last=end == size
-        )
+        yield RawChunk(name=name, offset=start, data=data[start:end], last=end == size)
 
 
 def _chunks(
     plan: list[tuple[str, int, Tensor | memoryview]], compression: int, max_chunk_bytes: int
-) -> Iterator[pb.TensorChunk]:
+) -> Iterator[RawChunk]:
     for name, size, source in plan:
         data = source if isinstance(source, memoryview) else wire_view(source, compression)
         if len(data) != size:  # a tensor modified while streaming
@@ -115,7 +115,28 @@ def stream_tensors(
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
     zlib_level: int = 1,
 ) -> tuple[pb.ParameterSetHeader, Iterator[pb.TensorChunk]]:
-    """The header and (lazily) the chunks of named tensors, in mapping order.
+    """:func:`stream_tensor_chunks` with each chunk as a generated ``TensorChunk`` message."""
+    header, chunks = stream_tensor_chunks(
+        params,
+        compression=compression,
+        metadata=metadata,
+        max_chunk_bytes=max_chunk_bytes,
+        zlib_level=zlib_level,
+    )
+    return header, (chunk.to_proto() for chunk in chunks)
+
+
+def stream_tensor_chunks(
+    params: Mapping[str, Tensor],
+    *,
+    compression: int = pb.COMPRESSION_NONE,
+    metadata: Mapping[str, str] | None = None,
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    zlib_level: int = 1,
+) -> tuple[pb.ParameterSetHeader, Iterator[RawChunk]]:
+    """The header and (lazily) the chunks of named tensors, in mapping order, each chunk's data a
+    view of the tensor's bytes (:func:`fedenc.protocol.wire_chunks.chunk_frame` puts it on the
+    wire with one copy).
 
     The tensors must stay unchanged until the chunks are consumed. Without zlib, each tensor is
     encoded when its first chunk is due (float16 overflow then raises ``TensorEncodeError`` from
@@ -161,7 +182,8 @@ def stream_parameter_set(
 
     def chunks() -> Iterator[pb.TensorChunk]:
         for t in ps.tensors:
-            yield from _split(t.spec.name, memoryview(t.data), max_chunk_bytes)
+            for chunk in _split(t.spec.name, memoryview(t.data), max_chunk_bytes):
+                yield chunk.to_proto()
 
     return header, chunks()
 
@@ -284,7 +306,7 @@ class ParameterSetAssembler:
 
     # -- feeding --
 
-    def add(self, chunk: pb.TensorChunk) -> None:
+    def add(self, chunk: pb.TensorChunk | RawChunk) -> None:
         """Takes one chunk; :class:`ChunkError` when it does not fit the stream."""
         if self._failed is not None:
             raise ChunkError(self._failed.tensor, f"stream already refused ({self._failed.reason})")
@@ -296,7 +318,7 @@ class ParameterSetAssembler:
             self._fail(err)
             raise
 
-    def add_all(self, chunks: Iterable[pb.TensorChunk]) -> None:
+    def add_all(self, chunks: Iterable[pb.TensorChunk | RawChunk]) -> None:
         """Takes every chunk of an iterable."""
         for chunk in chunks:
             self.add(chunk)
@@ -306,7 +328,7 @@ class ParameterSetAssembler:
         for s in self._slots:
             s.buffer = None  # release memory at once
 
-    def _add(self, chunk: pb.TensorChunk) -> None:
+    def _add(self, chunk: pb.TensorChunk | RawChunk) -> None:
         name = chunk.name
         data = chunk.data  # protobuf copies on every access: read once
         offset, size = chunk.offset, len(data)

@@ -56,7 +56,7 @@ def frames_of(
     msg: Message, max_chunk_bytes: int = 16
 ) -> tuple[spb.FlowerMessage, list[tpb.TensorChunk]]:
     encoded = encode_message(msg, max_chunk_bytes=max_chunk_bytes)
-    return encoded.frame, list(encoded.chunks)
+    return encoded.frame, [c.to_proto() for c in encoded.chunks]
 
 
 def receive(
@@ -160,7 +160,7 @@ def test_malformed_frames_are_refused_with_a_reason(case: str, match: str) -> No
 def test_expected_tensors_refuse_other_names_shapes_and_dtypes() -> None:
     msg = message(sample_content())
     encoded = encode_message(msg, max_chunk_bytes=16)
-    frame, chunks = encoded.frame, list(encoded.chunks)
+    frame, chunks = encoded.frame, [c.to_proto() for c in encoded.chunks]
     assert receive(frame, chunks, expected=encoded.specs).content["arrays"]["w"].shape == (3, 4)
     specs = dict(encoded.specs)
     specs["arrays"] = {**specs["arrays"], "w": ((4, 3), torch.float32)}

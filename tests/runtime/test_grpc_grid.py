@@ -284,7 +284,7 @@ def _reply_frames(
     reply = Message(content, reply_to=instruction)
     encoded = encode_message(reply)
     return [spb.ChildMessage(reply_to=reply_to, flower=encoded.frame)] + [
-        spb.ChildMessage(chunk=c) for c in encoded.chunks
+        spb.ChildMessage(chunk=c.to_proto()) for c in encoded.chunks
     ]
 
 
@@ -506,13 +506,13 @@ def test_inbound_slots_hold_a_second_reply_until_the_first_is_assembled(slots: i
             for ins in instructions
         ]
         (a, node_a), (b, node_b) = peers
-        chunks_a = [spb.ChildMessage(chunk=c) for c in replies[0].chunks]
+        chunks_a = [spb.ChildMessage(chunk=c.to_proto()) for c in replies[0].chunks]
         a.send(spb.ChildMessage(reply_to=wires[0], flower=replies[0].frame))
         a.send(chunks_a[0])  # a holds the slot, its reply partly assembled
         time.sleep(0.1)
         b.send(spb.ChildMessage(reply_to=wires[1], flower=replies[1].frame))
         for c in replies[1].chunks:
-            b.send(spb.ChildMessage(chunk=c))
+            b.send(spb.ChildMessage(chunk=c.to_proto()))
         for c in chunks_a[1:-1]:  # a trickles on for 1.6 s, longer than the heartbeat timeout
             time.sleep(0.4)
             a.send(c)

@@ -40,6 +40,7 @@ from google.protobuf.message import DecodeError
 
 from fedenc.proto.fedenc.v1 import federation_service_pb2 as spb
 from fedenc.protocol.tensors import TensorEncodeError
+from fedenc.protocol.wire_chunks import RawChunk, chunk_frame, parse_chunk_frame
 from fedenc.runtime import flower_compat as fc
 from fedenc.runtime.clientapp import ClientCallable, call_client_app
 from fedenc.runtime.grpc.frames import FrameError, FrameReader, encode_message
@@ -55,6 +56,7 @@ from fedenc.runtime.grpc.transport import (
     parse_address,
 )
 from fedenc.security.rpc_errors import explain_rpc_error, refusal_reason
+from fedenc.training.allocator import tune_allocator
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,7 @@ def run_config_from_proto(values: Mapping[str, spb.ConfigValue]) -> dict[str, An
 class _Session:
     """One stream to the master."""
 
-    out: queue.Queue[list[spb.ChildMessage] | Iterator[spb.ChildMessage] | None] = field(
+    out: queue.Queue[list[spb.ChildMessage] | Iterator[spb.ChildMessage | RawChunk] | None] = field(
         default_factory=queue.Queue
     )
     done: threading.Event = field(default_factory=threading.Event)
@@ -112,7 +114,7 @@ class _Session:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _ended: bool = False
 
-    def send(self, frames: list[spb.ChildMessage] | Iterator[spb.ChildMessage]) -> bool:
+    def send(self, frames: list[spb.ChildMessage] | Iterator[spb.ChildMessage | RawChunk]) -> bool:
         with self._lock:
             if self._ended:
                 return False
@@ -145,6 +147,7 @@ class GrpcChild:
         parse_address(address)
         if not name:
             raise ValueError("a child needs a name")
+        tune_allocator()  # every instruction lands in model-sized buffers: reuse their pages
         self.address = address
         self.name = name
         self.client_app = client_app
@@ -254,8 +257,11 @@ class GrpcChild:
                     if item is None:
                         return
                     for frame in item:
-                        frame.message_id = next(ids)
-                        yield frame.SerializeToString()
+                        if isinstance(frame, RawChunk):
+                            yield chunk_frame(next(ids), frame)
+                        else:
+                            frame.message_id = next(ids)
+                            yield frame.SerializeToString()
 
             hello = spb.Hello(
                 name=self.name,
@@ -320,6 +326,13 @@ class GrpcChild:
 
     def _frame(self, session: _Session, reader: FrameReader, data: bytes) -> bool:
         """Handles one frame; False when the stream is over."""
+        raw = parse_chunk_frame(data)
+        if raw is not None:  # the bulk of the traffic: its data goes straight to the buffer
+            tag = reader.tag
+            message = reader.chunk(raw[2])
+            if message is not None:
+                self._inbox.put((session, tag, message))
+            return True
         try:
             frame = spb.MasterMessage.FromString(data)
         except DecodeError as err:
@@ -415,10 +428,11 @@ class GrpcChild:
                 reply = fc.error_reply(message, fc.CLIENT_APP_RAISED_EXCEPTION, reason)
                 encoded = encode_message(reply)
 
-            def frames(e: Any = encoded, to: int = wire_id) -> Iterator[spb.ChildMessage]:
+            def frames(
+                e: Any = encoded, to: int = wire_id
+            ) -> Iterator[spb.ChildMessage | RawChunk]:
                 yield spb.ChildMessage(reply_to=to, flower=e.frame)
-                for chunk in e.chunks:
-                    yield spb.ChildMessage(chunk=chunk)
+                yield from e.chunks  # serialized by chunk_frame: one copy of the data
 
             if not session.send(frames()):
                 log.info("%s: the stream closed before the reply could be sent", self.name)

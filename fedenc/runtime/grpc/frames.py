@@ -37,7 +37,7 @@ from fedenc.protocol.chunking import (
     DEFAULT_MAX_CHUNK_BYTES,
     ChunkError,
     ParameterSetAssembler,
-    stream_tensors,
+    stream_tensor_chunks,
 )
 from fedenc.protocol.flower_arrays import array_over, array_to_tensor, npy_header, tensor_to_array
 from fedenc.protocol.tensors import (
@@ -46,6 +46,7 @@ from fedenc.protocol.tensors import (
     TensorEncodeError,
     dtype_from_proto,
 )
+from fedenc.protocol.wire_chunks import RawChunk
 from fedenc.runtime import flower_compat as fc
 
 __all__ = [
@@ -75,7 +76,7 @@ class EncodedMessage:
     """A Flower Message ready for the wire: the ``FlowerMessage`` frame, then ``chunks``."""
 
     frame: spb.FlowerMessage
-    chunks: Iterator[tpb.TensorChunk]
+    chunks: Iterator[RawChunk]
     #: The tensors of each ArrayRecord (names, shapes, dtypes): what a reply must mirror.
     specs: ArraySpecs = field(default_factory=dict)
     #: Bytes of tensor data that the chunks will carry.
@@ -93,7 +94,7 @@ def encode_message(
     """
     skeleton, records = fc.message_without_arrays(message)
     headers: list[spb.ArrayRecordHeader] = []
-    streams: list[Iterator[tpb.TensorChunk]] = []
+    streams: list[Iterator[RawChunk]] = []
     specs: ArraySpecs = {}
     total = 0
     for key, record in records:
@@ -104,7 +105,7 @@ def encode_message(
             except (ValueError, TypeError) as err:
                 raise TensorEncodeError(f"array {key}/{name}: {err}") from None
         try:
-            header, chunks = stream_tensors(tensors, max_chunk_bytes=max_chunk_bytes)
+            header, chunks = stream_tensor_chunks(tensors, max_chunk_bytes=max_chunk_bytes)
         except TensorEncodeError as err:
             raise TensorEncodeError(f"ArrayRecord {key!r}: {err}") from None
         headers.append(spb.ArrayRecordHeader(key=key, tensors=header))
@@ -197,7 +198,7 @@ class MessageAssembler:
         """True once every tensor byte has arrived."""
         return self._cursor >= len(self._parts)
 
-    def add(self, chunk: tpb.TensorChunk) -> None:
+    def add(self, chunk: tpb.TensorChunk | RawChunk) -> None:
         """Takes the next chunk; :class:`FrameError` when it does not fit."""
         if self.complete:
             raise FrameError(f"chunk of {chunk.name!r} after the message was complete")
@@ -275,7 +276,7 @@ class FrameReader:
         self._pending, self.tag = assembler, tag
         return None
 
-    def chunk(self, chunk: tpb.TensorChunk) -> Message | None:
+    def chunk(self, chunk: tpb.TensorChunk | RawChunk) -> Message | None:
         if self._pending is None:
             raise FrameError(f"chunk of {chunk.name!r} without a FlowerMessage announcing it")
         self._pending.add(chunk)

@@ -52,6 +52,7 @@ from fedenc.runtime.grpc.transport import (
 )
 from fedenc.runtime.replies import stream_replies
 from fedenc.security.errors import IDENTITY_ERROR_PREFIX
+from fedenc.training.allocator import tune_allocator
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ class FederationServer:
     ) -> None:
         parse_address(address)
         security.check()
+        tune_allocator()  # every reply lands in model-sized buffers: reuse their pages
         if not 0 < heartbeat_interval < heartbeat_timeout:
             raise ValueError(
                 f"need 0 < heartbeat_interval ({heartbeat_interval}) < heartbeat_timeout "
