@@ -10,7 +10,8 @@
 
 Both are measured twice in the same run: fedenc in plaintext (``--insecure``) and over mutual
 TLS (a throwaway CA, certificates from fedenc.security, as ``fedenc simulate --processes``
-makes them); the plain-gRPC baseline is plaintext.
+makes them), each against the plain-gRPC baseline in the same mode (mutual TLS with the same
+kind of certificates).
 
 All runtimes are up at once and their rounds alternate (plain, fedenc, fedenc over TLS, plain,
 ...), so load from other work hits each alike. Medians over the rounds (after a warm-up).
@@ -59,11 +60,18 @@ def bench_app(msg: Message, ctx: Context) -> Message:
 # -- plain gRPC baseline ------------------------------------------------------------------------
 
 
-def _baseline_client(address: str) -> None:
+def _baseline_client(address: str, certs: str | None = None, name: str = "") -> None:
     """Echo: for each burst the server announces (first frame = 8-byte size), receive that many
-    bytes, then send the same number back in FRAME-sized frames."""
+    bytes, then send the same number back in FRAME-sized frames. With ``certs``: mutual TLS with
+    child ``name``'s certificate, as a fedenc child dials."""
     out: queue.Queue[bytes | None] = queue.Queue()
-    channel = grpc.insecure_channel(address, options=OPTIONS)
+    if certs:
+        from fedenc.security.credentials import load_child_tls
+
+        tls = load_child_tls(Path(certs), name)
+        channel = grpc.secure_channel(address, tls.credentials, options=OPTIONS)
+    else:
+        channel = grpc.insecure_channel(address, options=OPTIONS)
     call = channel.stream_stream("/bench.Plain/Echo")(iter(out.get, None))
     out.put(b"hello")
     want = received = 0
@@ -86,7 +94,7 @@ def _baseline_client(address: str) -> None:
 class PlainServer:
     """The baseline's server: pushes a burst of N bytes to every client and waits for N back."""
 
-    def __init__(self, clients: int) -> None:
+    def __init__(self, clients: int, certs: Path | None = None) -> None:
         self.clients = clients
         self.streams: list[tuple[queue.Queue[bytes | None], queue.Queue[int]]] = []
         self.ready = threading.Semaphore(0)
@@ -95,7 +103,13 @@ class PlainServer:
             "bench.Plain", {"Echo": grpc.stream_stream_rpc_method_handler(self._echo)}
         )
         self.server.add_generic_rpc_handlers((handler,))
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        if certs is None:
+            self.port = self.server.add_insecure_port("127.0.0.1:0")
+        else:  # the master's certificate, client certificates required: fedenc's mutual TLS
+            from fedenc.security.credentials import load_master_tls
+
+            credentials = load_master_tls(certs).credentials
+            self.port = self.server.add_secure_port("127.0.0.1:0", credentials)
         self.server.start()
 
     def _echo(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -155,6 +169,8 @@ def start_children(
     for i in range(k):
         if app is None:
             cmd = [sys.executable, str(Path(__file__)), "--baseline-client", address]
+            if certs is not None:
+                cmd += ["--baseline-certs", str(certs), "--baseline-name", f"bench-{i}"]
         else:
             cmd = child_command(
                 address,
@@ -247,11 +263,19 @@ class FedencRun:
 
 
 class PlainRun:
-    """The baseline: the same bytes over plain gRPC streams to ``children`` echo processes."""
+    """The baseline: the same bytes over plain gRPC streams to ``children`` echo processes
+    (mutual TLS with fedenc's certificates when ``tls``)."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.server = PlainServer(args.children)
-        self.procs = start_children(f"127.0.0.1:{self.server.port}", args.children, None)
+    def __init__(self, args: argparse.Namespace, tls: bool = False) -> None:
+        from contextlib import ExitStack
+
+        from fedenc.runtime.grpc.launcher import prepare_certs
+
+        self.stack = ExitStack()
+        names = [f"bench-{i}" for i in range(args.children)]
+        certs = prepare_certs(names, None, self.stack) if tls else None
+        self.server = PlainServer(args.children, certs)
+        self.procs = start_children(f"127.0.0.1:{self.server.port}", args.children, None, certs)
         for _ in range(args.children):
             assert self.server.ready.acquire(timeout=120), "baseline clients did not connect"
         self.nbytes = (args.params // 10) * 4 * 10
@@ -269,6 +293,7 @@ class PlainRun:
     def close(self) -> None:
         self.server.stop()
         stop(self.procs)
+        self.stack.close()
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -284,9 +309,11 @@ def main() -> None:
     ap.add_argument("--train-seconds", type=float, default=1.0)
     ap.add_argument("--no-tls", action="store_true", help="skip the mutual-TLS measurement")
     ap.add_argument("--baseline-client", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--baseline-certs", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--baseline-name", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.baseline_client:
-        _baseline_client(args.baseline_client)
+        _baseline_client(args.baseline_client, args.baseline_certs, args.baseline_name)
         return
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     sys.path.insert(0, str(HERE))
@@ -299,58 +326,58 @@ def main() -> None:
         f"{args.train_seconds:g} s; {os.cpu_count()} cores, load avg {load_avg()}"
     )
     # Every runtime is up at once and the rounds alternate between them, so a burst of load from
-    # other work on the machine hits the baseline and fedenc alike.
-    plain = PlainRun(args)
+    # other work on the machine hits the baselines and fedenc alike. Each fedenc mode is compared
+    # with plain gRPC in the same mode (plaintext / mutual TLS with the same certificates).
     labels = ["plaintext"] + ([] if args.no_tls else ["mutual TLS"])
-    fedenc = {label: FedencRun(args, tls=label != "plaintext") for label in labels}
-    base: dict[str, list[float]] = {"round": [], "rtt": []}
-    runs: dict[str, dict[str, list[float]]] = {
-        label: {"round": [], "overhead": [], "rtt": []} for label in labels
+    pairs = {
+        label: (PlainRun(args, tls=label != "plaintext"), FedencRun(args, tls=label != "plaintext"))
+        for label in labels
+    }
+    stats = {
+        label: {"plain": [], "plain_rtt": [], "round": [], "overhead": [], "rtt": []}
+        for label in labels
     }
     try:
         for r in range(args.rounds + 1):  # round 0 warms up
-            seconds = plain.round()
-            if r:
-                base["round"].append(seconds)
-            for label, run in fedenc.items():
-                seconds, overhead = run.round()
+            for label, (plain, ours) in pairs.items():
+                base = plain.round()
+                seconds, overhead = ours.round()
                 if r:
-                    runs[label]["round"].append(seconds)
-                    runs[label]["overhead"].append(overhead)
+                    stats[label]["plain"].append(base)
+                    stats[label]["round"].append(seconds)
+                    stats[label]["overhead"].append(overhead)
         for i in range(args.pings + 20):
-            rtt = plain.ping()
-            if i >= 20:
-                base["rtt"].append(rtt)
-            for label, run in fedenc.items():
-                rtt = run.ping()
+            for label, (plain, ours) in pairs.items():
+                base, rtt = plain.ping(), ours.ping()
                 if i >= 20:
-                    runs[label]["rtt"].append(rtt)
+                    stats[label]["plain_rtt"].append(base)
+                    stats[label]["rtt"].append(rtt)
     finally:
-        plain.close()
-        for run in fedenc.values():
-            run.close()
-    plain_stats = base
+        for plain, ours in pairs.values():
+            plain.close()
+            ours.close()
     med = statistics.median
     moved = 2 * args.children * mb
-    print(f"\nround (median of {args.rounds}):")
-    print(f"  plain gRPC stream, same bytes ({moved:.0f} MB)   {med(plain_stats['round']):7.3f} s")
-    for label, ours in runs.items():
-        paired = [o / b for o, b in zip(ours["overhead"], plain_stats["round"], strict=True)]
-        print(f"  fedenc round, total, {label:12s}            {med(ours['round']):7.3f} s")
+    print(f"\nround (median of {args.rounds}; {moved:.0f} MB moved per round):")
+    for label, st in stats.items():
+        paired = [o / b for o, b in zip(st["overhead"], st["plain"], strict=True)]
+        print(f"  {label}:")
+        print(f"    plain gRPC stream, same bytes       {med(st['plain']):7.3f} s")
+        print(f"    fedenc round, total                 {med(st['round']):7.3f} s")
         print(
-            f"  fedenc round overhead, {label:12s}          {med(ours['overhead']):7.3f} s"
-            f"   = {med(ours['overhead']) / med(plain_stats['round']):.2f} x plain gRPC"
-            f" (median of the rounds' own ratios {med(paired):.2f})"
+            f"    fedenc round overhead               {med(st['overhead']):7.3f} s"
+            f"   = {med(st['overhead']) / med(st['plain']):.2f} x plain gRPC"
+            f" (median of the rounds' own ratios {med(paired):.2f}; goal <= 1.3)"
         )
     print(f"\nsmall-message round trip, one child ({args.pings} after 20 warm-up):")
-    print(
-        f"  plain gRPC ping-pong            p50 {pct(plain_stats['rtt'], 50) * 1e3:6.2f} ms"
-        f"   p99 {pct(plain_stats['rtt'], 99) * 1e3:6.2f} ms"
-    )
-    for label, ours in runs.items():
+    for label, st in stats.items():
         print(
-            f"  fedenc Grid query, {label:12s} p50 {pct(ours['rtt'], 50) * 1e3:6.2f} ms"
-            f"   p99 {pct(ours['rtt'], 99) * 1e3:6.2f} ms   (goal p50 < 5 ms)"
+            f"  {label:12s} plain gRPC ping-pong  p50 {pct(st['plain_rtt'], 50) * 1e3:6.2f} ms"
+            f"   p99 {pct(st['plain_rtt'], 99) * 1e3:6.2f} ms"
+        )
+        print(
+            f"  {label:12s} fedenc Grid query     p50 {pct(st['rtt'], 50) * 1e3:6.2f} ms"
+            f"   p99 {pct(st['rtt'], 99) * 1e3:6.2f} ms   (goal p50 < 5 ms)"
         )
 
 
