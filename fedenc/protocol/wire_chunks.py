@@ -120,76 +120,51 @@ def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int] | None:
     return None
 
 
+def _scan(
+    buf: memoryview, varints: tuple[int, ...], lengths: tuple[int, ...]
+) -> tuple[dict[int, int], dict[int, memoryview]] | None:
+    """The fields of the message in ``buf``: the values of the varint fields ``varints`` and
+    the bytes (views) of the length-delimited fields ``lengths``; None for any other field, a
+    field seen twice, or a truncated one."""
+    values: dict[int, int] = {}
+    views: dict[int, memoryview] = {}
+    pos, end = 0, len(buf)
+    while pos < end:
+        key = _read_varint(buf, pos, end)
+        if key is None:
+            return None
+        tag, pos = key
+        number, wire_type = tag >> 3, tag & 7
+        if number in values or number in views:
+            return None
+        value = _read_varint(buf, pos, end)
+        if value is None:
+            return None
+        if wire_type == _VARINT and number in varints:
+            values[number], pos = value
+        elif wire_type == _LEN and number in lengths and value[0] <= end - value[1]:
+            start, pos = value[1], value[1] + value[0]
+            views[number] = buf[start:pos]
+        else:
+            return None
+    return values, views
+
+
 def parse_chunk_frame(frame: bytes) -> tuple[int, int, RawChunk] | None:
     """``(message_id, reply_to, chunk)`` of a chunk frame, its data a view of ``frame``; None
     when ``frame`` is anything else or anything unusual (parse it with the generated class)."""
-    buf = memoryview(frame)
-    end = len(buf)
-    pos = 0
-    ids = {_ID: 0, _REPLY_TO: 0}
-    body: tuple[int, int] | None = None
-    seen: set[int] = set()
-    while pos < end:
-        key = _read_varint(buf, pos, end)
-        if key is None:
-            return None
-        tag, pos = key
-        number, wire_type = tag >> 3, tag & 7
-        if number in seen:
-            return None
-        seen.add(number)
-        if number in ids and wire_type == _VARINT:
-            value = _read_varint(buf, pos, end)
-            if value is None:
-                return None
-            ids[number], pos = value
-        elif number == _BODY and wire_type == _LEN:
-            length = _read_varint(buf, pos, end)
-            if length is None or length[0] > end - length[1]:
-                return None
-            body = (length[1], length[1] + length[0])
-            pos = body[1]
-        else:
-            return None
-    if body is None:
+    outer = _scan(memoryview(frame), (_ID, _REPLY_TO), (_BODY,))
+    if outer is None or _BODY not in outer[1]:
         return None
-    chunk = _parse_body(buf, *body)
-    return None if chunk is None else (ids[_ID], ids[_REPLY_TO], chunk)
-
-
-def _parse_body(buf: memoryview, pos: int, end: int) -> RawChunk | None:
-    name, offset, last = "", 0, False
-    data = buf[0:0]
-    seen: set[int] = set()
-    while pos < end:
-        key = _read_varint(buf, pos, end)
-        if key is None:
-            return None
-        tag, pos = key
-        number, wire_type = tag >> 3, tag & 7
-        if number in seen:
-            return None
-        seen.add(number)
-        if wire_type == _LEN and number in (_NAME, _DATA):
-            length = _read_varint(buf, pos, end)
-            if length is None or length[0] > end - length[1]:
-                return None
-            start, pos = length[1], length[1] + length[0]
-            if number == _DATA:
-                data = buf[start:pos]
-            else:
-                try:
-                    name = bytes(buf[start:pos]).decode("utf-8")
-                except UnicodeDecodeError:
-                    return None
-        elif wire_type == _VARINT and number in (_OFFSET, _LAST):
-            value = _read_varint(buf, pos, end)
-            if value is None:
-                return None
-            if number == _OFFSET:
-                offset, pos = value
-            else:
-                last, pos = bool(value[0]), value[1]
-        else:
-            return None
-    return RawChunk(name=name, offset=offset, data=data, last=last)
+    body = outer[1][_BODY]
+    inner = _scan(body, (_OFFSET, _LAST), (_NAME, _DATA))
+    if inner is None:
+        return None
+    values, views = inner
+    try:
+        name = bytes(views.get(_NAME, b"")).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    data = views.get(_DATA, body[0:0])
+    chunk = RawChunk(name, values.get(_OFFSET, 0), data, bool(values.get(_LAST, 0)))
+    return outer[0].get(_ID, 0), outer[0].get(_REPLY_TO, 0), chunk
