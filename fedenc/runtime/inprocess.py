@@ -48,6 +48,7 @@ from flwr.serverapp import ServerApp
 
 from fedenc.runtime import flower_compat as fc
 from fedenc.runtime.clientapp import ClientCallable, call_client_app, load_app
+from fedenc.runtime.instructions import stamp_instruction
 from fedenc.runtime.replies import stream_replies
 from fedenc.runtime.workers import WorkerDiedError, WorkerPool
 
@@ -136,14 +137,7 @@ class InProcessGrid(fc.RunGrid):
         ids: list[str] = []
         for message in messages:
             meta = message.metadata
-            if meta.run_id != self._run.run_id:
-                raise ValueError(
-                    f"message for run {meta.run_id} pushed to the grid of run {self._run.run_id}"
-                )
-            if meta.reply_to_message_id:
-                raise ValueError("cannot push a reply message as an instruction")
-            message_id = f"ins-{next(self._ids):08d}"
-            fc.set_message_id(message, message_id)
+            message_id = stamp_instruction(message, self._run.run_id, self._ids)
             data = fc.message_to_bytes(message)  # one copy per destination: no shared content
             with self._lock:
                 if self._closed:

@@ -50,6 +50,7 @@ from fedenc.runtime.grpc.transport import (
     parse_address,
     server_options,
 )
+from fedenc.runtime.instructions import stamp_instruction
 from fedenc.runtime.replies import stream_replies
 from fedenc.security.errors import IDENTITY_ERROR_PREFIX
 from fedenc.training.allocator import tune_allocator
@@ -423,14 +424,7 @@ class GrpcGrid(fc.RunGrid):
         ids: list[str] = []
         for message in messages:
             meta = message.metadata
-            if meta.run_id != self._run.run_id:
-                raise ValueError(
-                    f"message for run {meta.run_id} pushed to the grid of run {self._run.run_id}"
-                )
-            if meta.reply_to_message_id:
-                raise ValueError("cannot push a reply message as an instruction")
-            message_id = f"ins-{next(self._ids):08d}"
-            fc.set_message_id(message, message_id)
+            message_id = stamp_instruction(message, self._run.run_id, self._ids)
             with self._lock:
                 if self._closed:
                     raise RuntimeError("the gRPC grid is closed")
