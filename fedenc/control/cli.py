@@ -7,9 +7,9 @@ from __future__ import annotations
 import getpass
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -295,6 +295,29 @@ def _ms(ms: int) -> str:
     return time.strftime("%H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
 
 
+_R = TypeVar("_R")
+
+
+def _ask(
+    master: str, insecure: bool, certs: Path | None, cert_name: str, call: Callable[[Any], _R]
+) -> _R:
+    """One Control call on a fresh connection; a refusal exits with its code and message."""
+    from fedenc.control.client import ControlError
+
+    with connect(master, security_of(insecure, certs, cert_name)) as client:
+        try:
+            return call(client)
+        except ControlError as err:
+            raise _fail(str(err), _exit_of(err)) from err
+
+
+def _table(title: str, columns: tuple[str, ...]) -> Table:
+    table = Table(title=title)
+    for name in columns:
+        table.add_column(name)
+    return table
+
+
 @control_app.command("jobs")
 def jobs_cmd(
     master: MasterOpt = "127.0.0.1:9092",
@@ -303,16 +326,9 @@ def jobs_cmd(
     cert_name: AsOpt = "operator",
 ) -> None:
     """Every job of the master, oldest first."""
-    from fedenc.control.client import ControlError
-
-    with connect(master, security_of(insecure, certs, cert_name)) as client:
-        try:
-            jobs = client.jobs()
-        except ControlError as err:
-            raise _fail(str(err), _exit_of(err)) from err
-    table = Table(title=f"jobs on {master}")
-    for name in ("job", "state", "encoder", "rounds", "requester", "created", "note"):
-        table.add_column(name)
+    jobs = _ask(master, insecure, certs, cert_name, lambda client: client.jobs())
+    columns = ("job", "state", "encoder", "rounds", "requester", "created", "note")
+    table = _table(f"jobs on {master}", columns)
     for job in jobs:
         budget = job.round_budget or "-"
         note = job.error or job.stop_reason
@@ -336,17 +352,11 @@ def children_cmd(
     cert_name: AsOpt = "operator",
 ) -> None:
     """The children the master has seen and what they are doing."""
-    from fedenc.control.client import ControlError
     from fedenc.proto.fedenc.v1 import control_pb2 as cpb
 
-    with connect(master, security_of(insecure, certs, cert_name)) as client:
-        try:
-            children = client.children()
-        except ControlError as err:
-            raise _fail(str(err), _exit_of(err)) from err
-    table = Table(title=f"children of {master}")
-    for name in ("child", "node", "state", "job", "last seen", "peer", "note"):
-        table.add_column(name)
+    children = _ask(master, insecure, certs, cert_name, lambda client: client.children())
+    columns = ("child", "node", "state", "job", "last seen", "peer", "note")
+    table = _table(f"children of {master}", columns)
     for c in children:
         state = cpb.ChildState.Name(c.state).removeprefix("CHILD_STATE_").lower()
         note = c.decline_reason or c.left_reason
@@ -366,13 +376,8 @@ def cancel_cmd(
     reason: Annotated[str, typer.Option(help="Why (kept with the job).")] = "",
 ) -> None:
     """Cancel a job: a queued one never starts, a running one stops after its round."""
-    from fedenc.control.client import ControlError
-
-    with connect(master, security_of(insecure, certs, cert_name)) as client:
-        try:
-            job = client.cancel(job_id, reason or requester())
-        except ControlError as err:
-            raise _fail(str(err), _exit_of(err)) from err
+    who = reason or requester()
+    job = _ask(master, insecure, certs, cert_name, lambda client: client.cancel(job_id, who))
     console.print(f"job {job.job_id}: {_state(job)}, cancel requested: {job.cancel_requested}")
 
 

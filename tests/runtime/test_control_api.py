@@ -226,3 +226,19 @@ def test_fedenc_train_master_errors_are_clear(control_master: ControlMaster) -> 
     assert missing.exit_code == 2 and "unknown job id 'nope'" in missing.output
     no_master = runner.invoke(cli, ["train", "--rounds", "3"])
     assert no_master.exit_code == 2 and "--rounds need --master" in no_master.output
+
+
+def test_fedenc_control_lists_jobs_and_children_and_refuses_unknown_jobs(
+    control_master: ControlMaster, client: ControlClient
+) -> None:
+    runner = CliRunner()
+    base = ["--master", control_master.address, "--insecure"]
+    children = runner.invoke(cli, ["control", "children", *base], terminal_width=200)
+    assert children.exit_code == 0, children.output
+    assert "c0" in children.output and "c1" in children.output
+    jobs = runner.invoke(cli, ["control", "jobs", *base], terminal_width=200)
+    assert jobs.exit_code == 0, jobs.output
+    for job in client.jobs():
+        assert job.job_id in jobs.output
+    missing = runner.invoke(cli, ["control", "cancel", "nope", *base])
+    assert missing.exit_code != 0 and "nope" in missing.output
