@@ -233,10 +233,11 @@ def test_fedenc_control_lists_jobs_and_children_and_refuses_unknown_jobs(
 ) -> None:
     runner = CliRunner()
     base = ["--master", control_master.address, "--insecure"]
-    children = runner.invoke(cli, ["control", "children", *base], terminal_width=200)
+    wide = {"COLUMNS": "250"}  # rich wraps table cells to the terminal width
+    children = runner.invoke(cli, ["control", "children", *base], env=wide)
     assert children.exit_code == 0, children.output
     assert "c0" in children.output and "c1" in children.output
-    jobs = runner.invoke(cli, ["control", "jobs", *base], terminal_width=200)
+    jobs = runner.invoke(cli, ["control", "jobs", *base], env=wide)
     assert jobs.exit_code == 0, jobs.output
     for job in client.jobs():
         assert job.job_id in jobs.output
