@@ -955,6 +955,39 @@ def child_cmd(
     workers: Annotated[
         int, typer.Option(min=0, help="Train on N computing-server processes (fedenc.elastic).")
     ] = 0,
+    elastic_listen: Annotated[
+        str | None,
+        typer.Option(
+            help="--workers: HOST:PORT of the site's task-information server, for computing "
+            "servers on other machines (`fedenc elastic worker --task-server HOST:PORT`). "
+            "Default: 127.0.0.1, this machine only.",
+            rich_help_panel="Elastic (--workers)",
+        ),
+    ] = None,
+    elastic_advertise: Annotated[
+        str | None,
+        typer.Option(
+            help="--workers: the host name other machines dial (default: the listen host, or "
+            "this machine's name for 0.0.0.0).",
+            rich_help_panel="Elastic (--workers)",
+        ),
+    ] = None,
+    elastic_certs: Annotated[
+        Path | None,
+        typer.Option(
+            help="--workers: the site's own fedenc certificates (mutual TLS between its "
+            "services and computing servers).",
+            rich_help_panel="Elastic (--workers)",
+        ),
+    ] = None,
+    elastic_insecure: Annotated[
+        bool,
+        typer.Option(
+            "--elastic-insecure",
+            help="--workers: plaintext off this machine (trusted networks only).",
+            rich_help_panel="Elastic (--workers)",
+        ),
+    ] = False,
     connect_timeout: Annotated[
         float, typer.Option(help="Give up after this long without a connection, seconds.")
     ] = 60.0,
@@ -978,6 +1011,12 @@ def child_cmd(
     _log_level(log_level)
     if index >= children:
         raise _fail(f"--index {index} must be below --children {children}")
+    elastic = [elastic_listen, elastic_advertise, elastic_certs, elastic_insecure or None]
+    if not workers and any(v is not None for v in elastic):
+        raise _fail("--elastic-listen/--elastic-advertise/--elastic-certs/--elastic-insecure "
+                    "need --workers N")  # fmt: skip
+    if elastic_certs is not None and not elastic_certs.is_dir():
+        raise _fail(f"--elastic-certs {elastic_certs}: no such directory")
     module_name, _, attr = app_path.partition(":")
     try:
         client_app = getattr(importlib.import_module(module_name), attr or "app")
@@ -996,6 +1035,10 @@ def child_cmd(
         "synthetic-items": synthetic_items,
         "valid-fraction": valid_fraction,
         "elastic-workers": workers or None,
+        "elastic-listen": elastic_listen,
+        "elastic-advertise": elastic_advertise,
+        "elastic-certs": str(elastic_certs) if elastic_certs is not None else None,
+        "elastic-insecure": elastic_insecure or None,
     }
     node_config.update({k: v for k, v in optional.items() if v is not None})
     try:

@@ -85,3 +85,13 @@ def test_unknown_device_exits_2() -> None:
     result = runner.invoke(app, ["train", "--synthetic", *TINY, "--device", "gpu", "-q"])
     assert result.exit_code == 2, result.output
     assert "gpu" in flat(result.stderr)
+
+
+def test_child_elastic_options_need_workers_and_a_certs_directory(tmp_path: Path) -> None:
+    base = ["child", "--master", "127.0.0.1:1", "--name", "c", "--insecure"]
+    alone = runner.invoke(app, [*base, "--elastic-listen", "0.0.0.0:7200"])
+    assert alone.exit_code == 2 and "need --workers N" in alone.output
+    missing = runner.invoke(
+        app, [*base, "--workers", "1", "--elastic-certs", str(tmp_path / "nope")]
+    )
+    assert missing.exit_code == 2 and "no such directory" in missing.output

@@ -13,7 +13,7 @@ from __future__ import annotations
 import signal
 import threading
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -32,14 +32,6 @@ def _wait_for_signal() -> None:
     stop.wait()
 
 
-def _server_security(certs: Path | None, insecure: bool) -> Any:
-    from fedenc.ps.tls import shard_credentials
-    from fedenc.runtime.grpc.transport import ServerSecurity
-
-    credentials = shard_credentials(certs, insecure)
-    return ServerSecurity(credentials=credentials, insecure=credentials is None)
-
-
 @elastic_app.command("data-server")
 def data_server_cmd(
     store: Annotated[str, typer.Option(help="Storage directory or file:// URI (model + shard).")],
@@ -55,6 +47,7 @@ def data_server_cmd(
     epoch of the task is applied (the parameters go to --out); keeps serving until SIGTERM."""
     import torch
 
+    from fedenc.elastic.common import server_security_of
     from fedenc.elastic.data_server import DataServer, DataTask, serve
     from fedenc.elastic.store import load_store
     from fedenc.training.trainer import Trainer
@@ -66,7 +59,7 @@ def data_server_cmd(
         task_id, trainer, stored.examples, stored.train.epochs, mode, max_staleness
     )
     impl.start_task(task)
-    server, port = serve(impl, listen, _server_security(certs, insecure))
+    server, port = serve(impl, listen, server_security_of(certs, insecure))
     host = listen.rpartition(":")[0]
     print(f"data server listening on {host}:{port}: task {task_id}, {task.total_batches} "
           f"batches", flush=True)  # fmt: skip
@@ -94,6 +87,7 @@ def task_server_cmd(
     insecure: Insecure = False,
 ) -> None:
     """Register computing servers, assign batches, journal progress; resumes from --journal."""
+    from fedenc.elastic.common import server_security_of
     from fedenc.elastic.task_server import TaskInfoServer, serve
     from fedenc.elastic.worker import channel_security
 
@@ -104,7 +98,7 @@ def task_server_cmd(
         heartbeat_interval=heartbeat_interval,
         heartbeat_timeout=heartbeat_timeout,
     )
-    server, port = serve(impl, listen, _server_security(certs, insecure))
+    server, port = serve(impl, listen, server_security_of(certs, insecure))
     host = listen.rpartition(":")[0]
     print(f"task-information server listening on {host}:{port}", flush=True)
     _wait_for_signal()

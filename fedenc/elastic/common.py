@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final, NoReturn, TypeVar
 
 import grpc
@@ -86,3 +87,13 @@ def abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) ->
     """``context.abort`` typed as never returning (it raises to end the RPC)."""
     context.abort(code, details)
     raise AssertionError("unreachable: context.abort raises")
+
+
+def server_security_of(certs: Path | None, insecure: bool) -> Any:
+    """A service's ``ServerSecurity``: mutual TLS with the master certificate of ``certs``
+    (clients need child certificates of the same CA), or explicit plaintext (with a warning)."""
+    from fedenc.ps.tls import shard_credentials
+    from fedenc.runtime.grpc.transport import ServerSecurity
+
+    credentials = shard_credentials(certs, insecure)
+    return ServerSecurity(credentials=credentials, insecure=credentials is None)

@@ -1,18 +1,28 @@
-"""A whole elastic site on one machine: the data server and the task-information server in this
-process (on 127.0.0.1), and N computing-server processes — what ``fedenc child --workers N``
-runs for its local training. Remote computing servers can join the same site by registering
-with :attr:`ElasticSite.task_address` (``fedenc elastic worker --task-server ...``).
+"""A whole elastic site: the data server and the task-information server in this process, and
+N computing-server processes on this machine — what ``fedenc child --workers N`` runs for its
+local training.
+
+By default the two servers listen on 127.0.0.1 only, in plaintext. With ``listen`` on another
+interface, computing servers on other machines join the same site by registering with
+:attr:`ElasticSite.task_address` (``fedenc elastic worker --task-server HOST:PORT``); the task
+server tells them where the data server is (``advertise``). Off loopback the site needs ``certs``
+(a fedenc certificates directory of the site's own: the servers present its master certificate
+and require child certificates; the local computing servers and the task server get theirs
+issued from its CA key) or an explicit ``insecure``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +33,14 @@ from fedenc.elastic.common import (
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_HEARTBEAT_TIMEOUT,
     ElasticError,
+    server_security_of,
 )
 from fedenc.elastic.data_server import DataServer, DataTask
 from fedenc.elastic.task_server import TaskInfoServer
+from fedenc.elastic.worker import channel_security
 from fedenc.proto.fedenc.v1 import elastic_pb2 as epb
-from fedenc.runtime.grpc.transport import ChannelSecurity, ServerSecurity
+from fedenc.runtime.grpc.launcher import prepare_certs
+from fedenc.runtime.grpc.transport import ServerSecurity
 from fedenc.training.progress import TrainingProgress
 from fedenc.training.trainer import Trainer
 
@@ -35,13 +48,35 @@ log = logging.getLogger(__name__)
 
 
 def worker_command(
-    task_address: str, worker_id: str, threads: int = 1, delay: float = 0.0
+    task_address: str,
+    worker_id: str,
+    threads: int = 1,
+    delay: float = 0.0,
+    certs: Path | None = None,
 ) -> list[str]:
+    """A local computing server's command line (mutual TLS as ``worker_id`` with ``certs``)."""
+    security = ["--certs", str(certs), "--name", worker_id] if certs else ["--insecure"]
     return [
         sys.executable, "-m", "fedenc.elastic.worker", "--task-server", task_address,
-        "--id", worker_id, "--insecure", "--threads", str(threads), "--delay", str(delay),
+        "--id", worker_id, *security, "--threads", str(threads), "--delay", str(delay),
         "--exit-with-parent",
     ]  # fmt: skip
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ElasticError(f"elastic listen address must be HOST:PORT, got {listen!r}")
+    return host, int(port)
 
 
 class ElasticSite:
@@ -57,36 +92,63 @@ class ElasticSite:
         heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
         worker_threads: int = 1,
         worker_delay: float = 0.0,
+        listen: str = "127.0.0.1:0",
+        advertise: str | None = None,
+        certs: Path | None = None,
+        insecure: bool = False,
     ) -> None:
         if workers < 0:
             raise ElasticError(f"workers must be >= 0, got {workers}")
         if mode not in ds_mod.MODES:
             raise ElasticError(f"unknown training mode {mode!r}; use sync or async")
+        host, port = _split_listen(listen)
+        if certs is None and not insecure and not _is_loopback(host):
+            raise ElasticError(
+                f"the elastic site would listen on {host}, reachable from other machines: give "
+                "it certificates (--elastic-certs DIR, from `fedenc certs init --dir DIR --master-host "
+                "THIS_HOST`) or accept plaintext explicitly (--elastic-insecure)"
+            )
+        if advertise is None:  # what other machines dial; a wildcard address is not dialable
+            advertise = socket.gethostname() if host in ("0.0.0.0", "::", "[::]") else host
         self.name, self.mode, self.max_staleness = name, mode, max_staleness
+        self.certs = certs
         self._tmp = None
+        self._stack = ExitStack()
         if journal_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="fedenc-elastic-")
             journal_dir = Path(self._tmp.name)
+        if certs is not None:  # the site's own services get their child certificates
+            own = [f"{name}-tis", *(f"{name}-w{i}" for i in range(workers))]
+            prepare_certs(own, certs, self._stack)
+            server_security = server_security_of(certs, insecure=False)
+        elif _is_loopback(host):
+            server_security = ServerSecurity(insecure=True)  # this machine only
+        else:
+            server_security = server_security_of(None, insecure=True)  # warns: plaintext
         self.data = DataServer()
-        insecure = ServerSecurity(insecure=True)  # loopback only: 127.0.0.1
-        self._ds_server, ds_port = ds_mod.serve(self.data, "127.0.0.1:0", insecure)
-        self.data_address = f"127.0.0.1:{ds_port}"
+        self._ds_server, ds_port = ds_mod.serve(self.data, f"{host}:0", server_security)
+        self.data_address = f"{advertise}:{ds_port}"
         self.tis = TaskInfoServer(
             self.data_address,
             journal_dir,
-            channel=ChannelSecurity(insecure=True),
+            channel=channel_security(str(certs) if certs else None, f"{name}-tis", certs is None),
             heartbeat_interval=heartbeat_interval,
             heartbeat_timeout=heartbeat_timeout,
         )
-        self._tis_server, tis_port = tis_mod.serve(self.tis, "127.0.0.1:0", insecure)
-        self.task_address = f"127.0.0.1:{tis_port}"
+        self._tis_server, tis_port = tis_mod.serve(self.tis, f"{host}:{port}", server_security)
+        self.task_address = f"{advertise}:{tis_port}"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.worker_threads, self.worker_delay = worker_threads, worker_delay
         for i in range(workers):
             self.add_worker(f"{name}-w{i}")
 
     def add_worker(self, worker_id: str) -> subprocess.Popen[bytes]:
-        cmd = worker_command(self.task_address, worker_id, self.worker_threads, self.worker_delay)
+        """Start a local computing server (its certificate is issued first under ``certs``)."""
+        if self.certs is not None:
+            prepare_certs([worker_id], self.certs, self._stack)
+        cmd = worker_command(
+            self.task_address, worker_id, self.worker_threads, self.worker_delay, self.certs
+        )
         env = {**os.environ, "OMP_NUM_THREADS": str(self.worker_threads)}
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs[worker_id] = proc
@@ -153,6 +215,7 @@ class ElasticSite:
         self.tis.stop()
         self._tis_server.stop(0)
         self._ds_server.stop(0)
+        self._stack.close()
         if self._tmp is not None:
             self._tmp.cleanup()
 

@@ -473,27 +473,44 @@ def handle_train(message: Message, context: Context) -> Message:
     return Message(content, reply_to=message)
 
 
-_sites: dict[int, Any] = {}
+_sites: dict[tuple[Any, ...], Any] = {}
 
 
 def _elastic_site(context: Context, state: ChildState) -> Any:
     """The child's elastic site (node_config ``elastic-workers`` = N computing-server processes,
-    ``fedenc child --workers N``), started on first use and kept for the process's lifetime;
-    None for ordinary in-process training."""
-    workers = get_int(context.node_config, "elastic-workers", 0)
+    ``fedenc child --workers N``; ``elastic-listen`` / ``elastic-advertise`` / ``elastic-certs``
+    / ``elastic-insecure`` open it to computing servers on other machines), started on first use
+    and kept for the process's lifetime; None for ordinary in-process training."""
+    config = context.node_config
+    workers = get_int(config, "elastic-workers", 0)
     if workers <= 0:
         return None
     if type(state.trainer) is not Trainer or state.trainer.config.plan != "default":
         raise ValueError("elastic training (--workers) needs the plain trainer: no PS, no plan")
     from fedenc.elastic.site import ElasticSite
 
+    listen = get_str(config, "elastic-listen", "127.0.0.1:0")
+    advertise = get_str(config, "elastic-advertise", "") or None
+    certs = get_str(config, "elastic-certs", "")
+    insecure = get_bool(config, "elastic-insecure", False)
+    key = (workers, listen, advertise, certs, insecure)
     with _lock:
-        site = _sites.get(workers)
+        site = _sites.get(key)
         if site is None:
             import atexit
+            from pathlib import Path
 
-            site = _sites[workers] = ElasticSite(workers, name=state.name)
+            site = _sites[key] = ElasticSite(
+                workers,
+                name=state.name,
+                listen=listen,
+                advertise=advertise,
+                certs=Path(certs) if certs else None,
+                insecure=insecure,
+            )
             atexit.register(site.close)
+            if listen != "127.0.0.1:0":
+                log.info("elastic site open to computing servers at %s", site.task_address)
     return site
 
 

@@ -9,12 +9,13 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
+from fedenc.elastic.common import ElasticError
 from fedenc.federation import child, records
 from tests.federation.test_child import RUN_CONFIG, instruction, query, send
 
 
 def context(run_id: int, workers: int) -> Context:
-    node_config: dict[str, int] = {"partition-id": 0, "num-partitions": 2}
+    node_config: dict[str, int | str] = {"partition-id": 0, "num-partitions": 2}
     if workers:
         node_config["elastic-workers"] = workers
     return Context(
@@ -53,3 +54,15 @@ def test_child_round_with_two_workers_equals_the_in_process_round() -> None:
         records.read_metrics(replies[0].content)["train_loss"], rel=1e-6
     )
     assert any(k.startswith("elastic_pairs_per_s/") for k in metrics)
+
+
+def test_the_childs_elastic_options_reach_its_site() -> None:
+    # Off loopback without certificates the site refuses to start, and the round says why.
+    ins, shared = instruction()
+    ctx = context(79, 1)
+    ctx.node_config["elastic-listen"] = "0.0.0.0:0"
+    assert query(ctx, ins).accepted
+    content = records.round_content(records.params_to_record(shared), ins, 1)
+    with pytest.raises(ElasticError, match="--elastic-certs DIR"):
+        child.handle_train(send(content, "train", ctx), ctx)
+    assert not child._sites

@@ -24,6 +24,7 @@ import torch
 
 from fedenc.data.sessions import Examples
 from fedenc.data.synthetic import SyntheticConfig, generate
+from fedenc.elastic.common import ElasticError
 from fedenc.elastic.data_server import DataServer, DataTask
 from fedenc.elastic.data_server import serve as serve_data
 from fedenc.elastic.site import ElasticSite, worker_command
@@ -243,3 +244,57 @@ def test_task_server_sigkilled_and_restarted_resumes_from_its_journal(
                 proc.kill()
             proc.wait(10)
         server.stop(0)
+
+
+def test_a_remote_computing_server_joins_over_mutual_tls(
+    tmp_path: Path,
+    examples: Examples,
+    reference: dict[str, torch.Tensor],
+    site_factory: Callable[..., ElasticSite],
+) -> None:
+    # The site's own CA: its servers present the master certificate, its local computing server
+    # and task server get child certificates issued on start; the "remote" one was issued one
+    # by the operator (`fedenc certs issue remote-1`) and dials the advertised address.
+    from fedenc.security.layout import CertLayout
+    from fedenc.security.store import init_certs, issue_child
+
+    layout = CertLayout(tmp_path / "site-certs")
+    init_certs(layout)
+    issue_child(layout, "remote-1")
+    site = site_factory(1, certs=layout.root, listen="127.0.0.1:0", advertise="localhost")
+    assert site.task_address.startswith("localhost:")
+    cmd = [sys.executable, "-m", "fedenc.elastic.worker", "--task-server", site.task_address]
+    cmd += ["--id", "remote-1", "--certs", str(layout.root), "--name", "remote-1"]
+    remote = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for("both computing servers", lambda: alive_workers(site.tis.progress()) == 2)
+        trainer = Trainer(fresh_model(), copy.deepcopy(CONFIG))
+        run = run_training(site, trainer, examples)
+        run["thread"].join(120)
+        assert "error" not in run, run.get("error")
+        done = {w.worker_id: w.batches for w in site.tis.progress().workers}
+        assert done.get("remote-1", 0) > 0 and done.get("site-w0", 0) > 0, done
+        assert_same(trainer.model, reference)
+    finally:
+        remote.kill()
+        remote.wait(10)
+    # A plaintext computing server never gets in (it keeps retrying the handshake).
+    intruder = subprocess.Popen(
+        [sys.executable, "-m", "fedenc.elastic.worker", "--task-server", site.task_address,
+         "--id", "intruder", "--insecure"],
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        time.sleep(5)
+        assert all(w.worker_id != "intruder" for w in site.tis.progress().workers)
+    finally:
+        intruder.kill()
+        intruder.communicate(timeout=10)
+
+
+def test_a_site_reachable_from_other_machines_needs_certificates_or_explicit_plaintext() -> None:
+    with pytest.raises(ElasticError, match="--elastic-certs DIR") as err:
+        ElasticSite(0, listen="0.0.0.0:0")
+    assert "--elastic-insecure" in str(err.value)
+    with pytest.raises(ElasticError, match="HOST:PORT"):
+        ElasticSite(0, listen="7200")
