@@ -105,8 +105,8 @@ class ElasticSite:
         if certs is None and not insecure and not _is_loopback(host):
             raise ElasticError(
                 f"the elastic site would listen on {host}, reachable from other machines: give "
-                "it certificates (--elastic-certs DIR, from `fedenc certs init --dir DIR --master-host "
-                "THIS_HOST`) or accept plaintext explicitly (--elastic-insecure)"
+                "it certificates (--elastic-certs DIR, from `fedenc certs init --dir DIR "
+                "--master-host THIS_HOST`) or accept plaintext explicitly (--elastic-insecure)"
             )
         if advertise is None:  # what other machines dial; a wildcard address is not dialable
             advertise = socket.gethostname() if host in ("0.0.0.0", "::", "[::]") else host
