@@ -33,7 +33,7 @@ from fedenc.proto.fedenc.v1 import parameter_server_pb2_grpc as psgrpc
 from fedenc.ps.routing import split_by_shard
 from fedenc.ps.server import MAX_MESSAGE_BYTES
 from fedenc.ps.table import PSError, as_keys, check_push
-from fedenc.ps.wire import keys_to_proto, rows_from_proto, rows_to_proto
+from fedenc.ps.wire import keys_to_proto, push_request_bytes, read_pull_response
 
 T = TypeVar("T")
 #: Row bytes per request: under gRPC's default 4 MiB receive limit with room for the envelope.
@@ -82,6 +82,23 @@ class ShardedClient:
             for a in self.addresses
         ]
         self.stubs = [psgrpc.ParameterServerStub(c) for c in self.channels]
+        # Pull answers are read straight from their bytes (fedenc.ps.wire.read_pull_response).
+        self._pulls = [
+            c.unary_unary(
+                "/fedenc.v1.ParameterServer/Pull",
+                request_serializer=pspb.PullRequest.SerializeToString,
+                response_deserializer=None,
+            )
+            for c in self.channels
+        ]
+        self._pushes = [
+            c.unary_unary(
+                "/fedenc.v1.ParameterServer/Push",
+                request_serializer=None,  # push_request_bytes
+                response_deserializer=pspb.PushResponse.FromString,
+            )
+            for c in self.channels
+        ]
         self._pool = ThreadPoolExecutor(max_workers=len(addresses), thread_name_prefix="ps-shard")
         self._sequence = itertools.count(1)
         self._seq_lock = threading.Lock()
@@ -149,13 +166,15 @@ class ShardedClient:
     def pull(self, keys: NDArray[np.int64]) -> Tensor:
         keys = as_keys(keys)
         out = torch.empty(keys.size, self._width)
+        target = out.numpy()
 
         def work(shard: int, pos: NDArray[np.int64]) -> None:
-            stub = self.stubs[shard]
+            pull = self._pulls[shard]
             for batch in self._batches(pos):
                 request = pspb.PullRequest(keys=keys_to_proto(keys[batch]))
-                reply = self._call(shard, partial(stub.Pull, request, timeout=self.timeout))
-                out[torch.from_numpy(batch)] = rows_from_proto(reply.rows)
+                data = self._call(shard, partial(pull, request, timeout=self.timeout))
+                rows, _ = read_pull_response(data, batch.size, self._width)
+                target[batch] = rows
 
         self._per_shard(keys, work)
         self.bytes_pulled += out.numel() * 4
@@ -174,18 +193,14 @@ class ShardedClient:
         lock = threading.Lock()
 
         def work(shard: int, pos: NDArray[np.int64]) -> None:
-            stub = self.stubs[shard]
+            push = self._pushes[shard]
             for batch in self._batches(pos):
                 with self._seq_lock:
                     seq = next(self._sequence)
-                request = pspb.PushRequest(
-                    keys=keys_to_proto(keys[batch]),
-                    rows=rows_to_proto(rows[torch.from_numpy(batch)]),
-                    mode=mode,
-                    client_id=self.client_id,
-                    sequence=seq,
+                request = push_request_bytes(
+                    keys[batch], rows[torch.from_numpy(batch)], mode, self.client_id, seq
                 )
-                reply = self._call(shard, partial(stub.Push, request, timeout=self.timeout))
+                reply = self._call(shard, partial(push, request, timeout=self.timeout))
                 with lock:
                     applied[0] += reply.rows_applied
 

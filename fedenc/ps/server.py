@@ -17,10 +17,10 @@ from typing import Any
 import grpc
 
 from fedenc.proto.fedenc.v1 import parameter_server_pb2 as pspb
-from fedenc.proto.fedenc.v1 import parameter_server_pb2_grpc as psgrpc
 from fedenc.ps.optimizers import PROTO_OPTIMIZER
 from fedenc.ps.table import PSError, ShardTable
-from fedenc.ps.wire import keys_from_proto, rows_from_proto, rows_to_proto
+from fedenc.ps.wire import keys_from_proto, pull_response_bytes, read_push_request
+from fedenc.training.allocator import tune_allocator
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,9 @@ _OPTIONS = [
 ]
 
 
-class ShardServicer(psgrpc.ParameterServerServicer):
+class ShardServicer:
+    """The ``fedenc.v1.ParameterServer`` methods (registered by :func:`add_servicer`)."""
+
     def __init__(self, table: ShardTable, snapshot_every: int = 0) -> None:
         if snapshot_every < 0:
             raise ValueError(f"snapshot_every must be >= 0, got {snapshot_every}")
@@ -42,23 +44,24 @@ class ShardServicer(psgrpc.ParameterServerServicer):
         self.snapshot_every = snapshot_every
         self._snapshot_lock = threading.Lock()
 
-    def Pull(self, request: pspb.PullRequest, context: Any) -> pspb.PullResponse:
+    def Pull(self, request: pspb.PullRequest, context: Any) -> bytes:
+        """The serialized ``PullResponse`` (:func:`~fedenc.ps.wire.pull_response_bytes`)."""
         try:
             keys = keys_from_proto(request.keys)
             rows, version = self.table.pull(keys)
         except (PSError, ValueError) as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"shard {self.table.label}: {err}")
-        return pspb.PullResponse(rows=rows_to_proto(rows), version=version)
+        return pull_response_bytes(rows, version)
 
-    def Push(self, request: pspb.PushRequest, context: Any) -> pspb.PushResponse:
+    def Push(self, data: bytes, context: Any) -> pspb.PushResponse:
+        """A serialized ``PushRequest`` (:func:`~fedenc.ps.wire.read_push_request`)."""
         try:
+            request = read_push_request(data)
             if request.mode not in (pspb.PUSH_MODE_DELTA, pspb.PUSH_MODE_OVERWRITE):
                 raise PSError("push mode not set: use PUSH_MODE_DELTA or PUSH_MODE_OVERWRITE")
-            keys = keys_from_proto(request.keys)
-            rows = rows_from_proto(request.rows)
             result = self.table.push(
-                keys,
-                rows,
+                request.keys,
+                request.rows,
                 overwrite=request.mode == pspb.PUSH_MODE_OVERWRITE,
                 client_id=request.client_id,
                 sequence=request.sequence,
@@ -94,6 +97,40 @@ class ShardServicer(psgrpc.ParameterServerServicer):
         return pspb.RestoreResponse(path=str(path), version=version)
 
 
+SERVICE = "fedenc.v1.ParameterServer"
+
+
+def _already_serialized(data: bytes) -> bytes:
+    return data
+
+
+def add_servicer(servicer: ShardServicer, server: grpc.Server) -> None:
+    """The generated registration, except that ``Pull`` answers bytes it serialized itself and
+    ``Push`` reads the bytes of its request itself (:mod:`fedenc.ps.wire`)."""
+    messages: dict[str, tuple[Any, Any]] = {
+        "Pull": (pspb.PullRequest, None),
+        "Push": (None, pspb.PushResponse),
+        "Stats": (pspb.StatsRequest, pspb.StatsResponse),
+        "Snapshot": (pspb.SnapshotRequest, pspb.SnapshotResponse),
+        "Restore": (pspb.RestoreRequest, pspb.RestoreResponse),
+    }
+    methods = pspb.DESCRIPTOR.services_by_name["ParameterServer"].methods_by_name
+    if set(methods) != set(messages):  # a method added to the .proto must be registered here
+        raise RuntimeError(f"ParameterServer methods {sorted(methods)} != {sorted(messages)}")
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=_already_serialized if request is None else request.FromString,
+            response_serializer=_already_serialized
+            if response is None
+            else response.SerializeToString,
+        )
+        for name, (request, response) in messages.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
 def serve(
     table: ShardTable,
     listen: str,
@@ -104,8 +141,9 @@ def serve(
 ) -> tuple[grpc.Server, int]:
     """Start a shard server on ``listen`` (``HOST:PORT``, port 0 = any free one); returns the
     started server and the bound port. ``credentials``: ``grpc.ServerCredentials`` for TLS."""
+    tune_allocator()  # every request allocates row-sized buffers: reuse their pages
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_OPTIONS)
-    psgrpc.add_ParameterServerServicer_to_server(ShardServicer(table, snapshot_every), server)
+    add_servicer(ShardServicer(table, snapshot_every), server)
     if credentials is None:
         port = server.add_insecure_port(listen)
     else:
