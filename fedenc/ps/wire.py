@@ -76,8 +76,8 @@ def _rows_field(number: int, rows: Tensor) -> tuple[bytes, memoryview, bytes]:
     return head, data, _COMPRESSION_NONE
 
 
-def _read_rows(view: memoryview) -> Tensor | None:
-    """A ``Tensor`` message's rows, decoded with one copy; None when it is not a plain one."""
+def _tensor_parts(view: memoryview) -> tuple[pb.TensorSpec, memoryview, int] | None:
+    """(spec, data view, compression) of a ``Tensor`` message; None when it is not a plain one."""
     inner = scan(view, (_COMPRESSION,), (_SPEC, _DATA))
     if inner is None or _SPEC not in inner[1]:
         return None
@@ -85,8 +85,13 @@ def _read_rows(view: memoryview) -> Tensor | None:
         spec = pb.TensorSpec.FromString(bytes(inner[1][_SPEC]))
     except DecodeError:
         return None
-    data = inner[1].get(_DATA, memoryview(b""))
-    return decode_tensor(spec, data, inner[0].get(_COMPRESSION, 0))
+    return spec, inner[1].get(_DATA, memoryview(b"")), inner[0].get(_COMPRESSION, 0)
+
+
+def _read_rows(view: memoryview) -> Tensor | None:
+    """A ``Tensor`` message's rows, decoded with one copy; None when it is not a plain one."""
+    parts = _tensor_parts(view)
+    return None if parts is None else decode_tensor(*parts)
 
 
 def pull_response_bytes(rows: Tensor, version: int) -> bytes:
@@ -173,12 +178,8 @@ def _parse_pull(data: bytes) -> tuple[pb.TensorSpec, int, memoryview, int] | Non
     outer = scan(memoryview(data), (_VERSION,), (_ROWS,))
     if outer is None or _ROWS not in outer[1]:
         return None
-    inner = scan(outer[1][_ROWS], (_COMPRESSION,), (_SPEC, _DATA))
-    if inner is None or _SPEC not in inner[1]:
+    parts = _tensor_parts(outer[1][_ROWS])
+    if parts is None:
         return None
-    try:
-        spec = pb.TensorSpec.FromString(bytes(inner[1][_SPEC]))
-    except DecodeError:
-        return None
-    view = inner[1].get(_DATA, memoryview(b""))
-    return spec, inner[0].get(_COMPRESSION, 0), view, outer[0].get(_VERSION, 0)
+    spec, view, compression = parts
+    return spec, compression, view, outer[0].get(_VERSION, 0)
