@@ -955,6 +955,14 @@ def child_cmd(
     workers: Annotated[
         int, typer.Option(min=0, help="Train on N computing-server processes (fedenc.elastic).")
     ] = 0,
+    plan: Annotated[
+        str,
+        typer.Option(
+            help="Execution plan of this child's training steps: auto (chosen by measured "
+            "cost on this machine, cached), default (the plain loop) or a name such as "
+            "cpu-t1-c4096-s2 (docs/planner.md). The PS and --workers train their own way.",
+        ),
+    ] = "auto",
     elastic_listen: Annotated[
         str | None,
         typer.Option(
@@ -1017,6 +1025,15 @@ def child_cmd(
                     "need --workers N")  # fmt: skip
     if elastic_certs is not None and not elastic_certs.is_dir():
         raise _fail(f"--elastic-certs {elastic_certs}: no such directory")
+    if plan not in ("auto", "default"):
+        from fedenc.planner.spec import PlanError, PlanSpec
+
+        try:
+            PlanSpec.parse(plan)
+        except PlanError as err:
+            raise _fail(f"--plan {plan}: {err}") from err
+        if workers:
+            raise _fail(f"--plan {plan}: --workers trains on computing servers, not by a plan")
     module_name, _, attr = app_path.partition(":")
     try:
         client_app = getattr(importlib.import_module(module_name), attr or "app")
@@ -1035,6 +1052,7 @@ def child_cmd(
         "synthetic-items": synthetic_items,
         "valid-fraction": valid_fraction,
         "elastic-workers": workers or None,
+        "plan": plan,
         "elastic-listen": elastic_listen,
         "elastic-advertise": elastic_advertise,
         "elastic-certs": str(elastic_certs) if elastic_certs is not None else None,

@@ -95,3 +95,11 @@ def test_child_elastic_options_need_workers_and_a_certs_directory(tmp_path: Path
         app, [*base, "--workers", "1", "--elastic-certs", str(tmp_path / "nope")]
     )
     assert missing.exit_code == 2 and "no such directory" in missing.output
+
+
+def test_child_plan_overrides_are_checked_before_connecting() -> None:
+    base = ["child", "--master", "127.0.0.1:1", "--name", "c", "--insecure"]
+    bad = runner.invoke(app, [*base, "--plan", "gpu-everything"])
+    assert bad.exit_code == 2 and "--plan gpu-everything" in bad.output
+    both = runner.invoke(app, [*base, "--plan", "cpu-t1-c4096", "--workers", "1"])
+    assert both.exit_code == 2 and "not by a plan" in both.output

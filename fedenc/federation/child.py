@@ -56,7 +56,14 @@ from fedenc.federation.optimizer_state import export_moments, import_moments
 from fedenc.federation.parameters import Parameters, check_compatible
 from fedenc.federation.runconfig import get_bool, get_float, get_int, get_str
 from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
-from fedenc.ps.federation import end_round, make_trainer, refresh_rows, take_pulled, take_rows
+from fedenc.ps.federation import (
+    end_round,
+    make_trainer,
+    ps_config_from_run_config,
+    refresh_rows,
+    take_pulled,
+    take_rows,
+)
 from fedenc.training.config import TrainConfig
 from fedenc.training.trainer import Trainer
 
@@ -189,6 +196,7 @@ def _build_state(
         train_config = records.training_config_from_proto(instruction.training, base)
     except ValueError as err:
         raise DeclinedError(f"bad training config: {err}") from None
+    train_config.plan = _plan(context)
     job_seed = int(train_config.seed)
     seed = _mix(job_seed, cfg.partition_id)
     train_config.seed = seed
@@ -210,6 +218,13 @@ def _build_state(
         )
     if shared_names != [name for name in own if name in set(shared_names)]:
         raise DeclinedError("the instruction lists the shared parameters out of encoder order")
+    uses_ps = ps_config_from_run_config(context.run_config) is not None
+    if uses_ps or get_int(context.node_config, "elastic-workers", 0) > 0:
+        # The planner's step programs assume the plain trainer on this process's cores.
+        if train_config.plan not in ("auto", "default"):
+            what = "the two-level PS trainer" if uses_ps else "elastic training (--workers)"
+            raise DeclinedError(f"plan {train_config.plan!r} cannot drive {what}")
+        train_config.plan = "default"
     try:
         trainer = make_trainer(
             model, train_config, context.run_config, job_seed, instruction.job_id
@@ -242,6 +257,12 @@ def _build_state(
         seed=seed,
         row_weights=row_weights,
     )
+
+
+def _plan(context: Context) -> str:
+    """This child's execution plan (node_config ``plan``, ``fedenc child --plan``): chosen on
+    the child's machine, not by the master; the plain loop when not given (simulations)."""
+    return get_str(context.node_config, "plan", "default") or "default"
 
 
 def _key(context: Context, job_id: str) -> StateKey:
@@ -433,6 +454,11 @@ def handle_train(message: Message, context: Context) -> Message:
             losses.extend(elastic.pop("epoch_losses"))
             trained = int(elastic.pop("pairs"))
             elastic_metrics.update(elastic)
+        elif state.trainer.plan is None and state.trainer.config.plan != "default":
+            # Chosen once, on this machine, before the first round; logged with the reason.
+            state.trainer.prepare_plan(
+                state.train_examples, lambda line: log.info("%s: %s", state.name, line)
+            )
         with _global_rng(_mix(state.seed, round_), needed=state.model.config.dropout > 0):
             for _ in range(0 if site is not None else epochs):
                 epoch = state.trainer.train_epoch(state.train_examples)

@@ -15,6 +15,7 @@ from flwr.app import Context, Message, RecordDict
 from fedenc.encoders.registry import build_encoder
 from fedenc.federation import child, records
 from fedenc.federation.child_data import ChildDataConfig, load_child_data
+from fedenc.planner.cost import CACHE_ENV
 from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
 from fedenc.runtime import flower_compat as fc
 from fedenc.training.config import TrainConfig
@@ -145,3 +146,30 @@ def test_same_settings_give_the_same_partition() -> None:
     assert total == 400 - len(a.test) - len(a.valid) - sum(
         len(o.test) + len(o.valid) for o in others
     )
+
+
+def test_a_childs_own_plan_drives_its_training_and_named_plans_refuse_the_ps(
+    caplog: pytest.LogCaptureFixture, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `fedenc child --plan auto` (its default): the plan is chosen on the child's machine before
+    # the first round, logged with the reason, and kept; the master's instruction has no say.
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))  # a fresh per-machine plan cache
+    ctx = context()
+    ctx.node_config["plan"] = "auto"
+    ins, shared = instruction()
+    assert query(ctx, ins).accepted
+    (key,) = child.live_states()
+    trainer = child._states[key].trainer
+    assert trainer.config.plan == "auto" and trainer.plan is None
+    with caplog.at_level("INFO", logger="fedenc.federation.child"):
+        for round_ in (1, 2):
+            content = records.round_content(records.params_to_record(shared), ins, round_)
+            reply = child.handle_train(send(content, "train", ctx), ctx)
+            assert records.read_metrics(reply.content)["train_loss"] > 0
+    assert trainer.plan is not None
+    assert sum("plan:" in r.getMessage() for r in caplog.records) == 1, caplog.text
+    # A named plan cannot drive the two-level PS trainer: declined with the reason.
+    ps = context(run_id=78, ps="local")
+    ps.node_config["plan"] = "cpu-t1-c4096"
+    conf = query(ps, ins)
+    assert not conf.accepted and "cannot drive the two-level PS trainer" in conf.decline_reason

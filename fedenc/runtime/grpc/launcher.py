@@ -57,10 +57,15 @@ def child_command(
     insecure: bool = True,
     certs: Path | None = None,
     options: Sequence[str] = (),
+    plan: str = "default",
 ) -> list[str]:
-    """The command line of one ``fedenc child`` process (mutual TLS with ``certs``)."""
+    """The command line of one ``fedenc child`` process (mutual TLS with ``certs``).
+
+    ``plan`` defaults to the plain loop, not ``fedenc child``'s ``auto``: the children of a
+    launched simulation share this machine's cores, so a plan measured by one alone would not
+    hold, and the same seed must give the same encoder from run to run."""
     cmd = [sys.executable, "-m", "fedenc.cli", "child", "--master", address, "--name", name]
-    cmd += ["--index", str(index), "--children", str(children)]
+    cmd += ["--index", str(index), "--children", str(children), "--plan", plan]
     if certs is not None:
         cmd += ["--certs", str(certs)]
     elif insecure:
