@@ -16,7 +16,7 @@ path only: anything but a well-formed chunk frame with the fields above, each at
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fedenc.proto.fedenc.v1 import federation_service_pb2 as spb
 from fedenc.proto.fedenc.v1 import tensor_pb2 as pb
@@ -51,6 +51,9 @@ class RawChunk:
     offset: int
     data: memoryview
     last: bool
+    #: What the data was cut from (e.g. a Flower Array's bytes), when frames may be shared
+    #: between streams (:mod:`fedenc.runtime.grpc.shared_frames`); not part of the chunk.
+    source: object = field(default=None, compare=False)
 
     def to_proto(self) -> pb.TensorChunk:
         """The same chunk as a generated message (copies the data)."""

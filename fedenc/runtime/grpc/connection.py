@@ -5,7 +5,9 @@ A :class:`ChildConnection` owns two directions:
 * **outbound** (:meth:`ChildConnection.frames`, iterated by gRPC in the RPC's thread): a FIFO of
   items, each a run of frames sent back to back (a FlowerMessage and all its chunks, so nothing
   can slip between them). Frames get their ``message_id`` as they leave, so ids increase on the
-  wire; a FlowerMessage is recorded as *sent* (wire id -> instruction id, expected tensors) just
+  wire; chunk frames carry 0 (they belong to the message before them), so the serialized frames
+  of an encoder sent to several children are shared (:mod:`.shared_frames`). A FlowerMessage is
+  recorded as *sent* (wire id -> instruction id, expected tensors) just
   before it leaves, so a reply can never beat its record.
 * **inbound** (:meth:`ChildConnection.read`, on its own thread): the Hello first, then
   heartbeats, a goodbye, and Flower Messages with their chunks (:class:`FrameReader`).
@@ -31,9 +33,10 @@ from google.protobuf.message import DecodeError
 
 from fedenc.proto.fedenc.v1 import federation_service_pb2 as spb
 from fedenc.protocol.tensors import ExpectedSpecs
-from fedenc.protocol.wire_chunks import RawChunk, chunk_frame, parse_chunk_frame
+from fedenc.protocol.wire_chunks import RawChunk, parse_chunk_frame
 from fedenc.runtime import flower_compat as fc
 from fedenc.runtime.grpc.frames import ArraySpecs, EncodedMessage, FrameError, FrameReader
+from fedenc.runtime.grpc.shared_frames import SharedFrames
 from fedenc.runtime.grpc.transport import (
     CAPABILITIES,
     PROTOCOL_VERSION,
@@ -91,8 +94,10 @@ class ChildConnection:
         max_array_bytes: int | None,
         strict_arrays: bool = True,
         inbound: threading.BoundedSemaphore | None = None,
+        shared_frames: SharedFrames | None = None,
     ) -> None:
         self.owner = owner
+        self._shared = shared_frames or SharedFrames(0)
         self.peer = peer
         self.auth = auth
         self.name = ""
@@ -156,16 +161,18 @@ class ChildConnection:
                 return
             first = True
             for frame in item.frames:
-                message_id = next(self._ids)
-                if first and item.sent is not None:
-                    with self._lock:
-                        self._sent[message_id] = item.sent
-                first = False
                 if isinstance(frame, RawChunk):
-                    data = chunk_frame(message_id, frame)
+                    # No id of its own: it belongs to the FlowerMessage before it, and so its
+                    # bytes are the same on every stream that sends this encoder.
+                    data = self._shared.frame(frame)
                 else:
+                    message_id = next(self._ids)
+                    if first and item.sent is not None:
+                        with self._lock:
+                            self._sent[message_id] = item.sent
                     frame.message_id = message_id
                     data = frame.SerializeToString()
+                first = False
                 if item.counted:
                     self.owner.count(len(data), 0)
                 yield data

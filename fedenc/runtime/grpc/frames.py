@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import chain
 
 import torch
@@ -109,11 +109,18 @@ def encode_message(
         except TensorEncodeError as err:
             raise TensorEncodeError(f"ArrayRecord {key!r}: {err}") from None
         headers.append(spb.ArrayRecordHeader(key=key, tensors=header))
-        streams.append(chunks)
+        # Each chunk names the Array bytes it came from, so streams sending the same Array can
+        # share its serialized frames.
+        streams.append(_with_sources(chunks, {name: a.data for name, a in record.items()}))
         specs[key] = {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}
         total += sum(h.byte_length for h in header.tensors)
     frame = spb.FlowerMessage(message=skeleton, array_records=headers)
     return EncodedMessage(frame=frame, chunks=chain(*streams), specs=specs, array_bytes=total)
+
+
+def _with_sources(chunks: Iterator[RawChunk], sources: Mapping[str, object]) -> Iterator[RawChunk]:
+    for chunk in chunks:
+        yield replace(chunk, source=sources[chunk.name])
 
 
 # -- receiving -------------------------------------------------------------------------------------

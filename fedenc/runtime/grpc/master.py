@@ -39,6 +39,7 @@ from fedenc.protocol.tensors import TensorEncodeError
 from fedenc.runtime import flower_compat as fc
 from fedenc.runtime.grpc.connection import ChildConnection, Sent
 from fedenc.runtime.grpc.frames import encode_message
+from fedenc.runtime.grpc.shared_frames import DEFAULT_BUDGET_BYTES, SharedFrames
 from fedenc.runtime.grpc.transport import (
     AGENT,
     DEFAULT_HEARTBEAT_INTERVAL,
@@ -102,6 +103,7 @@ class FederationServer:
         max_array_bytes: int | None = None,
         strict_arrays: bool = True,
         inbound_slots: int = 1,
+        shared_frame_bytes: int = DEFAULT_BUDGET_BYTES,
     ) -> None:
         parse_address(address)
         security.check()
@@ -124,6 +126,8 @@ class FederationServer:
         # Replies whose tensors are assembled at once (ChildConnection._admit); 0 = no limit.
         self.inbound_slots = inbound_slots
         self._inbound = threading.BoundedSemaphore(inbound_slots) if inbound_slots else None
+        # The chunk frames of an encoder sent to several children are serialized once.
+        self.shared_frames = SharedFrames(shared_frame_bytes)
         self._lock = threading.Condition()
         self._all: set[ChildConnection] = set()
         self._by_node: dict[int, ChildConnection] = {}
@@ -308,6 +312,7 @@ class FederationServer:
             max_array_bytes=self.max_array_bytes,
             strict_arrays=self.strict_arrays,
             inbound=self._inbound,
+            shared_frames=self.shared_frames,
         )
         conn.identity = identity
         with self._lock:

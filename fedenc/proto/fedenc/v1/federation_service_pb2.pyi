@@ -194,7 +194,10 @@ class MasterMessage(_message.Message):
     FLOWER_FIELD_NUMBER: _builtins.int
     RUN_FIELD_NUMBER: _builtins.int
     message_id: _builtins.int
-    """Sender-assigned identifier, unique and increasing within the stream; 0 is not used."""
+    """Sender-assigned identifier, unique and increasing within the stream. 0 on `chunk` frames:
+    a chunk belongs to the FlowerMessage before it, and carrying no id of its own lets the
+    master send the same serialized chunks on every stream.
+    """
     reply_to: _builtins.int
     """The `message_id` of the ChildMessage this message answers; 0 when it answers none."""
     @_builtins.property
