@@ -257,6 +257,8 @@ class FedencRun:
         return time.perf_counter() - t0
 
     def close(self) -> None:
+        shared = self.server.shared_frames
+        print(f"  (master chunk frames: {shared.hits} shared, {shared.misses} serialized)")
         self.server.stop("benchmark over")
         stop(self.procs)
         self.stack.close()
