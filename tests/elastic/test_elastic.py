@@ -193,7 +193,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_process(cmd: list[str], pattern: str, procs: list[subprocess.Popen[str]]) -> None:
+def start_process(cmd: list[str], pattern: str, procs: list[subprocess.Popen[str]]) -> str:
+    """Starts ``cmd`` and waits for a stdout line matching ``pattern`` (returned)."""
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV, cwd=REPO
     )
@@ -201,7 +202,7 @@ def start_process(cmd: list[str], pattern: str, procs: list[subprocess.Popen[str
     assert proc.stdout is not None
     for line in proc.stdout:
         if re.search(pattern, line):
-            return
+            return line
     raise AssertionError(f"{cmd[3:6]} exited with {proc.wait()}")
 
 
@@ -327,3 +328,52 @@ def test_async_mode_applies_every_batch_once_and_stays_near_the_sync_result(
     relative = (num / den) ** 0.5
     print(f"async vs sync: relative parameter distance {relative:.4f}")
     assert relative < ASYNC_TOLERANCE
+
+
+def test_the_three_services_as_separate_commands_train_a_stored_task(tmp_path: Path) -> None:
+    # The multi-machine way: a data server that loads its shard and model description from
+    # storage (a file:// URI), a task server and a computing server, each its own `fedenc
+    # elastic` process; the trained parameters equal the single-process trainer's on the same
+    # stored task (synchronous mode).
+    from fedenc.elastic.store import load_store, write_store
+    from fedenc.encoders.base import EncoderConfig
+
+    splits = generate(SyntheticConfig(num_items=120, num_clusters=6, num_sessions=200, seed=3))
+    train = TrainConfig(epochs=1, batch_size=50, device="cpu")
+    write_store(tmp_path / "store", "srgnn", EncoderConfig(num_items=120, hidden=8), train,
+                splits.train, seed=5)  # fmt: skip
+    out = tmp_path / "final.pt"
+    base = [sys.executable, "-m", "fedenc.cli", "elastic"]
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        data_cmd = [*base, "data-server", "--store", f"file://{tmp_path / 'store'}"]
+        data_cmd += ["--listen", "127.0.0.1:0", "--out", str(out), "--insecure"]
+        data_port = _port_of(start_process(data_cmd, "listening on", procs))
+        tis_cmd = [*base, "task-server", "--data-server", f"127.0.0.1:{data_port}"]
+        tis_cmd += ["--journal", str(tmp_path / "journal"), "--listen", "127.0.0.1:0"]
+        tis_cmd += ["--heartbeat-interval", "0.2", "--heartbeat-timeout", "5", "--insecure"]
+        tis_port = _port_of(start_process(tis_cmd, "listening on", procs))
+        worker = [*base, "worker", "--task-server", f"127.0.0.1:{tis_port}", "--insecure"]
+        procs.append(subprocess.Popen(worker, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, text=True))  # fmt: skip
+        assert procs[0].stdout is not None
+        for line in procs[0].stdout:
+            if "done:" in line:
+                break
+        else:
+            raise AssertionError(f"the data server exited with {procs[0].wait()}")
+        trained = torch.load(out, weights_only=True)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(10)
+    stored = load_store(str(tmp_path / "store"))
+    single = Trainer(stored.model, stored.train)
+    single.train_epoch(stored.examples)
+    assert_same(single.model, trained)
+
+
+def _port_of(line: str) -> int:
+    found = re.search(r"listening on [^\s:]+:(\d+)", line)
+    assert found, line
+    return int(found.group(1))
