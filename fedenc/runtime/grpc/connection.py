@@ -7,8 +7,8 @@ A :class:`ChildConnection` owns two directions:
   can slip between them). Frames get their ``message_id`` as they leave, so ids increase on the
   wire; chunk frames carry 0 (they belong to the message before them), so the serialized frames
   of an encoder sent to several children are shared (:mod:`.shared_frames`). A FlowerMessage is
-  recorded as *sent* (wire id -> instruction id, expected tensors) just
-  before it leaves, so a reply can never beat its record.
+  recorded as *sent* (wire id -> instruction id, expected tensors) just before it leaves, so a
+  reply can never beat its record.
 * **inbound** (:meth:`ChildConnection.read`, on its own thread): the Hello first, then
   heartbeats, a goodbye, and Flower Messages with their chunks (:class:`FrameReader`).
 
@@ -149,7 +149,7 @@ class ChildConnection:
 
         def frames() -> Iterator[spb.MasterMessage | RawChunk]:
             yield spb.MasterMessage(flower=encoded.frame)
-            yield from encoded.chunks  # serialized by chunk_frame: one copy of the data
+            yield from encoded.chunks  # serialized in frames(), shared between streams
 
         return self._put(_Item(frames(), sent=sent, counted=True))
 
