@@ -511,8 +511,8 @@ def _elastic_site(context: Context, state: ChildState) -> Any:
     workers = get_int(config, "elastic-workers", 0)
     if workers <= 0:
         return None
-    if type(state.trainer) is not Trainer or state.trainer.config.plan != "default":
-        raise ValueError("elastic training (--workers) needs the plain trainer: no PS, no plan")
+    if type(state.trainer) is not Trainer:  # (_build_state already set its plan to default)
+        raise ValueError("elastic training (--workers) needs the plain trainer: no PS")
     from fedenc.elastic.site import ElasticSite
 
     listen = get_str(config, "elastic-listen", "127.0.0.1:0")

@@ -31,7 +31,7 @@ from torch import Tensor
 from fedenc.proto.fedenc.v1 import parameter_server_pb2 as pspb
 from fedenc.proto.fedenc.v1 import parameter_server_pb2_grpc as psgrpc
 from fedenc.ps.routing import split_by_shard
-from fedenc.ps.server import MAX_MESSAGE_BYTES
+from fedenc.ps.server import MAX_MESSAGE_BYTES, SERVICE
 from fedenc.ps.table import PSError, as_keys, check_push
 from fedenc.ps.wire import keys_to_proto, push_request_bytes, read_pull_response
 
@@ -85,7 +85,7 @@ class ShardedClient:
         # Pull answers are read straight from their bytes (fedenc.ps.wire.read_pull_response).
         self._pulls = [
             c.unary_unary(
-                "/fedenc.v1.ParameterServer/Pull",
+                f"/{SERVICE}/Pull",
                 request_serializer=pspb.PullRequest.SerializeToString,
                 response_deserializer=None,
             )
@@ -93,7 +93,7 @@ class ShardedClient:
         ]
         self._pushes = [
             c.unary_unary(
-                "/fedenc.v1.ParameterServer/Push",
+                f"/{SERVICE}/Push",
                 request_serializer=None,  # push_request_bytes
                 response_deserializer=pspb.PushResponse.FromString,
             )

@@ -148,7 +148,7 @@ def read_pull_response(data: bytes, n: int, width: int) -> tuple[NDArray[np.floa
     out) and the version of a serialized ``PullResponse``; ``PSError`` for anything else."""
     parsed = _parse_pull(data)
     if parsed is not None:
-        spec, compression, view, version = parsed
+        (spec, view, compression), version = parsed
         simple = compression in (pb.COMPRESSION_UNSPECIFIED, pb.COMPRESSION_NONE)
         if (
             simple
@@ -174,12 +174,10 @@ def read_pull_response(data: bytes, n: int, width: int) -> tuple[NDArray[np.floa
     return rows.numpy(), version
 
 
-def _parse_pull(data: bytes) -> tuple[pb.TensorSpec, int, memoryview, int] | None:
+def _parse_pull(data: bytes) -> tuple[tuple[pb.TensorSpec, memoryview, int], int] | None:
+    """(the rows' ``_tensor_parts``, version) of a plain ``PullResponse``, else None."""
     outer = scan(memoryview(data), (_VERSION,), (_ROWS,))
     if outer is None or _ROWS not in outer[1]:
         return None
     parts = _tensor_parts(outer[1][_ROWS])
-    if parts is None:
-        return None
-    spec, view, compression = parts
-    return spec, compression, view, outer[0].get(_VERSION, 0)
+    return None if parts is None else (parts, outer[0].get(_VERSION, 0))
