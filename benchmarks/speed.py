@@ -26,6 +26,7 @@ from fedenc.data.readers import read_session_text
 from fedenc.data.sessions import Examples, Sessions
 from fedenc.data.synthetic import SyntheticConfig, generate
 from fedenc.encoders.registry import build_encoder
+from fedenc.training.allocator import tune_allocator
 
 
 def load_examples(args: argparse.Namespace) -> tuple[str, Examples]:
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
+    tune_allocator()  # as the trainer does (fedenc.training.trainer)
     if args.threads:
         torch.set_num_threads(args.threads)
     name, ex = load_examples(args)

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from fedenc.data.batching import SessionBatch
 from fedenc.encoders.layers.full_softmax import full_softmax_cross_entropy
+from fedenc.encoders.layers.tied_lookup import tied, tied_embedding
 
 
 @dataclass
@@ -79,7 +80,10 @@ class SessionEncoder(nn.Module, ABC):
 
     def item_vectors(self, items: Tensor) -> Tensor:
         """Input embeddings of item ids (normalised when the encoder normalises)."""
-        emb = self.embedding(items)
+        if isinstance(self.embedding, nn.Embedding):
+            emb = tied_embedding(items, self.embedding.weight)  # see loss()
+        else:  # a stand-in table (the PS trainer's batch rows) does its own lookup
+            emb = self.embedding(items)
         return F.normalize(emb, dim=-1) if self.config.normalize else emb
 
     def score(self, session: Tensor) -> Tensor:
@@ -150,9 +154,13 @@ class SessionEncoder(nn.Module, ABC):
         Equal to ``cross_entropy(self(batch), targets - 1)``, computed in item chunks without the
         (B, N) logit and (N, d) normalisation temporaries (:mod:`.layers.full_softmax`).
         """
-        session = self.scoring_session(self.encode(batch))
+        table = self.embedding.weight
+        # The input lookups hand their rows to the loss's dense table gradient (.tied_lookup).
+        # Differentiate it with backward(), which the tie's end-of-pass fallback relies on.
+        with tied(table) as tie:
+            session = self.scoring_session(self.encode(batch))
         return full_softmax_cross_entropy(
-            session, self.embedding.weight, batch.targets, self.config.normalize
+            session, table, batch.targets, self.config.normalize, tie=tie
         )
 
     # -- federation split -------------------------------------------------------------------

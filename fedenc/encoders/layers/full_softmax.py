@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fedenc.encoders.layers.tied_lookup import TableGradTie
+
 # exp() of logits bounded by this cannot overflow float32 even summed over 10^8 items, so the
 # max-subtraction pass of logsumexp can be skipped.
 _SAFE_LOGIT = 40.0
@@ -28,7 +30,13 @@ _SAFE_LOGIT = 40.0
 class _ChunkedSoftmaxCE(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, session: Tensor, table: Tensor, targets: Tensor, normalize: bool, chunk: int
+        ctx: Any,
+        session: Tensor,
+        table: Tensor,
+        targets: Tensor,
+        normalize: bool,
+        chunk: int,
+        tie: TableGradTie | None,
     ) -> Tensor:
         items = table[1:]
         n = items.shape[0]
@@ -46,6 +54,7 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
         ctx.keep_exp = keep_exp
         ctx.chunk = chunk
         ctx.normalize = normalize
+        ctx.tie = tie
         return (lse - target_logit).mean()
 
     @staticmethod
@@ -75,15 +84,21 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
             grad_s,
             grad_table,
         )
-        return grad_s, grad_table, None, None, None
+        tie: TableGradTie | None = ctx.tie
+        ctx.tie = None
+        if tie is not None and tie.offer(grad_table):
+            # The tied input lookup adds its rows and passes the sum on.
+            return grad_s, None, None, None, None, None
+        return grad_s, grad_table, None, None, None, None
 
 
 # -- the per-chunk pieces, also run item shard by item shard by the planner ----------------------
 
 
 def inverse_norms(items: Tensor) -> Tensor:
-    """1 / ||e_j|| for every row of ``items``."""
-    return torch.rsqrt((items * items).sum(1).clamp_min(1e-24))
+    """1 / ||e_j|| for every row of ``items`` (one read of the table, no squared temporary)."""
+    norms: Tensor = torch.linalg.vector_norm(items, dim=1)
+    return norms.clamp_min_(1e-12).reciprocal_()
 
 
 def keeps_exp(session: Tensor, normalize: bool) -> bool:
@@ -102,19 +117,23 @@ def forward_blocks(
     chunk: int,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Logit blocks (exp'd when ``keep_exp``) of items ``lo..hi`` in ``chunk``-item blocks, and
-    each block's per-row partial (sum of exp, or logsumexp). ``inv_norm`` covers all items."""
+    each block's per-row partial (sum of exp, or logsumexp). ``inv_norm`` covers all items.
+
+    Blocks are item-major, shape (items, B): ``e @ sᵀ`` with the long item dimension as the
+    GEMM's M runs 10-20% faster with MKL on 2 cores than ``s @ eᵀ`` (B = d = 100)."""
     blocks: list[Tensor] = []
     parts: list[Tensor] = []
+    st = session.t()
     for a in range(lo, hi, chunk):
         b = min(a + chunk, hi)
-        z = session @ items[a:b].t()
+        z = items[a:b] @ st
         if inv_norm is not None:
-            z.mul_(inv_norm[a:b])
+            z.mul_(inv_norm[a:b, None])
         if keep_exp:
             z.exp_()
-            parts.append(z.sum(1))
+            parts.append(z.sum(0))
         else:
-            parts.append(torch.logsumexp(z, 1))
+            parts.append(torch.logsumexp(z, 0))
         blocks.append(z)
     return blocks, parts
 
@@ -143,38 +162,45 @@ def backward_blocks(
     """Accumulate d loss / d session into ``grad_s`` and write rows ``1+lo..`` of ``grad_table``
     for the blocks that :func:`forward_blocks` returned for items from ``lo`` (overwrites them)."""
     if keep_exp:
-        factor = (scale * torch.exp(-lse))[:, None]  # softmax = exp(z) / sum exp(z)
+        factor = scale * torch.exp(-lse)  # softmax = exp(z) / sum exp(z), per session
+    rows = torch.arange(session.shape[0], device=session.device)
     for k, z in enumerate(blocks):
         a = lo + k * chunk
-        b = a + z.shape[1]
-        # d loss / d z = (softmax(z) - onehot(target)) * scale.
-        p = z * factor if keep_exp else (z - lse[:, None]).exp_().mul_(scale)
+        b = a + z.shape[0]
+        # d loss / d z = (softmax(z) - onehot(target)) * scale, item-major like the blocks.
+        p = z * factor if keep_exp else (z - lse).exp_().mul_(scale)
         inside = (cols >= a) & (cols < b)
-        p[inside.nonzero()[:, 0], cols[inside] - a] -= scale
+        p[cols[inside] - a, rows[inside]] -= scale
         e = items[a:b]
         out = grad_table[1 + a : 1 + b]
         if inv_norm is None:
-            grad_s.addmm_(p, e)
-            torch.mm(p.t(), session, out=out)
+            grad_s.addmm_(p.t(), e)
+            torch.mm(p, session, out=out)
         else:
-            # With ê = r·e (r = 1/||e||) and q = (p·r)ᵀ s = r·(dL/dê):
-            #   dL/ds = (p·r) e,   dL/de = r·(dL/dê − ê (dL/dê · ê)) = q − r² e (q · e)
-            r = inv_norm[a:b]
+            # With ê = r·e (r = 1/||e||) and q = (r·p) s = r·(dL/dê):
+            #   dL/ds = (r·p)ᵀ e,   dL/de = r·(dL/dê − ê (dL/dê · ê)) = q − r² e (q · e)
+            r = inv_norm[a:b, None]
             p.mul_(r)
-            grad_s.addmm_(p, e)
-            q = p.t() @ session
-            coef = (q * e).sum(1, keepdim=True).mul_(r[:, None] ** 2).neg_()
+            grad_s.addmm_(p.t(), e)
+            q = p @ session
+            coef = (q * e).sum(1, keepdim=True).mul_(r * r).neg_()
             torch.addcmul(q, e, coef, out=out)
 
 
 def full_softmax_cross_entropy(
-    session: Tensor, table: Tensor, targets: Tensor, normalize: bool, chunk: int = 4096
+    session: Tensor,
+    table: Tensor,
+    targets: Tensor,
+    normalize: bool,
+    chunk: int = 4096,
+    tie: TableGradTie | None = None,
 ) -> Tensor:
     """Mean cross-entropy of ``targets`` (item ids ``1..N``) against every row ``1..N`` of
-    ``table``; ``session`` is used as given (normalise/scale it before when needed)."""
+    ``table``; ``session`` is used as given (normalise/scale it before when needed). With a
+    ``tie`` (:mod:`.tied_lookup`) the table's gradient goes through the tied input lookup."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     out: Tensor = _ChunkedSoftmaxCE.apply(  # type: ignore[no-untyped-call]
-        session, table, targets, normalize, chunk
+        session, table, targets, normalize, chunk, tie
     )
     return out
