@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fedenc.proto.fedenc.v1 import parameter_server_pb2 as pspb
 from fedenc.ps.client import ShardedClient, ShardUnavailableError
@@ -126,3 +128,45 @@ def test_mutual_tls(tmp_path: Path) -> None:
             ShardedClient([f"localhost:{port}"], retry_seconds=0.5)
     finally:
         server.stop(0).wait()
+
+
+class _RecordOps(TorchDispatchMode):
+    """The aten ops run in this thread while active (dispatch modes are thread-local)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_pool_threads_run_no_torch_compute(grpc_shards: StartShards) -> None:
+    """A torch op in a pool thread starts an OpenMP team there; with more OpenMP threads than
+    cores libgomp stops spin-waiting in every team, and the trainer's steps ran ~2x slower."""
+    client, _ = grpc_shards(TableSpec(4000, 100, num_shards=2))
+    client.rows_per_request = 1500  # several requests per shard, each past torch's grain size
+    seen: list[str] = []
+    submit = client._pool.submit
+
+    def recorded(fn: Callable[..., Any], *args: Any) -> Any:
+        def run() -> Any:
+            with _RecordOps() as rec:
+                try:
+                    return fn(*args)
+                finally:
+                    seen.extend(rec.ops)
+
+        return submit(run)
+
+    client._pool.submit = recorded  # type: ignore[method-assign]
+    keys = np.arange(4000)
+    client.push(keys, torch.randn(4000, 100))
+    client.pull(keys)
+    compute = [op for op in seen if not op.startswith(_NO_COMPUTE)]
+    assert seen or client._pool._max_workers == 1  # the pool was used
+    assert compute == []
+
+
+_NO_COMPUTE = ("aten.lift_fresh", "aten.detach", "aten.alias", "aten.view", "aten._to_copy")
