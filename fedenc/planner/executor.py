@@ -6,6 +6,12 @@ intra-op threads while the others hold back until it is done, so the cores the s
 are really free for it. Worker threads live as long as the executor, so a training step pays for a
 few event hand-offs (tens of microseconds), not for thread creation.
 
+The first processor's lane runs in the thread that calls :meth:`run`, not in a worker. That is
+where the wide tasks lead, so their OpenMP team is the caller's own: a worker thread running a
+multi-threaded torch op starts a second team, and once a process holds more OpenMP threads than
+cores libgomp stops spin-waiting at barriers in every team, which made every wide op slower (and
+the wide plans' profiles, taken with many executors alive, about 1.5x too slow).
+
 The outputs are those of sequential execution: every task sees exactly its predecessors' outputs,
 whatever the interleaving. A failing task fails the tasks that depend on it and :meth:`run`
 re-raises its error after every worker has stopped for this run.
@@ -64,7 +70,10 @@ class Executor:
         self._check_lane_order()
         self._queues: list[queue.SimpleQueue[_Run | None]] = []
         self._threads: list[threading.Thread] = []
+        self._inline = next(iter(self.lanes))  # the caller's lane (see the module docstring)
         for proc, lane in self.lanes.items():
+            if proc == self._inline:
+                continue
             q: queue.SimpleQueue[_Run | None] = queue.SimpleQueue()
             thread = threading.Thread(
                 target=self._worker, args=(proc, lane, q), name=f"planner-{proc}", daemon=True
@@ -95,46 +104,53 @@ class Executor:
     def _worker(
         self, proc: str, lane: Sequence[tuple[str, bool]], q: queue.SimpleQueue[_Run | None]
     ) -> None:
-        current_threads = 0
+        threads = [0]  # this thread's intra-op setting, kept across runs
         while True:
             run = q.get()
             if run is None:
                 return
-            for name, lead in lane:
-                if not lead:
-                    run.arrived[(name, proc)].set()  # this core is free for the task now
-                    run.done[name].wait()
-                    continue
-                task = self.graph.tasks[name]
-                for other in self.schedule_procs[name][1:]:
-                    run.arrived[(name, other)].wait()
-                args: dict[str, Any] = dict(run.inputs)
-                failed = None
-                for pred in self.graph.predecessors(name):
-                    run.done[pred].wait()
-                    if pred in run.errors:
-                        failed = run.errors[pred]
-                    else:
-                        args[pred] = run.results[pred]
-                if failed is None:
-                    if self.set_threads and task.width != current_threads and "cpu" in task.kinds:
-                        torch.set_num_threads(task.width)  # this thread's intra-op pool
-                        current_threads = task.width
-                    try:
-                        assert task.fn is not None
-                        run.results[name] = task.fn(args)
-                    except BaseException as err:  # reported by run(), not lost in a thread
-                        failed = err
-                with run.lock:
-                    if failed is not None:
-                        run.errors[name] = failed
-                    run.finished.append(name)
-                run.done[name].set()
+            self._run_lane(proc, lane, run, threads)
+
+    def _run_lane(
+        self, proc: str, lane: Sequence[tuple[str, bool]], run: _Run, threads: list[int]
+    ) -> None:
+        """Run this processor's share of ``run``; ``threads[0]`` tracks the thread's intra-op
+        setting."""
+        for name, lead in lane:
+            if not lead:
+                run.arrived[(name, proc)].set()  # this core is free for the task now
+                run.done[name].wait()
+                continue
+            task = self.graph.tasks[name]
+            for other in self.schedule_procs[name][1:]:
+                run.arrived[(name, other)].wait()
+            args: dict[str, Any] = dict(run.inputs)
+            failed = None
+            for pred in self.graph.predecessors(name):
+                run.done[pred].wait()
+                if pred in run.errors:
+                    failed = run.errors[pred]
+                else:
+                    args[pred] = run.results[pred]
+            if failed is None:
+                if self.set_threads and task.width != threads[0] and "cpu" in task.kinds:
+                    torch.set_num_threads(task.width)  # this thread's intra-op pool
+                    threads[0] = task.width
+                try:
+                    assert task.fn is not None
+                    run.results[name] = task.fn(args)
+                except BaseException as err:  # reported by run(), not lost in a thread
+                    failed = err
             with run.lock:
-                run.workers_left -= 1
-                last = run.workers_left == 0
-            if last:
-                run.all_done.set()
+                if failed is not None:
+                    run.errors[name] = failed
+                run.finished.append(name)
+            run.done[name].set()
+        with run.lock:
+            run.workers_left -= 1
+            last = run.workers_left == 0
+        if last:
+            run.all_done.set()
 
     def run(self, inputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Run every task once; returns each task's output by name. ``inputs`` are visible to
@@ -145,7 +161,7 @@ class Executor:
         clash = sorted(set(given) & set(self.graph.tasks))
         if clash:
             raise ValueError(f"inputs shadow task names {clash}")
-        run = _Run(inputs=given, workers_left=len(self._queues))
+        run = _Run(inputs=given, workers_left=len(self.lanes))
         run.done = {name: threading.Event() for name in self.graph.order}
         run.arrived = {
             (name, proc): threading.Event()
@@ -154,6 +170,13 @@ class Executor:
         }
         for q in self._queues:
             q.put(run)
+        before = torch.get_num_threads()
+        threads = [before]
+        try:
+            self._run_lane(self._inline, self.lanes[self._inline], run, threads)
+        finally:
+            if threads[0] != before:
+                torch.set_num_threads(before)  # the caller's setting, as it was
         run.all_done.wait()
         self.last_order = list(run.finished)
         if run.errors:

@@ -116,3 +116,41 @@ def test_tasks_without_callables_are_refused() -> None:
     sched = schedule(graph, PROCS, table_cost({"a": {"cpu": 1.0}}))
     with pytest.raises(ValueError, match="without a callable"):
         Executor(graph, sched)
+
+
+def test_the_first_lane_runs_in_the_callers_thread_with_its_threads_restored() -> None:
+    """Wide tasks lead on the first lane, which runs in the caller's thread (its own OpenMP
+    team); other lanes run width-1 tasks on one intra-op thread, so they start no team."""
+    seen: dict[str, tuple[int, int]] = {}
+
+    def record(name: str):
+        def fn(args: Mapping[str, Any]) -> str:
+            seen[name] = (threading.get_ident(), torch.get_num_threads())
+            return name
+
+        return fn
+
+    two = [Processor("cpu0", "cpu"), Processor("cpu1", "cpu")]
+    graph = TaskGraph(
+        [
+            Task("wide", "wide", width=2, fn=record("wide")),
+            Task("left", "left", fn=record("left")),
+            Task("right", "right", fn=record("right")),
+            Task("join", "join", fn=record("join")),
+        ],
+        [Edge("wide", "left"), Edge("wide", "right"), Edge("left", "join"), Edge("right", "join")],
+    )
+    costs = {name: {"cpu": 1.0} for name in ("wide", "left", "right", "join")}
+    sched = heft(graph, two, table_cost(costs))
+    caller = threading.get_ident()
+    before = torch.get_num_threads()
+    with Executor(graph, sched) as ex:
+        ex.run()
+        first = next(iter(ex.lanes))
+    assert torch.get_num_threads() == before
+    assert seen["wide"] == (caller, 2)
+    for name in ("left", "right", "join"):
+        on_first = any(n == name for n, _ in ex.lanes[first])
+        assert (seen[name][0] == caller) == on_first, name
+        assert seen[name][1] == 1, name
+    assert any(seen[n][0] != caller for n in ("left", "right", "join"))  # a worker lane ran
