@@ -38,6 +38,7 @@ from fedenc.encoders.layers.full_softmax import (
     inverse_norms,
     keeps_exp,
 )
+from fedenc.encoders.layers.tied_lookup import tied
 from fedenc.planner.graph import Edge, Task, TaskGraph
 from fedenc.planner.spec import PlanSpec
 
@@ -173,9 +174,11 @@ class StepProgram:
         def encode(args: Mapping[str, Any]) -> dict[str, Any]:
             batch: SessionBatch = args["batch"]
             _zero_grad(model)
-            session = model.scoring_session(model.encode(batch))
+            with tied(model.embedding.weight) as tie:  # as SessionEncoder.loss does
+                session = model.scoring_session(model.encode(batch))
             detached = session.detach()
             return {
+                "tie": tie,
                 "session": session,
                 "s": detached,
                 "keep": keeps_exp(detached, normalize),
@@ -256,8 +259,10 @@ class StepProgram:
             grad_s = args["score_bwd0"]
             for i in range(1, shards):
                 grad_s = grad_s + args[f"score_bwd{i}"]
-            model.embedding.weight.grad = args["loss"]["grad_table"]
+            tie = args["encode"]["tie"]
+            tie.preload(args["loss"]["grad_table"])  # the lookup adds its rows to it in place
             args["encode"]["session"].backward(grad_s)
+            tie.settle()
 
         tasks.append(self._task("encode_bwd", "encode_bwd", t, encode_bwd))
         for i, (lo, hi) in enumerate(bounds):
@@ -298,7 +303,8 @@ class StepProgram:
 
             def replica(args: Mapping[str, Any], r: int = r) -> dict[str, Any]:
                 batch: SessionBatch = args[f"batch{r}"]
-                session = model.scoring_session(model.encode(batch))
+                with tied(model.embedding.weight) as tie:
+                    session = model.scoring_session(model.encode(batch))
                 s = session.detach()
                 keep = keeps_exp(s, normalize)
                 items = self._items()
@@ -311,6 +317,7 @@ class StepProgram:
                     target = target * inv[cols]
                 total = int(args["index"].size)
                 return {
+                    "tie": tie,
                     "session": session,
                     "s": s,
                     "keep": keep,
@@ -341,11 +348,15 @@ class StepProgram:
                     grad_s,
                     grad_table,
                 )
+                tie = rep["tie"]
+                tie.preload(grad_table)  # the lookup adds its rows and returns it as its gradient
                 grads: list[Tensor | None] = list(
                     torch.autograd.grad(rep["session"], params, grad_s, allow_unused=True)
                 )
-                emb = grads[emb_index]
-                grads[emb_index] = grad_table if emb is None else grad_table.add_(emb)
+                left = tie.take()  # no lookup took it: add the lookups' gradient the plain way
+                if left is not None:
+                    emb = grads[emb_index]
+                    grads[emb_index] = left if emb is None else left.add_(emb)
                 return grads
 
             tasks.append(self._task(f"forward{r}", f"replica_fwd/{d}:c{chunk}", 1, replica))

@@ -47,8 +47,16 @@ class TableGradTie:
             return False
         self._grad = grad_table
         # Safety net, run once the whole backward pass is done.
-        torch.autograd.Variable._execution_engine.queue_callback(self._settle)
+        torch.autograd.Variable._execution_engine.queue_callback(self.settle)
         return True
+
+    def preload(self, grad_table: Tensor) -> None:
+        """For a caller that computes the table's scoring gradient itself and then runs the
+        backward from the session vectors (the planner's step graph): the lookup adds its rows
+        into ``grad_table`` and returns it as the table's gradient. Call :meth:`settle` after a
+        ``backward()``, or :meth:`take` after an ``autograd.grad``, for the case where no lookup
+        took it."""
+        self._grad = grad_table
 
     def take(self) -> Tensor | None:
         """The offered gradient, once: the tie drops its reference so autograd can keep the
@@ -56,7 +64,8 @@ class TableGradTie:
         grad, self._grad = self._grad, None
         return grad
 
-    def _settle(self) -> None:
+    def settle(self) -> None:
+        """Accumulate a gradient that no lookup took into ``table.grad``, as autograd would."""
         grad = self.take()
         if grad is None:
             return
