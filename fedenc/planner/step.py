@@ -260,7 +260,9 @@ class StepProgram:
             for i in range(1, shards):
                 grad_s = grad_s + args[f"score_bwd{i}"]
             tie = args["encode"]["tie"]
-            tie.preload(args["loss"]["grad_table"])  # the lookup adds its rows to it in place
+            # Popped, so that the tie holds the only reference: autograd then keeps the tensor
+            # as .grad instead of copying it. The lookup adds its rows to it in place.
+            tie.preload(args["loss"].pop("grad_table"))
             args["encode"]["session"].backward(grad_s)
             tie.settle()
 
