@@ -104,18 +104,14 @@ class Executor:
     def _worker(
         self, proc: str, lane: Sequence[tuple[str, bool]], q: queue.SimpleQueue[_Run | None]
     ) -> None:
-        threads = [0]  # this thread's intra-op setting, kept across runs
         while True:
             run = q.get()
             if run is None:
                 return
-            self._run_lane(proc, lane, run, threads)
+            self._run_lane(proc, lane, run)
 
-    def _run_lane(
-        self, proc: str, lane: Sequence[tuple[str, bool]], run: _Run, threads: list[int]
-    ) -> None:
-        """Run this processor's share of ``run``; ``threads[0]`` tracks the thread's intra-op
-        setting."""
+    def _run_lane(self, proc: str, lane: Sequence[tuple[str, bool]], run: _Run) -> None:
+        """Run this processor's share of ``run`` in the calling thread."""
         for name, lead in lane:
             if not lead:
                 run.arrived[(name, proc)].set()  # this core is free for the task now
@@ -133,9 +129,13 @@ class Executor:
                 else:
                     args[pred] = run.results[pred]
             if failed is None:
-                if self.set_threads and task.width != threads[0] and "cpu" in task.kinds:
+                # torch's intra-op setting is per thread (OpenMP): read, not tracked.
+                if (
+                    self.set_threads
+                    and "cpu" in task.kinds
+                    and torch.get_num_threads() != task.width
+                ):
                     torch.set_num_threads(task.width)  # this thread's intra-op pool
-                    threads[0] = task.width
                 try:
                     assert task.fn is not None
                     run.results[name] = task.fn(args)
@@ -171,11 +171,10 @@ class Executor:
         for q in self._queues:
             q.put(run)
         before = torch.get_num_threads()
-        threads = [before]
         try:
-            self._run_lane(self._inline, self.lanes[self._inline], run, threads)
+            self._run_lane(self._inline, self.lanes[self._inline], run)
         finally:
-            if threads[0] != before:
+            if torch.get_num_threads() != before:
                 torch.set_num_threads(before)  # the caller's setting, as it was
         run.all_done.wait()
         self.last_order = list(run.finished)

@@ -113,17 +113,14 @@ class _TiedLookup(torch.autograd.Function):
         (items,) = ctx.saved_tensors
         tie: TableGradTie | None = ctx.tie
         ctx.tie = None
-        target = tie.take() if tie is not None else None
         index = items.reshape(-1)
         rows = grad_out.reshape(index.shape[0], -1)
-        if target is not None:
-            target.index_add_(0, index, rows)
-            target[0].zero_()
-            return None, target, None
-        dense = torch.zeros(ctx.rows, rows.shape[1], dtype=rows.dtype, device=rows.device)
-        dense.index_add_(0, index, rows)
-        dense[0].zero_()
-        return None, dense, None
+        grad = tie.take() if tie is not None else None
+        if grad is None:  # nothing handed over: the ordinary dense gradient
+            grad = torch.zeros(ctx.rows, rows.shape[1], dtype=rows.dtype, device=rows.device)
+        grad.index_add_(0, index, rows)
+        grad[0].zero_()
+        return None, grad, None
 
 
 def tied_embedding(items: Tensor, table: Tensor) -> Tensor:
