@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from _common import interleaved, load_avg, median
-from speed import load_examples
+from speed import add_data_options, load_examples
 
 from fedenc.data.batching import build_batch
 from fedenc.encoders.registry import build_encoder
@@ -155,8 +155,7 @@ def straggler_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--data", default=None)
-    ap.add_argument("--synthetic-items", type=int, default=43097)
+    add_data_options(ap)
     ap.add_argument("--batches", type=int, default=10, help="steps per timed block")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="auto")

@@ -29,6 +29,12 @@ from fedenc.encoders.registry import build_encoder
 from fedenc.training.allocator import tune_allocator
 
 
+def add_data_options(ap: argparse.ArgumentParser) -> None:
+    """The options :func:`load_examples` reads."""
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--synthetic-items", type=int, default=43097)
+
+
 def load_examples(args: argparse.Namespace) -> tuple[str, Examples]:
     root = data_dir(args.data)
     if root is not None and (root / "diginetica" / "train_sessions.txt").is_file():
@@ -40,8 +46,7 @@ def load_examples(args: argparse.Namespace) -> tuple[str, Examples]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--data", default=None)
-    ap.add_argument("--synthetic-items", type=int, default=43097)
+    add_data_options(ap)
     ap.add_argument("--encoder", default="srgnn")
     ap.add_argument("--batches", type=int, default=20, help="batches per timed repeat")
     ap.add_argument("--repeats", type=int, default=5)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from _common import load_avg, median
-from speed import load_examples
+from speed import add_data_options, load_examples
 
 import fedenc.encoders.base as base
 from fedenc.data.batching import build_batch
@@ -33,8 +33,7 @@ def _no_tie(table: torch.Tensor) -> Iterator[None]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--data", default=None)
-    ap.add_argument("--synthetic-items", type=int, default=43097)
+    add_data_options(ap)
     ap.add_argument("--steps", type=int, default=20, help="steps per timed block")
     ap.add_argument("--pairs", type=int, default=9, help="blocks per variant")
     args = ap.parse_args()
