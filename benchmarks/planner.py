@@ -26,7 +26,6 @@ from speed import add_data_options, load_examples
 from fedenc.data.batching import build_batch
 from fedenc.encoders.registry import build_encoder
 from fedenc.planner.plan import PlanChoice, PlannedSteps, Planner
-from fedenc.runtime.simulate import Scenario, run_scenario
 
 
 def adam(params: Any) -> torch.optim.Optimizer:
@@ -118,6 +117,9 @@ def step_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def straggler_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    # Imported here: the step benchmark alone runs without Flower (e.g. on a bare GPU machine).
+    from fedenc.runtime.simulate import Scenario, run_scenario
+
     base = Scenario(
         name="straggler",
         children=4,

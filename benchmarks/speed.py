@@ -52,13 +52,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--eval-batch", type=int, default=500)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (both paths run there)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
     tune_allocator()  # as the trainer does (fedenc.training.trainer)
     if args.threads:
         torch.set_num_threads(args.threads)
     name, ex = load_examples(args)
-    cpu = torch.device("cpu")
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     rng = np.random.default_rng(0)
     train_idx = [rng.integers(0, len(ex), 100) for _ in range(args.batches)]
     eval_idx = [
@@ -69,6 +71,8 @@ def main() -> None:
     fast = build_encoder(args.encoder, ex.num_items)
     base = build_encoder(args.encoder, ex.num_items)
     base.load_state_dict(fast.state_dict())
+    fast.to(dev)
+    base.to(dev)
     opt_fast = torch.optim.Adam(fast.parameters(), lr=1e-3, weight_decay=1e-5, fused=True)
     opt_base = torch.optim.Adam(base.parameters(), lr=1e-3, weight_decay=1e-5, foreach=True)
 
@@ -77,22 +81,24 @@ def main() -> None:
         for idx in train_idx:
             opt.zero_grad(set_to_none=True)
             if reference:
-                b = build_batch_reference(ex, idx)
+                b = build_batch_reference(ex, idx).to(dev)
                 F.cross_entropy(model(b), b.targets - 1).backward()
             else:
-                model.loss(build_batch(ex, idx, cpu)).backward()
+                model.loss(build_batch(ex, idx, dev)).backward()
             opt.step()
+        sync()  # a GPU step is asynchronous: time it to the end of its work
 
     def evaluate_fast() -> None:
         fast.eval()
         with torch.no_grad(), fast.frozen_scoring():
             for idx in eval_idx:
-                fast.rank_targets(build_batch(ex, idx, cpu))
+                fast.rank_targets(build_batch(ex, idx, dev))
+        sync()
 
     def evaluate_base() -> None:
         base.eval()
         for idx in eval_idx:
-            b = build_batch_reference(ex, idx)
+            b = build_batch_reference(ex, idx).to(dev)
             scores = base(b)
             top = scores.topk(20, dim=1).indices
             (top == (b.targets - 1)[:, None]).any(1).float().mean().item()
@@ -113,7 +119,7 @@ def main() -> None:
     rate = {k: (n_train if k.startswith("train") else n_eval) / median(v) for k, v in t.items()}
     print(
         f"{args.encoder} on {name}: {ex.num_items:,} items, hidden 100, train batch 100, "
-        f"eval batch {args.eval_batch}, torch threads {torch.get_num_threads()}, "
+        f"eval batch {args.eval_batch}, device {dev}, torch threads {torch.get_num_threads()}, "
         f"load avg {load_avg()}, median of {args.repeats} interleaved repeats"
     )
     print(f"{'':16s}{'fedenc':>14s}{'baseline':>14s}{'ratio':>8s}")
@@ -126,7 +132,11 @@ def main() -> None:
     )
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"dataset": name, "encoder": args.encoder, "pairs_per_s": rate}, fh, indent=2)
+            json.dump(
+                {"dataset": name, "encoder": args.encoder, "device": str(dev), "pairs_per_s": rate},
+                fh,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -128,14 +128,15 @@ class PlanSpec:
 def enumerate_candidates(cores: int, num_items: int, batch_size: int, cuda: bool) -> list[PlanSpec]:
     """Every candidate this machine can run, in a fixed order (ties in cost keep this order)."""
     out: list[PlanSpec] = []
+    counts = parallel_widths(cores)
     for chunk in CHUNKS:
-        for threads in range(1, cores + 1):
+        for threads in counts:
             out.append(PlanSpec(threads=threads, chunk=chunk))
-        for lanes in range(2, cores + 1):
+        for lanes in counts[1:]:
             out.append(PlanSpec(threads=1, chunk=chunk, shards=lanes))
             out.append(PlanSpec(threads=1, chunk=chunk, replicas=lanes))
-    if cores > 1:
-        for threads in range(1, cores):
+    for threads in counts:
+        if threads < cores:
             out.append(PlanSpec(threads=threads, chunk=DEFAULT_CHUNK, prefetch=True))
     if cuda:
         for chunk in (*CHUNKS, 65536):
@@ -149,6 +150,21 @@ def enumerate_candidates(cores: int, num_items: int, batch_size: int, cuda: bool
         if spec not in valid:
             valid.append(spec)
     return valid
+
+
+def parallel_widths(cores: int) -> list[int]:
+    """Thread and lane counts worth trying: powers of two and ``cores`` itself.
+
+    Every count up to ``cores`` would make the space (and the profiling run) grow with the
+    core count -- about 250 candidates on a 16-core machine; the costs between two powers of
+    two lie between theirs, so the sparse ladder loses little.
+    """
+    widths = [1]
+    while widths[-1] * 2 <= cores:
+        widths.append(widths[-1] * 2)
+    if widths[-1] != cores:
+        widths.append(cores)
+    return widths
 
 
 def machine_cores() -> int:
