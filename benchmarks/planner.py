@@ -44,8 +44,16 @@ def step_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(1)
     blocks = [rng.integers(0, len(ex), 100) for _ in range(args.batches)]
 
-    work = copy.deepcopy(model)  # one copy shared by every variant: its values do not matter
-    opt = adam(list(work.parameters()))
+    # One copy per device, shared by the variants there: its values do not matter.
+    copies: dict[str, tuple[Any, torch.optim.Optimizer]] = {}
+
+    def on(device: str) -> tuple[Any, torch.optim.Optimizer]:
+        if device not in copies:
+            m = copy.deepcopy(model).to(device)
+            copies[device] = (m, adam(list(m.parameters())))
+        return copies[device]
+
+    work, opt = on("cpu")
     cpu = torch.device("cpu")
 
     def plain() -> None:
@@ -64,7 +72,7 @@ def step_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     for spec in specs:
         _, sched, graph = planner.predict(spec)
         c = PlanChoice("bench", spec, schedule=sched, graph=graph)
-        runners[spec.name] = PlannedSteps(work, opt, c, planner.workload)
+        runners[spec.name] = PlannedSteps(*on(spec.device), c, planner.workload)
 
         def run(r: PlannedSteps = runners[spec.name]) -> None:
             for _ in r.run(ex, iter(blocks)):

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from fedenc.data.batching import SessionBatch
-from fedenc.encoders.layers.full_softmax import full_softmax_cross_entropy
+from fedenc.encoders.layers.full_softmax import default_chunk, full_softmax_cross_entropy
 from fedenc.encoders.layers.tied_lookup import tied, tied_embedding
 
 
@@ -125,16 +125,18 @@ class SessionEncoder(nn.Module, ABC):
     def forward(self, batch: SessionBatch) -> Tensor:
         return self.score(self.encode(batch))
 
-    def rank_targets(self, batch: SessionBatch, chunk: int = 4096) -> Tensor:
+    def rank_targets(self, batch: SessionBatch, chunk: int | None = None) -> Tensor:
         """0-based rank of every target among all catalog items: the number of other items scored
         strictly higher (so ties count in the target's favour; a NaN score ranks last).
 
         Scores are produced and counted ``chunk`` items at a time, so the (B, N) logit matrix is
         never materialised: each block stays in cache, which on a 43k-item catalog is worth more
-        than the GEMM itself. The target's own column is excluded from its count.
+        than the GEMM itself. The target's own column is excluded from its count. ``chunk``
+        defaults to :func:`~.layers.full_softmax.default_chunk` of the model's device.
         """
         session = self.scoring_session(self.encode(batch))
         weights = self.scoring_weights()
+        chunk = chunk or default_chunk(weights.device)
         cols = batch.targets - 1
         target_score = (session * weights[cols]).sum(1)
         ranks = torch.zeros(session.shape[0], dtype=torch.float32, device=session.device)

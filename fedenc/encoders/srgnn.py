@@ -49,8 +49,11 @@ class SRGNN(SessionEncoder):
 
     def encode(self, batch: SessionBatch) -> Tensor:
         h = self.dropout(self.node_features(batch))
+        # Packing the real nodes saves work on a CPU; on a GPU its boolean indexing forces a
+        # host sync per step, which costs more than the padded work (benchmarks/gpu_step.py).
+        node_mask = batch.node_mask if h.device.type == "cpu" else None
         for _ in range(self.config.steps):
-            h = self.gnn(h, batch.adj_in, batch.adj_out, batch.node_mask)
+            h = self.gnn(h, batch.adj_in, batch.adj_out, node_mask)
         rows = torch.arange(batch.size, device=h.device)[:, None]
         clicks = h[rows, batch.alias]  # (B, L, width): node state of every click
         session: Tensor = self.dropout(self.readout(clicks, batch.mask, batch.last))

@@ -337,6 +337,12 @@ class PlannedSteps:
             raise PlanError("the default plan runs the trainer's plain loop, not planned steps")
         self.spec = choice.spec
         self.device = torch.device("cuda") if self.spec.device == "cuda" else torch.device("cpu")
+        where = {p.device.type for p in model.parameters()}
+        if where != {self.device.type}:
+            raise PlanError(
+                f"plan {self.spec.name!r} runs on {self.device.type} but the model's parameters "
+                f"are on {', '.join(sorted(where))}: move the model first"
+            )
         self.program = StepProgram(model, optimizer, self.spec, workload, self.device)
         sched = choice.schedule
         if sched is None or choice.graph is None:

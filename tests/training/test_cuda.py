@@ -7,13 +7,14 @@ step on the GPU. Skipped on machines without CUDA (CI); run on a GPU machine wit
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from fedenc.data.batching import build_batch
+from fedenc.data.batching import SessionBatch, build_batch
 from fedenc.data.sessions import Examples
 from fedenc.data.synthetic import SyntheticConfig, generate
 from fedenc.encoders.registry import build_encoder
@@ -25,6 +26,18 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 NUM_ITEMS = 300
 ENCODERS = ["srgnn", "edge_attn", "skip_rnn"]
+
+
+def double(batch: SessionBatch) -> SessionBatch:
+    """The batch's float tensors (adjacency) in float64, to match a .double() model."""
+    return dataclasses.replace(
+        batch,
+        **{
+            f.name: getattr(batch, f.name).double()
+            for f in dataclasses.fields(batch)
+            if getattr(batch, f.name).is_floating_point()
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +57,9 @@ def test_loss_and_gradients_match_the_cpu(examples: Examples, name: str, normali
     index = np.arange(64)
     losses = []
     for model, device in ((cpu_model, "cpu"), (gpu_model, "cuda")):
-        loss = model.loss(build_batch(examples, index, torch.device(device)))
+        loss = model.loss(double(build_batch(examples, index, torch.device(device))))
         loss.backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[1] == pytest.approx(losses[0], rel=1e-9)
     for (key, a), b in zip(cpu_model.named_parameters(), gpu_model.parameters(), strict=True):
         assert a.grad is not None and b.grad is not None, key
@@ -59,10 +72,10 @@ def test_rankings_match_the_cpu(examples: Examples, name: str) -> None:
     model = build_encoder(name, NUM_ITEMS, hidden=24).double().eval()
     index = np.arange(200)
     with torch.no_grad(), model.frozen_scoring():
-        ranks_cpu = model.rank_targets(build_batch(examples, index, torch.device("cpu")))
+        ranks_cpu = model.rank_targets(double(build_batch(examples, index, torch.device("cpu"))))
     model.cuda()
     with torch.no_grad(), model.frozen_scoring():
-        ranks_gpu = model.rank_targets(build_batch(examples, index, torch.device("cuda")))
+        ranks_gpu = model.rank_targets(double(build_batch(examples, index, torch.device("cuda"))))
     torch.testing.assert_close(ranks_gpu.cpu(), ranks_cpu)
 
 
