@@ -78,6 +78,8 @@ class MasterState:
     saved_at: float = 0.0
     # carry_optimizer: the Adam moments the next round's child starts from
     carried: dict[str, torch.Tensor] = field(default_factory=dict)
+    # placement b with an in-process federation PS: its table ({"rows": [keys, width]})
+    ps_rows: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def config_fingerprint(config: Any) -> dict[str, Any]:
@@ -195,6 +197,7 @@ def read_master_state(directory: Path) -> MasterState:
         raise MasterStateError(f"{path} is not a fedenc master checkpoint ({FORMAT}): {found!r}")
     names = {f.name for f in dataclasses.fields(MasterState)}
     payload.setdefault("carried", {})  # checkpoints from before carry_optimizer
+    payload.setdefault("ps_rows", {})  # checkpoints from before the saved federation table
     missing = names - set(payload)
     if missing:
         raise MasterStateError(f"{path} lacks {sorted(missing)}: written by another version?")

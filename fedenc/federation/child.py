@@ -225,9 +225,17 @@ def _build_state(
             what = "the two-level PS trainer" if uses_ps else "elastic training (--workers)"
             raise DeclinedError(f"plan {train_config.plan!r} cannot drive {what}")
         train_config.plan = "default"
+    # Per item row, the samples of this child's data touching it (clicks and targets): the
+    # row weights of a shared table, fused densely or (placement b) row by row in the PS.
+    item_counts = np.bincount(data.train.items, minlength=encoder_config.num_items + 1)
     try:
         trainer = make_trainer(
-            model, train_config, context.run_config, job_seed, instruction.job_id
+            model,
+            train_config,
+            context.run_config,
+            job_seed,
+            instruction.job_id,
+            row_counts=item_counts.astype(np.int64),
         )
     except ValueError as err:
         raise DeclinedError(f"bad parameter-server settings: {err}") from None
@@ -240,11 +248,9 @@ def _build_state(
             )
     shared_heads = [name for name in shared_names if name in set(model.head_parameter_names())]
     row_weights: dict[str, torch.Tensor] = {}
-    if shared_heads:
-        counts = np.bincount(data.train.items, minlength=encoder_config.num_items + 1)
-        for name in shared_heads:
-            rows = model.state_dict()[name].shape[0]
-            row_weights[name] = torch.from_numpy(counts[:rows].astype(np.float32))
+    for name in shared_heads:
+        rows = model.state_dict()[name].shape[0]
+        row_weights[name] = torch.from_numpy(item_counts[:rows].astype(np.float32))
     return ChildState(
         key=key,
         name=f"child-{cfg.partition_id}",

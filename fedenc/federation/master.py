@@ -594,6 +594,11 @@ class _Job:
                 config.ps_addresses,
             )
             self.row_fusion = RowFusion(config.rule)
+            if self.table.registered:
+                # An in-process table starts where share = "all" starts: the initial encoder's
+                # item table (shards named in ps-addresses keep what they hold).
+                keys = np.arange(self.table.num_keys, dtype=np.int64)
+                self.table.remote.push(keys, self.model.embedding.weight.detach(), overwrite=True)
         self.rows_pulled = 0  # rows the children read from the federation PS this round
         self.rows_bytes = 0  # bytes of the sparse rows in this round's accepted replies
 
@@ -621,6 +626,15 @@ class _Job:
         self.rule.load_state_dict(state.rule)
         self.stop.load_state_dict(state.stop)
         self.carried = records.params_to_record(state.carried) if state.carried else None
+        if self.table is not None and self.table.registered:
+            rows = state.ps_rows.get("rows")
+            if rows is None or tuple(rows.shape) != (self.table.num_keys, self.table.width):
+                raise MasterStateError(
+                    "the checkpoint holds no federation table of "
+                    f"{self.table.num_keys} x {self.table.width} rows (placement b)"
+                )
+            keys = np.arange(self.table.num_keys, dtype=np.int64)
+            self.table.remote.push(keys, rows, overwrite=True)
         restore_rng(state.rng)
         return [RoundResult.from_dict(r) for r in state.rounds]
 
@@ -642,6 +656,12 @@ class _Job:
             rounds=[r.to_dict() for r in results],
             children=[asdict(c) for c in self.children.values()],
             rng=capture_rng(),
+            # An in-process federation table dies with this process: keep it for --resume.
+            ps_rows=(
+                {"rows": self.table.rows()}
+                if self.table is not None and self.table.registered
+                else {}
+            ),
             carried=(
                 {}
                 if self.carried is None

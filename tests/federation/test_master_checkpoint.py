@@ -213,3 +213,14 @@ def test_carried_optimizer_moments_round_trip_and_old_checkpoints_still_load(
     del payload["carried"]
     torch.save(payload, path)
     assert read_master_state(tmp_path).carried == {}
+
+
+def test_the_federation_table_round_trips_and_old_checkpoints_still_load(tmp_path: Path) -> None:
+    rows = torch.randn(61, 8)
+    write_master_state(tmp_path, state(2, ps_rows={"rows": rows}))
+    assert torch.equal(read_master_state(tmp_path).ps_rows["rows"], rows)
+    path = tmp_path / "master.pt"
+    payload = torch.load(path, weights_only=True)
+    del payload["ps_rows"]  # written before placement b's table was saved
+    torch.save(payload, path)
+    assert read_master_state(tmp_path).ps_rows == {}

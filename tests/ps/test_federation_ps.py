@@ -295,3 +295,23 @@ def test_a_bad_sparse_reply_is_left_out_and_does_not_poison_the_round(
     assert round_["metrics"]["ps_rows_fused"] > 0
     assert result["ps_table"]["finite"]
     assert 0.0 < result["final_metrics"]["test_recall@20"] <= 100.0
+
+
+def test_placement_b_with_full_scoring_fuses_what_the_dense_table_fuses(tmp_path: Any) -> None:
+    """Full scoring trains exactly as without a PS and every child weighs each row by the
+    samples of its own data touching it, as the dense table's row-wise FedAvg does: the two
+    placements of the table publish the same encoder (up to float rounding)."""
+    from fedenc.training.checkpoint import load_checkpoint
+
+    scenario = BASE.with_overrides(rounds=2, evaluate_every=0)
+    models = []
+    for name, sc in (
+        ("dense", scenario.with_overrides(share="all")),
+        ("b-full", scenario.with_overrides(ps="federation", ps_scoring="full")),
+    ):
+        out = run_scenario(sc, out_dir=tmp_path / name)
+        models.append(load_checkpoint(out.files["checkpoint"])[0].state_dict())
+    dense, placed = models
+    assert list(dense) == list(placed)
+    for key in dense:
+        torch.testing.assert_close(placed[key], dense[key], rtol=1e-4, atol=1e-5, msg=key)
