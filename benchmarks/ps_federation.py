@@ -4,11 +4,11 @@ Three runs of the same scenario on the in-process runtime (same children, data, 
 
 * ``dense``: ``share = all``, the whole encoder including the item table goes to and comes back
   from every child each round (plain FedAvg);
-* ``b-full``: the table in the federation PS, full-softmax scoring: every row is touched, so the
-  sparse rows are the whole table (row-wise FedAvg with counts = samples: the dense rule,
-  from the PS's initial rows);
+* ``b-full``: the table in the federation PS, full-softmax scoring: each child sends the rows
+  of the items in its data, weighted by their samples (the dense rule's row weights, from the
+  same initial table), and pulls the whole table each round;
 * ``b-sampled``: the table in the federation PS, sampled softmax (clicked items, targets and
-  ``--negatives`` uniform rows per batch): the sparse rows are the rows touched.
+  ``--negatives`` uniform rows per batch): pulls only the rows touched, sends those of its data.
 
 Per run: the training exchange's bytes per round (train messages and replies, plus for
 placement b the rows pulled from the federation PS while training; evaluation excluded), the
