@@ -17,6 +17,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from _common import data_dir
 
@@ -87,32 +88,36 @@ def main() -> None:
 
 
 def plot(out: Path, png: str) -> None:
-    """Validation Recall@20 / MRR@20 per epoch of every finished run, with test as a marker."""
+    """Validation Recall@20 / MRR@20 per epoch of every finished run, with test as a marker;
+    one row of panels per dataset, so each keeps its own scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    runs: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for path in sorted(out.glob("*/results.json")):
         r = json.loads(path.read_text())
-        epochs = [h["epoch"] for h in r["history"]]
-        for ax, key in zip(axes, ("recall@20", "mrr@20"), strict=True):
-            (line,) = ax.plot(
-                epochs,
-                [h[f"valid_{key}"] for h in r["history"]],
-                marker="o",
-                label=path.parent.name,
-            )
-            ax.scatter(
-                [r["best_epoch"]], [r["test"][key]], marker="*", s=120, color=line.get_color()
-            )
-    for ax, key in zip(axes, ("Recall@20 (P@20)", "MRR@20"), strict=True):
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(f"{key}, %")
-        ax.grid(alpha=0.3)
-    axes[0].set_title("validation per epoch; ★ = test at the selected epoch")
-    axes[1].legend(fontsize=8)
+        runs.setdefault(r["data"]["name"], []).append((path.parent.name, r))
+    fig, grid = plt.subplots(len(runs), 2, figsize=(11, 3.6 * len(runs)), squeeze=False)
+    for axes, (dataset, items) in zip(grid, sorted(runs.items()), strict=True):
+        for name, r in items:
+            epochs = [h["epoch"] for h in r["history"]]
+            for ax, key in zip(axes, ("recall@20", "mrr@20"), strict=True):
+                (line,) = ax.plot(
+                    epochs, [h[f"valid_{key}"] for h in r["history"]], marker="o", label=name
+                )
+                ax.scatter(
+                    [r["best_epoch"]], [r["test"][key]], marker="*", s=120, color=line.get_color()
+                )
+        for ax, key in zip(axes, ("Recall@20 (P@20)", "MRR@20"), strict=True):
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(f"{key}, %")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.grid(alpha=0.3)
+            ax.set_title(f"{dataset}: {key}")
+        axes[1].legend(fontsize=8)
+    fig.suptitle("validation per epoch; ★ = test at the epoch selected on validation")
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     print(f"plot written to {png}")
