@@ -18,7 +18,7 @@ from fedenc.data.synthetic import SyntheticConfig, generate
 from fedenc.encoders.registry import build_encoder
 from fedenc.planner.cost import CostCache, cost_key
 from fedenc.planner.plan import Planner
-from fedenc.planner.spec import PlanError, PlanSpec, enumerate_candidates
+from fedenc.planner.spec import PlanError, PlanSpec, enumerate_candidates, parallel_widths
 from fedenc.training.config import TrainConfig
 from fedenc.training.trainer import Trainer
 
@@ -164,3 +164,28 @@ def test_shard_bounds_cover_the_catalog_once() -> None:
         assert all(a < b for a, b in bounds)
         assert all(b == c for (_, b), (c, _) in itertools.pairwise(bounds))
     assert np.sum([b - a for a, b in shard_bounds(43097, 2)]) == 43097
+
+
+@pytest.mark.parametrize(
+    ("cores", "widths"),
+    [(1, [1]), (2, [1, 2]), (3, [1, 2, 3]), (6, [1, 2, 4, 6]), (16, [1, 2, 4, 8, 16])],
+)
+def test_thread_and_lane_counts_follow_a_power_of_two_ladder(cores: int, widths: list[int]) -> None:
+    assert parallel_widths(cores) == widths
+    specs = enumerate_candidates(cores, 43097, 100, cuda=False)
+    assert {s.threads for s in specs} == set(widths)
+    assert {s.shards for s in specs} | {s.replicas for s in specs} <= set(widths)
+    assert len(specs) == len({s.name for s in specs})  # no duplicates
+
+
+def test_planned_steps_refuse_a_model_on_another_device(examples: Examples, tmp_path: Path) -> None:
+    from fedenc.planner.plan import PlanChoice, PlannedSteps
+
+    p = planner(examples, tmp_path, cores=2)
+    spec = PlanSpec.parse("cpu-t1-c1024")
+    p.profile([spec])
+    _, sched, graph = p.predict(spec)
+    choice = PlanChoice("cpu-t1-c1024", spec, schedule=sched, graph=graph)
+    elsewhere = copy.deepcopy(p.model).to("meta")
+    with pytest.raises(PlanError, match="runs on cpu but the model's parameters are on meta"):
+        PlannedSteps(elsewhere, adam(list(elsewhere.parameters())), choice, p.workload)
