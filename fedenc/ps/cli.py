@@ -45,8 +45,17 @@ def ps_cmd(
         Path | None, typer.Option(help="TLS: certificates directory (`fedenc certs init`).")
     ] = None,
     insecure: Annotated[bool, typer.Option(help="Plaintext gRPC (trusted hosts only).")] = False,
+    threads: Annotated[
+        int, typer.Option(min=1, help="torch intra-op threads of each request handler.")
+    ] = 1,
 ) -> None:
     """Serve one shard until SIGTERM / Ctrl-C."""
+    import torch
+
+    # Requests are small gathers and scatters served by several handler threads at once. With
+    # more than one intra-op thread each handler would start its own OpenMP team, and a process
+    # with more OpenMP threads than cores makes every parallel op wait on futexes (docs/ps.md).
+    torch.set_num_threads(threads)
     from fedenc.ps.optimizers import RowOptimizerConfig
     from fedenc.ps.routing import parse_shard
     from fedenc.ps.server import serve
