@@ -75,7 +75,7 @@ def main() -> None:
         f"{args.rounds} rounds, srgnn d = {args.hidden}; sampled negatives {args.negatives}"
     )
     header = (
-        f"{'run':<11s}{'train B/round':>15s}{'table B/round':>15s}{'rows touched':>14s}"
+        f"{'run':<11s}{'train B/round':>15s}{'table B/round':>15s}{'rows touched':>17s}"
         f"{'R@20':>8s}{'MRR@20':>8s}{'seconds':>9s}"
     )
     print(header)
@@ -101,7 +101,7 @@ def main() -> None:
         if name == "dense":
             dense_recall, dense_mrr = recall, mrr
         print(
-            f"{name:<11s}{human_bytes(train):>15s}{human_bytes(table):>15s}{touched:>14s}"
+            f"{name:<11s}{human_bytes(train):>15s}{human_bytes(table):>15s}{touched:>17s}"
             f"{recall:>8.2f}{mrr:>8.2f}{seconds:>9.1f}"
         )
         if dense_recall is not None and dense_mrr is not None and name != "dense":

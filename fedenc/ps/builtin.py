@@ -64,7 +64,10 @@ class BuiltinPS:
         *,
         exchange_every: int = 0,
         identity: bool = False,
+        load: bool = True,
     ) -> None:
+        """``load = False`` (identity layout): do not pull the rows now, the owner loads them
+        before they are used (placement b reloads the whole table before every round)."""
         if exchange_every < 0:
             raise ValueError(f"exchange_every must be >= 0 samples, got {exchange_every}")
         if values.dim() != 2 or values.shape[1] != remote.width:
@@ -97,7 +100,8 @@ class BuiltinPS:
         if identity:
             self.key_of_slot[1:] = np.arange(1, values.shape[0])
             every = np.arange(1, values.shape[0], dtype=np.int64)
-            self._load(every, torch.from_numpy(every))
+            if load:
+                self._load(every, torch.from_numpy(every))
         else:
             self.free = list(range(self.capacity, 0, -1))
 

@@ -311,7 +311,9 @@ def make_trainer(
         # them before every round and evaluation).
         with torch.no_grad():
             model.embedding.weight.copy_(remote.pull(np.arange(remote.num_keys)))
-    trainer = PSTrainer(model, config, remote, ps)
+    # Placement b: refresh_rows loads the table before every round and evaluation, so a load
+    # now would only pull the whole table once more.
+    trainer = PSTrainer(model, config, remote, ps, preload=view is None)
     trainer.flush_after_epoch = False  # the child flushes at the end of each round
     if view is not None:
         trainer.builtin.on_push.append(view.count)

@@ -90,7 +90,10 @@ class PSTrainer(Trainer):
         config: TrainConfig | None,
         remote: DistributedPS,
         ps: PSConfig,
+        preload: bool = True,
     ) -> None:
+        """``preload = False``: in ``full`` mode, leave the rows to the owner to load before
+        use (see :class:`~fedenc.ps.builtin.BuiltinPS`)."""
         self.ps_config = ps
         self.sampled = ps.scoring == "sampled"
         if self.sampled and not isinstance(model.embedding, BatchRows):
@@ -108,7 +111,7 @@ class PSTrainer(Trainer):
         else:
             weight = model.embedding.weight
             self.builtin = BuiltinPS(
-                remote, weight, exchange_every=ps.exchange_every, identity=True
+                remote, weight, exchange_every=ps.exchange_every, identity=True, load=preload
             )
         self.remote = remote
         self.flush_after_epoch = ps.exchange_every == 0

@@ -311,6 +311,10 @@ def test_placement_b_with_full_scoring_fuses_what_the_dense_table_fuses(tmp_path
     ):
         out = run_scenario(sc, out_dir=tmp_path / name)
         models.append(load_checkpoint(out.files["checkpoint"])[0].state_dict())
+    # Each child pulls the table once per round (its first round too), and sends the rows of
+    # its own data: the same bytes every round.
+    table_bytes = [r["table_bytes"] for r in out.result["rounds"]]
+    assert table_bytes[0] > 0 and len(set(table_bytes)) == 1, table_bytes
     dense, placed = models
     assert list(dense) == list(placed)
     for key in dense:
