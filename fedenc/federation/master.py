@@ -26,7 +26,8 @@ Flower's own engines. One job:
    table lives in a distributed PS the master hosts (:class:`~fedenc.ps.federation.
    FederationTable`): the dense encoder is fused as above, each reply's sparse item rows are
    checked with it (one bad part rejects the whole reply) and fused row by row with the job's
-   rule weighted by the samples that touched each row (:class:`~fedenc.ps.sparse.RowFusion`),
+   rule, each child weighted by the samples of its data touching the row
+   (:class:`~fedenc.ps.sparse.RowFusion`),
    then applied to the table once the round is over.
 5. **Publication.** After the last round the target is evaluated on the children's test splits,
    saved as an encoder checkpoint with the job's metadata, and returned with per-round reports.

@@ -17,7 +17,8 @@ trainer touches, exchanged with the distributed PS every ``exchange_every`` trai
 * **Touch counts.** Each slot counts the training samples whose loss involved its row since the
   last exchange (the trainer passes the batch size with the slots it touched: every sample of a
   batch is scored against every row the batch resolved); each push hands ``(keys, counts)`` to
-  the ``on_push`` callbacks (placement b weighs a child's row by it).
+  the ``on_push`` callbacks. Placement b's children weigh their rows by their data instead
+  (:func:`~fedenc.ps.federation.weigh_by_data`), which the dense table's fusion also uses.
 
 ``identity = True`` is the layout of the full-softmax path: slot ``k`` holds key ``k`` for the
 whole key space (the model's own embedding is the local table) and every row counts as touched.

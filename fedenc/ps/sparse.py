@@ -2,8 +2,9 @@
 
 A child's update of the shared item table is a :class:`SparseRows`: the keys of the rows it
 touched this round, each row's delta (its value at the end of the round minus the federation
-table's value at the start) and each row's touch count ``c`` (the training samples whose loss
-involved the row, see :class:`~fedenc.ps.builtin.BuiltinPS`). On the wire it is an ``ArrayRecord``
+table's value at the start) and each row's count ``c``: the samples of the child's own data that
+touch the row, the dense table's row weight (:func:`~fedenc.ps.federation.weigh_by_data`; rows
+the child's data never touches are not sent). On the wire it is an ``ArrayRecord``
 of three arrays (``keys`` int32, ``deltas`` float32 ``[n, width]``, ``counts`` int32): the bytes
 grow with the rows touched, not with the catalog.
 
