@@ -12,10 +12,11 @@ in-process children reach it, or the gRPC shards of ``ps-addresses`` that master
 both reach). The dense encoder goes through the usual fusion (``share = "encoder"``). Each round
 a child's built-in PS pulls the rows it touches through a :class:`RoundView` (the federation
 table as the round found it, plus the child's own pending deltas); its exchanges push into the
-view, never into the table; the train reply carries the round's :class:`~fedenc.ps.sparse.
-SparseRows` (keys, deltas, and each row's samples in the child's data), and the master fuses
-them row by row with the job's rule (:class:`~fedenc.ps.sparse.RowFusion`) and applies the
-result to the table once the round is over. The table therefore changes only between rounds. Evaluation ranks the whole catalog
+view, never into the table; the train reply carries the round's
+:class:`~fedenc.ps.sparse.SparseRows` (keys, deltas, and each row's samples in the child's
+data), and the master fuses them row by row with the job's rule
+(:class:`~fedenc.ps.sparse.RowFusion`) and applies the result to the table once the round is
+over. The table therefore changes only between rounds. Evaluation ranks the whole catalog
 against the current table: the child drops its stale rows and pulls what it scores (in
 ``sampled`` mode it streams the catalog in chunks, so nothing catalog-sized crosses the
 messages; the rows it pulls are reported as ``ps-rows-pulled``).
