@@ -2,7 +2,8 @@
 # The GPU checks, in one run on a machine with a CUDA GPU (issues 2 and 7):
 #   1. the CUDA tests (tests/training/test_cuda.py) and the encoder tests on that machine;
 #   2. train / eval pairs/s at SR-GNN's settings on the GPU against the public-code-style
-#      baseline on the same GPU (benchmarks/speed.py --device cuda);
+#      baseline on the same GPU (benchmarks/speed.py --device cuda), and the step-time
+#      variants of benchmarks/gpu_step.py;
 #   3. the planner on a 4-core slice of the machine with its GPU: predicted against measured
 #      step time, the placement chosen and its gain over the plain CPU loop;
 #   4. plain SR-GNN (positions off) at the full budget on Diginetica, on the GPU.
@@ -23,9 +24,12 @@ timeout 150 $PY -m pytest -q -p no:cacheprovider tests/training/test_cuda.py tes
 echo "== 2. speed"; date +%T
 timeout 150 $PY benchmarks/speed.py --data "$DATA" --device cuda --batches 50 --repeats 5 \
   --json "$OUT/speed_cuda.json" 2>&1 | tee "$OUT/speed.log"
+echo "== 2b. step variants"; date +%T
+timeout 120 $PY benchmarks/gpu_step.py --data "$DATA" --steps 30 --repeats 5 2>&1 \
+  | tee "$OUT/gpu_step.log" | head -12
 echo "== 3. planner"; date +%T
 timeout 200 taskset -c 0-3 $PY benchmarks/planner.py --data "$DATA" --fresh --skip-straggler \
-  --repeats 5 --only "${ONLY:-cpu-t4-c4096,cpu-t1-c4096-dp4,cpu-t1-c4096-s4,cuda-c4096,cuda-c16384,cuda-c65536}" \
+  --repeats 5 --only "${ONLY:-cpu-t4-c4096,cuda-c4096,cuda-c65536}" \
   --json "$OUT/planner.json" 2>&1 | tee "$OUT/planner.log"
 echo "== 4. accuracy"; date +%T
 ACC=$(mktemp -d)
