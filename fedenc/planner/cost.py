@@ -34,7 +34,8 @@ CACHE_ENV = "FEDENC_PLANNER_CACHE"
 # Bumped when the operators or the way they are profiled change, so costs measured before are
 # profiled again instead of trusted. 2: tied input lookup, item-major logit blocks, and the
 # executor's caller-thread lane (costs of 1 were taken with extra OpenMP teams alive).
-FORMAT = 2
+# 3: each profiled step runs right after an untimed step of the same candidate (warm caches).
+FORMAT = 3
 
 
 def machine_description() -> dict[str, Any]:
