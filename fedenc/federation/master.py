@@ -598,8 +598,7 @@ class _Job:
             if self.table.registered:
                 # An in-process table starts where share = "all" starts: the initial encoder's
                 # item table (shards named in ps-addresses keep what they hold).
-                keys = np.arange(self.table.num_keys, dtype=np.int64)
-                self.table.remote.push(keys, self.model.embedding.weight.detach(), overwrite=True)
+                self.table.load(self.model.embedding.weight.detach())
         self.rows_pulled = 0  # rows the children read from the federation PS this round
         self.rows_bytes = 0  # bytes of the sparse rows in this round's accepted replies
 
@@ -634,8 +633,7 @@ class _Job:
                     "the checkpoint holds no federation table of "
                     f"{self.table.num_keys} x {self.table.width} rows (placement b)"
                 )
-            keys = np.arange(self.table.num_keys, dtype=np.int64)
-            self.table.remote.push(keys, rows, overwrite=True)
+            self.table.load(rows)
         restore_rng(state.rng)
         return [RoundResult.from_dict(r) for r in state.rounds]
 

@@ -162,6 +162,10 @@ class FederationTable:
         """The whole table (for the published checkpoint)."""
         return self.remote.pull(np.arange(self.num_keys, dtype=np.int64))
 
+    def load(self, rows: Tensor) -> None:
+        """Overwrite the whole table with ``rows`` (``[num_keys, width]``)."""
+        self.remote.push(np.arange(self.num_keys, dtype=np.int64), rows, overwrite=True)
+
     def close(self) -> None:
         if self.registered:
             with _tables_lock:
