@@ -321,9 +321,10 @@ def make_trainer(
     trainer = PSTrainer(model, config, remote, ps, preload=view is None)
     trainer.flush_after_epoch = False  # the child flushes at the end of each round
     if view is not None:
-        trainer.builtin.on_push.append(view.count)
         if row_counts is not None and row_counts.shape != (num_keys,):
             raise ValueError(f"row counts for {row_counts.shape} keys, the table has {num_keys}")
+        if row_counts is None:  # else take_rows replaces the touch counts by the data's
+            trainer.builtin.on_push.append(view.count)
         _roles[trainer] = FederationRole(
             view, get_int(rc, "ps-pad-rows", 0), np.random.default_rng(config.seed), row_counts
         )
