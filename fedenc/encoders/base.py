@@ -136,7 +136,8 @@ class SessionEncoder(nn.Module, ABC):
         """
         session = self.scoring_session(self.encode(batch))
         weights = self.scoring_weights()
-        chunk = chunk or default_chunk(weights.device)
+        if chunk is None:
+            chunk = default_chunk(weights.device)
         cols = batch.targets - 1
         target_score = (session * weights[cols]).sum(1)
         ranks = torch.zeros(session.shape[0], dtype=torch.float32, device=session.device)
