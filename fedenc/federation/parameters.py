@@ -51,12 +51,27 @@ def count_non_finite(tensor: torch.Tensor) -> int:
     return int((~torch.isfinite(tensor)).sum())
 
 
-def check_compatible(reference: Mapping[str, torch.Tensor], update: object, child: str) -> None:
+def check_values(update: Mapping[str, torch.Tensor], child: str) -> None:
+    """Raise :class:`BadUpdateError` naming every tensor of ``update`` with NaN/Inf values."""
+    problems = []
+    for name, value in update.items():
+        bad = count_non_finite(value)
+        if bad:
+            problems.append(f"{name!r} has {bad} NaN/Inf value(s)")
+    if problems:
+        raise BadUpdateError(child, "; ".join(problems))
+
+
+def check_compatible(
+    reference: Mapping[str, torch.Tensor], update: object, child: str, values: bool = True
+) -> None:
     """Raise :class:`BadUpdateError` unless ``update`` matches ``reference`` name for name.
 
     Checks, all reported together: missing and extra names, non-tensor values, shape, dtype and
-    device, then (only when the structure is right) NaN/Inf values. Names may come in any order;
-    the rules fuse by name and return the reference's order.
+    device, then (only when the structure is right, and ``values`` is set) NaN/Inf values. Names
+    may come in any order; the rules fuse by name and return the reference's order. A caller that
+    passes ``values=False`` checks the values itself (the streaming accumulator does it block by
+    block as it folds, while each block is still in cache).
     """
     if not isinstance(update, Mapping):
         raise BadUpdateError(child, f"expected a mapping of name to tensor, got {type(update)}")
@@ -80,13 +95,10 @@ def check_compatible(reference: Mapping[str, torch.Tensor], update: object, chil
             problems.append(f"{name!r} has dtype {value.dtype}, expected {ref.dtype}")
         if value.device != ref.device:
             problems.append(f"{name!r} is on {value.device}, expected {ref.device}")
-    if not problems:
-        for name in reference:
-            bad = count_non_finite(update[name])
-            if bad:
-                problems.append(f"{name!r} has {bad} NaN/Inf value(s)")
     if problems:
         raise BadUpdateError(child, "; ".join(problems))
+    if values:
+        check_values({name: update[name] for name in reference}, child)
 
 
 def check_row_weights(

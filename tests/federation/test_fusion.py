@@ -25,6 +25,7 @@ from fedenc.federation.fusion import (
     build_fusion_rule,
     register_fusion_rule,
 )
+from fedenc.federation.fusion import accumulator as accumulator_module
 from fedenc.federation.fusion import registry as registry_module
 from fedenc.federation.fusion.krum import krum_scores
 from fedenc.federation.fusion.weighted_sum import WeightedSum
@@ -305,6 +306,48 @@ def test_bad_update_is_rejected_and_does_not_poison_the_round(name: str, kind: s
     assert_same(rule.result(), expected, exact=True)
     assert rule.participants == ["a", "b", "c"]
     assert "evil" in rule.rejected
+
+
+@pytest.mark.parametrize("position", ["first", "later"])
+@pytest.mark.parametrize("name", ["weighted_sum", "fedadam"])
+def test_a_bad_value_found_mid_fold_is_taken_back_out(
+    name: str, position: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rules that check values as they fold (checks_values) have folded the earlier blocks and
+    # tensors of a reply by the time they meet its NaN: those must come back out.
+    monkeypatch.setattr(accumulator_module, "_BLOCK", 3)
+    gen = torch.Generator().manual_seed(0)
+    current = {"a": torch.zeros(7), "b": torch.zeros(2, 5)}
+
+    def draw() -> Parameters:
+        return {k: torch.randn(v.shape, generator=gen) for k, v in current.items()}
+
+    good = [("x", draw(), 2), ("y", draw(), 5)]
+    evil = draw()
+    evil["b"][1, 3] = math.nan  # the fourth block of the second tensor
+    evil["a"][6] = math.inf  # and the last block of the first
+    expected = fuse(build_fusion_rule(name), current, good)
+
+    rule: Any = build_fusion_rule(name)
+    assert rule.checks_values
+    rule.begin(1, current)
+    if position == "later":
+        rule.add(*good[0])
+    with pytest.raises(BadUpdateError, match=r"'a' has 1 NaN/Inf value.*'b' has 1 NaN/Inf"):
+        rule.add("evil", evil, 3)
+    for update in good[1:] if position == "later" else good:
+        rule.add(*update)
+    # A first reply only overwrote stale sums; a later one is subtracted back (float rounding).
+    assert_same(rule.result(), expected, exact=position == "first")
+    assert rule.participants == ["x", "y"] and "evil" in rule.rejected
+
+
+def test_huge_finite_values_whose_sum_overflows_are_accepted() -> None:
+    big = {"w": torch.full((4,), 3e38), "b": torch.ones(1)}
+    assert math.isinf(float(big["w"].sum()))
+    result = fuse(build_fusion_rule("weighted_sum"), {"w": torch.zeros(4), "b": torch.zeros(1)},
+                  [("a", big, 1)])  # fmt: skip
+    assert torch.equal(result["w"], big["w"])
 
 
 def test_second_reply_from_same_child_is_rejected() -> None:

@@ -14,6 +14,7 @@ from fedenc.federation.parameters import (
     cast_like,
     check_compatible,
     check_num_samples,
+    check_values,
     count_non_finite,
     relative_change,
 )
@@ -83,6 +84,15 @@ def test_count_non_finite() -> None:
     # finite float64 values whose sum overflows are still finite
     assert count_non_finite(torch.tensor([1e308, 1e308], dtype=torch.float64)) == 0
     assert count_non_finite(torch.empty(0)) == 0
+
+
+def test_values_can_be_left_to_the_caller_and_checked_apart() -> None:
+    ref = {"w": torch.zeros(2), "b": torch.zeros(1)}
+    nan = {"w": torch.tensor([1.0, math.nan]), "b": torch.tensor([math.inf])}
+    check_compatible(ref, nan, "c", values=False)  # structure only
+    with pytest.raises(BadUpdateError, match=r"'w' has 1 NaN/Inf value.*'b' has 1 NaN/Inf"):
+        check_values(nan, "c")
+    check_values(ref, "c")
 
 
 @pytest.mark.parametrize("bad", [0, -3, 1.5, True, "10", None])

@@ -10,11 +10,14 @@ update), which saves a zeroing pass and a read of the buffer per round.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
 
-from fedenc.federation.parameters import Parameters, cast_like
+from fedenc.federation.parameters import Parameters, cast_like, check_values
+
+_BLOCK = 1 << 20  # values checked then folded at a time: 4 MiB of float32 stays in cache
 
 _DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64}
 
@@ -76,23 +79,59 @@ class WeightedAccumulator:
         self.total_weight = 0.0
         self.count = 0
 
-    def add(self, params: Mapping[str, torch.Tensor], weight: float) -> None:
-        """``acc += weight · params`` in place (``params`` already validated against the layout)."""
+    def add(
+        self, params: Mapping[str, torch.Tensor], weight: float, child: str | None = None
+    ) -> None:
+        """``acc += weight · params`` in place (``params`` already checked against the layout).
+
+        With ``child`` the values are checked for NaN/Inf here, block by block, each block just
+        before it is folded in: the block is then still in cache, so the update is read from
+        memory once instead of twice (a separate scan costs about a quarter of the fold). A bad
+        value raises :class:`BadUpdateError` after the blocks already folded are taken back out;
+        the sums then equal those without the reply up to float rounding (at most an ulp each).
+        """
         if self._buffer is None:
             raise RuntimeError("WeightedAccumulator.add before reset")
-        if self._stale:
-            for name, view in self._views.items():
-                update = params[name]
-                if update.dtype == view.dtype:
-                    torch.mul(update, weight, out=view)
-                else:  # widen first, so the product is taken in the accumulator's precision
-                    view.copy_(update).mul_(weight)
-            self._stale = False
-        else:
-            for name, view in self._views.items():
-                view.add_(params[name], alpha=weight)
+        first = self._stale
+        folded: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for name, view in self._views.items():
+            update = params[name]
+            if child is None or not update.is_floating_point():
+                self._fold(view, update, weight, first)
+                continue
+            flat_view, flat_update = view.view(-1), update.reshape(-1)
+            for lo in range(0, flat_view.numel(), _BLOCK):
+                block = flat_update[lo : lo + _BLOCK]
+                # One plain sum proves a block finite (NaN/Inf propagate); only a non-finite sum,
+                # a bad value or an overflow of huge finite ones, pays for the exact test.
+                if not math.isfinite(float(block.sum())) and not bool(block.isfinite().all()):
+                    self._take_back(folded, weight, first)
+                    check_values(params, child)  # names every bad tensor with its count
+                target = flat_view[lo : lo + _BLOCK]
+                self._fold(target, block, weight, first)
+                folded.append((target, block))
+        self._stale = False
         self.total_weight += weight
         self.count += 1
+
+    @staticmethod
+    def _fold(target: torch.Tensor, update: torch.Tensor, weight: float, first: bool) -> None:
+        if not first:
+            target.add_(update, alpha=weight)
+        elif update.dtype == target.dtype:
+            torch.mul(update, weight, out=target)  # over a stale round's sums: no zeroing pass
+        else:  # widen first, so the product is taken in the accumulator's precision
+            target.copy_(update).mul_(weight)
+
+    def _take_back(
+        self, folded: list[tuple[torch.Tensor, torch.Tensor]], weight: float, first: bool
+    ) -> None:
+        """Undo the blocks of a rejected update folded so far (a first update overwrote stale
+        sums, which stay stale)."""
+        if not first:
+            for target, block in folded:
+                target.sub_(block, alpha=weight)
+        folded.clear()
 
     def sums(self) -> dict[str, torch.Tensor]:
         """The raw per-name sums (views of the buffer: read them before the next ``reset``), zero

@@ -45,6 +45,10 @@ class FusionRule(ABC):
     """The registry name, set by :func:`~fedenc.federation.fusion.registry.register_fusion_rule`."""
     streaming: ClassVar[bool] = False
     """True when the rule's memory is one model plus state, whatever the number of replies."""
+    checks_values: ClassVar[bool] = False
+    """True when ``_add`` checks the update's values for NaN/Inf itself, as it folds them in (and
+    leaves its state untouched when it raises); otherwise they are checked before ``_add``. The
+    structure is always checked first, and ``_add_rows`` is always given checked values."""
     row_weighted: ClassVar[bool] = False
     """True when the rule fuses the row-weighted tensors of a round (the item table) row by row,
     each child weighted by its row weights (the samples that touched the row); other rules ignore
@@ -97,7 +101,8 @@ class FusionRule(ABC):
             n = check_num_samples(num_samples, child)
             if child in self._samples:
                 raise BadUpdateError(child, f"a second update in round {self._round}")
-            check_compatible(current, params, child)
+            by_rows = self.row_weighted and bool(self._row_names)
+            check_compatible(current, params, child, values=by_rows or not self.checks_values)
             rows = (
                 check_row_weights(current, row_weights, self._row_names, child)
                 if row_weights
@@ -108,7 +113,7 @@ class FusionRule(ABC):
                     raise RuntimeError(f"round {self._round} closed while {child!r} was added")
                 if child in self._samples:
                     raise BadUpdateError(child, f"a second update in round {self._round}")
-                if self.row_weighted and self._row_names:
+                if by_rows:
                     self._add_rows(child, params, n, rows)
                 else:
                     self._add(child, params, n)

@@ -60,6 +60,7 @@ class ServerOptimizer(FusionRule):
     """Weighted mean of the replies, then one optimizer step from the current target."""
 
     streaming = True
+    checks_values = True  # block by block as it folds (WeightedAccumulator.add)
     _moment_names: tuple[str, ...] = ("m",)
 
     def __init__(self, server_lr: float, accumulator_dtype: str = "auto") -> None:
@@ -92,7 +93,7 @@ class ServerOptimizer(FusionRule):
         self._accumulator.reset(current)
 
     def _add(self, child: str, params: Parameters, num_samples: int) -> None:
-        self._accumulator.add(params, float(num_samples))
+        self._accumulator.add(params, float(num_samples), child)
 
     def _initial(self, moment: str, ref: torch.Tensor) -> torch.Tensor:
         return torch.zeros(ref.shape, dtype=torch.promote_types(ref.dtype, torch.float32))

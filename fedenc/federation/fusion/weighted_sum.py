@@ -43,6 +43,7 @@ class WeightedSum(FusionRule):
     """
 
     streaming = True
+    checks_values = True  # block by block as it folds (WeightedAccumulator.add)
     row_weighted = True
 
     def __init__(self, accumulator_dtype: str = "auto") -> None:
@@ -67,7 +68,7 @@ class WeightedSum(FusionRule):
         }
 
     def _add(self, child: str, params: Parameters, num_samples: int) -> None:
-        self._accumulator.add(params, self._weight(num_samples))
+        self._accumulator.add(params, self._weight(num_samples), child)
 
     def _add_rows(
         self, child: str, params: Parameters, num_samples: int, rows: Mapping[str, torch.Tensor]
