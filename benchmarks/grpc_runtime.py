@@ -16,7 +16,9 @@ kind of certificates).
 All runtimes are up at once and their rounds alternate (plain, fedenc, fedenc over TLS, plain,
 ...), so load from other work hits each alike. Medians over the rounds (after a warm-up).
 Run: ``python benchmarks/grpc_runtime.py``
-(``--rounds``, ``--pings``, ``--params``, ``--children``, ``--train-seconds``, ``--no-tls``).
+(``--rounds``, ``--pings``, ``--params``, ``--children``, ``--train-seconds``, ``--no-tls``;
+``--side-by-side`` adds plaintext fedenc without send turns, :mod:`fedenc.runtime.grpc.send_turns`,
+as a third pair).
 """
 
 from __future__ import annotations
@@ -203,7 +205,7 @@ def encoder_record(params: int) -> ArrayRecord:
 class FedencRun:
     """The fedenc runtime: a FederationServer, its Grid and ``children`` child processes."""
 
-    def __init__(self, args: argparse.Namespace, tls: bool = False) -> None:
+    def __init__(self, args: argparse.Namespace, tls: bool = False, turns: bool = True) -> None:
         from contextlib import ExitStack
 
         from fedenc.runtime.grpc.launcher import prepare_certs
@@ -219,7 +221,8 @@ class FedencRun:
             names = [f"bench-{i}" for i in range(args.children)]
             certs = prepare_certs(names, None, self.stack)
             security = server_security(load_master_tls(certs, allowlist=names))
-        self.server = FederationServer("127.0.0.1:0", security).start()
+        patience = {} if turns else {"send_patience": None}  # None: the old side-by-side sends
+        self.server = FederationServer("127.0.0.1:0", security, **patience).start()
         self.procs = start_children(
             self.server.address, args.children, "grpc_runtime:bench_app", certs
         )
@@ -268,7 +271,7 @@ class PlainRun:
     """The baseline: the same bytes over plain gRPC streams to ``children`` echo processes
     (mutual TLS with fedenc's certificates when ``tls``)."""
 
-    def __init__(self, args: argparse.Namespace, tls: bool = False) -> None:
+    def __init__(self, args: argparse.Namespace, tls: bool = False, turns: bool = True) -> None:
         from contextlib import ExitStack
 
         from fedenc.runtime.grpc.launcher import prepare_certs
@@ -310,6 +313,11 @@ def main() -> None:
     ap.add_argument("--pings", type=int, default=300)
     ap.add_argument("--train-seconds", type=float, default=1.0)
     ap.add_argument("--no-tls", action="store_true", help="skip the mutual-TLS measurement")
+    ap.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="also run plaintext fedenc sending large messages side by side (no send turns)",
+    )
     ap.add_argument("--baseline-client", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--baseline-certs", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--baseline-name", default="", help=argparse.SUPPRESS)
@@ -330,9 +338,13 @@ def main() -> None:
     # Every runtime is up at once and the rounds alternate between them, so a burst of load from
     # other work on the machine hits the baselines and fedenc alike. Each fedenc mode is compared
     # with plain gRPC in the same mode (plaintext / mutual TLS with the same certificates).
-    labels = ["plaintext"] + ([] if args.no_tls else ["mutual TLS"])
+    labels = ["plaintext"] + (["side by side"] if args.side_by_side else [])
+    labels += [] if args.no_tls else ["mutual TLS"]
     pairs = {
-        label: (PlainRun(args, tls=label != "plaintext"), FedencRun(args, tls=label != "plaintext"))
+        label: (
+            PlainRun(args, tls=label == "mutual TLS"),
+            FedencRun(args, tls=label == "mutual TLS", turns=label != "side by side"),
+        )
         for label in labels
     }
     stats = {

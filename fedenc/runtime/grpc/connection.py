@@ -24,7 +24,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, TypeAlias
 
@@ -36,6 +36,7 @@ from fedenc.protocol.tensors import ExpectedSpecs
 from fedenc.protocol.wire_chunks import RawChunk, parse_chunk_frame
 from fedenc.runtime import flower_compat as fc
 from fedenc.runtime.grpc.frames import ArraySpecs, EncodedMessage, FrameError, FrameReader
+from fedenc.runtime.grpc.send_turns import SendTurns
 from fedenc.runtime.grpc.shared_frames import SharedFrames
 from fedenc.runtime.grpc.transport import (
     CAPABILITIES,
@@ -63,6 +64,7 @@ class _Item:
     frames: Iterable[spb.MasterMessage | RawChunk]
     sent: Sent | None = None  # recorded under the first frame's wire id
     counted: bool = False  # Flower traffic (bytes_sent)
+    queued: bool = False  # sent in its turn (:mod:`.send_turns`)
 
 
 class ConnectionOwner(Protocol):
@@ -95,8 +97,10 @@ class ChildConnection:
         strict_arrays: bool = True,
         inbound: threading.BoundedSemaphore | None = None,
         shared_frames: SharedFrames | None = None,
+        turns: SendTurns | None = None,
     ) -> None:
         self.owner = owner
+        self._turns = turns
         self._shared = shared_frames or SharedFrames(0)
         self.peer = peer
         self.auth = auth
@@ -151,7 +155,9 @@ class ChildConnection:
             yield spb.MasterMessage(flower=encoded.frame)
             yield from encoded.chunks  # serialized in frames(), shared between streams
 
-        return self._put(_Item(frames(), sent=sent, counted=True))
+        # A message of more than one frame of tensors waits its turn behind the other streams'.
+        big = self._turns is not None and encoded.array_bytes > self._reader.max_chunk_bytes
+        return self._put(_Item(frames(), sent=sent, counted=True, queued=big))
 
     def frames(self) -> Iterator[bytes]:
         """The outbound frames, serialized, until the stream is closed (gRPC iterates this)."""
@@ -159,23 +165,32 @@ class ChildConnection:
             item = self._out.get()
             if item is None:
                 return
-            first = True
-            for frame in item.frames:
-                if isinstance(frame, RawChunk):
-                    # No id of its own: it belongs to the FlowerMessage before it, and so its
-                    # bytes are the same on every stream that sends this encoder.
-                    data = self._shared.frame(frame)
-                else:
-                    message_id = next(self._ids)
-                    if first and item.sent is not None:
-                        with self._lock:
-                            self._sent[message_id] = item.sent
-                    frame.message_id = message_id
-                    data = frame.SerializeToString()
-                first = False
-                if item.counted:
-                    self.owner.count(len(data), 0)
-                yield data
+            if item.queued and self._turns is not None:
+                with self._turns.turn() as wait:
+                    yield from self._serialize(item, wait)
+            else:
+                yield from self._serialize(item, None)
+
+    def _serialize(self, item: _Item, wait: Callable[[], None] | None) -> Iterator[bytes]:
+        first = True
+        for frame in item.frames:
+            if isinstance(frame, RawChunk):
+                # No id of its own: it belongs to the FlowerMessage before it, and so its bytes
+                # are the same on every stream that sends this encoder.
+                data = self._shared.frame(frame)
+            else:
+                message_id = next(self._ids)
+                if first and item.sent is not None:
+                    with self._lock:
+                        self._sent[message_id] = item.sent
+                frame.message_id = message_id
+                data = frame.SerializeToString()
+            first = False
+            if item.counted:
+                self.owner.count(len(data), 0)
+            if wait is not None:
+                wait()
+            yield data
 
     def close(self, reason: CloseReason, detail: str) -> None:
         """Sends a Close (once) and ends the outbound stream; the owner hears of it."""

@@ -39,6 +39,7 @@ from fedenc.protocol.tensors import TensorEncodeError
 from fedenc.runtime import flower_compat as fc
 from fedenc.runtime.grpc.connection import ChildConnection, Sent
 from fedenc.runtime.grpc.frames import encode_message
+from fedenc.runtime.grpc.send_turns import DEFAULT_PATIENCE, SendTurns
 from fedenc.runtime.grpc.shared_frames import DEFAULT_BUDGET_BYTES, SharedFrames
 from fedenc.runtime.grpc.transport import (
     AGENT,
@@ -104,6 +105,7 @@ class FederationServer:
         strict_arrays: bool = True,
         inbound_slots: int = 1,
         shared_frame_bytes: int = DEFAULT_BUDGET_BYTES,
+        send_patience: float | None = DEFAULT_PATIENCE,
     ) -> None:
         parse_address(address)
         security.check()
@@ -126,6 +128,8 @@ class FederationServer:
         # Replies whose tensors are assembled at once (ChildConnection._admit); 0 = no limit.
         self.inbound_slots = inbound_slots
         self._inbound = threading.BoundedSemaphore(inbound_slots) if inbound_slots else None
+        # Large messages leave one after another (send_turns); None sends them side by side.
+        self.turns = None if send_patience is None else SendTurns(send_patience)
         # The chunk frames of an encoder sent to several children are serialized once.
         self.shared_frames = SharedFrames(shared_frame_bytes)
         self._lock = threading.Condition()
@@ -313,6 +317,7 @@ class FederationServer:
             strict_arrays=self.strict_arrays,
             inbound=self._inbound,
             shared_frames=self.shared_frames,
+            turns=self.turns,
         )
         conn.identity = identity
         with self._lock:
