@@ -8,6 +8,7 @@ materialised logits, foreach Adam, evaluation with autograd on and a top-k sort.
 
     python benchmarks/speed.py --data ../shared/data            # Diginetica, 43,097 items
     python benchmarks/speed.py --synthetic-items 43097          # no data needed
+    python benchmarks/speed.py --data ../shared/data --checkpoint runs/accuracy/digi-srgnn-pos
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from fedenc.data.sessions import Examples, Sessions
 from fedenc.data.synthetic import SyntheticConfig, generate
 from fedenc.encoders.registry import build_encoder
 from fedenc.training.allocator import tune_allocator
+from fedenc.training.checkpoint import load_checkpoint
 
 
 def add_data_options(ap: argparse.ArgumentParser) -> None:
@@ -44,6 +46,20 @@ def load_examples(args: argparse.Namespace) -> tuple[str, Examples]:
     return f"synthetic({args.synthetic_items} items)", Examples.from_sessions(splits.train)
 
 
+def load_eval_examples(args: argparse.Namespace, train: Examples) -> Examples:
+    """The evaluation pairs: the test split where the data has one (as a trained model meets
+    them), else the training pairs."""
+    root = data_dir(args.data)
+    test = None if root is None else root / "diginetica" / "test_sessions.txt"
+    if (
+        test is not None
+        and test.is_file()
+        and (root / "diginetica" / "train_sessions.txt").is_file()
+    ):
+        return Examples.from_sessions(read_session_text(test))
+    return train
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_data_options(ap)
@@ -54,6 +70,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu | cuda (both paths run there)")
     ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument(
+        "--checkpoint",
+        default=None,
+        help="start both models from this trained encoder (a `fedenc train` output folder)",
+    )
     args = ap.parse_args()
     tune_allocator()  # as the trainer does (fedenc.training.trainer)
     if args.threads:
@@ -63,14 +84,25 @@ def main() -> None:
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     rng = np.random.default_rng(0)
     train_idx = [rng.integers(0, len(ex), 100) for _ in range(args.batches)]
+    ex_eval = load_eval_examples(args, ex)
     eval_idx = [
         np.arange(lo, lo + args.eval_batch) for lo in range(0, args.batches * 100, args.eval_batch)
     ]
 
     torch.manual_seed(0)
-    fast = build_encoder(args.encoder, ex.num_items)
-    base = build_encoder(args.encoder, ex.num_items)
+    if args.checkpoint:
+        fast, meta = load_checkpoint(args.checkpoint)
+        if meta["encoder"] != args.encoder or fast.config.num_items != ex.num_items:
+            raise SystemExit(
+                f"{args.checkpoint} holds a {meta['encoder']} over {fast.config.num_items} "
+                f"items, not a {args.encoder} over {ex.num_items}"
+            )
+        base = build_encoder(args.encoder, ex.num_items, **_config(fast))
+    else:
+        fast = build_encoder(args.encoder, ex.num_items)
+        base = build_encoder(args.encoder, ex.num_items)
     base.load_state_dict(fast.state_dict())
+    trained = {k: v.clone() for k, v in fast.state_dict().items()}
     fast.to(dev)
     base.to(dev)
     opt_fast = torch.optim.Adam(fast.parameters(), lr=1e-3, weight_decay=1e-5, fused=True)
@@ -88,29 +120,40 @@ def main() -> None:
             opt.step()
         sync()  # a GPU step is asynchronous: time it to the end of its work
 
-    def evaluate_fast() -> None:
+    def evaluate_fast(limit: int | None) -> None:
         fast.eval()
         with torch.no_grad(), fast.frozen_scoring():
             for idx in eval_idx:
-                fast.rank_targets(build_batch(ex, idx, dev))
+                fast.rank_targets(build_batch(ex_eval, idx, dev), limit=limit)
         sync()
 
     def evaluate_base() -> None:
         base.eval()
         for idx in eval_idx:
-            b = build_batch_reference(ex, idx).to(dev)
+            b = build_batch_reference(ex_eval, idx).to(dev)
             scores = base(b)
             top = scores.topk(20, dim=1).indices
             (top == (b.targets - 1)[:, None]).any(1).float().mean().item()
 
+    # Evaluation first, on the given (trained) weights: the training runs change them.
+    evaluate_fast(20)  # warm-up
+    evaluate_base()
+    t = interleaved(
+        {
+            "eval fedenc": lambda: evaluate_fast(20),
+            "eval exact": lambda: evaluate_fast(None),
+            "eval baseline": evaluate_base,
+        },
+        args.repeats,
+    )
+    hits = _hits(fast, ex_eval, eval_idx, dev)
+    fast.load_state_dict(trained)
     train(fast, opt_fast, False)  # warm-up both
     train(base, opt_base, True)
-    t = interleaved(
+    t |= interleaved(
         {
             "train fedenc": lambda: train(fast, opt_fast, False),
             "train baseline": lambda: train(base, opt_base, True),
-            "eval fedenc": evaluate_fast,
-            "eval baseline": evaluate_base,
         },
         args.repeats,
     )
@@ -122,10 +165,19 @@ def main() -> None:
         f"eval batch {args.eval_batch}, device {dev}, torch threads {torch.get_num_threads()}, "
         f"load avg {load_avg()}, median of {args.repeats} interleaved repeats"
     )
+    print(
+        f"evaluated model: {args.checkpoint or 'untrained (pass --checkpoint for a trained one)'}"
+        f", Recall@20 on the timed eval pairs {hits:.1f}%"
+    )
     print(f"{'':16s}{'fedenc':>14s}{'baseline':>14s}{'ratio':>8s}")
     for what in ("train", "eval"):
         f_, b_ = rate[f"{what} fedenc"], rate[f"{what} baseline"]
         print(f"{what + ' pairs/s':16s}{f_:14,.0f}{b_:14,.0f}{f_ / b_:7.2f}x")
+    exact = rate["eval exact"]
+    print(
+        f"{'eval exact':16s}{exact:14,.0f}{rate['eval baseline']:14,.0f}"
+        f"{exact / rate['eval baseline']:7.2f}x   (every rank exact, no early exit)"
+    )
     print(
         f"train ms/batch   {1000 * median(t['train fedenc']) / args.batches:10.1f}"
         f"{1000 * median(t['train baseline']) / args.batches:14.1f}"
@@ -137,6 +189,22 @@ def main() -> None:
                 fh,
                 indent=2,
             )
+
+
+def _config(model: Any) -> dict[str, Any]:
+    cfg = dict(model.config.to_dict())
+    cfg.pop("num_items")
+    return cfg
+
+
+def _hits(model: Any, ex: Examples, eval_idx: list[np.ndarray], dev: torch.device) -> float:
+    """Recall@20 (percent) of ``model`` on the timed evaluation pairs."""
+    model.eval()
+    ranks = []
+    with torch.no_grad(), model.frozen_scoring():
+        for idx in eval_idx:
+            ranks.append(model.rank_targets(build_batch(ex, idx, dev), limit=20).cpu())
+    return 100.0 * float((torch.cat(ranks) < 20).double().mean())
 
 
 if __name__ == "__main__":

@@ -197,7 +197,7 @@ class Trainer:
         t0 = time.perf_counter()
         with self.model.frozen_scoring():
             for batch in self.batches(examples, self.config.eval_batch_size, shuffle=False):
-                acc.update(self.model.rank_targets(batch))
+                acc.update(self.model.rank_targets(batch, limit=max(self.config.ks, default=None)))
                 rate = acc.count / (time.perf_counter() - t0)
                 progress.advance(task, batch.size, rate, float("nan"))
         out = acc.result()

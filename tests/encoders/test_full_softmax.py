@@ -89,3 +89,41 @@ def test_rank_targets_matches_ranks_of_full_logits(chunk: int) -> None:
     with torch.no_grad():
         expected = target_ranks(model(batch), batch.targets)
         assert model.rank_targets(batch, chunk=chunk).tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 4096])
+@pytest.mark.parametrize("limit", [1, 2, 5, 20, 100])
+def test_rank_targets_with_a_limit_caps_the_exact_ranks(chunk: int, limit: int) -> None:
+    # Sessions leave the scoring once `limit` items beat their target; the ranks below the limit
+    # must stay exact, whichever block they leave in, and the NaN target must still rank last.
+    from fedenc.training.metrics import target_ranks
+
+    torch.manual_seed(limit)
+    model = build_encoder("srgnn", 37, hidden=8).eval()
+    sessions = [[1, 2, 3], [3, 9], [5, 5, 6], [37, 1], [8], [2, 4, 8, 16], [30, 31], [11, 12]]
+    batch = batch_from_sessions(sessions)
+    with torch.no_grad():
+        scores = model(batch)
+        # Targets across the spread of ranks: best, worst and in between, and the last item.
+        order = scores.argsort(1, descending=True)
+        picks = [0, 36, 1, 4, 19, 2, 10, 3]
+        batch.targets = torch.stack([order[i, p] for i, p in enumerate(picks)]) + 1
+        batch.targets[3] = 37
+        expected = target_ranks(scores, batch.targets).clamp(max=limit)
+        got = model.rank_targets(batch, chunk=chunk, limit=limit)
+        assert got.tolist() == expected.tolist()
+        assert got.dtype == torch.int64
+        model.embedding.weight.data[36] = float("nan")  # a diverged row no session clicked
+        batch.targets[1] = 36
+        expected = target_ranks(model(batch), batch.targets).clamp(max=limit)
+        assert expected[1] == min(37, limit)
+        expected[1] = limit  # the NaN target ranks last: a miss at every K up to the limit
+        assert model.rank_targets(batch, chunk=chunk, limit=limit).tolist() == expected.tolist()
+
+
+def test_rank_targets_rejects_a_limit_below_one() -> None:
+    model = build_encoder("srgnn", 10, hidden=4).eval()
+    batch = batch_from_sessions([[1, 2]])
+    batch.targets = torch.tensor([3])
+    with torch.no_grad(), pytest.raises(ValueError, match="limit"):
+        model.rank_targets(batch, limit=0)

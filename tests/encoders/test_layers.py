@@ -6,6 +6,7 @@ import torch
 
 from fedenc.data.batching import batch_from_sessions
 from fedenc.encoders.layers import GatedGraphCell, SoftAttentionReadout
+from fedenc.encoders.layers.gated_graph import PackedGraph
 
 H = 4
 
@@ -40,6 +41,25 @@ def test_gated_graph_cell_matches_srgnn_gnn_cell() -> None:
         want = srgnn_gnn_cell(cell, torch.cat([adj_in, adj_out], 2), h)
     assert got.shape == (1, 3, H)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_step_equals_the_padded_step_on_the_real_nodes() -> None:
+    # Sessions of different lengths (so padding), repeated clicks, a self-loop and a single
+    # click: the edge-list step over the real nodes must give the padded step's real rows.
+    torch.manual_seed(2)
+    cell = GatedGraphCell(H).double()
+    batch = batch_from_sessions([[1, 2, 3, 1, 3], [4, 4, 5], [6], [7, 8, 9, 10, 7, 11]])
+    counts = batch.node_mask.sum(1)
+    start = counts.cumsum(0) - counts
+    graph = PackedGraph.from_batch(batch.edges, start, int(counts.sum()))
+    assert graph.src.shape == graph.dst.shape == (int(batch.edges.sum()),)
+    h = torch.randn(*batch.node_mask.shape, H, dtype=torch.float64, requires_grad=True)
+    padded = cell(h, batch.adj_in.double(), batch.adj_out.double())[batch.node_mask]
+    packed = cell.propagate_packed(h[batch.node_mask], graph)
+    torch.testing.assert_close(packed, padded)
+    (g_padded,) = torch.autograd.grad(padded.square().sum(), h)
+    (g_packed,) = torch.autograd.grad(packed.square().sum(), h)
+    torch.testing.assert_close(g_packed, g_padded)
 
 
 def test_gated_graph_cell_node_without_edges_only_sees_biases() -> None:

@@ -13,6 +13,7 @@ One step, for node states ``h`` (B, U, H) and normalised adjacencies ``A_in``, `
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -36,36 +37,60 @@ class GatedGraphCell(nn.Module):
         for p in self.parameters():
             nn.init.uniform_(p, -bound, bound)
 
-    def forward(
-        self, h: Tensor, adj_in: Tensor, adj_out: Tensor, node_mask: Tensor | None = None
-    ) -> Tensor:
-        """One propagation step. With ``node_mask`` (B, U) the dense projections and the GRU run on
-        the real nodes only (a batch padded to its longest session is mostly padding); padding
-        nodes then come out as zeros."""
+    def forward(self, h: Tensor, adj_in: Tensor, adj_out: Tensor) -> Tensor:
+        """One propagation step over a padded batch, ``h`` (B, U, H), adjacencies (B, U, U)."""
         weight = torch.cat([self.edge_in.weight, self.edge_out.weight], 0)
         bias = torch.cat([self.edge_in.bias, self.edge_out.bias], 0)
-        if node_mask is None:
-            proj = F.linear(h, weight, bias)
-            p_in, p_out = torch.split(proj, self.hidden, dim=-1)
-            msg = torch.cat(
-                [torch.bmm(adj_in, p_in) + self.b_iah, torch.bmm(adj_out, p_out) + self.b_oah], -1
-            )
-            return self._gru(msg, h)
-        h_real = h[node_mask]  # (n, H)
-        proj = h.new_zeros(*node_mask.shape, 2 * self.hidden)
-        proj[node_mask] = F.linear(h_real, weight, bias)
-        p_in, p_out = torch.split(proj, self.hidden, dim=-1)
-        msg = torch.cat([torch.bmm(adj_in, p_in), torch.bmm(adj_out, p_out)], -1)[node_mask]
-        msg = msg + torch.cat([self.b_iah, self.b_oah])
-        out = h.new_zeros(h.shape)
-        out[node_mask] = self._gru(msg, h_real)
-        return out
+        p_in, p_out = torch.split(F.linear(h, weight, bias), self.hidden, dim=-1)
+        msg = torch.cat(
+            [torch.bmm(adj_in, p_in) + self.b_iah, torch.bmm(adj_out, p_out) + self.b_oah], -1
+        )
+        return self._gru(msg, h)
+
+    def propagate_packed(self, h: Tensor, graph: PackedGraph) -> Tensor:
+        """One propagation step over the real nodes of a batch only, ``h`` (n, H): messages run
+        along ``graph``'s edge list (a gather and a scatter-add per direction), so no (B, U, U)
+        adjacency or (B, U, ·) padding is touched. The same step as :meth:`forward`."""
+        weight = torch.cat([self.edge_in.weight, self.edge_out.weight], 0)
+        bias = torch.cat([self.edge_in.bias, self.edge_out.bias], 0)
+        p_in, p_out = torch.split(F.linear(h, weight, bias), self.hidden, dim=-1)
+        src, dst = graph.src, graph.dst
+        zeros = h.new_zeros(h.shape[0], self.hidden)
+        msg_in = zeros.index_add(0, dst, p_in[src] * graph.in_weight[:, None])
+        msg_out = zeros.index_add(0, src, p_out[dst] * graph.out_weight[:, None])
+        msg = torch.cat([msg_in, msg_out], -1) + torch.cat([self.b_iah, self.b_oah])
+        return self._gru(msg, h)
 
     def _gru(self, msg: Tensor, h: Tensor) -> Tensor:
         return gru_update(self.w_ih(msg), self.w_hh(h), h)
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.hidden})"
+
+
+@dataclass(frozen=True)
+class PackedGraph:
+    """The directed edges of a batch's session graphs over its real nodes, numbered row by row
+    (node ``c`` of session ``b`` is ``start[b] + c``), with SR-GNN's normalisation: an edge
+    ``u -> v`` carries ``1 / in-degree(v)`` into ``v`` and ``1 / out-degree(u)`` into ``u``."""
+
+    src: Tensor  # (E,) int64
+    dst: Tensor  # (E,) int64
+    in_weight: Tensor  # (E,) float
+    out_weight: Tensor  # (E,) float
+
+    @classmethod
+    def from_batch(cls, edges: Tensor, start: Tensor, num_nodes: int) -> PackedGraph:
+        """From the dense 0/1 ``edges`` (B, U, U) of a batch and each session's first packed
+        node ``start`` (B,)."""
+        b, u, v = edges.nonzero(as_tuple=True)
+        src, dst = start[b] + u, start[b] + v
+        in_deg = torch.bincount(dst, minlength=num_nodes).clamp_min_(1)
+        out_deg = torch.bincount(src, minlength=num_nodes).clamp_min_(1)
+        dtype = edges.dtype
+        return cls(
+            src, dst, in_deg[dst].to(dtype).reciprocal_(), out_deg[src].to(dtype).reciprocal_()
+        )
 
 
 def gru_update(gi: Tensor, gh: Tensor, h: Tensor) -> Tensor:

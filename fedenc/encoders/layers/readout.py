@@ -35,12 +35,14 @@ class SoftAttentionReadout(nn.Module):
     def forward(self, clicks: Tensor, mask: Tensor, last: Tensor) -> Tensor:
         """``clicks`` (B, L, F), ``mask`` (B, L) bool, ``last`` (B,) index of the last click."""
         rows = torch.arange(clicks.shape[0], device=clicks.device)
-        v_last = clicks[rows, last]
         # Attention over the real clicks only, packed: a batch is padded to its longest session.
-        click_row = mask.nonzero()[:, 0]
-        real = clicks[mask]
+        return self.pooled(clicks[mask], mask.nonzero()[:, 0], clicks[rows, last])
+
+    def pooled(self, real: Tensor, click_row: Tensor, v_last: Tensor) -> Tensor:
+        """The same from the real clicks only: ``real`` (m, F), ``click_row`` (m,) the session of
+        each, ``v_last`` (B, F) every session's last click."""
         alpha = self.q((self.w_last(v_last)[click_row] + self.w_click(real)).sigmoid())
-        s_global = clicks.new_zeros(v_last.shape).index_add(0, click_row, alpha * real)
+        s_global = v_last.new_zeros(v_last.shape).index_add(0, click_row, alpha * real)
         out: Tensor = self.combine(torch.cat([s_global, v_last], dim=-1))
         return out
 
