@@ -208,8 +208,8 @@ def test_evaluate_runs_without_grad_and_changes_nothing(tiny: Tiny) -> None:
     model = make_model(dropout=0.5)
     trainer = Trainer(model, config())
     seen: list[tuple[bool, bool]] = []
-    # Evaluation ranks in chunks without calling model.forward: watch the readout instead.
-    model.readout.register_forward_hook(
+    # Evaluation ranks in chunks without calling model.forward: watch the readout's last layer.
+    model.readout.combine.register_forward_hook(
         lambda _m, _i, out: seen.append((out.requires_grad, torch.is_grad_enabled()))
     )
     before = state(model)
