@@ -64,6 +64,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_data_options(ap)
     ap.add_argument("--encoder", default="srgnn")
+    ap.add_argument(
+        "--no-positions",
+        action="store_true",
+        help="plain SR-GNN (node width d, not 2d), the model the public implementation runs",
+    )
     ap.add_argument("--batches", type=int, default=20, help="batches per timed repeat")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--eval-batch", type=int, default=500)
@@ -99,8 +104,9 @@ def main() -> None:
             )
         base = build_encoder(args.encoder, ex.num_items, **_config(fast))
     else:
-        fast = build_encoder(args.encoder, ex.num_items)
-        base = build_encoder(args.encoder, ex.num_items)
+        options = {"use_positions": False} if args.no_positions else {}
+        fast = build_encoder(args.encoder, ex.num_items, **options)
+        base = build_encoder(args.encoder, ex.num_items, **options)
     base.load_state_dict(fast.state_dict())
     trained = {k: v.clone() for k, v in fast.state_dict().items()}
     fast.to(dev)
@@ -160,8 +166,9 @@ def main() -> None:
     n_train = args.batches * 100
     n_eval = len(eval_idx) * args.eval_batch
     rate = {k: (n_train if k.startswith("train") else n_eval) / median(v) for k, v in t.items()}
+    label = args.encoder + (" without positions" if not fast.config.use_positions else "")
     print(
-        f"{args.encoder} on {name}: {ex.num_items:,} items, hidden 100, train batch 100, "
+        f"{label} on {name}: {ex.num_items:,} items, hidden 100, train batch 100, "
         f"eval batch {args.eval_batch}, device {dev}, torch threads {torch.get_num_threads()}, "
         f"load avg {load_avg()}, median of {args.repeats} interleaved repeats"
     )
