@@ -63,6 +63,7 @@ def measure(gib: float, children: int, slots: int) -> dict[str, float]:
     from fedenc.federation.records import params_to_record, record_to_params
     from fedenc.runtime import flower_compat as fc
     from fedenc.runtime.grpc.master import FederationServer, GrpcGrid
+    from fedenc.runtime.grpc.send_turns import DEFAULT_PATIENCE
     from fedenc.runtime.grpc.transport import ServerSecurity
 
     sys.path.insert(0, str(HERE))
@@ -78,7 +79,10 @@ def measure(gib: float, children: int, slots: int) -> dict[str, float]:
     record = params_to_record(target)
     content = RecordDict({"arrays": record, "config": ConfigRecord({"train-seconds": 0.0})})
     server = FederationServer(
-        "127.0.0.1:0", ServerSecurity(insecure=True), inbound_slots=slots
+        "127.0.0.1:0",
+        ServerSecurity(insecure=True),
+        inbound_slots=slots,
+        send_patience=None if os.environ.get("SIDE_BY_SIDE") else DEFAULT_PATIENCE,
     ).start()
     procs = start_children(server.address, children, "grpc_runtime:bench_app")
     child_peak: dict[int, float] = {}
