@@ -10,19 +10,16 @@ update), which saves a zeroing pass and a read of the buffer per round.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 
-from fedenc.federation.parameters import Parameters, cast_like, check_values
-
-# Values checked then folded at a time: 16 MiB of float32, which stays in the 32 MiB L3 between
-# the check and the fold. Smaller blocks mean more OpenMP parallel regions per reply, and in the
-# master each one can stall while its gRPC threads hold a core: with 4 MiB blocks an 8-child
-# round of a 256 MiB encoder took 1.6x as long and held 2.5 more replies in memory
-# (benchmarks/master_memory.py --gib 0.25).
-_BLOCK = 1 << 22
+from fedenc.federation.parameters import (
+    Parameters,
+    cast_like,
+    check_values,
+    count_non_finite,
+)
 
 _DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64}
 
@@ -89,12 +86,18 @@ class WeightedAccumulator:
     ) -> None:
         """``acc += weight · params`` in place (``params`` already checked against the layout).
 
-        With ``child`` the values are checked for NaN/Inf here, block by block, each block just
-        before it is folded in: the block is then still in cache, so the update is read from
-        memory once instead of twice (a separate scan costs about a quarter of the fold); a
-        tensor of up to one block (4M values) is one block. A bad value raises
-        :class:`BadUpdateError` after the blocks already folded are taken back out; the sums then
-        equal those without the reply up to float rounding (at most an ulp each).
+        With ``child`` the values are checked for NaN/Inf here, each tensor just before it is
+        folded in: a tensor that fits in the cache (4 MiB, say) is then still there, so it is
+        read from memory once instead of twice (a separate scan of the whole reply first costs
+        about a quarter of the fold). A bad value raises :class:`BadUpdateError` after the
+        tensors already folded are taken back out; the sums then equal those without the reply
+        up to float rounding (at most an ulp each).
+
+        Why whole tensors and not cache-sized blocks of large ones: every op is an OpenMP
+        parallel region, and in the master each region can stall while its gRPC threads hold a
+        core. 4 MiB blocks made an 8-child round of a 256 MiB encoder 1.6x as long and held 2.5
+        more replies in memory (``benchmarks/master_memory.py --gib 0.25``), 16 MiB blocks did
+        the same to a 1 GiB encoder.
         """
         if self._buffer is None:
             raise RuntimeError("WeightedAccumulator.add before reset")
@@ -102,20 +105,11 @@ class WeightedAccumulator:
         folded: list[tuple[torch.Tensor, torch.Tensor]] = []
         for name, view in self._views.items():
             update = params[name]
-            if child is None or not update.is_floating_point():
-                self._fold(view, update, weight, first)
-                continue
-            flat_view, flat_update = view.view(-1), update.reshape(-1)
-            for lo in range(0, flat_view.numel(), _BLOCK):
-                block = flat_update[lo : lo + _BLOCK]
-                # One plain sum proves a block finite (NaN/Inf propagate); only a non-finite sum,
-                # a bad value or an overflow of huge finite ones, pays for the exact test.
-                if not math.isfinite(float(block.sum())) and not bool(block.isfinite().all()):
-                    self._take_back(folded, weight, first)
-                    check_values(params, child)  # names every bad tensor with its count
-                target = flat_view[lo : lo + _BLOCK]
-                self._fold(target, block, weight, first)
-                folded.append((target, block))
+            if child is not None and count_non_finite(update):
+                self._take_back(folded, weight, first)
+                check_values(params, child)  # names every bad tensor with its count
+            self._fold(view, update, weight, first)
+            folded.append((view, update))
         self._stale = False
         self.total_weight += weight
         self.count += 1
@@ -132,11 +126,11 @@ class WeightedAccumulator:
     def _take_back(
         self, folded: list[tuple[torch.Tensor, torch.Tensor]], weight: float, first: bool
     ) -> None:
-        """Undo the blocks of a rejected update folded so far (a first update overwrote stale
+        """Undo the tensors of a rejected update folded so far (a first update overwrote stale
         sums, which stay stale)."""
         if not first:
-            for target, block in folded:
-                target.sub_(block, alpha=weight)
+            for target, update in folded:
+                target.sub_(update, alpha=weight)
         folded.clear()
 
     def sums(self) -> dict[str, torch.Tensor]:
