@@ -24,7 +24,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, TypeAlias
 
@@ -36,10 +36,11 @@ from fedenc.protocol.tensors import ExpectedSpecs
 from fedenc.protocol.wire_chunks import RawChunk, parse_chunk_frame
 from fedenc.runtime import flower_compat as fc
 from fedenc.runtime.grpc.frames import ArraySpecs, EncodedMessage, FrameError, FrameReader
-from fedenc.runtime.grpc.send_turns import SendTurns
+from fedenc.runtime.grpc.send_turns import SendTurns, Turn
 from fedenc.runtime.grpc.shared_frames import SharedFrames
 from fedenc.runtime.grpc.transport import (
     CAPABILITIES,
+    DEFAULT_HEARTBEAT_INTERVAL,
     PROTOCOL_VERSION,
     REQUIRED_CAPABILITIES,
     AuthContext,
@@ -98,9 +99,11 @@ class ChildConnection:
         inbound: threading.BoundedSemaphore | None = None,
         shared_frames: SharedFrames | None = None,
         turns: SendTurns | None = None,
+        keepalive: float = DEFAULT_HEARTBEAT_INTERVAL,
     ) -> None:
         self.owner = owner
         self._turns = turns
+        self._keepalive = keepalive  # heartbeat interval while a message waits for its turn
         self._shared = shared_frames or SharedFrames(0)
         self.peer = peer
         self.auth = auth
@@ -155,7 +158,7 @@ class ChildConnection:
             yield spb.MasterMessage(flower=encoded.frame)
             yield from encoded.chunks  # serialized in frames(), shared between streams
 
-        # A message of more than one frame of tensors waits its turn behind the other streams'.
+        # A message of more than one frame of tensors waits for its turn to start (send_turns).
         big = self._turns is not None and encoded.array_bytes > self._reader.max_chunk_bytes
         return self._put(_Item(frames(), sent=sent, counted=True, queued=big))
 
@@ -166,12 +169,27 @@ class ChildConnection:
             if item is None:
                 return
             if item.queued and self._turns is not None:
-                with self._turns.turn() as wait:
-                    yield from self._serialize(item, wait)
+                with self._turns.turn() as turn:
+                    if not (yield from self._wait_turn(turn)):
+                        return
+                    yield from self._serialize(item, turn.progress)
             else:
                 yield from self._serialize(item, None)
 
-    def _serialize(self, item: _Item, wait: Callable[[], None] | None) -> Iterator[bytes]:
+    def _wait_turn(self, turn: Turn) -> Generator[bytes, None, bool]:
+        """Wait until ``turn`` may start (True), yielding heartbeats meanwhile so the child never
+        sees the master go silent, however long the line; False when the stream closed."""
+        beat_at = time.monotonic() + self._keepalive
+        while not turn.wait(min(0.25, self._keepalive)):
+            if self._closed:
+                return False
+            if time.monotonic() >= beat_at:
+                beat = spb.Heartbeat(sent_at_unix_ms=int(time.time() * 1000))
+                yield from self._serialize(_Item([spb.MasterMessage(heartbeat=beat)]), None)
+                beat_at = time.monotonic() + self._keepalive
+        return True
+
+    def _serialize(self, item: _Item, progress: Callable[[], None] | None) -> Iterator[bytes]:
         first = True
         for frame in item.frames:
             if isinstance(frame, RawChunk):
@@ -188,8 +206,8 @@ class ChildConnection:
             first = False
             if item.counted:
                 self.owner.count(len(data), 0)
-            if wait is not None:
-                wait()
+            if progress is not None:
+                progress()
             yield data
 
     def close(self, reason: CloseReason, detail: str) -> None:

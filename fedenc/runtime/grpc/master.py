@@ -318,6 +318,7 @@ class FederationServer:
             inbound=self._inbound,
             shared_frames=self.shared_frames,
             turns=self.turns,
+            keepalive=self.heartbeat_interval,
         )
         conn.identity = identity
         with self._lock:
