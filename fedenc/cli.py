@@ -751,6 +751,16 @@ def master_cmd(
     heartbeat_timeout: Annotated[
         float, typer.Option(help="Drop a child silent for this long, seconds.")
     ] = 30.0,
+    send_turns: Annotated[
+        bool,
+        typer.Option(
+            help="Start large messages to the children one after another (the first children "
+            "train while the last still receive; docs/runtime.md), or side by side. Turns win "
+            "where the master's CPU or uplink is the bottleneck; a child on a slow link never "
+            "holds the others back. Turn them off where the master's uplink is many times "
+            "faster than each child's and the children's links are fast (> ~0.7 Gbit/s)."
+        ),
+    ] = True,
     log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
     serve: Annotated[
         bool,
@@ -783,6 +793,7 @@ def master_cmd(
     from fedenc.federation.master import NotEnoughChildrenError
     from fedenc.runtime.grpc.master import FederationServer, run_server_app
     from fedenc.runtime.grpc.security import master_security
+    from fedenc.runtime.grpc.send_turns import DEFAULT_PATIENCE
     from fedenc.runtime.simulate import default_out_dir, outcome_of
     from nodes.master import app as master_app
 
@@ -823,6 +834,7 @@ def master_cmd(
             security,
             heartbeat_interval=heartbeat,
             heartbeat_timeout=heartbeat_timeout,
+            send_patience=DEFAULT_PATIENCE if send_turns else None,
         )
     except (ValueError, OSError, SecurityError, MasterStateError) as err:
         raise _fail(str(err)) from err
