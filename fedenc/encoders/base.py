@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from fedenc.data.batching import SessionBatch
 from fedenc.encoders.layers.full_softmax import default_chunk, full_softmax_cross_entropy
+from fedenc.encoders.layers.ranking import count_ranks
 from fedenc.encoders.layers.tied_lookup import tied, tied_embedding
 
 
@@ -138,47 +139,17 @@ class SessionEncoder(nn.Module, ABC):
 
         With ``limit`` (Recall@K / MRR@K need no more than ``limit = max K``), a rank of
         ``limit`` or more is returned as ``limit``, and a session leaves the scoring as soon as
-        ``limit`` items beat its target: the blocks after that are computed for the sessions
-        still in the running only. A trained model's misses drop out within the first blocks,
-        so the work left is about the share of hits; an untrained one's nearly all drop out.
+        ``limit`` items beat its target (:func:`~.layers.ranking.count_ranks`).
         """
         session = self.scoring_session(self.encode(batch))
         weights = self.scoring_weights()
         if chunk is None:
             chunk = default_chunk(weights.device)
-        if limit is not None and limit < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}")
         cols = batch.targets - 1
         target_score = (session * weights[cols]).sum(1)
-        nan = target_score.isnan()  # beats nothing, so it never leaves early; ranks last
-        n_items = weights.shape[0]
-        final = torch.zeros(session.shape[0], dtype=torch.float32, device=session.device)
-        ranks = final  # the running counts of the sessions still scored (all of them, at first)
-        rows = torch.arange(session.shape[0], device=session.device)
-        alive = rows  # their rows in the batch
-        for lo in range(0, n_items, chunk):
-            z = session @ weights[lo : lo + chunk].t()
-            inside = (cols >= lo) & (cols < lo + z.shape[1])
-            z[rows[inside], cols[inside] - lo] = -torch.inf
-            # In-place float compare (1.0 / 0.0): no bool tensor and no conversion pass.
-            ranks += z.gt_(target_score[:, None]).sum(1)
-            if limit is None or lo + chunk >= n_items:
-                continue
-            done = ranks >= limit
-            if bool(done.any()):  # (one host sync per block; a GPU block covers 65k items)
-                final[alive[done]] = ranks[done]
-                keep = ~done
-                alive, ranks = alive[keep], ranks[keep]
-                session, target_score, cols = session[keep], target_score[keep], cols[keep]
-                rows = torch.arange(alive.shape[0], device=session.device)
-                if alive.numel() == 0:
-                    break
-        if ranks is not final:
-            final[alive] = ranks
-        worst = n_items if limit is None else limit
-        if limit is not None:
-            final.clamp_(max=limit)
-        return torch.where(nan, float(worst), final).long()
+        n = weights.shape[0]
+        blocks = ((lo, weights[lo : lo + chunk]) for lo in range(0, n, chunk))
+        return count_ranks(session, target_score, cols, blocks, n, limit)
 
     def loss(self, batch: SessionBatch) -> Tensor:
         """Mean full-softmax cross-entropy of the batch's targets over the whole catalog.

@@ -23,6 +23,7 @@ Two ways to score, a trade-off between exactness and memory:
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -34,6 +35,7 @@ from torch.nn import functional as F
 from fedenc.data.batching import SessionBatch
 from fedenc.data.sessions import Examples
 from fedenc.encoders.base import SessionEncoder
+from fedenc.encoders.layers.ranking import count_ranks
 from fedenc.ps.builtin import BuiltinPS
 from fedenc.ps.optimizers import RowOptimizer, RowOptimizerConfig
 from fedenc.ps.service import DistributedPS
@@ -256,18 +258,15 @@ class PSTrainer(Trainer):
         tw = self.remote.pull(t_all.numpy())
         tw = F.normalize(tw, dim=-1) if norm else tw
         t_score = (s_all * tw).sum(1)
-        ranks = torch.zeros(s_all.shape[0])
-        rows_idx = torch.arange(s_all.shape[0])
         n, chunk = self.remote.num_keys, self.ps_config.eval_chunk
-        for lo in range(1, n, chunk):
-            hi = min(lo + chunk, n)
-            w = self.remote.pull(np.arange(lo, hi, dtype=np.int64))
-            w = F.normalize(w, dim=-1) if norm else w
-            z = s_all @ w.t()
-            inside = (t_all >= lo) & (t_all < hi)
-            z[rows_idx[inside], t_all[inside] - lo] = -torch.inf
-            ranks += z.gt_(t_score[:, None]).sum(1)
-        acc.update(ranks.long())
+
+        def blocks() -> Iterator[tuple[int, Tensor]]:  # item i is key i + 1; pulled lazily
+            for lo in range(1, n, chunk):
+                w = self.remote.pull(np.arange(lo, min(lo + chunk, n), dtype=np.int64))
+                yield lo - 1, F.normalize(w, dim=-1) if norm else w
+
+        limit = max(self.config.ks, default=None)
+        acc.update(count_ranks(s_all, t_score, t_all - 1, blocks(), n - 1, limit))
         out = acc.result()
         out["pairs_per_s"] = acc.count / max(time.perf_counter() - t0, 1e-9)
         return out
