@@ -40,11 +40,15 @@ class SRGNN(SessionEncoder):
         self.dropout = nn.Dropout(config.dropout)
         self.reset_parameters()
 
-    def node_features(self, batch: SessionBatch) -> Tensor:
-        """Initial node states: item embedding, or [item ; reversed position] (B, U, 2d)."""
-        h = self.item_vectors(batch.nodes)
+    def node_features(self, batch: SessionBatch, mask: Tensor | None = None) -> Tensor:
+        """Initial node states: item embedding, or [item ; reversed position]. (B, U, width),
+        or (n, width) for the n nodes that ``mask`` (B, U) selects."""
+        nodes, positions = batch.nodes, batch.node_positions
+        if mask is not None:
+            nodes, positions = nodes[mask], positions[mask]
+        h = self.item_vectors(nodes)
         if self.position is not None:
-            pos = self.position(position_ids(batch.node_positions, self.config.max_position))
+            pos = self.position(position_ids(positions, self.config.max_position))
             h = torch.cat([h, pos], dim=-1)
         return h
 
@@ -69,11 +73,7 @@ class SRGNN(SessionEncoder):
         counts = mask.sum(1)
         start = counts.cumsum(0) - counts  # packed index of each session's first node
         num_nodes = int(counts.sum())
-        h = self.item_vectors(batch.nodes[mask])
-        if self.position is not None:
-            positions = position_ids(batch.node_positions[mask], self.config.max_position)
-            h = torch.cat([h, self.position(positions)], dim=-1)
-        h = self.dropout(h)
+        h = self.dropout(self.node_features(batch, mask))
         graph = PackedGraph.from_batch(batch.edges, start, num_nodes)
         for _ in range(self.config.steps):
             h = self.gnn.propagate_packed(h, graph)

@@ -39,9 +39,7 @@ class GatedGraphCell(nn.Module):
 
     def forward(self, h: Tensor, adj_in: Tensor, adj_out: Tensor) -> Tensor:
         """One propagation step over a padded batch, ``h`` (B, U, H), adjacencies (B, U, U)."""
-        weight = torch.cat([self.edge_in.weight, self.edge_out.weight], 0)
-        bias = torch.cat([self.edge_in.bias, self.edge_out.bias], 0)
-        p_in, p_out = torch.split(F.linear(h, weight, bias), self.hidden, dim=-1)
+        p_in, p_out = self._edge_projections(h)
         msg = torch.cat(
             [torch.bmm(adj_in, p_in) + self.b_iah, torch.bmm(adj_out, p_out) + self.b_oah], -1
         )
@@ -51,15 +49,20 @@ class GatedGraphCell(nn.Module):
         """One propagation step over the real nodes of a batch only, ``h`` (n, H): messages run
         along ``graph``'s edge list (a gather and a scatter-add per direction), so no (B, U, U)
         adjacency or (B, U, ·) padding is touched. The same step as :meth:`forward`."""
-        weight = torch.cat([self.edge_in.weight, self.edge_out.weight], 0)
-        bias = torch.cat([self.edge_in.bias, self.edge_out.bias], 0)
-        p_in, p_out = torch.split(F.linear(h, weight, bias), self.hidden, dim=-1)
+        p_in, p_out = self._edge_projections(h)
         src, dst = graph.src, graph.dst
         zeros = h.new_zeros(h.shape[0], self.hidden)
         msg_in = zeros.index_add(0, dst, p_in[src] * graph.in_weight[:, None])
         msg_out = zeros.index_add(0, src, p_out[dst] * graph.out_weight[:, None])
         msg = torch.cat([msg_in, msg_out], -1) + torch.cat([self.b_iah, self.b_oah])
         return self._gru(msg, h)
+
+    def _edge_projections(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """``h W_in + b_in`` and ``h W_out + b_out``, as one GEMM."""
+        weight = torch.cat([self.edge_in.weight, self.edge_out.weight], 0)
+        bias = torch.cat([self.edge_in.bias, self.edge_out.bias], 0)
+        p_in, p_out = torch.split(F.linear(h, weight, bias), self.hidden, dim=-1)
+        return p_in, p_out
 
     def _gru(self, msg: Tensor, h: Tensor) -> Tensor:
         return gru_update(self.w_ih(msg), self.w_hh(h), h)
