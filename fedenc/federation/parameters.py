@@ -70,8 +70,8 @@ def check_compatible(
     Checks, all reported together: missing and extra names, non-tensor values, shape, dtype and
     device, then (only when the structure is right, and ``values`` is set) NaN/Inf values. Names
     may come in any order; the rules fuse by name and return the reference's order. A caller that
-    passes ``values=False`` checks the values itself (the streaming accumulator does it block by
-    block as it folds, while each block is still in cache).
+    passes ``values=False`` checks the values itself (the streaming accumulator does it tensor
+    by tensor as it folds, while each tensor is still in cache).
     """
     if not isinstance(update, Mapping):
         raise BadUpdateError(child, f"expected a mapping of name to tensor, got {type(update)}")

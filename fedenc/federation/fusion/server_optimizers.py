@@ -60,7 +60,7 @@ class ServerOptimizer(FusionRule):
     """Weighted mean of the replies, then one optimizer step from the current target."""
 
     streaming = True
-    checks_values = True  # block by block as it folds (WeightedAccumulator.add)
+    checks_values = True  # tensor by tensor as it folds (WeightedAccumulator.add)
     _moment_names: tuple[str, ...] = ("m",)
 
     def __init__(self, server_lr: float, accumulator_dtype: str = "auto") -> None:

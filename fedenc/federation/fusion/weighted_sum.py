@@ -43,7 +43,7 @@ class WeightedSum(FusionRule):
     """
 
     streaming = True
-    checks_values = True  # block by block as it folds (WeightedAccumulator.add)
+    checks_values = True  # tensor by tensor as it folds (WeightedAccumulator.add)
     row_weighted = True
 
     def __init__(self, accumulator_dtype: str = "auto") -> None:

@@ -68,6 +68,11 @@ class _Item:
     queued: bool = False  # sent in its turn (:mod:`.send_turns`)
 
 
+def heartbeat_frame() -> spb.MasterMessage:
+    """A master heartbeat, stamped now."""
+    return spb.MasterMessage(heartbeat=spb.Heartbeat(sent_at_unix_ms=int(time.time() * 1000)))
+
+
 class ConnectionOwner(Protocol):
     """What a connection reports to the server that owns it."""
 
@@ -184,8 +189,7 @@ class ChildConnection:
             if self._closed:
                 return False
             if time.monotonic() >= beat_at:
-                beat = spb.Heartbeat(sent_at_unix_ms=int(time.time() * 1000))
-                yield from self._serialize(_Item([spb.MasterMessage(heartbeat=beat)]), None)
+                yield from self._serialize(_Item([heartbeat_frame()]), None)
                 beat_at = time.monotonic() + self._keepalive
         return True
 

@@ -37,7 +37,7 @@ from fedenc.proto.fedenc.v1 import federation_service_pb2 as spb
 from fedenc.protocol.chunking import DEFAULT_MAX_CHUNK_BYTES
 from fedenc.protocol.tensors import TensorEncodeError
 from fedenc.runtime import flower_compat as fc
-from fedenc.runtime.grpc.connection import ChildConnection, Sent
+from fedenc.runtime.grpc.connection import ChildConnection, Sent, heartbeat_frame
 from fedenc.runtime.grpc.frames import encode_message
 from fedenc.runtime.grpc.send_turns import DEFAULT_PATIENCE, SendTurns
 from fedenc.runtime.grpc.shared_frames import DEFAULT_BUDGET_BYTES, SharedFrames
@@ -394,8 +394,7 @@ class FederationServer:
                     )
                     continue
                 if now >= next_beat.get(conn, 0.0):
-                    beat = spb.Heartbeat(sent_at_unix_ms=int(time.time() * 1000))
-                    conn.send(spb.MasterMessage(heartbeat=beat))
+                    conn.send(heartbeat_frame())
                     next_beat[conn] = now + self.heartbeat_interval
             for conn in [c for c in next_beat if c.closed]:
                 del next_beat[conn]
