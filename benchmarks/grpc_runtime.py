@@ -271,7 +271,7 @@ class PlainRun:
     """The baseline: the same bytes over plain gRPC streams to ``children`` echo processes
     (mutual TLS with fedenc's certificates when ``tls``)."""
 
-    def __init__(self, args: argparse.Namespace, tls: bool = False, turns: bool = True) -> None:
+    def __init__(self, args: argparse.Namespace, tls: bool = False) -> None:
         from contextlib import ExitStack
 
         from fedenc.runtime.grpc.launcher import prepare_certs

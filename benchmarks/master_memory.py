@@ -13,6 +13,9 @@ assembly; without admission (``--slots 0``) K replies can be in assembly at once
     python benchmarks/master_memory.py --gib 0.25 --compare     # slots 1 against slots 0
 
 The children's own peak RSS is printed too (each holds a received copy to echo).
+``SIDE_BY_SIDE=1`` sends the encoder to the children side by side instead of in send turns
+(:mod:`fedenc.runtime.grpc.send_turns`); an environment variable, as each measurement runs in a
+fresh process.
 """
 
 from __future__ import annotations
