@@ -195,8 +195,10 @@ class StepProgram:
                 enc = args["encode"]
                 items = self._items()[lo:hi]
                 inv = inverse_norms(items) if normalize else None
-                blocks, parts = forward_blocks(enc["s"], items, inv, enc["keep"], 0, hi - lo, chunk)
-                return {"blocks": blocks, "parts": parts, "inv": inv}
+                s, keep = enc["s"], enc["keep"]
+                acc = s.new_zeros(s.shape) if keep else None
+                blocks, parts = forward_blocks(s, items, inv, keep, 0, hi - lo, chunk, acc)
+                return {"blocks": blocks, "parts": parts, "inv": inv, "acc": acc}
 
             tasks.append(
                 self._task(f"score_fwd{i}", f"score_fwd/{shards}:c{chunk}", lane_width, fwd)
@@ -242,6 +244,7 @@ class StepProgram:
                     enc["keep"],
                     grad_s,
                     ls["grad_table"][lo:],
+                    fw["acc"],
                 )
                 return grad_s
 
@@ -311,7 +314,8 @@ class StepProgram:
                 keep = keeps_exp(s, normalize)
                 items = self._items()
                 inv = inverse_norms(items) if normalize else None
-                blocks, parts = forward_blocks(s, items, inv, keep, 0, items.shape[0], chunk)
+                acc = s.new_zeros(s.shape) if keep else None
+                blocks, parts = forward_blocks(s, items, inv, keep, 0, items.shape[0], chunk, acc)
                 lse = combine_parts(parts, keep)
                 cols = batch.targets - 1
                 target = (s * items[cols]).sum(1)
@@ -326,6 +330,7 @@ class StepProgram:
                     "cols": cols,
                     "inv": inv,
                     "blocks": blocks,
+                    "acc": acc,
                     "lse": lse,
                     "loss_sum": (lse - target).sum() / total,  # this replica's share of the mean
                     "scale": torch.ones((), device=s.device) / total,
@@ -349,6 +354,7 @@ class StepProgram:
                     rep["keep"],
                     grad_s,
                     grad_table,
+                    rep["acc"],
                 )
                 tie = rep["tie"]
                 tie.preload(grad_table)  # the lookup adds its rows and returns it as its gradient

@@ -7,7 +7,13 @@ import torch
 from torch.nn import functional as F
 
 from fedenc.data.batching import batch_from_sessions
-from fedenc.encoders.layers.full_softmax import full_softmax_cross_entropy
+from fedenc.encoders.layers.full_softmax import (
+    backward_blocks,
+    combine_parts,
+    forward_blocks,
+    full_softmax_cross_entropy,
+    inverse_norms,
+)
 from fedenc.encoders.registry import build_encoder
 
 
@@ -127,3 +133,28 @@ def test_rank_targets_rejects_a_limit_below_one() -> None:
     batch.targets = torch.tensor([3])
     with torch.no_grad(), pytest.raises(ValueError, match="limit"):
         model.rank_targets(batch, limit=0)
+
+
+def test_exp_kept_blocks_need_the_forward_accumulator() -> None:
+    """The kept-exp backward finishes a sum the forward started; without it, say so."""
+    gen = torch.Generator().manual_seed(3)
+    items = torch.randn(20, 4, generator=gen)
+    session = torch.randn(2, 4, generator=gen)
+    inv = inverse_norms(items)
+    blocks, parts = forward_blocks(session, items, inv, True, 0, 20, 8)
+    lse = combine_parts(parts, True)
+    with pytest.raises(ValueError, match="grad_acc"):
+        backward_blocks(
+            blocks,
+            0,
+            8,
+            session,
+            items,
+            inv,
+            torch.tensor([0, 19]),
+            lse,
+            torch.tensor(0.5),
+            True,
+            torch.zeros(2, 4),
+            torch.empty(21, 4),
+        )

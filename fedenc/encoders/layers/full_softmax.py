@@ -25,6 +25,7 @@ from fedenc.encoders.layers.tied_lookup import TableGradTie
 # exp() of logits bounded by this cannot overflow float32 even summed over 10^8 items, so the
 # max-subtraction pass of logsumexp can be skipped.
 _SAFE_LOGIT = 40.0
+_LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 
 
 class _ChunkedSoftmaxCE(torch.autograd.Function):
@@ -43,7 +44,10 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
         inv_norm = inverse_norms(items) if normalize else None
         cols = targets - 1
         keep_exp = keeps_exp(session, normalize)
-        blocks, parts = forward_blocks(session, items, inv_norm, keep_exp, 0, n, chunk)
+        grad_acc = (
+            session.new_zeros(session.shape) if keep_exp and any(ctx.needs_input_grad) else None
+        )
+        blocks, parts = forward_blocks(session, items, inv_norm, keep_exp, 0, n, chunk, grad_acc)
         lse = combine_parts(parts, keep_exp)
         target_logit = (session * items[cols]).sum(1)
         if inv_norm is not None:
@@ -51,6 +55,7 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
         extra = () if inv_norm is None else (inv_norm,)
         ctx.save_for_backward(session, table, targets, lse, *extra)
         ctx.blocks = blocks
+        ctx.grad_acc = grad_acc
         ctx.keep_exp = keep_exp
         ctx.chunk = chunk
         ctx.normalize = normalize
@@ -83,6 +88,7 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
             ctx.keep_exp,
             grad_s,
             grad_table,
+            ctx.grad_acc,
         )
         tie: TableGradTie | None = ctx.tie
         ctx.tie = None
@@ -115,24 +121,44 @@ def forward_blocks(
     lo: int,
     hi: int,
     chunk: int,
+    grad_acc: Tensor | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Logit blocks (exp'd when ``keep_exp``) of items ``lo..hi`` in ``chunk``-item blocks, and
     each block's per-row partial (sum of exp, or logsumexp). ``inv_norm`` covers all items.
 
     Blocks are item-major, shape (items, B): ``e @ sᵀ`` with the long item dimension as the
-    GEMM's M runs 10-20% faster with MKL on 2 cores than ``s @ eᵀ`` (B = d = 100)."""
+    GEMM's M runs 10-20% faster with MKL on 2 cores than ``s @ eᵀ`` (B = d = 100).
+
+    With ``keep_exp``, ``grad_acc`` (B, d) is required for a backward: it receives
+    ``Σ_j exp(z_j) ê_j``, the session's gradient up to a per-session factor that only the last
+    block settles (:func:`backward_blocks` applies it). That GEMM runs here while the block
+    and its unit items are still in cache, instead of reading both back from memory in the
+    backward. ``exp`` is taken as ``exp2`` of logits scaled by log2(e) (the scale rides on the
+    session, a B x d product): torch's AVX2 ``exp2`` runs about 1.8x its ``exp``. Together,
+    one loss forward and backward on Diginetica's 43k items: 0.91x the time of the previous
+    blockwise version, 2 cores."""
     blocks: list[Tensor] = []
     parts: list[Tensor] = []
-    st = session.t()
+    if keep_exp:
+        st = (session * _LOG2E).t()
+        unit = items.new_empty((min(chunk, max(hi - lo, 0)), items.shape[1]))
+    else:
+        st = session.t()
     for a in range(lo, hi, chunk):
         b = min(a + chunk, hi)
-        z = items[a:b] @ st
-        if inv_norm is not None:
-            z.mul_(inv_norm[a:b, None])
         if keep_exp:
-            z.exp_()
+            e = items[a:b]
+            if inv_norm is not None:
+                e = torch.mul(e, inv_norm[a:b, None], out=unit[: b - a])
+            z = e @ st
+            z.exp2_()
             parts.append(z.sum(0))
+            if grad_acc is not None:
+                grad_acc.addmm_(z.t(), e)
         else:
+            z = items[a:b] @ st
+            if inv_norm is not None:
+                z.mul_(inv_norm[a:b, None])
             parts.append(torch.logsumexp(z, 0))
         blocks.append(z)
     return blocks, parts
@@ -158,17 +184,24 @@ def backward_blocks(
     keep_exp: bool,
     grad_s: Tensor,
     grad_table: Tensor,
+    grad_acc: Tensor | None = None,
 ) -> None:
     """Accumulate d loss / d session into ``grad_s`` and write rows ``1+lo..`` of ``grad_table``
-    for the blocks that :func:`forward_blocks` returned for items from ``lo`` (overwrites them)."""
-    if keep_exp:
-        factor = scale * torch.exp(-lse)  # softmax = exp(z) / sum exp(z), per session
+    for the blocks that :func:`forward_blocks` returned for items from ``lo`` (overwrites them).
+    With ``keep_exp``, ``grad_acc`` is the one that :func:`forward_blocks` filled."""
     rows = torch.arange(session.shape[0], device=session.device)
+    if keep_exp:
+        if grad_acc is None:
+            raise ValueError("keep_exp blocks need the grad_acc that forward_blocks filled")
+        _backward_kept(
+            blocks, lo, session, items, inv_norm, cols, lse, scale, grad_s, grad_table, grad_acc
+        )
+        return
     for k, z in enumerate(blocks):
         a = lo + k * chunk
         b = a + z.shape[0]
         # d loss / d z = (softmax(z) - onehot(target)) * scale, item-major like the blocks.
-        p = z * factor if keep_exp else (z - lse).exp_().mul_(scale)
+        p = (z - lse).exp_().mul_(scale)
         inside = (cols >= a) & (cols < b)
         p[cols[inside] - a, rows[inside]] -= scale
         e = items[a:b]
@@ -185,6 +218,62 @@ def backward_blocks(
             q = p @ session
             coef = (q * e).sum(1, keepdim=True).mul_(r * r).neg_()
             torch.addcmul(q, e, coef, out=out)
+
+
+def _backward_kept(
+    blocks: list[Tensor],
+    lo: int,
+    session: Tensor,
+    items: Tensor,
+    inv_norm: Tensor | None,
+    cols: Tensor,
+    lse: Tensor,
+    scale: Tensor,
+    grad_s: Tensor,
+    grad_table: Tensor,
+    grad_acc: Tensor,
+) -> None:
+    """:func:`backward_blocks` for exp'd blocks Z. With f_b = scale·exp(−lse_b) the softmax
+    gradient is P = Z·diag(f) − scale·onehot(t), and since f scales whole columns of Z it
+    moves onto the B x d operands instead of costing a pass over every block:
+
+        dL/ds = diag(f) Σ_j Z_jᵀ ê_j − scale·ê_t      (the sum came from the forward)
+        dL/dê = Z (diag(f) s) − scale·Σ_{b: t_b = j} s_b
+        dL/de = r·g − r³·(g · e)·e  for g = dL/dê      (normalised items, r = 1/||e||)
+
+    The last map is linear in g, so the one-hot part is mapped apart, on the target rows
+    only, and added after the blocks: no per-block search for targets (nor a host sync)."""
+    factor = scale * torch.exp(-lse)
+    grad_s.addcmul_(grad_acc, factor[:, None])
+    s_f = session * factor[:, None]
+    n = sum(z.shape[0] for z in blocks)
+    a = lo
+    for z in blocks:
+        b = a + z.shape[0]
+        out = grad_table[1 + a : 1 + b]
+        torch.mm(z, s_f, out=out)
+        if inv_norm is not None:
+            _unit_backward(out, items[a:b], inv_norm[a:b, None])
+        a = b
+    # One-hot part, for the sessions whose target lies in these blocks (the others weigh 0).
+    here = ((cols >= lo) & (cols < lo + n)).to(session.dtype)[:, None]
+    col = cols.clamp(lo, lo + n - 1)
+    e_t = items[col]
+    g_t = session * (here * -scale)
+    if inv_norm is not None:
+        r_t = inv_norm[col, None]
+        grad_s.addcmul_(e_t, r_t * (here * -scale))
+        _unit_backward(g_t, e_t, r_t)
+    else:
+        grad_s.addcmul_(e_t, here * -scale)
+    grad_table.index_add_(0, col + 1, g_t)
+
+
+def _unit_backward(g: Tensor, e: Tensor, r: Tensor) -> None:
+    """In place, g ← r·g − r³·(g · e)·e: the gradient of e from that of ê = r·e."""
+    g.mul_(r)
+    coef = (g * e).sum(1, keepdim=True).mul_(r * r)
+    g.addcmul_(e, coef, value=-1.0)
 
 
 def default_chunk(device: torch.device) -> int:
