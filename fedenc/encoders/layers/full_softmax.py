@@ -247,14 +247,15 @@ def _backward_kept(
     grad_s.addcmul_(grad_acc, factor[:, None])
     s_f = session * factor[:, None]
     n = sum(z.shape[0] for z in blocks)
-    a = lo
-    for z in blocks:
-        b = a + z.shape[0]
+    # Last block first: the forward's last blocks and items are the ones still in cache.
+    b = lo + n
+    for z in reversed(blocks):
+        a = b - z.shape[0]
         out = grad_table[1 + a : 1 + b]
         torch.mm(z, s_f, out=out)
         if inv_norm is not None:
             _unit_backward(out, items[a:b], inv_norm[a:b, None])
-        a = b
+        b = a
     # One-hot part, for the sessions whose target lies in these blocks (the others weigh 0).
     here = ((cols >= lo) & (cols < lo + n)).to(session.dtype)[:, None]
     col = cols.clamp(lo, lo + n - 1)
