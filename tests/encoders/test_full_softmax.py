@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch.nn import functional as F
 
-from fedenc.data.batching import batch_from_sessions
+from fedenc.data.batching import SessionBatch, batch_from_sessions
+from fedenc.encoders.base import SessionEncoder
 from fedenc.encoders.layers.full_softmax import (
     backward_blocks,
     combine_parts,
@@ -99,10 +102,18 @@ def test_rank_targets_matches_ranks_of_full_logits(chunk: int) -> None:
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 4096])
 @pytest.mark.parametrize("limit", [1, 2, 5, 20, 100])
-def test_rank_targets_with_a_limit_caps_the_exact_ranks(chunk: int, limit: int) -> None:
+@pytest.mark.parametrize("frozen", [False, True])  # frozen: items visited largest norm first
+def test_rank_targets_with_a_limit_caps_the_exact_ranks(
+    chunk: int, limit: int, frozen: bool
+) -> None:
     # Sessions leave the scoring once `limit` items beat their target; the ranks below the limit
-    # must stay exact, whichever block they leave in, and the NaN target must still rank last.
+    # must stay exact, whichever block they leave in and in whichever order the items come, and
+    # the NaN target must still rank last.
     from fedenc.training.metrics import target_ranks
+
+    def ranks(model: SessionEncoder, batch: SessionBatch) -> list[int]:
+        with model.frozen_scoring() if frozen else contextlib.nullcontext():
+            return model.rank_targets(batch, chunk=chunk, limit=limit).tolist()
 
     torch.manual_seed(limit)
     model = build_encoder("srgnn", 37, hidden=8).eval()
@@ -116,15 +127,30 @@ def test_rank_targets_with_a_limit_caps_the_exact_ranks(chunk: int, limit: int) 
         batch.targets = torch.stack([order[i, p] for i, p in enumerate(picks)]) + 1
         batch.targets[3] = 37
         expected = target_ranks(scores, batch.targets).clamp(max=limit)
-        got = model.rank_targets(batch, chunk=chunk, limit=limit)
-        assert got.tolist() == expected.tolist()
-        assert got.dtype == torch.int64
+        assert ranks(model, batch) == expected.tolist()
+        assert model.rank_targets(batch, chunk=chunk, limit=limit).dtype == torch.int64
         model.embedding.weight.data[36] = float("nan")  # a diverged row no session clicked
         batch.targets[1] = 36
         expected = target_ranks(model(batch), batch.targets).clamp(max=limit)
         assert expected[1] == min(37, limit)
         expected[1] = limit  # the NaN target ranks last: a miss at every K up to the limit
-        assert model.rank_targets(batch, chunk=chunk, limit=limit).tolist() == expected.tolist()
+        assert ranks(model, batch) == expected.tolist()
+
+
+def test_frozen_ranking_visits_the_largest_item_embeddings_first() -> None:
+    torch.manual_seed(0)
+    model = build_encoder("srgnn", 30, hidden=8).eval()
+    with torch.no_grad():
+        unit = F.normalize(torch.randn(30, 8), dim=1)
+        model.embedding.weight[1:] = unit * torch.linspace(0.5, 3.0, 30)[:, None]
+        model.embedding.weight[1 + 7].mul_(10.0)  # item 8 (column 7) becomes the largest
+        assert model._ranking_table()[1] is None  # not frozen: item order
+        with model.frozen_scoring():
+            table, place = model._ranking_table()
+            assert place is not None
+            assert place[7] == 0 and place[29] == 1 and place[0] == 29
+            torch.testing.assert_close(table[place], model.scoring_weights())
+        assert "_frozen_ranking" not in model.__dict__  # released with the frozen scope
 
 
 def test_rank_targets_rejects_a_limit_below_one() -> None:
