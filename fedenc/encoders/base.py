@@ -166,9 +166,12 @@ class SessionEncoder(nn.Module, ABC):
         ``limit`` items beat its target (:func:`~.layers.ranking.count_ranks`).
         """
         session = self.scoring_session(self.encode(batch))
-        weights, place = self._ranking_table()
+        weights = self.scoring_weights()
         if chunk is None:
             chunk = default_chunk(weights.device)
+        place = None
+        if limit is not None and chunk < weights.shape[0]:  # else no block is ever skipped
+            weights, place = self._ranking_table()
         cols = batch.targets - 1 if place is None else place[batch.targets - 1]
         target_score = (session * weights[cols]).sum(1)
         n = weights.shape[0]
