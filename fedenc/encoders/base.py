@@ -121,8 +121,9 @@ class SessionEncoder(nn.Module, ABC):
         try:
             yield
         finally:
-            self.__dict__.pop("_frozen_scoring", None)
-            self.__dict__.pop("_frozen_ranking", None)
+            # The scoring table and whatever an encoder derived from its frozen weights.
+            for key in [k for k in self.__dict__ if k.startswith("_frozen_")]:
+                del self.__dict__[key]
 
     def _ranking_table(self) -> tuple[Tensor, Tensor | None]:
         """The scoring table in the order :meth:`rank_targets` visits it, and each item's place

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from fedenc.data.batching import SessionBatch
 from fedenc.encoders.base import EncoderConfig, SessionEncoder, position_ids
 from fedenc.encoders.layers import GatedGraphCell, SoftAttentionReadout
-from fedenc.encoders.layers.gated_graph import PackedGraph
+from fedenc.encoders.layers.gated_graph import FusedGatedStep, PackedGraph
 from fedenc.encoders.registry import register_encoder
 
 
@@ -73,10 +73,17 @@ class SRGNN(SessionEncoder):
         counts = mask.sum(1)
         start = counts.cumsum(0) - counts  # packed index of each session's first node
         num_nodes = int(counts.sum())
-        h = self.dropout(self.node_features(batch, mask))
         graph = PackedGraph.from_batch(batch.edges, start, num_nodes)
-        for _ in range(self.config.steps):
-            h = self.gnn.propagate_packed(h, graph)
+        frozen = self._frozen_steps()
+        if frozen is None:
+            h = self.dropout(self.node_features(batch, mask))
+            for _ in range(self.config.steps):
+                h = self.gnn.propagate_packed(h, graph)
+        else:
+            h, projected = self._frozen_inputs(batch, mask, *frozen)
+            for _ in range(self.config.steps):
+                h = frozen[0].step(h, graph, projected)
+                projected = None
         node_of_click = start[:, None] + batch.alias
         rows = torch.arange(batch.size, device=h.device)
         real = h[node_of_click[batch.mask]]
@@ -84,3 +91,35 @@ class SRGNN(SessionEncoder):
         click_row = rows[:, None].expand_as(batch.mask)[batch.mask]
         session: Tensor = self.dropout(self.readout.pooled(real, click_row, v_last))
         return session
+
+    def _frozen_steps(self) -> tuple[FusedGatedStep, Tensor | None] | None:
+        """Inside :meth:`frozen_scoring`, in eval mode and without autograd: the propagation
+        with folded weights (:class:`FusedGatedStep`) and, with positions, its first GEMM's
+        share of every position embedding, ``P W_posᵀ + bias`` ((max_position + 1, 9H)). A
+        node's first projection is then ``x W_itemᵀ`` plus its position's row: half the
+        first step's GEMM. Built once per frozen scope; None elsewhere."""
+        if self.training or torch.is_grad_enabled() or "_frozen_scoring" not in self.__dict__:
+            return None
+        cached: tuple[FusedGatedStep, Tensor | None] | None = self.__dict__.get("_frozen_cell")
+        if cached is None:
+            fused = self.gnn.fused()
+            table = None
+            if self.position is not None:
+                d = self.config.hidden
+                table = torch.addmm(fused.bias, self.position.weight, fused.weight[:, d:].t())
+            cached = (fused, table)
+            self.__dict__["_frozen_cell"] = cached
+        return cached
+
+    def _frozen_inputs(
+        self, batch: SessionBatch, mask: Tensor, fused: FusedGatedStep, table: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Node states and, with positions, the first step's projection from the table."""
+        position = self.position
+        if table is None or position is None:
+            return self.node_features(batch, mask), None
+        x = self.item_vectors(batch.nodes[mask])
+        ids = position_ids(batch.node_positions[mask], self.config.max_position)
+        d = self.config.hidden
+        projected = table.index_select(0, ids).addmm_(x, fused.weight[:, :d].t())
+        return torch.cat([x, position(ids)], dim=-1), projected

@@ -117,3 +117,23 @@ def test_readout_gives_padding_no_weight() -> None:
         moved = clicks.clone()
         moved[0, 1] += 1.0
         assert not torch.allclose(readout(moved, mask, last)[0], base[0])
+
+
+def test_fused_step_equals_the_packed_step() -> None:
+    # Folding the edge projections into the GRU's input weights reorders sums only: the same
+    # step, for a self-loop, repeated clicks and a node without edges (biases only).
+    torch.manual_seed(5)
+    cell = GatedGraphCell(H).double()
+    batch = batch_from_sessions([[1, 2, 3, 1, 3], [4, 4, 5], [6], [7, 8, 9, 10, 7, 11]])
+    counts = batch.node_mask.sum(1)
+    start = counts.cumsum(0) - counts
+    graph = PackedGraph.from_batch(batch.edges, start, int(counts.sum()))
+    h = torch.randn(int(counts.sum()), H, dtype=torch.float64)
+    fused = cell.fused()
+    assert fused.weight.shape == (9 * H, H) and not fused.weight.requires_grad
+    with torch.no_grad():
+        want = cell.propagate_packed(h, graph)
+        torch.testing.assert_close(fused.step(h, graph), want)
+        # A projection assembled elsewhere (an encoder's per-position table) is used as given.
+        torch.testing.assert_close(fused.step(h, graph, fused.project(h)), want)
+        assert not torch.allclose(fused.step(h, graph, fused.project(h) + 1.0), want)

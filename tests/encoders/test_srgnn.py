@@ -246,3 +246,37 @@ def test_packed_and_padded_propagation_give_the_same_loss_and_gradients() -> Non
     assert len(grads_a) == len(grads_b) > 0
     for a, b in zip(grads_a, grads_b, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("use_positions", [True, False])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_frozen_inference_encodes_as_the_trained_weights_do(
+    use_positions: bool, steps: int
+) -> None:
+    """Inside ``frozen_scoring()`` an eval-mode, no-grad encode folds the edge projections into
+    the GRU and takes the first step's position share from a table: the same session vectors."""
+    model = make_srgnn(seed=6, use_positions=use_positions, steps=steps, max_position=3).double()
+    sessions = [[1, 2, 1, 3, 1], [4, 5], [6, 7, 8, 6, 9, 10, 11], [12], [13, 13]]
+    batch = batch_from_sessions(sessions)  # the 7-click session runs past max_position
+    with torch.no_grad():
+        plain = model.encode(batch)
+        with model.frozen_scoring():
+            frozen = model.encode(batch)
+            assert "_frozen_cell" in model.__dict__
+        assert "_frozen_cell" not in model.__dict__  # released with the scope
+    torch.testing.assert_close(frozen, plain, rtol=1e-10, atol=1e-12)
+
+
+def test_frozen_scope_keeps_training_differentiable() -> None:
+    """With autograd on (or in train mode) the frozen scope encodes the ordinary way: the folded
+    weights have no gradient."""
+    model = make_srgnn(seed=7)
+    batch = batch_from_sessions([[1, 2, 3], [4, 5, 4]])
+    with model.frozen_scoring():
+        session = model.encode(batch)
+        assert "_frozen_cell" not in model.__dict__
+    session.sum().backward()  # type: ignore[no-untyped-call]
+    assert model.gnn.w_ih.weight.grad is not None
+    with torch.no_grad(), model.train().frozen_scoring():
+        model.encode(batch)
+        assert "_frozen_cell" not in model.__dict__

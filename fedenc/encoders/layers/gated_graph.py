@@ -57,6 +57,21 @@ class GatedGraphCell(nn.Module):
         msg = torch.cat([msg_in, msg_out], -1) + torch.cat([self.b_iah, self.b_oah])
         return self._gru(msg, h)
 
+    def fused(self) -> FusedGatedStep:
+        """This cell's step with the edge projections folded into the GRU's input weights, for
+        inference with weights that stay fixed (:class:`FusedGatedStep`). Not differentiable."""
+        hid = self.hidden
+        with torch.no_grad():
+            w_ih_in, w_ih_out = self.w_ih.weight[:, :hid], self.w_ih.weight[:, hid:]
+            weight = torch.cat(
+                [w_ih_in @ self.edge_in.weight, w_ih_out @ self.edge_out.weight, self.w_hh.weight]
+            )
+            bias = torch.cat(
+                [w_ih_in @ self.edge_in.bias, w_ih_out @ self.edge_out.bias, self.w_hh.bias]
+            )
+            const = w_ih_in @ self.b_iah + w_ih_out @ self.b_oah + self.w_ih.bias
+        return FusedGatedStep(hid, weight.contiguous(), bias, const)
+
     def _edge_projections(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """``h W_in + b_in`` and ``h W_out + b_out``, as one GEMM."""
         weight = torch.cat([self.edge_in.weight, self.edge_out.weight], 0)
@@ -69,6 +84,41 @@ class GatedGraphCell(nn.Module):
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.hidden})"
+
+
+@dataclass(frozen=True)
+class FusedGatedStep:
+    """:meth:`GatedGraphCell.propagate_packed` with the edge projections folded into the GRU's
+    input weights. Aggregation along edges is linear and row-wise, so
+
+        a W_ihᵀ = Agg_in(h (W_ih,in W_in)ᵀ + W_ih,in b_in) + Agg_out(…) + W_ih,in b_iah + …
+
+    and one GEMM, ``h`` (n, H) by (9H, H), gives both directions' messages already projected
+    and ``h W_hhᵀ``: 9H² multiply-adds a node instead of 2H² + 6H² + 3H² (11H²). The messages
+    then aggregate 3H wide instead of H, which costs less than the FLOPs saved at H = 200. Same
+    step up to float rounding (tested); for inference only: the folded weights have no
+    gradient, and must be rebuilt whenever the cell's weights change."""
+
+    hidden: int
+    weight: Tensor  # (9H, H): [W_ih,in W_in ; W_ih,out W_out ; W_hh]
+    bias: Tensor  # (9H,)
+    const: Tensor  # (3H,): what the message biases add after aggregation, and b_ih
+
+    def project(self, h: Tensor) -> Tensor:
+        """The step's one GEMM, (n, 9H); :meth:`step` accepts it precomputed (an encoder whose
+        node states are [item ; position] can assemble it from a per-position table)."""
+        return F.linear(h, self.weight, self.bias)
+
+    def step(self, h: Tensor, graph: PackedGraph, projected: Tensor | None = None) -> Tensor:
+        """One propagation step over the real nodes ``h`` (n, H) along ``graph``."""
+        q = self.project(h) if projected is None else projected
+        g = 3 * self.hidden
+        q_in, q_out, gh = q[:, :g], q[:, g : 2 * g], q[:, 2 * g :]
+        src, dst = graph.src, graph.dst
+        gi = self.const.expand(h.shape[0], g).clone()
+        gi.index_add_(0, dst, q_in[src] * graph.in_weight[:, None])
+        gi.index_add_(0, src, q_out[dst] * graph.out_weight[:, None])
+        return gru_update(gi, gh, h)
 
 
 @dataclass(frozen=True)
