@@ -12,7 +12,9 @@ One step, for node states ``h`` (B, U, H) and normalised adjacencies ``A_in``, `
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -95,9 +97,10 @@ class FusedGatedStep:
 
     and one GEMM, ``h`` (n, H) by (9H, H), gives both directions' messages already projected
     and ``h W_hhᵀ``: 9H² multiply-adds a node instead of 2H² + 6H² + 3H² (11H²). The messages
-    then aggregate 3H wide instead of H, which costs less than the FLOPs saved at H = 200. Same
-    step up to float rounding (tested); for inference only: the folded weights have no
-    gradient, and must be rebuilt whenever the cell's weights change."""
+    then aggregate 3H wide instead of H, as sparse products with the normalised adjacencies
+    (:attr:`PackedGraph.adjacency`). Same step up to float rounding (tested); for inference
+    only: the folded weights have no gradient, and must be rebuilt whenever the cell's weights
+    change."""
 
     hidden: int
     weight: Tensor  # (9H, H): [W_ih,in W_in ; W_ih,out W_out ; W_hh]
@@ -114,10 +117,11 @@ class FusedGatedStep:
         q = self.project(h) if projected is None else projected
         g = 3 * self.hidden
         q_in, q_out, gh = q[:, :g], q[:, g : 2 * g], q[:, 2 * g :]
-        src, dst = graph.src, graph.dst
-        gi = self.const.expand(h.shape[0], g).clone()
-        gi.index_add_(0, dst, q_in[src] * graph.in_weight[:, None])
-        gi.index_add_(0, src, q_out[dst] * graph.out_weight[:, None])
+        # 3H-wide messages: a sparse product reads each source row once, where gathering them
+        # per edge and scattering back wrote two (E, 3H) temporaries (0.7 against 3 ms a
+        # direction for 2,000 nodes).
+        a_in, a_out = (a.to(q.dtype) for a in graph.adjacency)
+        gi = torch.addmm(self.const, a_in, q_in).add_(a_out @ q_out)
         return gru_update(gi, gh, h)
 
 
@@ -131,6 +135,17 @@ class PackedGraph:
     dst: Tensor  # (E,) int64
     in_weight: Tensor  # (E,) float
     out_weight: Tensor  # (E,) float
+    num_nodes: int
+
+    @functools.cached_property
+    def adjacency(self) -> tuple[Tensor, Tensor]:
+        """The normalised in- and out-adjacency as sparse CSR matrices (n, n): row ``v`` of the
+        first holds ``1 / in-degree(v)`` at every ``u`` with an edge ``u -> v``, row ``u`` of
+        the second ``1 / out-degree(u)`` at every such ``v``. For inference (no autograd)."""
+        n = self.num_nodes
+        return _csr(self.dst, self.src, self.in_weight, n), _csr(
+            self.src, self.dst, self.out_weight, n
+        )
 
     @classmethod
     def from_batch(cls, edges: Tensor, start: Tensor, num_nodes: int) -> PackedGraph:
@@ -142,7 +157,23 @@ class PackedGraph:
         out_deg = torch.bincount(src, minlength=num_nodes).clamp_min_(1)
         dtype = edges.dtype
         return cls(
-            src, dst, in_deg[dst].to(dtype).reciprocal_(), out_deg[src].to(dtype).reciprocal_()
+            src,
+            dst,
+            in_deg[dst].to(dtype).reciprocal_(),
+            out_deg[src].to(dtype).reciprocal_(),
+            num_nodes,
+        )
+
+
+def _csr(rows: Tensor, cols: Tensor, values: Tensor, n: int) -> Tensor:
+    """An (n, n) CSR matrix from coordinates without duplicates."""
+    order = torch.argsort(rows)
+    crow = rows.new_zeros(n + 1)
+    torch.cumsum(torch.bincount(rows, minlength=n), 0, out=crow[1:])
+    with warnings.catch_warnings():  # torch flags CSR support as beta once per process
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(
+            crow, cols[order], values[order], (n, n), check_invariants=False
         )
 
 
