@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fedenc.data.batching import batch_from_sessions
+from fedenc.data.batching import SessionBatch, batch_from_sessions
 from fedenc.encoders.layers import GatedGraphCell, SoftAttentionReadout
 from fedenc.encoders.layers.gated_graph import PackedGraph
 
@@ -43,15 +43,20 @@ def test_gated_graph_cell_matches_srgnn_gnn_cell() -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def _mixed_batch_and_graph() -> tuple[SessionBatch, PackedGraph]:
+    """Sessions of different lengths, repeated clicks, a self-loop and a single click."""
+    batch = batch_from_sessions([[1, 2, 3, 1, 3], [4, 4, 5], [6], [7, 8, 9, 10, 7, 11]])
+    counts = batch.node_mask.sum(1)
+    start = counts.cumsum(0) - counts
+    return batch, PackedGraph.from_batch(batch.edges, start, int(counts.sum()))
+
+
 def test_packed_step_equals_the_padded_step_on_the_real_nodes() -> None:
     # Sessions of different lengths (so padding), repeated clicks, a self-loop and a single
     # click: the edge-list step over the real nodes must give the padded step's real rows.
     torch.manual_seed(2)
     cell = GatedGraphCell(H).double()
-    batch = batch_from_sessions([[1, 2, 3, 1, 3], [4, 4, 5], [6], [7, 8, 9, 10, 7, 11]])
-    counts = batch.node_mask.sum(1)
-    start = counts.cumsum(0) - counts
-    graph = PackedGraph.from_batch(batch.edges, start, int(counts.sum()))
+    batch, graph = _mixed_batch_and_graph()
     assert graph.src.shape == graph.dst.shape == (int(batch.edges.sum()),)
     h = torch.randn(*batch.node_mask.shape, H, dtype=torch.float64, requires_grad=True)
     padded = cell(h, batch.adj_in.double(), batch.adj_out.double())[batch.node_mask]
@@ -124,11 +129,8 @@ def test_fused_step_equals_the_packed_step() -> None:
     # step, for a self-loop, repeated clicks and a node without edges (biases only).
     torch.manual_seed(5)
     cell = GatedGraphCell(H).double()
-    batch = batch_from_sessions([[1, 2, 3, 1, 3], [4, 4, 5], [6], [7, 8, 9, 10, 7, 11]])
-    counts = batch.node_mask.sum(1)
-    start = counts.cumsum(0) - counts
-    graph = PackedGraph.from_batch(batch.edges, start, int(counts.sum()))
-    h = torch.randn(int(counts.sum()), H, dtype=torch.float64)
+    _, graph = _mixed_batch_and_graph()
+    h = torch.randn(graph.num_nodes, H, dtype=torch.float64)
     fused = cell.fused()
     assert fused.weight.shape == (9 * H, H) and not fused.weight.requires_grad
     with torch.no_grad():
