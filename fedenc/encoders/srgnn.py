@@ -80,9 +80,11 @@ class SRGNN(SessionEncoder):
             for _ in range(self.config.steps):
                 h = self.gnn.propagate_packed(h, graph)
         else:
-            h, projected = self._frozen_inputs(batch, mask, *frozen)
+            fused, table = frozen
+            h = self.node_features(batch, mask)
+            projected = self._first_projection(batch, mask, h, fused, table)
             for _ in range(self.config.steps):
-                h = frozen[0].step(h, graph, projected)
+                h = fused.step(h, graph, projected)
                 projected = None
         node_of_click = start[:, None] + batch.alias
         rows = torch.arange(batch.size, device=h.device)
@@ -111,15 +113,18 @@ class SRGNN(SessionEncoder):
             self.__dict__["_frozen_cell"] = cached
         return cached
 
-    def _frozen_inputs(
-        self, batch: SessionBatch, mask: Tensor, fused: FusedGatedStep, table: Tensor | None
-    ) -> tuple[Tensor, Tensor | None]:
-        """Node states and, with positions, the first step's projection from the table."""
-        position = self.position
-        if table is None or position is None:
-            return self.node_features(batch, mask), None
-        x = self.item_vectors(batch.nodes[mask])
-        ids = position_ids(batch.node_positions[mask], self.config.max_position)
+    def _first_projection(
+        self,
+        batch: SessionBatch,
+        mask: Tensor,
+        h: Tensor,
+        fused: FusedGatedStep,
+        table: Tensor | None,
+    ) -> Tensor | None:
+        """With positions, the first step's projection of the node states ``h`` = [x ; p]:
+        ``x W_itemᵀ`` plus each node's row of the position table. None: project ``h`` whole."""
+        if table is None:
+            return None
         d = self.config.hidden
-        projected = table.index_select(0, ids).addmm_(x, fused.weight[:, :d].t())
-        return torch.cat([x, position(ids)], dim=-1), projected
+        ids = position_ids(batch.node_positions[mask], self.config.max_position)
+        return table.index_select(0, ids).addmm_(h[:, :d], fused.weight[:, :d].t())

@@ -189,7 +189,6 @@ def backward_blocks(
     """Accumulate d loss / d session into ``grad_s`` and write rows ``1+lo..`` of ``grad_table``
     for the blocks that :func:`forward_blocks` returned for items from ``lo`` (overwrites them).
     With ``keep_exp``, ``grad_acc`` is the one that :func:`forward_blocks` filled."""
-    rows = torch.arange(session.shape[0], device=session.device)
     if keep_exp:
         if grad_acc is None:
             raise ValueError("keep_exp blocks need the grad_acc that forward_blocks filled")
@@ -197,6 +196,7 @@ def backward_blocks(
             blocks, lo, session, items, inv_norm, cols, lse, scale, grad_s, grad_table, grad_acc
         )
         return
+    rows = torch.arange(session.shape[0], device=session.device)
     for k, z in enumerate(blocks):
         a = lo + k * chunk
         b = a + z.shape[0]
