@@ -41,6 +41,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/batching.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/speed.py --data $(DATA) $(BENCH_ARGS)
+	$(BIN)/python benchmarks/train_floor.py --data $(DATA)
 	$(BIN)/python benchmarks/skip_rnn.py
 
 # Tens of minutes on 2 cores: the accuracy table of the README.
