@@ -200,7 +200,8 @@ class SessionEncoder(nn.Module, ABC):
         return [n for n, _ in self.named_parameters() if not n.startswith(self.head_prefixes)]
 
     def head_parameter_names(self) -> list[str]:
-        """Ordered names of the local-head parameters (they never leave a child)."""
+        """Ordered names of the local-head parameters (they stay on the child when the job shares
+        the encoder only: ``share = "encoder"``)."""
         return [n for n, _ in self.named_parameters() if n.startswith(self.head_prefixes)]
 
     def extra_repr(self) -> str:

@@ -108,7 +108,7 @@ def check_resumable(state: MasterState, job_id: str, fingerprint: Mapping[str, A
     if job_id and job_id != state.job_id:
         raise MasterStateError(
             f"the checkpoint is of job {state.job_id!r}, not {job_id!r}: refusing to resume "
-            "(drop --job-id, or use the state directory of that job)"
+            "(use the state directory of that job)"
         )
     diffs = _differences(state.config, fingerprint)
     if diffs:
