@@ -14,12 +14,14 @@ from torch import Tensor
 from fedenc.data.batching import SessionBatch, graph_batch
 from fedenc.proto.fedenc.v1 import tensor_pb2 as tpb
 from fedenc.protocol.tensors import tensor_from_proto, tensor_to_proto
+from fedenc.runtime.grpc.transport import EXCLUSIVE_PORT
 
 #: A WorkItem carries every parameter inline; 256 MiB leaves room for an encoder with a
 #: 40k x 100 item table many times over. Bigger models would need the chunked stream of the
 #: federation runtime (not implemented here).
 MAX_MESSAGE_BYTES: Final = 256 * 1024 * 1024
 OPTIONS: Final = [
+    EXCLUSIVE_PORT,
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.enable_retries", 0),

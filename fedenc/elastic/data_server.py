@@ -38,7 +38,7 @@ from fedenc.proto.fedenc.v1 import elastic_pb2 as epb
 from fedenc.proto.fedenc.v1 import elastic_pb2_grpc as egrpc
 from fedenc.proto.fedenc.v1 import tensor_pb2 as tpb
 from fedenc.protocol.tensors import TensorDecodeError, parameters_from_proto, parameters_to_proto
-from fedenc.runtime.grpc.transport import ServerSecurity
+from fedenc.runtime.grpc.transport import ServerSecurity, bind
 from fedenc.training.order import EpochOrder
 from fedenc.training.trainer import Trainer
 
@@ -350,12 +350,7 @@ def serve(
     security.check()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=OPTIONS)
     egrpc.add_DataServerServicer_to_server(server_impl, server)
-    if security.credentials is None:
-        port = server.add_insecure_port(listen)
-    else:
-        port = server.add_secure_port(listen, security.credentials)
-    if port == 0:
-        raise OSError(f"cannot listen on {listen}")
+    port = bind(server, listen, security.credentials)
     server.start()
     return server, port
 

@@ -33,7 +33,7 @@ from fedenc.elastic.common import (
 from fedenc.elastic.journal import Journal
 from fedenc.proto.fedenc.v1 import elastic_pb2 as epb
 from fedenc.proto.fedenc.v1 import elastic_pb2_grpc as egrpc
-from fedenc.runtime.grpc.transport import ChannelSecurity, ServerSecurity
+from fedenc.runtime.grpc.transport import ChannelSecurity, ServerSecurity, bind
 
 log = logging.getLogger(__name__)
 
@@ -351,12 +351,7 @@ def serve(
     security.check()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=OPTIONS)
     egrpc.add_TaskInformationServicer_to_server(impl, server)
-    if security.credentials is None:
-        port = server.add_insecure_port(listen)
-    else:
-        port = server.add_secure_port(listen, security.credentials)
-    if port == 0:
-        raise OSError(f"cannot listen on {listen}")
+    port = bind(server, listen, security.credentials)
     server.start()
     impl.start()
     return server, port

@@ -20,6 +20,7 @@ from fedenc.proto.fedenc.v1 import parameter_server_pb2 as pspb
 from fedenc.ps.optimizers import PROTO_OPTIMIZER
 from fedenc.ps.table import PSError, ShardTable
 from fedenc.ps.wire import keys_from_proto, pull_response_bytes, read_push_request
+from fedenc.runtime.grpc.transport import EXCLUSIVE_PORT, bind
 from fedenc.training.allocator import tune_allocator
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 #: Requests stay below gRPC's default 4 MiB; allow some headroom for foreign clients.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _OPTIONS = [
+    EXCLUSIVE_PORT,
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
@@ -144,11 +146,6 @@ def serve(
     tune_allocator()  # every request allocates row-sized buffers: reuse their pages
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_OPTIONS)
     add_servicer(ShardServicer(table, snapshot_every), server)
-    if credentials is None:
-        port = server.add_insecure_port(listen)
-    else:
-        port = server.add_secure_port(listen, credentials)
-    if port == 0:
-        raise OSError(f"cannot listen on {listen}")
+    port = bind(server, listen, credentials)
     server.start()
     return server, port

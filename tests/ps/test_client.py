@@ -107,6 +107,16 @@ def test_shards_listed_out_of_order_are_refused() -> None:
             server.stop(0).wait()
 
 
+def test_a_second_shard_server_on_a_taken_port_is_refused() -> None:
+    spec = TableSpec(10, 2)
+    server, port = serve(ShardTable(spec, 0), "127.0.0.1:0")
+    try:
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}: the port is in use"):
+            serve(ShardTable(spec, 0), f"127.0.0.1:{port}")
+    finally:
+        server.stop(0).wait()
+
+
 def test_mutual_tls(tmp_path: Path) -> None:
     from fedenc.ps.tls import client_credentials, shard_credentials
     from fedenc.security.layout import CertLayout

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import queue
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -172,6 +173,18 @@ def test_a_child_that_leaves_mid_message_gives_an_immediate_error_reply(
     assert time.monotonic() - t0 < 3.0  # not the 5 s of the ClientApp nor the timeout
     assert reply.error.code == fc.NODE_UNAVAILABLE and "goodbye" in reply.error.reason
     assert grid.get_node_ids() == []
+
+
+def test_a_second_server_on_a_taken_port_fails_naming_it(server: FederationServer) -> None:
+    # gRPC's default SO_REUSEPORT would let it bind too and take part of the children.
+    with pytest.raises(OSError, match=re.escape(f"cannot listen on {server.address}: the port is")):
+        FederationServer(server.address, ServerSecurity(insecure=True))
+    with socket.socket() as other:  # a port another program holds
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        taken = f"127.0.0.1:{other.getsockname()[1]}"
+        with pytest.raises(OSError, match=f"cannot listen on {taken}"):
+            FederationServer(taken, ServerSecurity(insecure=True))
 
 
 def test_plaintext_needs_an_explicit_flag() -> None:

@@ -50,6 +50,7 @@ from fedenc.runtime.grpc.transport import (
     Refused,
     ServerSecurity,
     parse_address,
+    bind,
     server_options,
 )
 from fedenc.runtime.instructions import stamp_instruction
@@ -154,12 +155,7 @@ class FederationServer:
             {"Connect": grpc.stream_stream_rpc_method_handler(self._connect)},  # raw bytes
         )
         self._server.add_generic_rpc_handlers((handler,))
-        if security.credentials is None:
-            port = self._server.add_insecure_port(address)
-        else:
-            port = self._server.add_secure_port(address, security.credentials)
-        if port == 0:
-            raise OSError(f"cannot listen on {address}")
+        port = bind(self._server, address, security.credentials)
         self.port = port
         self.address = f"{parse_address(address)[0]}:{port}"
         self._monitor = threading.Thread(target=self._watch, name="fedenc-heartbeat", daemon=True)

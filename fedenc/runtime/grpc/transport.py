@@ -75,10 +75,39 @@ def _keepalive(interval_s: float) -> list[tuple[str, Any]]:
     ]
 
 
+#: gRPC servers on Linux set SO_REUSEPORT by default: a second server on a port already in use
+#: then binds too, and the kernel splits new connections between the two (two masters, each
+#: with part of the children). Every fedenc server turns it off, so the second one fails.
+EXCLUSIVE_PORT: Final = ("grpc.so_reuseport", 0)
+
+
+def bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Add ``address`` (``HOST:PORT``, port 0 = any free one) to ``server``, over TLS when
+    ``credentials`` are given; the bound port. ``OSError`` naming the address when it cannot
+    be bound (gRPC raises a ``RuntimeError`` that points at its debug log instead)."""
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as err:
+        port = 0
+        cause: Exception | None = err
+    else:
+        cause = None
+    if port == 0:
+        raise OSError(
+            f"cannot listen on {address}: the port is in use (another fedenc server?) or the "
+            "host is not an address of this machine"
+        ) from cause
+    return port
+
+
 def server_options(heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL) -> list[tuple[str, Any]]:
     """Options of the master's server: frame limits, keepalive, and tolerance of the children's
     keepalive pings (a server that gets pings more often than it allows sends GOAWAY)."""
     return [
+        EXCLUSIVE_PORT,
         ("grpc.max_receive_message_length", MAX_FRAME_BYTES),
         ("grpc.max_send_message_length", MAX_FRAME_BYTES),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
