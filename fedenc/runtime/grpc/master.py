@@ -49,8 +49,8 @@ from fedenc.runtime.grpc.transport import (
     AuthContext,
     Refused,
     ServerSecurity,
-    parse_address,
     bind,
+    parse_address,
     server_options,
 )
 from fedenc.runtime.instructions import stamp_instruction
