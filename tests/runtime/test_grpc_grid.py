@@ -312,6 +312,7 @@ def _reply_frames(
         ("missing_chunk", "FlowerMessage frame while the chunks"),
         ("stray_chunk", "without a FlowerMessage"),
         ("out_of_order", "out of order|overlaps|leaves bytes"),
+        ("huge_extra_record", r"'junk': header declares 3221225472 bytes, more than \d+"),
     ],
 )
 def test_bad_frames_are_refused_and_the_master_keeps_serving(
@@ -342,6 +343,20 @@ def test_bad_frames_are_refused_and_the_master_keeps_serving(
         big = np.ones((2, 3), dtype=np.float32)
         first = _reply_frames(instruction, node, big, wire)
         frames = [first[0], first[0]]  # the chunks never come, another message does
+    elif case == "huge_extra_record":
+        # A record the instruction did not have is not checked tensor by tensor; announcing
+        # 3 GiB in it is refused from the header, before any buffer exists.
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({"w": Array(ok)}),
+                "junk": ArrayRecord({"x": Array(np.zeros(4, dtype=np.uint8))}),
+            }
+        )
+        encoded = encode_message(Message(content, reply_to=instruction))
+        (junk,) = [h for h in encoded.frame.array_records if h.key == "junk"]
+        junk.tensors.tensors[0].spec.shape[:] = [3 * 2**30]
+        junk.tensors.tensors[0].byte_length = 3 * 2**30
+        frames = [spb.ChildMessage(reply_to=wire, flower=encoded.frame)]
     elif case == "stray_chunk":
         frames = [spb.ChildMessage(chunk=tpb.TensorChunk(name="w", offset=0, data=b"x"))]
     else:

@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol, TypeAlias
+from typing import Final, Protocol, TypeAlias
 
 from flwr.app import Message
 from google.protobuf.message import DecodeError
 
 from fedenc.proto.fedenc.v1 import federation_service_pb2 as spb
-from fedenc.protocol.tensors import ExpectedSpecs
 from fedenc.protocol.wire_chunks import RawChunk, parse_chunk_frame
 from fedenc.runtime import flower_compat as fc
 from fedenc.runtime.grpc.frames import ArraySpecs, EncodedMessage, FrameError, FrameReader
@@ -58,6 +58,25 @@ class Sent:
     message_id: str
     run_id: int
     specs: ArraySpecs = field(default_factory=dict)
+
+
+#: What a reply may carry on top of its instruction's tensors, which it mirrors: the records the
+#: instruction did not have (a shared table's row weights, the federation PS's sparse rows, the
+#: Adam moments of cyclic training) are not checked tensor by tensor, so their bytes are bounded.
+REPLY_EXTRA_BYTES: Final = 256 * 1024 * 1024
+
+
+def reply_budget(specs: ArraySpecs) -> int:
+    """The tensor bytes a reply to a message that sent ``specs`` may announce: four times the
+    sent tensors (the updated tensors, and two Adam moments for each with carry-optimizer)
+    plus :data:`REPLY_EXTRA_BYTES`. A reply announcing more is refused before any buffer is
+    allocated: an announced size is otherwise allocated up front."""
+    sent = sum(
+        math.prod(shape) * dtype.itemsize
+        for record in specs.values()
+        for shape, dtype in record.values()
+    )
+    return 4 * sent + REPLY_EXTRA_BYTES
 
 
 @dataclass
@@ -305,7 +324,11 @@ class ChildConnection:
             return
         if kind == "flower":
             self.owner.count(0, len(data))
-            message = self._reader.flower(frame.flower, frame.reply_to, self._expect(frame))
+            sent = self._sent_for(frame)
+            expected = dict(sent.specs) if self.strict_arrays else None
+            message = self._reader.flower(
+                frame.flower, frame.reply_to, expected, reply_budget(sent.specs)
+            )
             if message is None:  # its tensors follow: assemble them only with a slot
                 self._admit()
             self._done(message, frame.reply_to)
@@ -320,8 +343,8 @@ class ChildConnection:
         else:
             raise FrameError(f"unexpected {kind or 'empty'} frame from a child")
 
-    def _expect(self, frame: spb.ChildMessage) -> dict[str, ExpectedSpecs] | None:
-        """The tensors the reply's ArrayRecords must hold: those of the instruction."""
+    def _sent_for(self, frame: spb.ChildMessage) -> Sent:
+        """The message a reply answers (its ArrayRecords must hold the tensors it sent)."""
         with self._lock:
             sent = self._sent.get(frame.reply_to)
         if sent is None:
@@ -329,7 +352,7 @@ class ChildConnection:
                 f"FlowerMessage replies to frame {frame.reply_to}, which is no message the master "
                 "sent on this stream (or one already answered)"
             )
-        return dict(sent.specs) if self.strict_arrays else None
+        return sent
 
     def _done(self, message: Message | None, reply_to: int) -> None:
         if message is None:

@@ -270,13 +270,16 @@ class FrameReader:
         frame: spb.FlowerMessage,
         tag: int = 0,
         expected: Mapping[str, ExpectedSpecs] | None = None,
+        max_array_bytes: int | None = None,
     ) -> Message | None:
+        """``max_array_bytes``: this message's bound, on top of the reader's own."""
         self.other("a FlowerMessage")
+        bounds = [b for b in (self.max_array_bytes, max_array_bytes) if b is not None]
         assembler = MessageAssembler(
             frame,
             expected=expected,
             max_chunk_bytes=self.max_chunk_bytes,
-            max_array_bytes=self.max_array_bytes,
+            max_array_bytes=min(bounds) if bounds else None,
         )
         if assembler.complete:
             return assembler.finish()

@@ -87,9 +87,9 @@ def bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials 
     be bound (gRPC raises a ``RuntimeError`` that points at its debug log instead)."""
     try:
         if credentials is None:
-            port = server.add_insecure_port(address)
+            port = int(server.add_insecure_port(address))
         else:
-            port = server.add_secure_port(address, credentials)
+            port = int(server.add_secure_port(address, credentials))
     except RuntimeError as err:
         port = 0
         cause: Exception | None = err
