@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 import numpy as np
 import torch
@@ -83,6 +83,10 @@ RoundListener = Callable[["RoundResult"], None]
 round_listener: ContextVar[RoundListener | None] = ContextVar("round_listener", default=None)
 """A callback for each finished round, for whoever hosts the ServerApp in this thread (the CLI's
 live table); :func:`run_master` calls it in addition to its ``on_round`` argument."""
+
+
+#: Seconds the master waits for the children to acknowledge the end of a job.
+FINISH_TIMEOUT: Final = 30.0
 
 
 class NotEnoughChildrenError(RuntimeError):
@@ -726,8 +730,37 @@ class _Job:
 
     # -- 3 + 4: rounds ---------------------------------------------------------------------------
 
+    def connected(self, round_: int) -> list[int]:
+        """The confirmed children still connected (in :meth:`confirmed` order). With fewer
+        than ``min_children``, wait up to ``wait_timeout`` for children to (re)connect, asking
+        the new ones (a restarted child comes back as a new node); still too few:
+        :class:`NotEnoughChildrenError`. The job then stops after its last completed round,
+        which ``--resume`` continues from, instead of spending its round budget on rounds that
+        nobody trains."""
+        deadline = time.monotonic() + self.config.wait_timeout
+        waiting = False
+        while True:
+            online = set(self.grid.get_node_ids())
+            ready = [nid for nid in self.confirmed() if nid in online]
+            if len(ready) >= self.config.min_children:
+                return ready
+            gone = [self.children[nid].name for nid in self.confirmed() if nid not in online]
+            what = (
+                f"round {round_}: {len(ready)} confirmed child(ren) connected, the job needs "
+                f"{self.config.min_children} (gone: {', '.join(gone) or 'none'})"
+            )
+            if time.monotonic() >= deadline:
+                raise NotEnoughChildrenError(
+                    f"{what}; none came back within {self.config.wait_timeout:.0f} s"
+                )
+            if not waiting:
+                log.warning("%s: waiting up to %.0f s", what, self.config.wait_timeout)
+                waiting = True
+            time.sleep(0.5)
+            self.query_new(round_)
+
     def sample(self, round_: int) -> list[int]:
-        candidates = self.confirmed()
+        candidates = self.connected(round_)
         if self.config.fraction >= 1.0:
             return candidates
         k = max(self.config.min_children, math.ceil(self.config.fraction * len(candidates)))
@@ -987,15 +1020,19 @@ class _Job:
         return out, evaluated
 
     def finish(self) -> None:
-        nodes = self.confirmed()
+        """Tell the connected children the job is over (they drop its state); at most
+        :data:`FINISH_TIMEOUT` seconds for their acknowledgements."""
+        online = set(self.grid.get_node_ids())
+        nodes = [nid for nid in self.confirmed() if nid in online]
         if not nodes:
             return
+        timeout = min(self.config.round_timeout or FINISH_TIMEOUT, FINISH_TIMEOUT)
         _, failed = self.exchange(
             records.finish_content(self.config.job_id),
             nodes,
             records.FINISH_ACTION,
             f"{self.config.job_id}:finish",
-            self.config.round_timeout,
+            timeout,
         )
         for nid, reason in failed.items():
             log.info(
@@ -1100,8 +1137,10 @@ def run_master(
         if config.final_test:
             final, _ = job.evaluate(round_, "test")
         table_rows = job.table.rows() if job.table is not None else None
-    finally:
+        # Only a job that ran to its end releases the children's state: an interrupted or
+        # failed one leaves it in place, so that `--resume` continues it bit for bit.
         job.finish()
+    finally:
         if job.table is not None:
             job.table.close()
     model = job.model

@@ -22,6 +22,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedenc.federation import records
+from fedenc.federation.checkpoint import read_master_state
 from fedenc.federation.fusion.registry import register_fusion_rule
 from fedenc.federation.fusion.weighted_sum import WeightedSum
 from fedenc.federation.master import (
@@ -399,6 +400,56 @@ def test_a_child_that_comes_online_later_joins_through_its_confirmation() -> Non
     node = node_of(grid, 2)
     kinds = [(e.direction, e.kind) for e in grid.events if e.node == node]
     assert kinds[:3] == [("out", "query"), ("in", "query"), ("out", "train")]
+
+
+def test_children_that_all_left_stop_the_job_after_its_last_round_with_their_state(
+    tmp_path: Path,
+) -> None:
+    seen: list[Event] = []
+
+    class VanishingGrid(RecordingGrid):
+        """Every child disconnects once the first round's train replies are in."""
+
+        def __init__(self, inner: InProcessGrid) -> None:
+            super().__init__(inner)
+            self.events = seen
+
+        def receive(self, message_ids: Sequence[str], timeout: float | None) -> Iterator[Message]:
+            yield from super().receive(message_ids, timeout)
+            if any(e.direction == "in" and e.kind == "train" for e in self.events):
+                self.offline = set(self.inner.get_node_ids())
+
+    state = tmp_path / "state"
+    config = tiny_config(rounds=10, wait_timeout=0.5, state_dir=state, final_test=False)
+    t0 = time.monotonic()
+    with pytest.raises(
+        NotEnoughChildrenError,
+        match=r"round 2: 0 confirmed child\(ren\) connected, the job needs 1 "
+        r"\(gone: child-0, child-1\); none came back within 0 s",
+    ):
+        run_job(echo_client(Script()), 2, config, grid_type=VanishingGrid)
+    assert time.monotonic() - t0 < 10  # the wait, not nine rounds nobody trains
+    assert read_master_state(state).round == 1  # what --resume continues from
+    # Stopped, not finished: a child that is still alive keeps its job state for the resume.
+    assert not any(e.kind == records.FINISH_ACTION for e in seen)
+    assert [e.kind for e in seen if e.direction == "out"].count("train") == 2
+
+
+def test_a_child_that_left_is_not_sampled_while_the_others_train() -> None:
+    class LeavingGrid(RecordingGrid):
+        def receive(self, message_ids: Sequence[str], timeout: float | None) -> Iterator[Message]:
+            yield from super().receive(message_ids, timeout)
+            if any(e.direction == "in" and e.kind == "train" for e in self.events):
+                self.offline = {node_of(self, 1)}
+
+    config = tiny_config(rounds=3, final_test=False, evaluate_every=0)
+    result, _ = run_job(echo_client(Script()), 3, config, grid_type=LeavingGrid)
+    assert [r.participants for r in result.rounds] == [
+        ["child-0", "child-1", "child-2"],
+        ["child-0", "child-2"],
+        ["child-0", "child-2"],
+    ]
+    assert all(not r.excluded for r in result.rounds)  # never sent to, so never failed
 
 
 def test_stop_rule_ends_the_job_before_the_budget() -> None:
