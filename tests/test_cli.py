@@ -22,6 +22,13 @@ def flat(text: str) -> str:
     return "".join(text.split())
 
 
+def test_version_needs_no_command() -> None:
+    from fedenc import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == __version__
+
+
 def test_encoders_lists_the_three_types() -> None:
     result = runner.invoke(app, ["encoders"])
     assert result.exit_code == 0, result.output

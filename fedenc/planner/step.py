@@ -147,6 +147,8 @@ class StepProgram:
                 return None
             if part is not None:
                 index = np.array_split(index, part[1])[part[0]]
+                if index.size == 0:  # a batch smaller than the replicas: this one sits out
+                    return None
             return build_batch(args["examples"], index, device)
 
         return self._task(name, "batch" if part is None else f"batch/{part[1]}", 1, run)
@@ -307,7 +309,9 @@ class StepProgram:
             tasks.append(self._batch_task(f"batch{r}", "index", (r, d)))
 
             def replica(args: Mapping[str, Any], r: int = r) -> dict[str, Any]:
-                batch: SessionBatch = args[f"batch{r}"]
+                batch: SessionBatch | None = args[f"batch{r}"]
+                if batch is None:
+                    return {"loss_sum": 0.0}  # no pairs: no loss and no gradient
                 with tied(model.embedding.weight) as tie:
                     session = model.scoring_session(model.encode(batch))
                 s = session.detach()
@@ -338,6 +342,8 @@ class StepProgram:
 
             def backward(args: Mapping[str, Any], r: int = r) -> list[Tensor | None]:
                 rep = args[f"forward{r}"]
+                if "session" not in rep:
+                    return [None] * len(params)
                 grad_s = torch.zeros_like(rep["s"])
                 grad_table = torch.empty_like(model.embedding.weight)
                 grad_table[0].zero_()

@@ -51,12 +51,15 @@ def uniform_cost(task: str, kind: str) -> float:
         "cpu-t1-c64-pf",
     ],
 )
-def test_planned_step_equals_the_plain_step(examples: Examples, encoder: str, name: str) -> None:
+@pytest.mark.parametrize("pairs", [32, 1])  # 1: an epoch's last batch, fewer pairs than replicas
+def test_planned_step_equals_the_plain_step(
+    examples: Examples, encoder: str, name: str, pairs: int
+) -> None:
     torch.manual_seed(0)
     reference = build_encoder(encoder, examples.num_items, hidden=16)
     reference.reset_parameters()
     planned = copy.deepcopy(reference)
-    index = np.arange(40, 72)
+    index = np.arange(40, 40 + pairs)
     expected_loss = plain_step(reference, examples, index)
 
     spec = PlanSpec.parse(name)
