@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,20 @@ console = Console(stderr=True)
 def _fail(message: str) -> typer.Exit:
     console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     return typer.Exit(code=2)
+
+
+def _check_out(path: Path | None, option: str = "--out") -> None:
+    """Refuse an output directory that cannot be written before any work, not after it."""
+    if path is None:
+        return
+    if path.exists() and not path.is_dir():
+        raise _fail(f"{option} {path} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _fail(f"{option} {path}: cannot create it ({err.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise _fail(f"{option} {path} is not writable")
 
 
 def _print_version(value: bool) -> None:
@@ -237,6 +252,7 @@ def train_cmd(
         given_remote += ["--request"] if request else []
         if given_remote:
             raise _fail(f"{', '.join(given_remote)} need --master HOST:PORT")
+        _check_out(out)
     else:
         from click.core import ParameterSource
 
@@ -345,6 +361,11 @@ def train_cmd(
     try:
         with TrainingProgress(enabled=not quiet, console=console, lines=not live) as progress:
             result = trainer.fit(train_ex, valid_ex, test_ex, progress=progress)
+    except KeyboardInterrupt:
+        console.print("interrupted before the first epoch ended: nothing to save")
+        raise typer.Exit(130) from None
+    except FloatingPointError as err:
+        raise _fail(f"{err} in the first epoch (try a lower --lr)") from err
     finally:
         trainer.close()
 
@@ -358,6 +379,11 @@ def train_cmd(
         "started": started,
         **result.to_dict(),
     }
+    if result.stopped:
+        console.print(
+            f"[yellow]stopped early[/]: {result.stopped}; kept epoch {result.best_epoch} "
+            f"of {len(result.history)} done"
+        )
     if out is not None:
         save_checkpoint(out, model, {"train": summary})
         (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -369,6 +395,8 @@ def train_cmd(
             f"P@20 {t['recall@20']:.2f}  MRR@20 {t['mrr@20']:.2f}  "
             f"P@10 {t['recall@10']:.2f}  MRR@10 {t['mrr@10']:.2f}"
         )
+    if result.stopped:
+        raise typer.Exit(130 if result.stopped.startswith("interrupted") else 1)
 
 
 data_app = typer.Typer(help="Inspect data sets and partitions.", no_args_is_help=True)
@@ -659,6 +687,7 @@ def simulate_cmd(
         from fedenc.security.policy import insecure_warning
 
         _warn(insecure_warning("master"))
+    _check_out(out)
     out_dir = out or default_out_dir(scenario)
     where = scenario.data or f"synthetic ({scenario.synthetic_sessions} sessions)"
     kind = "child processes over gRPC" if processes else "in-process"
@@ -830,6 +859,9 @@ def master_cmd(
         round_timeout=round_timeout,
         seed=seed,
     )
+    if not resume:  # (a resumed job's directories exist; reading them reports what is wrong)
+        _check_out(out)
+        _check_out(state, "--state")
     state_dir = state if state is not None else (out / "state" if out is not None else None)
     if resume and state_dir is None:
         raise _fail("--resume needs the interrupted job's --out (or --state) directory")

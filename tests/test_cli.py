@@ -36,6 +36,21 @@ def test_encoders_lists_the_three_types() -> None:
     assert names == ["edge_attn", "skip_rnn", "srgnn"]
 
 
+def test_train_refuses_an_unwritable_out_and_a_bad_scale_before_training(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    result = runner.invoke(app, ["train", "--synthetic", *TINY, "--out", str(afile)])
+    assert result.exit_code == 2
+    assert flat(f"--out {afile} is a file, not a directory") in flat(result.output)
+    assert "epoch" not in result.output  # refused before any training
+    for scale in ("0", "nan", "-5"):
+        result = runner.invoke(app, ["train", "--synthetic", *TINY, "--scale", scale])
+        assert result.exit_code == 2
+        assert flat("scale must be a finite number > 0") in flat(result.output)
+    result = runner.invoke(app, ["train", "--synthetic", *TINY, "--lr", "inf"])
+    assert result.exit_code == 2 and flat("lr must be a finite number > 0") in flat(result.output)
+
+
 def test_train_synthetic_writes_results_and_a_loadable_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = runner.invoke(app, ["train", "--synthetic", *TINY, "--out", str(out), "-q"])

@@ -44,6 +44,11 @@ class EncoderConfig:
             raise ValueError(f"num_items must be >= 1, got {self.num_items}")
         if self.hidden < 1 or self.steps < 0 or self.max_position < 1:
             raise ValueError("hidden and max_position must be >= 1 and steps >= 0")
+        if not 0 < self.scale < math.inf:  # NaN fails too
+            # 0 scores every item alike, and ties count in the target's favour: 100% Recall.
+            raise ValueError(f"scale must be a finite number > 0, got {self.scale}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

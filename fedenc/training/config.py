@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -34,10 +35,10 @@ class TrainConfig:
         for name in ("batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
-        if not self.lr > 0:
-            problems.append(f"lr must be > 0 (got {self.lr})")
-        if not self.l2 >= 0:
-            problems.append(f"l2 must be >= 0 (got {self.l2})")
+        if not 0 < self.lr < math.inf:
+            problems.append(f"lr must be a finite number > 0 (got {self.lr})")
+        if not 0 <= self.l2 < math.inf:
+            problems.append(f"l2 must be a finite number >= 0 (got {self.l2})")
         if not 0 < self.lr_decay_rate <= 1:
             problems.append(f"lr_decay_rate must lie in (0, 1] (got {self.lr_decay_rate})")
         for name in ("lr_decay_step", "patience", "max_examples_per_epoch", "num_threads"):

@@ -37,6 +37,8 @@ class FitResult:
     best_valid: dict[str, float] = field(default_factory=dict)
     test: dict[str, float] | None = None
     train_seconds: float = 0.0
+    #: Why training ended before its epochs (an interrupt, a non-finite loss); None: it did not.
+    stopped: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -45,6 +47,7 @@ class FitResult:
             "best_valid": self.best_valid,
             "test": self.test,
             "train_seconds": self.train_seconds,
+            "stopped": self.stopped,
         }
 
 
@@ -215,18 +218,33 @@ class Trainer:
         """Train ``epochs`` epochs, keep the epoch best on validation, report test once at the end.
 
         Without a validation set the last epoch is kept. Test data never influences selection.
+
+        An interrupt (Ctrl-C) or a non-finite loss in a later epoch ends training there with
+        the epochs done so far: the best of them is kept and ``stopped`` says why (no test
+        after an interrupt). Before the first epoch is complete they propagate.
         """
         torch.manual_seed(self.config.seed)
         progress = progress or TrainingProgress(enabled=False)
         result = FitResult()
         best_score, best_state, stale = -1.0, None, 0
         t0 = time.perf_counter()
+        interrupted = False
         for epoch in range(1, self.config.epochs + 1):
             row: dict[str, float] = {
                 "epoch": float(epoch),
                 "lr": self.optimizer.param_groups[0]["lr"],
             }
-            row.update({f"train_{k}": v for k, v in self.train_epoch(train, progress).items()})
+            try:
+                row.update({f"train_{k}": v for k, v in self.train_epoch(train, progress).items()})
+            except (KeyboardInterrupt, FloatingPointError) as err:
+                if not result.history:
+                    raise
+                interrupted = isinstance(err, KeyboardInterrupt)
+                result.stopped = (
+                    f"interrupted in epoch {epoch}" if interrupted else f"epoch {epoch}: {err}"
+                )
+                progress.log(f"{result.stopped}: keeping the epochs done")
+                break
             if valid is not None and len(valid):
                 metrics = self.evaluate(valid, progress, label=f"valid {epoch}")
                 row.update({f"valid_{k}": v for k, v in metrics.items()})
@@ -247,7 +265,7 @@ class Trainer:
             self.model.load_state_dict(best_state)
         else:
             result.best_epoch = len(result.history)
-        if test is not None and len(test):
+        if test is not None and len(test) and not interrupted:
             result.test = self.evaluate(test, progress, label="test")
             progress.log(
                 f"test (epoch {result.best_epoch}): "

@@ -236,6 +236,36 @@ def test_nan_loss_raises(tiny: Tiny) -> None:
         trainer.fit(train, None)
 
 
+@pytest.mark.parametrize("error", [FloatingPointError, KeyboardInterrupt])
+def test_a_later_epoch_that_fails_keeps_the_best_epoch_done(
+    tiny: Tiny, error: type[BaseException], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train, valid, test = small(tiny)
+    trainer = ScriptedTrainer(make_model(), config(epochs=4), valid, scores=[10.0, 30.0])
+    epoch = trainer.train_epoch
+
+    def third_fails(*args: Any, **kwargs: Any) -> dict[str, float]:
+        if trainer.epochs_done == 2:
+            raise error("training loss became nan at example 50")
+        return epoch(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_epoch", third_fails)
+    result = trainer.fit(train, valid, test)
+    assert len(result.history) == 2 and result.best_epoch == 2
+    epoch_states = [s for kind, s in trainer.calls if kind == "valid"]
+    assert same_state(state(trainer.model), epoch_states[1])
+    if error is KeyboardInterrupt:
+        assert result.stopped == "interrupted in epoch 3" and result.test is None
+    else:
+        assert result.stopped == "epoch 3: training loss became nan at example 50"
+        assert result.test is not None  # the kept epoch is tested as usual
+    # Before any epoch is done there is nothing to keep: the error propagates.
+    fresh = Trainer(make_model(), config(epochs=2))
+    monkeypatch.setattr(fresh, "train_epoch", lambda *a, **k: (_ for _ in ()).throw(error("x")))
+    with pytest.raises(error):
+        fresh.fit(train, valid)
+
+
 def test_empty_training_examples_raise(tiny: Tiny) -> None:
     empty = Examples.from_sessions(Sessions.from_lists([[1], [2]], num_items=NUM_ITEMS))
     assert len(empty) == 0
