@@ -89,3 +89,28 @@ def test_bad_settings_exit_2_with_a_message(tmp_path: Path) -> None:
     result = runner.invoke(app, ["simulate", *TINY, "--rule", "nope", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "nope" in result.output
     assert "Traceback" not in result.output
+
+
+def test_settings_that_could_never_run_are_refused_at_once(tmp_path: Path) -> None:
+    cases = {
+        "min_children must lie in [1, children = 4], got 10": ["--min-children", "10"],
+        "alpha must be a finite number > 0, got 0.0": ["--partition", "dirichlet", "--alpha", "0"],
+    }
+    for message, options in cases.items():
+        result = runner.invoke(app, ["simulate", *TINY, "--children", "4", *options])
+        assert result.exit_code == 2, result.output
+        assert message in " ".join(result.output.split())
+        assert "round 1" not in result.output
+
+
+def test_scenario_files_name_the_setting_that_is_wrong(tmp_path: Path) -> None:
+    typo = tmp_path / "typed.toml"
+    typo.write_text('children = "four"\n')
+    result = runner.invoke(app, ["simulate", str(typo)])
+    assert result.exit_code == 2
+    assert "children must be int, got 'four'" in " ".join(result.output.split())
+    result = runner.invoke(app, ["simulate", str(tmp_path)])  # a directory
+    assert result.exit_code == 2 and "cannot read the scenario file" in result.output
+    assert "Traceback" not in result.output
+    # The command line's --max-examples is also a scenario key.
+    assert Scenario.from_mapping({"max-examples": 100}).max_examples_per_epoch == 100

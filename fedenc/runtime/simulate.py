@@ -20,6 +20,7 @@ would pass, so a scenario means the same on every runtime.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Mapping
@@ -36,6 +37,20 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
+
+
+#: Command-line option names whose scenario setting is spelt otherwise.
+_OPTION_NAMES = {"max_examples": "max_examples_per_epoch"}
+#: Settings of a plain scalar type, checked when read from a file (TOML: 4 is an int, 4.0 a float).
+_SCALARS: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _is_a(value: Any, wanted: type) -> bool:
+    if wanted is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if wanted is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, wanted)
 
 
 @dataclass(frozen=True)
@@ -135,21 +150,33 @@ class Scenario:
             build_stop_rule(self.stop)
         if self.rounds == 0 and not self.stop:
             raise ValueError("rounds = 0 (no budget) needs a stop rule")
+        if not 1 <= self.min_children <= self.children:
+            raise ValueError(
+                f"min_children must lie in [1, children = {self.children}], got "
+                f"{self.min_children}: the job could never start"
+            )
+        if self.partition == "dirichlet" and not 0 < self.alpha < math.inf:
+            raise ValueError(f"alpha must be a finite number > 0, got {self.alpha}")
         from fedenc.ps.federation import ps_config_from_run_config
 
         ps_config_from_run_config(self.run_config())
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str = "scenario") -> Scenario:
-        """From a mapping with kebab- or snake-case keys; unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
+        """From a mapping with kebab- or snake-case keys (or a command-line option's name, as
+        ``max-examples``); unknown keys and values of the wrong type are an error naming them."""
+        types = {f.name: f.type for f in fields(cls)}
         clean: dict[str, Any] = {}
         for key, value in values.items():
             name = key.replace("-", "_")
-            if name not in known:
+            name = _OPTION_NAMES.get(name, name)
+            if name not in types:
                 raise ValueError(
-                    f"{source}: unknown setting {key!r}; known: {', '.join(sorted(known))}"
+                    f"{source}: unknown setting {key!r}; known: {', '.join(sorted(types))}"
                 )
+            wanted = _SCALARS.get(str(types[name]))
+            if wanted is not None and not _is_a(value, wanted):
+                raise ValueError(f"{source}: {key} must be {wanted.__name__}, got {value!r}")
             clean[name] = value
         try:
             return cls(**clean)
@@ -162,6 +189,9 @@ class Scenario:
             values = tomllib.loads(path.read_text())
         except FileNotFoundError:
             raise FileNotFoundError(f"scenario file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as err:  # a directory, unreadable, not text
+            reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+            raise ValueError(f"{path}: cannot read the scenario file ({reason})") from None
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"{path}: not valid TOML ({err})") from err
         values.setdefault("name", path.stem)
