@@ -42,3 +42,19 @@ def test_every_key_a_scenario_sets_is_declared() -> None:
             encoder_options={"x": 1}, rule_options={"y": 2}, stop="deadline_s=60", ps=ps
         ).run_config(Path("out"))
         assert set(scenario) - declared == set()
+
+
+def test_every_run_config_key_the_apps_read_is_declared() -> None:
+    """Scans the apps' typed reads of the run config (``get_int(rc, "key", ...)`` and the
+    like): `flwr run` refuses an undeclared key, so an undeclared one cannot be set there."""
+    import re
+
+    pattern = re.compile(
+        r'get_(?:str|int|float|bool|json)\(\s*(?:rc|run_config|context\.run_config)\s*,\s*"([a-z0-9-]+)"'
+    )
+    read: set[str] = set()
+    for path in [*(ROOT / "fedenc").rglob("*.py"), *(ROOT / "nodes").rglob("*.py")]:
+        read |= set(pattern.findall(path.read_text()))
+    assert {"num-server-rounds", "replay-round", "balance-work"} <= read  # the scan sees them
+    aliases = {"rounds"}  # an older spelling of num-server-rounds, read as its fallback
+    assert read - aliases - set(app_config()) == set()

@@ -47,6 +47,7 @@ LOCAL_ONLY = (
     "data",
     "synthetic",
     "synthetic_sessions",
+    "synthetic_items",
     "valid_fraction",
     "patience",
     "device",

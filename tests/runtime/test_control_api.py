@@ -243,3 +243,20 @@ def test_fedenc_control_lists_jobs_and_children_and_refuses_unknown_jobs(
         assert job.job_id in jobs.output
     missing = runner.invoke(cli, ["control", "cancel", "nope", *base])
     assert missing.exit_code != 0 and "nope" in missing.output
+
+
+def test_every_fedenc_train_option_has_a_meaning_with_master() -> None:
+    """A new `fedenc train` option must be sent in the JobSpec, refused as local-only, or be
+    one of the remote ones: else `--master` would silently ignore it."""
+    import inspect
+
+    from fedenc.cli import train_cmd
+    from fedenc.control.cli import ENCODER_OPTIONS, LOCAL_ONLY, TRAINING_OPTIONS
+
+    remote = {"master", "insecure", "certs", "cert_name", "request", "job", "num_items"}
+    job = {"encoder", "rounds", "rule", "stop", "min_children", "round_timeout"}
+    either = {"ctx", "out", "quiet"}
+    known = set(ENCODER_OPTIONS) | set(TRAINING_OPTIONS) | set(LOCAL_ONLY)
+    options = set(inspect.signature(train_cmd).parameters)
+    assert options - known - remote - job - either == set()
+    assert "synthetic_items" in LOCAL_ONLY  # was missing: --master took it and ignored it
