@@ -495,6 +495,39 @@ MinChildrenOpt = Annotated[int | None, typer.Option(min=1, help="Fewest per roun
 RoundTimeoutOpt = Annotated[
     float | None, typer.Option(help="Seconds to wait for a round's replies (0 = forever).")
 ]
+QueryTimeoutOpt = Annotated[
+    float | None,
+    typer.Option(
+        min=0.0,
+        help="Seconds to wait for a child's confirmation of the job (0 = forever); a child "
+        "that does not confirm in time is left out.",
+    ),
+]
+SamplingOpt = Annotated[
+    str | None,
+    typer.Option(help="How --fraction is drawn: random (seeded) | cyclic (children in turn)."),
+]
+RowWeightingOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--row-weighting/--no-row-weighting",
+        help="Fuse a shared item table row by row, weighted by the samples touching each row.",
+    ),
+]
+EvaluateEveryOpt = Annotated[
+    int | None, typer.Option(min=0, help="Evaluate every N rounds (0 = the last round only).")
+]
+CarryOptimizerOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--carry-optimizer/--no-carry-optimizer",
+        help="Cyclic, one child a round: hand the Adam moments on with the encoder.",
+    ),
+]
+ShareOpt = Annotated[
+    str | None,
+    typer.Option(help="What is federated: all (item table too) | encoder (table stays local)."),
+]
 SeedOpt = Annotated[int | None, typer.Option()]
 OutOpt = Annotated[Path | None, typer.Option(help="Output directory (default runs/<name>-<time>).")]
 InsecureOpt = Annotated[
@@ -586,29 +619,13 @@ def simulate_cmd(
     synthetic_items: ItemsOpt = None,
     hidden: HiddenOpt = None,
     fraction: FractionOpt = None,
-    sampling: Annotated[
-        str | None,
-        typer.Option(help="How --fraction is drawn: random (seeded) | cyclic (children in turn)."),
-    ] = None,
-    row_weighting: Annotated[
-        bool | None,
-        typer.Option(
-            "--row-weighting/--no-row-weighting",
-            help="Fuse a shared item table row by row, weighted by the samples touching each row.",
-        ),
-    ] = None,
-    evaluate_every: Annotated[
-        int | None, typer.Option(min=0, help="Evaluate every N rounds (0 = the last round only).")
-    ] = None,
-    carry_optimizer: Annotated[
-        bool | None,
-        typer.Option(
-            "--carry-optimizer/--no-carry-optimizer",
-            help="Cyclic, one child a round: hand the Adam moments on with the encoder.",
-        ),
-    ] = None,
+    sampling: SamplingOpt = None,
+    row_weighting: RowWeightingOpt = None,
+    evaluate_every: EvaluateEveryOpt = None,
+    carry_optimizer: CarryOptimizerOpt = None,
     min_children: MinChildrenOpt = None,
     round_timeout: RoundTimeoutOpt = None,
+    query_timeout: QueryTimeoutOpt = None,
     seed: SeedOpt = None,
     out: OutOpt = None,
     workers: Annotated[
@@ -621,10 +638,7 @@ def simulate_cmd(
     device: Annotated[
         str | None, typer.Option(help="Where the children train: cpu | cuda | auto.")
     ] = None,
-    share: Annotated[
-        str | None,
-        typer.Option(help="What is federated: all (item table too) | encoder (table stays local)."),
-    ] = None,
+    share: ShareOpt = None,
     processes: Annotated[
         bool,
         typer.Option(
@@ -671,6 +685,7 @@ def simulate_cmd(
         carry_optimizer=carry_optimizer,
         min_children=min_children,
         round_timeout=round_timeout,
+        query_timeout=query_timeout,
         seed=seed,
         workers=workers,
         threads=threads,
@@ -784,8 +799,14 @@ def master_cmd(
     synthetic_items: ItemsOpt = None,
     hidden: HiddenOpt = None,
     fraction: FractionOpt = None,
+    sampling: SamplingOpt = None,
+    row_weighting: RowWeightingOpt = None,
+    evaluate_every: EvaluateEveryOpt = None,
+    carry_optimizer: CarryOptimizerOpt = None,
+    share: ShareOpt = None,
     min_children: MinChildrenOpt = None,
     round_timeout: RoundTimeoutOpt = None,
+    query_timeout: QueryTimeoutOpt = None,
     seed: SeedOpt = None,
     out: OutOpt = None,
     heartbeat: Annotated[float, typer.Option(help="Heartbeat interval, seconds.")] = 5.0,
@@ -855,8 +876,14 @@ def master_cmd(
         synthetic_items=synthetic_items,
         hidden=hidden,
         fraction=fraction,
+        sampling=sampling,
+        row_weighting=row_weighting,
+        evaluate_every=evaluate_every,
+        carry_optimizer=carry_optimizer,
+        share=share,
         min_children=min_children,
         round_timeout=round_timeout,
+        query_timeout=query_timeout,
         seed=seed,
     )
     if not resume:  # (a resumed job's directories exist; reading them reports what is wrong)

@@ -88,6 +88,7 @@ class Scenario:
     row_weighting: bool = True  # fuse a shared item table row by row (weighted_sum)
     carry_optimizer: bool = False  # cyclic, one child a round: Adam moments travel along
     round_timeout: float = 0.0  # seconds, 0 = wait for every reply
+    query_timeout: float = 0.0  # seconds for a child's confirmation, 0 = wait for it
     evaluate_every: int = 1
     concurrency: int = 1  # ClientApp calls running at once (in this process)
     workers: int = 0  # > 0: the children run in this many worker processes
@@ -228,6 +229,7 @@ class Scenario:
             "row-weighting": self.row_weighting,
             "carry-optimizer": self.carry_optimizer,
             "round-timeout": self.round_timeout,
+            "query-timeout": self.query_timeout,
             "evaluate-every": self.evaluate_every,
             "expect-children": self.children,
             "device": self.device,
