@@ -1126,7 +1126,9 @@ def child_cmd(
         import torch
 
         torch.set_num_threads(threads)
-    node_config: dict[str, Any] = {"partition-id": index, "num-partitions": children}
+    # The name the operator gave (unique: the master refuses a second stream with it) labels
+    # this child in the master's reports, results and logs.
+    node_config: dict[str, Any] = {"partition-id": index, "num-partitions": children, "name": name}
     optional = {
         "data": str(data) if data is not None else None,
         "partition": partition,

@@ -253,7 +253,7 @@ def _build_state(
         row_weights[name] = torch.from_numpy(item_counts[:rows].astype(np.float32))
     return ChildState(
         key=key,
-        name=f"child-{cfg.partition_id}",
+        name=child_name(context, cfg.partition_id),
         instruction=instruction,
         data=data,
         train_examples=examples,
@@ -269,6 +269,13 @@ def _plan(context: Context) -> str:
     """This child's execution plan (node_config ``plan``, ``fedenc child --plan``): chosen on
     the child's machine, not by the master; the plain loop when not given (simulations)."""
     return get_str(context.node_config, "plan", "default") or "default"
+
+
+def child_name(context: Context, partition_id: int) -> str:
+    """The name the master reports this child by: its node's ``name`` (``fedenc child
+    --name``, the name its certificate proves), else ``child-<partition id>``."""
+    name = context.node_config.get("name")
+    return str(name) if name else f"child-{partition_id}"
 
 
 def _key(context: Context, job_id: str) -> StateKey:
@@ -373,7 +380,7 @@ def handle_query(message: Message, context: Context) -> Message:
         None if record is None else record.get(records.INSTRUCTION)
     )
     key = _key(context, instruction.job_id)
-    name = f"child-{key[1]}"
+    name = child_name(context, key[1])
     with _lock:
         existing = _states.get(key)
     try:

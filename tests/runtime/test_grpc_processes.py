@@ -268,13 +268,14 @@ def test_a_child_killed_mid_round_is_left_out_and_rejoins_after_a_restart(
     summary = masters[0].join(150)
     assert restarted.is_set()
     r1, r2, r3 = summary["rounds"]
-    assert sorted(r1["participants"]) == ["child-0", "child-1"]
-    assert r2["participants"] == ["child-0"]
-    assert "gone" in r2["excluded"]["child-1"]
+    # The master reports the children by the names they connected with (--name).
+    assert sorted(r1["participants"]) == ["c0", "c1"]
+    assert r2["participants"] == ["c0"]
+    assert "gone" in r2["excluded"]["c1"]
     assert r2["seconds"] < 60  # an error reply at once, not the 120 s sleep nor the timeout
-    rejoined = [c for c in summary["children"] if c["name"].startswith("child-1#")]
+    rejoined = [c for c in summary["children"] if c["name"].startswith("c1#")]
     assert len(rejoined) == 1 and rejoined[0]["accepted"] and rejoined[0]["joined_round"] == 3
-    assert sorted(r3["participants"]) == ["child-0", rejoined[0]["name"]]
+    assert sorted(r3["participants"]) == ["c0", rejoined[0]["name"]]
 
 
 def test_a_slow_child_is_dropped_at_the_round_deadline(
@@ -294,11 +295,11 @@ def test_a_slow_child_is_dropped_at_the_round_deadline(
     summary = masters[0].join(150)
     (r1,) = summary["rounds"]
     assert marker.exists()
-    assert r1["participants"] == ["child-0"]
-    assert r1["excluded"]["child-1"] == "no train reply within 4 s"
+    assert r1["participants"] == ["c0"]
+    assert r1["excluded"]["c1"] == "no train reply within 4 s"
     # Still a member of the job (being late costs the round, not the membership).
     members = {c["name"]: c["accepted"] for c in summary["children"]}
-    assert members == {"child-0": True, "child-1": True}
+    assert members == {"c0": True, "c1": True}
     masters[0].server.stop("test over")
     assert procs.wait("c1", 30) == 0
 
