@@ -353,7 +353,9 @@ def train_cmd(
         f"device {trainer.device}, {sum(p.numel() for p in model.parameters()):,} parameters"
     )
     try:
-        trainer.prepare_plan(train_ex, log=lambda line: console.print(line, highlight=False))
+        trainer.prepare_plan(
+            train_ex, log=None if quiet else (lambda line: console.print(line, highlight=False))
+        )
     except ValueError as err:  # a plan override this machine or model cannot run
         raise _fail(str(err)) from err
     started = time.time()
@@ -784,7 +786,8 @@ def master_cmd(
         typer.Option(min=1, help="Children to wait for before the job starts (and K of the run)."),
     ] = None,
     wait: Annotated[
-        float, typer.Option(help="Seconds to wait for the children before starting anyway.")
+        float,
+        typer.Option(min=0.0, help="Seconds to wait for the children before starting anyway."),
     ] = 300.0,
     partition: PartitionOpt = None,
     alpha: AlphaOpt = None,
@@ -1080,7 +1083,8 @@ def child_cmd(
         ),
     ] = False,
     connect_timeout: Annotated[
-        float, typer.Option(help="Give up after this long without a connection, seconds.")
+        float,
+        typer.Option(min=0.0, help="Give up after this long without a connection, seconds."),
     ] = 60.0,
     stay: Annotated[
         bool, typer.Option("--stay", help="Keep serving (reconnect) after the master shuts down.")

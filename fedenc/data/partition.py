@@ -18,6 +18,7 @@ Every session goes to exactly one child; each child keeps its sessions in their 
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -78,8 +79,8 @@ def partition_indices(
             order = np.argsort(sessions.timestamps, kind="stable")
         parts = np.array_split(order, k)
     else:
-        if not alpha > 0:
-            raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
+        if not 0 < alpha < math.inf:  # numpy's Dirichlet draws one-hot shares at infinity
+            raise ValueError(f"dirichlet alpha must be a finite number > 0, got {alpha}")
         parts = _dirichlet(sessions, k, alpha, min_sessions, num_groups, seed)
     return [np.sort(p).astype(np.int64) for p in parts]
 

@@ -64,8 +64,10 @@ class SyntheticConfig:
         probs = (self.follow_prob, self.repeat_prob, self.jump_prob)
         if min(probs) < 0 or self.follow_prob + self.repeat_prob > 1 or self.jump_prob > 1:
             raise ValueError("probabilities must be >= 0 and follow_prob + repeat_prob <= 1")
-        if not (0 < self.test_fraction < 1 and 0 <= self.valid_fraction < 1):
-            raise ValueError("need 0 < test_fraction < 1 and 0 <= valid_fraction < 1")
+        if not 0 <= self.valid_fraction < 1:
+            raise ValueError(f"valid fraction must lie in [0, 1), got {self.valid_fraction}")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test fraction must lie in (0, 1), got {self.test_fraction}")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ from fedenc.encoders.registry import register_encoder
 
 @register_encoder("edge_attn")
 class EdgeAttentionEncoder(SessionEncoder):
+    """Attention over the directed edges of the session graph (US20210374356A1)."""
+
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__(config)
         d = config.hidden

@@ -48,6 +48,8 @@ DEFAULT_SKIP_OUTPUT = ("padding",)
 
 @register_encoder("skip_rnn")
 class SkipRNN(SessionEncoder):
+    """Recurrent units whose start node tags and skips nodes up to the end (US20210406641A1)."""
+
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__(config)
         d = config.hidden

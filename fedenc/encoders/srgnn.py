@@ -26,6 +26,8 @@ from fedenc.encoders.registry import register_encoder
 
 @register_encoder("srgnn")
 class SRGNN(SessionEncoder):
+    """SR-GNN with reversed position embeddings concatenated to the items (US20220114218A1)."""
+
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__(config)
         d = config.hidden

@@ -64,7 +64,7 @@ def init_cmd(
     hosts = master_host or list(DEFAULT_MASTER_HOSTS)
     try:
         init_certs(layout, master_hosts=hosts, days=days, ca_days=ca_days, force=force)
-    except (SecurityError, ValueError) as err:
+    except (SecurityError, ValueError, OSError) as err:
         raise _fail(err) from err
     err_console.print(
         f"CA and master certificate ({', '.join(hosts)}) written to {layout.root}; "
@@ -88,7 +88,7 @@ def master_cmd(
     hosts = master_host or list(DEFAULT_MASTER_HOSTS)
     try:
         issue_master(layout, master_hosts=hosts, days=days, force=force)
-    except (SecurityError, ValueError) as err:
+    except (SecurityError, ValueError, OSError) as err:
         raise _fail(err) from err
     err_console.print(f"master certificate ({', '.join(hosts)}) written to {layout.master_cert}")
 
@@ -107,7 +107,7 @@ def issue_cmd(
     layout = CertLayout(dir)
     try:
         issued = issue_child(layout, name, days=days, force=force)
-    except (SecurityError, ValueError) as err:
+    except (SecurityError, ValueError, OSError) as err:
         raise _fail(err) from err
     err_console.print(
         f"child {name!r}: {layout.child_cert(name)} and {layout.child_key(name).name} "
@@ -137,7 +137,7 @@ def revoke_cmd(
     try:
         number = int(serial, 16) if serial is not None else None
         revoked = revoke_child(layout, name, serial=number)
-    except (SecurityError, ValueError) as err:
+    except (SecurityError, ValueError, OSError) as err:
         raise _fail(err) from err
     who = f"child {name!r}" if name else "certificate"
     err_console.print(f"{who} (serial {revoked:x}) revoked in {layout.crl}")
@@ -153,7 +153,7 @@ def list_cmd(dir: DirOption = DEFAULT_CERTS_DIR) -> None:
 
     try:
         rows = list_certificates(CertLayout(dir))
-    except (SecurityError, ValueError) as err:
+    except (SecurityError, ValueError, OSError) as err:
         raise _fail(err) from err
     table = Table(title=f"certificates in {dir}")
     table.add_column("name", no_wrap=True, min_width=max(len(r.name) for r in rows))

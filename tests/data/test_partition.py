@@ -113,7 +113,8 @@ def test_session_groups_take_the_majority_bucket() -> None:
         ({"k": 2, "scheme": "random"}, "unknown partition scheme 'random'"),
         ({"k": 5}, "cannot give 5 children 1 session"),
         ({"k": 2, "min_sessions": 3}, "cannot give 2 children 3 session"),
-        ({"k": 2, "scheme": "dirichlet", "alpha": 0.0}, "alpha must be > 0"),
+        ({"k": 2, "scheme": "dirichlet", "alpha": 0.0}, "alpha must be a finite number > 0"),
+        ({"k": 2, "scheme": "dirichlet", "alpha": float("inf")}, "finite number > 0, got inf"),
     ],
 )
 def test_errors(kwargs: dict[str, object], pattern: str) -> None:
