@@ -191,7 +191,12 @@ def read_master_state(directory: Path) -> MasterState:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a damaged file
-        raise MasterStateError(f"cannot read the master checkpoint {path}: {err}") from None
+        # Only the first line: torch's message goes on to suggest weights_only=False, which
+        # would run whatever code a tampered file holds.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MasterStateError(
+            f"cannot read the master checkpoint {path} (corrupt, truncated or not one): {first}"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise MasterStateError(f"{path} is not a fedenc master checkpoint ({FORMAT}): {found!r}")

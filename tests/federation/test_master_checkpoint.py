@@ -189,6 +189,11 @@ def test_missing_or_foreign_files_are_refused_with_a_clear_error(tmp_path: Path)
     state_path(tmp_path).write_bytes(b"garbage")
     with pytest.raises(MasterStateError, match="cannot read the master checkpoint"):
         read_master_state(tmp_path)
+    # A pickle with code in it: refused in one line, without torch's advice to trust the file.
+    torch.save({"format": print}, state_path(tmp_path))
+    with pytest.raises(MasterStateError, match="corrupt, truncated or not one") as err:
+        read_master_state(tmp_path)
+    assert "weights_only=False" not in str(err.value) and "\n" not in str(err.value)
 
 
 def test_resume_needs_a_state_directory() -> None:
