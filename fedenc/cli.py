@@ -913,7 +913,14 @@ def master_cmd(
     except (ValueError, OSError, SecurityError, MasterStateError) as err:
         raise _fail(str(err)) from err
 
+    stopping: list[int] = []
+
     def interrupt(signum: int, frame: Any) -> None:
+        # Once: a second signal (`timeout` and process-group kills send two) would otherwise
+        # escape the shutdown the first one started, as a traceback.
+        if stopping:
+            return
+        stopping.append(signum)
         raise _Interrupted(signum)
 
     previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
