@@ -125,3 +125,19 @@ def test_child_plan_overrides_are_checked_before_connecting() -> None:
     assert bad.exit_code == 2 and "--plan gpu-everything" in bad.output
     both = runner.invoke(app, [*base, "--plan", "cpu-t1-c4096", "--workers", "1"])
     assert both.exit_code == 2 and "not by a plan" in both.output
+
+
+def test_child_refuses_bad_data_settings_before_dialling(tmp_path: Path) -> None:
+    base = ["child", "--master", "127.0.0.1:1", "--insecure", "--connect-timeout", "0"]
+    cases = {
+        f"--data {tmp_path / 'nope'}: no such file or directory": [
+            "--data",
+            str(tmp_path / "nope"),
+        ],
+        "--partition must be one of iid, time, dirichlet, got 'foo'": ["--partition", "foo"],
+        "--alpha must be a finite number > 0, got 0.0": ["--alpha", "0"],
+    }
+    for message, options in cases.items():
+        result = runner.invoke(app, [*base, *options])
+        assert result.exit_code == 2, result.output
+        assert flat(message) in flat(result.output)
