@@ -25,6 +25,12 @@ Insecure = Annotated[bool, typer.Option("--insecure", help="Plaintext gRPC (trus
 Certs = Annotated[Path | None, typer.Option(help="fedenc certs directory (mutual TLS).")]
 
 
+def _fail(err: Exception) -> typer.Exit:
+    """A setup error (bad storage, options, certificates, a taken port): one line, exit 2."""
+    typer.echo(f"error: {err}", err=True)
+    return typer.Exit(2)
+
+
 def _wait_for_signal() -> None:
     stop = threading.Event()
     for s in (signal.SIGINT, signal.SIGTERM):
@@ -47,19 +53,22 @@ def data_server_cmd(
     epoch of the task is applied (the parameters go to --out); keeps serving until SIGTERM."""
     import torch
 
-    from fedenc.elastic.common import server_security_of
+    from fedenc.elastic.common import ElasticError, server_security_of
     from fedenc.elastic.data_server import DataServer, DataTask, serve
     from fedenc.elastic.store import load_store
     from fedenc.training.trainer import Trainer
 
-    stored = load_store(store)
-    trainer = Trainer(stored.model, stored.train)
-    impl = DataServer()
-    task = DataTask.from_trainer(
-        task_id, trainer, stored.examples, stored.train.epochs, mode, max_staleness
-    )
-    impl.start_task(task)
-    server, port = serve(impl, listen, server_security_of(certs, insecure))
+    try:
+        stored = load_store(store)
+        trainer = Trainer(stored.model, stored.train)
+        impl = DataServer()
+        task = DataTask.from_trainer(
+            task_id, trainer, stored.examples, stored.train.epochs, mode, max_staleness
+        )
+        impl.start_task(task)
+        server, port = serve(impl, listen, server_security_of(certs, insecure))
+    except (ElasticError, ValueError, OSError) as err:
+        raise _fail(err) from err
     host = listen.rpartition(":")[0]
     print(f"data server listening on {host}:{port}: task {task_id}, {task.total_batches} "
           f"batches", flush=True)  # fmt: skip
@@ -80,25 +89,32 @@ def task_server_cmd(
     data_server: Annotated[str, typer.Option(help="The data server's HOST:PORT.")],
     journal: Annotated[Path, typer.Option(help="Journal directory (one file per task).")],
     listen: Annotated[str, typer.Option(help="HOST:PORT (port 0 = any).")] = "127.0.0.1:7200",
-    heartbeat_interval: Annotated[float, typer.Option(help="Seconds between beats.")] = 1.0,
-    heartbeat_timeout: Annotated[float, typer.Option(help="Silence before reassigning.")] = 5.0,
+    heartbeat_interval: Annotated[
+        float, typer.Option(min=0.01, help="Seconds between beats.")
+    ] = 1.0,
+    heartbeat_timeout: Annotated[
+        float, typer.Option(min=0.01, help="Silence before reassigning.")
+    ] = 5.0,
     certs: Certs = None,
     name: Annotated[str, typer.Option(help="Certificate name under --certs.")] = "child",
     insecure: Insecure = False,
 ) -> None:
     """Register computing servers, assign batches, journal progress; resumes from --journal."""
-    from fedenc.elastic.common import server_security_of
+    from fedenc.elastic.common import ElasticError, server_security_of
     from fedenc.elastic.task_server import TaskInfoServer, serve
     from fedenc.elastic.worker import channel_security
 
-    impl = TaskInfoServer(
-        data_server,
-        journal,
-        channel=channel_security(str(certs) if certs else None, name, insecure),
-        heartbeat_interval=heartbeat_interval,
-        heartbeat_timeout=heartbeat_timeout,
-    )
-    server, port = serve(impl, listen, server_security_of(certs, insecure))
+    try:
+        impl = TaskInfoServer(
+            data_server,
+            journal,
+            channel=channel_security(str(certs) if certs else None, name, insecure),
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout,
+        )
+        server, port = serve(impl, listen, server_security_of(certs, insecure))
+    except (ElasticError, ValueError, OSError) as err:
+        raise _fail(err) from err
     host = listen.rpartition(":")[0]
     print(f"task-information server listening on {host}:{port}", flush=True)
     _wait_for_signal()
