@@ -39,29 +39,27 @@ def count_ranks(
         raise ValueError(f"limit must be >= 1, got {limit}")
     nan = target_score.isnan()  # beats nothing, so it never leaves early; ranks last
     final = torch.zeros(session.shape[0], dtype=torch.float32, device=session.device)
-    ranks = final  # the running counts of the sessions still scored (all of them, at first)
-    rows = torch.arange(session.shape[0], device=session.device)
-    alive = rows  # their rows in the batch
+    ranks = torch.zeros_like(final)  # the running counts of the sessions still scored
+    alive = torch.arange(session.shape[0], device=session.device)  # their rows in the batch
+    # Rows are picked by integer indices, each found once per block: a boolean mask would
+    # search its set rows again for every tensor it indexes (a nonzero and a host sync each).
     for lo, vectors in blocks:
         z = session @ vectors.t()
         hi = lo + z.shape[1]
-        inside = (cols >= lo) & (cols < hi)
-        z[rows[inside], cols[inside] - lo] = -torch.inf  # the target does not beat itself
+        here = ((cols >= lo) & (cols < hi)).nonzero().squeeze(1)
+        z[here, cols[here] - lo] = -torch.inf  # the target does not beat itself
         # In-place float compare (1.0 / 0.0): no bool tensor and no conversion pass.
         ranks += z.gt_(target_score[:, None]).sum(1)
         if limit is None or hi >= num_items:
             continue
-        done = ranks >= limit
-        if bool(done.any()):  # (one host sync per block; a GPU block covers 65k items)
-            final[alive[done]] = ranks[done]
-            keep = ~done
+        keep = (ranks < limit).nonzero().squeeze(1)  # (a GPU block covers 65k items: 1 sync)
+        if keep.shape[0] < ranks.shape[0]:
+            final[alive] = ranks  # the leaving sessions' final counts (the others' are rewritten)
             alive, ranks = alive[keep], ranks[keep]
             session, target_score, cols = session[keep], target_score[keep], cols[keep]
-            rows = torch.arange(alive.shape[0], device=session.device)
             if alive.numel() == 0:
                 break
-    if ranks is not final:
-        final[alive] = ranks
+    final[alive] = ranks
     worst = num_items if limit is None else limit
     if limit is not None:
         final.clamp_(max=limit)
