@@ -7,6 +7,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def data_dir(arg: str | None) -> Path | None:
@@ -37,6 +38,16 @@ def interleaved(variants: dict[str, Callable[[], object]], repeats: int) -> dict
         for name in names if r % 2 == 0 else reversed(names):
             out[name].append(timed(variants[name]))
     return out
+
+
+def train_steps(model: Any, optimizer: Any, examples: Any, index: list[Any], device: Any) -> None:
+    """One plain training step per index array, as the trainer's default loop runs them."""
+    from fedenc.data.batching import build_batch
+
+    for idx in index:
+        optimizer.zero_grad(set_to_none=True)
+        model.loss(build_batch(examples, idx, device)).backward()
+        optimizer.step()
 
 
 def median(xs: list[float]) -> float:

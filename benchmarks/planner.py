@@ -20,10 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import interleaved, load_avg, median
+from _common import interleaved, load_avg, median, train_steps
 from speed import add_data_options, load_examples
 
-from fedenc.data.batching import build_batch
 from fedenc.encoders.registry import build_encoder
 from fedenc.planner.plan import PlanChoice, PlannedSteps, Planner
 
@@ -57,10 +56,7 @@ def step_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     cpu = torch.device("cpu")
 
     def plain() -> None:
-        for idx in blocks:
-            opt.zero_grad(set_to_none=True)
-            work.loss(build_batch(ex, idx, cpu)).backward()
-            opt.step()
+        train_steps(work, opt, ex, blocks, cpu)
 
     specs = planner.candidates()
     if args.only:

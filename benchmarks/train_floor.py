@@ -22,11 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import interleaved, load_avg, median
+from _common import interleaved, load_avg, median, train_steps
 from speed import add_data_options, load_examples
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fedenc.data.batching import build_batch
 from fedenc.encoders.registry import build_encoder
 from fedenc.training.allocator import tune_allocator
 from fedenc.training.checkpoint import load_checkpoint
@@ -115,10 +114,7 @@ def main() -> None:
     cpu = torch.device("cpu")
 
     def steps() -> None:
-        for idx in index:
-            opt.zero_grad(set_to_none=True)
-            model.loss(build_batch(ex, idx, cpu)).backward()
-            opt.step()
+        train_steps(model, opt, ex, index, cpu)
 
     # The products of every step (batches differ in their node counts).
     recorder = _RecordGemms()
