@@ -1197,7 +1197,15 @@ def child_cmd(
 
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, on_signal)
-    raise typer.Exit(child.run())
+    code = child.run()
+    if child.working:
+        # Stopped mid-call: the ClientApp's thread (and torch's and the planner's threads under
+        # it) cannot be joined, and tearing the interpreter down under them aborts the process
+        # ("terminate called without an active exception", exit 134). The goodbye is sent.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise typer.Exit(code)
 
 
 def main() -> None:

@@ -197,6 +197,25 @@ def test_sigterm_child_says_goodbye_and_sigterm_master_closes_every_stream(
     assert "the master was stopped (SIGTERM)" in procs.log("c1")
 
 
+def test_sigterm_during_a_clientapp_call_exits_0_without_aborting(
+    procs: Procs, free_port: int, tmp_path: Path
+) -> None:
+    """The child's work runs in threads (the planner profiling its candidates, torch's pools):
+    tearing the interpreter down under them aborted the process with exit 134."""
+    address = f"127.0.0.1:{free_port}"
+    master = [sys.executable, "-m", "fedenc.cli", "master", "--listen", address, "--insecure"]
+    master += ["--children", "1", "--rounds", "1", *TINY_ARGS]
+    procs.start("master", master)
+    # --plan auto with an empty planner cache: the first round starts by profiling for seconds.
+    command = child_command(address, "c0", plan="auto", options=["--threads", "1"])
+    procs.start("c0", command, {"FEDENC_PLANNER_CACHE": str(tmp_path / "planner")})
+    wait_for(lambda: "profiling" in procs.log("c0"), 120, "the child's planner to profile")
+    procs.procs["c0"].send_signal(signal.SIGTERM)
+    assert procs.wait("c0", 30) == 0, procs.log("c0")
+    assert "goodbye (SIGTERM received)" in procs.log("c0")
+    assert "terminate called" not in procs.log("c0")
+
+
 # -- failures, with the master in this process -------------------------------------------------
 
 

@@ -291,6 +291,11 @@ class GrpcChild:
             channel.close()
         return session
 
+    @property
+    def working(self) -> bool:
+        """True while a ClientApp call runs (its work cannot be interrupted, only abandoned)."""
+        return self._busy
+
     def _say_goodbye(self, session: _Session) -> None:
         log.info("%s: goodbye (%s)", self.name, self._goodbye)
         close = spb.Close(reason=spb.CLOSE_REASON_SHUTDOWN, detail=self._goodbye)
