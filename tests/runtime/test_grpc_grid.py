@@ -273,6 +273,16 @@ def test_handshake_refusals(server: FederationServer, raw: Callable[[], RawChild
     assert list(server.children()) == ["alice"]
 
 
+def test_a_child_whose_name_is_taken_says_so_when_it_gives_up(
+    server: FederationServer, children: Children, caplog: pytest.LogCaptureFixture
+) -> None:
+    children.start(server.address, "alice")  # heartbeats: it keeps its stream
+    assert server.wait_for_children(1, 10)
+    twin = GrpcChild(server.address, "alice", counter_app, {}, INSECURE, connect_timeout=1)
+    assert twin.run() == 1
+    assert "the master still has a child named 'alice'" in caplog.text
+
+
 def _instruction(
     server: FederationServer, name: str, raw: Callable[[], RawChild]
 ) -> tuple[RawChild, GrpcGrid, Message, spb.MasterMessage]:

@@ -205,11 +205,20 @@ class GrpcChild:
             else:
                 log.warning("%s: stream lost: %s", self.name, session.error or "no reason")
             if time.monotonic() >= deadline:
+                why = ""
+                if close is not None and close.reason == spb.CLOSE_REASON_DUPLICATE_IDENTITY:
+                    # Retried until now: a restarted child's old stream lasts until the master's
+                    # heartbeat timeout drops it.
+                    why = (
+                        f" (the master still has a child named {self.name!r}: another process "
+                        "with this --name, or this child's old stream)"
+                    )
                 log.error(
-                    "%s: no connection to %s within %.0f s: giving up",
+                    "%s: no connection to %s within %.0f s%s: giving up",
                     self.name,
                     self.address,
                     self.connect_timeout,
+                    why,
                 )
                 return EXIT_UNREACHABLE
             self._stop.wait(backoff)
