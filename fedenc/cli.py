@@ -901,7 +901,13 @@ def master_cmd(
         if resume:
             assert state_dir is not None
             # The children key their state by run id: the resumed run keeps the job's.
-            run_id = read_master_state(state_dir).run_id
+            saved = read_master_state(state_dir)
+            run_id = saved.run_id
+            if saved.stop_reason:
+                console.print(
+                    f"the job's rounds are complete (round {saved.round}, {saved.stop_reason}): "
+                    "resuming only runs its final test on the children and publishes the encoder"
+                )
         security = master_security(certs, insecure, allowlist=allowlist, warn=_warn)
         server = FederationServer(
             listen,
