@@ -707,7 +707,13 @@ def simulate_cmd(
     _check_out(out)
     out_dir = out or default_out_dir(scenario)
     where = scenario.data or f"synthetic ({scenario.synthetic_sessions} sessions)"
-    kind = "child processes over gRPC" if processes else "in-process"
+    kind = (
+        "child processes over gRPC"
+        if processes
+        else f"in {scenario.workers} worker processes"
+        if scenario.workers
+        else "in-process"
+    )
     console.print(
         f"[bold]{scenario.name}[/]: {scenario.children} children ({scenario.partition}, {kind}), "
         f"{scenario.encoder}, rule {scenario.rule}, {scenario.rounds} rounds, data {where}"

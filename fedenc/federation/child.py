@@ -238,7 +238,7 @@ def _build_state(
             row_counts=item_counts.astype(np.int64),
         )
     except ValueError as err:
-        raise DeclinedError(f"bad parameter-server settings: {err}") from None
+        raise DeclinedError(f"cannot set up local training: {err}") from None
     if type(trainer) is not Trainer:
         head = set(model.head_parameter_names()) & set(shared_names)
         if head:

@@ -125,6 +125,8 @@ class Scenario:
             raise ValueError(f"sampling must be random or cyclic, got {self.sampling!r}")
         if self.share not in ("auto", "all", "encoder"):
             raise ValueError(f"share must be auto, all or encoder, got {self.share!r}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"device must be cpu, cuda or auto, got {self.device!r}")
         if self.workers < 0 or self.threads < 0:
             raise ValueError(
                 f"workers and threads must be >= 0, got {self.workers}, {self.threads}"
@@ -156,6 +158,11 @@ class Scenario:
                 f"min_children must lie in [1, children = {self.children}], got "
                 f"{self.min_children}: the job could never start"
             )
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("device cuda: torch sees no CUDA GPU here (use cpu or auto)")
         if self.partition == "dirichlet" and not 0 < self.alpha < math.inf:
             raise ValueError(f"alpha must be a finite number > 0, got {self.alpha}")
         from fedenc.ps.federation import ps_config_from_run_config

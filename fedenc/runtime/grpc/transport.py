@@ -150,7 +150,8 @@ class ServerSecurity:
                 "plaintext explicitly (insecure=True, --insecure)"
             )
         if self.credentials is None:
-            log.warning("master: PLAINTEXT gRPC (--insecure): traffic and children unauthenticated")
+            # (Role-neutral: the master, the elastic services and the Control API share it.)
+            log.warning("PLAINTEXT gRPC server (--insecure): traffic and peers unauthenticated")
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ class ChannelSecurity:
                 "plaintext explicitly (insecure=True, --insecure)"
             )
         if self.credentials is None:
-            log.warning("child: PLAINTEXT gRPC (--insecure): traffic unauthenticated")
+            log.warning("PLAINTEXT gRPC connection (--insecure): traffic unauthenticated")
 
     def channel(self, address: str, options: list[tuple[str, Any]]) -> grpc.Channel:
         """A channel to ``address`` (call :meth:`check` once before)."""
