@@ -661,6 +661,14 @@ def simulate_cmd(
     insecure: Annotated[
         bool, typer.Option("--insecure", help="--processes: plaintext gRPC (prints a warning).")
     ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the interrupted simulation checkpointed in --out (same scenario and "
+            "options) after its last completed round; the simulated children start afresh.",
+        ),
+    ] = False,
 ) -> None:
     """Simulate a federation on this machine: K children, one master, per-round table."""
     from fedenc.federation.master import NotEnoughChildrenError
@@ -698,6 +706,11 @@ def simulate_cmd(
 
     if (certs is not None or insecure) and not processes:
         raise _fail("--certs and --insecure apply to --processes only")
+    if resume and (out is None or processes):
+        raise _fail(
+            "--resume needs the interrupted simulation's --out and the in-process runtime "
+            "(children as processes: `fedenc master --resume`)"
+        )
     if certs is not None and insecure:
         raise _fail("give either --certs DIR or --insecure, not both")
     if insecure:
@@ -731,10 +744,16 @@ def simulate_cmd(
                     scenario, out_dir, on_round=on_round, certs=certs, insecure=insecure
                 )
             else:
-                outcome = run_scenario(scenario, out_dir, on_round=on_round)
+                outcome = run_scenario(scenario, out_dir, on_round=on_round, resume=resume)
         finally:
             if live is not None:
                 live.stop()
+    except KeyboardInterrupt:
+        console.print(
+            f"interrupted: the rounds done are checkpointed in {out_dir / 'state'}; continue with "
+            f"the same command and --out {out_dir} --resume"
+        )
+        raise typer.Exit(130) from None
     except (ValueError, FileNotFoundError, NotEnoughChildrenError, SecurityError) as err:
         raise _fail(str(err)) from err
     _print_outcome(outcome.result, title, out_dir)

@@ -7,6 +7,7 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import torch._dynamo  # the first optimizer step imports it: pay that at collection
 from typer.testing import CliRunner
@@ -131,3 +132,29 @@ def test_master_takes_every_scenario_option_of_simulate() -> None:
     run_config = Scenario(query_timeout=7.0, sampling="cyclic").run_config()
     config = MasterConfig.from_run_config({**run_config, "num-items": 10})
     assert (config.query_timeout, config.sampling) == (7.0, "cyclic")
+
+
+def test_an_interrupted_simulation_resumes_after_its_last_completed_round(tmp_path: Path) -> None:
+    from fedenc.runtime.simulate import run_scenario
+
+    out = tmp_path / "run"
+    args = ["simulate", *TINY, "--children", "2", "--rounds", "3", "--out", str(out)]
+    scenario = Scenario(
+        children=2, rounds=3, synthetic_sessions=400, synthetic_items=60, hidden=8
+    ).with_overrides(name=Scenario().name)
+
+    def ctrl_c_after_round_1(result: object) -> None:
+        if getattr(result, "round", 0) == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_scenario(scenario, out, on_round=ctrl_c_after_round_1)
+    assert not (out / "results.json").exists()
+    result = runner.invoke(app, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [1, 2, 3]  # round 1 from the checkpoint
+    refused = runner.invoke(app, ["simulate", *TINY, "--resume"])
+    assert refused.exit_code == 2 and "--resume needs the interrupted simulation's --out" in (
+        " ".join(refused.output.split())
+    )

@@ -287,10 +287,15 @@ CHILD_APP = "nodes.child:app"
 
 
 def run_scenario(
-    scenario: Scenario, out_dir: Path | None = None, on_round: RoundListener | None = None
+    scenario: Scenario,
+    out_dir: Path | None = None,
+    on_round: RoundListener | None = None,
+    resume: bool = False,
 ) -> SimulationOutcome:
     """Run ``scenario`` in this process; with ``out_dir``, write the encoder checkpoint,
-    results.json, rounds.csv and metrics.png there. ``on_round`` sees each round as it ends."""
+    results.json, rounds.csv and metrics.png there. ``on_round`` sees each round as it ends.
+    ``resume`` continues the interrupted job checkpointed in ``out_dir/state`` after its last
+    completed round (the simulated children start afresh from the job's instruction)."""
     from fedenc.runtime.inprocess import run_inprocess
     from nodes.child import app as child_app
     from nodes.master import app as master_app
@@ -302,7 +307,7 @@ def run_scenario(
             master_app,
             CHILD_APP if scenario.workers else child_app,
             scenario.children,
-            scenario.run_config(out_dir),
+            {**scenario.run_config(out_dir), "resume": resume},
             [{"slowdown": f} for f in scenario.slowdown]
             + [{}] * (scenario.children - len(scenario.slowdown)),
             concurrency=scenario.concurrency,
