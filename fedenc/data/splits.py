@@ -128,7 +128,10 @@ def load_dataset(
                 f"{path}: cannot tell the format from the suffix {suffix!r}; expected a prepared "
                 f"directory, a Diginetica .csv or a Yoochoose .dat/.txt click log"
             )
-        prepared = preprocess(clicks, proto)
+        try:
+            prepared = preprocess(clicks, proto)
+        except ValueError as err:  # the protocol's filters and split: name the log they ran on
+            raise ValueError(f"{path}: {err}") from None
         train_all, test, num_items = prepared.train, prepared.test, prepared.num_items
     train, valid = train_valid_split(train_all, valid_fraction)
     return DataSplits(name=label, train=train, valid=valid, test=test, num_items=num_items)

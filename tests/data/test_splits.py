@@ -81,6 +81,12 @@ def test_load_errors_name_the_path(tmp_path: Path) -> None:
     bad.write_text("a,b,c\n1,2,3\n")
     with pytest.raises(DataFormatError, match=r"clicks\.csv, line 1"):
         load_dataset(bad)
+    tiny = tmp_path / "tiny.csv"  # well-formed, but every item is too rare for the protocol
+    tiny.write_text(
+        "sessionId;userId;itemId;timeframe;eventdate\n1;;5;0;2016-05-01\n1;;6;9;2016-05-01\n"
+    )
+    with pytest.raises(ValueError, match=r"tiny\.csv: no session survives"):
+        load_dataset(tiny)
 
 
 def test_load_raw_csv(tmp_path: Path) -> None:
