@@ -16,6 +16,7 @@ State lives in tensors indexed like the shard's rows, so a snapshot saves it wit
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -47,8 +48,20 @@ class RowOptimizerConfig:
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
             raise ValueError(f"row optimizer must be one of {OPTIMIZERS}, got {self.name!r}")
-        if self.lr < 0 or not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1 or self.eps <= 0:
-            raise ValueError(f"bad row optimizer settings: {self}")
+        problems = []
+        if not 0 <= self.lr < math.inf:
+            problems.append(f"lr must be a finite number >= 0 (0 = the default), got {self.lr}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                problems.append(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        if not 0 < self.eps < math.inf:
+            problems.append(f"eps must be a finite number > 0, got {self.eps}")
+        if not 0 <= self.initial_accumulator < math.inf:
+            problems.append(
+                f"initial_accumulator must be a finite number >= 0, got {self.initial_accumulator}"
+            )
+        if problems:
+            raise ValueError(f"row optimizer {self.name}: {'; '.join(problems)}")
 
     @property
     def learning_rate(self) -> float:

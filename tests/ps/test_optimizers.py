@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -62,3 +64,13 @@ def test_adam_counts_steps_per_row() -> None:
 def test_bad_config_is_refused() -> None:
     with pytest.raises(ValueError, match="row optimizer must be one of"):
         RowOptimizerConfig("rmsprop")
+    # Each bad value is named, not the whole config.
+    cases = {
+        "lr must be a finite number >= 0": {"lr": -1.0},
+        "beta2 must lie in [0, 1), got 1.0": {"beta2": 1.0},
+        "eps must be a finite number > 0, got 0.0": {"eps": 0.0},
+        "lr must be a finite number >= 0 (0 = the default), got inf": {"lr": float("inf")},
+    }
+    for message, values in cases.items():
+        with pytest.raises(ValueError, match=re.escape(f"row optimizer adam: {message}")):
+            RowOptimizerConfig("adam", **values)
