@@ -194,6 +194,17 @@ def test_a_hello_naming_someone_else_is_refused(
     assert tls_server.children() == {}
 
 
+def test_a_plaintext_child_of_a_tls_master_is_told_why_it_gets_no_connection(
+    tls_server: FederationServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fedenc.runtime.grpc.transport import ChannelSecurity
+
+    plaintext = ChannelSecurity(insecure=True)
+    child = GrpcChild(tls_server.address, "site-0", echo_app, {}, plaintext, connect_timeout=1)
+    assert child.run() == 1
+    assert "the master closes plaintext connections: it runs with --certs?" in caplog.text
+
+
 def test_a_certificate_revoked_while_its_stream_is_open_ends_it_before_the_next_round(
     tls_server: FederationServer, certs: CertLayout
 ) -> None:

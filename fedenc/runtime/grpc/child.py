@@ -183,11 +183,13 @@ class GrpcChild:
         self._worker.start()
         deadline = time.monotonic() + self.connect_timeout
         backoff = 0.2
+        ever_welcomed = False
         while not self._stop.is_set():
             session = self._connect_once()
             if self._stop.is_set():
                 return EXIT_OK
             if session.welcomed:
+                ever_welcomed = True
                 deadline = time.monotonic() + self.connect_timeout
                 backoff = 0.2
             close = session.close
@@ -206,6 +208,15 @@ class GrpcChild:
                 log.warning("%s: stream lost: %s", self.name, session.error or "no reason")
             if time.monotonic() >= deadline:
                 why = ""
+                lost = str(session.error or "")
+                if (
+                    self.security.credentials is None
+                    and not ever_welcomed
+                    and "Socket closed" in lost
+                ):
+                    # What a TLS master's handshake makes of a plaintext connection (a master that
+                    # is not there gives "Connection refused" instead).
+                    why = " (the master closes plaintext connections: it runs with --certs?)"
                 if close is not None and close.reason == spb.CLOSE_REASON_DUPLICATE_IDENTITY:
                     # Retried until now: a restarted child's old stream lasts until the master's
                     # heartbeat timeout drops it.
