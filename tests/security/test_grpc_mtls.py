@@ -184,6 +184,16 @@ def test_host_name_check_and_server_name_override(layout: CertLayout) -> None:
         assert "does not name the host dialled" in explain_rpc_error(err, target=master.target)
         tls = child(layout, "alice", server_name="master.example.org")
         assert call(master, tls.credentials, tls.options) == b"alice:hi"
+        # A wrong --server-name is what the refusal names, not the (unchecked) address.
+        from fedenc.runtime.grpc.security import channel_security
+
+        wrong = child(layout, "alice", server_name="wrong.example.org")
+        err = rpc_error(master, wrong.credentials, options=wrong.options)
+        explain = channel_security(wrong, master.target, "wrong.example.org").explain
+        assert explain is not None
+        assert f"host dialled (wrong.example.org, --server-name for {master.target})" in explain(
+            err
+        )
     finally:
         server.stop(None)
 

@@ -54,8 +54,11 @@ def channel_security(
 ) -> ChannelSecurity:
     """Mutual TLS on a child: its credentials, and refusals explained with its certificate."""
 
+    # With --server-name the certificate is checked against that name, not the address.
+    target = address if server_name is None else f"{server_name}, --server-name for {address}"
+
     def explain(err: Any) -> str:
-        return tls.explain(err, target=address)
+        return tls.explain(err, target=target)
 
     return ChannelSecurity(credentials=tls.credentials, target_name=server_name, explain=explain)
 
