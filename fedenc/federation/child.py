@@ -178,7 +178,10 @@ def _build_state(
     except UnknownEncoderError as err:
         raise DeclinedError(f"unknown encoder type {encoder_type!r}: {err}") from None
     cfg = data_config(context)
-    data = load_child_data(cfg)
+    try:
+        data = load_child_data(cfg)
+    except (ValueError, OSError) as err:  # a bad or missing file (DataFormatError: its line)
+        raise DeclinedError(f"cannot read its data: {err}") from None
     examples = select_samples(encoder_type, data)
     if len(examples) == 0:
         raise DeclinedError(f"no training samples for encoder type {encoder_type!r}")

@@ -4,6 +4,7 @@ the same for the same settings."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -73,6 +74,19 @@ def test_unknown_encoder_type_and_small_catalog_are_declined_with_reasons() -> N
     conf = query(context(), ins)
     assert not conf.accepted and "catalog" in conf.decline_reason
     assert child.live_states() == []
+
+
+def test_bad_data_files_are_declined_naming_the_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "clicks.csv"
+    bad.write_text("sessionId;userId;itemId;timeframe;eventdate\n1;;x;0;2016-05-01\n")
+    ins, _ = instruction()
+    conf = query(context(data=str(bad)), ins)
+    assert not conf.accepted
+    assert conf.decline_reason.startswith("cannot read its data: ")
+    assert "clicks.csv, line 2" in conf.decline_reason
+    missing = tmp_path / "nowhere"
+    conf = query(context(data=str(missing)), ins)
+    assert not conf.accepted and "nowhere" in conf.decline_reason
 
 
 def test_confirm_train_evaluate_finish_keeps_state_and_sends_only_shared_tensors() -> None:
