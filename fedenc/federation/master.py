@@ -730,6 +730,12 @@ class _Job:
 
     # -- 3 + 4: rounds ---------------------------------------------------------------------------
 
+    def _split_confirmed(self) -> tuple[list[int], list[int]]:
+        """The confirmed children still connected, and those gone (both in confirmed order)."""
+        online = set(self.grid.get_node_ids())
+        confirmed = self.confirmed()
+        return [n for n in confirmed if n in online], [n for n in confirmed if n not in online]
+
     def connected(self, round_: int) -> list[int]:
         """The confirmed children still connected (in :meth:`confirmed` order). With fewer
         than ``min_children``, wait up to ``wait_timeout`` for children to (re)connect, asking
@@ -740,14 +746,13 @@ class _Job:
         deadline = time.monotonic() + self.config.wait_timeout
         waiting = False
         while True:
-            online = set(self.grid.get_node_ids())
-            ready = [nid for nid in self.confirmed() if nid in online]
+            ready, gone = self._split_confirmed()
             if len(ready) >= self.config.min_children:
                 return ready
-            gone = [self.children[nid].name for nid in self.confirmed() if nid not in online]
+            names = ", ".join(self.children[nid].name for nid in gone) or "none"
             what = (
                 f"round {round_}: {len(ready)} confirmed child(ren) connected, the job needs "
-                f"{self.config.min_children} (gone: {', '.join(gone) or 'none'})"
+                f"{self.config.min_children} (gone: {names})"
             )
             if time.monotonic() >= deadline:
                 raise NotEnoughChildrenError(
@@ -1022,8 +1027,7 @@ class _Job:
     def finish(self) -> None:
         """Tell the connected children the job is over (they drop its state); at most
         :data:`FINISH_TIMEOUT` seconds for their acknowledgements."""
-        online = set(self.grid.get_node_ids())
-        nodes = [nid for nid in self.confirmed() if nid in online]
+        nodes, _ = self._split_confirmed()
         if not nodes:
             return
         timeout = min(self.config.round_timeout or FINISH_TIMEOUT, FINISH_TIMEOUT)

@@ -85,21 +85,19 @@ def bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials 
     """Add ``address`` (``HOST:PORT``, port 0 = any free one) to ``server``, over TLS when
     ``credentials`` are given; the bound port. ``OSError`` naming the address when it cannot
     be bound (gRPC raises a ``RuntimeError`` that points at its debug log instead)."""
+    refused = (
+        f"cannot listen on {address}: the port is in use (another fedenc server?) or the host "
+        "is not an address of this machine"
+    )
     try:
         if credentials is None:
             port = int(server.add_insecure_port(address))
         else:
             port = int(server.add_secure_port(address, credentials))
-    except RuntimeError as err:
-        port = 0
-        cause: Exception | None = err
-    else:
-        cause = None
-    if port == 0:
-        raise OSError(
-            f"cannot listen on {address}: the port is in use (another fedenc server?) or the "
-            "host is not an address of this machine"
-        ) from cause
+    except RuntimeError as err:  # newer grpcio
+        raise OSError(refused) from err
+    if port == 0:  # older grpcio
+        raise OSError(refused)
     return port
 
 
