@@ -1164,18 +1164,8 @@ def child_cmd(
         client_app = getattr(importlib.import_module(module_name), attr or "app")
     except (ImportError, AttributeError) as err:
         raise _fail(f"cannot load the ClientApp {app_path!r}: {err}") from err
-    # What can be checked before a job arrives is (the data itself is read with the job's
-    # instruction): a bad setting would otherwise surface only then, as a declined job.
-    from fedenc.data.partition import SCHEMES
-
     if data is not None and not data.exists():
         raise _fail(f"--data {data}: no such file or directory")
-    if partition is not None and partition not in SCHEMES:
-        raise _fail(f"--partition must be one of {', '.join(SCHEMES)}, got {partition!r}")
-    if alpha is not None and not 0 < alpha < float("inf"):
-        raise _fail(f"--alpha must be a finite number > 0, got {alpha}")
-    if valid_fraction is not None and not 0 <= valid_fraction < 1:
-        raise _fail(f"--valid-fraction must lie in [0, 1), got {valid_fraction}")
     if threads:
         import torch
 
@@ -1198,6 +1188,15 @@ def child_cmd(
         "elastic-insecure": elastic_insecure or None,
     }
     node_config.update({k: v for k, v in optional.items() if v is not None})
+    # What can be checked before a job arrives is (the data itself is read with the job's
+    # instruction): a bad setting would otherwise surface only then, as a declined job. The
+    # job's run config may set more; these are the child's own, checked by the same config.
+    from fedenc.federation.child_data import ChildDataConfig
+
+    try:
+        ChildDataConfig.from_configs({}, node_config)
+    except ValueError as err:  # its message starts with the key, which is the option's name
+        raise _fail(f"--{err}") from err
     try:
         security = child_security(
             certs,

@@ -136,6 +136,8 @@ def test_child_refuses_bad_data_settings_before_dialling(tmp_path: Path) -> None
         ],
         "--partition must be one of iid, time, dirichlet, got 'foo'": ["--partition", "foo"],
         "--alpha must be a finite number > 0, got 0.0": ["--alpha", "0"],
+        "--valid-fraction must lie in [0, 1), got 1.0": ["--valid-fraction", "1"],
+        "--synthetic-items must be >= 40 (2 per item cluster), got 5": ["--synthetic-items", "5"],
     }
     for message, options in cases.items():
         result = runner.invoke(app, [*base, *options])

@@ -177,7 +177,10 @@ def _build_state(
         cls = encoder_class(encoder_type)
     except UnknownEncoderError as err:
         raise DeclinedError(f"unknown encoder type {encoder_type!r}: {err}") from None
-    cfg = data_config(context)
+    try:
+        cfg = data_config(context)
+    except ValueError as err:  # the run's or this child's data settings
+        raise DeclinedError(f"bad data settings: {err}") from None
     try:
         data = load_child_data(cfg)
     except (ValueError, OSError) as err:  # a bad or missing file (DataFormatError: its line)
@@ -282,7 +285,8 @@ def child_name(context: Context, partition_id: int) -> str:
 
 
 def _key(context: Context, job_id: str) -> StateKey:
-    return (int(context.run_id), data_config(context).partition_id, job_id)
+    # Only the partition id: a job with bad data settings must still be declined by its key.
+    return (int(context.run_id), get_int(context.node_config, "partition-id", 0), job_id)
 
 
 def _take_snapshot(state: ChildState, round_: int) -> _Snapshot:

@@ -12,6 +12,7 @@ data once); only the small per-child views are built per child.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -48,8 +49,24 @@ class ChildDataConfig:
             raise ValueError(
                 f"partition-id {self.partition_id} outside 0..{self.num_partitions - 1}"
             )
+        # Messages start with the run-config key, so the CLI can name its option ("--" + key).
         if self.scheme not in SCHEMES:
-            raise ValueError(f"unknown partition scheme {self.scheme!r}; use {', '.join(SCHEMES)}")
+            raise ValueError(f"partition must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
+        if not 0 < self.alpha < math.inf:
+            raise ValueError(f"alpha must be a finite number > 0, got {self.alpha}")
+        if not 0 <= self.valid_fraction < 1:
+            raise ValueError(f"valid-fraction must lie in [0, 1), got {self.valid_fraction}")
+        if self.synthetic_sessions < 3:
+            raise ValueError(
+                f"synthetic-sessions must be >= 3 (train, valid and test), "
+                f"got {self.synthetic_sessions}"
+            )
+        min_items = 2 * SyntheticConfig.num_clusters  # the generator's default clusters
+        if self.synthetic_items < min_items:
+            raise ValueError(
+                f"synthetic-items must be >= {min_items} (2 per item cluster), "
+                f"got {self.synthetic_items}"
+            )
 
     @classmethod
     def from_configs(

@@ -20,7 +20,6 @@ would pass, so a scenario means the same on every runtime.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections.abc import Mapping
@@ -135,15 +134,15 @@ class Scenario:
     def check(self) -> None:
         """``ValueError`` naming the setting when the encoder, rule, partition or stop rule is
         unknown, before anything runs."""
-        from fedenc.data.partition import SCHEMES
         from fedenc.encoders.registry import UnknownEncoderError, encoder_class
+        from fedenc.federation.child_data import ChildDataConfig
         from fedenc.federation.fusion import UnknownFusionRuleError, build_fusion_rule
         from fedenc.federation.stopping import build_stop_rule
 
-        if self.partition not in SCHEMES:
-            raise ValueError(
-                f"partition must be one of {', '.join(SCHEMES)}, got {self.partition!r}"
-            )
+        # The children's data settings, by the config every child builds from the run config.
+        ChildDataConfig.from_configs(
+            self.run_config(), {"partition-id": 0, "num-partitions": self.children}
+        )
         try:
             encoder_class(self.encoder)
             build_fusion_rule(self.rule, **self.rule_options)
@@ -163,8 +162,6 @@ class Scenario:
 
             if not torch.cuda.is_available():
                 raise ValueError("device cuda: torch sees no CUDA GPU here (use cpu or auto)")
-        if self.partition == "dirichlet" and not 0 < self.alpha < math.inf:
-            raise ValueError(f"alpha must be a finite number > 0, got {self.alpha}")
         from fedenc.ps.federation import ps_config_from_run_config
 
         ps_config_from_run_config(self.run_config())

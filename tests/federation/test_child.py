@@ -62,6 +62,8 @@ def query(ctx: Context, ins: Any) -> fpb.Confirmation:
 
 @pytest.fixture(autouse=True)
 def _clean() -> Any:
+    # An interrupted job elsewhere in this process keeps its children's states for --resume.
+    child.forget()
     yield
     child.forget()
 
@@ -73,6 +75,10 @@ def test_unknown_encoder_type_and_small_catalog_are_declined_with_reasons() -> N
     ins, _ = instruction(num_items=30)
     conf = query(context(), ins)
     assert not conf.accepted and "catalog" in conf.decline_reason
+    bad = context(**{"valid-fraction": 1.0})
+    conf = query(bad, instruction()[0])
+    assert not conf.accepted
+    assert "bad data settings: valid-fraction must lie in [0, 1), got 1.0" in conf.decline_reason
     assert child.live_states() == []
 
 

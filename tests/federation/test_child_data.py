@@ -1,0 +1,37 @@
+"""ChildDataConfig: the one check of a child's data settings (the child CLI and simulate's
+scenario both go through it), and its messages start with the setting's key."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedenc.federation.child_data import ChildDataConfig
+
+
+@pytest.mark.parametrize(
+    ("node", "message"),
+    [
+        ({"partition": "random"}, "partition must be one of iid, time, dirichlet, got 'random'"),
+        ({"alpha": 0.0}, "alpha must be a finite number > 0, got 0.0"),
+        ({"alpha": float("inf")}, "alpha must be a finite number > 0, got inf"),
+        ({"valid-fraction": 1.0}, "valid-fraction must lie in [0, 1), got 1.0"),
+        ({"valid-fraction": -0.1}, "valid-fraction must lie in [0, 1), got -0.1"),
+        ({"synthetic-sessions": 2}, "synthetic-sessions must be >= 3"),
+        ({"synthetic-items": 10}, "synthetic-items must be >= 40 (2 per item cluster), got 10"),
+        ({"partition-id": 3, "num-partitions": 3}, "partition-id 3 outside 0..2"),
+    ],
+)
+def test_bad_settings_are_named_by_their_key(node: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        ChildDataConfig.from_configs({}, node)
+    assert str(err.value).startswith(message)
+
+
+def test_a_childs_own_settings_win_over_the_runs_and_defaults_are_valid() -> None:
+    run = {"partition": "dirichlet", "alpha": 0.3, "seed": 7, "synthetic-items": 500}
+    cfg = ChildDataConfig.from_configs(run, {"alpha": 2.0, "partition-id": 1, "num-partitions": 2})
+    assert (cfg.scheme, cfg.alpha, cfg.seed, cfg.synthetic_items) == ("dirichlet", 2.0, 7, 500)
+    assert ChildDataConfig.from_configs({}, {}) == ChildDataConfig()
+    # A bad run-config value is caught even when the child's own settings are fine.
+    with pytest.raises(ValueError, match=r"^alpha must be"):
+        ChildDataConfig.from_configs({"alpha": -1.0}, {"partition": "iid"})
