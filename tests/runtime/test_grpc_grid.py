@@ -569,3 +569,16 @@ def test_inbound_slots_hold_a_second_reply_until_the_first_is_assembled(slots: i
         for peer, _ in peers:
             peer.close()
         srv.stop(grace=0.5)
+
+
+def test_a_child_that_finds_no_master_says_why_when_it_gives_up(
+    free_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    def app(message: Message, context: Context) -> Message:
+        raise AssertionError("no master, no message")
+
+    address = f"127.0.0.1:{free_port}"
+    child = GrpcChild(address, "site-a", app, {}, ChannelSecurity(insecure=True), connect_timeout=1)
+    assert child.run() == 1
+    assert f"no connection to {address} within 1 s" in caplog.text
+    assert "connection refused: no master listens there yet" in caplog.text

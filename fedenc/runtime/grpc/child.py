@@ -217,6 +217,14 @@ class GrpcChild:
                     # What a TLS master's handshake makes of a plaintext connection (a master that
                     # is not there gives "Connection refused" instead).
                     why = " (the master closes plaintext connections: it runs with --certs?)"
+                elif "Connection refused" in lost:
+                    # Not started yet, or gone: the same to a dialler. Say what can be done.
+                    why = (
+                        " (connection refused: no master listens there yet; a master that "
+                        "starts later is found if --connect-timeout waits long enough)"
+                    )
+                elif "UNIMPLEMENTED" in lost or "status: 404" in lost:
+                    why = " (something answers there, but it is not a fedenc master)"
                 if close is not None and close.reason == spb.CLOSE_REASON_DUPLICATE_IDENTITY:
                     # Retried until now: a restarted child's old stream lasts until the master's
                     # heartbeat timeout drops it.
