@@ -58,3 +58,9 @@ def test_every_run_config_key_the_apps_read_is_declared() -> None:
     assert {"num-server-rounds", "replay-round", "balance-work"} <= read  # the scan sees them
     aliases = {"rounds"}  # an older spelling of num-server-rounds, read as its fallback
     assert read - aliases - set(app_config()) == set()
+
+
+def test_the_packages_key_list_is_the_declared_one() -> None:
+    from fedenc.federation.runconfig import RUN_CONFIG_KEYS
+
+    assert RUN_CONFIG_KEYS - {"rounds"} == set(app_config())

@@ -65,6 +65,12 @@ from fedenc.training.checkpoint import META_FILE, STATE_FILE
 log = logging.getLogger(__name__)
 
 TERMINAL = frozenset({cpb.JOB_STATE_SUCCEEDED, cpb.JOB_STATE_FAILED, cpb.JOB_STATE_CANCELLED})
+#: WatchJob streams open at once: each holds a server thread while it lasts.
+MAX_WATCHERS = 8
+#: The smallest DownloadEncoder chunk (a smaller one only multiplies the messages).
+MIN_CHUNK_BYTES = 64 * 1024
+#: Job ids a NOT_FOUND names (the most recent ones).
+_KNOWN_IDS_SHOWN = 5
 _ROUND_MESSAGES = frozenset({"train", "evaluate"})
 
 
@@ -210,6 +216,7 @@ class ControlService(cgrpc.ControlServicer):
         # node id -> (ChildState, decline reason) in the running job
         self._participation: dict[int, tuple[int, str]] = {}
         self._children: dict[str, _Child] = {}
+        self._watchers = 0
         self._stopping = False
         self._worker = threading.Thread(target=self._work, name="fedenc-control-jobs", daemon=True)
 
@@ -530,7 +537,10 @@ class ControlService(cgrpc.ControlServicer):
         job = self.job(job_id)
         if job is None:
             with self._cond:
-                known = ", ".join(self._jobs) or "none"
+                ids = list(self._jobs)
+            known = ", ".join(ids[-_KNOWN_IDS_SHOWN:]) or "none"
+            if len(ids) > _KNOWN_IDS_SHOWN:
+                known = f"the latest {_KNOWN_IDS_SHOWN} of {len(ids)}: {known}"
             self._abort(
                 context, grpc.StatusCode.NOT_FOUND, f"unknown job id {job_id!r} (jobs: {known})"
             )
@@ -561,6 +571,14 @@ class ControlService(cgrpc.ControlServicer):
 
     def ListJobs(self, request: cpb.ListJobsRequest, context: Any) -> cpb.ListJobsResponse:
         states = set(request.states)
+        bad = sorted(x for x in states if x not in cpb.JobState.values() or x == 0)
+        if bad:
+            known = ", ".join(f"{v} ({cpb.JobState.Name(v)})" for v in cpb.JobState.values() if v)
+            self._abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"states {bad} are no job states; use {known}",
+            )
         with self._cond:
             jobs = [
                 self._job_proto(j) for j in self._jobs.values() if not states or j.state in states
@@ -579,6 +597,23 @@ class ControlService(cgrpc.ControlServicer):
 
     def WatchJob(self, request: cpb.WatchJobRequest, context: Any) -> Iterator[cpb.JobEvent]:
         job = self._lookup(request.job_id, context)
+        with self._cond:
+            if self._watchers >= MAX_WATCHERS:
+                self._abort(
+                    context,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{MAX_WATCHERS} WatchJob streams are open already; close one, or poll GetJob",
+                )
+            self._watchers += 1
+        try:
+            yield from self._watch(job, request, context)
+        finally:
+            with self._cond:
+                self._watchers -= 1
+
+    def _watch(
+        self, job: JobRecord, request: cpb.WatchJobRequest, context: Any
+    ) -> Iterator[cpb.JobEvent]:
         sent = max(0, int(request.from_round) - 1)
         last_state: int | None = None
         while True:
@@ -631,11 +666,12 @@ class ControlService(cgrpc.ControlServicer):
                 context, grpc.StatusCode.INVALID_ARGUMENT, "give a job_id or an encoder_type"
             )
         max_chunk = request.max_chunk_bytes or DEFAULT_MAX_CHUNK_BYTES
-        if max_chunk > DEFAULT_MAX_CHUNK_BYTES:
+        if not MIN_CHUNK_BYTES <= max_chunk <= DEFAULT_MAX_CHUNK_BYTES:
             self._abort(
                 context,
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"max_chunk_bytes {max_chunk} is above the master's {DEFAULT_MAX_CHUNK_BYTES}",
+                f"max_chunk_bytes {max_chunk} is outside [{MIN_CHUNK_BYTES}, "
+                f"{DEFAULT_MAX_CHUNK_BYTES}] (0: the master's {DEFAULT_MAX_CHUNK_BYTES})",
             )
         with self._cond:
             state, checkpoint = job.state, job.checkpoint

@@ -24,7 +24,7 @@ from fedenc.encoders.base import EncoderConfig
 from fedenc.encoders.registry import UnknownEncoderError, encoder_class
 from fedenc.federation.fusion import UnknownFusionRuleError, build_fusion_rule
 from fedenc.federation.master import MasterConfig, RoundResult
-from fedenc.federation.runconfig import get_json
+from fedenc.federation.runconfig import RUN_CONFIG_KEYS, get_json, unknown_key_message
 from fedenc.proto.fedenc.v1 import control_pb2 as cpb
 
 RunConfig = dict[str, bool | int | float | str]
@@ -62,8 +62,9 @@ PARTICIPATION_KEYS: Final = {
     "round_timeout_s": "round-timeout",
     "query_timeout_s": "query-timeout",
 }
-#: Run-config keys the master sets for every job itself.
-RESERVED_KEYS: Final = ("job-id", "out-dir")
+#: Run-config keys the master sets for every job itself, or that name its own files and
+#: restarts (a client must not choose where the master writes).
+RESERVED_KEYS: Final = ("job-id", "out-dir", "state-dir", "resume", "replay-round")
 
 
 class JobSpecError(ValueError):
@@ -110,8 +111,10 @@ def spec_to_run_config(spec: cpb.JobSpec, base: Mapping[str, Any]) -> RunConfig:
     """The run config of ``spec`` on top of ``base`` (the master's defaults)."""
     rc: RunConfig = dict(base)
     for key, value in struct_to_dict(spec.run_config).items():  # first: typed fields win
-        if key in RESERVED_KEYS:
+        if key.replace("_", "-") in RESERVED_KEYS:
             raise JobSpecError(f"run_config {key!r} is set by the master, not by a job spec")
+        if key.replace("_", "-") not in RUN_CONFIG_KEYS:
+            raise JobSpecError(f"run_config: {unknown_key_message(key)}")
         rc[key] = _scalar(f"run_config {key!r}", value)
     if spec.encoder_type:
         rc["encoder"] = spec.encoder_type

@@ -24,6 +24,10 @@ from fedenc.encoders.layers.full_softmax import default_chunk, full_softmax_cros
 from fedenc.encoders.layers.ranking import count_ranks
 from fedenc.encoders.layers.tied_lookup import tied, tied_embedding
 
+MAX_HIDDEN = 8192
+MAX_STEPS = 64
+MAX_TABLE_ELEMENTS = 2**32  # 16 GiB of float32
+
 
 @dataclass
 class EncoderConfig:
@@ -44,6 +48,18 @@ class EncoderConfig:
             raise ValueError(f"num_items must be >= 1, got {self.num_items}")
         if self.hidden < 1 or self.steps < 0 or self.max_position < 1:
             raise ValueError("hidden and max_position must be >= 1 and steps >= 0")
+        # Bounds far above any session encoder, so that a typo (or a remote job spec) fails
+        # here rather than as a multi-terabyte allocation on the master and every child.
+        if self.hidden > MAX_HIDDEN or self.steps > MAX_STEPS:
+            raise ValueError(
+                f"hidden must be <= {MAX_HIDDEN} and steps <= {MAX_STEPS}, "
+                f"got {self.hidden} and {self.steps}"
+            )
+        if (self.num_items + 1) * self.hidden > MAX_TABLE_ELEMENTS:
+            raise ValueError(
+                f"an item table of {self.num_items + 1} x {self.hidden} is above "
+                f"{MAX_TABLE_ELEMENTS:,} values ({4 * MAX_TABLE_ELEMENTS / 2**30:.0f} GiB)"
+            )
         if not 0 < self.scale < math.inf:  # NaN fails too
             # 0 scores every item alike, and ties count in the target's favour: 100% Recall.
             raise ValueError(f"scale must be a finite number > 0, got {self.scale}")

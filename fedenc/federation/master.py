@@ -514,6 +514,8 @@ class _Exchange:
             done.add(node)
             if reply.has_error():
                 yield node, _reason(reply)
+            elif meta.message_type != message_type:  # e.g. an evaluation sent as an update
+                yield node, f"a {meta.message_type!r} reply to a {message_type!r} message"
             else:
                 self.bytes_received += records.record_bytes(reply.content)
                 yield node, reply
@@ -926,6 +928,11 @@ class _Job:
                 raise BadUpdateError(name, "reply carries no parameters ('arrays')")
             params = records.record_to_params(arrays_in, name)
             n = records.read_num_examples(content, name)
+            confirmed = self.children[nid].num_samples
+            if n > confirmed:  # the count weighs its update: it cannot grow after confirming
+                raise BadUpdateError(
+                    name, f"reply counts {n} examples, but the child confirmed {confirmed}"
+                )
             rows = None
             weights_in = content.array_records.get(records.ROW_WEIGHTS_KEY)
             # A child sends row weights whenever it shares the table; they only mean something
@@ -1009,7 +1016,15 @@ class _Job:
             values = records.read_metrics(answered[nid].content)
             self.rows_pulled += _row_count(values.pop(records.PS_ROWS_PULLED, None))
             n = values.pop(records.NUM_EXAMPLES, 0.0)
-            if not (n > 0 and math.isfinite(n)):
+            why = _bad_evaluation(n, values)
+            if why is not None:
+                log.warning(
+                    "round %d: %s's %s metrics left out: %s",
+                    round_,
+                    self.exchange.label(nid),
+                    split,
+                    why,
+                )
                 continue
             evaluated.append(self.exchange.label(nid))
             examples += int(n)
@@ -1042,6 +1057,19 @@ class _Job:
             log.info(
                 "%s did not acknowledge the end of the job: %s", self.exchange.label(nid), reason
             )
+
+
+def _bad_evaluation(n: float, values: Mapping[str, float]) -> str | None:
+    """Why a child's evaluation reply cannot be averaged in (None: it can). Ranking metrics are
+    percentages: a value outside [0, 100] is a broken or hostile child, not a result."""
+    if not (n > 0 and math.isfinite(n)):
+        return f"{records.NUM_EXAMPLES} is {n!r}, not a positive count"
+    for key, value in values.items():
+        if not math.isfinite(value):
+            return f"{key} is {value!r}"
+        if key.startswith(("recall@", "mrr@")) and not 0 <= value <= 100:
+            return f"{key} = {value!r} is outside [0, 100]"
+    return None
 
 
 def shared_names(model: torch.nn.Module, share: str) -> list[str]:

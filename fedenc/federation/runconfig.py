@@ -14,6 +14,30 @@ from typing import Any, TypeAlias
 
 Config: TypeAlias = Mapping[str, Any]
 
+#: Every run-config key the apps read (pyproject's ``[tool.flwr.app.config]`` declares each, a
+#: test keeps the two equal), plus ``rounds``, an older spelling of ``num-server-rounds``.
+RUN_CONFIG_KEYS: frozenset[str] = frozenset(
+    """
+    encoder num-items hidden steps use-positions normalize scale dropout encoder-options
+    local-epochs batch-size lr lr-decay-step lr-decay-rate l2 max-examples-per-epoch device
+    num-server-rounds rounds stop rule share row-weighting rule-options min-children fraction
+    sampling carry-optimizer round-timeout query-timeout evaluate-every eval-split final-test
+    expect-children wait-timeout seed job-id fold-order balance-work work-deadline state-dir
+    resume replay-round ps ps-exchange-every ps-scoring ps-negatives ps-capacity ps-shards
+    ps-addresses ps-pad-rows out-dir data partition alpha synthetic-sessions synthetic-items
+    valid-fraction
+    """.split()
+)
+
+
+def unknown_key_message(key: str, known: frozenset[str] = RUN_CONFIG_KEYS) -> str:
+    """``unknown run-config key 'x'`` with the closest known spellings."""
+    import difflib
+
+    close = difflib.get_close_matches(key.replace("_", "-"), sorted(known), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"unknown run-config key {key!r}{hint}"
+
 
 def _lookup(config: Config, key: str) -> Any:
     if key in config:

@@ -74,6 +74,9 @@ class Script:
     raise_on_train: set[int] = field(default_factory=set)
     stall_s: dict[int, float] = field(default_factory=dict)
     corrupt: dict[int, Callable[[Parameters], Parameters]] = field(default_factory=dict)
+    train_examples: dict[int, int] = field(default_factory=dict)  # num-examples it reports
+    eval_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    mislabel_train: set[int] = field(default_factory=set)  # its train reply says "evaluate"
 
 
 def echo_client(script: Script) -> Client:
@@ -100,11 +103,16 @@ def echo_client(script: Script) -> Client:
             params = {k: v + offset_of(pid) for k, v in params.items()}
             if pid in script.corrupt:
                 params = script.corrupt[pid](params)
-            metrics = {records.NUM_EXAMPLES: samples_of(pid), "train_loss": float(pid)}
+            n = script.train_examples.get(pid, samples_of(pid))
+            metrics = {records.NUM_EXAMPLES: n, "train_loss": float(pid)}
             content = records.metrics_content(metrics, records.params_to_record(params))
-            return Message(content, reply_to=msg)
+            reply = Message(content, reply_to=msg)
+            if pid in script.mislabel_train:
+                reply.metadata.message_type = "evaluate"
+            return reply
         if kind == "evaluate":
             metrics = {records.NUM_EXAMPLES: samples_of(pid), "recall@20": 10.0 * pid}
+            metrics.update(script.eval_metrics.get(pid, {}))
             return Message(records.metrics_content(metrics), reply_to=msg)
         return Message(records.metrics_content({"ok": 1}), reply_to=msg)
 
@@ -314,6 +322,34 @@ def test_bad_replies_are_rejected_with_a_logged_reason(caplog: pytest.LogCapture
     for name, tensor in result.target.items():
         torch.testing.assert_close(tensor, start[name] + offset_of(0), rtol=0, atol=1e-6)
         assert torch.isfinite(tensor).all()
+
+
+def test_counts_above_the_confirmed_one_and_impossible_metrics_are_left_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Child 1 confirmed 20 samples, then claims 10**12 to take the whole weight; children 2 and
+    # 3 report evaluation metrics no ranking can give; child 4 labels its update an evaluation.
+    script = Script(
+        train_examples={1: 10**12},
+        mislabel_train={4},
+        eval_metrics={2: {"recall@20": 1e9}, 3: {"mrr@20": float("nan")}},
+    )
+    config = tiny_config(rounds=1, final_test=False, evaluate_every=1)
+    with caplog.at_level(logging.WARNING, logger="fedenc.federation.master"):
+        result, _ = run_job(echo_client(script), 5, config)
+    (r,) = result.rounds
+    assert (
+        r.excluded["child-1"] == "reply counts 1000000000000 examples, but the child confirmed 20"
+    )
+    assert r.excluded["child-4"] == "a 'evaluate' reply to a 'train' message"
+    assert sorted(r.participants) == ["child-0", "child-2", "child-3"]
+    assert "child-2's valid metrics left out: recall@20 = 1000000000.0 is outside [0, 100]" in (
+        caplog.text
+    )
+    assert "child-3's valid metrics left out: mrr@20 is nan" in caplog.text
+    # Children 0 (recall 0, 10 examples), 1 (10.0, 20) and 4 (40.0, 50) are the ones averaged.
+    assert r.metrics["valid_recall@20"] == pytest.approx((10 * 20 + 40 * 50) / 80)
+    assert r.metrics["valid_examples"] == 30 + samples_of(4)
 
 
 def test_a_round_below_min_children_keeps_the_target() -> None:

@@ -19,8 +19,10 @@ from typer.testing import CliRunner
 
 from fedenc.cli import app as cli
 from fedenc.control.client import ControlClient, ControlError
+from fedenc.control.service import MAX_WATCHERS
 from fedenc.proto.fedenc.v1 import control_pb2 as cpb
 from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
+from fedenc.proto.fedenc.v1.control_pb2_grpc import ControlStub
 from fedenc.runtime.grpc.launcher import child_env
 from fedenc.runtime.grpc.transport import ChannelSecurity
 from fedenc.training.checkpoint import STATE_FILE, load_checkpoint
@@ -155,7 +157,18 @@ def test_cancel_stops_a_running_job_after_its_round_and_a_queued_one_at_once(
         assert child.connected and child.job_id == long.job_id and child.confirmed
         assert child.state in (cpb.CHILD_STATE_CONFIRMED, cpb.CHILD_STATE_IN_ROUND)
         assert child.last_seen_unix_ms > 0 and child.peer.startswith("ipv4:127.0.0.1")
+    # Watch streams hold server threads: beyond MAX_WATCHERS they are refused, and the
+    # children's slots stay free (ListChildren above and the round below still answer).
+    watchers = [client.watch(queued.job_id) for _ in range(MAX_WATCHERS - 1)]
+    for w in watchers:
+        assert next(w).job.state == cpb.JOB_STATE_QUEUED  # open: the job as it is now
+    with pytest.raises(ControlError) as err:
+        next(client.watch(queued.job_id))
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"{MAX_WATCHERS} WatchJob streams are open already" in str(err.value)
     cancelled = client.cancel(queued.job_id, reason="not needed")
+    for w in watchers:
+        assert [e.job.state for e in w] == [cpb.JOB_STATE_CANCELLED]
     assert cancelled.state == cpb.JOB_STATE_CANCELLED
     assert "before it started (not needed)" in cancelled.error
     assert client.cancel(long.job_id).cancel_requested
@@ -184,6 +197,12 @@ def test_cancel_stops_a_running_job_after_its_round_and_a_queued_one_at_once(
         (cpb.JobSpec(participation=cpb.Participation(fraction=2.0)), "fraction must lie in"),
         (cpb.JobSpec(training=fpb.TrainingConfig(patience=3)), "training.patience"),
         (cpb.JobSpec(run_config=struct(**{"out-dir": "/tmp/x"})), "set by the master"),
+        (cpb.JobSpec(run_config=struct(**{"state-dir": "/tmp/x"})), "set by the master"),
+        (
+            cpb.JobSpec(run_config=struct(**{"evaluate-evry": 1})),
+            "unknown run-config key 'evaluate-evry'; did you mean evaluate-every?",
+        ),
+        (cpb.JobSpec(encoder_config=struct(hidden=10**12)), "hidden must be <= 8192"),
     ],
 )
 def test_a_bad_spec_is_refused_with_its_reason(
@@ -209,6 +228,17 @@ def test_unknown_jobs_and_types_are_not_found(client: ControlClient) -> None:
         with pytest.raises(ControlError) as err:
             call()
         assert err.value.code == grpc.StatusCode.NOT_FOUND, err.value
+    stub = ControlStub(grpc.insecure_channel(client.address))
+    with pytest.raises(grpc.RpcError) as rpc:
+        stub.ListJobs(cpb.ListJobsRequest(states=[99]))
+    assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "states [99] are no job states" in str(rpc.value.details())
+    jobs = client.jobs()
+    any_job = jobs[0].job_id if jobs else client.submit(cpb.JobSpec(rounds=1)).job_id
+    with pytest.raises(grpc.RpcError) as rpc:
+        list(stub.DownloadEncoder(cpb.DownloadEncoderRequest(job_id=any_job, max_chunk_bytes=1)))
+    assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_chunk_bytes 1 is outside [65536" in str(rpc.value.details())
     with pytest.raises(ControlError) as err:
         client.request_encoder(fpb.EncoderRequest(encoder_type="transformer"))
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT

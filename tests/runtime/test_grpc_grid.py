@@ -270,6 +270,21 @@ def test_handshake_refusals(server: FederationServer, raw: Callable[[], RawChild
     silent = raw()  # never says hello
     closed = silent.next("close", timeout=5)
     assert "no Hello within" in closed.close.detail
+    chatty = raw()  # an agent string the master would log and list for every Control client
+    chatty.send(
+        spb.ChildMessage(
+            hello=spb.Hello(
+                name="carol",
+                protocol_version=PROTOCOL_VERSION,
+                capabilities=list(CAPABILITIES),
+                agent="x" * 5000,
+            )
+        )
+    )
+    closed = chatty.next("close")
+    assert "Hello.agent has 5000 characters, at most 256" in closed.close.detail
+    unnamed = raw().hello("")
+    assert "1 to 256 printable characters" in unnamed.close.detail
     assert list(server.children()) == ["alice"]
 
 

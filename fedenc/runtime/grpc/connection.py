@@ -64,6 +64,8 @@ class Sent:
 #: instruction did not have (a shared table's row weights, the federation PS's sparse rows, the
 #: Adam moments of cyclic training) are not checked tensor by tensor, so their bytes are bounded.
 REPLY_EXTRA_BYTES: Final = 256 * 1024 * 1024
+#: The longest Hello.agent kept (it is logged and listed by the Control API's ListChildren).
+MAX_AGENT_CHARS: Final = 256
 
 
 def reply_budget(specs: ArraySpecs) -> int:
@@ -392,7 +394,14 @@ class ChildConnection:
             self.close(spb.CLOSE_REASON_INCOMPATIBLE, detail)
             return
         if not hello.name or len(hello.name) > 256 or not hello.name.isprintable():
-            raise FrameError(f"invalid child name {hello.name[:80]!r}")
+            raise FrameError(
+                f"invalid child name {hello.name[:80]!r}: 1 to 256 printable characters "
+                "(with certificates: the certificate's name, [A-Za-z0-9._-], at most 64)"
+            )
+        if len(hello.agent) > MAX_AGENT_CHARS:
+            raise FrameError(
+                f"Hello.agent has {len(hello.agent)} characters, at most {MAX_AGENT_CHARS}"
+            )
         self.name = hello.name
         refusal = self.owner.welcome(self, hello)
         if refusal is not None:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import grpc
 from flwr.app import Context, Message, RecordDict
@@ -59,6 +59,10 @@ from fedenc.security.errors import IDENTITY_ERROR_PREFIX
 from fedenc.training.allocator import tune_allocator
 
 log = logging.getLogger(__name__)
+
+#: Concurrent RPCs the server takes beside its children's streams (Control calls, at most
+#: ``fedenc.control.service.MAX_WATCHERS`` of them long-lived).
+SERVICE_RPC_SLOTS: Final = 16
 
 UserConfig = dict[str, bool | int | float | str]
 
@@ -145,10 +149,13 @@ class FederationServer:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.observer: ChildObserver | None = None
+        # Every child's stream holds a thread; Control calls (watch streams capped at
+        # MAX_WATCHERS) get their own slots beyond them, so they cannot lock children out.
+        slots = max_children + SERVICE_RPC_SLOTS
         self._server = grpc.server(
-            ThreadPoolExecutor(max_workers=max_children + 4, thread_name_prefix="fedenc-rpc"),
+            ThreadPoolExecutor(max_workers=slots, thread_name_prefix="fedenc-rpc"),
             options=server_options(heartbeat_interval),
-            maximum_concurrent_rpcs=max_children + 4,
+            maximum_concurrent_rpcs=slots,
         )
         handler = grpc.method_handlers_generic_handler(
             "fedenc.v1.Federation",
