@@ -30,13 +30,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check fedenc nodes tests benchmarks
-	$(BIN)/ruff format --check fedenc nodes tests benchmarks
+	$(BIN)/ruff check fedenc nodes tests benchmarks examples
+	$(BIN)/ruff format --check fedenc nodes tests benchmarks examples
 	$(BIN)/mypy fedenc
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix fedenc nodes tests benchmarks
-	$(BIN)/ruff format fedenc nodes tests benchmarks
+	$(BIN)/ruff check --fix fedenc nodes tests benchmarks examples
+	$(BIN)/ruff format fedenc nodes tests benchmarks examples
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/batching.py $(BENCH_ARGS)

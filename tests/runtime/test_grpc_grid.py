@@ -597,3 +597,17 @@ def test_a_child_that_finds_no_master_says_why_when_it_gives_up(
     assert child.run() == 1
     assert f"no connection to {address} within 1 s" in caplog.text
     assert "connection refused: no master listens there yet" in caplog.text
+
+
+def test_frames_protocol_1_does_not_use_are_refused_with_what_carries_them(
+    raw: Callable[[], RawChild],
+) -> None:
+    from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
+
+    child = raw()
+    assert child.hello("dave").welcome.node_id > 0
+    child.send(spb.ChildMessage(encoder_request=fpb.EncoderRequest(encoder_type="srgnn")))
+    closed = child.next("close")
+    assert closed.close.reason == spb.CLOSE_REASON_PROTOCOL_ERROR
+    assert "unexpected encoder_request frame" in closed.close.detail
+    assert "use Control.RequestEncoder" in closed.close.detail

@@ -64,6 +64,13 @@ class Sent:
 #: instruction did not have (a shared table's row weights, the federation PS's sparse rows, the
 #: Adam moments of cyclic training) are not checked tensor by tensor, so their bytes are bounded.
 REPLY_EXTRA_BYTES: Final = 256 * 1024 * 1024
+#: ChildMessage variants that protocol 1 does not use, and what carries their content.
+_UNUSED: Final = {
+    "confirmation": "a Confirmation inside the FlowerMessage reply to a 'query'",
+    "train_result": "a train reply as a FlowerMessage",
+    "evaluate_result": "an evaluate reply as a FlowerMessage",
+    "encoder_request": "no encoder requests on this stream: use Control.RequestEncoder",
+}
 #: The longest Hello.agent kept (it is logged and listed by the Control API's ListChildren).
 MAX_AGENT_CHARS: Final = 256
 
@@ -342,6 +349,11 @@ class ChildConnection:
             detail = frame.close.detail or spb.CloseReason.Name(frame.close.reason)
             log.info("%s says goodbye: %s", self.label(), detail)
             self.close(spb.CLOSE_REASON_SHUTDOWN, f"goodbye from the child: {detail}")
+        elif kind in _UNUSED:
+            raise FrameError(
+                f"unexpected {kind} frame from a child: protocol {PROTOCOL_VERSION} carries "
+                f"{_UNUSED[kind]} (docs/wire-protocol.md)"
+            )
         else:
             raise FrameError(f"unexpected {kind or 'empty'} frame from a child")
 

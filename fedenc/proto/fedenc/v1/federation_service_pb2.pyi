@@ -24,8 +24,11 @@ Life of a stream (fedenc's gRPC runtime, fedenc/runtime/grpc/):
   5. end: either side sends a Close (a goodbye on shutdown, or the reason it refuses the
      stream: malformed, oversized or out-of-order frames, a reply to a message never sent,
      tensors other than expected) and ends its half of the stream.
-The typed messages of federation.proto (Confirmation, TrainResult, ...) are the payloads of
-the fedenc apps; they travel inside FlowerMessage records (see fedenc/federation/records.py).
+Protocol version 1 (Hello.protocol_version = 1, capability "flower-message/1" required):
+every instruction and reply is a FlowerMessage; the typed `oneof` variants marked "not used"
+below are reserved. TrainingInstruction and Confirmation travel serialized inside the
+FlowerMessages' records; docs/wire-protocol.md gives the whole record layout and a child
+written from these files alone (examples/proto-child/child.py).
 """
 
 from collections import abc as _abc
@@ -117,15 +120,17 @@ class ChildMessage(_message.Message):
     """The `message_id` of the MasterMessage this message answers; 0 when it answers none."""
     @_builtins.property
     def confirmation(self) -> _federation_pb2.Confirmation:
-        """Answer to a TrainingInstruction."""
+        """Not used by protocol 1 (a master closes the stream on it): a Confirmation travels inside
+        the reply FlowerMessage to a "query" (docs/wire-protocol.md).
+        """
 
     @_builtins.property
     def train_result(self) -> _federation_pb2.TrainResult:
-        """Answer to a TrainRequest."""
+        """Not used by protocol 1: a train reply is a FlowerMessage (docs/wire-protocol.md)."""
 
     @_builtins.property
     def evaluate_result(self) -> _federation_pb2.EvaluateResult:
-        """Answer to an EvaluateRequest."""
+        """Not used by protocol 1: an evaluate reply is a FlowerMessage (docs/wire-protocol.md)."""
 
     @_builtins.property
     def chunk(self) -> _tensor_pb2.TensorChunk:
@@ -133,7 +138,9 @@ class ChildMessage(_message.Message):
 
     @_builtins.property
     def encoder_request(self) -> _federation_pb2.EncoderRequest:
-        """A request for a shared encoder (starts a job on the master)."""
+        """Not used by protocol 1 (a master closes the stream on it): ask for an encoder with the
+        Control service's RequestEncoder (control.proto) instead.
+        """
 
     @_builtins.property
     def hello(self) -> Global___Hello:
@@ -202,15 +209,15 @@ class MasterMessage(_message.Message):
     """The `message_id` of the ChildMessage this message answers; 0 when it answers none."""
     @_builtins.property
     def instruction(self) -> _federation_pb2.TrainingInstruction:
-        """Invitation to a job."""
+        """Not sent by protocol 1: the instruction travels in a "query" FlowerMessage."""
 
     @_builtins.property
     def train(self) -> _federation_pb2.TrainRequest:
-        """Train one round (only after the child's accepting Confirmation)."""
+        """Not sent by protocol 1: a round travels in a "train" FlowerMessage."""
 
     @_builtins.property
     def evaluate(self) -> _federation_pb2.EvaluateRequest:
-        """Evaluate parameters on held-out data."""
+        """Not sent by protocol 1: an evaluation travels in an "evaluate" FlowerMessage."""
 
     @_builtins.property
     def chunk(self) -> _tensor_pb2.TensorChunk:

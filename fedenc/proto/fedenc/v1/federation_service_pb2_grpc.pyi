@@ -24,8 +24,11 @@ Life of a stream (fedenc's gRPC runtime, fedenc/runtime/grpc/):
   5. end: either side sends a Close (a goodbye on shutdown, or the reason it refuses the
      stream: malformed, oversized or out-of-order frames, a reply to a message never sent,
      tensors other than expected) and ends its half of the stream.
-The typed messages of federation.proto (Confirmation, TrainResult, ...) are the payloads of
-the fedenc apps; they travel inside FlowerMessage records (see fedenc/federation/records.py).
+Protocol version 1 (Hello.protocol_version = 1, capability "flower-message/1" required):
+every instruction and reply is a FlowerMessage; the typed `oneof` variants marked "not used"
+below are reserved. TrainingInstruction and Confirmation travel serialized inside the
+FlowerMessages' records; docs/wire-protocol.md gives the whole record layout and a child
+written from these files alone (examples/proto-child/child.py).
 """
 
 from collections import abc as _abc
