@@ -671,6 +671,7 @@ def simulate_cmd(
     ] = False,
 ) -> None:
     """Simulate a federation on this machine: K children, one master, per-round table."""
+    from fedenc.federation.fusion import FusionOutputError
     from fedenc.federation.master import NotEnoughChildrenError
 
     scenario = _scenario(
@@ -756,6 +757,8 @@ def simulate_cmd(
         raise typer.Exit(130) from None
     except (ValueError, FileNotFoundError, NotEnoughChildrenError, SecurityError) as err:
         raise _fail(str(err)) from err
+    except FusionOutputError as err:  # nothing of that round is kept or published
+        raise _fail(f"{err}; the rounds before it are checkpointed in {out_dir / 'state'}") from err
     _print_outcome(outcome.result, title, out_dir)
 
 
@@ -880,6 +883,7 @@ def master_cmd(
         # is set: set, but empty, it keeps gRPC's default log.
         os.environ["GRPC_VERBOSITY"] = ""
     from fedenc.federation.checkpoint import MasterStateError, read_master_state
+    from fedenc.federation.fusion import FusionOutputError
     from fedenc.federation.master import NotEnoughChildrenError
     from fedenc.runtime.grpc.master import FederationServer, run_server_app
     from fedenc.runtime.grpc.security import master_security
@@ -995,7 +999,7 @@ def master_cmd(
         console.print(f"{name}: closing every child's stream")
         server.stop(f"the master was stopped ({name})")
         raise typer.Exit(0) from None
-    except (ValueError, FileNotFoundError, NotEnoughChildrenError) as err:
+    except (ValueError, FileNotFoundError, NotEnoughChildrenError, FusionOutputError) as err:
         server.stop(f"the job failed: {err}")
         raise _fail(str(err)) from err
     finally:

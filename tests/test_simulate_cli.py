@@ -159,3 +159,31 @@ def test_an_interrupted_simulation_resumes_after_its_last_completed_round(tmp_pa
     assert refused.exit_code == 2 and "--resume needs the interrupted simulation's --out" in (
         " ".join(refused.output.split())
     )
+
+
+def test_a_fusion_rule_that_returns_nan_stops_the_run_and_publishes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedenc.federation.fusion import registry
+    from fedenc.federation.fusion.weighted_sum import WeightedSum
+    from fedenc.federation.parameters import Parameters
+
+    class NanOut(WeightedSum):
+        def _fuse(self) -> Parameters:
+            out = super()._fuse()
+            first = next(iter(out))
+            out[first] = out[first] * float("nan")
+            return out
+
+    registry._load()
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register_fusion_rule("nan_out")(NanOut)
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app, ["simulate", *TINY, "--rule", "nan_out", "--rounds", "2", "--out", str(out)]
+    )
+    assert result.exit_code == 2, result.output
+    flat = " ".join(result.output.split())
+    assert "fusion rule 'nan_out' returned a bad target in round 1" in flat
+    assert "NaN/Inf" in flat and "Traceback" not in result.output
+    assert not (out / "encoder").exists()

@@ -1,8 +1,11 @@
 """Encoder types by name: the built-in ones and any registered through the
-``fedenc.encoders`` entry-point group by another package."""
+``fedenc.encoders`` entry-point group by another package. Built-in names win over a plugin of
+the same name; a plugin that fails to load is logged and skipped, so it cannot break the
+built-in encoders."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from importlib import import_module
 from importlib.metadata import entry_points
@@ -11,6 +14,7 @@ from typing import Any, TypeVar
 from fedenc.encoders.base import EncoderConfig, SessionEncoder
 
 E = TypeVar("E", bound=type[SessionEncoder])
+log = logging.getLogger(__name__)
 
 _REGISTRY: dict[str, type[SessionEncoder]] = {}
 _ENTRY_POINT_GROUP = "fedenc.encoders"
@@ -50,9 +54,15 @@ def _load_builtin_and_plugins() -> None:
     if not _loaded_entry_points:
         _loaded_entry_points = True
         for ep in entry_points(group=_ENTRY_POINT_GROUP):
-            cls = ep.load()
-            if ep.name not in _REGISTRY:
-                register_encoder(ep.name)(cls)
+            if ep.name in _REGISTRY:
+                log.warning(
+                    "encoder plugin %r (%s) shadows a registered type; ignored", ep.name, ep.value
+                )
+                continue
+            try:
+                register_encoder(ep.name)(ep.load())
+            except Exception as err:  # a broken plugin must not break the built-in encoders
+                log.warning("encoder plugin %r (%s) failed to load: %s", ep.name, ep.value, err)
 
 
 def available_encoders() -> list[str]:

@@ -19,6 +19,7 @@ from torch.testing import assert_close
 
 from fedenc.federation.fusion import (
     EmptyRoundError,
+    FusionOutputError,
     FusionRule,
     UnknownFusionRuleError,
     available_fusion_rules,
@@ -809,3 +810,44 @@ def test_bad_row_weights_are_rejected_and_leave_the_round_untouched(
 def test_begin_refuses_unknown_row_weighted_names() -> None:
     with pytest.raises(ValueError, match="not in the target"):
         WeightedSum().begin(1, _table([0.0]), row_weighted=["nope"])
+
+
+class _Broken(FusionRule):
+    """A rule whose bug shows in its output: NaN, a wrong shape or a lost tensor."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+
+    def _add(self, child: str, params: Parameters, num_samples: int) -> None:
+        pass
+
+    def _fuse(self) -> Parameters:
+        out = {k: v.clone() for k, v in self.current.items()}
+        if self.how == "nan":
+            out["w"][0] = float("nan")
+        elif self.how == "shape":
+            out["w"] = torch.zeros(3)
+        else:
+            del out["w"]
+        return out
+
+
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [
+        ("nan", "'w' has 1 NaN/Inf value(s)"),
+        ("shape", "'w' has shape (3,), expected (2,)"),
+        ("missing", "missing tensor(s) 'w'"),
+    ],
+)
+def test_a_rule_whose_output_cannot_be_the_target_is_named(how: str, reason: str) -> None:
+    rule = _Broken(how)
+    current = {"emb": torch.zeros(2, 2), "w": torch.zeros(2)}
+    rule.begin(4, current)
+    rule.add("a", {k: v + 1 for k, v in current.items()}, 10)
+    with pytest.raises(FusionOutputError) as err:
+        rule.result()
+    message = str(err.value)
+    assert message.startswith("fusion rule '_Broken' returned a bad target in round 4: ")
+    assert reason in message

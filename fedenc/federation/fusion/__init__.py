@@ -1,7 +1,12 @@
 """Fusion rules: the patent's ``weighted_sum`` (the default, = FedAvg) and its rivals, behind one
 streaming interface (:class:`FusionRule`), by name or through the ``fedenc.fusion`` entry points."""
 
-from fedenc.federation.fusion.base import BatchFusionRule, EmptyRoundError, FusionRule
+from fedenc.federation.fusion.base import (
+    BatchFusionRule,
+    EmptyRoundError,
+    FusionOutputError,
+    FusionRule,
+)
 from fedenc.federation.fusion.registry import (
     DEFAULT_RULE,
     UnknownFusionRuleError,
@@ -15,6 +20,7 @@ __all__ = [
     "DEFAULT_RULE",
     "BatchFusionRule",
     "EmptyRoundError",
+    "FusionOutputError",
     "FusionRule",
     "UnknownFusionRuleError",
     "available_fusion_rules",

@@ -33,6 +33,11 @@ class EmptyRoundError(RuntimeError):
     """``result()`` was asked for a round in which no update was accepted."""
 
 
+class FusionOutputError(RuntimeError):
+    """A rule's ``_fuse()`` returned a set that cannot be the next target (other names, shapes
+    or dtypes than ``current``, or NaN/Inf values): a bug of the rule, not of any child."""
+
+
 class FusionRule(ABC):
     """One fusion rule; see the module docstring for the round protocol.
 
@@ -134,7 +139,15 @@ class FusionRule(ABC):
                         f"round {self._round}: no update was accepted"
                         + (f" (rejected: {', '.join(self._rejected)})" if self._rejected else "")
                     )
-                self._result = self._fuse()
+                fused = self._fuse()
+                try:  # a rule's bug must not become the published encoder
+                    check_compatible(self.current, fused, "fusion")
+                except BadUpdateError as err:
+                    raise FusionOutputError(
+                        f"fusion rule {self.name or type(self).__name__!r} returned a bad target "
+                        f"in round {self._round}: {err.reason}"
+                    ) from None
+                self._result = {name: fused[name] for name in self.current}
             return self._result
 
     # -- what happened -----------------------------------------------------------------------------

@@ -1,0 +1,47 @@
+"""Encoder types by name: built-ins, the ``fedenc.encoders`` entry points, and plugins that fail."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from fedenc.encoders import registry
+from fedenc.encoders.srgnn import SRGNN
+
+
+class _EntryPoint:
+    def __init__(self, name: str, load: Any) -> None:
+        self.name, self.value, self._load = name, f"plugin_pkg:{name}", load
+
+    def load(self) -> Any:
+        return self._load()
+
+
+def _broken() -> Any:
+    raise ModuleNotFoundError("No module named 'nosuchmodule'")
+
+
+def test_a_broken_plugin_is_logged_and_skipped_and_a_shadowing_one_ignored(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry._load_builtin_and_plugins()
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_loaded_entry_points", False)
+    plugins = [
+        _EntryPoint("broken", _broken),
+        _EntryPoint("srgnn", lambda: object),
+        _EntryPoint("srgnn_copy", lambda: type("SRGNNCopy", (SRGNN,), {})),
+    ]
+    monkeypatch.setattr(registry, "entry_points", lambda group: plugins)
+    with caplog.at_level(logging.WARNING, logger="fedenc.encoders.registry"):
+        names = registry.available_encoders()
+    assert {"srgnn", "edge_attn", "skip_rnn", "srgnn_copy"} <= set(names)
+    assert "broken" not in names and registry.encoder_class("srgnn") is SRGNN
+    assert SRGNN.type_name == "srgnn"
+    assert "encoder plugin 'broken' (plugin_pkg:broken) failed to load" in caplog.text
+    assert "No module named 'nosuchmodule'" in caplog.text
+    assert "encoder plugin 'srgnn' (plugin_pkg:srgnn) shadows a registered type" in caplog.text
+    with pytest.raises(registry.UnknownEncoderError, match="unknown encoder type 'broken'"):
+        registry.encoder_class("broken")
