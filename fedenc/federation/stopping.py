@@ -22,6 +22,7 @@ them.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from abc import ABC, abstractmethod
@@ -45,6 +46,7 @@ __all__ = [
 ]
 
 Clock = Callable[[], float]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,7 @@ class Plateau(StopRule):
         self.patience = _int_option("plateau patience", patience, 1)
         self.min_delta = _float_option("plateau min_delta", min_delta, positive=False)
         self.mode = mode
+        self._warned = False
         self.reset()
 
     def reset(self) -> None:
@@ -179,6 +182,16 @@ class Plateau(StopRule):
 
     def update(self, report: RoundReport) -> str | None:
         if self.metric not in report.metrics:
+            evaluated = any(key.startswith("valid_") for key in report.metrics)
+            if evaluated and not self._warned:  # an evaluated round without it: a misspelling?
+                self._warned = True
+                log.warning(
+                    "plateau metric %r is not among round %d's metrics (%s): this rule "
+                    "cannot stop the run",
+                    self.metric,
+                    report.round,
+                    ", ".join(sorted(report.metrics)),
+                )
             return None
         value = float(report.metrics[self.metric])
         if self._improves(value):
@@ -349,6 +362,8 @@ def _parse_string(spec: str) -> Any:
         key, value = key.strip(), value.strip()
         if not sep or not value:
             raise ValueError(f"stop rule: expected key=value, got {item!r}")
+        if key not in _KEYS:  # before its value is read as a number: name the key
+            raise ValueError(f"unknown stop rule key(s) {[key]}; known: {', '.join(_KEYS)}")
         parsed[key] = value if key in ("plateau", "relative_change") else _number(value, key)
     return parsed
 

@@ -235,6 +235,7 @@ def test_build_nested() -> None:
         ({"any_of": {"max_rounds": 3}}, "any_of"),
         ("max_rounds", "key=value"),
         ("max_rounds=abc", "max_rounds"),
+        ("plateu=valid_recall@20:3", r"unknown stop rule key\(s\) \['plateu'\]"),
         ("{not json", "JSON"),
         (42, "mapping"),
     ],
@@ -248,3 +249,18 @@ def test_relative_change_helper_is_exported() -> None:
     old = {"w": torch.tensor([1.0, 0.0])}
     new = {"w": torch.tensor([1.0, 0.1])}
     assert relative_change(old, new) == pytest.approx(0.1)
+
+
+def test_a_plateau_metric_no_evaluated_round_reports_is_warned_about_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    rule = Plateau("valid_recal@20", patience=1)
+    with caplog.at_level(logging.WARNING, logger="fedenc.federation.stopping"):
+        assert rule.update(report(1, train_loss=5.0)) is None  # not evaluated: no warning
+        assert caplog.text == ""
+        assert rule.update(report(2, train_loss=4.0, **{"valid_recall@20": 30.0})) is None
+        assert rule.update(report(3, train_loss=3.0, **{"valid_recall@20": 31.0})) is None
+    assert caplog.text.count("plateau metric 'valid_recal@20' is not among round 2") == 1
+    assert "train_loss, valid_recall@20" in caplog.text
