@@ -126,11 +126,12 @@ def train_cmd(
     plan: Annotated[
         str,
         typer.Option(
-            help="Execution plan of a training step: auto (chosen by measured cost, cached "
-            "per machine), default (the plain loop) or a name such as cpu-t1-c4096-s2 "
-            "(docs/planner.md)."
+            help="Execution plan of a training step: default (the plain loop: the same seed "
+            "gives the same encoder, bit for bit), auto (the fastest by measured cost, cached "
+            "per machine; equal up to float summation order) or a name such as "
+            "cpu-t1-c4096-s2 (docs/planner.md)."
         ),
-    ] = "auto",
+    ] = "default",
     out: Annotated[
         Path | None, typer.Option(help="Directory for the checkpoint and results.json.")
     ] = None,
@@ -1086,11 +1087,13 @@ def child_cmd(
     plan: Annotated[
         str,
         typer.Option(
-            help="Execution plan of this child's training steps: auto (chosen by measured "
-            "cost on this machine, cached), default (the plain loop) or a name such as "
-            "cpu-t1-c4096-s2 (docs/planner.md). The PS and --workers train their own way.",
+            help="Execution plan of this child's training steps: default (the plain loop: a "
+            "job gives the same encoder as in a simulation, bit for bit), auto (the fastest by "
+            "measured cost on this machine, cached; equal up to float summation order) or a "
+            "name such as cpu-t1-c4096-s2 (docs/planner.md). The PS and --workers train "
+            "their own way.",
         ),
-    ] = "auto",
+    ] = "default",
     elastic_listen: Annotated[
         str | None,
         typer.Option(
