@@ -483,6 +483,15 @@ StopOpt = Annotated[
 ]
 RoundsOpt = Annotated[int | None, typer.Option(min=0, help="Round budget (0 = none).")]
 EpochsOpt = Annotated[int | None, typer.Option(min=1, help="Local epochs per round.")]
+LrDecayOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=0,
+        help="A child's local epochs between LR decays (x0.1), counted over all its rounds; "
+        "0 = never. Default 3 (SR-GNN's), which freezes learning after about 9 one-epoch "
+        "rounds: raise it for long federations.",
+    ),
+]
 MaxExamplesOpt = Annotated[
     int | None, typer.Option(min=0, help="Cap each child's training pairs per epoch (0=all).")
 ]
@@ -616,6 +625,7 @@ def simulate_cmd(
     stop: StopOpt = None,
     rounds: RoundsOpt = None,
     local_epochs: EpochsOpt = None,
+    lr_decay_step: LrDecayOpt = None,
     max_examples: MaxExamplesOpt = None,
     data: DataOpt = None,
     synthetic_sessions: SessionsOpt = None,
@@ -685,6 +695,7 @@ def simulate_cmd(
         stop=stop,
         rounds=rounds,
         local_epochs=local_epochs,
+        lr_decay_step=lr_decay_step,
         max_examples_per_epoch=max_examples,
         data=data,
         synthetic_sessions=synthetic_sessions,
@@ -825,6 +836,7 @@ def master_cmd(
     stop: StopOpt = None,
     rounds: RoundsOpt = None,
     local_epochs: EpochsOpt = None,
+    lr_decay_step: LrDecayOpt = None,
     max_examples: MaxExamplesOpt = None,
     data: DataOpt = None,
     synthetic_sessions: SessionsOpt = None,
@@ -903,6 +915,7 @@ def master_cmd(
         stop=stop,
         rounds=rounds,
         local_epochs=local_epochs,
+        lr_decay_step=lr_decay_step,
         max_examples_per_epoch=max_examples,
         data=data,
         synthetic_sessions=synthetic_sessions,

@@ -33,11 +33,13 @@ TINY = [
 def test_a_tiny_simulation_writes_all_outputs(tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = ["simulate", *TINY, "--children", "3", "--rounds", "2", "--partition", "dirichlet"]
+    args += ["--lr-decay-step", "7"]
     result = runner.invoke(app, [*args, "--alpha", "1.0", "--seed", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "Recall@20" in result.stdout and "bytes moved" in result.stdout
     results = json.loads((out / "results.json").read_text())
     assert results["encoder"] == "srgnn" and results["rule"] == "weighted_sum"
+    assert results["scenario"]["lr_decay_step"] == 7
     assert results["scenario"]["partition"] == "dirichlet" and results["scenario"]["children"] == 3
     assert results["runtime"]["kind"] == "inprocess"
     assert [r["round"] for r in results["rounds"]] == [1, 2]

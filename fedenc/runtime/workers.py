@@ -147,8 +147,10 @@ class WorkerPool:
             codes = {w.index: w.process.exitcode for w in self._workers}
             self.close()
             raise WorkerDiedError(
-                f"worker processes failed to start (exit codes {codes}): {err}; "
-                f"is {app_ref!r} importable?"
+                f"worker processes failed to start (exit codes {codes}): {err or 'no reason'}; "
+                f"is {app_ref!r} importable? Workers are spawned: a script that starts a "
+                'simulation with workers must do so under `if __name__ == "__main__":` '
+                "(Python's own error about bootstrapping, above, says so too)"
             ) from err
 
     @property
