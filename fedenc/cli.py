@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -677,7 +679,10 @@ def simulate_cmd(
         typer.Option(
             "--resume",
             help="Continue the interrupted simulation checkpointed in --out (same scenario and "
-            "options) after its last completed round; the simulated children start afresh.",
+            "options) after its last completed round. The simulated children start afresh (new "
+            "optimizer moments and learning-rate schedule), so the encoder differs from an "
+            "uninterrupted run's; master and child processes resume exactly "
+            "(fedenc master --resume).",
         ),
     ] = False,
 ) -> None:
@@ -746,6 +751,17 @@ def simulate_cmd(
     )
     title = f"{scenario.name}: {scenario.encoder} / {scenario.rule}"
     live, on_round, _ = _round_printer(title)
+    if resume:
+        console.print(
+            "resuming: the simulated children start afresh (new optimizer moments and learning-"
+            "rate schedule), so the encoder will differ from an uninterrupted run's"
+        )
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise _Interrupted(signum)
+
+    main = threading.current_thread() is threading.main_thread()  # signals: main thread only
+    previous_term = signal.signal(signal.SIGTERM, on_term) if main else None  # as Ctrl-C
     try:
         if live is not None:
             live.start()
@@ -761,16 +777,20 @@ def simulate_cmd(
         finally:
             if live is not None:
                 live.stop()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Interrupted) as stop:
         console.print(
             f"interrupted: the rounds done are checkpointed in {out_dir / 'state'}; continue with "
             f"the same command and --out {out_dir} --resume"
         )
-        raise typer.Exit(130) from None
+        code = 128 + stop.signum if isinstance(stop, _Interrupted) else 130
+        raise typer.Exit(code) from None
     except (ValueError, FileNotFoundError, NotEnoughChildrenError, SecurityError) as err:
         raise _fail(str(err)) from err
     except FusionOutputError as err:  # nothing of that round is kept or published
         raise _fail(f"{err}; the rounds before it are checkpointed in {out_dir / 'state'}") from err
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous_term)
     _print_outcome(outcome.result, title, out_dir)
 
 
@@ -887,7 +907,6 @@ def master_cmd(
     SIGINT/SIGTERM close every child's stream (the children exit) and exit 0.
     """
     import os
-    import signal
 
     if certs is not None and "GRPC_VERBOSITY" not in os.environ:
         # A child whose certificate BoringSSL rejects (another CA, expired) never reaches
@@ -1027,7 +1046,6 @@ def _serve_control(
     server: Any, scenario: Any, out: Path | None, children: int | None, wait: float
 ) -> None:
     """``fedenc master --serve``: the Control API next to Federation until a signal."""
-    import signal
 
     from fedenc.control.service import ControlService, serve_defaults
 
@@ -1156,7 +1174,6 @@ def child_cmd(
     own certificate is unusable), with the reason.
     """
     import importlib
-    import signal
 
     from fedenc.runtime.grpc.child import EXIT_REFUSED, GrpcChild
     from fedenc.runtime.grpc.security import child_security

@@ -189,3 +189,32 @@ def test_a_fusion_rule_that_returns_nan_stops_the_run_and_publishes_nothing(
     assert "fusion rule 'nan_out' returned a bad target in round 1" in flat
     assert "NaN/Inf" in flat and "Traceback" not in result.output
     assert not (out / "encoder").exists()
+
+
+def test_sigterm_says_how_to_resume_and_resume_says_what_it_cannot_keep(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fedenc.cli", "simulate", *TINY, "--rounds", "200"]
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "state").is_dir() or not any((out / "state").iterdir()):
+            assert time.monotonic() < deadline and proc.poll() is None, "no round checkpointed"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    flat = " ".join(output.split())
+    assert f"interrupted: the rounds done are checkpointed in {out / 'state'}" in flat
+    resumed = runner.invoke(
+        app, ["simulate", *TINY, "--rounds", "2", "--out", str(out), "--resume"]
+    )
+    assert "the simulated children start afresh" in " ".join(resumed.output.split())
