@@ -305,6 +305,7 @@ class ChildInfo:
     reason: str = ""
     summary: dict[str, Any] = field(default_factory=dict)
     joined_round: int = 1
+    declined: bool = False  # said no itself (not: gone, failed or unreadable before answering)
 
 
 @dataclass
@@ -713,6 +714,7 @@ class _Job:
                     info = ChildInfo(nid, f"node-{nid}", False, reason=f"bad confirmation: {err}")
                 else:
                     info = _child_info(nid, name, confirmation, self.config.job_id)
+                    info.declined = not info.accepted
             if info.name in names:  # names label reports; keep them unique
                 info.name = f"{info.name}#{nid}"
             names.add(info.name)
@@ -724,6 +726,30 @@ class _Job:
                 log.warning(
                     "%s is left out of job %s: %s", info.name, self.config.job_id, info.reason
                 )
+
+    def await_confirmations(self, round_: int) -> list[int]:
+        """The confirmed children; with fewer than ``min_children`` because some were lost
+        before answering (not because they declined), wait up to ``wait_timeout`` for children
+        to (re)connect and confirm, as a round does for children that left."""
+        deadline = time.monotonic() + self.config.wait_timeout
+        logged = False
+        while len(self.confirmed()) < self.config.min_children:
+            lost = [c.name for c in self.children.values() if not c.accepted and not c.declined]
+            if not lost or time.monotonic() >= deadline:
+                break
+            if not logged:
+                log.warning(
+                    "%d of %d child(ren) confirmed (lost before answering: %s): waiting up to "
+                    "%.0f s for more",
+                    len(self.confirmed()),
+                    self.config.min_children,
+                    ", ".join(lost),
+                    self.config.wait_timeout,
+                )
+                logged = True
+            time.sleep(0.5)
+            self.query_new(round_)
+        return self.confirmed()
 
     def confirmed(self) -> list[int]:
         """Confirmed children, ordered by name (the order replies are fused in)."""
@@ -1136,7 +1162,7 @@ def run_master(
     nodes = job.wait_for_nodes()
     log.info("job %s: %d node(s) online", config.job_id, len(nodes))
     job.query_new(round_ + 1)
-    confirmed = job.confirmed()
+    confirmed = job.await_confirmations(round_ + 1)
     if len(confirmed) < config.min_children:
         job.finish()
         declined = {c.name: c.reason for c in job.children.values() if not c.accepted}

@@ -77,6 +77,7 @@ class Script:
     train_examples: dict[int, int] = field(default_factory=dict)  # num-examples it reports
     eval_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     mislabel_train: set[int] = field(default_factory=set)  # its train reply says "evaluate"
+    fail_query: set[int] = field(default_factory=set)  # lost before it answers the query
 
 
 def echo_client(script: Script) -> Client:
@@ -87,6 +88,8 @@ def echo_client(script: Script) -> Client:
         pid = int(ctx.node_config["partition-id"])
         kind = msg.metadata.message_type
         if kind == "query":
+            if pid in script.fail_query:
+                raise RuntimeError(f"child {pid} is gone")
             record = msg.content.config_records[records.FEDENC_KEY]
             job = records.instruction_from_bytes(record[records.INSTRUCTION]).job_id
             if pid in script.decline:
@@ -436,6 +439,35 @@ def test_a_child_that_comes_online_later_joins_through_its_confirmation() -> Non
     node = node_of(grid, 2)
     kinds = [(e.direction, e.kind) for e in grid.events if e.node == node]
     assert kinds[:3] == [("out", "query"), ("in", "query"), ("out", "train")]
+
+
+class LateQueryGrid(RecordingGrid):
+    """The last node comes online once the first queries are out (a child restarting)."""
+
+    def __init__(self, inner: InProcessGrid) -> None:
+        super().__init__(inner)
+        self.offline = {max(inner.nodes)}
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = super().push_messages(messages)
+        self.offline = set()
+        return ids
+
+
+def test_a_child_lost_before_confirming_is_waited_for_and_one_that_declines_is_not(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = tiny_config(rounds=1, final_test=False, min_children=2, wait_timeout=30.0)
+    with caplog.at_level(logging.WARNING, logger="fedenc.federation.master"):
+        result, _ = run_job(echo_client(Script(fail_query={1})), 3, config, grid_type=LateQueryGrid)
+    assert "1 of 2 child(ren) confirmed (lost before answering: node-" in caplog.text
+    assert result.rounds[0].participants == ["child-0", "child-2"]
+    # A child that declines is an answer: no waiting, the job fails at once.
+    config = tiny_config(rounds=1, final_test=False, min_children=2, wait_timeout=30.0)
+    t0 = time.monotonic()
+    with pytest.raises(NotEnoughChildrenError, match="1 child\\(ren\\) confirmed"):
+        run_job(echo_client(Script(decline={1})), 2, config)
+    assert time.monotonic() - t0 < 10
 
 
 def test_children_that_all_left_stop_the_job_after_its_last_round_with_their_state(
