@@ -1265,6 +1265,9 @@ def child_cmd(
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, on_signal)
     code = child.run()
+    from fedenc.federation.child import close_sites
+
+    close_sites()  # its computing servers end with it (--workers)
     if child.working:
         # Stopped mid-call: the ClientApp's thread (and torch's and the planner's threads under
         # it) cannot be joined, and tearing the interpreter down under them aborts the process

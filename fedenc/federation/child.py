@@ -597,6 +597,21 @@ def live_states() -> list[StateKey]:
         return list(_states)
 
 
+def close_sites() -> None:
+    """Stop every elastic site of this process (its computing-server processes and its gRPC
+    services). A process that ends calls it before the interpreter shuts down: from the
+    ``atexit`` hook, the services' threads already fail ("cannot schedule new futures after
+    shutdown") and the process never exits."""
+    with _lock:
+        sites = list(_sites.values())
+        _sites.clear()
+    for site in sites:
+        try:
+            site.close()
+        except Exception as err:  # the others must close all the same
+            log.warning("closing an elastic site: %s", err)
+
+
 def forget(run_id: int | None = None) -> None:
     """Drop the state of ``run_id`` (all runs when None)."""
     with _lock:

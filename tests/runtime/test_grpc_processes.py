@@ -403,3 +403,19 @@ def test_a_1_gib_parameter_set_crosses_the_stream(procs: Procs) -> None:
         print(f"1 GiB master -> child: {seconds:.1f} s ({(1 << 30) / seconds / 1e6:.0f} MB/s)")
     finally:
         server.stop(grace=0.5)
+
+
+def test_a_child_with_computing_servers_exits_when_the_job_is_over(
+    procs: Procs, tmp_path: Path, free_port: int
+) -> None:
+    # Its elastic site (task-information and data servers, worker processes) used to be closed
+    # only at interpreter exit, by when its gRPC threads could not run: the child never exited.
+    address = f"127.0.0.1:{free_port}"
+    master = [sys.executable, "-m", "fedenc.cli", "master", "--listen", address, "--insecure"]
+    master += ["--children", "1", "--rounds", "1", "--out", str(tmp_path / "out"), *TINY_ARGS]
+    procs.start("master", master)
+    child_cmd = child_command(address, "site-w", index=0, children=1, options=["--workers", "1"])
+    procs.start("child", child_cmd)
+    assert procs.wait("master", 150) == 0, procs.log("master")
+    assert procs.wait("child", 30) == 0, procs.log("child")
+    assert "computing server site-w-w0 registered" in procs.log("child")
