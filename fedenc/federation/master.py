@@ -1191,6 +1191,14 @@ def run_master(
             job.save(round_, results, stop_reason, run_id)
             for callback in listeners:
                 callback(result)
+        if results and all(r.skipped is not None for r in results):
+            # The target is still the initial encoder: publishing it as the job's result would
+            # pass an untrained model off as a trained one.
+            raise NotEnoughChildrenError(
+                f"no round of job {config.job_id} trained: all {len(results)} were skipped (the "
+                f"last: {results[-1].skipped}; excluded: {results[-1].excluded}); nothing is "
+                "published"
+            )
         final: dict[str, float] = {}
         if config.final_test:
             final, _ = job.evaluate(round_, "test")

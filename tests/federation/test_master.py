@@ -356,13 +356,35 @@ def test_counts_above_the_confirmed_one_and_impossible_metrics_are_left_out(
 
 
 def test_a_round_below_min_children_keeps_the_target() -> None:
-    config = tiny_config(rounds=1, min_children=2, final_test=False)
-    result, _ = run_job(echo_client(Script(raise_on_train={1})), 2, config)
-    (r,) = result.rounds
-    assert r.skipped is not None and "needs 2" in r.skipped
+    # Child 1 fails round 1 only: the round is skipped (target unchanged), round 2 trains.
+    failures: list[int] = []
+    script = Script(raise_on_train={1})
+    client = echo_client(script)
+
+    def once(msg: Message, ctx: Context) -> Message:
+        if msg.metadata.message_type == "train" and int(ctx.node_config["partition-id"]) == 1:
+            failures.append(1)
+            if len(failures) > 1:
+                script.raise_on_train.clear()
+        return client(msg, ctx)
+
+    config = tiny_config(rounds=2, min_children=2, final_test=False)
+    result, _ = run_job(once, 2, config)
+    first, second = result.rounds
+    assert first.skipped is not None and "needs 2" in first.skipped
+    assert first.param_change is None and second.skipped is None
     start = initial_target(config)
+    # Round 2 alone moved it: offsets 1 and 2 weighted by 10 and 20 samples.
     for name, tensor in result.target.items():
-        assert torch.equal(tensor, start[name])
+        torch.testing.assert_close(tensor, start[name] + 5 / 3, rtol=0, atol=1e-6)
+
+
+def test_a_job_whose_rounds_were_all_skipped_publishes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "encoder"
+    config = tiny_config(rounds=2, min_children=2, final_test=False, checkpoint_dir=out)
+    with pytest.raises(NotEnoughChildrenError, match=r"no round of job .* trained: all 2 were"):
+        run_job(echo_client(Script(raise_on_train={1})), 2, config)
+    assert not out.exists()
 
 
 def test_too_few_confirmations_fail_the_job() -> None:
