@@ -371,6 +371,9 @@ def train_cmd(
         raise typer.Exit(130) from None
     except FloatingPointError as err:
         raise _fail(f"{err} in the first epoch (try a lower --lr)") from err
+    except ConnectionError as err:  # a PS shard gone for good (ShardUnavailableError)
+        console.print(f"[bold red]error:[/] {err}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from err
     finally:
         trainer.close()
 

@@ -61,9 +61,11 @@ def ps_cmd(
     from fedenc.ps.server import serve
     from fedenc.ps.table import PSError, ShardTable, TableSpec
     from fedenc.ps.tls import shard_credentials
+    from fedenc.runtime.grpc.transport import parse_address
     from fedenc.security.errors import SecurityError
 
     try:
+        parse_address(listen)  # gRPC would read "HOST" alone as port 443
         index, num_shards = parse_shard(shard)
         spec = TableSpec(
             num_keys=num_keys,

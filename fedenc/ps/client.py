@@ -14,6 +14,7 @@ a backoff for ``retry_seconds``; a refused request (``INVALID_ARGUMENT``) raises
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 import uuid
@@ -38,6 +39,7 @@ from fedenc.ps.wire import keys_to_proto, push_request_bytes, read_pull_response
 T = TypeVar("T")
 #: Row bytes per request: under gRPC's default 4 MiB receive limit with room for the envelope.
 REQUEST_BYTES = 4 * 1024 * 1024 - 64 * 1024
+log = logging.getLogger(__name__)
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -61,10 +63,15 @@ class ShardedClient:
     ) -> None:
         if not addresses:
             raise ValueError("give the address of every shard (shard i at position i)")
+        from fedenc.runtime.grpc.transport import parse_address
+
+        for address in addresses:  # at once: a malformed one would be retried for 30 s
+            parse_address(address)
         self.addresses = list(addresses)
         self.client_id = client_id or uuid.uuid4().hex
         self.retry_seconds = retry_seconds
         self.timeout = timeout
+        self._down: set[int] = set()  # shards in an outage (logged once each)
         opts = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -132,11 +139,20 @@ class ShardedClient:
         pause = 0.05
         while True:
             try:
-                return fn()
+                result = fn()
             except grpc.RpcError as err:
                 code = err.code()
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
                     raise PSError(err.details()) from None
+                if code in _RETRYABLE and shard not in self._down:  # once per outage
+                    self._down.add(shard)
+                    log.warning(
+                        "PS shard %d at %s unreachable (%s): retrying for up to %g s",
+                        shard,
+                        self.addresses[shard],
+                        code.name,
+                        self.retry_seconds,
+                    )
                 if code not in _RETRYABLE or time.monotonic() >= deadline:
                     if code in _RETRYABLE:
                         raise ShardUnavailableError(
@@ -146,6 +162,11 @@ class ShardedClient:
                     raise PSError(f"shard {shard}: {code.name}: {err.details()}") from None
                 time.sleep(pause)
                 pause = min(pause * 2, 1.0)
+            else:
+                if shard in self._down:
+                    self._down.discard(shard)
+                    log.warning("PS shard %d at %s is back", shard, self.addresses[shard])
+                return result
 
     def _batches(self, pos: NDArray[np.int64]) -> list[NDArray[np.int64]]:
         n = self.rows_per_request

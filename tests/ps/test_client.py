@@ -180,3 +180,31 @@ def test_pool_threads_run_no_torch_compute(grpc_shards: StartShards) -> None:
 
 
 _NO_COMPUTE = ("aten.lift_fresh", "aten.detach", "aten.alias", "aten.view", "aten._to_copy")
+
+
+def test_a_malformed_address_is_refused_at_once_and_an_outage_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    with pytest.raises(ValueError, match=r"address must be HOST:PORT .* got 'bogus'"):
+        ShardedClient(["bogus"])
+    spec = TableSpec(10, 2)
+    server, port = serve(ShardTable(spec, 0), "127.0.0.1:0")
+    client = ShardedClient([f"127.0.0.1:{port}"], retry_seconds=1.0)
+    server.stop(0).wait()
+    with caplog.at_level(logging.WARNING, logger="fedenc.ps.client"):
+        for _ in range(2):
+            with pytest.raises(ShardUnavailableError, match="unreachable for 1 s"):
+                client.pull(np.arange(3))
+    assert caplog.text.count(f"PS shard 0 at 127.0.0.1:{port} unreachable (UNAVAILABLE)") == 1
+
+
+def test_fedenc_ps_refuses_a_listen_address_without_a_port() -> None:
+    from typer.testing import CliRunner
+
+    from fedenc.cli import app
+
+    result = CliRunner().invoke(app, ["ps", "--shard", "0/1", "--listen", "127.0.0.1"])
+    assert result.exit_code == 2
+    assert "address must be HOST:PORT" in result.output
