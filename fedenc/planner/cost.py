@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -35,6 +36,7 @@ CACHE_ENV = "FEDENC_PLANNER_CACHE"
 # profiled again instead of trusted. 2: tied input lookup, item-major logit blocks, and the
 # executor's caller-thread lane (costs of 1 were taken with extra OpenMP teams alive).
 # 3: each profiled step runs right after an untimed step of the same candidate (warm caches).
+log = logging.getLogger(__name__)
 FORMAT = 3
 
 
@@ -146,14 +148,25 @@ class CostCache:
         self.path = cache_dir(directory) / f"{machine_id(self.desc)}.json"
 
     def load(self, workload: str) -> CostModel | None:
+        """The cached costs of ``workload``; None (profile again) when there are none, or when
+        the file or the entry cannot be read (logged with the file, which is then rewritten)."""
+        if not self.path.exists():
+            return None
         try:
             data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            if data.get("format") != FORMAT:
+                return None
+            entry = data.get("workloads", {}).get(workload)
+            if not entry:
+                return None
+            model = CostModel.from_json(entry)
+            bad = [k for k, xs in model.samples.items() if not all(0 <= x < math.inf for x in xs)]
+            if bad:
+                raise ValueError(f"negative or non-finite samples of {bad[0]}")
+            return model
+        except (OSError, ValueError, TypeError, AttributeError) as err:
+            log.warning("planner cache %s unreadable (%s): profiling again", self.path, err)
             return None
-        if data.get("format") != FORMAT:
-            return None
-        entry = data.get("workloads", {}).get(workload)
-        return CostModel.from_json(entry) if entry else None
 
     def save(self, workload: str, model: CostModel) -> None:
         try:
@@ -162,13 +175,18 @@ class CostCache:
                 data = {}
         except (OSError, ValueError):
             data = {}
+        if not isinstance(data.get("workloads"), dict):
+            data = {}
         data["format"] = FORMAT
         data["machine"] = self.desc
         data.setdefault("workloads", {})[workload] = model.to_json()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        tmp.replace(self.path)  # atomic: concurrent trainers never read half a file
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+            tmp.replace(self.path)  # atomic: concurrent trainers never read half a file
+        except OSError as err:  # the profile is used all the same, only not kept
+            log.warning("planner cache %s cannot be written (%s): not cached", self.path, err)
 
 
 def measure_bandwidth(device: torch.device, nbytes: int = 16 << 20, repeats: int = 5) -> float:

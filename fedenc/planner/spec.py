@@ -113,6 +113,8 @@ class PlanSpec:
             problems.append("shards and replicas must be >= 1")
         if self.shards > 1 and self.replicas > 1:
             problems.append("item shards and data-parallel replicas do not combine")
+        if self.replicas > 1 and self.prefetch:  # each replica builds its own batch
+            problems.append("data-parallel replicas and prefetch (pf) do not combine")
         if self.shards > cores or self.replicas > cores:
             problems.append(f"{max(self.shards, self.replicas)} parallel lanes on {cores} cores")
         if self.shards > num_items:

@@ -87,6 +87,7 @@ def test_the_cheapest_candidate_wins_under_edited_costs(examples: Examples, tmp_
         ("cpu-t64-c4096", "threads must lie in 1..2"),
         ("cuda-c4096", "CUDA is not available"),
         ("cpu-t1-c4096-s2-dp2", "do not combine"),
+        ("cpu-t1-c4096-dp2-pf", r"replicas and prefetch \(pf\) do not combine"),
         ("cpu-t2-c4096-s2", "one thread each"),
         ("cpu-t1-c4096-dp999", "replicas for batches of 16"),
     ],
