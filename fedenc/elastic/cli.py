@@ -25,17 +25,21 @@ Insecure = Annotated[bool, typer.Option("--insecure", help="Plaintext gRPC (trus
 Certs = Annotated[Path | None, typer.Option(help="fedenc certs directory (mutual TLS).")]
 
 
-def _fail(err: Exception) -> typer.Exit:
-    """A setup error (bad storage, options, certificates, a taken port): one line, exit 2."""
+def _fail(err: object, code: int = 2) -> typer.Exit:
+    """A setup error (bad storage, options, certificates, a taken port): one line, exit 2
+    (``code`` 1: a server that stopped because its task cannot go on)."""
     typer.echo(f"error: {err}", err=True)
-    return typer.Exit(2)
+    return typer.Exit(code)
 
 
-def _wait_for_signal() -> None:
+def _wait_for_signal(failed: threading.Event | None = None) -> None:
+    """Until SIGINT / SIGTERM, or until ``failed`` is set (a server that cannot go on)."""
     stop = threading.Event()
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, lambda *_: stop.set())
-    stop.wait()
+    while not stop.wait(0.5):
+        if failed is not None and failed.is_set():
+            return
 
 
 @elastic_app.command("data-server")
@@ -117,9 +121,11 @@ def task_server_cmd(
         raise _fail(err) from err
     host = listen.rpartition(":")[0]
     print(f"task-information server listening on {host}:{port}", flush=True)
-    _wait_for_signal()
+    _wait_for_signal(impl.failed)
     impl.stop()
     server.stop(1)
+    if impl.failure is not None:
+        raise _fail(impl.failure, code=1)
 
 
 @elastic_app.command("worker")

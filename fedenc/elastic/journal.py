@@ -25,13 +25,23 @@ class Journal:
         if path.exists():
             data = path.read_bytes()
             header_seen = False
-            for line in data.splitlines(keepends=True):
+            lines = data.splitlines(keepends=True)
+            for number, line in enumerate(lines, 1):
                 if not line.endswith(b"\n"):
                     break  # torn tail
                 try:
                     entry = json.loads(line)
-                except json.JSONDecodeError:
-                    break
+                    if not isinstance(entry, dict):
+                        raise ValueError("not a JSON object")
+                except ValueError as err:
+                    if number == len(lines):
+                        break  # a torn last line: its batch was never acknowledged
+                    # Dropping it would drop every acknowledged batch after it.
+                    raise ElasticError(
+                        f"journal {path} line {number} is not a journal record ({err}); only a "
+                        "torn last line is dropped: mend or delete the journal (deleting it "
+                        "restarts the task)"
+                    ) from None
                 if not header_seen:
                     if entry.get("task") != task_id or entry.get("total") != total_batches:
                         raise ElasticError(
@@ -40,7 +50,13 @@ class Journal:
                         )
                     header_seen = True
                 else:
-                    self.done[int(entry["batch"])] = str(entry.get("worker", ""))
+                    batch = entry.get("batch")
+                    if not isinstance(batch, int) or not 0 <= batch < total_batches:
+                        raise ElasticError(
+                            f"journal {path} line {number}: {entry!r} names no batch of "
+                            f"0..{total_batches - 1}: mend or delete the journal"
+                        )
+                    self.done[batch] = str(entry.get("worker", ""))
                 good += len(line)
         self.resumed = len(self.done)
         self._file: IO[bytes] = open(path, "r+b" if path.exists() else "w+b")

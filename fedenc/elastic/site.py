@@ -179,6 +179,8 @@ class ElasticSite:
         while not task.done.wait(0.25):
             if time.monotonic() > deadline:
                 raise ElasticError(f"elastic training did not finish in {timeout:.0f} s")
+            if self.tis.failure is not None:
+                raise ElasticError(self.tis.failure)
             if not any(p.poll() is None for p in self.procs.values()) and self.procs:
                 alive = [w for w in self.tis.progress().workers if w.alive]
                 if not alive:

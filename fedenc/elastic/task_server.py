@@ -95,6 +95,8 @@ class TaskInfoServer(egrpc.TaskInformationServicer):
         self.workers: dict[str, WorkerInfo] = {}
         self.task: _Task | None = None
         self._stop = threading.Event()
+        self.failure: str | None = None  # why scheduling stopped for good (see _fail)
+        self.failed = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="task-info", daemon=True)
 
     def start(self) -> None:
@@ -138,6 +140,27 @@ class TaskInfoServer(egrpc.TaskInformationServicer):
             log.info("task %s: resumed %d/%d batches from %s", desc.task_id, journal.resumed,
                      total, journal.path)  # fmt: skip
 
+    def _check_task(self, desc: epb.DescribeResponse) -> None:
+        """Open the data server's task, or check that it still holds what the journal says."""
+        if self.task is None or self.task.task_id != desc.task_id:
+            self._open_task(desc)
+            return
+        applied = len(self.task.journal.done)
+        if desc.version < applied:  # the journal records only batches the data server applied
+            raise ElasticError(
+                f"the data server holds task {desc.task_id!r} at step {desc.version}, but the "
+                f"journal {self.task.journal.path} has {applied} batches applied: the data "
+                "server restarted and lost them. Restart the task: stop this server, delete "
+                "the journal, and start both again (docs/elastic.md)"
+            )
+
+    def _fail(self, why: str) -> None:
+        """Stop scheduling for good: the task cannot go on as it is (the owner reports it)."""
+        log.error("task-information server stops: %s", why)
+        self.failure = why
+        self._stop.set()
+        self.failed.set()
+
     # -- the scheduler ---------------------------------------------------------------------
     def _loop(self) -> None:
         next_describe = 0.0
@@ -151,8 +174,11 @@ class TaskInfoServer(egrpc.TaskInformationServicer):
                     desc = None  # the data server is not up (yet)
                 if desc is not None and desc.task_id:
                     with self._lock:
-                        if self.task is None or self.task.task_id != desc.task_id:
-                            self._open_task(desc)
+                        try:
+                            self._check_task(desc)
+                        except ElasticError as err:
+                            self._fail(str(err))
+                            return
             plan: list[tuple[int, WorkerInfo, int]] = []
             with self._lock:
                 for w in self.workers.values():
