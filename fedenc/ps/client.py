@@ -72,6 +72,7 @@ class ShardedClient:
         self.retry_seconds = retry_seconds
         self.timeout = timeout
         self._down: set[int] = set()  # shards in an outage (logged once each)
+        self._push_versions = [0] * len(self.addresses)  # each shard's version after our push
         opts = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -228,10 +229,25 @@ class ShardedClient:
                 reply = self._call(shard, partial(push, request, timeout=self.timeout))
                 with lock:
                     applied[0] += reply.rows_applied
+                    self._check_version(shard, reply.version)
 
         self._per_shard(keys, work)
         self.bytes_pushed += rows.numel() * 4
         return applied[0]
+
+    def _check_version(self, shard: int, version: int) -> None:
+        """A shard's version only grows while it keeps its pushes; one below what an earlier
+        push of this client got back means the shard restarted without them (``--fresh``, no
+        snapshot, or an older one), and training on would mix a reset table with the rest."""
+        last = self._push_versions[shard]
+        if version < last:
+            raise PSError(
+                f"PS shard {shard} at {self.addresses[shard]} is at version {version}, but this "
+                f"client's earlier push left it at {last}: it restarted and lost acknowledged "
+                "pushes (started --fresh, without --snapshot, or from an older snapshot); "
+                "restart it from its latest snapshot (--snapshot-every 1 loses none)"
+            )
+        self._push_versions[shard] = version
 
     def stats(self) -> list[dict[str, Any]]:
         out = []
@@ -250,10 +266,12 @@ class ShardedClient:
 
     def restore(self) -> list[int]:
         request = pspb.RestoreRequest()
-        return [
+        versions = [
             self._call(i, partial(s.Restore, request, timeout=self.timeout)).version
             for i, s in enumerate(self.stubs)
         ]
+        self._push_versions = list(versions)  # asked for: the versions go back on purpose
+        return versions
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

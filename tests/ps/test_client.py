@@ -208,3 +208,20 @@ def test_fedenc_ps_refuses_a_listen_address_without_a_port() -> None:
     result = CliRunner().invoke(app, ["ps", "--shard", "0/1", "--listen", "127.0.0.1"])
     assert result.exit_code == 2
     assert "address must be HOST:PORT" in result.output
+
+
+def test_a_shard_that_restarts_without_its_pushes_is_detected_by_the_next_push() -> None:
+    spec = TableSpec(10, 2)
+    server, port = serve(ShardTable(spec, 0), "127.0.0.1:0")
+    client = ShardedClient([f"127.0.0.1:{port}"], retry_seconds=5.0)
+    keys = np.arange(3)
+    try:
+        for _ in range(3):
+            client.push(keys, torch.ones(3, 2))
+        server.stop(0).wait()
+        server, _ = serve(ShardTable(spec, 0), f"127.0.0.1:{port}")  # --fresh: version 0
+        with pytest.raises(PSError, match="is at version 1, but this client's earlier push"):
+            client.push(keys, torch.ones(3, 2))
+    finally:
+        client.close()
+        server.stop(0).wait()
