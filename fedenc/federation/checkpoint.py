@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedenc.training.checkpoint import load_failure
+
 FORMAT = "fedenc.master-state/1"
 FILE_NAME = "master.pt"
 
@@ -191,11 +193,9 @@ def read_master_state(directory: Path) -> MasterState:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a damaged file
-        # Only the first line: torch's message goes on to suggest weights_only=False, which
-        # would run whatever code a tampered file holds.
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MasterStateError(
-            f"cannot read the master checkpoint {path} (corrupt, truncated or not one): {first}"
+            f"cannot read the master checkpoint {path} (corrupt, truncated or not one): "
+            f"{load_failure(err)}"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__

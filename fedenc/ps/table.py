@@ -28,6 +28,7 @@ from torch import Tensor
 
 from fedenc.ps.optimizers import RowOptimizer, RowOptimizerConfig
 from fedenc.ps.routing import check_shard, keys_of_shard, shard_of, splitmix64
+from fedenc.training.checkpoint import load_failure
 
 SNAPSHOT_FORMAT = "fedenc-ps-shard-v1"
 
@@ -266,14 +267,18 @@ class ShardTable:
         except FileNotFoundError:
             raise PSError(f"snapshot {source} does not exist") from None
         except Exception as err:  # a truncated or foreign file: say which, not a pickle trace
-            raise PSError(f"snapshot {source} cannot be read: {err}") from None
+            raise PSError(f"snapshot {source} cannot be read: {load_failure(err)}") from None
         if not isinstance(payload, dict) or payload.get("format") != SNAPSHOT_FORMAT:
             raise PSError(f"{source} is not a fedenc PS shard snapshot")
         spec = TableSpec.from_dict(payload["spec"])
         if spec != self.spec or payload["shard"] != self.shard:
+            ours, theirs = asdict(self.spec), asdict(spec)
+            differ = [f"{k} {theirs[k]} here {ours[k]}" for k in ours if ours[k] != theirs[k]]
+            if payload["shard"] != self.shard:
+                differ.insert(0, f"shard {payload['shard']} here {self.shard}")
             raise PSError(
-                f"snapshot {source} is of shard {payload['shard']}/{spec.num_shards} of table "
-                f"{spec}, this shard is {self.label} of {self.spec}"
+                f"snapshot {source} is of another shard or table: {'; '.join(differ)} "
+                "(the snapshot's value first; start with --fresh to ignore it)"
             )
         with self.lock:
             self.values = payload["values"]

@@ -41,6 +41,17 @@ def save_checkpoint(
     return out
 
 
+def load_failure(err: BaseException) -> str:
+    """The first line of ``torch.load``'s error: the rest of torch's text for an unreadable
+    file advises retrying with ``weights_only=False``, which would run whatever code a tampered
+    file holds, and asks for a bug report; neither helps the person who reads the message."""
+    text = str(err).strip()
+    if text.startswith("Weights only load failed"):
+        return "not a file of tensors only (torch's safe loader refused its contents)"
+    first = text.splitlines()[0] if text else ""
+    return first or f"{type(err).__name__} (an empty, truncated or foreign file)"
+
+
 def load_checkpoint(
     directory: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[SessionEncoder, dict[str, Any]]:
@@ -69,7 +80,9 @@ def load_checkpoint(
         state = torch.load(state_path, map_location=map_location, weights_only=True)
         model.load_state_dict(state)
     except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
-        raise ValueError(f"{state_path}: cannot load the {encoder} parameters ({err})") from err
+        raise ValueError(
+            f"{state_path}: cannot load the {encoder} parameters ({load_failure(err)})"
+        ) from err
     return model, meta
 
 

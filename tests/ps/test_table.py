@@ -3,6 +3,7 @@ independent of the number of shards."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -83,13 +84,19 @@ def test_snapshot_and_restore_round_trip(tmp_path: Path) -> None:
 def test_restore_refuses_foreign_or_missing_snapshots(tmp_path: Path) -> None:
     path = tmp_path / "s.pt"
     ShardTable(SPEC, 0, path).snapshot()
-    with pytest.raises(PSError, match="is of shard 0/2"):
+    with pytest.raises(PSError, match="another shard or table: shard 0 here 1"):
         ShardTable(SPEC, 1, path).restore()
+    wider = replace(SPEC, width=SPEC.width * 2)
+    with pytest.raises(PSError, match=f"width {SPEC.width} here {SPEC.width * 2}") as err:
+        ShardTable(wider, 0, path).restore()
+    assert "num_keys" not in str(err.value)  # only what differs is named
     with pytest.raises(PSError, match="does not exist"):
         ShardTable(SPEC, 0, tmp_path / "none.pt").restore()
-    (tmp_path / "junk.pt").write_bytes(b"not a snapshot")
-    with pytest.raises(PSError, match="cannot be read"):
-        ShardTable(SPEC, 0).restore(tmp_path / "junk.pt")
+    for name, content in (("junk.pt", b"not a snapshot"), ("empty.pt", b"")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(PSError, match=r"cannot be read: .+") as err:
+            ShardTable(SPEC, 0).restore(tmp_path / name)
+        assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
 
 
 def test_in_process_push_is_all_or_nothing_across_shards() -> None:
