@@ -407,6 +407,79 @@ def train_cmd(
         raise typer.Exit(130 if result.stopped.startswith("interrupted") else 1)
 
 
+@app.command("evaluate")
+def evaluate_cmd(
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(help="A saved encoder: the --out of fedenc train, or a run's encoder/."),
+    ],
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Data directory or raw click log; omit for the synthetic data set."),
+    ] = None,
+    synthetic_sessions: Annotated[int, typer.Option(help="Synthetic: sessions.")] = 20000,
+    synthetic_items: Annotated[int, typer.Option(help="Synthetic: catalog size.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Synthetic: the seed it was drawn with.")] = 0,
+    valid_fraction: Annotated[float, typer.Option(help="Validation share.")] = 0.1,
+    split: Annotated[str, typer.Option(help="test or valid.")] = "test",
+    batch_size: Annotated[int, typer.Option(min=1, help="Sessions scored at once.")] = 500,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the metrics to this JSON file.")
+    ] = None,
+) -> None:
+    """Recall@K and MRR@K (K = 20, 10) of a saved encoder on a data set's test (or validation)
+    split, every catalog item ranked. Give the data the encoder was trained on: the same
+    --data, or the same synthetic settings (fedenc simulate's scenario: synthetic-sessions,
+    synthetic-items, seed)."""
+    from fedenc.data.sessions import Examples
+    from fedenc.data.synthetic import SyntheticConfig
+    from fedenc.training.checkpoint import load_checkpoint
+    from fedenc.training.config import TrainConfig
+    from fedenc.training.progress import TrainingProgress
+    from fedenc.training.trainer import Trainer
+
+    if split not in ("test", "valid"):
+        raise _fail(f"--split must be test or valid, got {split!r}")
+    try:
+        model, meta = load_checkpoint(checkpoint)
+        synthetic = SyntheticConfig(
+            num_sessions=synthetic_sessions,
+            num_items=synthetic_items,
+            seed=seed,
+            valid_fraction=valid_fraction,
+        )
+        config = TrainConfig(eval_batch_size=batch_size, device=device)
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(str(err)) from err
+    splits = _load_splits(data, synthetic)
+    if splits.num_items > model.config.num_items:
+        raise _fail(
+            f"the data use item ids up to {splits.num_items}, the encoder's catalog has "
+            f"{model.config.num_items}: not the data it was trained on"
+        )
+    examples = Examples.from_sessions(splits.test if split == "test" else splits.valid)
+    if len(examples) == 0:
+        raise _fail(f"the {split} split has no (prefix, next item) pairs")
+    note = meta.get("federation", {}).get("note", "")
+    if "local heads" in note:
+        console.print(f"[yellow]note[/]: {note}", soft_wrap=True, highlight=False)
+    trainer = Trainer(model, config)
+    try:
+        with TrainingProgress(console=console, lines=not sys.stderr.isatty()) as progress:
+            metrics = trainer.evaluate(examples, progress, label=split)
+    finally:
+        trainer.close()
+    metrics["examples"] = len(examples)
+    console.print(
+        f"[bold green]{split}[/] ({len(examples):,} pairs, {meta['encoder']}): "
+        f"P@20 {metrics['recall@20']:.2f}  MRR@20 {metrics['mrr@20']:.2f}  "
+        f"P@10 {metrics['recall@10']:.2f}  MRR@10 {metrics['mrr@10']:.2f}"
+    )
+    if json_out is not None:
+        json_out.write_text(json.dumps({"checkpoint": str(checkpoint), split: metrics}, indent=2))
+
+
 data_app = typer.Typer(help="Inspect data sets and partitions.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(certs_app, name="certs")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import torch._dynamo  # the first optimizer step imports it (~2 s): pay that at collection
 from typer.testing import CliRunner
@@ -15,6 +16,7 @@ from fedenc.training.checkpoint import load_checkpoint
 
 runner = CliRunner()
 TINY = ["--synthetic-sessions", "400", "--synthetic-items", "50", "--hidden", "8", "--epochs", "1"]
+TINY_DATA = ["--synthetic-sessions", "400", "--synthetic-items", "50"]
 
 
 def flat(text: str) -> str:
@@ -70,6 +72,15 @@ def test_train_synthetic_writes_results_and_a_loadable_checkpoint(tmp_path: Path
     model, meta = load_checkpoint(out)
     assert meta["encoder"] == "srgnn" and model.config.hidden == 8
     assert meta["train"]["test"] == test
+    # fedenc evaluate scores the saved encoder on the same data to the same numbers.
+    scored = tmp_path / "scored.json"
+    again = runner.invoke(app, ["evaluate", str(out), *TINY_DATA, "--json", str(scored)])
+    assert again.exit_code == 0, again.output
+    metrics = json.loads(scored.read_text())["test"]
+    for key in ("recall@20", "mrr@20", "recall@10", "mrr@10", "examples"):
+        assert metrics[key] == pytest.approx(test[key], abs=1e-9), key
+    other = runner.invoke(app, ["evaluate", str(out), "--synthetic-items", "400"])
+    assert other.exit_code == 2 and "not the data it was trained on" in other.output
     with torch.no_grad():
         scores = model.eval()(batch_from_sessions([[1, 2, 3], [50]]))
     assert scores.shape == (2, 50) and torch.isfinite(scores).all()

@@ -1239,11 +1239,33 @@ def run_master(
         ps_table=ps_table,
     )
     if config.checkpoint_dir is not None:
+        local = [name for name, _ in model.named_parameters() if name not in outcome.target]
         path = save_checkpoint(
-            config.checkpoint_dir, model, {"federation": _metadata(outcome, config)}
+            config.checkpoint_dir,
+            model,
+            {  # the tensors this job federated (share = all includes the item table)
+                "shared_parameters": list(outcome.target),
+                "federation": _metadata(outcome, config, local),
+            },
         )
         outcome.checkpoint = str(path)
     return outcome
+
+
+def _note(result: MasterResult, local: list[str]) -> str:
+    """What the published checkpoint's tensors are, for whoever loads it."""
+    if result.ps_table:
+        return (
+            "the shared tensors are the federation's target; the item embeddings are the "
+            "federation PS's fused table (placement b)"
+        )
+    if not local:
+        return "every tensor is the federation's fused target"
+    return (
+        "only the shared tensors are the federation's target; "
+        f"{', '.join(local)} (the children's local heads) are the master's initial values: "
+        "score with each child's own head, not these"
+    )
 
 
 def _saved_state(config: MasterConfig) -> MasterState:
@@ -1256,7 +1278,7 @@ def _saved_state(config: MasterConfig) -> MasterState:
     return state
 
 
-def _metadata(result: MasterResult, config: MasterConfig) -> dict[str, Any]:
+def _metadata(result: MasterResult, config: MasterConfig, local: list[str]) -> dict[str, Any]:
     return {
         "job_id": result.job_id,
         "rule": result.rule,
@@ -1270,10 +1292,5 @@ def _metadata(result: MasterResult, config: MasterConfig) -> dict[str, Any]:
         "metrics": {str(r.round): r.metrics for r in result.rounds},
         "final_metrics": result.final_metrics,
         "children": [asdict(c) for c in result.children],
-        "note": "only the shared tensors are the federation's target; the item embeddings "
-        + (
-            "are the federation PS's fused table (placement b)"
-            if result.ps_table
-            else "(the children's local heads) in this checkpoint are the master's initial ones"
-        ),
+        "note": _note(result, local),
     }
