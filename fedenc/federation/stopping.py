@@ -28,7 +28,8 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from importlib.metadata import entry_points
+from typing import Any, TypeVar
 
 from fedenc.federation.parameters import relative_change
 
@@ -42,6 +43,7 @@ __all__ = [
     "RoundReport",
     "StopRule",
     "build_stop_rule",
+    "register_stop_rule",
     "relative_change",
 ]
 
@@ -298,6 +300,57 @@ class AllOf(_Composite):
 
 
 _KEYS = ("max_rounds", "relative_change", "plateau", "deadline_s", "any_of", "all_of")
+ENTRY_POINT_GROUP = "fedenc.stop"
+S = TypeVar("S", bound=type[StopRule])
+# Stop rules of other packages: spec key -> class, built from the key's value (a mapping:
+# keyword arguments; a list: positional ones; anything else: the one argument).
+_PLUGINS: dict[str, type[StopRule]] = {}
+_loaded_entry_points = False
+
+
+def register_stop_rule(key: str) -> Callable[[S], S]:
+    """Class decorator: make a :class:`StopRule` subclass usable as ``key`` in stop specs
+    (``--stop 'key=VALUE'``, a scenario's ``[stop]`` table, JSON). Another package can also
+    list it under the ``fedenc.stop`` entry-point group."""
+
+    def decorate(cls: S) -> S:
+        if not (isinstance(cls, type) and issubclass(cls, StopRule)):
+            raise TypeError(f"register_stop_rule({key!r}) needs a StopRule subclass, got {cls!r}")
+        if key in _KEYS or (key in _PLUGINS and _PLUGINS[key] is not cls):
+            raise ValueError(f"stop rule key {key!r} is already taken")
+        _PLUGINS[key] = cls
+        return cls
+
+    return decorate
+
+
+def _load_plugins() -> None:
+    global _loaded_entry_points
+    if _loaded_entry_points:
+        return
+    _loaded_entry_points = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            register_stop_rule(ep.name)(ep.load())
+        except Exception as err:  # a broken plugin must not break the built-in rules
+            log.warning("stop-rule plugin %r (%s) failed to load: %s", ep.name, ep.value, err)
+
+
+def _known_keys() -> tuple[str, ...]:
+    _load_plugins()
+    return (*_KEYS, *sorted(_PLUGINS))
+
+
+def _plugin(key: str, value: Any) -> StopRule:
+    cls = _PLUGINS[key]
+    try:
+        if isinstance(value, Mapping):
+            return cls(**{str(k): v for k, v in value.items()})
+        if isinstance(value, list):
+            return cls(*value)
+        return cls(value)  # type: ignore[call-arg]
+    except TypeError as err:  # the wrong arguments for its constructor: name the rule
+        raise ValueError(f"stop rule {key!r} ({cls.__name__}): {err}") from None
 
 
 def _plateau(value: object) -> Plateau:
@@ -347,6 +400,14 @@ def _number(text: str, option: str) -> int | float:
         raise ValueError(f"{option}: expected a number, got {text!r}") from None
 
 
+def _plugin_value(text: str) -> Any:
+    """A plugin rule's value in a ``key=value`` string: a number when it reads as one."""
+    try:
+        return _number(text, "")
+    except ValueError:
+        return text
+
+
 def _parse_string(spec: str) -> Any:
     text = spec.strip()
     if text.startswith("{"):
@@ -362,9 +423,11 @@ def _parse_string(spec: str) -> Any:
         key, value = key.strip(), value.strip()
         if not sep or not value:
             raise ValueError(f"stop rule: expected key=value, got {item!r}")
-        if key not in _KEYS:  # before its value is read as a number: name the key
-            raise ValueError(f"unknown stop rule key(s) {[key]}; known: {', '.join(_KEYS)}")
-        parsed[key] = value if key in ("plateau", "relative_change") else _number(value, key)
+        known = _known_keys()
+        if key not in known:  # before its value is read as a number: name the key
+            raise ValueError(f"unknown stop rule key(s) {[key]}; known: {', '.join(known)}")
+        numeric = key not in ("plateau", "relative_change") and key not in _PLUGINS
+        parsed[key] = _number(value, key) if numeric else _plugin_value(value)
     return parsed
 
 
@@ -384,9 +447,10 @@ def build_stop_rule(
         spec = _parse_string(spec)
     if not isinstance(spec, Mapping):
         raise ValueError(f"stop rule spec must be a mapping or a string, got {spec!r}")
-    unknown = [str(key) for key in spec if key not in _KEYS]
+    known = _known_keys()
+    unknown = [str(key) for key in spec if key not in known]
     if unknown:
-        raise ValueError(f"unknown stop rule key(s) {unknown}; known: {', '.join(_KEYS)}")
+        raise ValueError(f"unknown stop rule key(s) {unknown}; known: {', '.join(known)}")
     rules: list[StopRule] = []
     for key, value in spec.items():
         if key == "max_rounds":
@@ -397,6 +461,8 @@ def build_stop_rule(
             rules.append(_plateau(value))
         elif key == "deadline_s":
             rules.append(Deadline(value, clock=clock))
+        elif key in _PLUGINS:
+            rules.append(_plugin(str(key), value))
         else:
             if isinstance(value, str | Mapping) or not isinstance(value, Sequence):
                 raise ValueError(f"{key} must be a list of stop rule specs, got {value!r}")

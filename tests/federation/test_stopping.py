@@ -264,3 +264,37 @@ def test_a_plateau_metric_no_evaluated_round_reports_is_warned_about_once(
         assert rule.update(report(3, train_loss=3.0, **{"valid_recall@20": 31.0})) is None
     assert caplog.text.count("plateau metric 'valid_recal@20' is not among round 2") == 1
     assert "train_loss, valid_recall@20" in caplog.text
+
+
+def test_a_registered_stop_rule_is_built_from_strings_and_specs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fedenc.federation import stopping
+
+    monkeypatch.setattr(stopping, "_PLUGINS", {})
+    monkeypatch.setattr(stopping, "_loaded_entry_points", True)
+
+    @stopping.register_stop_rule("recall_above")
+    class RecallAbove(stopping.StopRule):
+        def __init__(self, threshold: float, metric: str = "valid_recall@20") -> None:
+            self.threshold, self.metric = float(threshold), metric
+
+        def update(self, report: RoundReport) -> str | None:
+            value = report.metrics.get(self.metric)
+            if value is not None and value >= self.threshold:
+                return f"recall_above: {self.metric} {value:g} >= {self.threshold:g}"
+            return None
+
+    rule = build_stop_rule("max_rounds=50,recall_above=30")
+    assert rule.update(report(1, **{"valid_recall@20": 10.0})) is None
+    assert "recall_above: valid_recall@20 31 >= 30" in str(
+        rule.update(report(2, **{"valid_recall@20": 31.0}))
+    )
+    rule = build_stop_rule({"recall_above": {"threshold": 5, "metric": "valid_mrr@20"}})
+    assert rule.update(report(1, **{"valid_mrr@20": 6.0})) is not None
+    with pytest.raises(ValueError, match=r"stop rule 'recall_above' \(RecallAbove\): .*thresh"):
+        build_stop_rule({"recall_above": {"thresh": 5}})
+    with pytest.raises(ValueError, match=r"known: max_rounds, .*, recall_above"):
+        build_stop_rule("recal_above=3")
+    with pytest.raises(ValueError, match="already taken"):
+        stopping.register_stop_rule("plateau")(RecallAbove)
