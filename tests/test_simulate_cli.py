@@ -218,3 +218,11 @@ def test_sigterm_says_how_to_resume_and_resume_says_what_it_cannot_keep(tmp_path
         app, ["simulate", *TINY, "--rounds", "2", "--out", str(out), "--resume"]
     )
     assert "the simulated children start afresh" in " ".join(resumed.output.split())
+
+
+def test_an_encoder_option_the_encoder_does_not_read_is_refused(tmp_path: Path) -> None:
+    scenario = tmp_path / "typo.toml"
+    scenario.write_text('encoder = "srgnn"\n[encoder-options]\nfoo = 1\n')
+    result = runner.invoke(app, ["simulate", str(scenario), *TINY, "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2, result.output
+    assert "encoder 'srgnn' has no option 'foo'" in " ".join(result.output.split())

@@ -13,15 +13,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import fields
 from typing import Any, Final
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.struct_pb2 import Struct
 
-from fedenc.encoders.base import EncoderConfig
-from fedenc.encoders.registry import UnknownEncoderError, encoder_class
+from fedenc.encoders.registry import UnknownEncoderError, encoder_class, encoder_config
 from fedenc.federation.fusion import UnknownFusionRuleError, build_fusion_rule
 from fedenc.federation.master import MasterConfig, RoundResult
 from fedenc.federation.runconfig import RUN_CONFIG_KEYS, get_json, unknown_key_message
@@ -181,11 +179,7 @@ def check_job(run_config: RunConfig) -> MasterConfig:
         config = MasterConfig.from_run_config(run_config)
         config.stop_rule()
         build_fusion_rule(config.rule, **config.rule_options)
-        options = dict(config.encoder_options)
-        known = {f.name for f in fields(EncoderConfig)} - {"num_items", "extra"}
-        extra = dict(options.pop("extra", {}) or {})
-        extra.update({k: options.pop(k) for k in list(options) if k not in known})
-        EncoderConfig(num_items=config.num_items, extra=extra, **options)
+        encoder_config(config.encoder, config.num_items, **config.encoder_options)
     except (ValueError, TypeError, UnknownFusionRuleError, FileNotFoundError) as err:
         raise JobSpecError(str(err)) from None
     if config.train.epochs < 1 or config.train.batch_size < 1 or not config.train.lr > 0:

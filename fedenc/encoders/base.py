@@ -78,6 +78,9 @@ class SessionEncoder(nn.Module, ABC):
     """
 
     type_name: ClassVar[str] = ""
+    extra_options: ClassVar[frozenset[str] | None] = None
+    """The ``config.extra`` keys this encoder reads; any other is refused by ``build_encoder``.
+    None (a plugin that does not say) accepts any."""
     #: Parameter-name prefixes of the local head (everything else is the shared encoder).
     head_prefixes: ClassVar[tuple[str, ...]] = ("embedding.",)
 

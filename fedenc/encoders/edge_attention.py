@@ -35,6 +35,8 @@ from fedenc.encoders.registry import register_encoder
 class EdgeAttentionEncoder(SessionEncoder):
     """Attention over the directed edges of the session graph (US20210374356A1)."""
 
+    extra_options = frozenset()
+
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__(config)
         d = config.hidden

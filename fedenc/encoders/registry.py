@@ -82,10 +82,23 @@ def encoder_class(name: str) -> type[SessionEncoder]:
 
 def build_encoder(name: str, num_items: int, **options: Any) -> SessionEncoder:
     """Build encoder ``name`` for a catalog of ``num_items``; ``options`` go to
-    :class:`EncoderConfig` (unknown keys land in ``extra``)."""
+    :class:`EncoderConfig` (other keys land in ``extra``, if the encoder reads them)."""
+    return encoder_class(name)(encoder_config(name, num_items, **options))
+
+
+def encoder_config(name: str, num_items: int, **options: Any) -> EncoderConfig:
+    """The checked :class:`EncoderConfig` of encoder ``name`` (without building the model):
+    ``ValueError`` naming an option it does not take or a value out of range."""
     cls = encoder_class(name)
     known = set(EncoderConfig.__dataclass_fields__) - {"num_items", "extra"}
     extra = dict(options.pop("extra", {}) or {})
     extra.update({k: options.pop(k) for k in list(options) if k not in known})
-    config = EncoderConfig(num_items=num_items, extra=extra, **options)
-    return cls(config)
+    allowed = cls.extra_options
+    unknown = sorted(set(extra) - allowed) if allowed is not None else []
+    if unknown:  # a typo would otherwise train the default silently
+        own = f"; its own: {', '.join(sorted(allowed))}" if allowed else ""
+        raise ValueError(
+            f"encoder {name!r} has no option {', '.join(map(repr, unknown))} (options: "
+            f"{', '.join(sorted(known))}{own})"
+        )
+    return EncoderConfig(num_items=num_items, extra=extra, **options)

@@ -50,11 +50,13 @@ DEFAULT_SKIP_OUTPUT = ("padding",)
 class SkipRNN(SessionEncoder):
     """Recurrent units whose start node tags and skips nodes up to the end (US20210406641A1)."""
 
+    extra_options = frozenset({"skip", "skip_output", "executor"})
+
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__(config)
         d = config.hidden
         extra = config.extra
-        unknown = set(extra) - {"skip", "skip_output", "executor"}
+        unknown = set(extra) - self.extra_options  # built directly, not by build_encoder
         if unknown:
             raise ValueError(f"unknown skip_rnn options: {sorted(unknown)}")
         self.position = (

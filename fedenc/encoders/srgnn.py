@@ -28,6 +28,8 @@ from fedenc.encoders.registry import register_encoder
 class SRGNN(SessionEncoder):
     """SR-GNN with reversed position embeddings concatenated to the items (US20220114218A1)."""
 
+    extra_options = frozenset()
+
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__(config)
         d = config.hidden

@@ -134,7 +134,7 @@ class Scenario:
     def check(self) -> None:
         """``ValueError`` naming the setting when the encoder, rule, partition or stop rule is
         unknown, before anything runs."""
-        from fedenc.encoders.registry import UnknownEncoderError, encoder_class
+        from fedenc.encoders.registry import UnknownEncoderError, encoder_class, encoder_config
         from fedenc.federation.child_data import ChildDataConfig
         from fedenc.federation.fusion import UnknownFusionRuleError, build_fusion_rule
         from fedenc.federation.stopping import build_stop_rule
@@ -145,6 +145,9 @@ class Scenario:
         )
         try:
             encoder_class(self.encoder)
+            # The catalog is the data's (unknown yet): any size checks the options.
+            options = {"hidden": self.hidden, "steps": self.steps, **self.encoder_options}
+            encoder_config(self.encoder, 2, **options)
             build_fusion_rule(self.rule, **self.rule_options)
         except (UnknownEncoderError, UnknownFusionRuleError) as err:
             raise ValueError(str(err)) from None

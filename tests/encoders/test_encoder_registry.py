@@ -45,3 +45,12 @@ def test_a_broken_plugin_is_logged_and_skipped_and_a_shadowing_one_ignored(
     assert "encoder plugin 'srgnn' (plugin_pkg:srgnn) shadows a registered type" in caplog.text
     with pytest.raises(registry.UnknownEncoderError, match="unknown encoder type 'broken'"):
         registry.encoder_class("broken")
+
+
+def test_an_option_an_encoder_does_not_read_is_refused_with_its_options() -> None:
+    with pytest.raises(ValueError, match=r"encoder 'srgnn' has no option 'foo' \(options: "):
+        registry.build_encoder("srgnn", 10, hidden=4, foo=1)
+    with pytest.raises(ValueError, match="its own: executor, skip, skip_output"):
+        registry.build_encoder("skip_rnn", 10, hidden=4, skipp=["padding"])
+    model = registry.build_encoder("skip_rnn", 10, hidden=4, executor="literal")
+    assert model.config.extra == {"executor": "literal"}

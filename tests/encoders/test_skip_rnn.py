@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from fedenc.data.batching import batch_from_sessions
+from fedenc.encoders.base import EncoderConfig
 from fedenc.encoders.layers import Node, NodeGraphUnit, SkipGRU, SkipRule
 from fedenc.encoders.registry import available_encoders, build_encoder
 from fedenc.encoders.skip_rnn import SkipRNN
@@ -276,8 +277,10 @@ def test_registry_builds_skip_rnn_by_name() -> None:
     enc = build_encoder("skip_rnn", 30, hidden=8, skip=["padding"], executor="literal")
     assert isinstance(enc, SkipRNN) and enc.type_name == "skip_rnn"
     assert enc.rnn.cell_rule.names == ("padding",) and enc.rnn.executor == "literal"
-    with pytest.raises(ValueError, match="unknown skip_rnn options"):
+    with pytest.raises(ValueError, match="encoder 'skip_rnn' has no option 'skp'"):
         build_encoder("skip_rnn", 30, hidden=8, skp=["padding"])
+    with pytest.raises(ValueError, match="unknown skip_rnn options"):
+        SkipRNN(EncoderConfig(num_items=30, hidden=8, extra={"skp": ["padding"]}))
     assert all(not n.startswith("embedding.") for n in enc.shared_parameter_names())
     assert enc.head_parameter_names() == ["embedding.weight"]
 

@@ -174,14 +174,12 @@ def test_shared_and_head_parameters_partition_the_model(name: str) -> None:
     assert shared  # there is an encoder to share
 
 
-def test_build_encoder_puts_unknown_options_into_extra() -> None:
-    model = build_encoder("srgnn", NUM_ITEMS, hidden=4, steps=2, foo=1, extra={"bar": "x"})
-    assert model.config.hidden == 4 and model.config.steps == 2
-    assert model.config.extra == {"bar": "x", "foo": 1}
-    as_dict = model.config.to_dict()
-    assert "foo" not in as_dict and as_dict["extra"] == {"bar": "x", "foo": 1}
-    plain = build_encoder("srgnn", NUM_ITEMS)
-    assert plain.config.extra == {}
+def test_build_encoder_refuses_options_srgnn_does_not_read() -> None:
+    # srgnn reads no extra options: a typo must not train the default silently.
+    with pytest.raises(ValueError, match="encoder 'srgnn' has no option 'bar', 'foo'"):
+        build_encoder("srgnn", NUM_ITEMS, hidden=4, steps=2, foo=1, extra={"bar": "x"})
+    model = build_encoder("srgnn", NUM_ITEMS, hidden=4, steps=2)
+    assert model.config.hidden == 4 and model.config.steps == 2 and model.config.extra == {}
 
 
 def test_encoder_config_validates() -> None:
