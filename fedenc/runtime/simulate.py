@@ -107,6 +107,7 @@ class Scenario:
     ps_capacity: int = 20000
     ps_shards: int = 1  # in-process shards of the (child's or the federation's) PS
     ps_pad_rows: int = 0  # placement b: random zero-delta rows added to each reply
+    ps_addresses: str = ""  # gRPC shards (HOST:PORT,...) instead of in-process ones
 
     def __post_init__(self) -> None:
         if self.children < 1:
@@ -260,6 +261,7 @@ class Scenario:
                     "ps-capacity": self.ps_capacity,
                     "ps-shards": self.ps_shards,
                     "ps-pad-rows": self.ps_pad_rows,
+                    "ps-addresses": self.ps_addresses,
                 }
             )
         if out_dir is not None:

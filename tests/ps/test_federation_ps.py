@@ -319,3 +319,12 @@ def test_placement_b_with_full_scoring_fuses_what_the_dense_table_fuses(tmp_path
     assert list(dense) == list(placed)
     for key in dense:
         torch.testing.assert_close(placed[key], dense[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_scenario_names_grpc_shards_with_ps_addresses() -> None:
+    from fedenc.runtime.simulate import Scenario
+
+    scenario = Scenario.from_mapping(
+        {"ps": "federation", "share": "encoder", "ps-addresses": "h1:7100,h2:7101"}
+    )
+    assert scenario.run_config()["ps-addresses"] == "h1:7100,h2:7101"
