@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -87,6 +88,8 @@ live table); :func:`run_master` calls it in addition to its ``on_round`` argumen
 
 #: Seconds the master waits for the children to acknowledge the end of a job.
 FINISH_TIMEOUT: Final = 30.0
+#: Seconds between the log lines of a long wait for replies.
+WAIT_LOG_S: Final = 30.0
 
 
 class NotEnoughChildrenError(RuntimeError):
@@ -498,6 +501,38 @@ class _Exchange:
             receive(ids, timeout) if callable(receive) else _poll_replies(self.grid, ids, timeout)
         )
         done: set[int] = set()
+        # A long wait (no timeout, a slow child) says every WAIT_LOG_S whom it waits for.
+        watch = threading.Event()
+        t0 = time.monotonic()
+
+        def waiting() -> None:
+            while not watch.wait(WAIT_LOG_S):
+                late = [self.label(n) for n in node_ids if n not in done]
+                if late:
+                    limit = f" (limit {timeout:g} s)" if timeout else " (no limit)"
+                    log.info(
+                        "waiting %.0f s%s for %s replies from: %s",
+                        time.monotonic() - t0,
+                        limit,
+                        message_type,
+                        ", ".join(late),
+                    )
+
+        threading.Thread(target=waiting, name="fedenc-wait-log", daemon=True).start()
+        try:
+            yield from self._replies(replies, sent, done, node_ids, message_type, timeout)
+        finally:
+            watch.set()
+
+    def _replies(
+        self,
+        replies: Iterable[Message],
+        sent: Mapping[str, int],
+        done: set[int],
+        node_ids: Sequence[int],
+        message_type: str,
+        timeout: float | None,
+    ) -> Iterator[tuple[int, Message | str]]:
         for reply in replies:
             meta = reply.metadata
             node = sent.get(meta.reply_to_message_id)

@@ -725,3 +725,17 @@ def test_rounds_report_the_childrens_own_training_time() -> None:
     assert r.child_seconds_max is not None and r.child_seconds_sum is not None
     assert 0 < r.child_seconds_max <= r.child_seconds_sum <= 2 * r.child_seconds_max
     assert "child_seconds_max" not in r.metrics  # timings stay out of the reproducible metrics
+
+
+def test_a_long_wait_for_replies_says_whom_it_waits_for(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fedenc.federation import master as master_module
+
+    monkeypatch.setattr(master_module, "WAIT_LOG_S", 0.2)
+    config = tiny_config(rounds=1, final_test=False)
+    with caplog.at_level(logging.INFO, logger="fedenc.federation.master"):
+        result, _ = run_job(echo_client(Script(stall_s={1: 1.0})), 2, config, concurrency=2)
+    assert result.rounds[0].participants == ["child-0", "child-1"]
+    assert "(no limit) for train replies from: child-1" in caplog.text
+    assert "replies from: child-0" not in caplog.text
