@@ -5,6 +5,7 @@ cancel). Heavy imports (grpc, torch) happen inside the commands: ``fedenc --help
 from __future__ import annotations
 
 import getpass
+import json
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -314,9 +315,22 @@ def _ask(
 
 def _table(title: str, columns: tuple[str, ...]) -> Table:
     table = Table(title=title)
-    for name in columns:
-        table.add_column(name)
+    for i, name in enumerate(columns):
+        # The first column is an id to copy into other commands: never cut or wrapped.
+        table.add_column(name, no_wrap=i == 0, overflow="fold" if i else "ignore")
     return table
+
+
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print JSON (the Control API's messages) instead.")
+]
+
+
+def _print_json(items: list[Any]) -> None:
+    from google.protobuf import json_format
+
+    rows = [json_format.MessageToDict(m, preserving_proto_field_name=True) for m in items]
+    typer.echo(json.dumps(rows, indent=1))
 
 
 @control_app.command("jobs")
@@ -325,9 +339,13 @@ def jobs_cmd(
     insecure: InsecureOpt = False,
     certs: CertsOpt = None,
     cert_name: AsOpt = "operator",
+    as_json: JsonOpt = False,
 ) -> None:
     """Every job of the master, oldest first."""
     jobs = _ask(master, insecure, certs, cert_name, lambda client: client.jobs())
+    if as_json:
+        _print_json(jobs)
+        return
     columns = ("job", "state", "encoder", "rounds", "requester", "created", "note")
     table = _table(f"jobs on {master}", columns)
     for job in jobs:
@@ -351,11 +369,15 @@ def children_cmd(
     insecure: InsecureOpt = False,
     certs: CertsOpt = None,
     cert_name: AsOpt = "operator",
+    as_json: JsonOpt = False,
 ) -> None:
     """The children the master has seen and what they are doing."""
     from fedenc.proto.fedenc.v1 import control_pb2 as cpb
 
     children = _ask(master, insecure, certs, cert_name, lambda client: client.children())
+    if as_json:
+        _print_json(children)
+        return
     columns = ("child", "node", "state", "job", "last seen", "peer", "note")
     table = _table(f"children of {master}", columns)
     for c in children:

@@ -5,6 +5,7 @@ saved encoder), RequestEncoder starting a job (claim 2), cancel, list children, 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -271,6 +272,16 @@ def test_fedenc_control_lists_jobs_and_children_and_refuses_unknown_jobs(
     assert jobs.exit_code == 0, jobs.output
     for job in client.jobs():
         assert job.job_id in jobs.output
+    narrow = runner.invoke(cli, ["control", "jobs", *base], env={"COLUMNS": "60"})
+    for job in client.jobs():  # ids stay whole, to be copied into `fedenc control cancel`
+        assert job.job_id in narrow.output
+    listed = runner.invoke(cli, ["control", "jobs", "--json", *base])
+    assert listed.exit_code == 0, listed.output
+    rows = json.loads(listed.output)
+    assert [r["job_id"] for r in rows] == [j.job_id for j in client.jobs()]
+    assert all(r["state"].startswith("JOB_STATE_") for r in rows)
+    kids = json.loads(runner.invoke(cli, ["control", "children", "--json", *base]).output)
+    assert {k["name"] for k in kids} >= {"c0", "c1"}
     missing = runner.invoke(cli, ["control", "cancel", "nope", *base])
     assert missing.exit_code != 0 and "nope" in missing.output
 
