@@ -741,14 +741,17 @@ class _Job:
         names = {info.name for info in self.children.values()}
         for nid in new:
             if nid in failed:
-                info = ChildInfo(nid, f"node-{nid}", False, reason=failed[nid])
+                info = ChildInfo(nid, self._node_label(nid), False, reason=failed[nid])
             else:
                 try:
                     confirmation, name = records.read_confirmation(answered[nid].content)
                 except ValueError as err:
-                    info = ChildInfo(nid, f"node-{nid}", False, reason=f"bad confirmation: {err}")
+                    reason = f"bad confirmation: {err}"
+                    info = ChildInfo(nid, self._node_label(nid), False, reason=reason)
                 else:
-                    info = _child_info(nid, name, confirmation, self.config.job_id)
+                    info = _child_info(
+                        nid, name or self._node_label(nid), confirmation, self.config.job_id
+                    )
                     info.declined = not info.accepted
             if info.name in names:  # names label reports; keep them unique
                 info.name = f"{info.name}#{nid}"
@@ -785,6 +788,12 @@ class _Job:
             time.sleep(0.5)
             self.query_new(round_)
         return self.confirmed()
+
+    def _node_label(self, nid: int) -> str:
+        """A child that gave no readable name in its confirmation: its transport's name (the
+        gRPC runtime's Hello name), else its node id."""
+        name = getattr(self.grid, "node_name", lambda _: None)(nid)
+        return str(name) if name else f"node-{nid}"
 
     def confirmed(self) -> list[int]:
         """Confirmed children, ordered by name (the order replies are fused in)."""

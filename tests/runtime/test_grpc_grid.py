@@ -611,3 +611,12 @@ def test_frames_protocol_1_does_not_use_are_refused_with_what_carries_them(
     assert closed.close.reason == spb.CLOSE_REASON_PROTOCOL_ERROR
     assert "unexpected encoder_request frame" in closed.close.detail
     assert "use Control.RequestEncoder" in closed.close.detail
+
+
+def test_the_grid_names_a_connected_node_by_its_hello(
+    server: FederationServer, raw: Callable[[], RawChild]
+) -> None:
+    node = raw().hello("erin").welcome.node_id
+    grid = GrpcGrid(server, RUN)
+    assert grid.node_name(node) == "erin"
+    assert grid.node_name(node + 1000) is None

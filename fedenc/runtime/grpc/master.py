@@ -433,6 +433,11 @@ class GrpcGrid(fc.RunGrid):
     def get_node_ids(self) -> list[int]:
         return self._server.node_ids()
 
+    def node_name(self, node_id: int) -> str | None:
+        """The name a connected child gave in its Hello (None once it is gone)."""
+        conn = self._server.connection(node_id)
+        return conn.name if conn is not None else None
+
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         ids: list[str] = []
         for message in messages:
