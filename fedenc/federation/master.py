@@ -173,7 +173,8 @@ class MasterConfig:
         for name in ("round_timeout", "query_timeout"):
             value = getattr(self, name)
             if value is not None and not value > 0:
-                problems.append(f"{name} must be > 0 seconds or None (got {value})")
+                key = name.replace("_", "-")  # the run-config key, where 0 means no limit
+                problems.append(f"{key} must be > 0 seconds, or 0 for no limit (got {value})")
         if self.evaluate_every < 0:
             problems.append(f"evaluate_every must be >= 0 (got {self.evaluate_every})")
         if self.eval_split not in records.SPLITS:

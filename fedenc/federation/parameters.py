@@ -139,9 +139,9 @@ def check_num_samples(num_samples: object, child: str) -> int:
     """The child's sample count as an ``int``; :class:`BadUpdateError` unless it is an integer
     >= 1 (a child with no samples should have declined: it would get weight 0)."""
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
-        raise BadUpdateError(child, f"num_samples must be an integer, got {num_samples!r}")
+        raise BadUpdateError(child, f"num-examples must be an integer, got {num_samples!r}")
     if int(num_samples) < 1:
-        raise BadUpdateError(child, f"num_samples must be >= 1, got {int(num_samples)}")
+        raise BadUpdateError(child, f"num-examples must be >= 1, got {int(num_samples)}")
     return int(num_samples)
 
 

@@ -103,7 +103,12 @@ def message_to_bytes(message: Message) -> bytes:
 
 def message_from_bytes(data: bytes) -> Message:
     """The inverse of :func:`message_to_bytes`; needs no ``TaskIdentity``."""
-    message: Message = message_from_proto(ProtoMessage.FromString(data))
+    proto = ProtoMessage.FromString(data)
+    if not proto.HasField("content") and not proto.HasField("error"):
+        # proto3 drops an empty RecordDict from the bytes: a reply with no records (what a
+        # "query.finish" acknowledgement carries) reads back as one with empty content.
+        proto.content.SetInParent()
+    message: Message = message_from_proto(proto)
     return message
 
 

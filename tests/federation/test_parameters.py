@@ -97,7 +97,7 @@ def test_values_can_be_left_to_the_caller_and_checked_apart() -> None:
 
 @pytest.mark.parametrize("bad", [0, -3, 1.5, True, "10", None])
 def test_num_samples_must_be_a_positive_integer(bad: object) -> None:
-    with pytest.raises(BadUpdateError, match="num_samples"):
+    with pytest.raises(BadUpdateError, match="num-examples"):
         check_num_samples(bad, "c")
 
 

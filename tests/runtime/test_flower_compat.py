@@ -54,3 +54,16 @@ def test_message_id_serde_round_trip_and_error_reply() -> None:
 def test_empty_run() -> None:
     run = fc.empty_run(11)
     assert isinstance(run, fc.Run) and run.run_id == 11
+
+
+def test_a_message_with_no_records_reads_back_with_empty_content() -> None:
+    # proto3 leaves an empty RecordDict out of the bytes; a reply that carries no records
+    # (a "query.finish" acknowledgement from a child in another stack) must still decode.
+    from flwr.proto.message_pb2 import Message as ProtoMessage
+
+    proto = ProtoMessage()
+    proto.metadata.message_type = "query.finish"
+    proto.metadata.run_id = 7
+    message = fc.message_from_bytes(proto.SerializeToString())
+    assert message.has_content() and len(message.content) == 0
+    assert message.metadata.message_type == "query.finish"
