@@ -21,6 +21,23 @@ elastic_app = typer.Typer(
     help="Elastic training services: task-information server, data server, computing server."
 )
 
+
+@elastic_app.callback()
+def _logging(
+    log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
+) -> None:
+    """The services' log lines (a computing server registering, a resumed journal, a refused
+    task) go to stderr; at info by default, as fedenc master and child."""
+    import logging
+    import sys
+
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
 Insecure = Annotated[bool, typer.Option("--insecure", help="Plaintext gRPC (trusted hosts).")]
 Certs = Annotated[Path | None, typer.Option(help="fedenc certs directory (mutual TLS).")]
 

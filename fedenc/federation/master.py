@@ -88,6 +88,9 @@ live table); :func:`run_master` calls it in addition to its ``on_round`` argumen
 
 #: Seconds the master waits for the children to acknowledge the end of a job.
 FINISH_TIMEOUT: Final = 30.0
+#: Counters a child's train reply may carry (its computing servers, its two-level PS) that the
+#: round's metrics report, summed over the round's accepted children.
+CHILD_COUNTER_PREFIXES: Final = ("elastic_", "ps_")
 #: Seconds between the log lines of a long wait for replies.
 WAIT_LOG_S: Final = 30.0
 
@@ -618,6 +621,7 @@ class _Job:
         self.stop = config.stop_rule()
         self.held_peak = 0
         self.child_seconds: list[float] = []
+        self.child_counters: dict[str, float] = {}
         encoder_only = set(self.model.shared_parameter_names())  # all but the item table
         self.carried: ArrayRecord | None = None  # carry_optimizer: the last child's moments
         self.row_names = (
@@ -879,6 +883,7 @@ class _Job:
         next_rank = 0
         self.held_peak = 0  # most replies held at once (the reorder buffer's cost)
         self.child_seconds = []  # each accepted child's local training time
+        self.child_counters = {}  # elastic_* / ps_* counters of the accepted children, summed
         content = records.round_content(
             arrays,
             self.instruction,
@@ -944,6 +949,7 @@ class _Job:
             self.table.apply(keys, deltas)
             metrics["ps_rows_received"] = float(self.row_fusion.rows_received)
             metrics["ps_rows_fused"] = float(keys.size)
+        metrics.update(self.child_counters)
         loss = _weighted_mean(losses)
         if loss is not None:
             metrics["train_loss"] = loss
@@ -1045,6 +1051,9 @@ class _Job:
         loss = metrics.get("train_loss")
         if loss is not None:
             losses.append((loss, float(n)))
+        for key, value in metrics.items():  # the site's own counters, totalled over children
+            if key.startswith(CHILD_COUNTER_PREFIXES) and math.isfinite(value):
+                self.child_counters[key] = self.child_counters.get(key, 0.0) + value
         seconds = metrics.get("seconds")
         if seconds is not None and math.isfinite(seconds) and seconds >= 0:
             self.child_seconds.append(seconds)

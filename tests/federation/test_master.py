@@ -78,6 +78,7 @@ class Script:
     eval_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     mislabel_train: set[int] = field(default_factory=set)  # its train reply says "evaluate"
     fail_query: set[int] = field(default_factory=set)  # lost before it answers the query
+    train_metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # added to replies
 
 
 def echo_client(script: Script) -> Client:
@@ -108,6 +109,7 @@ def echo_client(script: Script) -> Client:
                 params = script.corrupt[pid](params)
             n = script.train_examples.get(pid, samples_of(pid))
             metrics = {records.NUM_EXAMPLES: n, "train_loss": float(pid)}
+            metrics.update(script.train_metrics.get(pid, {}))
             content = records.metrics_content(metrics, records.params_to_record(params))
             reply = Message(content, reply_to=msg)
             if pid in script.mislabel_train:
@@ -739,3 +741,15 @@ def test_a_long_wait_for_replies_says_whom_it_waits_for(
     assert result.rounds[0].participants == ["child-0", "child-1"]
     assert "(no limit) for train replies from: child-1" in caplog.text
     assert "replies from: child-0" not in caplog.text
+
+
+def test_childrens_elastic_and_ps_counters_are_totalled_in_the_rounds_metrics() -> None:
+    counters = {
+        0: {"elastic_batches": 12.0, "elastic_reassigned": 1.0, "ps_exchanges": 3.0},
+        1: {"elastic_batches": 8.0, "ps_exchanges": 2.0, "other": 5.0},
+    }
+    config = tiny_config(rounds=1, final_test=False)
+    result, _ = run_job(echo_client(Script(train_metrics=counters)), 2, config)
+    metrics = result.rounds[0].metrics
+    assert metrics["elastic_batches"] == 20 and metrics["elastic_reassigned"] == 1
+    assert metrics["ps_exchanges"] == 5 and "other" not in metrics
