@@ -40,6 +40,7 @@ def test_a_tiny_simulation_writes_all_outputs(tmp_path: Path) -> None:
     results = json.loads((out / "results.json").read_text())
     assert results["encoder"] == "srgnn" and results["rule"] == "weighted_sum"
     assert results["scenario"]["lr_decay_step"] == 7
+    assert results["scenario"]["share"] == "all"  # auto, resolved as the job ran it
     assert results["scenario"]["partition"] == "dirichlet" and results["scenario"]["children"] == 3
     assert results["runtime"]["kind"] == "inprocess"
     assert [r["round"] for r in results["rounds"]] == [1, 2]

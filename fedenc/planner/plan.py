@@ -55,6 +55,10 @@ def default_equivalent(threads: int) -> PlanSpec:
     return PlanSpec(threads=threads, chunk=DEFAULT_CHUNK)
 
 
+#: A default loop predicted this many times slower than the best plan means skewed costs.
+SKEWED = 10.0
+
+
 @dataclass
 class PlanChoice:
     """The outcome: the plan (None = the plain loop) and everything that explains it."""
@@ -69,6 +73,7 @@ class PlanChoice:
     profiled: list[str] = field(default_factory=list)  # candidates profiled in this call
     cache: Path | None = None
     reason: str = ""
+    load: str = ""  # the load average the costs were profiled under
 
     @property
     def name(self) -> str:
@@ -91,6 +96,15 @@ class PlanChoice:
                 f"profiled {len(self.profiled)} now" if self.profiled else "all costs from cache"
             )
             lines[-1] += f"{source} ({self.cache})"
+            if self.load:
+                lines[-1] += f", profiled at load average {self.load}"
+            best = ranked[0][1]
+            if base and best and base > SKEWED * best:
+                lines.append(
+                    f"  the default loop is predicted {base / best:.0f}x slower than the best: "
+                    "costs profiled on a busy machine skew the choice; delete the cache file "
+                    "to profile again when it is quiet"
+                )
         if self.schedule is not None and self.graph is not None:
             lanes = self.schedule.per_processor()
             lines.append(
@@ -262,6 +276,7 @@ class Planner:
                 baseline=base.name,
                 profiled=list(self.profiled),
                 cache=self.cache.path,
+                load=self.costs.load,
                 reason="requested",
             )
         specs = self.candidates()
@@ -289,6 +304,7 @@ class Planner:
                 baseline=base.name,
                 profiled=list(self.profiled),
                 cache=self.cache.path,
+                load=self.costs.load,
                 reason=(
                     f"no candidate is predicted {MIN_GAIN:.0%} faster than the plain loop "
                     f"({base.name}, {1000 * base_time:.2f} ms/step)"
@@ -306,6 +322,7 @@ class Planner:
             baseline=base.name,
             profiled=list(self.profiled),
             cache=self.cache.path,
+            load=self.costs.load,
             reason=f"lowest predicted step time, {1000 * best[0]:.2f} ms{gain}",
         )
 

@@ -341,7 +341,9 @@ def outcome_of(
     result: dict[str, Any] = json.loads(str(server_context.state[RESULT_KEY]["json"]))
     files: dict[str, Path] = {}
     if out_dir is not None:
-        extra = {"scenario": asdict(scenario), "runtime": runtime}
+        # share = auto as the job ran it (all, or encoder with a parameter server)
+        settings = {**asdict(scenario), "share": scenario.run_config()["share"]}
+        extra = {"scenario": settings, "runtime": runtime}
         files["results"] = write_results(result, out_dir, extra)
         files["rounds"] = out_dir / ROUNDS_FILE
         if (out_dir / PLOT_FILE).is_file():

@@ -59,6 +59,10 @@ def test_plans_are_deterministic_for_the_same_measurements(
     assert set(a.predicted) == expected
     text = "\n".join(a.explain())
     assert a.name in text and "ms/step predicted" in text and "default loop" in text
+    assert f"profiled at load average {a.load}" in text and a.load
+    skewed = copy.copy(a)  # a default loop 50x slower than the best: costs from a busy machine
+    skewed.predicted = {**a.predicted, a.baseline: 50 * min(a.predicted.values())}
+    assert "predicted 50x slower than the best" in "\n".join(skewed.explain())
 
 
 def test_the_cheapest_candidate_wins_under_edited_costs(examples: Examples, tmp_path: Path) -> None:
