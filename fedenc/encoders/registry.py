@@ -5,16 +5,14 @@ built-in encoders."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from importlib import import_module
-from importlib.metadata import entry_points
 from typing import Any, TypeVar
 
 from fedenc.encoders.base import EncoderConfig, SessionEncoder
+from fedenc.plugins import load_entry_points
 
 E = TypeVar("E", bound=type[SessionEncoder])
-log = logging.getLogger(__name__)
 
 _REGISTRY: dict[str, type[SessionEncoder]] = {}
 _ENTRY_POINT_GROUP = "fedenc.encoders"
@@ -53,16 +51,12 @@ def _load_builtin_and_plugins() -> None:
         import_module(module)
     if not _loaded_entry_points:
         _loaded_entry_points = True
-        for ep in entry_points(group=_ENTRY_POINT_GROUP):
-            if ep.name in _REGISTRY:
-                log.warning(
-                    "encoder plugin %r (%s) shadows a registered type; ignored", ep.name, ep.value
-                )
-                continue
-            try:
-                register_encoder(ep.name)(ep.load())
-            except Exception as err:  # a broken plugin must not break the built-in encoders
-                log.warning("encoder plugin %r (%s) failed to load: %s", ep.name, ep.value, err)
+        load_entry_points(
+            _ENTRY_POINT_GROUP,
+            "encoder",
+            lambda name: name in _REGISTRY,
+            lambda name, cls: register_encoder(name)(cls),
+        )
 
 
 def available_encoders() -> list[str]:

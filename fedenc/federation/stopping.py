@@ -28,10 +28,10 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import Any, TypeVar
 
 from fedenc.federation.parameters import relative_change
+from fedenc.plugins import load_entry_points
 
 __all__ = [
     "AllOf",
@@ -329,11 +329,12 @@ def _load_plugins() -> None:
     if _loaded_entry_points:
         return
     _loaded_entry_points = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            register_stop_rule(ep.name)(ep.load())
-        except Exception as err:  # a broken plugin must not break the built-in rules
-            log.warning("stop-rule plugin %r (%s) failed to load: %s", ep.name, ep.value, err)
+    load_entry_points(
+        ENTRY_POINT_GROUP,
+        "stop-rule",
+        lambda name: name in _KEYS or name in _PLUGINS,
+        lambda name, cls: register_stop_rule(name)(cls),
+    )
 
 
 def _known_keys() -> tuple[str, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -11,12 +12,8 @@ from fedenc.encoders import registry
 from fedenc.encoders.srgnn import SRGNN
 
 
-class _EntryPoint:
-    def __init__(self, name: str, load: Any) -> None:
-        self.name, self.value, self._load = name, f"plugin_pkg:{name}", load
-
-    def load(self) -> Any:
-        return self._load()
+def _entry_point(name: str, load: Any) -> SimpleNamespace:
+    return SimpleNamespace(name=name, value=f"plugin_pkg:{name}", load=load)
 
 
 def _broken() -> Any:
@@ -30,19 +27,19 @@ def test_a_broken_plugin_is_logged_and_skipped_and_a_shadowing_one_ignored(
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     monkeypatch.setattr(registry, "_loaded_entry_points", False)
     plugins = [
-        _EntryPoint("broken", _broken),
-        _EntryPoint("srgnn", lambda: object),
-        _EntryPoint("srgnn_copy", lambda: type("SRGNNCopy", (SRGNN,), {})),
+        _entry_point("broken", _broken),
+        _entry_point("srgnn", lambda: object),
+        _entry_point("srgnn_copy", lambda: type("SRGNNCopy", (SRGNN,), {})),
     ]
-    monkeypatch.setattr(registry, "entry_points", lambda group: plugins)
-    with caplog.at_level(logging.WARNING, logger="fedenc.encoders.registry"):
+    monkeypatch.setattr("fedenc.plugins.entry_points", lambda group: plugins)
+    with caplog.at_level(logging.WARNING, logger="fedenc.plugins"):
         names = registry.available_encoders()
     assert {"srgnn", "edge_attn", "skip_rnn", "srgnn_copy"} <= set(names)
     assert "broken" not in names and registry.encoder_class("srgnn") is SRGNN
     assert SRGNN.type_name == "srgnn"
     assert "encoder plugin 'broken' (plugin_pkg:broken) failed to load" in caplog.text
     assert "No module named 'nosuchmodule'" in caplog.text
-    assert "encoder plugin 'srgnn' (plugin_pkg:srgnn) shadows a registered type" in caplog.text
+    assert "encoder plugin 'srgnn' (plugin_pkg:srgnn) shadows a registered one" in caplog.text
     with pytest.raises(registry.UnknownEncoderError, match="unknown encoder type 'broken'"):
         registry.encoder_class("broken")
 

@@ -706,8 +706,8 @@ def test_entry_point_plugins(
         assert group == "fedenc.fusion"
         return plugins
 
-    monkeypatch.setattr(registry_module, "entry_points", fake_entry_points)
-    with caplog.at_level(logging.WARNING, logger=registry_module.__name__):
+    monkeypatch.setattr("fedenc.plugins.entry_points", fake_entry_points)
+    with caplog.at_level(logging.WARNING, logger="fedenc.plugins"):
         names = available_fusion_rules()
     assert "midpoint" in names and "broken" not in names
     assert "broken" in caplog.text and "shadows" in caplog.text

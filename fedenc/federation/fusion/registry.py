@@ -15,8 +15,9 @@ import inspect
 import logging
 from collections.abc import Callable
 from importlib import import_module
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from fedenc.plugins import load_entry_points
 
 if TYPE_CHECKING:
     from fedenc.federation.fusion.base import FusionRule
@@ -79,16 +80,12 @@ def _load() -> None:
     if _loaded_entry_points:
         return
     _loaded_entry_points = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in _REGISTRY or ep.name in _ALIASES:
-            log.warning(
-                "fusion plugin %r (%s) shadows a registered rule; ignored", ep.name, ep.value
-            )
-            continue
-        try:
-            register_fusion_rule(ep.name)(ep.load())
-        except Exception as err:  # a broken plugin must not break the built-in rules
-            log.warning("fusion plugin %r (%s) failed to load: %s", ep.name, ep.value, err)
+    load_entry_points(
+        ENTRY_POINT_GROUP,
+        "fusion",
+        lambda name: name in _REGISTRY or name in _ALIASES,
+        lambda name, cls: register_fusion_rule(name)(cls),
+    )
 
 
 def available_fusion_rules() -> list[str]:

@@ -1,0 +1,31 @@
+"""Plugins of other packages, found through entry points (encoders, fusion rules, stop rules).
+
+One rule for all three: a built-in name wins over a plugin of the same name, and a plugin that
+fails to import is logged and skipped, so that a broken package cannot break fedenc's own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def load_entry_points(
+    group: str, kind: str, taken: Callable[[str], bool], register: Callable[[str, Any], None]
+) -> None:
+    """Register every entry point of ``group`` whose name is not ``taken`` (a ``kind`` such as
+    "encoder" names it in the log)."""
+    for ep in entry_points(group=group):
+        if taken(ep.name):
+            log.warning(
+                "%s plugin %r (%s) shadows a registered one; ignored", kind, ep.name, ep.value
+            )
+            continue
+        try:
+            register(ep.name, ep.load())
+        except Exception as err:  # a broken plugin must not break the built-in ones
+            log.warning("%s plugin %r (%s) failed to load: %s", kind, ep.name, ep.value, err)
