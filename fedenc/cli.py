@@ -755,10 +755,9 @@ def simulate_cmd(
         typer.Option(
             "--resume",
             help="Continue the interrupted simulation checkpointed in --out (same scenario and "
-            "options) after its last completed round. The simulated children start afresh (new "
-            "optimizer moments and learning-rate schedule), so the encoder differs from an "
-            "uninterrupted run's; master and child processes resume exactly "
-            "(fedenc master --resume).",
+            "options) after its last completed round. The master and the simulated children "
+            "take up the state they saved after each round, so the encoder equals an "
+            "uninterrupted run's, bit for bit.",
         ),
     ] = False,
 ) -> None:
@@ -829,8 +828,7 @@ def simulate_cmd(
     live, on_round, _ = _round_printer(title)
     if resume:
         console.print(
-            "resuming: the simulated children start afresh (new optimizer moments and learning-"
-            "rate schedule), so the encoder will differ from an uninterrupted run's"
+            f"resuming: the master and the simulated children continue from {out_dir / 'state'}"
         )
 
     def on_term(signum: int, frame: Any) -> None:

@@ -154,10 +154,25 @@ def test_an_interrupted_simulation_resumes_after_its_last_completed_round(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         run_scenario(scenario, out, on_round=ctrl_c_after_round_1)
     assert not (out / "results.json").exists()
+    assert list((out / "state" / "children").glob("*/*.pt"))  # the children's saved states
+    from fedenc.federation import child
+
+    child.forget()  # as a new process: nothing of the children is left in memory
     result = runner.invoke(app, [*args, "--resume"])
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert [r["round"] for r in results["rounds"]] == [1, 2, 3]  # round 1 from the checkpoint
+    assert not list((out / "state" / "children").glob("*/*.pt"))  # the job is over
+    # The same encoder as a run that was never interrupted, bit for bit.
+    whole = tmp_path / "whole"
+    done = runner.invoke(app, [*args[:-1], str(whole)])
+    assert done.exit_code == 0, done.output
+    resumed, _ = load_checkpoint(out / "encoder")
+    uninterrupted, _ = load_checkpoint(whole / "encoder")
+    for (name, a), (_, b) in zip(
+        resumed.state_dict().items(), uninterrupted.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
     refused = runner.invoke(app, ["simulate", *TINY, "--resume"])
     assert refused.exit_code == 2 and "--resume needs the interrupted simulation's --out" in (
         " ".join(refused.output.split())
@@ -192,7 +207,7 @@ def test_a_fusion_rule_that_returns_nan_stops_the_run_and_publishes_nothing(
     assert not (out / "encoder").exists()
 
 
-def test_sigterm_says_how_to_resume_and_resume_says_what_it_cannot_keep(tmp_path: Path) -> None:
+def test_sigterm_says_how_to_resume_and_resume_says_where_it_continues_from(tmp_path: Path) -> None:
     import signal
     import subprocess
     import sys
@@ -218,7 +233,7 @@ def test_sigterm_says_how_to_resume_and_resume_says_what_it_cannot_keep(tmp_path
     resumed = runner.invoke(
         app, ["simulate", *TINY, "--rounds", "2", "--out", str(out), "--resume"]
     )
-    assert "the simulated children start afresh" in " ".join(resumed.output.split())
+    assert "the master and the simulated children continue from" in " ".join(resumed.output.split())
 
 
 def test_an_encoder_option_the_encoder_does_not_read_is_refused(tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,6 +65,7 @@ from fedenc.ps.federation import (
     take_pulled,
     take_rows,
 )
+from fedenc.training.checkpoint import load_failure
 from fedenc.training.config import TrainConfig
 from fedenc.training.trainer import Trainer
 
@@ -257,7 +259,7 @@ def _build_state(
     for name in shared_heads:
         rows = model.state_dict()[name].shape[0]
         row_weights[name] = torch.from_numpy(item_counts[:rows].astype(np.float32))
-    return ChildState(
+    state = ChildState(
         key=key,
         name=child_name(context, cfg.partition_id),
         instruction=instruction,
@@ -269,6 +271,8 @@ def _build_state(
         seed=seed,
         row_weights=row_weights,
     )
+    _restore_persisted(state, context)
+    return state
 
 
 def _plan(context: Context) -> str:
@@ -311,6 +315,87 @@ def _restore_snapshot(state: ChildState, snap: _Snapshot) -> None:
     trainer.epoch_order.restore(snap.order)
     trainer.epochs_done = snap.epochs_done
     state.rounds_trained = snap.rounds_trained
+
+
+# -- persisted state (simulations: `fedenc simulate --resume` continues bit for bit) ----------
+
+
+def _persist_path(state: ChildState, context: Context) -> Path | None:
+    """Where this child's state is kept between rounds, or None. Only when the run asks for it
+    (run config ``child-state``, which `fedenc simulate --out` sets: its children live in the
+    process that may be killed) and the state can be rewound (the plain trainer)."""
+    if not get_bool(context.run_config, "child-state", False):
+        return None
+    if type(state.trainer) is not Trainer or not get_bool(context.run_config, "replay-round", True):
+        return None
+    root = get_str(context.run_config, "state-dir", "")
+    out = get_str(context.run_config, "out-dir", "")
+    if not root and not out:
+        return None
+    base = Path(root) if root else Path(out) / "state"
+    return base / "children" / state.key[2] / f"{state.key[1]}.pt"
+
+
+def _snapshot_payload(snap: _Snapshot) -> dict[str, Any]:
+    rng, order, cursor = snap.order
+    return {  # tensors and plain values only: read back with torch.load(weights_only=True)
+        "round": snap.round,
+        "model": snap.model,
+        "optimizer": snap.optimizer,
+        "scheduler": snap.scheduler,
+        "order": (dict(rng), None if order is None else torch.from_numpy(order.copy()), cursor),
+        "epochs_done": snap.epochs_done,
+        "rounds_trained": snap.rounds_trained,
+    }
+
+
+def _snapshot_of(payload: Mapping[str, Any]) -> _Snapshot:
+    rng, order, cursor = payload["order"]
+    return _Snapshot(
+        round=int(payload["round"]),
+        model=dict(payload["model"]),
+        optimizer=dict(payload["optimizer"]),
+        scheduler=dict(payload["scheduler"]),
+        order=(dict(rng), None if order is None else order.numpy(), int(cursor)),
+        epochs_done=int(payload["epochs_done"]),
+        rounds_trained=int(payload["rounds_trained"]),
+    )
+
+
+def _persist(state: ChildState, context: Context) -> None:
+    """After a trained round: the state after it and the one before it (a master that resumes
+    before this round replays it, one that resumes after it goes on from here)."""
+    path = _persist_path(state, context)
+    if path is None:
+        return
+    payload = {
+        "format": 1,
+        "job_id": state.key[2],
+        "last_round": state.last_round,
+        "after": _snapshot_payload(_take_snapshot(state, state.last_round)),
+        "before": None if state.before_last is None else _snapshot_payload(state.before_last),
+    }
+    from fedenc.ps.table import atomic_save
+
+    atomic_save(payload, path)
+
+
+def _restore_persisted(state: ChildState, context: Context) -> None:
+    """A state rebuilt from its instruction takes up the persisted one, if there is one."""
+    path = _persist_path(state, context)
+    if path is None or not path.is_file():
+        return
+    try:
+        payload = torch.load(path, weights_only=True)
+        after = _snapshot_of(payload["after"])
+        before = None if payload["before"] is None else _snapshot_of(payload["before"])
+        _restore_snapshot(state, after)
+    except Exception as err:  # an unreadable file: start afresh, as before, and say so
+        log.warning("%s: cannot read its saved state %s (%s): starting afresh", state.name,
+                    path, load_failure(err))  # fmt: skip
+        return
+    state.last_round, state.before_last = int(payload["last_round"]), before
+    log.info("%s: resumed its state after round %d from %s", state.name, state.last_round, path)
 
 
 def _replay_guard(state: ChildState, round_: int, context: Context) -> None:
@@ -490,6 +575,7 @@ def handle_train(message: Message, context: Context) -> Message:
         state.trainer.config.max_examples_per_epoch = cap
     ps_metrics = end_round(state.trainer)  # the two-level PS flushes its last window
     state.rounds_trained += 1
+    _persist(state, context)
     seconds = time.perf_counter() - t0
     metrics = {
         records.NUM_EXAMPLES: state.num_samples,
@@ -587,7 +673,12 @@ def handle_finish(message: Message, context: Context) -> Message:
     job_id = config.get(records.JOB_ID, "")
     key = _key(context, str(job_id))
     with _lock:
-        dropped = _states.pop(key, None) is not None
+        state = _states.pop(key, None)
+    dropped = state is not None
+    if state is not None:  # the job is over: nothing to resume
+        path = _persist_path(state, context)
+        if path is not None:
+            path.unlink(missing_ok=True)
     return Message(records.metrics_content({"dropped": int(dropped)}), reply_to=message)
 
 

@@ -266,6 +266,9 @@ class Scenario:
             )
         if out_dir is not None:
             config["out-dir"] = str(out_dir)
+            # Its children live in this process: they keep their state beside the master's, so
+            # that --resume continues the run bit for bit.
+            config["child-state"] = True
         return config
 
 
@@ -297,7 +300,8 @@ def run_scenario(
     """Run ``scenario`` in this process; with ``out_dir``, write the encoder checkpoint,
     results.json, rounds.csv and metrics.png there. ``on_round`` sees each round as it ends.
     ``resume`` continues the interrupted job checkpointed in ``out_dir/state`` after its last
-    completed round (the simulated children start afresh from the job's instruction)."""
+    completed round; the children take up the state they saved under ``out_dir/state/children``
+    after each round, so the result equals an uninterrupted run's."""
     from fedenc.runtime.inprocess import run_inprocess
     from nodes.child import app as child_app
     from nodes.master import app as master_app
