@@ -124,8 +124,14 @@ def write_rounds_csv(rounds: Sequence[Mapping[str, Any]], out_dir: Path) -> Path
     return path
 
 
-def plot_rounds(rounds: Sequence[Mapping[str, Any]], out_dir: Path, title: str = "") -> Path | None:
-    """A PNG of Recall@20, MRR@20 and the train loss by round; None when matplotlib is missing."""
+def plot_rounds(
+    rounds: Sequence[Mapping[str, Any]],
+    out_dir: Path,
+    title: str = "",
+    final: Mapping[str, Any] | None = None,
+) -> Path | None:
+    """A PNG of Recall@20, MRR@20 (with the final test's, when there is one) and the train loss
+    by round; None when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -141,9 +147,19 @@ def plot_rounds(rounds: Sequence[Mapping[str, Any]], out_dir: Path, title: str =
         points = [(x, _num(r[key])) for x, r in zip(xs, rounds, strict=True) if r[key] is not None]
         if points:
             ax_rank.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    final = final or {}
+    for key, label, color in (("test_recall@20", "test Recall@20", "C0"),
+                              ("test_mrr@20", "test MRR@20", "C1")):  # fmt: skip
+        if xs and final.get(key) is not None:
+            ax_rank.plot([xs[-1]], [_num(final[key])], marker="*", markersize=14, color=color,
+                         linestyle="none", label=label)  # fmt: skip
+    # Which split the rounds were scored on: the children's validation split unless the job
+    # evaluated on test (eval-split); the round's metric names say it.
+    names = {k for r in rounds for k in (r.get("metrics") or {})}
+    split = "test" if any(k.startswith("test_") for k in names) else "validation"
     ax_rank.set_xlabel("round")
     ax_rank.set_ylabel("%")
-    ax_rank.set_title("held-out ranking metrics")
+    ax_rank.set_title(f"ranking metrics on the children's {split} split")
     ax_rank.grid(alpha=0.3)
     if ax_rank.get_legend_handles_labels()[0]:
         ax_rank.legend()
@@ -177,7 +193,12 @@ def write_outputs(
         "results": write_results(result, out_dir, extra),
         "rounds": write_rounds_csv(rounds, out_dir),
     }
-    plot = plot_rounds(rounds, out_dir, title=f"{result['encoder']} / {result['rule']}")
+    plot = plot_rounds(
+        rounds,
+        out_dir,
+        title=f"{result['encoder']} / {result['rule']}",
+        final=result.get("final_metrics"),
+    )
     if plot is not None:
         paths["plot"] = plot
     return paths

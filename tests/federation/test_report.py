@@ -1,0 +1,63 @@
+"""A job's outputs: rounds.csv, the round table and metrics.png (with the final test's points)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedenc.federation import report
+
+
+def rounds() -> list[dict[str, Any]]:
+    return [
+        {
+            "round": r,
+            "participants": ["a", "b"],
+            "sampled": ["a", "b"],
+            "excluded": {},
+            "num_samples": 30,
+            "loss": 5.0 - r,
+            "recall_at_20": 10.0 * r,
+            "mrr_at_20": 3.0 * r,
+            "bytes_moved": 1000,
+            "seconds": 0.5,
+            "param_change": 0.1,
+            "skipped": None,
+            "metrics": {"train_loss": 5.0 - r, "valid_recall@20": 10.0 * r},
+        }
+        for r in (1, 2, 3)
+    ]
+
+
+def test_rounds_csv_has_a_row_per_round(tmp_path: Path) -> None:
+    path = report.write_rounds_csv(rounds(), tmp_path)
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["round"]) for r in rows] == [1, 2, 3]
+    assert float(rows[2]["recall@20"]) == 30.0 and rows[0]["participant_names"] == "a;b"
+
+
+def test_the_plot_marks_the_final_test_and_names_the_split(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import matplotlib.figure
+
+    titles: list[str] = []
+    labels: list[str] = []
+    save = matplotlib.figure.Figure.savefig
+
+    def spy(fig: Any, *args: Any, **kwargs: Any) -> None:
+        for ax in fig.axes:
+            titles.append(ax.get_title())
+            labels.extend(line.get_label() for line in ax.get_lines())
+        save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    final = {"test_recall@20": 33.0, "test_mrr@20": 9.5}
+    path = report.plot_rounds(rounds(), tmp_path, title="srgnn / weighted_sum", final=final)
+    assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "ranking metrics on the children's validation split" in titles
+    assert {"Recall@20", "MRR@20", "test Recall@20", "test MRR@20"} <= set(labels)
