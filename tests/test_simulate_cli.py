@@ -163,6 +163,9 @@ def test_an_interrupted_simulation_resumes_after_its_last_completed_round(tmp_pa
     results = json.loads((out / "results.json").read_text())
     assert [r["round"] for r in results["rounds"]] == [1, 2, 3]  # round 1 from the checkpoint
     assert not list((out / "state" / "children").glob("*/*.pt"))  # the job is over
+    # Only simulations ask children to save their state: `fedenc master` builds its run config
+    # from the same scenario, and its children are on other machines.
+    assert "child-state" not in Scenario().run_config(out)
     # The same encoder as a run that was never interrupted, bit for bit.
     whole = tmp_path / "whole"
     done = runner.invoke(app, [*args[:-1], str(whole)])

@@ -377,7 +377,11 @@ def _persist(state: ChildState, context: Context) -> None:
     }
     from fedenc.ps.table import atomic_save
 
-    atomic_save(payload, path)
+    try:
+        atomic_save(payload, path)
+    except OSError as err:  # the round's update still counts; only an exact resume is lost
+        log.warning("%s: cannot save its state to %s (%s): a resume would not be exact",
+                    state.name, path, err)  # fmt: skip
 
 
 def _restore_persisted(state: ChildState, context: Context) -> None:

@@ -266,9 +266,6 @@ class Scenario:
             )
         if out_dir is not None:
             config["out-dir"] = str(out_dir)
-            # Its children live in this process: they keep their state beside the master's, so
-            # that --resume continues the run bit for bit.
-            config["child-state"] = True
         return config
 
 
@@ -313,7 +310,10 @@ def run_scenario(
             master_app,
             CHILD_APP if scenario.workers else child_app,
             scenario.children,
-            {**scenario.run_config(out_dir), "resume": resume},
+            # Its children live in this process: with an output directory they keep their
+            # state beside the master's, so that --resume continues the run bit for bit. (Not in
+            # run_config(): `fedenc master`'s children are on other machines.)
+            {**scenario.run_config(out_dir), "resume": resume, "child-state": out_dir is not None},
             [{"slowdown": f} for f in scenario.slowdown]
             + [{}] * (scenario.children - len(scenario.slowdown)),
             concurrency=scenario.concurrency,
