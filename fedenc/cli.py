@@ -863,7 +863,7 @@ def simulate_cmd(
     except FusionOutputError as err:  # nothing of that round is kept or published
         raise _fail(f"{err}; the rounds before it are checkpointed in {out_dir / 'state'}") from err
     finally:
-        if main:
+        if main and previous_term is not None:  # None: a handler not set from Python
             signal.signal(signal.SIGTERM, previous_term)
     _print_outcome(outcome.result, title, out_dir)
 

@@ -109,11 +109,12 @@ def spec_to_run_config(spec: cpb.JobSpec, base: Mapping[str, Any]) -> RunConfig:
     """The run config of ``spec`` on top of ``base`` (the master's defaults)."""
     rc: RunConfig = dict(base)
     for key, value in struct_to_dict(spec.run_config).items():  # first: typed fields win
-        if key.replace("_", "-") in RESERVED_KEYS:
+        name = key.replace("_", "-")  # one spelling: the base's would shadow another
+        if name in RESERVED_KEYS:
             raise JobSpecError(f"run_config {key!r} is set by the master, not by a job spec")
-        if key.replace("_", "-") not in RUN_CONFIG_KEYS:
+        if name not in RUN_CONFIG_KEYS:
             raise JobSpecError(f"run_config: {unknown_key_message(key)}")
-        rc[key] = _scalar(f"run_config {key!r}", value)
+        rc[name] = _scalar(f"run_config {key!r}", value)
     if spec.encoder_type:
         rc["encoder"] = spec.encoder_type
     options: dict[str, Any] = {}

@@ -140,12 +140,13 @@ class TaskInfoServer(egrpc.TaskInformationServicer):
             log.info("task %s: resumed %d/%d batches from %s", desc.task_id, journal.resumed,
                      total, journal.path)  # fmt: skip
 
-    def _check_task(self, desc: epb.DescribeResponse) -> None:
-        """Open the data server's task, or check that it still holds what the journal says."""
+    def _check_task(self, desc: epb.DescribeResponse, journalled: int | None = None) -> None:
+        """Open the data server's task, or check that it still holds what the journal says.
+        ``journalled``: the journal's count taken before ``desc`` was asked for."""
         if self.task is None or self.task.task_id != desc.task_id:
             self._open_task(desc)
             return
-        applied = len(self.task.journal.done)
+        applied = len(self.task.journal.done) if journalled is None else journalled
         if desc.version < applied:  # the journal records only batches the data server applied
             raise ElasticError(
                 f"the data server holds task {desc.task_id!r} at step {desc.version}, but the "
@@ -168,6 +169,9 @@ class TaskInfoServer(egrpc.TaskInformationServicer):
             now = time.monotonic()
             if now >= next_describe:
                 next_describe = now + 0.2
+                with self._lock:  # counted before asking: a batch journalled meanwhile is
+                    # already in the answer's version (the journal follows the data server)
+                    journalled = len(self.task.journal.done) if self.task is not None else 0
                 try:
                     desc = self._ds.Describe(epb.DescribeRequest(), timeout=5)
                 except grpc.RpcError:
@@ -175,7 +179,7 @@ class TaskInfoServer(egrpc.TaskInformationServicer):
                 if desc is not None and desc.task_id:
                     with self._lock:
                         try:
-                            self._check_task(desc)
+                            self._check_task(desc, journalled)
                         except ElasticError as err:
                             self._fail(str(err))
                             return

@@ -34,8 +34,10 @@ logs and leaves out of the round.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -321,10 +323,12 @@ def _restore_snapshot(state: ChildState, snap: _Snapshot) -> None:
 
 
 def _persist_path(state: ChildState, context: Context) -> Path | None:
-    """Where this child's state is kept between rounds, or None. Only when the run asks for it
-    (run config ``child-state``, which `fedenc simulate --out` sets: its children live in the
-    process that may be killed) and the state can be rewound (the plain trainer)."""
-    if not get_bool(context.run_config, "child-state", False):
+    """Where this child's state is kept between rounds, or None. Only when the child itself is
+    set up for it (node config ``child-state``, which `fedenc simulate --out` gives its
+    in-process children: they live in the process that may be killed, beside the master's
+    files), never because a master asks, and only when the state can be rewound (the plain
+    trainer)."""
+    if not get_bool(context.node_config, "child-state", False):
         return None
     if type(state.trainer) is not Trainer or not get_bool(context.run_config, "replay-round", True):
         return None
@@ -333,7 +337,10 @@ def _persist_path(state: ChildState, context: Context) -> Path | None:
     if not root and not out:
         return None
     base = Path(root) if root else Path(out) / "state"
-    return base / "children" / state.key[2] / f"{state.key[1]}.pt"
+    job = state.key[2]
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", job) or job in (".", ".."):
+        return None  # a job id is a file name here: nothing that could leave the folder
+    return base / "children" / job / f"{state.key[1]}.pt"
 
 
 def _snapshot_payload(snap: _Snapshot) -> dict[str, Any]:
@@ -683,6 +690,8 @@ def handle_finish(message: Message, context: Context) -> Message:
         path = _persist_path(state, context)
         if path is not None:
             path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the job's folder, once its last child is done
+                path.parent.rmdir()
     return Message(records.metrics_content({"dropped": int(dropped)}), reply_to=message)
 
 

@@ -35,12 +35,13 @@ Flower's own engines. One job:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -483,7 +484,7 @@ class _Exchange:
         group_id: str,
         timeout: float | None,
         per_node: Mapping[int, RecordDict] | None = None,
-    ) -> Iterator[tuple[int, Message | str]]:
+    ) -> Generator[tuple[int, Message | str], None, None]:
         """Send, then yield ``(node, reply)`` as each reply with content arrives and
         ``(node, reason)`` for each node that errs; the nodes that never answered come last.
         ``per_node`` replaces ``content`` for the nodes it names."""
@@ -902,17 +903,19 @@ class _Job:
         stream = self.exchange.stream(
             content, sampled, "train", str(round_), self.config.round_timeout, per_node
         )
-        for nid, outcome in stream:
-            if self.config.fold_order == "arrival":
-                self._fold(round_, nid, outcome, excluded, losses)
-                continue
-            held[nid] = outcome
-            while next_rank < len(sampled) and sampled[next_rank] in held:
-                node = sampled[next_rank]
-                self._fold(round_, node, held.pop(node), excluded, losses)
-                next_rank += 1
-            waiting = sum(isinstance(o, Message) for o in held.values())
-            self.held_peak = max(self.held_peak, waiting)
+        # Closed however the loop ends: that also stops the stream's wait-log thread.
+        with contextlib.closing(stream):
+            for nid, outcome in stream:
+                if self.config.fold_order == "arrival":
+                    self._fold(round_, nid, outcome, excluded, losses)
+                    continue
+                held[nid] = outcome
+                while next_rank < len(sampled) and sampled[next_rank] in held:
+                    node = sampled[next_rank]
+                    self._fold(round_, node, held.pop(node), excluded, losses)
+                    next_rank += 1
+                waiting = sum(isinstance(o, Message) for o in held.values())
+                self.held_peak = max(self.held_peak, waiting)
         train_bytes = (
             self.exchange.bytes_sent
             - sent0
@@ -949,7 +952,8 @@ class _Job:
             self.table.apply(keys, deltas)
             metrics["ps_rows_received"] = float(self.row_fusion.rows_received)
             metrics["ps_rows_fused"] = float(keys.size)
-        metrics.update(self.child_counters)
+        for key, value in self.child_counters.items():  # the master's own figures win
+            metrics.setdefault(key, value)
         loss = _weighted_mean(losses)
         if loss is not None:
             metrics["train_loss"] = loss

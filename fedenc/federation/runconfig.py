@@ -23,7 +23,7 @@ RUN_CONFIG_KEYS: frozenset[str] = frozenset(
     num-server-rounds rounds stop rule share row-weighting rule-options min-children fraction
     sampling carry-optimizer round-timeout query-timeout evaluate-every eval-split final-test
     expect-children wait-timeout seed job-id fold-order balance-work work-deadline state-dir
-    resume replay-round child-state ps ps-exchange-every ps-scoring ps-negatives ps-capacity
+    resume replay-round ps ps-exchange-every ps-scoring ps-negatives ps-capacity
     ps-shards ps-addresses ps-pad-rows out-dir data partition alpha synthetic-sessions
     synthetic-items valid-fraction
     """.split()

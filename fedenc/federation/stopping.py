@@ -184,7 +184,7 @@ class Plateau(StopRule):
 
     def update(self, report: RoundReport) -> str | None:
         if self.metric not in report.metrics:
-            evaluated = any(key.startswith("valid_") for key in report.metrics)
+            evaluated = any(key.startswith(("valid_", "test_")) for key in report.metrics)
             if evaluated and not self._warned:  # an evaluated round without it: a misspelling?
                 self._warned = True
                 log.warning(

@@ -363,11 +363,15 @@ def end_round(trainer: Trainer) -> dict[str, float]:
         trainer.builtin.flush(pull=False)
         trainer.builtin.evict_all()
     stats = trainer.builtin.stats
-    return {
+    totals = {
         "ps_exchanges": float(stats.exchanges),
         "ps_rows_pushed": float(stats.rows_pushed),
         "ps_rows_pulled": float(stats.rows_pulled),
     }
+    # The stats count over the trainer's life; a round reports its own part.
+    before: dict[str, float] = getattr(trainer, "_ps_reported", {})
+    trainer._ps_reported = totals  # type: ignore[attr-defined]
+    return {key: value - before.get(key, 0.0) for key, value in totals.items()}
 
 
 def take_rows(trainer: Trainer) -> tuple[SparseRows, int] | None:

@@ -310,12 +310,14 @@ def run_scenario(
             master_app,
             CHILD_APP if scenario.workers else child_app,
             scenario.children,
-            # Its children live in this process: with an output directory they keep their
-            # state beside the master's, so that --resume continues the run bit for bit. (Not in
-            # run_config(): `fedenc master`'s children are on other machines.)
-            {**scenario.run_config(out_dir), "resume": resume, "child-state": out_dir is not None},
-            [{"slowdown": f} for f in scenario.slowdown]
-            + [{}] * (scenario.children - len(scenario.slowdown)),
+            {**scenario.run_config(out_dir), "resume": resume},
+            # Its children live in this process: with an output directory each keeps its state
+            # beside the master's, so that --resume continues the run bit for bit. A child's own
+            # setting, not the run's: a master cannot make a child write files.
+            [
+                {"slowdown": f, "child-state": out_dir is not None}
+                for f in [*scenario.slowdown, *[1.0] * scenario.children][: scenario.children]
+            ],
             concurrency=scenario.concurrency,
             workers=scenario.workers,
             threads=scenario.threads or None,

@@ -193,3 +193,19 @@ def test_a_childs_own_plan_drives_its_training_and_named_plans_refuse_the_ps(
     ps.node_config["plan"] = "cpu-t1-c4096"
     conf = query(ps, ins)
     assert not conf.accepted and "cannot drive the two-level PS trainer" in conf.decline_reason
+
+
+def test_a_master_cannot_make_a_child_save_its_state(tmp_path: Path) -> None:
+    # child-state is the child's own setting (simulate gives it to its in-process children):
+    # from the run config, i.e. from a master, it is ignored and nothing is written.
+    ctx = context(**{"child-state": True, "out-dir": str(tmp_path)})
+    ins, shared = instruction()
+    assert query(ctx, ins).accepted
+    content = records.round_content(records.params_to_record(shared), ins, 1)
+    child.handle_train(send(content, "train", ctx), ctx)
+    assert not list(tmp_path.rglob("*.pt"))
+    own = context(pid=1, **{"out-dir": str(tmp_path)})
+    own.node_config["child-state"] = True
+    assert query(own, ins).accepted
+    child.handle_train(send(content, "train", own), own)
+    assert [p.name for p in tmp_path.rglob("*.pt")] == ["1.pt"]

@@ -35,3 +35,18 @@ def test_a_childs_own_settings_win_over_the_runs_and_defaults_are_valid() -> Non
     # A bad run-config value is caught even when the child's own settings are fine.
     with pytest.raises(ValueError, match=r"^alpha must be"):
         ChildDataConfig.from_configs({"alpha": -1.0}, {"partition": "iid"})
+
+
+def test_a_job_spec_sets_one_spelling_of_a_key_the_master_reads() -> None:
+    # An underscore spelling stored as such was shadowed by the master's default under the
+    # hyphen spelling: the job trained with the default and said nothing.
+    from google.protobuf.struct_pb2 import Struct
+
+    from fedenc.control.spec import spec_to_run_config
+    from fedenc.federation.runconfig import get_int
+    from fedenc.proto.fedenc.v1 import control_pb2 as cpb
+
+    values = Struct()
+    values.update({"local_epochs": 7})
+    rc = spec_to_run_config(cpb.JobSpec(run_config=values), {"local-epochs": 1})
+    assert get_int(rc, "local-epochs", 0) == 7 and "local_epochs" not in rc

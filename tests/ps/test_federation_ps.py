@@ -328,3 +328,13 @@ def test_a_scenario_names_grpc_shards_with_ps_addresses() -> None:
         {"ps": "federation", "share": "encoder", "ps-addresses": "h1:7100,h2:7101"}
     )
     assert scenario.run_config()["ps-addresses"] == "h1:7100,h2:7101"
+
+
+def test_the_childrens_ps_counters_in_a_rounds_metrics_are_that_rounds() -> None:
+    # The built-in PS counts over the trainer's life; a round reports its own exchanges, so
+    # equal rounds report about the same (they doubled, then tripled, as running totals).
+    scenario = BASE.with_overrides(ps="local", ps_exchange_every=50, rounds=3, evaluate_every=0)
+    rounds = run_scenario(scenario).result["rounds"]
+    exchanges = [r["metrics"]["ps_exchanges"] for r in rounds]
+    assert all(x > 0 for x in exchanges)
+    assert max(exchanges) <= 1.5 * min(exchanges), exchanges

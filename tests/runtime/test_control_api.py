@@ -204,6 +204,7 @@ def test_cancel_stops_a_running_job_after_its_round_and_a_queued_one_at_once(
             "unknown run-config key 'evaluate-evry'; did you mean evaluate-every?",
         ),
         (cpb.JobSpec(encoder_config=struct(hidden=10**12)), "hidden must be <= 8192"),
+        (cpb.JobSpec(run_config=struct(child_state=True)), "unknown run-config key"),
     ],
 )
 def test_a_bad_spec_is_refused_with_its_reason(

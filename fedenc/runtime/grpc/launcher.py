@@ -219,9 +219,6 @@ def _run(
         procs.start()
         run_config = scenario.run_config(out_dir)
         run_config["wait-timeout"] = startup_timeout
-        # The children are processes of this machine: they can keep their state beside the
-        # master's for an exact --resume, as in-process ones do.
-        run_config["child-state"] = out_dir is not None
         token = round_listener.set(on_round)
         try:
             run = run_server_app(master_app, server, run_config)
