@@ -42,7 +42,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -295,16 +295,28 @@ def _key(context: Context, job_id: str) -> StateKey:
     return (int(context.run_id), get_int(context.node_config, "partition-id", 0), job_id)
 
 
-def _take_snapshot(state: ChildState, round_: int) -> _Snapshot:
+def _live_snapshot(state: ChildState, round_: int) -> _Snapshot:
+    """The state as it is now, by reference: to be saved at once, not kept."""
     trainer = state.trainer
     return _Snapshot(
         round=round_,
-        model={k: v.detach().clone() for k, v in state.model.state_dict().items()},
-        optimizer=copy.deepcopy(trainer.optimizer.state_dict()),
-        scheduler=copy.deepcopy(trainer.scheduler.state_dict()),
+        model=dict(state.model.state_dict()),
+        optimizer=trainer.optimizer.state_dict(),
+        scheduler=trainer.scheduler.state_dict(),
         order=trainer.epoch_order.state(),
         epochs_done=trainer.epochs_done,
         rounds_trained=state.rounds_trained,
+    )
+
+
+def _take_snapshot(state: ChildState, round_: int) -> _Snapshot:
+    """A copy of the state, kept while training goes on."""
+    live = _live_snapshot(state, round_)
+    return replace(
+        live,
+        model={k: v.detach().clone() for k, v in live.model.items()},
+        optimizer=copy.deepcopy(live.optimizer),
+        scheduler=copy.deepcopy(live.scheduler),
     )
 
 
@@ -379,7 +391,7 @@ def _persist(state: ChildState, context: Context) -> None:
         "format": 1,
         "job_id": state.key[2],
         "last_round": state.last_round,
-        "after": _snapshot_payload(_take_snapshot(state, state.last_round)),
+        "after": _snapshot_payload(_live_snapshot(state, state.last_round)),  # saved at once
         "before": None if state.before_last is None else _snapshot_payload(state.before_last),
     }
     from fedenc.ps.table import atomic_save
