@@ -775,25 +775,34 @@ class _Job:
         """The confirmed children; with fewer than ``min_children`` because some were lost
         before answering (not because they declined), wait up to ``wait_timeout`` for children
         to (re)connect and confirm, as a round does for children that left."""
-        deadline = time.monotonic() + self.config.wait_timeout
-        logged = False
-        while len(self.confirmed()) < self.config.min_children:
+
+        def short() -> str | None:
+            if len(self.confirmed()) >= self.config.min_children:
+                return None
             lost = [c.name for c in self.children.values() if not c.accepted and not c.declined]
-            if not lost or time.monotonic() >= deadline:
-                break
-            if not logged:
-                log.warning(
-                    "%d of %d child(ren) confirmed (lost before answering: %s): waiting up to "
-                    "%.0f s for more",
-                    len(self.confirmed()),
-                    self.config.min_children,
-                    ", ".join(lost),
-                    self.config.wait_timeout,
-                )
-                logged = True
+            if not lost:  # every one answered: declines are not waited for
+                return None
+            return (
+                f"{len(self.confirmed())} of {self.config.min_children} child(ren) confirmed "
+                f"(lost before answering: {', '.join(lost)})"
+            )
+
+        self._wait_for_children(round_, short)
+        return self.confirmed()
+
+    def _wait_for_children(self, round_: int, short: Callable[[], str | None]) -> str | None:
+        """Up to ``wait_timeout``, asking the children that (re)connect, until ``short()`` (why
+        the job lacks children) is None; the first reason is logged, the last one returned
+        (None: enough children)."""
+        deadline = time.monotonic() + self.config.wait_timeout
+        why = short()
+        if why is not None and time.monotonic() < deadline:
+            log.warning("%s: waiting up to %.0f s", why, self.config.wait_timeout)
+        while why is not None and time.monotonic() < deadline:
             time.sleep(0.5)
             self.query_new(round_)
-        return self.confirmed()
+            why = short()
+        return why
 
     def _node_label(self, nid: int) -> str:
         """A child that gave no readable name in its confirmation: its transport's name (the
@@ -821,26 +830,26 @@ class _Job:
         :class:`NotEnoughChildrenError`. The job then stops after its last completed round,
         which ``--resume`` continues from, instead of spending its round budget on rounds that
         nobody trains."""
-        deadline = time.monotonic() + self.config.wait_timeout
-        waiting = False
-        while True:
-            ready, gone = self._split_confirmed()
+
+        ready: list[int] = []  # as short() last saw them
+
+        def short() -> str | None:
+            now, gone = self._split_confirmed()
+            ready[:] = now
             if len(ready) >= self.config.min_children:
-                return ready
+                return None
             names = ", ".join(self.children[nid].name for nid in gone) or "none"
-            what = (
+            return (
                 f"round {round_}: {len(ready)} confirmed child(ren) connected, the job needs "
                 f"{self.config.min_children} (gone: {names})"
             )
-            if time.monotonic() >= deadline:
-                raise NotEnoughChildrenError(
-                    f"{what}; none came back within {self.config.wait_timeout:.0f} s"
-                )
-            if not waiting:
-                log.warning("%s: waiting up to %.0f s", what, self.config.wait_timeout)
-                waiting = True
-            time.sleep(0.5)
-            self.query_new(round_)
+
+        why = self._wait_for_children(round_, short)
+        if why is not None:
+            raise NotEnoughChildrenError(
+                f"{why}; none came back within {self.config.wait_timeout:.0f} s"
+            )
+        return ready
 
     def sample(self, round_: int) -> list[int]:
         candidates = self.connected(round_)
