@@ -427,8 +427,12 @@ def _parse_string(spec: str) -> Any:
         known = _known_keys()
         if key not in known:  # before its value is read as a number: name the key
             raise ValueError(f"unknown stop rule key(s) {[key]}; known: {', '.join(known)}")
-        numeric = key not in ("plateau", "relative_change") and key not in _PLUGINS
-        parsed[key] = _number(value, key) if numeric else _plugin_value(value)
+        if key in ("plateau", "relative_change"):
+            parsed[key] = value  # their own parsers read the text
+        elif key in _PLUGINS:
+            parsed[key] = _plugin_value(value)
+        else:
+            parsed[key] = _number(value, key)
     return parsed
 
 
