@@ -461,9 +461,9 @@ def evaluate_cmd(
     examples = Examples.from_sessions(splits.test if split == "test" else splits.valid)
     if len(examples) == 0:
         raise _fail(f"the {split} split has no (prefix, next item) pairs")
-    note = meta.get("federation", {}).get("note", "")
-    if "local heads" in note:
-        console.print(f"[yellow]note[/]: {note}", soft_wrap=True, highlight=False)
+    federation = meta.get("federation", {})
+    if federation.get("local_parameters"):  # the children's heads are not in this checkpoint
+        console.print(f"[yellow]note[/]: {federation['note']}", soft_wrap=True, highlight=False)
     trainer = Trainer(model, config)
     try:
         with TrainingProgress(console=console, lines=not sys.stderr.isatty()) as progress:

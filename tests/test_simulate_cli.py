@@ -245,3 +245,17 @@ def test_an_encoder_option_the_encoder_does_not_read_is_refused(tmp_path: Path) 
     result = runner.invoke(app, ["simulate", str(scenario), *TINY, "--out", str(tmp_path / "x")])
     assert result.exit_code == 2, result.output
     assert "encoder 'srgnn' has no option 'foo'" in " ".join(result.output.split())
+
+
+def test_evaluate_says_when_a_federated_checkpoint_lacks_the_childrens_heads(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "run"
+    args = ["simulate", *TINY, "--rounds", "1", "--share", "encoder", "--out", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    _, meta = load_checkpoint(out / "encoder")
+    assert meta["federation"]["local_parameters"] == ["embedding.weight"]
+    data = ["--synthetic-sessions", "400", "--synthetic-items", "60"]
+    scored = runner.invoke(app, ["evaluate", str(out / "encoder"), *data])
+    assert scored.exit_code == 0, scored.output
+    assert "embedding.weight (the children's local heads)" in " ".join(scored.output.split())

@@ -1306,7 +1306,12 @@ def run_master(
         ps_table=ps_table,
     )
     if config.checkpoint_dir is not None:
-        local = [name for name, _ in model.named_parameters() if name not in outcome.target]
+        # Tensors left at the master's initial values (with placement b the table is fused).
+        local = (
+            []
+            if outcome.ps_table
+            else [name for name, _ in model.named_parameters() if name not in outcome.target]
+        )
         path = save_checkpoint(
             config.checkpoint_dir,
             model,
@@ -1359,5 +1364,6 @@ def _metadata(result: MasterResult, config: MasterConfig, local: list[str]) -> d
         "metrics": {str(r.round): r.metrics for r in result.rounds},
         "final_metrics": result.final_metrics,
         "children": [asdict(c) for c in result.children],
+        "local_parameters": local,
         "note": _note(result, local),
     }
