@@ -140,17 +140,16 @@ class TaskInfoServer(egrpc.TaskInformationServicer):
             log.info("task %s: resumed %d/%d batches from %s", desc.task_id, journal.resumed,
                      total, journal.path)  # fmt: skip
 
-    def _check_task(self, desc: epb.DescribeResponse, journalled: int | None = None) -> None:
+    def _check_task(self, desc: epb.DescribeResponse, journalled: int) -> None:
         """Open the data server's task, or check that it still holds what the journal says.
         ``journalled``: the journal's count taken before ``desc`` was asked for."""
         if self.task is None or self.task.task_id != desc.task_id:
             self._open_task(desc)
             return
-        applied = len(self.task.journal.done) if journalled is None else journalled
-        if desc.version < applied:  # the journal records only batches the data server applied
+        if desc.version < journalled:  # the journal records only batches it had applied
             raise ElasticError(
                 f"the data server holds task {desc.task_id!r} at step {desc.version}, but the "
-                f"journal {self.task.journal.path} has {applied} batches applied: the data "
+                f"journal {self.task.journal.path} has {journalled} batches applied: the data "
                 "server restarted and lost them. Restart the task: stop this server, delete "
                 "the journal, and start both again (docs/elastic.md)"
             )

@@ -57,12 +57,12 @@ def test_a_data_server_behind_the_journal_stops_the_task_server(tmp_path: Path) 
     tis = TaskInfoServer("127.0.0.1:1", tmp_path, channel=channel_security(None, "t", True))
     desc = epb.DescribeResponse(task_id="task", batches_per_epoch=10, epochs=1, version=0)
     try:
-        tis._check_task(desc)  # opens the task
+        tis._check_task(desc, 0)  # opens the task
         assert tis.task is not None
         for b in range(3):
             tis.task.journal.record(b, "w")
-        tis._check_task(epb.DescribeResponse(task_id="task", version=3))  # in step: fine
+        tis._check_task(epb.DescribeResponse(task_id="task", version=3), 3)  # in step: fine
         with pytest.raises(ElasticError, match=r"at step 0, but the journal .* has 3 batches"):
-            tis._check_task(epb.DescribeResponse(task_id="task", version=0))  # restarted
+            tis._check_task(epb.DescribeResponse(task_id="task", version=0), 3)  # restarted
     finally:
         tis.stop()
