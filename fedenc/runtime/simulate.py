@@ -135,17 +135,17 @@ class Scenario:
     def check(self) -> None:
         """``ValueError`` naming the setting when the encoder, rule, partition or stop rule is
         unknown, before anything runs."""
-        from fedenc.encoders.registry import UnknownEncoderError, encoder_class, encoder_config
+        from fedenc.encoders.registry import UnknownEncoderError, encoder_config
         from fedenc.federation.child_data import ChildDataConfig
         from fedenc.federation.fusion import UnknownFusionRuleError, build_fusion_rule
         from fedenc.federation.stopping import build_stop_rule
 
+        run_config = self.run_config()
         # The children's data settings, by the config every child builds from the run config.
         ChildDataConfig.from_configs(
-            self.run_config(), {"partition-id": 0, "num-partitions": self.children}
+            run_config, {"partition-id": 0, "num-partitions": self.children}
         )
         try:
-            encoder_class(self.encoder)
             # The catalog is the data's (unknown yet): any size checks the options.
             options = {"hidden": self.hidden, "steps": self.steps, **self.encoder_options}
             encoder_config(self.encoder, 2, **options)
@@ -168,7 +168,7 @@ class Scenario:
                 raise ValueError("device cuda: torch sees no CUDA GPU here (use cpu or auto)")
         from fedenc.ps.federation import ps_config_from_run_config
 
-        ps_config_from_run_config(self.run_config())
+        ps_config_from_run_config(run_config)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str = "scenario") -> Scenario:
