@@ -10,9 +10,10 @@ on the same gRPC server (port, TLS) as ``fedenc.v1.Federation``.
 * **Rounds.** ``run_master`` reports each round through the ``round_listener`` ContextVar; the
   service keeps the reports (WatchJob replays them) and wakes the watchers.
 * **Cancel.** A cancelled job stops after its current round: the round listener raises
-  :class:`JobCancelled`, which unwinds ``run_master`` through its ``finally`` (the children get
-  the end-of-job message). Before the first round (waiting for children, confirmations) the
-  job's grid raises it at the next ``get_node_ids``, so the job does not wait out its timeout.
+  :class:`JobCancelled`, which unwinds ``run_master``; jobs run here are never resumed
+  (``resumable`` is False), so the children get the end-of-job message and drop its state.
+  Before the first round (waiting for children, confirmations) the job's grid raises it at the
+  next ``get_node_ids``, so the job does not wait out its timeout.
 * **Children.** The :class:`~fedenc.runtime.grpc.master.FederationServer` tells the service who
   joins and leaves; the job's grid (:class:`_ControlGrid`) tells it who was queried, who
   confirmed or declined, and which replies are still owed (in round).
@@ -52,7 +53,7 @@ from fedenc.control.spec import (
 from fedenc.encoders.base import EncoderConfig
 from fedenc.encoders.registry import UnknownEncoderError, encoder_class
 from fedenc.federation import records
-from fedenc.federation.master import MasterConfig, RoundResult, round_listener
+from fedenc.federation.master import MasterConfig, RoundResult, resumable, round_listener
 from fedenc.proto.fedenc.v1 import control_pb2 as cpb
 from fedenc.proto.fedenc.v1 import control_pb2_grpc as cgrpc
 from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
@@ -153,12 +154,14 @@ class _ControlGrid(GrpcGrid):
     ) -> None:
         self._service = service
         self._job = job
+        self._cancel_raised = False
         super().__init__(server, run_id, run_config)
 
     def get_node_ids(self) -> list[int]:
         # run_master asks for the nodes while it waits for children and before each query: the
         # place to stop a job cancelled before its first round (later, the round listener does).
-        if self._job.cancel_requested and not self._job.rounds:
+        if self._job.cancel_requested and not self._job.rounds and not self._cancel_raised:
+            self._cancel_raised = True  # once: the job's end-of-job message still needs nodes
             raise JobCancelled("cancelled before its first round")
         return super().get_node_ids()
 
@@ -368,6 +371,7 @@ class ControlService(cgrpc.ControlServicer):
             return grid
 
         token = round_listener.set(on_round)
+        no_resume = resumable.set(False)
         try:
             run = run_server_app(
                 self._server_app, self._server, job.run_config, grid_class=make_grid
@@ -384,6 +388,7 @@ class ControlService(cgrpc.ControlServicer):
             self._fail(job, f"{type(err).__name__}: {err}")
             return
         finally:
+            resumable.reset(no_resume)
             round_listener.reset(token)
         summary: dict[str, Any] = json.loads(str(run.server_context.state[RESULT_KEY]["json"]))
         with self._cond:

@@ -151,6 +151,17 @@ class DataServer(egrpc.DataServerServicer):
             task.model.train()
             self.task, self.store, self._encoded = task, store, None
 
+    def abandon_task(self, task_id: str) -> None:
+        """Drop task ``task_id`` (its owner gave up on it: timeout, no computing server left).
+        Its late results are refused from now on (they would step the owner's model and
+        optimizer behind its back) and the next task can start."""
+        with self._lock:
+            task = self.task
+            if task is None or task.task_id != task_id:
+                return
+            self.task, self._encoded = None, None
+        task.done.set()  # wakes whoever waits on it
+
     def wait(self, timeout: float | None = None) -> bool:
         task = self.task
         return task is not None and task.done.wait(timeout)
@@ -283,6 +294,12 @@ class DataServer(egrpc.DataServerServicer):
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, "loss must be finite, pairs >= 1")
         b = request.batch_id
         with self._lock:
+            if self.task is not task:  # abandoned (or replaced) while the gradients were read
+                abort(
+                    context,
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"no task {request.task_id!r} on this data server",
+                )
             if b >= task.total_batches:
                 abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"batch {b} out of range")
             if b in task.applied_set:

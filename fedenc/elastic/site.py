@@ -26,6 +26,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from rich.progress import TaskID
+
 from fedenc.data.sessions import Examples
 from fedenc.elastic import data_server as ds_mod
 from fedenc.elastic import task_server as tis_mod
@@ -174,23 +176,14 @@ class ElasticSite:
         self.data.start_task(task)
         first = trainer.epochs_done + 1
         bar = progress.start(f"elastic epochs {first}..{first + epochs - 1}", task.total_batches)
-        shown = 0
         deadline = time.monotonic() + timeout
-        while not task.done.wait(0.25):
-            if time.monotonic() > deadline:
-                raise ElasticError(f"elastic training did not finish in {timeout:.0f} s")
-            if self.tis.failure is not None:
-                raise ElasticError(self.tis.failure)
-            if not any(p.poll() is None for p in self.procs.values()) and self.procs:
-                alive = [w for w in self.tis.progress().workers if w.alive]
-                if not alive:
-                    raise ElasticError("every computing server is gone")
-            done = len(task.applied)
-            if done > shown:
-                p = self.tis.progress()
-                rate = sum(w.pairs_per_s for w in p.workers if w.alive)
-                progress.advance(bar, done - shown, rate, p.loss_sum / max(p.pairs_done, 1))
-                shown = done
+        try:
+            self._wait(task, deadline, timeout, progress, bar)
+        except BaseException:
+            # The site lives as long as its process: a task left running would refuse every
+            # later round's ("still running"), and its late results would step the model.
+            self.data.abandon_task(task.task_id)
+            raise
         seconds = time.perf_counter() - t0
         # Wait for the last report so the counters below are complete.
         while time.monotonic() < deadline:
@@ -207,6 +200,32 @@ class ElasticSite:
         report["pairs"] = int(sum(task.epoch_pairs))
         progress.log(describe(p, seconds))
         return report
+
+    def _wait(
+        self,
+        task: DataTask,
+        deadline: float,
+        timeout: float,
+        progress: TrainingProgress,
+        bar: TaskID | None,
+    ) -> None:
+        """Wait for ``task`` to finish, advancing the progress bar."""
+        shown = 0
+        while not task.done.wait(0.25):
+            if time.monotonic() > deadline:
+                raise ElasticError(f"elastic training did not finish in {timeout:.0f} s")
+            if self.tis.failure is not None:
+                raise ElasticError(self.tis.failure)
+            if not any(p.poll() is None for p in self.procs.values()) and self.procs:
+                alive = [w for w in self.tis.progress().workers if w.alive]
+                if not alive:
+                    raise ElasticError("every computing server is gone")
+            done = len(task.applied)
+            if done > shown:
+                p = self.tis.progress()
+                rate = sum(w.pairs_per_s for w in p.workers if w.alive)
+                progress.advance(bar, done - shown, rate, p.loss_sum / max(p.pairs_done, 1))
+                shown = done
 
     def close(self) -> None:
         for proc in self.procs.values():

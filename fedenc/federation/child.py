@@ -121,6 +121,14 @@ class ChildState:
         state = self.model.state_dict()
         return {name: state[name] for name in self.shared_names}
 
+    def close(self) -> None:
+        """Release what the trainer holds beyond memory: a planned schedule's worker threads, a
+        PS client's channels. Called whenever the state is dropped or replaced."""
+        try:
+            self.trainer.close()
+        except Exception as err:  # the job is over either way
+            log.warning("%s: closing the trainer of job %s: %s", self.name, self.key[2], err)
+
 
 _lock = threading.Lock()
 # torch's global generator is one per process: children running in threads of one process (the
@@ -408,16 +416,20 @@ def _restore_persisted(state: ChildState, context: Context) -> None:
     path = _persist_path(state, context)
     if path is None or not path.is_file():
         return
+    fresh = _take_snapshot(state, 0)
     try:
         payload = torch.load(path, weights_only=True)
         after = _snapshot_of(payload["after"])
         before = None if payload["before"] is None else _snapshot_of(payload["before"])
+        last_round = int(payload["last_round"])
         _restore_snapshot(state, after)
     except Exception as err:  # an unreadable file: start afresh, as before, and say so
+        # All of it afresh: the model may have been restored before the optimizer failed.
+        _restore_snapshot(state, fresh)
         log.warning("%s: cannot read its saved state %s (%s): starting afresh", state.name,
                     path, load_failure(err))  # fmt: skip
         return
-    state.last_round, state.before_last = int(payload["last_round"]), before
+    state.last_round, state.before_last = last_round, before
     log.info("%s: resumed its state after round %d from %s", state.name, state.last_round, path)
 
 
@@ -467,9 +479,11 @@ def _state_for(context: Context, config: Mapping[str, Any]) -> ChildState:
         state = _states.get(key)
     if state is None:
         log.info("no state for job %s here: rebuilding it from the instruction", key[2])
-        state = _build_state(key, context, instruction)
+        built = _build_state(key, context, instruction)
         with _lock:
-            state = _states.setdefault(key, state)
+            state = _states.setdefault(key, built)
+        if state is not built:  # another thread rebuilt it first
+            built.close()
     return state
 
 
@@ -513,7 +527,10 @@ def handle_query(message: Message, context: Context) -> Message:
         )
         return Message(records.confirmation_content(confirmation, name), reply_to=message)
     with _lock:
+        replaced = _states.get(key)
         _states[key] = state
+    if replaced is not None and replaced is not state:
+        replaced.close()
     confirmation = fpb.Confirmation(
         job_id=instruction.job_id,
         accepted=True,
@@ -699,6 +716,7 @@ def handle_finish(message: Message, context: Context) -> Message:
         state = _states.pop(key, None)
     dropped = state is not None
     if state is not None:  # the job is over: nothing to resume
+        state.close()
         path = _persist_path(state, context)
         if path is not None:
             path.unlink(missing_ok=True)
@@ -731,5 +749,6 @@ def close_sites() -> None:
 def forget(run_id: int | None = None) -> None:
     """Drop the state of ``run_id`` (all runs when None)."""
     with _lock:
-        for key in [k for k in _states if run_id is None or k[0] == run_id]:
-            del _states[key]
+        dropped = [_states.pop(k) for k in list(_states) if run_id is None or k[0] == run_id]
+    for state in dropped:
+        state.close()

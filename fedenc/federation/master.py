@@ -86,6 +86,11 @@ round_listener: ContextVar[RoundListener | None] = ContextVar("round_listener", 
 """A callback for each finished round, for whoever hosts the ServerApp in this thread (the CLI's
 live table); :func:`run_master` calls it in addition to its ``on_round`` argument."""
 
+resumable: ContextVar[bool] = ContextVar("resumable", default=True)
+"""False where a failed job is never resumed (the Control service gives every job a fresh id):
+its children are then told at once to drop the job's state. Otherwise a failed or interrupted
+job with a state directory leaves it in place, so that ``--resume`` continues it bit for bit."""
+
 
 #: Seconds the master waits for the children to acknowledge the end of a job.
 FINISH_TIMEOUT: Final = 30.0
@@ -601,6 +606,7 @@ class _Job:
         # heap (first-touch page faults would otherwise halve the fusion's speed).
         tune_allocator()
         self.children: dict[int, ChildInfo] = {}
+        self.finished = False  # the children were told the job ended
         self.exchange = _Exchange(grid, self.children)
         # Seeded as the children seed their models (their heads start from the same point).
         with torch.random.fork_rng(devices=[]):
@@ -908,7 +914,14 @@ class _Job:
             limit = {nid: self.children[nid].num_samples for nid in sampled}
             assigned = self.balancer.assign(uniform, limit)
             for nid, work in assigned.items():
-                per_node[nid] = records.round_content(arrays, self.instruction, round_, work=work)
+                per_node[nid] = records.round_content(
+                    arrays,
+                    self.instruction,
+                    round_,
+                    carry=self.config.carry_optimizer,
+                    optimizer=self.carried,
+                    work=work,
+                )
         stream = self.exchange.stream(
             content, sampled, "train", str(round_), self.config.round_timeout, per_node
         )
@@ -1132,6 +1145,14 @@ class _Job:
             out[f"{split}_examples"] = float(examples)
         return out, evaluated
 
+    def release(self) -> None:
+        """:meth:`finish` for a job that failed: best effort, logged, never raising (the job's
+        own error is the one to report)."""
+        try:
+            self.finish()
+        except Exception as err:
+            log.info("job %s: could not tell the children it ended: %s", self.config.job_id, err)
+
     def finish(self) -> None:
         """Tell the connected children the job is over (they drop its state); at most
         :data:`FINISH_TIMEOUT` seconds for their acknowledgements."""
@@ -1204,41 +1225,42 @@ def run_master(
     t0 = time.perf_counter()
     saved = _saved_state(config) if config.resume else None
     job = _Job(grid, config)
-    results: list[RoundResult] = []
-    stop_reason = ""
-    round_ = 0
-    if saved is not None:
-        results = job.restore(saved)
-        round_, stop_reason = saved.round, saved.stop_reason
-        log.info("job %s: resumed after round %d", config.job_id, round_)
-    elif config.state_dir is not None and state_path(config.state_dir).exists():
-        log.warning(
-            "%s holds an earlier job's checkpoint: this new job replaces it after its first "
-            "round (resume that job instead with --resume)",
-            config.state_dir,
-        )
-    run = getattr(grid, "run", None)
-    run_id = int(run.run_id) if run is not None else 0
-    log.info(
-        "job %s: %s, %d shared tensors, rule %s",
-        config.job_id,
-        config.encoder,
-        len(job.target),
-        config.rule,
-    )
-    nodes = job.wait_for_nodes()
-    log.info("job %s: %d node(s) online", config.job_id, len(nodes))
-    job.query_new(round_ + 1)
-    confirmed = job.await_confirmations(round_ + 1)
-    if len(confirmed) < config.min_children:
-        job.finish()
-        declined = {c.name: c.reason for c in job.children.values() if not c.accepted}
-        raise NotEnoughChildrenError(
-            f"{len(confirmed)} child(ren) confirmed, job {config.job_id} needs "
-            f"{config.min_children}; left out: {declined}"
-        )
-    listeners = [cb for cb in (on_round, round_listener.get()) if cb is not None]
+    job.stop.start()
     try:
+        results: list[RoundResult] = []
+        stop_reason = ""
+        round_ = 0
+        if saved is not None:
+            results = job.restore(saved)
+            round_, stop_reason = saved.round, saved.stop_reason
+            log.info("job %s: resumed after round %d", config.job_id, round_)
+        elif config.state_dir is not None and state_path(config.state_dir).exists():
+            log.warning(
+                "%s holds an earlier job's checkpoint: this new job replaces it after its first "
+                "round (resume that job instead with --resume)",
+                config.state_dir,
+            )
+        run = getattr(grid, "run", None)
+        run_id = int(run.run_id) if run is not None else 0
+        log.info(
+            "job %s: %s, %d shared tensors, rule %s",
+            config.job_id,
+            config.encoder,
+            len(job.target),
+            config.rule,
+        )
+        nodes = job.wait_for_nodes()
+        log.info("job %s: %d node(s) online", config.job_id, len(nodes))
+        job.query_new(round_ + 1)
+        confirmed = job.await_confirmations(round_ + 1)
+        if len(confirmed) < config.min_children:
+            job.finish()
+            declined = {c.name: c.reason for c in job.children.values() if not c.accepted}
+            raise NotEnoughChildrenError(
+                f"{len(confirmed)} child(ren) confirmed, job {config.job_id} needs "
+                f"{config.min_children}; left out: {declined}"
+            )
+        listeners = [cb for cb in (on_round, round_listener.get()) if cb is not None]
         while not stop_reason:
             round_ += 1
             result = job.train_round(round_)
@@ -1273,7 +1295,13 @@ def run_master(
         # Only a job that ran to its end releases the children's state: an interrupted or
         # failed one leaves it in place, so that `--resume` continues it bit for bit.
         job.finish()
+    except BaseException:
+        if config.state_dir is None or not resumable.get():
+            job.release()  # nothing will resume it: the children need not keep its state
+        raise
     finally:
+        # The in-process federation table is registered under the job id: a job that failed
+        # early must not hold it (nor its memory) for the life of a long-lived master.
         if job.table is not None:
             job.table.close()
     model = job.model

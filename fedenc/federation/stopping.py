@@ -97,6 +97,10 @@ class StopRule(ABC):
     def reset(self) -> None:  # noqa: B027 (optional hook)
         """Forget everything seen so far (a new job)."""
 
+    def start(self) -> None:  # noqa: B027 (optional hook)
+        """The job starts (before it waits for its children): rules that measure time start
+        their clock here."""
+
     def state_dict(self) -> dict[str, Any]:
         """What a master must checkpoint to resume this rule."""
         return {}
@@ -219,7 +223,8 @@ class Plateau(StopRule):
 
 class Deadline(StopRule):
     """Stop once ``seconds`` of wall clock have passed since :meth:`start` (called by the master
-    when the job starts) or, failing that, since the first update. ``clock`` is injectable."""
+    when the job starts, before it waits for its children; a resumed job starts the clock
+    afresh) or, failing that, since the first update. ``clock`` is injectable."""
 
     def __init__(self, seconds: float, clock: Clock = time.monotonic) -> None:
         self.seconds = _float_option("deadline_s", seconds, positive=True)
@@ -269,6 +274,10 @@ class _Composite(StopRule):
     def reset(self) -> None:
         for rule in self.rules:
             rule.reset()
+
+    def start(self) -> None:
+        for rule in self.rules:
+            rule.start()
 
     def state_dict(self) -> dict[str, Any]:
         return {"rules": [rule.state_dict() for rule in self.rules]}

@@ -110,20 +110,30 @@ class ShardedClient:
         self._pool = ThreadPoolExecutor(max_workers=len(addresses), thread_name_prefix="ps-shard")
         self._sequence = itertools.count(1)
         self._seq_lock = threading.Lock()
+        try:
+            self._check_shards()
+        except BaseException:  # nothing else would close the channels and the pool
+            self.close()
+            raise
+        self.rows_per_request = max(1, REQUEST_BYTES // (4 * self._width + 8))  # rows + keys
+        self.bytes_pulled = 0
+        self.bytes_pushed = 0
+
+    def _check_shards(self) -> None:
+        """Read the table's size from shard 0 and check that every shard serves its part."""
         first = self.stats()
         self._num_keys = int(first[0]["num_keys"])
         self._width = int(first[0]["width"])
         for i, s in enumerate(first):
-            if s["shard_index"] != i or s["num_shards"] != len(addresses):
+            if s["shard_index"] != i or s["num_shards"] != len(self.addresses):
                 raise PSError(
-                    f"{addresses[i]} serves shard {s['shard_index']}/{s['num_shards']}, "
-                    f"expected shard {i}/{len(addresses)}: list the shards in order"
+                    f"{self.addresses[i]} serves shard {s['shard_index']}/{s['num_shards']}, "
+                    f"expected shard {i}/{len(self.addresses)}: list the shards in order"
                 )
             if (s["num_keys"], s["width"]) != (self._num_keys, self._width):
-                raise PSError(f"{addresses[i]} serves another table: {s} vs shard 0 {first[0]}")
-        self.rows_per_request = max(1, REQUEST_BYTES // (4 * self._width + 8))  # rows + keys
-        self.bytes_pulled = 0
-        self.bytes_pushed = 0
+                raise PSError(
+                    f"{self.addresses[i]} serves another table: {s} vs shard 0 {first[0]}"
+                )
 
     @property
     def num_keys(self) -> int:

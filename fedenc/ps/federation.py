@@ -306,19 +306,26 @@ def make_trainer(
     num_keys, width = model.config.num_items + 1, model.config.hidden
     view: RoundView | None = None
     remote: DistributedPS
+    # A gRPC client is the trainer's own; an in-process table is shared with its host.
+    owned = bool(_addresses(rc))
     if placement_of(rc) == "federation":
         view = RoundView(federation_remote(rc, job_id, num_keys, width))
         remote = view
     else:
         remote = child_remote(rc, num_keys, width, seed)
-    if ps.scoring == "full" and view is None:
-        # The child's head starts from the rows of the PS (placement b: refresh_rows loads
-        # them before every round and evaluation).
-        with torch.no_grad():
-            model.embedding.weight.copy_(remote.pull(np.arange(remote.num_keys)))
-    # Placement b: refresh_rows loads the table before every round and evaluation, so a load
-    # now would only pull the whole table once more.
-    trainer = PSTrainer(model, config, remote, ps, preload=view is None)
+    try:
+        if ps.scoring == "full" and view is None:
+            # The child's head starts from the rows of the PS (placement b: refresh_rows loads
+            # them before every round and evaluation).
+            with torch.no_grad():
+                model.embedding.weight.copy_(remote.pull(np.arange(remote.num_keys)))
+        # Placement b: refresh_rows loads the table before every round and evaluation, so a
+        # load now would only pull the whole table once more.
+        trainer = PSTrainer(model, config, remote, ps, preload=view is None, owns_remote=owned)
+    except BaseException:
+        if owned:
+            remote.close()
+        raise
     trainer.flush_after_epoch = False  # the child flushes at the end of each round
     if view is not None:
         if row_counts is not None and row_counts.shape != (num_keys,):

@@ -93,10 +93,13 @@ class PSTrainer(Trainer):
         remote: DistributedPS,
         ps: PSConfig,
         preload: bool = True,
+        owns_remote: bool = False,
     ) -> None:
         """``preload = False``: in ``full`` mode, leave the rows to the owner to load before
-        use (see :class:`~fedenc.ps.builtin.BuiltinPS`)."""
+        use (see :class:`~fedenc.ps.builtin.BuiltinPS`). ``owns_remote``: :meth:`close` closes
+        ``remote`` too (a client this trainer was built with, not a table shared with others)."""
         self.ps_config = ps
+        self.owns_remote = owns_remote
         self.sampled = ps.scoring == "sampled"
         if self.sampled and not isinstance(model.embedding, BatchRows):
             attach_sampled_embedding(model)
@@ -118,6 +121,14 @@ class PSTrainer(Trainer):
         self.remote = remote
         self.flush_after_epoch = ps.exchange_every == 0
         self.neg_gen = torch.Generator().manual_seed(self.config.seed)
+
+    def close(self) -> None:
+        """Also close the distributed PS's client when this trainer owns it (its channels and
+        thread pool would otherwise outlive the job)."""
+        super().close()
+        if self.owns_remote:
+            self.owns_remote = False
+            self.remote.close()
 
     # -- sampled mode: the first trainer ------------------------------------------------------
 

@@ -297,6 +297,19 @@ def test_a_remote_computing_server_joins_over_mutual_tls(
         intruder.communicate(timeout=10)
 
 
+def test_a_failed_round_leaves_the_site_ready_for_the_next(
+    examples: Examples, site_factory: Callable[..., ElasticSite]
+) -> None:
+    # No computing server comes: the round times out. The site is the child process's for
+    # good, so the next round must get its own chance instead of "task ... is still running".
+    site = site_factory(0)
+    trainer = Trainer(fresh_model(), copy.deepcopy(CONFIG))
+    for _ in range(2):
+        with pytest.raises(ElasticError, match="did not finish in 1 s"):
+            site.train(trainer, examples, 1, timeout=1.0)
+    assert trainer.epochs_done == 0
+
+
 def test_a_site_reachable_from_other_machines_needs_certificates_or_explicit_plaintext() -> None:
     with pytest.raises(ElasticError, match="--elastic-certs DIR") as err:
         ElasticSite(0, listen="0.0.0.0:0")

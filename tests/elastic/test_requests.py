@@ -147,6 +147,28 @@ def test_stale_and_duplicate_reports_are_ignored_and_bad_requests_refused(site: 
     stream.cancel()
 
 
+def test_an_abandoned_task_refuses_late_results_and_the_next_task_starts(site: Site) -> None:
+    # The site gave up on the task (timeout, no computing server left): a result that arrives
+    # later must not step the trainer's model, and the next round's task must be able to start
+    # (the site lives as long as the child process).
+    site.ti.Register(epb.RegisterWorkerRequest(worker_id="me"))
+    stream = site.ds.Work(epb.WorkRequest(worker_id="me"))
+    item = next(stream)
+    result, _ = gradients(site, item)
+    before = {n: p.detach().clone() for n, p in site.trainer.model.named_parameters()}
+    site.data.abandon_task("t1")
+    assert site.task.done.is_set()
+    refused(lambda: site.ds.StoreResult(result), grpc.StatusCode.FAILED_PRECONDITION, "no task")
+    for name, p in site.trainer.model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    assert site.task.applied == []
+    splits = generate(SyntheticConfig(num_items=100, num_clusters=5, num_sessions=80, seed=2))
+    nxt = DataTask.from_trainer("t2", site.trainer, Examples.from_sessions(splits.train), 1)
+    site.data.start_task(nxt)  # used to raise "task t1 is still running"
+    assert site.data.task is nxt
+    stream.cancel()
+
+
 def test_journal_resumes_and_drops_a_torn_tail(tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"
     j = Journal(path, "t", 5)

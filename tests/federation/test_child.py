@@ -209,3 +209,70 @@ def test_a_master_cannot_make_a_child_save_its_state(tmp_path: Path) -> None:
     assert query(own, ins).accepted
     child.handle_train(send(content, "train", own), own)
     assert [p.name for p in tmp_path.rglob("*.pt")] == ["1.pt"]
+
+
+def _planner_threads() -> int:
+    import threading
+
+    return sum(t.name.startswith("planner-") for t in threading.enumerate())
+
+
+def test_a_dropped_or_replaced_state_stops_its_planned_trainers_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A long-lived child (`fedenc child --stay`) runs job after job: each planned trainer's
+    # worker threads must end with its job, when a new instruction replaces the state, and
+    # when the state is forgotten.
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    before = _planner_threads()
+    ctx = context()
+    ctx.node_config["plan"] = "cpu-t1-c64-s2"
+    ins, shared = instruction()
+    for job in ("job-1", "job-2"):
+        ins.job_id = job
+        assert query(ctx, ins).accepted
+        content = records.round_content(records.params_to_record(shared), ins, 1)
+        child.handle_train(send(content, "train", ctx), ctx)
+        assert _planner_threads() > before
+        child.handle_finish(send(records.finish_content(job), "query.finish", ctx), ctx)
+        assert child.live_states() == [] and _planner_threads() == before
+    # Another instruction under the same job id replaces the state: the old trainer closes.
+    assert query(ctx, ins).accepted
+    child.handle_train(send(records.round_content(records.params_to_record(shared), ins, 1),
+                            "train", ctx), ctx)  # fmt: skip
+    running = _planner_threads()
+    ins.round_budget = 4
+    assert query(ctx, ins).accepted
+    assert _planner_threads() < running
+    child.forget()
+    assert _planner_threads() == before
+
+
+def test_an_unreadable_saved_state_restores_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A saved state whose model loads but whose optimizer does not must not leave a child with
+    # the saved weights and a fresh optimizer: all of it starts afresh, as the log says.
+    own = context(**{"out-dir": str(tmp_path)})
+    own.node_config["child-state"] = True
+    ins, shared = instruction()
+    assert query(own, ins).accepted
+    child.handle_train(
+        send(records.round_content(records.params_to_record(shared), ins, 1), "train", own), own
+    )
+    (path,) = tmp_path.rglob("*.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["after"]["optimizer"] = {"state": {}}  # no param_groups: load_state_dict fails
+    torch.save(payload, path)
+    child.forget()
+    with caplog.at_level("WARNING", logger="fedenc.federation.child"):
+        assert query(own, ins).accepted
+    assert "starting afresh" in caplog.text
+    (key,) = child.live_states()
+    state = child._states[key]
+    rebuilt = context(pid=0, run_id=79)
+    assert query(rebuilt, ins).accepted
+    other = next(child._states[k] for k in child.live_states() if k[0] == 79)
+    for name, tensor in other.model.state_dict().items():  # the same fresh start
+        assert torch.equal(state.model.state_dict()[name], tensor), name
+    assert state.last_round == 0 and state.trainer.epochs_done == 0

@@ -29,6 +29,8 @@ from fedenc.federation.master import (
     MasterConfig,
     MasterResult,
     NotEnoughChildrenError,
+    resumable,
+    round_listener,
     run_master,
     shared_names,
 )
@@ -525,6 +527,72 @@ def test_children_that_all_left_stop_the_job_after_its_last_round_with_their_sta
     # Stopped, not finished: a child that is still alive keeps its job state for the resume.
     assert not any(e.kind == records.FINISH_ACTION for e in seen)
     assert [e.kind for e in seen if e.direction == "out"].count("train") == 2
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _stop_after_round_1(result: Any) -> None:
+    raise _Stopped(f"stopped after round {result.round}")  # as a Control cancel does
+
+
+@pytest.mark.parametrize(
+    ("with_state", "can_resume", "released"),
+    [(False, True, True), (True, True, False), (True, False, True)],
+)
+def test_a_failed_job_releases_its_children_unless_it_can_be_resumed(
+    tmp_path: Path, with_state: bool, can_resume: bool, released: bool
+) -> None:
+    # A job that fails with a checkpoint to resume from leaves the children's state for
+    # --resume; one that nothing will resume (no state directory, or a Control job) tells them
+    # to drop it, or a long-lived child keeps model, optimizer and data for good.
+    config = tiny_config(rounds=3, state_dir=tmp_path / "state" if with_state else None)
+    listener, no_resume = round_listener.set(_stop_after_round_1), resumable.set(can_resume)
+    grids: list[RecordingGrid] = []
+
+    class Kept(RecordingGrid):
+        def __init__(self, inner: InProcessGrid) -> None:
+            super().__init__(inner)
+            grids.append(self)
+
+    try:
+        with pytest.raises(_Stopped):
+            run_job(echo_client(Script()), 2, config, grid_type=Kept)
+    finally:
+        resumable.reset(no_resume)
+        round_listener.reset(listener)
+    finish = [e.node for e in grids[0].events if e.kind == records.FINISH_ACTION]
+    assert len(finish) == (4 if released else 0)  # out and acknowledged, for both children
+
+
+def test_a_job_that_fails_before_its_first_round_closes_its_federation_table() -> None:
+    # The in-process table of ps = "federation" is registered under the job id: a job that
+    # fails early must not hold it, so that the same id can run again in this process.
+    from fedenc.ps import federation as psf
+
+    config = tiny_config(ps="federation", share="encoder", job_id="early", wait_timeout=0.1)
+    for _ in range(2):
+        with pytest.raises(NotEnoughChildrenError, match="0 child"):
+            run_job(echo_client(Script(decline={0})), 1, config)
+        assert "early" not in psf._tables
+
+
+def test_a_deadline_counts_from_the_start_of_the_job() -> None:
+    # deadline_s covers the wait for the children too: with children that take longer than
+    # the deadline to come online, the job stops after its first round, not a deadline later.
+    class SlowToConnect(RecordingGrid):
+        first = True
+
+        def get_node_ids(self) -> list[int]:
+            if self.first:
+                self.first = False
+                time.sleep(0.6)
+            return super().get_node_ids()
+
+    config = tiny_config(rounds=0, stop={"deadline_s": 0.5}, final_test=False)
+    result, _ = run_job(echo_client(Script()), 2, config, grid_type=SlowToConnect)
+    assert len(result.rounds) == 1 and result.stop_reason.startswith("deadline")
 
 
 def test_a_child_that_left_is_not_sampled_while_the_others_train() -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -96,12 +97,23 @@ def test_a_retried_push_is_applied_once(grpc_shards: StartShards) -> None:
     assert tables[0].version == 1
 
 
-def test_shards_listed_out_of_order_are_refused() -> None:
+def test_shards_listed_out_of_order_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     spec = TableSpec(10, 2, num_shards=2)
     servers = [serve(ShardTable(spec, i), "127.0.0.1:0") for i in range(2)]
+    closed: list[ShardedClient] = []
+    close = ShardedClient.close
+
+    def recording_close(self: ShardedClient) -> None:
+        closed.append(self)
+        close(self)
+
+    monkeypatch.setattr(ShardedClient, "close", recording_close)
     try:
         with pytest.raises(PSError, match="serves shard 1/2, expected shard 0/2"):
             ShardedClient([f"127.0.0.1:{p}" for _, p in reversed(servers)])
+        # The refused client's channels and pool are closed: nothing else holds it to close.
+        assert len(closed) == 1
+        assert not [t for t in threading.enumerate() if t.name.startswith("ps-shard")]
     finally:
         for server, _ in servers:
             server.stop(0).wait()

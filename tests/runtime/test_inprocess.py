@@ -236,10 +236,12 @@ def test_cyclic_weight_transfer_with_row_weighting_off_hands_the_encoder_on() ->
     assert all(not r["excluded"] for r in rounds)
 
 
-def test_carried_optimizer_moments_travel_from_child_to_child() -> None:
+@pytest.mark.parametrize("balance", [False, True])
+def test_carried_optimizer_moments_travel_from_child_to_child(balance: bool) -> None:
     """Cyclic, one child a round, carry-optimizer: every reply carries its Adam moments and is
     accepted, and handing them on changes the training (the exact hand-over is tested in
-    tests/federation/test_optimizer_state.py)."""
+    tests/federation/test_optimizer_state.py). With balanced work, from round 2 each child gets
+    a message of its own: it must carry the moments as well."""
     from nodes.child import app as child_app
     from nodes.master import RESULT_KEY
     from nodes.master import app as master_app
@@ -251,6 +253,7 @@ def test_carried_optimizer_moments_travel_from_child_to_child() -> None:
         "sampling": "cyclic",
         "row-weighting": False,
         "carry-optimizer": True,
+        "balance-work": balance,
     }
     run = run_inprocess(master_app, child_app, 3, config)
     rounds = json.loads(run.server_context.state[RESULT_KEY]["json"])["rounds"]
