@@ -1,7 +1,8 @@
 """Ranking metrics over the full catalog: Recall@K (= P@20 of the SR-GNN papers) and MRR@K.
 
-Instead of a top-K sort, each example's rank is the number of items scored strictly above its
-target (one comparison pass over the logits): exact, ties broken in the target's favour, and cheap.
+Instead of a top-K sort, each example's rank is the number of other items scored at least as
+high as its target (one comparison pass over the logits): exact, cheap, and ties count against the
+target (a degenerate model that scores many items alike gets no hits from the tie).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def target_ranks(logits: Tensor, targets: Tensor) -> Tensor:
     A NaN target score (a diverged model) ranks last, past every item, so it is never a hit.
     """
     target_score = logits.gather(1, (targets - 1)[:, None])
-    ranks = (logits > target_score).sum(1)
+    ranks = (logits >= target_score).sum(1) - 1  # the target itself is not counted
     return torch.where(target_score[:, 0].isnan(), logits.shape[1], ranks)
 
 

@@ -26,7 +26,7 @@ def test_ranks_from_uneven_blocks_equal_the_full_ranks(limit: int | None) -> Non
     torch.manual_seed(limit or 0)
     items, session = torch.randn(23, 4), torch.randn(6, 4)
     cols = torch.tensor([0, 22, 5, 11, 7, 3])
-    items[9] = items[5]  # ties with session 2's target: counted in the target's favour
+    items[9] = items[5]  # ties with session 2's target: counted against the target
     scores = session @ items.t()
     target_score = scores.gather(1, cols[:, None])[:, 0]
     target_score[4] = float("nan")  # a diverged session ranks last
@@ -57,3 +57,16 @@ def test_no_block_is_pulled_once_every_session_has_left() -> None:
 def test_limit_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="limit"):
         count_ranks(torch.ones(1, 2), torch.ones(1), torch.zeros(1, dtype=torch.long), [], 3, 0)
+
+
+def test_a_model_that_scores_every_item_alike_ranks_every_target_last() -> None:
+    # Exact ties (integer-valued vectors, so the GEMM and the target's dot product agree to the
+    # bit): a collapsed model must get no hit from them.
+    items = torch.ones(30, 4)
+    session = torch.tensor([[1.0, 2.0, 0.0, -1.0], [3.0, 0.0, 1.0, 1.0]])
+    cols = torch.tensor([0, 17])
+    target_score = (session * items[cols]).sum(1)
+    ranks = count_ranks(session, target_score, cols, _blocks(items, [7, 23], []), 30, None)
+    assert ranks.tolist() == [29, 29]
+    capped = count_ranks(session, target_score, cols, _blocks(items, [7, 23], []), 30, 20)
+    assert capped.tolist() == [20, 20]

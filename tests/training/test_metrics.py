@@ -10,11 +10,12 @@ import torch
 from fedenc.training.metrics import RankingAccumulator, ranking_metrics, target_ranks
 
 
-def test_target_ranks_count_only_strictly_higher_scores() -> None:
+def test_target_ranks_count_ties_against_the_target() -> None:
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.0]] * 4 + [[2.0, 2.0, 2.0, 2.0]])
     targets = torch.tensor([2, 3, 1, 4, 4])  # columns 1, 2, 0, 3; then a row of all ties
-    # Ties count in the target's favour: item 2 and 3 tie at the top, both rank 0.
-    assert target_ranks(logits, targets).tolist() == [0, 0, 2, 3, 0]
+    # Items 2 and 3 tie at the top: each ranks 1, behind the other. A model scoring every item
+    # alike ranks its target last, not first.
+    assert target_ranks(logits, targets).tolist() == [1, 1, 2, 3, 3]
 
 
 def test_target_ranks_use_column_target_minus_one() -> None:
@@ -37,12 +38,14 @@ def test_recall_and_mrr_by_hand() -> None:
 
 def test_ranking_metrics_on_logits_by_hand() -> None:
     logits = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.3, 0.1], [0.0, 0.0, 1.0]])
-    targets = torch.tensor([1, 3, 1])  # ranks 0, 2, 1
-    got = ranking_metrics([(logits, targets)], ks=(1, 2))
+    targets = torch.tensor([1, 3, 1])  # ranks 0, 2, 2 (the last target ties with item 2)
+    got = ranking_metrics([(logits, targets)], ks=(1, 2, 3))
     assert got["recall@1"] == pytest.approx(100 / 3)
     assert got["mrr@1"] == pytest.approx(100 / 3)
-    assert got["recall@2"] == pytest.approx(200 / 3)
-    assert got["mrr@2"] == pytest.approx(100 * (1 + 0.5) / 3)
+    assert got["recall@2"] == pytest.approx(100 / 3)
+    assert got["mrr@2"] == pytest.approx(100 / 3)
+    assert got["recall@3"] == pytest.approx(100)
+    assert got["mrr@3"] == pytest.approx(100 * (1 + 1 / 3 + 1 / 3) / 3)
 
 
 def test_streaming_equals_one_shot() -> None:
@@ -57,7 +60,7 @@ def test_streaming_equals_one_shot() -> None:
         assert streamed[k] == pytest.approx(whole[k], rel=1e-12), k
     assert whole["examples"] == 103
     # The same numbers from a per-example loop.
-    ranks = [int((logits[i] > logits[i, targets[i] - 1]).sum()) for i in range(103)]
+    ranks = [int((logits[i] >= logits[i, targets[i] - 1]).sum()) - 1 for i in range(103)]
     assert whole["recall@10"] == pytest.approx(100 * sum(r < 10 for r in ranks) / 103)
     assert whole["mrr@10"] == pytest.approx(100 * sum(1 / (r + 1) for r in ranks if r < 10) / 103)
 

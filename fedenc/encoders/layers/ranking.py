@@ -1,7 +1,8 @@
 """Target ranks over a whole catalog, counted block by block, optionally capped.
 
-A target's rank is the number of other items scored strictly higher than it (ties count in the
-target's favour; a NaN target score ranks last). The items come in blocks, so the (B, N) score
+A target's rank is the number of other items scored at least as high as it: ties count against
+the target, so a model that scores many items alike cannot turn the tie into hits (a model
+scoring every item the same ranks every target last, not first). A NaN target score ranks last. The items come in blocks, so the (B, N) score
 matrix never exists, and a block can come from anywhere: a slice of a local table, or rows pulled
 from a parameter server.
 
@@ -49,7 +50,7 @@ def count_ranks(
         here = ((cols >= lo) & (cols < hi)).nonzero().squeeze(1)
         z[here, cols[here] - lo] = -torch.inf  # the target does not beat itself
         # In-place float compare (1.0 / 0.0): no bool tensor and no conversion pass.
-        ranks += z.gt_(target_score[:, None]).sum(1)
+        ranks += z.ge_(target_score[:, None]).sum(1)
         if limit is None or hi >= num_items:
             continue
         keep = (ranks < limit).nonzero().squeeze(1)  # (a GPU block covers 65k items: 1 sync)
