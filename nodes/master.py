@@ -16,7 +16,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedenc.federation.master import MasterConfig, run_master
+from fedenc.federation.master import MasterConfig, round_listener, run_master
 from fedenc.federation.records import params_to_record
 from fedenc.federation.report import write_outputs
 from fedenc.federation.runconfig import get_str
@@ -28,8 +28,25 @@ log = logging.getLogger(__name__)
 app = ServerApp()
 
 
+def _show_progress() -> None:
+    """Under Flower's own runtimes nothing would show fedenc's info lines (who confirmed, each
+    round's metrics): Python's last-resort handler prints warnings only. Send them to stderr,
+    which ``flwr run --stream`` and ``flwr log`` relay, unless the host set up logging."""
+    if logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    for name in ("fedenc", "nodes"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    _show_progress()
     config = MasterConfig.from_run_config(context.run_config)
     result = run_master(grid, config)
     summary = result.to_dict()
@@ -38,4 +55,10 @@ def main(grid: Grid, context: Context) -> None:
     out_dir = get_str(context.run_config, "out-dir", "")
     if out_dir:
         write_outputs(summary, Path(out_dir), {"run_config": dict(context.run_config)})
+    elif round_listener.get() is None:  # Flower's runtimes drop context.state with the run
+        log.warning(
+            "no out-dir in the run config: the encoder of job %s is written nowhere (set "
+            'out-dir = "/absolute/path" to keep it, on the machine that runs this ServerApp)',
+            result.job_id,
+        )
     log.info("job %s done: %s", result.job_id, result.stop_reason)

@@ -4,9 +4,9 @@ The published Diginetica and Yoochoose numbers (SR-GNN, NARM, TAGNN, GCE-GNN ...
 ``datasets/preprocess.py`` of CRIPAC-DIG/SR-GNN; reproducing it step for step is what makes a raw
 log comparable with them. The steps, with :class:`SRGNNProtocol`'s parameters:
 
-1. Order the clicks of each session by their within-session key (Diginetica ``timeframe``,
-   Yoochoose time); ties keep file order. A session is dated by its last click
-   (Diginetica: whole days).
+1. Order the clicks of each session by their within-session key (Diginetica ``timeframe``;
+   Yoochoose keeps file order); ties keep file order. A session is dated by its last row in the
+   file, which need not be its latest click (Diginetica: whole days; Yoochoose: whole seconds).
 2. Drop sessions shorter than ``min_session_length`` (2: length-1 sessions).
 3. Count item clicks over what is left and drop the clicks on items seen fewer than
    ``min_item_support`` (5) times; drop sessions now shorter than ``min_session_length``.
@@ -110,7 +110,9 @@ def preprocess(clicks: Clicks, protocol: SRGNNProtocol | None = None) -> Prepare
     item = clicks.item[perm]
     length = np.bincount(sess_of, minlength=sess_ids.size)
     starts = np.concatenate(([0], np.cumsum(length)[:-1]))
-    date = np.maximum.reduceat(clicks.time[perm], starts)
+    # SR-GNN dates a session when its rows end in the file (the date of its last row), not by
+    # its latest click: the Diginetica log is not sorted by time within a session.
+    date = clicks.time[np.maximum.reduceat(perm, starts)]
     first_row = np.minimum.reduceat(perm, starts)  # file order of sessions, for tie-breaks
 
     # 2.-3. Short sessions, rare items, short sessions again.

@@ -351,7 +351,9 @@ def read_yoochoose_clicks(path: PathArg) -> Clicks:
     - session-rec's prepared samples: tab-separated with header ``SessionId\\tItemId\\tTime`` and
       unix seconds.
 
-    The layout is sniffed from the first line. Clicks keep file order; ``order`` is the time.
+    The layout is sniffed from the first line. Clicks keep file order within a session, as
+    SR-GNN's ``preprocess.py`` keeps them for Yoochoose (``order`` is the row), and ISO times are
+    cut to whole seconds, as its ``timestamp[:19]`` does.
     """
     p, lines = _read_lines(path)
     head = lines[0]
@@ -404,7 +406,11 @@ def _read_tab_clicks(p: Path, lines: list[str]) -> Clicks:
     nonfinite = np.flatnonzero(~np.isfinite(time))
     if nonfinite.size:
         raise DataFormatError(p, start + int(nonfinite[0]), "time is not a finite number")
-    return Clicks(session=session, item=item, time=time, order=time)
+    return Clicks(session=session, item=item, time=time, order=_file_order(time.size))
+
+
+def _file_order(n: int) -> FloatArray:
+    return np.arange(n, dtype=np.float64)
 
 
 def _read_recsys_clicks(p: Path, lines: list[str]) -> Clicks:
@@ -415,5 +421,5 @@ def _read_recsys_clicks(p: Path, lines: list[str]) -> Clicks:
     stamps = [r[cols["time"]].strip().removesuffix("Z") for r in rows]
     when = _cast(stamps, "datetime64[ms]", _check_time, p, start, "timestamp")
     _no_nat(when, p, start, "timestamp")
-    seconds = when.astype(np.int64).astype(np.float64) / 1000.0
-    return Clicks(session=session, item=item, time=seconds, order=seconds)
+    seconds = when.astype("datetime64[s]").astype(np.int64).astype(np.float64)
+    return Clicks(session=session, item=item, time=seconds, order=_file_order(seconds.size))

@@ -10,10 +10,17 @@
 - ``query.finish``: the job is over; drop its state.
 
 A child loads its data once and keeps its model, optimizer and head across rounds in a
-process-wide registry keyed by ``(run id, partition id, job id)``: Flower's ``Context.state`` only
-holds records, and a module-level dict survives between messages both in this process and in a
-Ray worker. Should a ``train`` or ``evaluate`` message reach a process that has no state for its
-job (another worker, a restart), the child rebuilds it from the instruction that every round
+process-wide registry keyed by ``(run id, partition id, job id)``, and records in the node's
+``Context.state`` which version of that state it left after each message. fedenc's own runtimes
+run all of a node's messages in one process (:data:`~fedenc.runtime.clientapp.persistent_host`),
+so the registry is all they need. Flower's deployment runtime starts a new process for every
+message (and its simulation may give a node's messages to different actors): there the child
+also leaves the state itself in ``Context.state`` after each round it trains, and a process
+without it takes it up from there, so a round never starts from a forgotten model, optimizer or
+head. A trainer whose state lives outside the model (the two-level PS) cannot travel that way:
+such a child fails the round with :class:`ChildStateLostError`, naming the fix, instead of
+training on from scratch. A process that has no state and finds none recorded (a ``fedenc
+child`` that restarted: its context is new too) rebuilds it from the instruction that every round
 message carries: it loses its optimizer moments and head, not the round.
 
 A master that restarts (``fedenc master --resume``) queries the children again: a child that
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import re
 import threading
@@ -44,11 +52,11 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedenc.data.sessions import Examples
 from fedenc.encoders.base import SessionEncoder
@@ -67,6 +75,7 @@ from fedenc.ps.federation import (
     take_pulled,
     take_rows,
 )
+from fedenc.runtime.clientapp import persistent_host
 from fedenc.training.checkpoint import load_failure
 from fedenc.training.config import TrainConfig
 from fedenc.training.trainer import Trainer
@@ -78,6 +87,17 @@ StateKey = tuple[int, int, str]
 
 class DeclinedError(Exception):
     """The child cannot take part in the job; ``reason`` goes into its Confirmation."""
+
+
+class ChildStateLostError(RuntimeError):
+    """The child trained rounds of a job, but this process has not their state and the node's
+    ``Context.state`` does not carry it: training on would silently start over."""
+
+
+#: Context.state keys: the job and version of the state this node last left (ConfigRecord), and,
+#: where the host does not keep the process, that state itself (ArrayRecord of one byte array).
+CONTEXT_META: Final = "fedenc.child"
+CONTEXT_STATE: Final = "fedenc.child.state"
 
 
 @dataclass
@@ -112,6 +132,7 @@ class ChildState:
     row_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     last_round: int = 0  # the highest round number trained
     before_last: _Snapshot | None = None  # the state before training ``last_round``
+    version: int = 0  # rounds trained in this job, recorded in the node's Context.state
 
     @property
     def num_samples(self) -> int:
@@ -207,7 +228,8 @@ def _build_state(
     if encoder_config.num_items < data.num_items:
         raise DeclinedError(
             f"encoder catalog has {encoder_config.num_items} items, local data use ids up to "
-            f"{data.num_items}"
+            f"{data.num_items}: set num-items in the run config to the catalog the children "
+            f"share (at least {data.num_items}); 0 sizes it from the master's own data source"
         )
     base = TrainConfig(device=get_str(context.run_config, "device", "cpu") or "cpu")
     try:
@@ -389,23 +411,43 @@ def _snapshot_of(payload: Mapping[str, Any]) -> _Snapshot:
     )
 
 
-def _persist(state: ChildState, context: Context) -> None:
-    """After a trained round: the state after it and the one before it (a master that resumes
-    before this round replays it, one that resumes after it goes on from here)."""
-    path = _persist_path(state, context)
-    if path is None:
-        return
-    payload = {
+def _state_payload(state: ChildState) -> dict[str, Any]:
+    """The state after the last round and the one before it (a master that resumes before this
+    round replays it, one that resumes after it goes on from here): tensors and plain values
+    only, read back with ``torch.load(weights_only=True)``."""
+    return {
         "format": 1,
         "job_id": state.key[2],
         "last_round": state.last_round,
         "after": _snapshot_payload(_live_snapshot(state, state.last_round)),  # saved at once
         "before": None if state.before_last is None else _snapshot_payload(state.before_last),
     }
+
+
+def _restore_payload(state: ChildState, payload: Mapping[str, Any]) -> None:
+    """Take up :func:`_state_payload`'s output, all of it or (raising) nothing: a model restored
+    before the optimizer failed would leave saved weights with a fresh optimizer."""
+    fresh = _take_snapshot(state, 0)
+    try:
+        after = _snapshot_of(payload["after"])
+        before = None if payload["before"] is None else _snapshot_of(payload["before"])
+        last_round = int(payload["last_round"])
+        _restore_snapshot(state, after)
+    except BaseException:
+        _restore_snapshot(state, fresh)
+        raise
+    state.last_round, state.before_last = last_round, before
+
+
+def _persist(state: ChildState, context: Context) -> None:
+    """After a trained round, with the child's own ``child-state`` setting: save its state."""
+    path = _persist_path(state, context)
+    if path is None:
+        return
     from fedenc.ps.table import atomic_save
 
     try:
-        atomic_save(payload, path)
+        atomic_save(_state_payload(state), path)
     except OSError as err:  # the round's update still counts; only an exact resume is lost
         log.warning("%s: cannot save its state to %s (%s): a resume would not be exact",
                     state.name, path, err)  # fmt: skip
@@ -416,21 +458,71 @@ def _restore_persisted(state: ChildState, context: Context) -> None:
     path = _persist_path(state, context)
     if path is None or not path.is_file():
         return
-    fresh = _take_snapshot(state, 0)
     try:
-        payload = torch.load(path, weights_only=True)
-        after = _snapshot_of(payload["after"])
-        before = None if payload["before"] is None else _snapshot_of(payload["before"])
-        last_round = int(payload["last_round"])
-        _restore_snapshot(state, after)
+        _restore_payload(state, torch.load(path, weights_only=True))
     except Exception as err:  # an unreadable file: start afresh, as before, and say so
-        # All of it afresh: the model may have been restored before the optimizer failed.
-        _restore_snapshot(state, fresh)
         log.warning("%s: cannot read its saved state %s (%s): starting afresh", state.name,
                     path, load_failure(err))  # fmt: skip
         return
-    state.last_round, state.before_last = last_round, before
     log.info("%s: resumed its state after round %d from %s", state.name, state.last_round, path)
+
+
+# -- the node's Context.state (hosts that run each message in a new process) -------------------
+
+
+def _recorded_version(context: Context, job_id: str) -> int | None:
+    """The version of job ``job_id``'s state this node last left, None if none is recorded."""
+    meta = context.state.config_records.get(CONTEXT_META)
+    if meta is None or meta.get("job") != job_id:
+        return None
+    version = meta.get("version")
+    return int(version) if isinstance(version, int) else None
+
+
+def _leave_in_context(state: ChildState, context: Context) -> None:
+    """Record the state's version in the node's context and, where the host will not keep this
+    process and the state can travel (the plain trainer), the state itself."""
+    context.state[CONTEXT_META] = ConfigRecord({"job": state.key[2], "version": state.version})
+    keep = not persistent_host.get() and state.version > 0 and type(state.trainer) is Trainer
+    if not keep:  # version 0 is what the instruction rebuilds; fedenc's runtimes keep the process
+        _forget_in_context(context, meta=False)
+        return
+    buffer = io.BytesIO()
+    torch.save(_state_payload(state), buffer)
+    blob = np.frombuffer(buffer.getbuffer(), dtype=np.uint8)
+    context.state[CONTEXT_STATE] = ArrayRecord({"payload": Array(blob)})
+
+
+def _forget_in_context(context: Context, meta: bool = True) -> None:
+    for key in (CONTEXT_META, CONTEXT_STATE) if meta else (CONTEXT_STATE,):
+        if key in context.state:
+            del context.state[key]
+
+
+def _take_up_context(state: ChildState, context: Context, version: int) -> None:
+    """A state rebuilt from its instruction takes up version ``version`` from the context."""
+    record = context.state.array_records.get(CONTEXT_STATE)
+    if record is None or type(state.trainer) is not Trainer:
+        what = (
+            "the plain trainer's" if type(state.trainer) is Trainer else "a two-level PS trainer's"
+        )
+        raise ChildStateLostError(
+            f"{state.name} trained {version} round(s) of job {state.key[2]}, but this process "
+            f"holds none of it and the node's context does not carry {what} state: the host "
+            "runs messages in new processes (Flower's deployment runtime, or several simulation "
+            "actors). Run this child with `fedenc child`, or keep the item table out of a "
+            'parameter server (ps = "none")'
+        )
+    payload = torch.load(io.BytesIO(record["payload"].numpy().tobytes()), weights_only=True)
+    if payload.get("job_id") != state.key[2]:
+        raise ChildStateLostError(
+            f"{state.name}: the state in the node's context is job {payload.get('job_id')!r}'s, "
+            f"not job {state.key[2]!r}'s"
+        )
+    _restore_payload(state, payload)
+    state.version = version
+    log.info("%s: took up its state of job %s after %d round(s) from the node's context",
+             state.name, state.key[2], version)  # fmt: skip
 
 
 def _replay_guard(state: ChildState, round_: int, context: Context) -> None:
@@ -472,19 +564,37 @@ def _same_job(a: fpb.TrainingInstruction, b: fpb.TrainingInstruction) -> bool:
 
 
 def _state_for(context: Context, config: Mapping[str, Any]) -> ChildState:
-    """The state of the message's job, rebuilt from its instruction when this process has none."""
+    """The state of the message's job: this process's, when it is the version the node's context
+    records; else rebuilt from the instruction and, when rounds were trained, the context."""
     instruction = records.instruction_from_bytes(config.get(records.INSTRUCTION))
     key = _key(context, instruction.job_id)
+    recorded = _recorded_version(context, instruction.job_id)
     with _lock:
         state = _states.get(key)
+    if state is not None and (recorded is None or state.version == recorded):
+        return state
     if state is None:
         log.info("no state for job %s here: rebuilding it from the instruction", key[2])
-        built = _build_state(key, context, instruction)
-        with _lock:
-            state = _states.setdefault(key, built)
-        if state is not built:  # another thread rebuilt it first
-            built.close()
-    return state
+    else:  # this process ran an older message of the node; another one ran the later ones
+        log.info("job %s: this process holds version %d of the state, the node's is %d",
+                 key[2], state.version, recorded)  # fmt: skip
+    built = _build_state(key, context, instruction)
+    try:
+        if recorded:
+            _take_up_context(built, context, recorded)
+    except BaseException:
+        built.close()
+        raise
+    with _lock:
+        current = _states.get(key)
+        if current is not None and current is not state:  # another thread rebuilt it first
+            winner = current
+        else:
+            winner = _states[key] = built
+    for loser in (state, built):
+        if loser is not None and loser is not winner:
+            loser.close()
+    return winner
 
 
 def _summary(data: ChildData, examples: Examples) -> fpb.DataSummary:
@@ -531,6 +641,7 @@ def handle_query(message: Message, context: Context) -> Message:
         _states[key] = state
     if replaced is not None and replaced is not state:
         replaced.close()
+    _leave_in_context(state, context)
     confirmation = fpb.Confirmation(
         job_id=instruction.job_id,
         accepted=True,
@@ -615,7 +726,9 @@ def handle_train(message: Message, context: Context) -> Message:
         state.trainer.config.max_examples_per_epoch = cap
     ps_metrics = end_round(state.trainer)  # the two-level PS flushes its last window
     state.rounds_trained += 1
+    state.version += 1
     _persist(state, context)
+    _leave_in_context(state, context)
     seconds = time.perf_counter() - t0
     metrics = {
         records.NUM_EXAMPLES: state.num_samples,
@@ -714,6 +827,8 @@ def handle_finish(message: Message, context: Context) -> Message:
     key = _key(context, str(job_id))
     with _lock:
         state = _states.pop(key, None)
+    if _recorded_version(context, str(job_id)) is not None:
+        _forget_in_context(context)
     dropped = state is not None
     if state is not None:  # the job is over: nothing to resume
         state.close()

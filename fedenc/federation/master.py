@@ -50,6 +50,7 @@ from typing import Any, Final, Literal, Protocol
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
 from fedenc.encoders.base import EncoderConfig
@@ -91,6 +92,9 @@ resumable: ContextVar[bool] = ContextVar("resumable", default=True)
 its children are then told at once to drop the job's state. Otherwise a failed or interrupted
 job with a state directory leaves it in place, so that ``--resume`` continues it bit for bit."""
 
+
+#: Seconds a message lives past the master's wait for its reply (its TTL on a SuperLink).
+TTL_MARGIN_S: Final = 60.0
 
 #: Seconds the master waits for the children to acknowledge the end of a job.
 FINISH_TIMEOUT: Final = 30.0
@@ -494,12 +498,16 @@ class _Exchange:
         ``(node, reason)`` for each node that errs; the nodes that never answered come last.
         ``per_node`` replaces ``content`` for the nodes it names."""
         per_node = per_node or {}
+        # A message the master no longer waits for must not stay queued for Flower's default
+        # 12 h: a slow node would work through stale rounds first (SuperLink drops it at its TTL).
+        ttl = timeout + TTL_MARGIN_S if timeout else None
         messages = [
             Message(
                 per_node.get(nid, content),
                 dst_node_id=nid,
                 message_type=message_type,
                 group_id=group_id,
+                ttl=ttl,
             )
             for nid in node_ids
         ]
@@ -546,7 +554,10 @@ class _Exchange:
         for reply in replies:
             meta = reply.metadata
             node = sent.get(meta.reply_to_message_id)
-            if node is None or node != meta.src_node_id:
+            # Flower's SuperLink answers for a node it cannot reach (NODE_UNAVAILABLE, an
+            # expired message) with an error reply of its own: that one comes from the link.
+            by_link = meta.src_node_id == SUPERLINK_NODE_ID and reply.has_error()
+            if node is None or (node != meta.src_node_id and not by_link):
                 log.warning(
                     "ignoring a %s reply from node %s to an unknown message %r",
                     message_type,
@@ -1173,6 +1184,26 @@ class _Job:
             )
 
 
+def _round_line(result: RoundResult) -> str:
+    """One log line for a finished round."""
+    if result.skipped is not None:
+        return f"round {result.round}: skipped ({result.skipped})"
+    parts = [
+        f"round {result.round}: {len(result.participants)}/{len(result.sampled)} child(ren)",
+        f"{result.num_samples} samples",
+    ]
+    if result.loss is not None:
+        parts.append(f"train loss {result.loss:.4f}")
+    if result.recall_at_20 is not None and result.mrr_at_20 is not None:
+        parts.append(f"Recall@20 {result.recall_at_20:.2f} MRR@20 {result.mrr_at_20:.2f}")
+    if result.excluded:
+        parts.append(f"left out: {', '.join(sorted(result.excluded))}")
+    parts.append(f"{result.seconds:.1f} s")
+    if result.stop_reason:
+        parts.append(f"stop: {result.stop_reason}")
+    return ", ".join(parts)
+
+
 def _bad_evaluation(n: float, values: Mapping[str, float]) -> str | None:
     """Why a child's evaluation reply cannot be averaged in (None: it can). Ranking metrics are
     percentages: a value outside [0, 100] is a broken or hostile child, not a result."""
@@ -1278,6 +1309,8 @@ def run_master(
             # The round is complete (fused, evaluated, the stop rule updated): a master killed
             # from here on resumes after it.
             job.save(round_, results, stop_reason, run_id)
+            if not listeners:  # no host shows the rounds (Flower's runtimes): the log does
+                log.info("%s", _round_line(result))
             for callback in listeners:
                 callback(result)
         if results and all(r.skipped is not None for r in results):

@@ -165,6 +165,11 @@ class Plateau(StopRule):
             raise ValueError(f"plateau metric must be a non-empty string, got {metric!r}")
         if mode not in ("max", "min"):
             raise ValueError(f"plateau mode must be 'max' or 'min', got {mode!r}")
+        if metric.startswith("test_"):
+            raise ValueError(
+                f"plateau on {metric!r} would choose when to stop by the test split: stop on a "
+                "validation metric (e.g. valid_recall@20, with eval-split = 'valid')"
+            )
         self.metric = metric
         self.patience = _int_option("plateau patience", patience, 1)
         self.min_delta = _float_option("plateau min_delta", min_delta, positive=False)

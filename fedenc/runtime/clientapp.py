@@ -12,6 +12,7 @@ import importlib
 import logging
 import traceback
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 from flwr.app import Context, Message
@@ -23,12 +24,20 @@ log = logging.getLogger(__name__)
 
 ClientCallable = Callable[[Message, Context], Message]
 
+persistent_host: ContextVar[bool] = ContextVar("persistent_host", default=False)
+"""True while fedenc's own runtimes (in-process grid, worker pool, ``fedenc child``) call a
+ClientApp: they run every message of a node in the same process, so a ClientApp may keep state
+in memory between them. Flower's deployment runtime starts a new process per message (and its
+simulation may hand a node's messages to different actors): there, only ``Context.state``
+carries anything from one message to the next."""
+
 
 def call_client_app(
     client_app: ClientApp | ClientCallable, message: Message, context: Context, label: str
 ) -> Message:
     """A reply to ``message`` from ``client_app``, or an error reply; ``label`` names the node in
     logs."""
+    token = persistent_host.set(True)
     try:
         reply = client_app(message, context)
     except Exception as err:  # the app's failure becomes the reply, as in Flower's runtimes
@@ -41,6 +50,8 @@ def call_client_app(
         )
         reason = f"{type(err).__name__}: {err}"
         return fc.error_reply(message, fc.CLIENT_APP_RAISED_EXCEPTION, reason)
+    finally:
+        persistent_host.reset(token)
     if (
         not isinstance(reply, Message)
         or reply.metadata.reply_to_message_id != message.metadata.message_id

@@ -21,19 +21,45 @@ pins each of them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Final
 
 from flwr.app import ArrayRecord, Error, Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID as _SUPERLINK_NODE_ID
-from flwr.common.constant import ErrorCode
-from flwr.common.serde import message_from_proto, message_to_proto, recorddict_to_proto
-from flwr.common.serde_utils import error_to_proto, metadata_to_proto
-from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
+
+#: The Flower release these touch-points were written and tested against.
+SUPPORTED_FLWR: Final = "1.42."
+
+
+def _installed_flwr() -> str:
+    try:
+        return version("flwr")
+    except PackageNotFoundError:  # (a source checkout without metadata)
+        return "unknown"
+
+
+try:
+    from flwr.common.constant import SUPERLINK_NODE_ID as _SUPERLINK_NODE_ID
+    from flwr.common.constant import ErrorCode
+    from flwr.common.serde import message_from_proto, message_to_proto, recorddict_to_proto
+    from flwr.common.serde_utils import error_to_proto, metadata_to_proto
+    from flwr.proto.message_pb2 import Message as ProtoMessage
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+except ImportError as err:  # another Flower moved an internal: say which release fits
+    raise ImportError(
+        f"fedenc's runtimes need flwr {SUPPORTED_FLWR}* (installed: {_installed_flwr()}); "
+        f"pip install 'flwr=={SUPPORTED_FLWR}*'. ({err})"
+    ) from err
+
+if not _installed_flwr().startswith(SUPPORTED_FLWR):
+    logging.getLogger(__name__).warning(
+        "flwr %s is installed; fedenc's runtimes are tested with %s*", _installed_flwr(),
+        SUPPORTED_FLWR,
+    )  # fmt: skip
 
 __all__ = [
     "CLIENT_APP_RAISED_EXCEPTION",

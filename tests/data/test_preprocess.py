@@ -21,7 +21,9 @@ def reference(clicks: Clicks, proto: SRGNNProtocol) -> tuple[list[list[int]], li
         zip(clicks.session, clicks.item, clicks.time, clicks.order, strict=True)
     ):
         sess_clicks.setdefault(int(s), []).append((int(i), float(o), row))
-        sess_date[int(s)] = max(sess_date.get(int(s), -np.inf), float(t))
+        # preprocess.py sets a session's date when its rows end in the file: its last row's
+        # date, which need not be its latest (Diginetica is not sorted by time in a session).
+        sess_date[int(s)] = float(t)
     seqs = {
         s: [c[0] for c in sorted(v, key=lambda c: (c[1], c[2]))] for s, v in sess_clicks.items()
     }
@@ -201,3 +203,18 @@ def test_real_sample_obeys_protocol_rules(sample: tuple[Clicks, PreparedData]) -
     assert np.all(np.diff(train.timestamps) >= 0) and np.all(np.diff(test.timestamps) >= 0)
     assert got.split_time == clicks.time.max() - 7 * DAY_SECONDS
     assert isinstance(train, Sessions)
+
+
+def test_a_session_is_dated_by_its_last_row_in_the_file_not_its_latest_click() -> None:
+    # As SR-GNN's preprocess.py: session 1's rows end on day 0 although one click is on day 9,
+    # so it is a training session (the latest click would have made it a test one).
+    day = DAY_SECONDS
+    session = np.array([1, 1, 1, 2, 2, 3, 3] + [4, 4] * 3)
+    item = np.array([7, 8, 7, 7, 8, 8, 7] + [7, 8] * 3)
+    time = np.array([0, 9, 0, 1, 1, 10, 10, 2, 2, 3, 3, 4, 4]) * day + 1.4e9
+    order = np.arange(session.size, dtype=np.float64)
+    clicks = Clicks(session, item, time.astype(np.float64), order)
+    got = preprocess(clicks, SRGNNProtocol(min_item_support=2, test_days=7.0))
+    assert got.split_time == 1.4e9 + 3 * day
+    assert len(got.train) == 2 and len(got.test) == 2  # sessions 1 and 2; 4 and 3
+    assert got.train.timestamps is not None and got.train.timestamps[0] == 1.4e9

@@ -529,6 +529,29 @@ def test_children_that_all_left_stop_the_job_after_its_last_round_with_their_sta
     assert [e.kind for e in seen if e.direction == "out"].count("train") == 2
 
 
+def test_an_error_reply_from_the_superlink_for_an_unreachable_child_is_its_reason() -> None:
+    # Flower's SuperLink answers for a node it cannot reach with an error reply from the link
+    # (node id 1): the child is left out with that reason at once, not after the round timeout.
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    class LinkAnswers(RecordingGrid):
+        def receive(self, message_ids: Sequence[str], timeout: float | None) -> Iterator[Message]:
+            for reply in super().receive(message_ids, timeout):
+                if reply.metadata.message_type == "train" and reply.metadata.src_node_id == 3:
+                    error = fc.error_reply(reply, 3, "NODE_UNAVAILABLE: node 3 is offline")
+                    error.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+                    error.metadata.__dict__["_reply_to_message_id"] = (
+                        reply.metadata.reply_to_message_id
+                    )
+                    reply = error
+                yield reply
+
+    result, _ = run_job(echo_client(Script()), 2, tiny_config(rounds=1), grid_type=LinkAnswers)
+    (r,) = result.rounds
+    assert r.participants == ["child-0"]
+    assert "node 3 is offline" in r.excluded["child-1"]
+
+
 class _Stopped(Exception):
     pass
 

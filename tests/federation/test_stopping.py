@@ -298,3 +298,9 @@ def test_a_registered_stop_rule_is_built_from_strings_and_specs(
         build_stop_rule("recal_above=3")
     with pytest.raises(ValueError, match="already taken"):
         stopping.register_stop_rule("plateau")(RecallAbove)
+
+
+def test_a_plateau_on_a_test_metric_is_refused() -> None:
+    # Model selection never looks at test: stopping on a test metric would.
+    with pytest.raises(ValueError, match="would choose when to stop by the test split"):
+        build_stop_rule("plateau=test_recall@20:3")

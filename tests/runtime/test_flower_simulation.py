@@ -72,8 +72,10 @@ def test_flwr_run_gives_the_inprocess_metrics(tmp_path: Path) -> None:
         f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}"
         for k, v in {**TINY, "out-dir": str(out)}.items()
     )
+    # One CPU per ClientApp: two Ray actors on two cores, which hand a node's messages to
+    # either; the child must carry its state through Flower's Context.state.
     cmd = [str(flwr), "run", ".", "local", "--stream", "--run-config", overrides,
-           "--federation-config", "num-supernodes=3"]  # fmt: skip
+           "--federation-config", "num-supernodes=3 client-resources-num-cpus=1"]  # fmt: skip
     for _attempt in range(2):
         try:
             proc = subprocess.run(
@@ -90,6 +92,8 @@ def test_flwr_run_gives_the_inprocess_metrics(tmp_path: Path) -> None:
     log = proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, log
     assert (out / "results.json").is_file(), log
+    # The rounds show in the stream (fedenc's info lines used to reach no handler there).
+    assert "round 2: 3/3 child(ren)" in proc.stdout + proc.stderr, log
     ray_rounds = json.loads((out / "results.json").read_text())["rounds"]
 
     from nodes.child import app as child_app

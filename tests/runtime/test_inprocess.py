@@ -269,3 +269,57 @@ def test_carrying_the_optimizer_needs_cyclic_sampling() -> None:
 
     with pytest.raises(ValueError, match="carry_optimizer needs sampling = 'cyclic'"):
         MasterConfig(num_items=10, carry_optimizer=True)
+
+
+def _new_process_per_message(app: Any) -> Any:
+    """The child app as Flower's deployment runtime hosts it: every message in a process that
+    has never seen the node (so only the node's Context.state carries anything over)."""
+    from fedenc.federation import child
+    from fedenc.runtime.clientapp import persistent_host
+
+    def host(message: Any, context: Any) -> Any:
+        token = persistent_host.set(False)
+        try:
+            child.forget()
+            return app(message, context)
+        finally:
+            persistent_host.reset(token)
+
+    return host
+
+
+@pytest.mark.parametrize("share", ["all", "encoder"])
+def test_a_child_run_in_a_new_process_per_message_trains_as_one_kept_alive(share: str) -> None:
+    """Under Flower's deployment runtime each message runs in a new process: the child must
+    take its model, optimizer, schedule and head up from the node's context, and give the same
+    encoder and metrics, bit for bit, as a child kept in memory (share = encoder: the local item
+    table used to restart from its seed every message)."""
+    from nodes.child import app as child_app
+    from nodes.master import RESULT_KEY
+    from nodes.master import app as master_app
+
+    config = {**TINY, "num-server-rounds": 3, "share": share, "lr-decay-step": 1}
+    kept = run_inprocess(master_app, child_app, 2, config)
+    fresh = run_inprocess(master_app, _new_process_per_message(child_app), 2, config)
+    a, b = _target(kept), _target(fresh)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    rounds = [
+        json.loads(r.server_context.state[RESULT_KEY]["json"])["rounds"] for r in (kept, fresh)
+    ]
+    assert [r["metrics"] for r in rounds[0]] == [r["metrics"] for r in rounds[1]]
+
+
+def test_a_ps_child_whose_state_cannot_travel_fails_its_round_with_the_fix() -> None:
+    # The two-level PS keeps rows outside the model: such a child cannot carry its state in the
+    # context, and says so instead of training round 2 from a forgotten table.
+    from nodes.child import app as child_app
+    from nodes.master import RESULT_KEY
+    from nodes.master import app as master_app
+
+    config = {**TINY, "share": "encoder", "ps": "local"}
+    run = run_inprocess(master_app, _new_process_per_message(child_app), 1, config)
+    rounds = json.loads(run.server_context.state[RESULT_KEY]["json"])["rounds"]
+    assert rounds[0]["participants"] == ["child-0"]
+    reason = rounds[1]["excluded"]["child-0"]
+    assert "ChildStateLostError" in reason and "Run this child with `fedenc child`" in reason

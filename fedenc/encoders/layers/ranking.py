@@ -2,9 +2,10 @@
 
 A target's rank is the number of other items scored at least as high as it: ties count against
 the target, so a model that scores many items alike cannot turn the tie into hits (a model
-scoring every item the same ranks every target last, not first). A NaN target score ranks last. The items come in blocks, so the (B, N) score
-matrix never exists, and a block can come from anywhere: a slice of a local table, or rows pulled
-from a parameter server.
+scoring every item the same ranks every target last, not first). A NaN target score ranks last.
+
+The items come in blocks, so the (B, N) score matrix never exists, and a block can come from
+anywhere: a slice of a local table, or rows pulled from a parameter server.
 
 With ``limit`` (Recall@K and MRR@K need no more than ``limit = max K``), a session leaves the
 counting as soon as ``limit`` items beat its target, and the blocks after that are scored for the
