@@ -40,8 +40,9 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-def _check_out(path: Path | None, option: str = "--out") -> None:
-    """Refuse an output directory that cannot be written before any work, not after it."""
+def _check_out(path: Path | None, option: str = "--out", earlier_ok: bool = False) -> None:
+    """Refuse an output directory that cannot be written before any work, not after it; say
+    when it holds an earlier run's outputs (unless ``earlier_ok``: a resume)."""
     if path is None:
         return
     if path.exists() and not path.is_dir():
@@ -52,6 +53,12 @@ def _check_out(path: Path | None, option: str = "--out") -> None:
         raise _fail(f"{option} {path}: cannot create it ({err.strerror})") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise _fail(f"{option} {path} is not writable")
+    earlier = [n for n in ("results.json", "meta.json", "encoder") if (path / n).exists()]
+    if earlier and not earlier_ok:  # said before the work, not discovered after it
+        console.print(
+            f"[yellow]{option} {path} holds an earlier run's {', '.join(earlier)}: this run "
+            "replaces them[/]"
+        )
 
 
 def _print_version(value: bool) -> None:
@@ -259,7 +266,7 @@ def train_cmd(
     else:
         from click.core import ParameterSource
 
-        from fedenc.control.cli import security_of, train_remote
+        from fedenc.control.cli import connection_flags, security_of, train_remote
 
         explicit = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
         given = {name for name in ctx.params if ctx.get_parameter_source(name) in explicit}
@@ -272,6 +279,7 @@ def train_cmd(
             job_id=job,
             out=out,
             quiet=quiet,
+            flags=connection_flags(insecure, certs, cert_name),
         )
         return
     import torch
@@ -407,11 +415,37 @@ def train_cmd(
         raise typer.Exit(130 if result.stopped.startswith("interrupted") else 1)
 
 
+def _run_data_settings(checkpoint: Path) -> tuple[Path, dict[str, Any]]:
+    """The encoder directory of ``checkpoint`` (a checkpoint, or a run directory holding
+    ``encoder/``), and the data settings of the run that wrote it (its ``results.json`` run
+    config; empty when there is none)."""
+    if (
+        not (checkpoint / "meta.json").is_file()
+        and (checkpoint / "encoder" / "meta.json").is_file()
+    ):
+        checkpoint = checkpoint / "encoder"
+    for results in (checkpoint / "results.json", checkpoint.parent / "results.json"):
+        if results.is_file():
+            try:  # fedenc simulate records its scenario, the ServerApp its run config
+                written = json.loads(results.read_text())
+                recorded = written.get("run_config") or written.get("scenario") or {}
+                settings = {str(k).replace("_", "-"): v for k, v in recorded.items()}
+            except (OSError, ValueError, AttributeError):
+                return checkpoint, {}
+            keys = ("data", "synthetic-sessions", "synthetic-items", "seed", "valid-fraction")
+            return checkpoint, {k: settings[k] for k in keys if settings.get(k) is not None}
+    return checkpoint, {}
+
+
 @app.command("evaluate")
 def evaluate_cmd(
+    ctx: typer.Context,
     checkpoint: Annotated[
         Path,
-        typer.Argument(help="A saved encoder: the --out of fedenc train, or a run's encoder/."),
+        typer.Argument(
+            help="A saved encoder: the --out of fedenc train, a run's encoder/, or the run's "
+            "directory (whose results.json supplies the data settings not given here)."
+        ),
     ],
     data: Annotated[
         Path | None,
@@ -441,6 +475,30 @@ def evaluate_cmd(
 
     if split not in ("test", "valid"):
         raise _fail(f"--split must be test or valid, got {split!r}")
+    checkpoint, recorded = _run_data_settings(checkpoint)
+    if recorded:
+        from click.core import ParameterSource
+
+        explicit = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+        given = {n for n in ctx.params if ctx.get_parameter_source(n) in explicit}
+        taken = []
+        for key, value in recorded.items():
+            name = key.replace("-", "_")
+            if name in given or (key == "data" and not value):
+                continue
+            if key == "data":
+                data = Path(str(value))
+            elif key == "valid-fraction":
+                valid_fraction = float(value)
+            elif key == "seed":
+                seed = int(value)
+            elif key == "synthetic-sessions":
+                synthetic_sessions = int(value)
+            else:
+                synthetic_items = int(value)
+            taken.append(f"{key} = {value}")
+        if taken:
+            console.print(f"data settings of the run: {', '.join(taken)}", highlight=False)
     try:
         model, meta = load_checkpoint(checkpoint)
         synthetic = SyntheticConfig(
@@ -810,7 +868,7 @@ def simulate_cmd(
         from fedenc.security.policy import insecure_warning
 
         _warn(insecure_warning("master"))
-    _check_out(out)
+    _check_out(out, earlier_ok=resume)
     out_dir = out or default_out_dir(scenario)
     where = scenario.data or f"synthetic ({scenario.synthetic_sessions} sessions)"
     kind = (
@@ -1105,15 +1163,31 @@ def master_cmd(
         name = signal.Signals(sig.signum).name
         console.print(f"{name}: closing every child's stream")
         server.stop(f"the master was stopped ({name})")
+        _print_resume_hint(state_dir or out_dir / "state")
         raise typer.Exit(0) from None
     except (ValueError, FileNotFoundError, NotEnoughChildrenError, FusionOutputError) as err:
         server.stop(f"the job failed: {err}")
+        if isinstance(err, NotEnoughChildrenError):
+            _print_resume_hint(state_dir or out_dir / "state")
         raise _fail(str(err)) from err
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     server.stop("the job is over")
     _print_outcome(outcome.result, title, out_dir)
+
+
+def _print_resume_hint(state_dir: Path) -> None:
+    """How to continue a master's job that stopped after a completed round (if one did)."""
+    from fedenc.federation.checkpoint import state_path
+
+    if state_path(state_dir).is_file():
+        console.print(
+            f"the job's checkpoint after its last completed round is in {state_dir}: continue "
+            "it with the same command plus --resume (children that kept running keep their "
+            "state)",
+            highlight=False,
+        )
 
 
 def _serve_control(
@@ -1277,6 +1351,12 @@ def child_cmd(
         raise _fail(f"cannot load the ClientApp {app_path!r}: {err}") from err
     if data is not None and not data.exists():
         raise _fail(f"--data {data}: no such file or directory")
+    if data is None and children == 1:
+        console.print(
+            f"{name} trains on the whole of the job's data source (no --data): give --index I "
+            "--children K to take part I of K of a source the children share",
+            highlight=False,
+        )
     if threads:
         import torch
 

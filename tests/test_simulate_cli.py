@@ -259,3 +259,33 @@ def test_evaluate_says_when_a_federated_checkpoint_lacks_the_childrens_heads(
     scored = runner.invoke(app, ["evaluate", str(out / "encoder"), *data])
     assert scored.exit_code == 0, scored.output
     assert "embedding.weight (the children's local heads)" in " ".join(scored.output.split())
+
+
+def test_evaluate_takes_a_run_directory_and_its_data_settings(tmp_path: Path) -> None:
+    # `fedenc evaluate runs/x` on a simulation's output: the encoder is in runs/x/encoder and
+    # the data settings come from its results.json (the defaults would be another data set).
+    out = tmp_path / "run"
+    assert (
+        runner.invoke(app, ["simulate", *TINY, "--rounds", "1", "--out", str(out)]).exit_code == 0
+    )
+    data = ["--synthetic-sessions", "400", "--synthetic-items", "60"]
+    explicit = runner.invoke(
+        app, ["evaluate", str(out / "encoder"), *data, "--json", str(tmp_path / "a.json")]
+    )
+    assert explicit.exit_code == 0, explicit.output
+    bare = runner.invoke(app, ["evaluate", str(out), "--json", str(tmp_path / "b.json")])
+    assert bare.exit_code == 0, bare.output
+    assert "synthetic-items = 60" in bare.output
+    a = json.loads((tmp_path / "a.json").read_text())["test"]
+    b = json.loads((tmp_path / "b.json").read_text())["test"]
+    assert {k: v for k, v in a.items() if "@" in k} == {k: v for k, v in b.items() if "@" in k}
+
+
+def test_a_misspelt_scenario_key_gets_the_closest_kebab_case_one(tmp_path: Path) -> None:
+    scenario = tmp_path / "typo.toml"
+    scenario.write_text("local-epoch = 2\n")
+    result = runner.invoke(app, ["simulate", str(scenario), *TINY, "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "unknown setting 'local-epoch'; did you mean 'local-epochs'?" in text
+    assert "batch-size" in text and "batch_size" not in text

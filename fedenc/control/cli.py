@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import shlex
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -90,6 +91,13 @@ def security_of(insecure: bool, certs: Path | None, cert_name: str) -> ChannelSe
         raise _fail(f"TLS credentials: {err}") from err
     override = dict(tls.options).get("grpc.ssl_target_name_override")
     return ChannelSecurity(credentials=tls.credentials, target_name=override)
+
+
+def connection_flags(insecure: bool, certs: Path | None, cert_name: str) -> str:
+    """The options that reach the master the way this command did (for printed commands)."""
+    if certs is None:
+        return "--insecure" if insecure else ""
+    return f"--certs {shlex.quote(str(certs))} --as {shlex.quote(cert_name)}"
 
 
 def connect(address: str, security: ChannelSecurity) -> ControlClient:
@@ -213,8 +221,10 @@ def train_remote(
     job_id: str | None,
     out: Path | None,
     quiet: bool,
+    flags: str = "",
 ) -> None:
-    """`fedenc train --master`: submit (or request, or follow) a job, watch it, download it."""
+    """`fedenc train --master`: submit (or request, or follow) a job, watch it, download it.
+    ``flags``: :func:`connection_flags`, for the commands printed on Ctrl-C."""
     from fedenc.control.client import ControlError
     from fedenc.proto.fedenc.v1 import control_pb2 as cpb
     from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
@@ -245,13 +255,16 @@ def train_remote(
                 try:
                     job = follow(client, job.job_id, quiet)
                 except KeyboardInterrupt:
+                    at = f"--master {master}" + (f" {flags}" if flags else "")
                     console.print(
                         f"stopped watching; job {job.job_id} goes on on the master "
-                        f"(follow: fedenc train --master {master} --job {job.job_id}; "
-                        f"cancel: fedenc control cancel {job.job_id} --master {master})"
+                        f"(follow: fedenc train {at} --job {job.job_id}; "
+                        f"cancel: fedenc control cancel {job.job_id} {at})"
                     )
                     raise typer.Exit(130) from None
-                console.print(f"job {job.job_id} {_state(job)} after {time.monotonic() - t0:.1f} s")
+                console.print(
+                    f"job {job.job_id} {_state(job)} (watched for {time.monotonic() - t0:.1f} s)"
+                )
             if job.state != cpb.JOB_STATE_SUCCEEDED:
                 raise _fail(f"job {job.job_id} {_state(job)}: {job.error}", EXIT_JOB_FAILED)
             target = out or Path("runs") / job.job_id

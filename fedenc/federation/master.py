@@ -71,7 +71,14 @@ from fedenc.federation.fusion import EmptyRoundError, build_fusion_rule
 from fedenc.federation.optimizer_state import OptimizerStateError, check_moments
 from fedenc.federation.parameters import BadUpdateError, Parameters, relative_change
 from fedenc.federation.runconfig import get_bool, get_float, get_int, get_json, get_str
-from fedenc.federation.stopping import AnyOf, MaxRounds, RoundReport, StopRule, build_stop_rule
+from fedenc.federation.stopping import (
+    AnyOf,
+    MaxRounds,
+    RoundReport,
+    StopRule,
+    build_stop_rule,
+    unknown_round_metrics,
+)
 from fedenc.planner.balance import WorkBalancer
 from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
 from fedenc.ps.federation import PLACEMENTS, FederationTable
@@ -213,6 +220,11 @@ class MasterConfig:
             problems.append(f"fold_order must be 'child' or 'arrival' (got {self.fold_order!r})")
         if self.resume and self.state_dir is None:
             problems.append("resume needs a state directory (state-dir, or out-dir)")
+        if self.stop:  # a plateau on a metric no round reports would never stop the job
+            try:
+                problems.extend(unknown_round_metrics(build_stop_rule(self.stop)))
+            except (ValueError, TypeError) as err:
+                problems.append(f"stop: {err}")
         if problems:
             raise ValueError("bad master config: " + "; ".join(problems))
         if not self.job_id and not self.resume:  # a resumed job takes its checkpoint's id
@@ -741,11 +753,24 @@ class _Job:
         ``wait_timeout`` has passed: some runtimes register their nodes after the ServerApp
         starts."""
         wanted = max(self.config.expect_children, self.config.min_children)
-        deadline = time.monotonic() + self.config.wait_timeout
+        timeout = self.config.wait_timeout
+        t0 = time.monotonic()
+        next_log = t0  # at once, then every WAIT_LOG_S: a silent wait looks like a hang
         while True:
             nodes = sorted(self.grid.get_node_ids())
-            if len(nodes) >= wanted or time.monotonic() >= deadline:
+            now = time.monotonic()
+            if len(nodes) >= wanted:
                 return nodes
+            if now - t0 >= timeout:
+                if nodes:
+                    log.info("job %s: %d of %d expected children connected after %g s: "
+                             "starting with them", self.config.job_id, len(nodes), wanted,
+                             timeout)  # fmt: skip
+                return nodes
+            if now >= next_log:
+                log.info("job %s: %d of %d children connected; waiting up to %.0f s more",
+                         self.config.job_id, len(nodes), wanted, timeout - (now - t0))  # fmt: skip
+                next_log = now + WAIT_LOG_S
             time.sleep(0.2)
 
     def query_new(self, round_: int) -> None:
@@ -1286,10 +1311,15 @@ def run_master(
         confirmed = job.await_confirmations(round_ + 1)
         if len(confirmed) < config.min_children:
             job.finish()
-            declined = {c.name: c.reason for c in job.children.values() if not c.accepted}
+            declined = [f"{c.name} ({c.reason})" for c in job.children.values() if not c.accepted]
+            why = (
+                f"left out: {'; '.join(declined)}"
+                if declined
+                else f"no child connected within wait-timeout ({config.wait_timeout:g} s)"
+            )
             raise NotEnoughChildrenError(
                 f"{len(confirmed)} child(ren) confirmed, job {config.job_id} needs "
-                f"{config.min_children}; left out: {declined}"
+                f"{config.min_children}; {why}"
             )
         listeners = [cb for cb in (on_round, round_listener.get()) if cb is not None]
         while not stop_reason:

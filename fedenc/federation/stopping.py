@@ -21,14 +21,16 @@ them.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from fedenc.federation.parameters import relative_change
 from fedenc.plugins import load_entry_points
@@ -149,6 +151,31 @@ class RelativeChange(StopRule):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._below = int(state.get("below", 0))
+
+
+#: The metrics of a round's report (RoundReport.metrics): a plateau on anything else would
+#: never stop the run, silently.
+_ROUND_METRIC: Final = re.compile(
+    r"valid_(recall|mrr)@\d+|valid_examples|train_loss|(elastic|ps)_[A-Za-z0-9_@/.-]+"
+)
+_EXAMPLE_METRICS: Final = (
+    "valid_recall@20", "valid_mrr@20", "valid_recall@10", "valid_mrr@10", "train_loss",
+)  # fmt: skip
+
+
+def unknown_round_metrics(rule: StopRule) -> list[str]:
+    """Why ``rule`` (or a member of it) watches a metric a federated round never reports, one
+    line each: such a plateau would never stop the job, silently."""
+    if isinstance(rule, _Composite):
+        return [why for member in rule.rules for why in unknown_round_metrics(member)]
+    if not isinstance(rule, Plateau) or _ROUND_METRIC.fullmatch(rule.metric):
+        return []
+    close = difflib.get_close_matches(rule.metric, _EXAMPLE_METRICS, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return [
+        f"plateau metric {rule.metric!r} is not one a round reports (valid_recall@K, "
+        f"valid_mrr@K, valid_examples, train_loss, elastic_* and ps_* counters){hint}"
+    ]
 
 
 class Plateau(StopRule):

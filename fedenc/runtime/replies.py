@@ -50,6 +50,5 @@ def stream_replies(
                 replies.pop(mid, None)
             forget(pending)
         if pending:
-            log.info(
-                "%d of %d replies did not come within %s s", len(pending), len(message_ids), timeout
-            )
+            within = "before the wait ended" if timeout is None else f"within {timeout:g} s"
+            log.info("%d of %d replies did not come %s", len(pending), len(message_ids), within)

@@ -19,6 +19,7 @@ would pass, so a scenario means the same on every runtime.
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 import time
@@ -180,8 +181,11 @@ class Scenario:
             name = key.replace("-", "_")
             name = _OPTION_NAMES.get(name, name)
             if name not in types:
+                known = sorted(t.replace("_", "-") for t in types)
+                close = difflib.get_close_matches(key.replace("_", "-"), known, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
                 raise ValueError(
-                    f"{source}: unknown setting {key!r}; known: {', '.join(sorted(types))}"
+                    f"{source}: unknown setting {key!r}; {hint}known: {', '.join(known)}"
                 )
             wanted = _SCALARS.get(str(types[name]))
             if wanted is not None and not _is_a(value, wanted):

@@ -304,3 +304,15 @@ def test_a_plateau_on_a_test_metric_is_refused() -> None:
     # Model selection never looks at test: stopping on a test metric would.
     with pytest.raises(ValueError, match="would choose when to stop by the test split"):
         build_stop_rule("plateau=test_recall@20:3")
+
+
+def test_a_master_refuses_a_plateau_on_a_metric_no_round_reports() -> None:
+    # A misspelt metric used to be accepted (Control API included) and never stopped the job.
+    from fedenc.federation.master import MasterConfig
+
+    with pytest.raises(ValueError, match="did you mean 'valid_recall@20'"):
+        MasterConfig(num_items=10, stop="plateau=valid_recal@20:3")
+    with pytest.raises(ValueError, match="not one a round reports"):
+        MasterConfig(num_items=10, stop={"any_of": [{"max_rounds": 9}, {"plateau": "loss:2"}]})
+    MasterConfig(num_items=10, stop="plateau=valid_mrr@10:2")
+    MasterConfig(num_items=10, stop="plateau=train_loss:2:0:min")
