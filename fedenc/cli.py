@@ -103,6 +103,14 @@ def train_cmd(
             "log (.csv Diginetica, .dat/.txt Yoochoose). Omit for the synthetic default."
         ),
     ] = None,
+    recent: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Raw Yoochoose log: keep the most recent 1/N of its training sessions "
+            "(SR-GNN's Yoochoose 1/64 is --recent 64); default: all of them.",
+        ),
+    ] = None,
     synthetic: Annotated[
         bool, typer.Option("--synthetic", help="Use the embedded synthetic data set.")
     ] = False,
@@ -315,7 +323,7 @@ def train_cmd(
             seed=seed,
             valid_fraction=valid_fraction,
         )
-        splits = _load_splits(data, synthetic_config)
+        splits = _load_splits(data, synthetic_config, recent)
         model = build_encoder(
             encoder,
             splits.num_items,
@@ -546,16 +554,19 @@ app.add_typer(control_app, name="control")
 app.add_typer(elastic_app, name="elastic")
 
 
-def _load_splits(data: Path | None, synthetic: Any) -> Any:
+def _load_splits(data: Path | None, synthetic: Any, recent: int | None = None) -> Any:
     """The data set at ``data``, or the synthetic one described by ``synthetic`` (a
-    :class:`~fedenc.data.synthetic.SyntheticConfig`); bad input exits with a clear message."""
+    :class:`~fedenc.data.synthetic.SyntheticConfig`); bad input exits with a clear message.
+    ``recent``: :func:`~fedenc.data.splits.load_dataset`'s, for a raw Yoochoose log."""
     from fedenc.data.splits import load_dataset
     from fedenc.data.synthetic import generate
 
     try:
         if data is None:
+            if recent is not None:
+                raise ValueError("--recent applies to a raw Yoochoose click log (--data)")
             return generate(synthetic)
-        return load_dataset(data, valid_fraction=synthetic.valid_fraction)
+        return load_dataset(data, valid_fraction=synthetic.valid_fraction, recent=recent)
     except (ValueError, FileNotFoundError) as err:
         raise _fail(str(err)) from err
 

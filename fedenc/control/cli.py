@@ -47,6 +47,7 @@ TRAINING_OPTIONS = {
 #: `fedenc train` options that only mean something for local training.
 LOCAL_ONLY = (
     "data",
+    "recent",
     "synthetic",
     "synthetic_sessions",
     "synthetic_items",

@@ -147,6 +147,9 @@ def batch_from_sessions(sessions: Sequence[Sequence[int]]) -> SessionBatch:
     """A batch from literal item-id lists (targets unknown): handy for inference and tests."""
     if not sessions or any(len(s) == 0 for s in sessions):
         raise ValueError("every session needs at least one click")
+    low = min(min(s) for s in sessions)
+    if low < 1:  # 0 would be read as padding, a negative id would wrap around the table
+        raise ValueError(f"item ids start at 1 (0 is padding), got {low}")
     width = max(len(s) for s in sessions)
     items = torch.zeros(len(sessions), width, dtype=torch.int64)
     for i, s in enumerate(sessions):

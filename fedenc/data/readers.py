@@ -14,6 +14,7 @@ int()" on a million-line file is not an answer.
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -100,8 +101,13 @@ def _read_text(path: PathArg) -> tuple[Path, str]:
     if p.is_dir():
         raise DataFormatError(p, None, "is a directory, expected a file")
     raw = p.read_bytes()
+    if raw[:2] == b"\x1f\x8b":  # gzip: logs are often shipped compressed
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise DataFormatError(p, None, f"gzip data that does not decompress ({exc})") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # (a byte-order mark is not part of the first field)
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise DataFormatError(p, line, f"not UTF-8 text ({exc.reason})") from None

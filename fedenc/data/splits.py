@@ -87,8 +87,12 @@ def load_dataset(
     valid_fraction: float = 0.1,
     protocol: SRGNNProtocol | None = None,
     name: str | None = None,
+    recent: int | None = None,
 ) -> DataSplits:
     """Load a data set from a path.
+
+    ``recent`` = N keeps the most recent 1/N of a raw Yoochoose log's training sessions (SR-GNN's
+    Yoochoose 1/64 and 1/4 are N = 64 and 4); without it the whole log is used.
 
     - A directory with ``train_sessions.txt`` and ``test_sessions.txt`` (the prepared
       one-session-per-line format): ``num_items`` is the largest id over train and test, so ids
@@ -102,7 +106,13 @@ def load_dataset(
     path = Path(source).expanduser()
     if not path.exists():
         raise DataFileNotFoundError(path, "no such file or directory (data source)")
-    label = name or (path.name if path.is_dir() else path.stem)
+    packed = path.suffix.lower() == ".gz"  # a compressed log: its format is the suffix before
+    label = name or (path.name if path.is_dir() else Path(path.stem).stem if packed else path.stem)
+    if recent is not None and recent < 1:
+        raise ValueError(f"recent must be >= 1 (keep 1/N of the training sessions), got {recent}")
+    is_yoochoose = not path.is_dir() and path.suffix.lower() in (".dat", ".txt", ".tsv", ".gz")
+    if recent is not None and (not is_yoochoose or protocol is not None):
+        raise ValueError(f"{path}: recent applies to a raw Yoochoose click log only")
     if path.is_dir():
         train_path, test_path = path / TRAIN_FILE, path / TEST_FILE
         for p in (train_path, test_path):
@@ -116,17 +126,20 @@ def load_dataset(
         train_all = replace(train_all, num_items=num_items)
         test = replace(test, num_items=num_items)
     else:
-        suffix = path.suffix.lower()
+        suffix = (Path(path.stem) if packed else path).suffix.lower()
         if suffix == ".csv":
             clicks = read_diginetica_clicks(path)
             proto = protocol or SRGNNProtocol.diginetica()
         elif suffix in (".dat", ".txt", ".tsv"):
             clicks = read_yoochoose_clicks(path)
-            proto = protocol or SRGNNProtocol.yoochoose(fraction=None)
+            proto = protocol or SRGNNProtocol.yoochoose(fraction=1 / recent if recent else None)
+            if recent and not name:
+                label = f"{label} (recent 1/{recent})"
         else:
             raise ValueError(
                 f"{path}: cannot tell the format from the suffix {suffix!r}; expected a prepared "
-                f"directory, a Diginetica .csv or a Yoochoose .dat/.txt click log"
+                f"directory, a Diginetica .csv or a Yoochoose .dat/.txt click log (each may be "
+                "gzipped: .csv.gz)"
             )
         try:
             prepared = preprocess(clicks, proto)

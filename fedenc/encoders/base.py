@@ -190,6 +190,9 @@ class SessionEncoder(nn.Module, ABC):
         ``limit`` or more is returned as ``limit``, and a session leaves the scoring as soon as
         ``limit`` items beat its target (:func:`~.layers.ranking.count_ranks`).
         """
+        if batch.targets.numel() and int(batch.targets.min()) < 1:
+            # 0 would rank item N (index -1), and batch_from_sessions' -1 means "no target".
+            raise ValueError("rank_targets needs the batch's targets: item ids from 1")
         session = self.scoring_session(self.encode(batch))
         weights = self.scoring_weights()
         if chunk is None:

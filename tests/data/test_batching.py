@@ -171,6 +171,21 @@ def test_batch_from_sessions_rejects_empty_sessions(sessions: list[list[int]]) -
         batch_from_sessions(sessions)
 
 
+@pytest.mark.parametrize("sessions", [[[1, 0, 2]], [[3], [-1]]])
+def test_batch_from_sessions_rejects_padding_and_negative_ids(sessions: list[list[int]]) -> None:
+    # 0 would silently be read as padding (it changed srgnn's session vector by 0.12).
+    with pytest.raises(ValueError, match=r"item ids start at 1 \(0 is padding\)"):
+        batch_from_sessions(sessions)
+
+
+def test_ranking_a_batch_without_targets_is_refused() -> None:
+    from fedenc.encoders.registry import build_encoder
+
+    model = build_encoder("srgnn", 20, hidden=4)
+    with pytest.raises(ValueError, match="needs the batch's targets"):
+        model.rank_targets(batch_from_sessions([[1, 2]]))
+
+
 def test_to_cpu_keeps_everything() -> None:
     batch = batch_from_sessions([[5, 3, 5, 8], [2]])
     moved = batch.to("cpu")

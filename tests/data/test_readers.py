@@ -71,6 +71,22 @@ def test_session_text_errors_name_file_and_line(tmp_path: Path, text: str, patte
     assert info.value.path == path
 
 
+def test_a_byte_order_mark_and_gzip_are_read_through(tmp_path: Path) -> None:
+    import gzip
+
+    plain = read_session_text(write(tmp_path, "a.txt", "1 2 3\n4 5\n"))
+    bom = tmp_path / "b.txt"
+    bom.write_bytes(b"\xef\xbb\xbf1 2 3\n4 5\n")
+    packed = tmp_path / "c.txt"
+    packed.write_bytes(gzip.compress(b"1 2 3\n4 5\n"))
+    for path in (bom, packed):
+        assert read_session_text(path).to_lists() == plain.to_lists()
+    broken = tmp_path / "d.txt"
+    broken.write_bytes(gzip.compress(b"1 2 3\n")[:12])
+    with pytest.raises(DataFormatError, match=r"d\.txt: gzip data that does not decompress"):
+        read_session_text(broken)
+
+
 def test_missing_file_is_both_data_and_file_not_found_error(tmp_path: Path) -> None:
     path = tmp_path / "nope.txt"
     for reader in (read_session_text, read_diginetica_clicks, read_yoochoose_clicks):

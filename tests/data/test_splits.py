@@ -151,3 +151,14 @@ def test_real_raw_sources(real_file: Callable[[str], Path]) -> None:
     assert len(yoo.test) > 0 and yoo.train.lengths.min() >= 2
     assert yoo.train.timestamps is not None and yoo.test.timestamps is not None
     assert yoo.train.timestamps.max() < yoo.test.timestamps.min()
+    # recent = 4: the most recent quarter of the training pairs (SR-GNN's Yoochoose 1/4), the
+    # same test split.
+    quarter = load_dataset(
+        real_file("yoochoose_clicks_100k/yoochoose-clicks-100k_train_tr.txt"), recent=4
+    )
+    whole = yoo.train.num_examples + yoo.valid.num_examples
+    part = quarter.train.num_examples + quarter.valid.num_examples
+    assert whole // 4 <= part < whole // 4 + quarter.train.lengths.max()
+    assert quarter.test.to_lists() == yoo.test.to_lists() and "1/4" in quarter.name
+    with pytest.raises(ValueError, match="raw Yoochoose click log only"):
+        load_dataset(real_file("srgnn_sample/sample_train-item-views.csv"), recent=4)
