@@ -81,10 +81,6 @@ def batch_from_proto(items: tpb.Tensor, lengths: tpb.Tensor, targets: tpb.Tensor
     return graph_batch(click, mask, length, target)
 
 
-def rpc_code(err: BaseException) -> Any:
-    return err.code() if isinstance(err, grpc.Call) else None
-
-
 def abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
     """``context.abort`` typed as never returning (it raises to end the RPC)."""
     context.abort(code, details)

@@ -19,7 +19,6 @@ import logging
 import math
 import queue
 import threading
-import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -370,10 +369,3 @@ def serve(
     port = bind(server, listen, security.credentials)
     server.start()
     return server, port
-
-
-def wait_done(server_impl: DataServer, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not server_impl.wait(0.1):
-        if time.monotonic() > deadline:
-            raise ElasticError(f"the task did not finish in {timeout:.0f} s")

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedenc import atomic
 from fedenc.training.checkpoint import load_failure
 
 FORMAT = "fedenc.master-state/1"
@@ -163,21 +162,7 @@ def write_master_state(directory: Path, state: MasterState) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     target = state_path(directory)
     payload = {"format": FORMAT, **dataclasses.asdict(state), "saved_at": time.time()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{FILE_NAME}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # and the rename itself survives a power cut
-    finally:
-        os.close(dir_fd)
+    atomic.torch_save(payload, target)
     return target
 
 

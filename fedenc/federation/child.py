@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
+from fedenc import atomic
 from fedenc.data.sessions import Examples
 from fedenc.encoders.base import SessionEncoder
 from fedenc.encoders.registry import UnknownEncoderError, encoder_class
@@ -444,10 +445,8 @@ def _persist(state: ChildState, context: Context) -> None:
     path = _persist_path(state, context)
     if path is None:
         return
-    from fedenc.ps.table import atomic_save
-
     try:
-        atomic_save(_state_payload(state), path)
+        atomic.torch_save(_state_payload(state), path)
     except OSError as err:  # the round's update still counts; only an exact resume is lost
         log.warning("%s: cannot save its state to %s (%s): a resume would not be exact",
                     state.name, path, err)  # fmt: skip

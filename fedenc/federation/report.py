@@ -8,14 +8,16 @@ target on the children's held-out data, tensor bytes moved (both directions), se
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
+
+from fedenc import atomic
 
 log = logging.getLogger(__name__)
 
@@ -95,32 +97,25 @@ def round_table(rounds: Sequence[Mapping[str, Any]], title: str = "") -> Table:
     return table
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_results(
     result: Mapping[str, Any], out_dir: Path, extra: Mapping[str, Any] | None = None
 ) -> Path:
     """``results.json``: the result dict plus ``extra`` (scenario, runtime counters)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / RESULTS_FILE
-    _atomic_text(path, json.dumps({**result, **(extra or {})}, indent=2, default=str) + "\n")
+    atomic.write_text(path, json.dumps({**result, **(extra or {})}, indent=2, default=str) + "\n")
     return path
 
 
 def write_rounds_csv(rounds: Sequence[Mapping[str, Any]], out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / ROUNDS_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(ROUND_COLUMNS))
-        writer.writeheader()
-        for r in rounds:
-            writer.writerow(round_row(r))
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(ROUND_COLUMNS))
+    writer.writeheader()
+    for r in rounds:
+        writer.writerow(round_row(r))
+    atomic.write_text(path, text.getvalue())
     return path
 
 

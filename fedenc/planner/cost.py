@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from fedenc import atomic
 from fedenc.planner.graph import Task
 
 CACHE_ENV = "FEDENC_PLANNER_CACHE"
@@ -181,10 +182,10 @@ class CostCache:
         data["machine"] = self.desc
         data.setdefault("workloads", {})[workload] = model.to_json()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-            tmp.replace(self.path)  # atomic: concurrent trainers never read half a file
+            # Atomic: concurrent trainers never read half a file (a cache: no fsync).
+            atomic.write_text(
+                self.path, json.dumps(data, indent=1, sort_keys=True) + "\n", durable=False
+            )
         except OSError as err:  # the profile is used all the same, only not kept
             log.warning("planner cache %s cannot be written (%s): not cached", self.path, err)
 

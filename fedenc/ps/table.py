@@ -14,8 +14,6 @@ is applied atomically: a reader sees a shard's rows before or after a push, neve
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
+from fedenc import atomic
 from fedenc.ps.optimizers import RowOptimizer, RowOptimizerConfig
 from fedenc.ps.routing import check_shard, keys_of_shard, shard_of, splitmix64
 from fedenc.training.checkpoint import load_failure
@@ -254,7 +253,7 @@ class ShardTable:
                 "applied": dict(self.applied),
             }
             version = self.version
-        atomic_save(payload, target)
+        atomic.torch_save(payload, target)
         with self.lock:
             self.last_snapshot = str(target)
         return target, version
@@ -287,24 +286,3 @@ class ShardTable:
             self.applied = {str(k): int(v) for k, v in payload["applied"].items()}
             self.last_snapshot = str(source)
             return source, self.version
-
-
-def atomic_save(payload: Any, target: Path) -> None:
-    """``torch.save`` into a temporary file next to ``target``, fsync, rename over ``target``:
-    a reader (or a restart after a crash) sees the old snapshot or the new one, never half."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

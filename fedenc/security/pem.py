@@ -7,11 +7,8 @@ not even for an instant (``chmod`` after writing would leave that window open).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
-import secrets
 import stat
 from pathlib import Path
 
@@ -19,6 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedenc import atomic
 from fedenc.security.errors import KeyExistsError, PemError
 
 log = logging.getLogger(__name__)
@@ -118,24 +116,6 @@ def key_matches(key: PrivateKey, cert: x509.Certificate) -> bool:
     return key.public_key().public_bytes(der, raw) == cert.public_key().public_bytes(der, raw)
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    # O_EXCL: never reuse (and never follow a planted link to) an existing temporary file.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.fchmod(fd, mode)  # the umask may have narrowed it; set it before any byte is written
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_private_key(path: Path, key: PrivateKey, *, force: bool = False) -> None:
     """Write ``key`` as unencrypted PKCS#8 PEM, mode 0600; refuse to overwrite unless ``force``."""
     path = Path(path)
@@ -146,17 +126,17 @@ def write_private_key(path: Path, key: PrivateKey, *, force: bool = False) -> No
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_atomic(path, data, KEY_MODE)
+    atomic.write_bytes(path, data, KEY_MODE)
 
 
 def write_certificate(path: Path, cert: x509.Certificate) -> None:
     """Write ``cert`` as PEM with mode 0644 (certificates are public)."""
-    _write_atomic(Path(path), cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
+    atomic.write_bytes(Path(path), cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
 
 
 def write_crl(path: Path, crl: x509.CertificateRevocationList) -> None:
     """Write ``crl`` as PEM with mode 0644."""
-    _write_atomic(Path(path), crl.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
+    atomic.write_bytes(Path(path), crl.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
 
 
 def pem_bytes(obj: x509.Certificate | PrivateKey) -> bytes:

@@ -8,13 +8,13 @@ checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fedenc import atomic
 from fedenc.encoders.base import SessionEncoder
 from fedenc.encoders.registry import build_encoder
 
@@ -36,8 +36,8 @@ def save_checkpoint(
         **(metadata or {}),
     }
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(out / STATE_FILE, lambda p: torch.save(state, p))
-    _atomic_write(out / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic.torch_save(state, out / STATE_FILE)
+    atomic.write_text(out / META_FILE, json.dumps(meta, indent=2) + "\n")
     return out
 
 
@@ -84,9 +84,3 @@ def load_checkpoint(
             f"{state_path}: cannot load the {encoder} parameters ({load_failure(err)})"
         ) from err
     return model, meta
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)

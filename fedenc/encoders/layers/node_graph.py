@@ -195,14 +195,6 @@ class NodeGraphUnit:
         if open_region is not None:
             raise ValueError(f"region {open_region!r} has no end node")
 
-    @property
-    def op_nodes(self) -> tuple[str, ...]:
-        return tuple(n.name for n in self.nodes if n.kind == "op")
-
-    def reset_counters(self) -> None:
-        self.op_counts.clear()
-        self.skipped_regions.clear()
-
     def step(self, env: dict[str, Tensor], items: Tensor, prev_items: Tensor, step: int) -> None:
         """Run the nodes once over ``env`` (one sample's step values), in place."""
         tagged: set[str] = set()

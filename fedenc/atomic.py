@@ -1,0 +1,70 @@
+"""Files replaced all at once: every file fedenc writes for others to read goes through here.
+
+The bytes go to a fresh temporary file beside the target (``O_EXCL``: never an existing file, nor
+a link planted in its place), are flushed and fsynced, and the file is renamed over the target;
+the directory is fsynced so that the rename survives a power cut too. A reader, or a process
+restarted after a crash, sees the old file or the new one, never half of one; two writers never
+share a temporary file; a failed write leaves the old file and no temporary behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path, mode: int = 0o644, durable: bool = True) -> Iterator[IO[bytes]]:
+    """A binary handle whose content replaces ``target`` when the block ends without error.
+
+    ``mode``: the file's permissions, set before any byte is written (a private key is never
+    readable by others, not even for a moment). ``durable=False`` skips the fsyncs, for files
+    that are cheap to lose (a plot, a cache)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask may have narrowed it
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            if durable:
+                os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def write_bytes(target: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
+    """Replace ``target`` with ``data`` (see :func:`atomic_file`)."""
+    with atomic_file(target, mode, durable) as handle:
+        handle.write(data)
+
+
+def write_text(target: Path, text: str, durable: bool = True) -> None:
+    """Replace ``target`` with ``text`` in UTF-8 (see :func:`atomic_file`)."""
+    write_bytes(target, text.encode("utf-8"), durable=durable)
+
+
+def torch_save(payload: Any, target: Path) -> None:
+    """``torch.save(payload)`` replacing ``target`` (see :func:`atomic_file`)."""
+    with atomic_file(target) as handle:
+        torch.save(payload, handle)
+
+
+__all__ = ["atomic_file", "torch_save", "write_bytes", "write_text"]
