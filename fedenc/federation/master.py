@@ -53,7 +53,7 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
-from fedenc.encoders.base import EncoderConfig
+from fedenc.encoders.base import EncoderConfig, SessionEncoder
 from fedenc.encoders.registry import build_encoder
 from fedenc.federation import records
 from fedenc.federation.checkpoint import (
@@ -1135,8 +1135,9 @@ class _Job:
         return bool(self.config.rounds) and round_ == self.config.rounds
 
     def evaluate(self, round_: int, split: str) -> tuple[dict[str, float], list[str]]:
-        """Example-weighted mean of the children's metrics of the target on ``split``."""
-        nodes = self.confirmed()
+        """Example-weighted mean of the children's metrics of the target on ``split``, over the
+        confirmed children still connected (one that left is not asked, round after round)."""
+        nodes, _ = self._split_confirmed()
         if not nodes:
             return {}, []
         arrays = records.params_to_record(self.target)
@@ -1242,13 +1243,12 @@ def _bad_evaluation(n: float, values: Mapping[str, float]) -> str | None:
     return None
 
 
-def shared_names(model: torch.nn.Module, share: str) -> list[str]:
+def shared_names(model: SessionEncoder, share: str) -> list[str]:
     """The ordered names of the tensors a job federates (see ``MasterConfig.share``); the
     instruction lists them, and the children exchange exactly those."""
     if share == "all":
         return [name for name, _ in model.named_parameters()]
-    names: list[str] = model.shared_parameter_names()  # type: ignore[operator]
-    return names
+    return model.shared_parameter_names()
 
 
 def _with_seed(config: TrainConfig, seed: int) -> TrainConfig:

@@ -635,6 +635,20 @@ def test_a_child_that_left_is_not_sampled_while_the_others_train() -> None:
     assert all(not r.excluded for r in result.rounds)  # never sent to, so never failed
 
 
+def test_a_child_that_left_is_not_asked_to_evaluate() -> None:
+    class LeavingGrid(RecordingGrid):
+        def receive(self, message_ids: Sequence[str], timeout: float | None) -> Iterator[Message]:
+            yield from super().receive(message_ids, timeout)
+            if any(e.direction == "in" and e.kind == "evaluate" for e in self.events):
+                self.offline = {node_of(self, 1)}
+
+    result, grid = run_job(echo_client(Script()), 3, tiny_config(rounds=3), grid_type=LeavingGrid)
+    gone = node_of(grid, 1)
+    asked = [e for e in grid.events if e.direction == "out" and e.kind == "evaluate"]
+    assert sum(e.node == gone for e in asked) == 1  # round 1 only, then never again
+    assert result.rounds[-1].evaluated == ["child-0", "child-2"]
+
+
 def test_stop_rule_ends_the_job_before_the_budget() -> None:
     config = tiny_config(rounds=10, stop={"plateau": {"metric": "valid_recall@20", "patience": 2}})
     result, _ = run_job(echo_client(Script()), 2, config)
