@@ -618,15 +618,22 @@ def test_a_deadline_counts_from_the_start_of_the_job() -> None:
     assert len(result.rounds) == 1 and result.stop_reason.startswith("deadline")
 
 
-def test_a_child_that_left_is_not_sampled_while_the_others_train() -> None:
+def _child_1_leaves_after(kind: str) -> type[RecordingGrid]:
+    """A grid on which partition 1 goes offline once the first ``kind`` replies are in."""
+
     class LeavingGrid(RecordingGrid):
         def receive(self, message_ids: Sequence[str], timeout: float | None) -> Iterator[Message]:
             yield from super().receive(message_ids, timeout)
-            if any(e.direction == "in" and e.kind == "train" for e in self.events):
+            if any(e.direction == "in" and e.kind == kind for e in self.events):
                 self.offline = {node_of(self, 1)}
 
+    return LeavingGrid
+
+
+def test_a_child_that_left_is_not_sampled_while_the_others_train() -> None:
     config = tiny_config(rounds=3, final_test=False, evaluate_every=0)
-    result, _ = run_job(echo_client(Script()), 3, config, grid_type=LeavingGrid)
+    grid_type = _child_1_leaves_after("train")
+    result, _ = run_job(echo_client(Script()), 3, config, grid_type=grid_type)
     assert [r.participants for r in result.rounds] == [
         ["child-0", "child-1", "child-2"],
         ["child-0", "child-2"],
@@ -636,13 +643,8 @@ def test_a_child_that_left_is_not_sampled_while_the_others_train() -> None:
 
 
 def test_a_child_that_left_is_not_asked_to_evaluate() -> None:
-    class LeavingGrid(RecordingGrid):
-        def receive(self, message_ids: Sequence[str], timeout: float | None) -> Iterator[Message]:
-            yield from super().receive(message_ids, timeout)
-            if any(e.direction == "in" and e.kind == "evaluate" for e in self.events):
-                self.offline = {node_of(self, 1)}
-
-    result, grid = run_job(echo_client(Script()), 3, tiny_config(rounds=3), grid_type=LeavingGrid)
+    grid_type = _child_1_leaves_after("evaluate")
+    result, grid = run_job(echo_client(Script()), 3, tiny_config(rounds=3), grid_type=grid_type)
     gone = node_of(grid, 1)
     asked = [e for e in grid.events if e.direction == "out" and e.kind == "evaluate"]
     assert sum(e.node == gone for e in asked) == 1  # round 1 only, then never again
