@@ -20,18 +20,20 @@ import torch
 
 
 @contextlib.contextmanager
-def atomic_file(target: Path, mode: int = 0o644, durable: bool = True) -> Iterator[IO[bytes]]:
+def atomic_file(target: Path, mode: int | None = None, durable: bool = True) -> Iterator[IO[bytes]]:
     """A binary handle whose content replaces ``target`` when the block ends without error.
 
-    ``mode``: the file's permissions, set before any byte is written (a private key is never
-    readable by others, not even for a moment). ``durable=False`` skips the fsyncs, for files
-    that are cheap to lose (a plot, a cache)."""
+    ``mode``: the file's permissions, set before any byte is written (a private key or a
+    training state is never readable by others, not even for a moment); None: what the umask
+    leaves of 0666, as for any new file. ``durable=False`` skips the fsyncs, for files that are
+    cheap to lose (a cache)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
     try:
-        os.fchmod(fd, mode)  # the umask may have narrowed it
+        if mode is not None:
+            os.fchmod(fd, mode)  # exactly this: the umask may have narrowed it
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
@@ -50,7 +52,7 @@ def atomic_file(target: Path, mode: int = 0o644, durable: bool = True) -> Iterat
             os.close(dir_fd)
 
 
-def write_bytes(target: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
+def write_bytes(target: Path, data: bytes, mode: int | None = None, durable: bool = True) -> None:
     """Replace ``target`` with ``data`` (see :func:`atomic_file`)."""
     with atomic_file(target, mode, durable) as handle:
         handle.write(data)
@@ -61,10 +63,13 @@ def write_text(target: Path, text: str, durable: bool = True) -> None:
     write_bytes(target, text.encode("utf-8"), durable=durable)
 
 
-def torch_save(payload: Any, target: Path) -> None:
+def torch_save(payload: Any, target: Path, mode: int | None = None) -> None:
     """``torch.save(payload)`` replacing ``target`` (see :func:`atomic_file`)."""
-    with atomic_file(target) as handle:
+    with atomic_file(target, mode) as handle:
         torch.save(payload, handle)
 
 
-__all__ = ["atomic_file", "torch_save", "write_bytes", "write_text"]
+#: Training state (models, optimizer moments, a site's local head): its owner's only.
+PRIVATE: int = 0o600
+
+__all__ = ["PRIVATE", "atomic_file", "torch_save", "write_bytes", "write_text"]

@@ -440,7 +440,10 @@ def _run_data_settings(checkpoint: Path) -> tuple[Path, dict[str, Any]]:
                 settings = {str(k).replace("_", "-"): v for k, v in recorded.items()}
             except (OSError, ValueError, AttributeError):
                 return checkpoint, {}
-            keys = ("data", "synthetic-sessions", "synthetic-items", "seed", "valid-fraction")
+            data = settings.get("data")
+            keys = ("data", "valid-fraction") if data else (
+                "synthetic-sessions", "synthetic-items", "seed", "valid-fraction"
+            )  # fmt: skip
             return checkpoint, {k: settings[k] for k in keys if settings.get(k) is not None}
     return checkpoint, {}
 
@@ -489,6 +492,12 @@ def evaluate_cmd(
 
         explicit = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
         given = {n for n in ctx.params if ctx.get_parameter_source(n) in explicit}
+        run_data = recorded.get("data")
+        if run_data and "data" not in given and not Path(str(run_data)).is_absolute():
+            # Relative to wherever the run was started: not to be guessed from here.
+            raise _fail(
+                f"the run read its data from {run_data!r}, relative to where it ran: give --data"
+            )
         taken = []
         for key, value in recorded.items():
             name = key.replace("-", "_")
@@ -1150,6 +1159,7 @@ def master_cmd(
     console.print(f"listening on {server.address}, waiting for {scenario.children} children")
     from fedenc.federation.master import round_listener
 
+    started = time.time()  # a checkpoint older than this is an earlier job's
     try:
         run_config = scenario.run_config(out_dir)
         run_config["wait-timeout"] = wait
@@ -1174,12 +1184,12 @@ def master_cmd(
         name = signal.Signals(sig.signum).name
         console.print(f"{name}: closing every child's stream")
         server.stop(f"the master was stopped ({name})")
-        _print_resume_hint(state_dir or out_dir / "state")
+        _print_resume_hint(state_dir or out_dir / "state", started)
         raise typer.Exit(0) from None
     except (ValueError, FileNotFoundError, NotEnoughChildrenError, FusionOutputError) as err:
         server.stop(f"the job failed: {err}")
         if isinstance(err, NotEnoughChildrenError):
-            _print_resume_hint(state_dir or out_dir / "state")
+            _print_resume_hint(state_dir or out_dir / "state", started)
         raise _fail(str(err)) from err
     finally:
         for s, handler in previous.items():
@@ -1188,11 +1198,13 @@ def master_cmd(
     _print_outcome(outcome.result, title, out_dir)
 
 
-def _print_resume_hint(state_dir: Path) -> None:
-    """How to continue a master's job that stopped after a completed round (if one did)."""
+def _print_resume_hint(state_dir: Path, since: float) -> None:
+    """How to continue a master's job that stopped after a completed round (if one did: a
+    checkpoint written since ``since``, not an earlier job's)."""
     from fedenc.federation.checkpoint import state_path
 
-    if state_path(state_dir).is_file():
+    path = state_path(state_dir)
+    if path.is_file() and path.stat().st_mtime >= since:
         console.print(
             f"the job's checkpoint after its last completed round is in {state_dir}: continue "
             "it with the same command plus --resume (children that kept running keep their "

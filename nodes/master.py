@@ -32,8 +32,8 @@ def _show_progress() -> None:
     """Under Flower's own runtimes nothing would show fedenc's info lines (who confirmed, each
     round's metrics): Python's last-resort handler prints warnings only. Send them to stderr,
     which ``flwr run --stream`` and ``flwr log`` relay, unless the host set up logging."""
-    if logging.getLogger().handlers:
-        return
+    if logging.getLogger().handlers or round_listener.get() is not None:
+        return  # the host set up logging, or shows the rounds itself
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     for name in ("fedenc", "nodes"):

@@ -37,3 +37,12 @@ def test_the_mode_is_the_files_from_its_first_byte(tmp_path: Path) -> None:
         seen.append(stat.S_IMODE(os.fstat(handle.fileno()).st_mode))  # the temporary, mid-write
         handle.write(b"secret")
     assert seen == [0o600] and stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+def test_without_a_mode_the_umask_decides(tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        atomic.write_text(tmp_path / "results.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "results.json").stat().st_mode) == 0o600

@@ -289,3 +289,16 @@ def test_a_misspelt_scenario_key_gets_the_closest_kebab_case_one(tmp_path: Path)
     text = " ".join(result.output.split())
     assert "unknown setting 'local-epoch'; did you mean 'local-epochs'?" in text
     assert "batch-size" in text and "batch_size" not in text
+
+
+def test_evaluate_does_not_guess_a_runs_relative_data_path(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert (
+        runner.invoke(app, ["simulate", *TINY, "--rounds", "1", "--out", str(out)]).exit_code == 0
+    )
+    results = json.loads((out / "results.json").read_text())
+    results["scenario"]["data"] = "data/diginetica"  # as a run started elsewhere recorded it
+    (out / "results.json").write_text(json.dumps(results))
+    refused = runner.invoke(app, ["evaluate", str(out)])
+    assert refused.exit_code == 2
+    assert "relative to where it ran: give --data" in " ".join(refused.output.split())

@@ -155,18 +155,21 @@ class _ControlGrid(GrpcGrid):
         self._service = service
         self._job = job
         self._cancel_raised = False
+        self._training = False  # round 1 was sent: from then on the round listener cancels
         super().__init__(server, run_id, run_config)
 
     def get_node_ids(self) -> list[int]:
         # run_master asks for the nodes while it waits for children and before each query: the
         # place to stop a job cancelled before its first round (later, the round listener does).
-        if self._job.cancel_requested and not self._job.rounds and not self._cancel_raised:
+        if self._job.cancel_requested and not self._training and not self._cancel_raised:
             self._cancel_raised = True  # once: the job's end-of-job message still needs nodes
             raise JobCancelled("cancelled before its first round")
         return super().get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         batch = list(messages)
+        if any(m.metadata.message_type == "train" for m in batch):
+            self._training = True
         queried = [m.metadata.dst_node_id for m in batch if m.metadata.message_type == "query"]
         if queried:
             self._service._note_queried(queried)

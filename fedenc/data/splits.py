@@ -110,7 +110,8 @@ def load_dataset(
     label = name or (path.name if path.is_dir() else Path(path.stem).stem if packed else path.stem)
     if recent is not None and recent < 1:
         raise ValueError(f"recent must be >= 1 (keep 1/N of the training sessions), got {recent}")
-    is_yoochoose = not path.is_dir() and path.suffix.lower() in (".dat", ".txt", ".tsv", ".gz")
+    inner = Path(path.stem).suffix if path.suffix.lower() == ".gz" else path.suffix
+    is_yoochoose = not path.is_dir() and inner.lower() in (".dat", ".txt", ".tsv")
     if recent is not None and (not is_yoochoose or protocol is not None):
         raise ValueError(f"{path}: recent applies to a raw Yoochoose click log only")
     if path.is_dir():

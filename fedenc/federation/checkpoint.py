@@ -162,7 +162,7 @@ def write_master_state(directory: Path, state: MasterState) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     target = state_path(directory)
     payload = {"format": FORMAT, **dataclasses.asdict(state), "saved_at": time.time()}
-    atomic.torch_save(payload, target)
+    atomic.torch_save(payload, target, atomic.PRIVATE)
     return target
 
 

@@ -412,16 +412,17 @@ def _snapshot_of(payload: Mapping[str, Any]) -> _Snapshot:
     )
 
 
-def _state_payload(state: ChildState) -> dict[str, Any]:
-    """The state after the last round and the one before it (a master that resumes before this
-    round replays it, one that resumes after it goes on from here): tensors and plain values
-    only, read back with ``torch.load(weights_only=True)``."""
+def _state_payload(state: ChildState, with_before: bool = True) -> dict[str, Any]:
+    """The state after the last round and (``with_before``) the one before it (a master that
+    resumes before this round replays it, one that resumes after it goes on from here): tensors
+    and plain values only, read back with ``torch.load(weights_only=True)``."""
+    before = state.before_last if with_before else None
     return {
         "format": 1,
         "job_id": state.key[2],
         "last_round": state.last_round,
         "after": _snapshot_payload(_live_snapshot(state, state.last_round)),  # saved at once
-        "before": None if state.before_last is None else _snapshot_payload(state.before_last),
+        "before": None if before is None else _snapshot_payload(before),
     }
 
 
@@ -446,7 +447,7 @@ def _persist(state: ChildState, context: Context) -> None:
     if path is None:
         return
     try:
-        atomic.torch_save(_state_payload(state), path)
+        atomic.torch_save(_state_payload(state), path, atomic.PRIVATE)
     except OSError as err:  # the round's update still counts; only an exact resume is lost
         log.warning("%s: cannot save its state to %s (%s): a resume would not be exact",
                     state.name, path, err)  # fmt: skip
@@ -487,7 +488,8 @@ def _leave_in_context(state: ChildState, context: Context) -> None:
         _forget_in_context(context, meta=False)
         return
     buffer = io.BytesIO()
-    torch.save(_state_payload(state), buffer)
+    # Without the replay copy: under Flower a resumed master is a new run, with new contexts.
+    torch.save(_state_payload(state, with_before=False), buffer)
     blob = np.frombuffer(buffer.getbuffer(), dtype=np.uint8)
     context.state[CONTEXT_STATE] = ArrayRecord({"payload": Array(blob)})
 
@@ -509,8 +511,8 @@ def _take_up_context(state: ChildState, context: Context, version: int) -> None:
             f"{state.name} trained {version} round(s) of job {state.key[2]}, but this process "
             f"holds none of it and the node's context does not carry {what} state: the host "
             "runs messages in new processes (Flower's deployment runtime, or several simulation "
-            "actors). Run this child with `fedenc child`, or keep the item table out of a "
-            'parameter server (ps = "none")'
+            "actors). Run the children on fedenc's runtimes (`fedenc child`, `fedenc simulate`), "
+            'or keep the item table out of a parameter server (ps = "")'
         )
     payload = torch.load(io.BytesIO(record["payload"].numpy().tobytes()), weights_only=True)
     if payload.get("job_id") != state.key[2]:

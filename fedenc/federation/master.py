@@ -222,7 +222,8 @@ class MasterConfig:
             problems.append("resume needs a state directory (state-dir, or out-dir)")
         if self.stop:  # a plateau on a metric no round reports would never stop the job
             try:
-                problems.extend(unknown_round_metrics(build_stop_rule(self.stop)))
+                rule = build_stop_rule(self.stop)
+                problems.extend(unknown_round_metrics(rule, self.eval_split, self.train.ks))
             except (ValueError, TypeError) as err:
                 problems.append(f"stop: {err}")
         if problems:
@@ -1185,6 +1186,8 @@ class _Job:
     def release(self) -> None:
         """:meth:`finish` for a job that failed: best effort, logged, never raising (the job's
         own error is the one to report)."""
+        if self.finished:
+            return
         try:
             self.finish()
         except Exception as err:
@@ -1193,6 +1196,7 @@ class _Job:
     def finish(self) -> None:
         """Tell the connected children the job is over (they drop its state); at most
         :data:`FINISH_TIMEOUT` seconds for their acknowledgements."""
+        self.finished = True
         nodes, _ = self._split_confirmed()
         if not nodes:
             return
@@ -1282,8 +1286,8 @@ def run_master(
     saved = _saved_state(config) if config.resume else None
     job = _Job(grid, config)
     job.stop.start()
+    results: list[RoundResult] = []  # (before the try: its except reads it)
     try:
-        results: list[RoundResult] = []
         stop_reason = ""
         round_ = 0
         if saved is not None:
@@ -1358,9 +1362,11 @@ def run_master(
         # Only a job that ran to its end releases the children's state: an interrupted or
         # failed one leaves it in place, so that `--resume` continues it bit for bit.
         job.finish()
-    except BaseException:
-        if config.state_dir is None or not resumable.get():
-            job.release()  # nothing will resume it: the children need not keep its state
+    except Exception:  # (not on Ctrl-C: the user wants the process back now)
+        if config.state_dir is None or not resumable.get() or not results:
+            # Nothing will resume it (no checkpoint, a Control job, no round completed): the
+            # children need not keep its state.
+            job.release()
         raise
     finally:
         # The in-process federation table is registered under the job id: a job that failed

@@ -25,12 +25,11 @@ import difflib
 import json
 import logging
 import math
-import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
 from fedenc.federation.parameters import relative_change
 from fedenc.plugins import load_entry_points
@@ -153,28 +152,31 @@ class RelativeChange(StopRule):
         self._below = int(state.get("below", 0))
 
 
-#: The metrics of a round's report (RoundReport.metrics): a plateau on anything else would
-#: never stop the run, silently.
-_ROUND_METRIC: Final = re.compile(
-    r"valid_(recall|mrr)@\d+|valid_examples|train_loss|(elastic|ps)_[A-Za-z0-9_@/.-]+"
-)
-_EXAMPLE_METRICS: Final = (
-    "valid_recall@20", "valid_mrr@20", "valid_recall@10", "valid_mrr@10", "train_loss",
-)  # fmt: skip
+def round_metrics(split: str = "valid", ks: Sequence[int] = (20, 10)) -> list[str]:
+    """The metrics a federated round reports when it is evaluated on ``split`` with cut-offs
+    ``ks`` (besides the children's ``elastic_*`` and ``ps_*`` counters)."""
+    ranked = [f"{split}_{name}@{k}" for k in ks for name in ("recall", "mrr")]
+    return [*ranked, f"{split}_examples", "train_loss"]
 
 
-def unknown_round_metrics(rule: StopRule) -> list[str]:
-    """Why ``rule`` (or a member of it) watches a metric a federated round never reports, one
-    line each: such a plateau would never stop the job, silently."""
+def unknown_round_metrics(
+    rule: StopRule, split: str = "valid", ks: Sequence[int] = (20, 10)
+) -> list[str]:
+    """Why ``rule`` (or a member of it) watches a metric a federated round never reports (see
+    :func:`round_metrics`), one line each: such a plateau would never stop the job, silently."""
     if isinstance(rule, _Composite):
-        return [why for member in rule.rules for why in unknown_round_metrics(member)]
-    if not isinstance(rule, Plateau) or _ROUND_METRIC.fullmatch(rule.metric):
+        return [why for member in rule.rules for why in unknown_round_metrics(member, split, ks)]
+    known = round_metrics(split, ks)
+    if not isinstance(rule, Plateau) or rule.metric in known:
         return []
-    close = difflib.get_close_matches(rule.metric, _EXAMPLE_METRICS, n=1)
+    if rule.metric.startswith(("elastic_", "ps_")):
+        return []
+    close = difflib.get_close_matches(rule.metric, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return [
-        f"plateau metric {rule.metric!r} is not one a round reports (valid_recall@K, "
-        f"valid_mrr@K, valid_examples, train_loss, elastic_* and ps_* counters){hint}"
+        f"plateau metric {rule.metric!r} is not one a round reports (rounds are evaluated on "
+        f"{split!r} at K = {', '.join(map(str, ks))}: {', '.join(known)}; and the children's "
+        f"elastic_* and ps_* counters){hint}"
     ]
 
 
@@ -255,8 +257,9 @@ class Plateau(StopRule):
 
 class Deadline(StopRule):
     """Stop once ``seconds`` of wall clock have passed since :meth:`start` (called by the master
-    when the job starts, before it waits for its children; a resumed job starts the clock
-    afresh) or, failing that, since the first update. ``clock`` is injectable."""
+    when the job starts, before it waits for its children; a resumed job goes on from the time
+    its checkpoint recorded) or, failing that, since the first update. ``clock`` is
+    injectable."""
 
     def __init__(self, seconds: float, clock: Clock = time.monotonic) -> None:
         self.seconds = _float_option("deadline_s", seconds, positive=True)

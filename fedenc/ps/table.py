@@ -253,7 +253,7 @@ class ShardTable:
                 "applied": dict(self.applied),
             }
             version = self.version
-        atomic.torch_save(payload, target)
+        atomic.torch_save(payload, target, atomic.PRIVATE)
         with self.lock:
             self.last_snapshot = str(target)
         return target, version

@@ -162,3 +162,10 @@ def test_real_raw_sources(real_file: Callable[[str], Path]) -> None:
     assert quarter.test.to_lists() == yoo.test.to_lists() and "1/4" in quarter.name
     with pytest.raises(ValueError, match="raw Yoochoose click log only"):
         load_dataset(real_file("srgnn_sample/sample_train-item-views.csv"), recent=4)
+
+
+def test_recent_is_refused_for_a_gzipped_diginetica_log(tmp_path: Path) -> None:
+    log = tmp_path / "views.csv.gz"
+    log.write_bytes(b"")
+    with pytest.raises(ValueError, match="raw Yoochoose click log only"):
+        load_dataset(log, recent=64)

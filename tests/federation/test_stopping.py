@@ -314,5 +314,9 @@ def test_a_master_refuses_a_plateau_on_a_metric_no_round_reports() -> None:
         MasterConfig(num_items=10, stop="plateau=valid_recal@20:3")
     with pytest.raises(ValueError, match="not one a round reports"):
         MasterConfig(num_items=10, stop={"any_of": [{"max_rounds": 9}, {"plateau": "loss:2"}]})
+    with pytest.raises(ValueError, match=r"evaluated on 'valid' at K = 20, 10"):
+        MasterConfig(num_items=10, stop="plateau=valid_recall@50:3")  # no such cut-off
+    with pytest.raises(ValueError, match="not one a round reports"):
+        MasterConfig(num_items=10, eval_split="test", stop="plateau=valid_recall@20:3")
     MasterConfig(num_items=10, stop="plateau=valid_mrr@10:2")
     MasterConfig(num_items=10, stop="plateau=train_loss:2:0:min")

@@ -322,4 +322,4 @@ def test_a_ps_child_whose_state_cannot_travel_fails_its_round_with_the_fix() -> 
     rounds = json.loads(run.server_context.state[RESULT_KEY]["json"])["rounds"]
     assert rounds[0]["participants"] == ["child-0"]
     reason = rounds[1]["excluded"]["child-0"]
-    assert "ChildStateLostError" in reason and "Run this child with `fedenc child`" in reason
+    assert "ChildStateLostError" in reason and "fedenc's runtimes (`fedenc child`" in reason
