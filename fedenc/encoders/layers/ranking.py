@@ -1,8 +1,10 @@
 """Target ranks over a whole catalog, counted block by block, optionally capped.
 
-A target's rank is the number of other items scored at least as high as it: ties count against
-the target, so a model that scores many items alike cannot turn the tie into hits (a model
-scoring every item the same ranks every target last, not first). A NaN target score ranks last.
+A target's rank is the number of other items scored at least as high as it: exact ties count
+against the target, so a model whose scores tie exactly (a 1-wide normalised embedding) gets no
+hits from them. The target's own score is its dot product and the items' come from block GEMMs,
+whose float rounding differs (and changes with the block's shape), so scores equal up to rounding
+fall either way. A NaN target score ranks last.
 
 The items come in blocks, so the (B, N) score matrix never exists, and a block can come from
 anywhere: a slice of a local table, or rows pulled from a parameter server.
