@@ -19,6 +19,7 @@ Every session goes to exactly one child; each child keeps its sessions in their 
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -159,16 +160,34 @@ def partition_stats(parts: list[Sessions]) -> list[dict[str, Any]]:
 def heterogeneity(parts: list[Sessions]) -> float:
     """Mean pairwise total-variation distance between the children's item distributions.
 
-    0 for identical distributions, 1 for disjoint catalogs: one number for "how non-IID".
+    0 for identical distributions, 1 for disjoint catalogs: one number for "how non-IID". Even
+    an IID split of a finite log is above 0 (sampling noise): :func:`random_heterogeneity` gives
+    that level for the same sessions and sizes.
     """
-    dists = []
-    for part in parts:
-        counts = np.bincount(part.items, minlength=part.num_items + 1).astype(np.float64)
-        dists.append(counts / max(counts.sum(), 1.0))
-    if len(dists) < 2:
+    return _mean_tv([np.bincount(p.items, minlength=p.num_items + 1) for p in parts])
+
+
+def random_heterogeneity(parts: list[Sessions], seed: int = 0) -> float:
+    """:func:`heterogeneity` of the same sessions dealt at random to children of the same sizes:
+    the baseline a split's heterogeneity is to be read against."""
+    if len(parts) < 2:
         return 0.0
-    p = np.stack(dists)
-    k = len(dists)
+    num_items = max(p.num_items for p in parts)
+    items = np.concatenate([p.items for p in parts])
+    lengths = np.concatenate([p.lengths for p in parts])
+    owner = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
+    np.random.default_rng(seed).shuffle(owner)
+    click_owner = np.repeat(owner, lengths)
+    return _mean_tv(
+        [np.bincount(items[click_owner == c], minlength=num_items + 1) for c in range(len(parts))]
+    )
+
+
+def _mean_tv(counts: list[IntArray]) -> float:
+    if len(counts) < 2:
+        return 0.0
+    p = np.stack([c.astype(np.float64) / max(float(c.sum()), 1.0) for c in counts])
+    k = len(counts)
     total = sum(0.5 * float(np.abs(p[i + 1 :] - p[i]).sum()) for i in range(k - 1))
     return total / (k * (k - 1) / 2)
 
@@ -180,11 +199,17 @@ def print_partition_stats(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{title} (heterogeneity {heterogeneity(parts):.3f})")
-    for col in ("child", "sessions", "clicks", "examples", "items", "mean len", "top item"):
+    table = Table(
+        title=f"{title} (heterogeneity {heterogeneity(parts):.3f}; a random split of the same "
+        f"sizes: {random_heterogeneity(parts):.3f})"
+    )
+    rows = partition_stats(parts)
+    timed = all("time_first" in row for row in rows)
+    columns = ["child", "sessions", "clicks", "examples", "items", "mean len", "top item"]
+    for col in columns + (["sessions from .. to"] if timed else []):
         table.add_column(col, justify="right")
-    for row in partition_stats(parts):
-        table.add_row(
+    for row in rows:
+        cells = [
             str(row["child"]),
             f"{row['sessions']:,}",
             f"{row['clicks']:,}",
@@ -192,5 +217,13 @@ def print_partition_stats(
             f"{row['items']:,}",
             f"{row['mean_length']:.2f}",
             f"{row['top_item_share']:.1%}",
-        )
+        ]
+        if timed:
+            cells.append(f"{_day(row['time_first'])} .. {_day(row['time_last'])}")
+        table.add_row(*cells)
     (console or Console()).print(table)
+
+
+def _day(seconds: float) -> str:
+    """A session time as a UTC date (seconds since the epoch)."""
+    return time.strftime("%Y-%m-%d", time.gmtime(seconds))

@@ -15,6 +15,7 @@ from fedenc.data.partition import (
     SCHEMES,
     heterogeneity,
     partition,
+    random_heterogeneity,
     partition_indices,
     partition_stats,
     print_partition_stats,
@@ -143,8 +144,17 @@ def test_stats_and_table() -> None:
     assert heterogeneity([s, s]) == 0.0
     out = io.StringIO()
     print_partition_stats(parts, console=Console(file=out, width=120))
-    text = out.getvalue()
+    text = " ".join(out.getvalue().split())
     assert "sessions" in text and "40.0%" in text and "75.0%" in text
+    assert "a random split of the same sizes" in text and "1970-01-01 .. 1970-01-01" in text
+
+
+def test_a_splits_heterogeneity_reads_against_a_random_split(sessions: Sessions) -> None:
+    # An IID split is at the level of sampling noise; a skewed one well above it.
+    iid = partition(sessions, 8, "iid")
+    assert heterogeneity(iid) == pytest.approx(random_heterogeneity(iid), rel=0.15)
+    skewed = partition(sessions, 8, "dirichlet", alpha=0.1)
+    assert heterogeneity(skewed) > 1.5 * random_heterogeneity(skewed)
 
 
 @settings(max_examples=30, deadline=None)
