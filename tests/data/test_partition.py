@@ -15,10 +15,10 @@ from fedenc.data.partition import (
     SCHEMES,
     heterogeneity,
     partition,
-    random_heterogeneity,
     partition_indices,
     partition_stats,
     print_partition_stats,
+    random_heterogeneity,
     session_groups,
 )
 from fedenc.data.sessions import Sessions
