@@ -61,8 +61,13 @@ PARTICIPATION_KEYS: Final = {
     "query_timeout_s": "query-timeout",
 }
 #: Run-config keys the master sets for every job itself, or that name its own files and
-#: restarts (a client must not choose where the master writes).
-RESERVED_KEYS: Final = ("job-id", "out-dir", "state-dir", "resume", "replay-round")
+#: restarts (a client must not choose where the master writes), or the data the job reads: that
+#: is the master's and the children's own (a client must not make them read a path of its
+#: choosing, nor make the master draw a synthetic data set of its size inside the call).
+RESERVED_KEYS: Final = (
+    "job-id", "out-dir", "state-dir", "resume", "replay-round",
+    "data", "synthetic-sessions", "synthetic-items",
+)  # fmt: skip
 
 
 class JobSpecError(ValueError):

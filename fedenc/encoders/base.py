@@ -27,6 +27,7 @@ from fedenc.encoders.layers.tied_lookup import tied, tied_embedding
 MAX_HIDDEN = 8192
 MAX_STEPS = 64
 MAX_TABLE_ELEMENTS = 2**32  # 16 GiB of float32
+MAX_POSITION = 100_000  # sessions longer than this share the last position embedding
 
 
 @dataclass
@@ -55,13 +56,15 @@ class EncoderConfig:
                 f"hidden must be <= {MAX_HIDDEN} and steps <= {MAX_STEPS}, "
                 f"got {self.hidden} and {self.steps}"
             )
+        if self.max_position > MAX_POSITION:
+            raise ValueError(f"max_position must be <= {MAX_POSITION}, got {self.max_position}")
         if (self.num_items + 1) * self.hidden > MAX_TABLE_ELEMENTS:
             raise ValueError(
                 f"an item table of {self.num_items + 1} x {self.hidden} is above "
                 f"{MAX_TABLE_ELEMENTS:,} values ({4 * MAX_TABLE_ELEMENTS / 2**30:.0f} GiB)"
             )
         if not 0 < self.scale < math.inf:  # NaN fails too
-            # 0 scores every item alike, and ties count in the target's favour: 100% Recall.
+            # 0 scores every item alike: every target would tie with every item.
             raise ValueError(f"scale must be a finite number > 0, got {self.scale}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")

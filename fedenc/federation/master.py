@@ -100,6 +100,12 @@ its children are then told at once to drop the job's state. Otherwise a failed o
 job with a state directory leaves it in place, so that ``--resume`` continues it bit for bit."""
 
 
+#: Bounds far above any real job: a typo or a remote job spec fails at once, not as a job that
+#: never ends.
+MAX_ROUNDS: Final = 1_000_000
+MAX_CHILDREN: Final = 100_000
+MAX_WAIT_S: Final = 7 * 24 * 3600.0
+
 #: Seconds a message lives past the master's wait for its reply (its TTL on a SuperLink).
 TTL_MARGIN_S: Final = 60.0
 
@@ -178,12 +184,20 @@ class MasterConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.rounds < 0:
-            problems.append(f"rounds must be >= 0 (got {self.rounds})")
+        if not 0 <= self.rounds <= MAX_ROUNDS:
+            problems.append(f"rounds must lie in 0..{MAX_ROUNDS} (got {self.rounds})")
         if self.rounds == 0 and not self.stop:
             problems.append("rounds = 0 (no budget) needs a stop rule")
-        if self.min_children < 1:
-            problems.append(f"min_children must be >= 1 (got {self.min_children})")
+        for name in ("min_children", "expect_children"):
+            low = 1 if name == "min_children" else 0
+            if not low <= getattr(self, name) <= MAX_CHILDREN:
+                problems.append(
+                    f"{name} must lie in {low}..{MAX_CHILDREN} (got {getattr(self, name)})"
+                )
+        if not 0 <= self.wait_timeout <= MAX_WAIT_S:  # NaN fails too
+            problems.append(
+                f"wait_timeout must lie in 0..{MAX_WAIT_S:g} s (got {self.wait_timeout})"
+            )
         if not 0.0 < self.fraction <= 1.0:
             problems.append(f"fraction must lie in (0, 1] (got {self.fraction})")
         if self.sampling not in SAMPLINGS:
@@ -192,11 +206,16 @@ class MasterConfig:
             problems.append("carry_optimizer needs sampling = 'cyclic' (one child a round)")
         for name in ("round_timeout", "query_timeout"):
             value = getattr(self, name)
-            if value is not None and not value > 0:
+            if value is not None and not 0 < value <= MAX_WAIT_S:
                 key = name.replace("_", "-")  # the run-config key, where 0 means no limit
-                problems.append(f"{key} must be > 0 seconds, or 0 for no limit (got {value})")
-        if self.evaluate_every < 0:
-            problems.append(f"evaluate_every must be >= 0 (got {self.evaluate_every})")
+                problems.append(
+                    f"{key} must lie in (0, {MAX_WAIT_S:g}] seconds, or 0 for no limit "
+                    f"(got {value})"
+                )
+        if not 0 <= self.evaluate_every <= MAX_ROUNDS:
+            problems.append(
+                f"evaluate_every must lie in 0..{MAX_ROUNDS} (got {self.evaluate_every})"
+            )
         if self.eval_split not in records.SPLITS:
             problems.append(f"eval_split must be one of {records.SPLITS} (got {self.eval_split!r})")
         if self.work_deadline < 0:

@@ -8,6 +8,9 @@ from typing import Any
 
 import torch
 
+MAX_EPOCHS = 10_000
+MAX_BATCH = 1_000_000
+
 
 @dataclass
 class TrainConfig:
@@ -30,11 +33,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.ks = tuple(self.ks)
         problems = []
-        if self.epochs < 1:
-            problems.append(f"epochs must be >= 1 (got {self.epochs})")
+        # Upper bounds far above any real run, so that a typo (or a remote job spec) fails here
+        # rather than as a job that never ends or an allocation no machine has.
+        if not 1 <= self.epochs <= MAX_EPOCHS:
+            problems.append(f"epochs must lie in 1..{MAX_EPOCHS} (got {self.epochs})")
         for name in ("batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+            if not 1 <= getattr(self, name) <= MAX_BATCH:
+                problems.append(f"{name} must lie in 1..{MAX_BATCH} (got {getattr(self, name)})")
         if not 0 < self.lr < math.inf:
             problems.append(f"lr must be a finite number > 0 (got {self.lr})")
         if not 0 <= self.l2 < math.inf:

@@ -205,6 +205,16 @@ def test_cancel_stops_a_running_job_after_its_round_and_a_queued_one_at_once(
         ),
         (cpb.JobSpec(encoder_config=struct(hidden=10**12)), "hidden must be <= 8192"),
         (cpb.JobSpec(run_config=struct(child_state=True)), "unknown run-config key"),
+        # The data source is the master's: a client neither picks a path nor a data set size.
+        (cpb.JobSpec(run_config=struct(data="/etc/passwd")), "set by the master"),
+        (cpb.JobSpec(run_config=struct(**{"synthetic-items": 10**9})), "set by the master"),
+        (cpb.JobSpec(encoder_config=struct(max_position=10**12)), "max_position must be <="),
+        (cpb.JobSpec(rounds=2**32 - 1), "rounds must lie in 0..1000000"),
+        (cpb.JobSpec(training=fpb.TrainingConfig(local_epochs=10**9)), "epochs must lie in"),
+        (
+            cpb.JobSpec(participation=cpb.Participation(wait_timeout_s=float("nan"))),
+            "wait_timeout must lie in",
+        ),
     ],
 )
 def test_a_bad_spec_is_refused_with_its_reason(
