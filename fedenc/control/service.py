@@ -29,10 +29,10 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 import grpc
 import torch
@@ -61,6 +61,7 @@ from fedenc.proto.fedenc.v1 import federation_service_pb2 as spb
 from fedenc.protocol.chunking import DEFAULT_MAX_CHUNK_BYTES, stream_tensors
 from fedenc.runtime.grpc.connection import ChildConnection
 from fedenc.runtime.grpc.master import FederationServer, GrpcGrid, run_server_app
+from fedenc.runtime.replies import stream_replies
 from fedenc.training.checkpoint import META_FILE, STATE_FILE
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,10 @@ MIN_CHUNK_BYTES = 64 * 1024
 #: Job ids a NOT_FOUND names (the most recent ones).
 _KNOWN_IDS_SHOWN = 5
 _ROUND_MESSAGES = frozenset({"train", "evaluate"})
+
+
+#: Seconds a round may still run after a cancel before the wait for its replies is cut.
+CANCEL_GRACE_S: Final = 10.0
 
 
 class JobCancelled(Exception):
@@ -155,6 +160,7 @@ class _ControlGrid(GrpcGrid):
         self._service = service
         self._job = job
         self._cancel_raised = False
+        self._cancel_seen: float | None = None  # when a wait first saw the cancel request
         self._training = False  # round 1 was sent: from then on the round listener cancels
         super().__init__(server, run_id, run_config)
 
@@ -165,6 +171,31 @@ class _ControlGrid(GrpcGrid):
             self._cancel_raised = True  # once: the job's end-of-job message still needs nodes
             raise JobCancelled("cancelled before its first round")
         return super().get_node_ids()
+
+    def receive(self, message_ids: Sequence[str], timeout: float | None) -> Iterator[Message]:
+        """The runtime's ``receive``, which a cancel ends: at once while the job waits for its
+        children's confirmations, and after :data:`CANCEL_GRACE_S` in a round (whose end is
+        where a cancel normally takes effect; a silent child with no round timeout would
+        otherwise keep the job, and the queue behind it, forever)."""
+
+        def forget(ids: list[str]) -> None:
+            for mid in ids:
+                self._pending.pop(mid, None)
+
+        def stop() -> None:
+            if not self._job.cancel_requested:
+                return
+            if self._cancel_seen is None:
+                self._cancel_seen = time.monotonic()
+            if not self._training:
+                raise JobCancelled("cancelled while it waited for its children's confirmations")
+            if time.monotonic() - self._cancel_seen >= CANCEL_GRACE_S:
+                raise JobCancelled(
+                    f"cancelled during a round whose replies were still missing after "
+                    f"{CANCEL_GRACE_S:g} s"
+                )
+
+        return stream_replies(self._lock, self._replies, message_ids, timeout, forget, stop)
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         batch = list(messages)

@@ -18,6 +18,9 @@ from flwr.app import Message
 
 log = logging.getLogger(__name__)
 
+#: Seconds between two calls of a ``stop`` check while a wait goes on.
+STOP_CHECK_S = 0.5
+
 
 def stream_replies(
     lock: threading.Condition,
@@ -25,9 +28,11 @@ def stream_replies(
     message_ids: Sequence[str],
     timeout: float | None,
     forget: Callable[[list[str]], None],
+    stop: Callable[[], None] | None = None,
 ) -> Iterator[Message]:
     """Yield the replies to ``message_ids`` from ``replies`` as they are delivered (see above);
-    ``forget`` runs under ``lock`` with the ids still missing at the end."""
+    ``forget`` runs under ``lock`` with the ids still missing at the end. ``stop`` is called at
+    least every :data:`STOP_CHECK_S` while waiting; it ends the wait by raising."""
     deadline = None if timeout is None else time.monotonic() + timeout
     pending = list(message_ids)
     try:
@@ -38,6 +43,9 @@ def stream_replies(
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         return
+                    if stop is not None:
+                        stop()
+                        left = STOP_CHECK_S if left is None else min(left, STOP_CHECK_S)
                     lock.wait(left)
                     ready = [mid for mid in pending if mid in replies]
                 out = [replies.pop(mid) for mid in ready]
