@@ -59,6 +59,7 @@ from fedenc.proto.fedenc.v1 import control_pb2_grpc as cgrpc
 from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
 from fedenc.proto.fedenc.v1 import federation_service_pb2 as spb
 from fedenc.protocol.chunking import DEFAULT_MAX_CHUNK_BYTES, stream_tensors
+from fedenc.protocol.peer_text import clip
 from fedenc.runtime.grpc.connection import ChildConnection
 from fedenc.runtime.grpc.master import FederationServer, GrpcGrid, run_server_app
 from fedenc.runtime.replies import stream_replies
@@ -75,6 +76,9 @@ MIN_CHUNK_BYTES = 64 * 1024
 _KNOWN_IDS_SHOWN = 5
 _ROUND_MESSAGES = frozenset({"train", "evaluate"})
 
+
+#: Characters of a job's ``requester`` (a name, kept and listed with the job).
+MAX_REQUESTER: Final = 256
 
 #: Seconds a round may still run after a cancel before the wait for its replies is cut.
 CANCEL_GRACE_S: Final = 10.0
@@ -284,6 +288,10 @@ class ControlService(cgrpc.ControlServicer):
 
     def submit(self, spec: cpb.JobSpec, requester: str = "") -> JobRecord:
         """Checks ``spec`` and queues it; :class:`JobSpecError` says what is wrong."""
+        if len(requester) > MAX_REQUESTER:  # kept with the job and listed to every client
+            raise JobSpecError(
+                f"requester is {len(requester):,} characters long; at most {MAX_REQUESTER}"
+            )
         run_config = spec_to_run_config(spec, self._defaults)
         encoder = str(run_config.get("encoder", "srgnn"))
         job_id = f"{encoder}-{uuid.uuid4().hex[:12]}"
@@ -466,7 +474,7 @@ class ControlService(cgrpc.ControlServicer):
             entry = self._children.get(conn.name)
             if entry is not None and entry.conn is conn:
                 entry.conn = None
-                entry.left_reason = reason
+                entry.left_reason = clip(reason)
                 entry.last_seen = _wall(conn.last_seen)
 
     def _note_queried(self, nodes: list[int]) -> None:

@@ -81,6 +81,7 @@ from fedenc.federation.stopping import (
 )
 from fedenc.planner.balance import WorkBalancer
 from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
+from fedenc.protocol.peer_text import clip
 from fedenc.ps.federation import PLACEMENTS, FederationTable
 from fedenc.ps.sparse import ROW_RULES, RowFusion, rows_from_record
 from fedenc.training.allocator import tune_allocator
@@ -1077,8 +1078,8 @@ class _Job:
         """Validate one child's train reply and fold it into the rule (or record why not)."""
         name = self.exchange.label(nid)
         if isinstance(outcome, str):
-            log.warning("round %d: %s left out: %s", round_, name, outcome)
-            excluded[name] = outcome
+            excluded[name] = clip(outcome)
+            log.warning("round %d: %s left out: %s", round_, name, excluded[name])
             return
         content = outcome.content
         try:
@@ -1124,9 +1125,9 @@ class _Job:
             if rows is not None and self.row_fusion is not None:
                 self.row_fusion.add(name, rows)
                 self.rows_bytes += rows.wire_bytes()
-        except BadUpdateError as err:
-            log.warning("round %d: %s", round_, err)
-            excluded[name] = err.reason
+        except BadUpdateError as err:  # (its text may quote what the child sent: clipped)
+            log.warning("round %d: %s", round_, clip(str(err)))
+            excluded[name] = clip(err.reason)
             return
         metrics = records.read_metrics(content)
         self.rows_pulled += _row_count(metrics.get(records.PS_ROWS_PULLED))

@@ -331,6 +331,15 @@ def test_bad_replies_are_rejected_with_a_logged_reason(caplog: pytest.LogCapture
         assert torch.isfinite(tensor).all()
 
 
+def test_a_reason_quoting_a_childs_huge_tensor_name_is_clipped() -> None:
+    # The refusal quotes the unexpected name: 3 MB of it went into results.json and the log.
+    huge = "w" * 3_000_000
+    script = Script(corrupt={1: lambda p: {**p, huge: torch.zeros(1)}})
+    result, _ = run_job(echo_client(script), 2, tiny_config(rounds=1))
+    reason = result.rounds[0].excluded["child-1"]
+    assert "unexpected tensor" in reason and len(reason) < 1000
+
+
 def test_counts_above_the_confirmed_one_and_impossible_metrics_are_left_out(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

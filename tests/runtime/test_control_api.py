@@ -228,6 +228,14 @@ def test_a_bad_spec_is_refused_with_its_reason(
     assert len(client.jobs()) == before  # nothing was queued
 
 
+def test_a_requester_name_of_megabytes_is_refused(client: ControlClient) -> None:
+    # Kept with the job and listed to every client: 5 MB names broke ListJobs for good.
+    with pytest.raises(ControlError) as err:
+        client.submit(cpb.JobSpec(rounds=1), requester="r" * 300)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "requester is 300 characters long; at most 256" in str(err.value)
+
+
 def test_unknown_jobs_and_types_are_not_found(client: ControlClient) -> None:
     calls = [
         lambda: client.job("nope"),

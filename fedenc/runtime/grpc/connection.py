@@ -33,6 +33,7 @@ from flwr.app import Message
 from google.protobuf.message import DecodeError
 
 from fedenc.proto.fedenc.v1 import federation_service_pb2 as spb
+from fedenc.protocol.peer_text import clip
 from fedenc.protocol.wire_chunks import RawChunk, parse_chunk_frame
 from fedenc.runtime import flower_compat as fc
 from fedenc.runtime.grpc.frames import ArraySpecs, EncodedMessage, FrameError, FrameReader
@@ -346,7 +347,7 @@ class ChildConnection:
         if kind == "heartbeat":
             self.busy = frame.heartbeat.busy
         elif kind == "close":
-            detail = frame.close.detail or spb.CloseReason.Name(frame.close.reason)
+            detail = clip(frame.close.detail) or spb.CloseReason.Name(frame.close.reason)
             log.info("%s says goodbye: %s", self.label(), detail)
             self.close(spb.CLOSE_REASON_SHUTDOWN, f"goodbye from the child: {detail}")
         elif kind in _UNUSED:
