@@ -74,6 +74,11 @@ _UNUSED: Final = {
 }
 #: The longest Hello.agent kept (it is logged and listed by the Control API's ListChildren).
 MAX_AGENT_CHARS: Final = 256
+#: A reply that holds the master's inbound slot must keep arriving at this many bytes per second
+#: once SLOT_GRACE_S have passed: one child trickling a byte at a time had held the slot, and
+#: kept every other child's replies out, for whole rounds.
+MIN_SLOT_RATE: Final = 64 * 1024
+SLOT_GRACE_S: Final = 30.0
 
 
 def reply_budget(specs: ArraySpecs) -> int:
@@ -164,6 +169,8 @@ class ChildConnection:
         # master a slot's worth of buffers, not 8 GiB.
         self._inbound = inbound
         self._holding = False
+        self._held_since = 0.0  # when this stream took the inbound slot
+        self._held_bytes = 0  # bytes it has sent since
 
     def label(self) -> str:
         return f"{self.name or '?'} (node {self.node_id}, {self.peer})"
@@ -273,6 +280,17 @@ class ChildConnection:
                 return
             self.last_seen = time.monotonic()  # alive, only held back by the master itself
         self._holding = True
+        self._held_since, self._held_bytes = time.monotonic(), 0
+
+    def _check_slot_rate(self, nbytes: int) -> None:
+        """Refuse a stream that holds the inbound slot while sending too slowly."""
+        self._held_bytes += nbytes
+        held = time.monotonic() - self._held_since
+        if held > SLOT_GRACE_S and self._held_bytes < MIN_SLOT_RATE * held:
+            raise FrameError(
+                f"a reply arriving at {self._held_bytes / held:,.0f} bytes/s held the master's "
+                f"inbound slot for {held:.0f} s (at least {MIN_SLOT_RATE:,} bytes/s are needed)"
+            )
 
     def _release(self) -> None:
         if self._holding and self._inbound is not None:
@@ -305,6 +323,8 @@ class ChildConnection:
         self.ended("the child closed its stream")
 
     def _frame(self, data: bytes) -> None:
+        if self._holding:
+            self._check_slot_rate(len(data))
         raw = parse_chunk_frame(data) if self.welcomed else None
         if raw is not None:  # the bulk of the traffic: its data goes straight to the buffer
             self.owner.count(0, len(data))
