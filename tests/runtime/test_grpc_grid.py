@@ -620,3 +620,25 @@ def test_the_grid_names_a_connected_node_by_its_hello(
     grid = GrpcGrid(server, RUN)
     assert grid.node_name(node) == "erin"
     assert grid.node_name(node + 1000) is None
+
+
+def test_streams_before_their_hello_count_against_max_children() -> None:
+    # A flood of streams that never say Hello had taken every server slot, the Control API's
+    # included: beyond max_children open streams, a new one is refused at once.
+    srv = FederationServer(
+        "127.0.0.1:0", ServerSecurity(insecure=True), max_children=2, hello_timeout=5.0
+    ).start()
+    peers = [RawChild(srv.address) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 5
+        while len(srv._all) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        peers.append(RawChild(srv.address))
+        item = peers[2].inbox.get(timeout=5)
+        assert isinstance(item, grpc.RpcError), item
+        assert item.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "the master takes at most 2 children" in str(item.details())
+    finally:
+        for p in peers:
+            p.close()
+        srv.stop(grace=0.5)

@@ -309,6 +309,16 @@ class FederationServer:
     # -- gRPC --------------------------------------------------------------------------------------
 
     def _connect(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        with self._lock:
+            open_streams = len(self._all)
+        if open_streams >= self.max_children:
+            # Streams before their Hello hold server slots too: without this, a flood of them
+            # took the Control API's slots as well (RESOURCE_EXHAUSTED for every call).
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{open_streams} streams are open; the master takes at most "
+                f"{self.max_children} children",
+            )
         auth = {k: list(v) for k, v in (context.auth_context() or {}).items()}
         identity = self._identify(auth, context)
         conn = ChildConnection(
