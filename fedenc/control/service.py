@@ -77,6 +77,9 @@ _KNOWN_IDS_SHOWN = 5
 _ROUND_MESSAGES = frozenset({"train", "evaluate"})
 
 
+#: Characters of a status message (gRPC allows 16 KiB of metadata in all).
+STATUS_TEXT_LIMIT: Final = 2000
+
 #: Characters of a job's ``requester`` (a name, kept and listed with the job).
 MAX_REQUESTER: Final = 256
 
@@ -575,7 +578,9 @@ class ControlService(cgrpc.ControlServicer):
 
     @staticmethod
     def _abort(context: Any, code: grpc.StatusCode, message: str) -> NoReturn:
-        context.abort(code, message)
+        # Clipped: a message quoting a client's megabyte string would exceed gRPC's 16 KiB of
+        # status metadata, and the client would get "Stream removed" instead of the reason.
+        context.abort(code, clip(message, STATUS_TEXT_LIMIT))
         raise AssertionError("context.abort returned")  # it raises; this keeps mypy honest
 
     def _lookup(self, job_id: str, context: Any) -> JobRecord:

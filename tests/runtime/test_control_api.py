@@ -228,6 +228,17 @@ def test_a_bad_spec_is_refused_with_its_reason(
     assert len(client.jobs()) == before  # nothing was queued
 
 
+def test_a_refusal_quoting_a_huge_value_still_reaches_the_client(client: ControlClient) -> None:
+    # The echoed value used to push the status past gRPC's metadata limit ("Stream removed").
+    with pytest.raises(ControlError) as err:
+        client.submit(cpb.JobSpec(rule="r" * 1_000_000))
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "more characters" in str(err.value)
+    with pytest.raises(ControlError) as err:
+        client.job("j" * 120_000)
+    assert err.value.code == grpc.StatusCode.NOT_FOUND
+
+
 def test_a_requester_name_of_megabytes_is_refused(client: ControlClient) -> None:
     # Kept with the job and listed to every client: 5 MB names broke ListJobs for good.
     with pytest.raises(ControlError) as err:
