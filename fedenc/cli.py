@@ -905,9 +905,21 @@ def simulate_cmd(
     title = f"{scenario.name}: {scenario.encoder} / {scenario.rule}"
     live, on_round, _ = _round_printer(title)
     if resume:
+        from fedenc.federation.checkpoint import read_master_state, state_path
+
         console.print(
             f"resuming: the master and the simulated children continue from {out_dir / 'state'}"
         )
+        if state_path(out_dir / "state").is_file():
+            try:
+                saved = read_master_state(out_dir / "state")
+            except (ValueError, OSError):
+                saved = None  # (the run itself reports what is wrong with it)
+            if saved is not None and saved.stop_reason:
+                console.print(
+                    f"the job's rounds are complete (round {saved.round}, {saved.stop_reason}): "
+                    "resuming only runs its final test and writes its outputs again"
+                )
 
     def on_term(signum: int, frame: Any) -> None:
         raise _Interrupted(signum)

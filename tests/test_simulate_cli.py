@@ -170,6 +170,9 @@ def test_an_interrupted_simulation_resumes_after_its_last_completed_round(tmp_pa
     whole = tmp_path / "whole"
     done = runner.invoke(app, [*args[:-1], str(whole)])
     assert done.exit_code == 0, done.output
+    again = runner.invoke(app, [*args, "--resume"])  # a finished job: nothing left to train
+    assert again.exit_code == 0, again.output
+    assert "the job's rounds are complete (round 3" in " ".join(again.output.split())
     resumed, _ = load_checkpoint(out / "encoder")
     uninterrupted, _ = load_checkpoint(whole / "encoder")
     for (name, a), (_, b) in zip(
