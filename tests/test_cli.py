@@ -81,6 +81,12 @@ def test_train_synthetic_writes_results_and_a_loadable_checkpoint(tmp_path: Path
         assert metrics[key] == pytest.approx(test[key], abs=1e-9), key
     other = runner.invoke(app, ["evaluate", str(out), "--synthetic-items", "400"])
     assert other.exit_code == 2 and "not the data it was trained on" in other.output
+    # The same --out again: said before the work, not found out after it.
+    rerun = runner.invoke(app, ["train", "--synthetic", *TINY, "--out", str(out), "-q"])
+    assert rerun.exit_code == 0, rerun.output
+    assert flat("holds an earlier run's results.json, meta.json: this run replaces them") in flat(
+        rerun.output
+    )
     with torch.no_grad():
         scores = model.eval()(batch_from_sessions([[1, 2, 3], [50]]))
     assert scores.shape == (2, 50) and torch.isfinite(scores).all()

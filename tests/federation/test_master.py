@@ -9,6 +9,7 @@ no training); one runs the real child app on tiny synthetic data.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -559,6 +560,50 @@ def test_an_error_reply_from_the_superlink_for_an_unreachable_child_is_its_reaso
     (r,) = result.rounds
     assert r.participants == ["child-0"]
     assert "node 3 is offline" in r.excluded["child-1"]
+
+
+def test_messages_live_as_long_as_the_master_waits_for_them() -> None:
+    # With a round timeout, a SuperLink may drop a message the master no longer waits for
+    # (Flower's default TTL is 12 h: a slow node would work through stale rounds first).
+    sent: list[tuple[str, float]] = []
+
+    class TtlGrid(RecordingGrid):
+        def push_messages(self, messages: Iterable[Message]) -> list[str]:
+            messages = list(messages)
+            sent.extend((m.metadata.message_type, m.metadata.ttl) for m in messages)
+            return super().push_messages(messages)
+
+    run_job(echo_client(Script()), 1, tiny_config(rounds=1, round_timeout=20.0), grid_type=TtlGrid)
+    assert ("train", 80.0) in sent and ("evaluate", 80.0) in sent
+
+
+@register_fusion_rule("test_nan_in_round_1")
+class NanRule(WeightedSum):
+    """weighted_sum whose result is NaN: the job fails in round 1, before any checkpoint."""
+
+    def _fuse(self) -> Parameters:
+        return {k: torch.full_like(v, math.nan) for k, v in super()._fuse().items()}
+
+
+def test_a_job_that_fails_in_its_first_round_releases_its_children(tmp_path: Path) -> None:
+    # Its state directory holds no checkpoint of this job: nothing will resume it. The end-of-
+    # job message goes out once.
+    from fedenc.federation.fusion.base import FusionOutputError
+
+    config = tiny_config(rounds=3, state_dir=tmp_path / "state", rule="test_nan_in_round_1")
+    grids: list[RecordingGrid] = []
+
+    class Kept(RecordingGrid):
+        def __init__(self, inner: InProcessGrid) -> None:
+            super().__init__(inner)
+            grids.append(self)
+
+    with pytest.raises(FusionOutputError):
+        run_job(echo_client(Script()), 2, config, grid_type=Kept)
+    finish = [
+        e for e in grids[0].events if e.direction == "out" and e.kind == records.FINISH_ACTION
+    ]
+    assert sorted(e.node for e in finish) == sorted(grids[0].inner.get_node_ids())
 
 
 class _Stopped(Exception):
