@@ -577,20 +577,26 @@ def test_messages_live_as_long_as_the_master_waits_for_them() -> None:
     assert ("train", 80.0) in sent and ("evaluate", 80.0) in sent
 
 
-@register_fusion_rule("test_nan_in_round_1")
 class NanRule(WeightedSum):
-    """weighted_sum whose result is NaN: the job fails in round 1, before any checkpoint."""
+    """weighted_sum whose result is NaN: the job fails in round 1, before any checkpoint.
+    Registered only inside its test (a rule left registered joins the every-rule tests)."""
+
+    name = "test_nan_in_round_1"
 
     def _fuse(self) -> Parameters:
         return {k: torch.full_like(v, math.nan) for k, v in super()._fuse().items()}
 
 
-def test_a_job_that_fails_in_its_first_round_releases_its_children(tmp_path: Path) -> None:
+def test_a_job_that_fails_in_its_first_round_releases_its_children(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Its state directory holds no checkpoint of this job: nothing will resume it. The end-of-
     # job message goes out once.
+    from fedenc.federation.fusion import registry
     from fedenc.federation.fusion.base import FusionOutputError
 
-    config = tiny_config(rounds=3, state_dir=tmp_path / "state", rule="test_nan_in_round_1")
+    monkeypatch.setitem(registry._REGISTRY, NanRule.name, NanRule)
+    config = tiny_config(rounds=3, state_dir=tmp_path / "state", rule=NanRule.name)
     grids: list[RecordingGrid] = []
 
     class Kept(RecordingGrid):
