@@ -72,6 +72,7 @@ from fedenc.federation.optimizer_state import OptimizerStateError, check_moments
 from fedenc.federation.parameters import BadUpdateError, Parameters, relative_change
 from fedenc.federation.runconfig import get_bool, get_float, get_int, get_json, get_str
 from fedenc.federation.stopping import (
+    CHILD_COUNTER_PREFIXES,
     AnyOf,
     MaxRounds,
     RoundReport,
@@ -112,9 +113,6 @@ TTL_MARGIN_S: Final = 60.0
 
 #: Seconds the master waits for the children to acknowledge the end of a job.
 FINISH_TIMEOUT: Final = 30.0
-#: Counters a child's train reply may carry (its computing servers, its two-level PS) that the
-#: round's metrics report, summed over the round's accepted children.
-CHILD_COUNTER_PREFIXES: Final = ("elastic_", "ps_")
 #: Seconds between the log lines of a long wait for replies.
 WAIT_LOG_S: Final = 30.0
 
@@ -957,13 +955,18 @@ class _Job:
         self.held_peak = 0  # most replies held at once (the reorder buffer's cost)
         self.child_seconds = []  # each accepted child's local training time
         self.child_counters = {}  # elastic_* / ps_* counters of the accepted children, summed
-        content = records.round_content(
-            arrays,
-            self.instruction,
-            round_,
-            carry=self.config.carry_optimizer,
-            optimizer=self.carried,
-        )
+
+        def round_content(work: int | None = None) -> RecordDict:
+            return records.round_content(
+                arrays,
+                self.instruction,
+                round_,
+                work=work,
+                carry=self.config.carry_optimizer,
+                optimizer=self.carried,
+            )
+
+        content = round_content()
         per_node: dict[int, RecordDict] = {}
         assigned: dict[int, int] = {}
         if self.balancer is not None:
@@ -971,14 +974,7 @@ class _Job:
             limit = {nid: self.children[nid].num_samples for nid in sampled}
             assigned = self.balancer.assign(uniform, limit)
             for nid, work in assigned.items():
-                per_node[nid] = records.round_content(
-                    arrays,
-                    self.instruction,
-                    round_,
-                    carry=self.config.carry_optimizer,
-                    optimizer=self.carried,
-                    work=work,
-                )
+                per_node[nid] = round_content(work)
         stream = self.exchange.stream(
             content, sampled, "train", str(round_), self.config.round_timeout, per_node
         )
@@ -1379,8 +1375,8 @@ def run_master(
         if config.final_test:
             final, _ = job.evaluate(round_, "test")
         table_rows = job.table.rows() if job.table is not None else None
-        # Only a job that ran to its end releases the children's state: an interrupted or
-        # failed one leaves it in place, so that `--resume` continues it bit for bit.
+        # A job that ran to its end releases the children's state; a failed one only when
+        # nothing will resume it (below): else `--resume` continues it bit for bit.
         job.finish()
     except Exception:  # (not on Ctrl-C: the user wants the process back now)
         if config.state_dir is None or not resumable.get() or not results:

@@ -29,7 +29,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from fedenc.federation.parameters import relative_change
 from fedenc.plugins import load_entry_points
@@ -152,6 +152,11 @@ class RelativeChange(StopRule):
         self._below = int(state.get("below", 0))
 
 
+#: Counters a child's train reply may carry (its computing servers, its two-level PS) that the
+#: round's metrics report, summed over the round's accepted children.
+CHILD_COUNTER_PREFIXES: Final = ("elastic_", "ps_")
+
+
 def round_metrics(split: str = "valid", ks: Sequence[int] = (20, 10)) -> list[str]:
     """The metrics a federated round reports when it is evaluated on ``split`` with cut-offs
     ``ks`` (besides the children's ``elastic_*`` and ``ps_*`` counters)."""
@@ -169,7 +174,7 @@ def unknown_round_metrics(
     known = round_metrics(split, ks)
     if not isinstance(rule, Plateau) or rule.metric in known:
         return []
-    if rule.metric.startswith(("elastic_", "ps_")):
+    if rule.metric.startswith(CHILD_COUNTER_PREFIXES):
         return []
     close = difflib.get_close_matches(rule.metric, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
