@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, NoReturn
@@ -62,7 +62,6 @@ from fedenc.protocol.chunking import DEFAULT_MAX_CHUNK_BYTES, stream_tensors
 from fedenc.protocol.peer_text import clip
 from fedenc.runtime.grpc.connection import ChildConnection
 from fedenc.runtime.grpc.master import FederationServer, GrpcGrid, run_server_app
-from fedenc.runtime.replies import stream_replies
 from fedenc.training.checkpoint import META_FILE, STATE_FILE
 
 log = logging.getLogger(__name__)
@@ -179,15 +178,11 @@ class _ControlGrid(GrpcGrid):
             raise JobCancelled("cancelled before its first round")
         return super().get_node_ids()
 
-    def receive(self, message_ids: Sequence[str], timeout: float | None) -> Iterator[Message]:
-        """The runtime's ``receive``, which a cancel ends: at once while the job waits for its
-        children's confirmations, and after :data:`CANCEL_GRACE_S` in a round (whose end is
-        where a cancel normally takes effect; a silent child with no round timeout would
-        otherwise keep the job, and the queue behind it, forever)."""
-
-        def forget(ids: list[str]) -> None:
-            for mid in ids:
-                self._pending.pop(mid, None)
+    def _stop_check(self) -> Callable[[], None]:
+        """A cancel ends the job's waits for replies: at once while it waits for its children's
+        confirmations, and after :data:`CANCEL_GRACE_S` in a round (whose end is where a cancel
+        normally takes effect; a silent child with no round timeout would otherwise keep the
+        job, and the queue behind it, forever)."""
 
         def stop() -> None:
             if not self._job.cancel_requested:
@@ -202,7 +197,7 @@ class _ControlGrid(GrpcGrid):
                     f"{CANCEL_GRACE_S:g} s"
                 )
 
-        return stream_replies(self._lock, self._replies, message_ids, timeout, forget, stop)
+        return stop
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         batch = list(messages)

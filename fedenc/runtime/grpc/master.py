@@ -495,12 +495,18 @@ class GrpcGrid(fc.RunGrid):
         """Yield each reply to ``message_ids`` as soon as its stream delivers it (no polling),
         until all have come or ``timeout`` seconds have passed; the rest are forgotten (a late
         reply is dropped). The master folds each reply while the others are still training."""
+        return stream_replies(
+            self._lock, self._replies, message_ids, timeout, self._forget, self._stop_check()
+        )
 
-        def forget(ids: list[str]) -> None:
-            for mid in ids:
-                self._pending.pop(mid, None)
+    def _forget(self, message_ids: list[str]) -> None:
+        """Under the lock: stop expecting replies to ``message_ids`` (late ones are dropped)."""
+        for mid in message_ids:
+            self._pending.pop(mid, None)
 
-        return stream_replies(self._lock, self._replies, message_ids, timeout, forget)
+    def _stop_check(self) -> Callable[[], None] | None:
+        """What may end a :meth:`receive` early by raising (None: only its timeout does)."""
+        return None
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -514,8 +520,7 @@ class GrpcGrid(fc.RunGrid):
                     break
                 self._lock.wait(left)
             out = [self._replies.pop(mid) for mid in ids if mid in self._replies]
-            for mid in ids:  # whatever did not come in time is forgotten: a late reply is dropped
-                self._pending.pop(mid, None)
+            self._forget(ids)  # whatever did not come in time: a late reply is dropped
         late = len(ids) - len(out)
         if late:
             log.info("%d of %d replies did not come within %s s", late, len(ids), timeout)
