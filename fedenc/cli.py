@@ -61,6 +61,15 @@ def _check_out(path: Path | None, option: str = "--out", earlier_ok: bool = Fals
         )
 
 
+def _given_options(ctx: typer.Context) -> set[str]:
+    """The options of this command that the user set (on the command line or through the
+    environment), as opposed to those left at their defaults."""
+    from click.core import ParameterSource
+
+    explicit = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return {name for name in ctx.params if ctx.get_parameter_source(name) in explicit}
+
+
 def _print_version(value: bool) -> None:
     if value:
         typer.echo(__version__)
@@ -272,12 +281,9 @@ def train_cmd(
             raise _fail(f"{', '.join(given_remote)} need --master HOST:PORT")
         _check_out(out)
     else:
-        from click.core import ParameterSource
-
         from fedenc.control.cli import connection_flags, security_of, train_remote
 
-        explicit = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
-        given = {name for name in ctx.params if ctx.get_parameter_source(name) in explicit}
+        given = _given_options(ctx)
         train_remote(
             master,
             security_of(insecure, certs, cert_name),
@@ -488,10 +494,7 @@ def evaluate_cmd(
         raise _fail(f"--split must be test or valid, got {split!r}")
     checkpoint, recorded = _run_data_settings(checkpoint)
     if recorded:
-        from click.core import ParameterSource
-
-        explicit = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
-        given = {n for n in ctx.params if ctx.get_parameter_source(n) in explicit}
+        given = _given_options(ctx)
         run_data = recorded.get("data")
         if run_data and "data" not in given and not Path(str(run_data)).is_absolute():
             # Relative to wherever the run was started: not to be guessed from here.

@@ -106,12 +106,13 @@ def load_dataset(
     path = Path(source).expanduser()
     if not path.exists():
         raise DataFileNotFoundError(path, "no such file or directory (data source)")
-    packed = path.suffix.lower() == ".gz"  # a compressed log: its format is the suffix before
-    label = name or (path.name if path.is_dir() else Path(path.stem).stem if packed else path.stem)
+    # A compressed log's format is the suffix before ".gz".
+    logical = Path(path.stem) if path.suffix.lower() == ".gz" else path
+    suffix = logical.suffix.lower()
+    label = name or (path.name if path.is_dir() else logical.stem)
     if recent is not None and recent < 1:
         raise ValueError(f"recent must be >= 1 (keep 1/N of the training sessions), got {recent}")
-    inner = Path(path.stem).suffix if path.suffix.lower() == ".gz" else path.suffix
-    is_yoochoose = not path.is_dir() and inner.lower() in (".dat", ".txt", ".tsv")
+    is_yoochoose = not path.is_dir() and suffix in (".dat", ".txt", ".tsv")
     if recent is not None and (not is_yoochoose or protocol is not None):
         raise ValueError(f"{path}: recent applies to a raw Yoochoose click log only")
     if path.is_dir():
@@ -127,7 +128,6 @@ def load_dataset(
         train_all = replace(train_all, num_items=num_items)
         test = replace(test, num_items=num_items)
     else:
-        suffix = (Path(path.stem) if packed else path).suffix.lower()
         if suffix == ".csv":
             clicks = read_diginetica_clicks(path)
             proto = protocol or SRGNNProtocol.diginetica()
