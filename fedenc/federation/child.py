@@ -514,10 +514,17 @@ def _take_up_context(state: ChildState, context: Context, version: int) -> None:
             "actors). Run the children on fedenc's runtimes (`fedenc child`, `fedenc simulate`), "
             'or keep the item table out of a parameter server (ps = "")'
         )
-    payload = torch.load(io.BytesIO(record["payload"].numpy().tobytes()), weights_only=True)
-    if payload.get("job_id") != state.key[2]:
+    try:
+        payload = torch.load(io.BytesIO(record["payload"].numpy().tobytes()), weights_only=True)
+    except Exception as err:  # damaged on its way through the host: say so, not torch's advice
         raise ChildStateLostError(
-            f"{state.name}: the state in the node's context is job {payload.get('job_id')!r}'s, "
+            f"{state.name}: the state of job {state.key[2]} in the node's context cannot be "
+            f"read ({load_failure(err)})"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("job_id") != state.key[2]:
+        found = payload.get("job_id") if isinstance(payload, dict) else type(payload).__name__
+        raise ChildStateLostError(
+            f"{state.name}: the state in the node's context is job {found!r}'s, "
             f"not job {state.key[2]!r}'s"
         )
     _restore_payload(state, payload)

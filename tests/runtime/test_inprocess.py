@@ -323,3 +323,30 @@ def test_a_ps_child_whose_state_cannot_travel_fails_its_round_with_the_fix() -> 
     assert rounds[0]["participants"] == ["child-0"]
     reason = rounds[1]["excluded"]["child-0"]
     assert "ChildStateLostError" in reason and "fedenc's runtimes (`fedenc child`" in reason
+
+
+def test_a_damaged_state_in_the_context_fails_the_round_with_a_clear_reason() -> None:
+    # A host that damages the node's context on its way between processes: the child says its
+    # state cannot be read (not torch's advice to load with weights_only=False).
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from fedenc.federation.child import CONTEXT_STATE
+    from nodes.child import app as child_app
+    from nodes.master import RESULT_KEY
+    from nodes.master import app as master_app
+
+    fresh = _new_process_per_message(child_app)
+
+    def damaging(message: Any, context: Any) -> Any:
+        if CONTEXT_STATE in context.state:
+            junk = np.frombuffer(b"not a torch file" * 4, dtype=np.uint8)
+            context.state[CONTEXT_STATE] = ArrayRecord({"payload": Array(junk)})
+        return fresh(message, context)
+
+    run = run_inprocess(master_app, damaging, 1, {**TINY, "num-server-rounds": 2})
+    rounds = json.loads(run.server_context.state[RESULT_KEY]["json"])["rounds"]
+    assert rounds[0]["participants"] == ["child-0"]
+    reason = rounds[1]["excluded"]["child-0"]
+    assert "ChildStateLostError" in reason and "cannot be read" in reason, reason
+    assert "weights_only" not in reason
