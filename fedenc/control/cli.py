@@ -185,7 +185,7 @@ def follow(client: ControlClient, job_id: str, quiet: bool = False) -> cpb.Job:
     interactive = console.is_terminal and not quiet
     live = Live(round_table(rows, title), console=console, auto_refresh=False)
     final: cpb.Job | None = None
-    last_state = -1
+    last_state, activity = -1, ""
     if interactive:
         live.start()
     try:
@@ -202,7 +202,15 @@ def follow(client: ControlClient, job_id: str, quiet: bool = False) -> cpb.Job:
                 if job.state != last_state and not quiet:
                     where = f" (queue position {job.queue_position})" if job.queue_position else ""
                     console.print(f"job {job_id}: {_state(job)}{where}", highlight=False)
-                last_state = job.state
+                if job.activity != activity and not quiet:
+                    # Lines for the waits before a round (a job can wait minutes for its
+                    # children); the live table shows the rounds' own progress in its title.
+                    if job.activity.startswith("waiting"):
+                        console.print(f"job {job_id}: {job.activity}", highlight=False)
+                    if interactive:
+                        title = f"job {job_id}" + (f": {job.activity}" if job.activity else "")
+                        live.update(round_table(rows, title), refresh=True)
+                last_state, activity = job.state, job.activity
                 final = job
     finally:
         if interactive:
@@ -364,7 +372,7 @@ def jobs_cmd(
     table = _table(f"jobs on {master}", columns)
     for job in jobs:
         budget = job.round_budget or "-"
-        note = job.error or job.stop_reason
+        note = job.error or job.stop_reason or job.activity
         table.add_row(
             job.job_id,
             _state(job),

@@ -170,6 +170,11 @@ class _ControlGrid(GrpcGrid):
         self._training = False  # round 1 was sent: from then on the round listener cancels
         super().__init__(server, run_id, run_config)
 
+    @property
+    def training(self) -> bool:
+        """Whether round 1's train messages went out (the job is past its waits)."""
+        return self._training
+
     def get_node_ids(self) -> list[int]:
         # run_master asks for the nodes while it waits for children and before each query: the
         # place to stop a job cancelled before its first round (later, the round listener does).
@@ -563,7 +568,31 @@ class ControlService(cgrpc.ControlServicer):
             final_metrics=job.final_metrics,
             encoder_available=job.state == cpb.JOB_STATE_SUCCEEDED and job.checkpoint is not None,
             effective_config=dict_to_struct(job.run_config),
+            activity=self._activity(job),
         )
+
+    def _activity(self, job: JobRecord) -> str:
+        """Under the lock: what the running job waits for (an operator's first question when
+        a job shows no rounds). The grid's lock is only ever taken after this one."""
+        if job is not self._current or job.state != cpb.JOB_STATE_RUNNING:
+            return ""
+        grid = self._grid
+        if grid is None:
+            return "starting"
+        if grid.training:
+            owed = len(grid.owed())
+            where = f"round {len(job.rounds) + 1}"
+            return f"{where}: {owed} {'reply' if owed == 1 else 'replies'} outstanding"
+        if not self._participation:
+            connected = sum(
+                1 for c in self._children.values() if c.conn is not None and not c.conn.closed
+            )
+            needed = max(job.config.expect_children, job.config.min_children)
+            return f"waiting for children: {connected} of {needed} connected"
+        states = [state for state, _ in self._participation.values()]
+        confirmed = states.count(cpb.CHILD_STATE_CONFIRMED)
+        pending = states.count(cpb.CHILD_STATE_QUERIED)
+        return f"waiting for confirmations: {confirmed} confirmed, {pending} not answered yet"
 
     def job_proto(self, job: JobRecord) -> cpb.Job:
         with self._cond:
@@ -663,10 +692,13 @@ class ControlService(cgrpc.ControlServicer):
     ) -> Iterator[cpb.JobEvent]:
         sent = max(0, int(request.from_round) - 1)
         last_state: int | None = None
+        last_activity = ""
         while True:
 
-            def news(seen: int = sent, known: int | None = last_state) -> bool:
-                return len(job.rounds) > seen or job.state != known
+            def news(
+                seen: int = sent, known: int | None = last_state, doing: str = last_activity
+            ) -> bool:
+                return len(job.rounds) > seen or job.state != known or self._activity(job) != doing
 
             with self._cond:
                 self._cond.wait_for(news, timeout=1.0)  # also to notice a client that went away
@@ -675,9 +707,12 @@ class ControlService(cgrpc.ControlServicer):
                 snapshot = self._job_proto(job)
             if not context.is_active():
                 return
-            if last_state is None:  # first: the job as it is now
+            if last_state is None or (
+                snapshot.activity != last_activity and state not in TERMINAL
+            ):  # first, the job as it is now; then whenever what it waits for changes
                 yield cpb.JobEvent(job=snapshot)
                 last_state = state
+            last_activity = snapshot.activity
             for report in rounds:
                 yield cpb.JobEvent(round=report)
             sent += len(rounds)

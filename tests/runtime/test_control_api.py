@@ -186,6 +186,20 @@ def test_cancel_stops_a_running_job_after_its_round_and_a_queued_one_at_once(
     assert all(c.state == cpb.CHILD_STATE_IDLE and not c.job_id for c in idle), idle
 
 
+def test_a_waiting_job_says_what_it_waits_for(client: ControlClient) -> None:
+    # Three children wanted, two connected: the job's activity says so while it waits (it was
+    # an empty "running" for the whole wait), then the job fails naming the shortfall.
+    spec = cpb.JobSpec(rounds=1)
+    spec.participation.min_children = 3
+    spec.participation.wait_timeout_s = 4
+    job = client.submit(spec, requester="test")
+    jobs, rounds = watch_all(client, job.job_id)
+    doing = [j.activity for j in jobs if j.state == cpb.JOB_STATE_RUNNING]
+    assert "waiting for children: 2 of 3 connected" in doing, doing
+    assert jobs[-1].state == cpb.JOB_STATE_FAILED and not rounds
+    assert jobs[-1].activity == "" and "3" in jobs[-1].error
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
