@@ -160,3 +160,40 @@ def test_child_refuses_bad_data_settings_before_dialling(tmp_path: Path) -> None
         result = runner.invoke(app, [*base, *options])
         assert result.exit_code == 2, result.output
         assert flat(message) in flat(result.output)
+
+
+def test_the_resume_hint_names_only_a_checkpoint_this_run_wrote(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from fedenc import cli
+    from fedenc.federation.checkpoint import state_path
+
+    def hint(since: float) -> str:
+        with cli.console.capture() as captured:
+            cli._print_resume_hint(tmp_path, since)
+        return captured.get()
+
+    assert hint(0.0) == ""  # no checkpoint at all
+    path = state_path(tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    os.utime(path, (1_000_000.0, 1_000_000.0))
+    assert hint(time.time()) == ""  # an earlier job's checkpoint: resuming would continue that
+    text = " ".join(hint(0.0).split())
+    assert str(tmp_path) in text and "--resume" in text
+
+
+@pytest.mark.parametrize(
+    ("insecure", "certs", "name", "flags"),
+    [
+        (True, None, "operator", "--insecure"),
+        (False, Path("certs dir"), "ops", "--certs 'certs dir' --as ops"),
+    ],
+)
+def test_printed_control_commands_keep_their_connection_flags(
+    insecure: bool, certs: Path | None, name: str, flags: str
+) -> None:
+    from fedenc.control.cli import connection_flags
+
+    assert connection_flags(insecure, certs, name) == flags

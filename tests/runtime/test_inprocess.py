@@ -350,3 +350,22 @@ def test_a_damaged_state_in_the_context_fails_the_round_with_a_clear_reason() ->
     reason = rounds[1]["excluded"]["child-0"]
     assert "ChildStateLostError" in reason and "cannot be read" in reason, reason
     assert "weights_only" not in reason
+
+
+def test_the_wait_for_children_says_how_many_are_there_and_how_long_it_waits(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A master that expects more children than come logs the wait at once (a silent wait
+    # looked like a hang), then starts with the children it has.
+    from nodes.child import app as child_app
+    from nodes.master import RESULT_KEY
+    from nodes.master import app as master_app
+
+    config = {**TINY, "num-server-rounds": 1, "expect-children": 3, "wait-timeout": 0.5}
+    with caplog.at_level("INFO", logger="fedenc"):
+        run = run_inprocess(master_app, child_app, 2, config)
+    text = caplog.text
+    assert "2 of 3 children connected; waiting up to" in text, text
+    assert "2 of 3 expected children connected after 0.5 s: starting with them" in text
+    rounds = json.loads(run.server_context.state[RESULT_KEY]["json"])["rounds"]
+    assert sorted(rounds[0]["participants"]) == ["child-0", "child-1"]
