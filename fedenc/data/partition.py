@@ -102,6 +102,49 @@ def session_groups(sessions: Sessions, num_groups: int = 20) -> IntArray:
     return groups
 
 
+def held_out_indices(
+    train: Sessions,
+    train_parts: list[IntArray],
+    held_out: Sessions,
+    scheme: str = "iid",
+    seed: int = 0,
+    alpha: float = 0.5,
+    num_groups: int = 20,
+) -> list[IntArray]:
+    """Each child's indices into a held-out split (validation or test) of ``train``, dealt so
+    that a child's held-out data follow its training data, ``train_parts`` (the children's
+    indices into ``train``, as :func:`partition_indices` dealt them).
+
+    ``iid`` and ``time`` deal the held-out split as :func:`partition_indices` deals ``train``
+    (a shuffle; blocks of the held-out period). ``dirichlet`` deals each item group's held-out
+    sessions in the proportions the child got of that group's training sessions: dealt apart,
+    with proportions of their own, a child that trained on groups 3 and 16 was scored on
+    groups 5 and 14. Children may get no held-out session. The parts cover the split."""
+    n, k = len(held_out), len(train_parts)
+    if scheme != "dirichlet" or n == 0:
+        if n < k:  # a tiny held-out split: not every child gets a session
+            empty = np.zeros(0, dtype=np.int64)
+            return [np.array([i], dtype=np.int64) if i < n else empty for i in range(k)]
+        return partition_indices(held_out, k, scheme, seed, alpha, 1, num_groups)
+    g = max(1, min(num_groups, train.num_items))
+    train_groups = session_groups(train, num_groups)
+    taken = np.zeros((g, k), dtype=np.float64)
+    for child, idx in enumerate(train_parts):
+        taken[:, child] = np.bincount(train_groups[idx], minlength=g)
+    groups = session_groups(held_out, num_groups)
+    # Its own stream: the training partition (and every result drawn from it) is unchanged.
+    rng = np.random.default_rng([seed, 0x5EED])
+    owner = np.empty(n, dtype=np.int64)
+    for group in np.unique(groups):
+        idx = rng.permutation(np.flatnonzero(groups == group))
+        total = taken[group].sum()
+        # A group no child trained on is dealt like the training groups were.
+        share = taken[group] / total if total > 0 else rng.dirichlet(np.full(k, alpha))
+        cuts = np.round(np.cumsum(share)[:-1] * idx.size)
+        owner[idx] = np.searchsorted(cuts, np.arange(idx.size), side="right")
+    return [np.flatnonzero(owner == c).astype(np.int64) for c in range(k)]
+
+
 def _dirichlet(
     sessions: Sessions, k: int, alpha: float, min_sessions: int, num_groups: int, seed: int
 ) -> list[IntArray]:

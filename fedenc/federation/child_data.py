@@ -3,8 +3,10 @@
 Every virtual child of a simulation reads the same source (the seeded synthetic default, or
 ``data`` = a directory or raw log that :func:`fedenc.data.splits.load_dataset` reads) and keeps the
 part that :func:`fedenc.data.partition.partition_indices` deals to its ``partition-id`` out of
-``num-partitions``. Train, validation and test are dealt separately with the same scheme and seed,
-so a child's held-out data are its own, and the same settings always give the same partition.
+``num-partitions``, and the held-out splits that :func:`fedenc.data.partition.held_out_indices`
+deals after it: with ``dirichlet``, in the proportions the child got of each item group's training
+sessions, so a child is scored on data like its own. The same settings always give the same
+partition.
 
 The source and its partition indices are cached per process (K children in one process load the
 data once); only the small per-child views are built per child.
@@ -21,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from fedenc.data.partition import SCHEMES, partition_indices
+from fedenc.data.partition import SCHEMES, held_out_indices, partition_indices
 from fedenc.data.sessions import Examples, IntArray, Sessions
 from fedenc.data.splits import DataSplits, load_dataset
 from fedenc.data.synthetic import SyntheticConfig, generate
@@ -159,7 +161,7 @@ def load_source(config: ChildDataConfig) -> DataSplits:
 
 def _deal(sessions: Sessions, config: ChildDataConfig) -> list[IntArray]:
     k = config.num_partitions
-    if len(sessions) < k:  # a tiny held-out split: not every child gets a session
+    if len(sessions) < k:  # a tiny split: not every child gets a session
         empty = np.zeros(0, dtype=np.int64)
         return [np.array([i], dtype=np.int64) if i < len(sessions) else empty for i in range(k)]
     return partition_indices(
@@ -174,7 +176,11 @@ def load_child_data(config: ChildDataConfig) -> ChildData:
     with _lock:
         parts = _parts.get(key)
     if parts is None:
-        parts = [_deal(s, config) for s in (splits.train, splits.valid, splits.test)]
+        train = _deal(splits.train, config)
+        parts = [train] + [
+            held_out_indices(splits.train, train, s, config.scheme, config.seed, config.alpha)
+            for s in (splits.valid, splits.test)
+        ]
         with _lock:
             _remember(_parts, key, parts)
     pid = config.partition_id

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from fedenc.data.partition import (
     SCHEMES,
+    held_out_indices,
     heterogeneity,
     partition,
     partition_indices,
@@ -179,3 +180,42 @@ def test_cover_property(n: int, k: int, scheme: str, seed: int, alpha: float) ->
     idx = partition_indices(s, k, scheme, seed=seed, alpha=alpha)
     assert_cover(idx, n)
     assert min(len(p) for p in idx) >= 1
+
+
+def _group_tv(a: Sessions, b: Sessions, g: int = 20) -> float:
+    """Total-variation distance between two parts' item-group distributions."""
+    pa = np.bincount(session_groups(a, g), minlength=g) / max(len(a), 1)
+    pb = np.bincount(session_groups(b, g), minlength=g) / max(len(b), 1)
+    return float(np.abs(pa - pb).sum() / 2)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_held_out_parts_cover_the_split_and_dirichlet_ones_follow_the_training_data(
+    scheme: str,
+) -> None:
+    # A child's test data must look like its training data: dealt apart, with Dirichlet
+    # proportions of their own, a child trained on some groups was scored on others.
+    splits = generate(SyntheticConfig(num_items=1000, num_clusters=10, num_sessions=8000))
+    k, alpha = 4, 0.05
+    train = partition_indices(splits.train, k, scheme, seed=3, alpha=alpha)
+    test = held_out_indices(splits.train, train, splits.test, scheme, seed=3, alpha=alpha)
+    assert_cover(test, len(splits.test))
+    again = held_out_indices(splits.train, train, splits.test, scheme, 3, alpha)
+    assert all(np.array_equal(a, b) for a, b in zip(test, again, strict=True))
+    if scheme != "dirichlet":
+        return
+    own = [_group_tv(splits.train.subset(a), splits.test.subset(b)) for a, b in zip(train, test)]
+    apart = partition_indices(splits.test, k, scheme, seed=3, alpha=alpha)  # the old dealing
+    old = [_group_tv(splits.train.subset(a), splits.test.subset(b)) for a, b in zip(train, apart)]
+    assert max(own) < 0.25 < max(old), (own, old)
+    # the held-out share follows the training share
+    train_share = np.array([len(p) for p in train]) / len(splits.train)
+    test_share = np.array([len(p) for p in test]) / len(splits.test)
+    assert np.abs(train_share - test_share).max() < 0.1, (train_share, test_share)
+
+
+def test_a_tiny_held_out_split_goes_to_the_first_children() -> None:
+    s = Sessions.from_lists([[1, 2], [2, 3]], num_items=5)
+    train = [np.array([0]), np.array([1]), np.zeros(0, dtype=np.int64)]
+    parts = held_out_indices(s, train, s, "iid")
+    assert [p.tolist() for p in parts] == [[0], [1], []]
