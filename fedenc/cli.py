@@ -770,6 +770,18 @@ def _print_outcome(result: dict[str, Any], title: str, out_dir: Path) -> None:
             f"MRR@20 {final.get('test_mrr@20', float('nan')):.2f}  "
             f"({int(final.get('test_examples', 0))} examples)"
         )
+    by_child = {
+        name: m["test_recall@20"]
+        for name, m in (result.get("final_child_metrics") or {}).items()
+        if "test_recall@20" in m
+    }
+    if len(by_child) > 1:
+        low, high = min(by_child, key=by_child.__getitem__), max(by_child, key=by_child.__getitem__)
+        console.print(
+            f"children's own test P@20: {by_child[low]:.2f} ({low}) to {by_child[high]:.2f} "
+            f"({high})",
+            highlight=False,
+        )
     console.print(f"stopped: {result['stop_reason']}; outputs in {out_dir}")
 
 

@@ -176,9 +176,9 @@ def load_child_data(config: ChildDataConfig) -> ChildData:
     with _lock:
         parts = _parts.get(key)
     if parts is None:
-        train = _deal(splits.train, config)
-        parts = [train] + [
-            held_out_indices(splits.train, train, s, config.scheme, config.seed, config.alpha)
+        dealt = _deal(splits.train, config)
+        parts = [dealt] + [
+            held_out_indices(splits.train, dealt, s, config.scheme, config.seed, config.alpha)
             for s in (splits.valid, splits.test)
         ]
         with _lock:

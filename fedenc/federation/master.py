@@ -392,6 +392,9 @@ class RoundResult:
     # Placement b: the item-table part of train_bytes (the sparse rows of the replies and the
     # rows pulled while training), to set against the dense table's bytes.
     table_bytes: int = 0
+    # Each evaluated child's own metrics on the evaluation split (the ``metrics`` are their
+    # example-weighted mean).
+    child_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def bytes_moved(self) -> int:
@@ -425,6 +428,7 @@ class MasterResult:
     seconds: float
     checkpoint: str | None = None
     ps_table: dict[str, Any] = field(default_factory=dict)  # placement b: the table's figures
+    final_child_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def bytes_moved(self) -> int:
@@ -441,6 +445,7 @@ class MasterResult:
             "rounds": [r.to_dict() for r in self.rounds],
             "stop_reason": self.stop_reason,
             "final_metrics": self.final_metrics,
+            "final_child_metrics": self.final_child_metrics,
             "seconds": self.seconds,
             "bytes_moved": self.bytes_moved,
             "checkpoint": self.checkpoint,
@@ -1032,9 +1037,9 @@ class _Job:
         loss = _weighted_mean(losses)
         if loss is not None:
             metrics["train_loss"] = loss
-        evaluated: list[str] = []
+        per_child: dict[str, dict[str, float]] = {}
         if self._evaluate_now(round_):
-            eval_metrics, evaluated = self.evaluate(round_, self.config.eval_split)
+            eval_metrics, per_child = self.evaluate(round_, self.config.eval_split)
             metrics.update(eval_metrics)
         split = self.config.eval_split
         return RoundResult(
@@ -1048,7 +1053,8 @@ class _Job:
             recall_at_20=metrics.get(f"{split}_recall@20"),
             mrr_at_20=metrics.get(f"{split}_mrr@20"),
             metrics=metrics,
-            evaluated=evaluated,
+            evaluated=list(per_child),
+            child_metrics=per_child,
             bytes_sent=self.exchange.bytes_sent - sent0,
             bytes_received=self.exchange.bytes_received - received0,
             seconds=time.perf_counter() - t0,
@@ -1151,12 +1157,16 @@ class _Job:
             return True
         return bool(self.config.rounds) and round_ == self.config.rounds
 
-    def evaluate(self, round_: int, split: str) -> tuple[dict[str, float], list[str]]:
+    def evaluate(
+        self, round_: int, split: str
+    ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         """Example-weighted mean of the children's metrics of the target on ``split``, over the
-        confirmed children still connected (one that left is not asked, round after round)."""
+        confirmed children still connected (one that left is not asked, round after round),
+        and each evaluated child's own metrics (``{split}_…`` keys, with its example count):
+        client variance and fairness are read from these."""
         nodes, _ = self._split_confirmed()
         if not nodes:
-            return {}, []
+            return {}, {}
         arrays = records.params_to_record(self.target)
         answered, failed = self.exchange(
             records.round_content(arrays, self.instruction, round_, split=split),
@@ -1169,7 +1179,7 @@ class _Job:
             log.warning("round %d: %s not evaluated: %s", round_, self.exchange.label(nid), reason)
         per_metric: dict[str, list[tuple[float, float]]] = {}
         examples = 0
-        evaluated: list[str] = []
+        per_child: dict[str, dict[str, float]] = {}
         for nid in nodes:
             if nid not in answered:
                 continue
@@ -1186,7 +1196,10 @@ class _Job:
                     why,
                 )
                 continue
-            evaluated.append(self.exchange.label(nid))
+            per_child[self.exchange.label(nid)] = {
+                **{f"{split}_{key}": value for key, value in values.items()},
+                f"{split}_examples": float(n),
+            }
             examples += int(n)
             for key, value in values.items():
                 per_metric.setdefault(key, []).append((value, n))
@@ -1195,9 +1208,9 @@ class _Job:
             mean = _weighted_mean(pairs)
             if mean is not None:
                 out[f"{split}_{key}"] = mean
-        if evaluated:
+        if per_child:
             out[f"{split}_examples"] = float(examples)
-        return out, evaluated
+        return out, per_child
 
     def release(self) -> None:
         """:meth:`finish` for a job that failed: best effort, logged, never raising (the job's
@@ -1372,8 +1385,9 @@ def run_master(
                 "published"
             )
         final: dict[str, float] = {}
+        final_by_child: dict[str, dict[str, float]] = {}
         if config.final_test:
-            final, _ = job.evaluate(round_, "test")
+            final, final_by_child = job.evaluate(round_, "test")
         table_rows = job.table.rows() if job.table is not None else None
         # A job that ran to its end releases the children's state; a failed one only when
         # nothing will resume it (below): else `--resume` continues it bit for bit.
@@ -1415,6 +1429,7 @@ def run_master(
         stop_reason=stop_reason,
         target=job.target,
         final_metrics=final,
+        final_child_metrics=final_by_child,
         seconds=time.perf_counter() - t0,
         ps_table=ps_table,
     )
@@ -1476,6 +1491,7 @@ def _metadata(result: MasterResult, config: MasterConfig, local: list[str]) -> d
         "participants": {str(r.round): r.participants for r in result.rounds},
         "metrics": {str(r.round): r.metrics for r in result.rounds},
         "final_metrics": result.final_metrics,
+        "final_child_metrics": result.final_child_metrics,
         "children": [asdict(c) for c in result.children],
         "local_parameters": local,
         "note": _note(result, local),

@@ -2,7 +2,9 @@
 per-round table, all from :meth:`MasterResult.to_dict` (so they can be rebuilt from the JSON).
 
 The table's columns: participants (accepted / sampled), train loss, Recall@20 and MRR@20 of the
-target on the children's held-out data, tensor bytes moved (both directions), seconds.
+target on the children's held-out data (the caption says which split), tensor bytes moved (both
+directions), seconds. ``rounds.csv`` adds the split and the range of the children's own Recall@20
+(``results.json`` has every child's metrics, ``child_metrics``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ ROUND_COLUMNS = (
     "param_change",
     "skipped",
     "participant_names",
+    "eval_split",
+    "children_recall@20_min",
+    "children_recall@20_max",
 )
 
 
@@ -45,8 +50,28 @@ def _num(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+def eval_split(r: Mapping[str, Any]) -> str:
+    """The split a round's ranking metrics were measured on ("valid", "test"; "" when the round
+    was not evaluated): its metric names carry it."""
+    for key in r.get("metrics") or {}:
+        if key.endswith("_recall@20"):
+            return str(key.removesuffix("_recall@20"))
+    return ""
+
+
+def children_recall(r: Mapping[str, Any]) -> list[float]:
+    """The evaluated children's own Recall@20 in a round (their weighted mean is the round's)."""
+    return [
+        float(v)
+        for m in (r.get("child_metrics") or {}).values()
+        for k, v in m.items()
+        if k.endswith("_recall@20")
+    ]
+
+
 def round_row(r: Mapping[str, Any]) -> dict[str, Any]:
     """One CSV row of a round dict (``RoundResult.to_dict()``)."""
+    spread = children_recall(r)
     return {
         "round": r["round"],
         "participants": len(r["participants"]),
@@ -61,6 +86,9 @@ def round_row(r: Mapping[str, Any]) -> dict[str, Any]:
         "param_change": r["param_change"],
         "skipped": r["skipped"] or "",
         "participant_names": ";".join(r["participants"]),
+        "eval_split": eval_split(r),
+        "children_recall@20_min": min(spread) if spread else None,
+        "children_recall@20_max": max(spread) if spread else None,
     }
 
 
@@ -77,8 +105,16 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 
 def round_table(rounds: Sequence[Mapping[str, Any]], title: str = "") -> Table:
-    """A rich table of the rounds so far."""
-    table = Table(title=title or None)
+    """A rich table of the rounds so far; its caption names the split Recall and MRR are on."""
+    splits = {eval_split(r) for r in rounds} - {""}
+    names = {"valid": "validation"}
+    split = next(iter(splits)) if len(splits) == 1 else None
+    caption = (
+        f"Recall@20, MRR@20: weighted over the children's {names.get(split, split)} data"
+        if split
+        else None
+    )
+    table = Table(title=title or None, caption=caption)
     for name in ("round", "participants", "loss", "Recall@20", "MRR@20", "bytes moved", "seconds"):
         table.add_column(name, justify="right")
     for r in rounds:
@@ -142,6 +178,13 @@ def plot_rounds(
         points = [(x, _num(r[key])) for x, r in zip(xs, rounds, strict=True) if r[key] is not None]
         if points:
             ax_rank.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    # The children's spread around the weighted mean (their own metrics on their own split).
+    spread = [(x, children_recall(r)) for x, r in zip(xs, rounds, strict=True)]
+    spread = [(x, v) for x, v in spread if len(v) > 1]
+    if spread:
+        ax_rank.fill_between([x for x, _ in spread], [min(v) for _, v in spread],
+                             [max(v) for _, v in spread], color="C0", alpha=0.15,
+                             label="Recall@20, children's range")  # fmt: skip
     final = final or {}
     for key, label, color in (("test_recall@20", "test Recall@20", "C0"),
                               ("test_mrr@20", "test MRR@20", "C1")):  # fmt: skip

@@ -204,9 +204,15 @@ def test_held_out_parts_cover_the_split_and_dirichlet_ones_follow_the_training_d
     assert all(np.array_equal(a, b) for a, b in zip(test, again, strict=True))
     if scheme != "dirichlet":
         return
-    own = [_group_tv(splits.train.subset(a), splits.test.subset(b)) for a, b in zip(train, test)]
-    apart = partition_indices(splits.test, k, scheme, seed=3, alpha=alpha)  # the old dealing
-    old = [_group_tv(splits.train.subset(a), splits.test.subset(b)) for a, b in zip(train, apart)]
+
+    def tv(parts: list[np.ndarray]) -> list[float]:
+        return [
+            _group_tv(splits.train.subset(a), splits.test.subset(b))
+            for a, b in zip(train, parts, strict=True)
+        ]
+
+    own = tv(test)
+    old = tv(partition_indices(splits.test, k, scheme, seed=3, alpha=alpha))  # dealt apart
     assert max(own) < 0.25 < max(old), (own, old)
     # the held-out share follows the training share
     train_share = np.array([len(p) for p in train]) / len(splits.train)

@@ -27,6 +27,10 @@ def rounds() -> list[dict[str, Any]]:
             "param_change": 0.1,
             "skipped": None,
             "metrics": {"train_loss": 5.0 - r, "valid_recall@20": 10.0 * r},
+            "child_metrics": {
+                "a": {"valid_recall@20": 10.0 * r - 2, "valid_examples": 5.0},
+                "b": {"valid_recall@20": 10.0 * r + 2, "valid_examples": 5.0},
+            },
         }
         for r in (1, 2, 3)
     ]
@@ -38,6 +42,21 @@ def test_rounds_csv_has_a_row_per_round(tmp_path: Path) -> None:
         rows = list(csv.DictReader(handle))
     assert [int(r["round"]) for r in rows] == [1, 2, 3]
     assert float(rows[2]["recall@20"]) == 30.0 and rows[0]["participant_names"] == "a;b"
+    # which split, and how far apart the children are around the weighted mean
+    assert rows[0]["eval_split"] == "valid"
+    assert float(rows[2]["children_recall@20_min"]) == 28.0
+    assert float(rows[2]["children_recall@20_max"]) == 32.0
+
+
+def test_the_round_table_names_the_split_its_metrics_are_on() -> None:
+    from rich.console import Console
+
+    console = Console(width=120, record=True)
+    console.print(report.round_table(rounds(), "t"))
+    assert "the children's validation data" in console.export_text()
+    unevaluated = [{**r, "metrics": {}} for r in rounds()]
+    console.print(report.round_table(unevaluated, "t"))
+    assert console.export_text().count("validation data") == 0  # export clears the record
 
 
 def test_the_plot_marks_the_final_test_and_names_the_split(
@@ -53,6 +72,7 @@ def test_the_plot_marks_the_final_test_and_names_the_split(
         for ax in fig.axes:
             titles.append(ax.get_title())
             labels.extend(line.get_label() for line in ax.get_lines())
+            labels.extend(band.get_label() for band in ax.collections)
         save(fig, *args, **kwargs)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
@@ -61,3 +81,4 @@ def test_the_plot_marks_the_final_test_and_names_the_split(
     assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ranking metrics on the children's validation split" in titles
     assert {"Recall@20", "MRR@20", "test Recall@20", "test MRR@20"} <= set(labels)
+    assert "Recall@20, children's range" in labels

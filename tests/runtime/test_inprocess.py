@@ -369,3 +369,24 @@ def test_the_wait_for_children_says_how_many_are_there_and_how_long_it_waits(
     assert "2 of 3 expected children connected after 0.5 s: starting with them" in text
     rounds = json.loads(run.server_context.state[RESULT_KEY]["json"])["rounds"]
     assert sorted(rounds[0]["participants"]) == ["child-0", "child-1"]
+
+
+def test_each_childs_own_metrics_are_kept_and_weigh_up_to_the_rounds() -> None:
+    # Client variance and fairness are read from the children's own metrics: the round's
+    # metric is their example-weighted mean, and the final test keeps them too.
+    from nodes.child import app as child_app
+    from nodes.master import RESULT_KEY
+    from nodes.master import app as master_app
+
+    config = {**TINY, "num-server-rounds": 1, "final-test": True, "partition": "dirichlet"}
+    run = run_inprocess(master_app, child_app, 3, config)
+    result = json.loads(run.server_context.state[RESULT_KEY]["json"])
+    round_ = result["rounds"][0]
+    by_child = round_["child_metrics"]
+    assert sorted(by_child) == sorted(round_["evaluated"]) == ["child-0", "child-1", "child-2"]
+    n = {c: m["valid_examples"] for c, m in by_child.items()}
+    assert sum(n.values()) == round_["metrics"]["valid_examples"]
+    mean = sum(m["valid_recall@20"] * n[c] for c, m in by_child.items()) / sum(n.values())
+    assert mean == pytest.approx(round_["metrics"]["valid_recall@20"])
+    final = result["final_child_metrics"]
+    assert sorted(final) == sorted(by_child) and all("test_mrr@20" in m for m in final.values())
