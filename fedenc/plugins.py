@@ -13,6 +13,17 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# (group, name) -> why its entry point failed to load: an "unknown" error for that name says it,
+# instead of leaving the cause in a warning printed long before.
+_FAILED: dict[tuple[str, str], str] = {}
+
+
+def load_failure_note(group: str, name: str) -> str:
+    """``" (plugin 'x' from pkg.mod:X failed to load: ...)"`` when ``name`` is an entry point
+    of ``group`` that failed to load, else ``""``: the tail of an unknown-name error."""
+    why = _FAILED.get((group, name))
+    return f" (plugin {name!r} {why})" if why else ""
+
 
 def load_entry_points(
     group: str, kind: str, taken: Callable[[str], bool], register: Callable[[str, Any], None]
@@ -29,3 +40,4 @@ def load_entry_points(
             register(ep.name, ep.load())
         except Exception as err:  # a broken plugin must not break the built-in ones
             log.warning("%s plugin %r (%s) failed to load: %s", kind, ep.name, ep.value, err)
+            _FAILED[(group, ep.name)] = f"from {ep.value} failed to load: {err}"

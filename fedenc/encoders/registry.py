@@ -10,7 +10,7 @@ from importlib import import_module
 from typing import Any, TypeVar
 
 from fedenc.encoders.base import EncoderConfig, SessionEncoder
-from fedenc.plugins import load_entry_points
+from fedenc.plugins import load_entry_points, load_failure_note
 
 E = TypeVar("E", bound=type[SessionEncoder])
 
@@ -71,6 +71,7 @@ def encoder_class(name: str) -> type[SessionEncoder]:
     except KeyError:
         raise UnknownEncoderError(
             f"unknown encoder type {name!r}; available: {', '.join(sorted(_REGISTRY))}"
+            + load_failure_note(_ENTRY_POINT_GROUP, name)
         ) from None
 
 

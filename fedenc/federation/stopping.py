@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 from fedenc.federation.parameters import relative_change
-from fedenc.plugins import load_entry_points
+from fedenc.plugins import load_entry_points, load_failure_note
 
 __all__ = [
     "AllOf",
@@ -399,7 +399,7 @@ def _plugin(key: str, value: Any) -> StopRule:
         if isinstance(value, list):
             return cls(*value)
         return cls(value)  # type: ignore[call-arg]
-    except TypeError as err:  # the wrong arguments for its constructor: name the rule
+    except (TypeError, ValueError) as err:  # arguments its constructor refused: name the rule
         raise ValueError(f"stop rule {key!r} ({cls.__name__}): {err}") from None
 
 
@@ -475,7 +475,10 @@ def _parse_string(spec: str) -> Any:
             raise ValueError(f"stop rule: expected key=value, got {item!r}")
         known = _known_keys()
         if key not in known:  # before its value is read as a number: name the key
-            raise ValueError(f"unknown stop rule key(s) {[key]}; known: {', '.join(known)}")
+            raise ValueError(
+                f"unknown stop rule key(s) {[key]}; known: {', '.join(known)}"
+                + load_failure_note(ENTRY_POINT_GROUP, key)
+            )
         if key in ("plateau", "relative_change"):
             parsed[key] = value  # their own parsers read the text
         elif key in _PLUGINS:
@@ -504,7 +507,8 @@ def build_stop_rule(
     known = _known_keys()
     unknown = [str(key) for key in spec if key not in known]
     if unknown:
-        raise ValueError(f"unknown stop rule key(s) {unknown}; known: {', '.join(known)}")
+        notes = "".join(load_failure_note(ENTRY_POINT_GROUP, key) for key in unknown)
+        raise ValueError(f"unknown stop rule key(s) {unknown}; known: {', '.join(known)}{notes}")
     rules: list[StopRule] = []
     for key, value in spec.items():
         if key == "max_rounds":

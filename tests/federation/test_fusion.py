@@ -856,3 +856,36 @@ def test_a_rule_whose_output_cannot_be_the_target_is_named(how: str, reason: str
     message = str(err.value)
     assert message.startswith("fusion rule '_Broken' returned a bad target in round 4: ")
     assert reason in message
+
+
+class _Raising(FusionRule):
+    """A rule whose own code raises, where ``where`` says."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+
+    def _add(self, child: str, params: Parameters, num_samples: int) -> None:
+        if self.where == "add":
+            raise KeyError("scratch")
+
+    def _fuse(self) -> Parameters:
+        raise ZeroDivisionError("division by zero")
+
+
+@pytest.mark.parametrize(
+    ("where", "cause"), [("add", "KeyError: 'scratch'"), ("fuse", "ZeroDivisionError: division")]
+)
+def test_a_rule_that_raises_is_named_with_its_round(where: str, cause: str) -> None:
+    # A plugin's bug was a raw traceback; it is now a FusionOutputError (the CLI's "nothing of
+    # that round is kept" path) naming the rule, the round and the cause.
+    from fedenc.federation.fusion import FusionRuleFailed
+
+    rule = _Raising(where)
+    current = {"w": torch.zeros(2)}
+    rule.begin(3, current)
+    with pytest.raises(FusionRuleFailed) as err:
+        rule.add("a", {"w": torch.ones(2)}, 10)
+        rule.result()
+    assert isinstance(err.value, FusionOutputError)
+    assert str(err.value).startswith("fusion rule '_Raising' failed in round 3: " + cause)

@@ -294,6 +294,9 @@ def test_a_registered_stop_rule_is_built_from_strings_and_specs(
     assert rule.update(report(1, **{"valid_mrr@20": 6.0})) is not None
     with pytest.raises(ValueError, match=r"stop rule 'recall_above' \(RecallAbove\): .*thresh"):
         build_stop_rule({"recall_above": {"thresh": 5}})
+    # a value its constructor cannot read: the rule is named too (float('abc') alone was not)
+    with pytest.raises(ValueError, match=r"stop rule 'recall_above' \(RecallAbove\): could not"):
+        build_stop_rule("recall_above=abc")
     with pytest.raises(ValueError, match=r"known: max_rounds, .*, recall_above"):
         build_stop_rule("recal_above=3")
     with pytest.raises(ValueError, match="already taken"):

@@ -6,6 +6,7 @@ from fedenc.federation.fusion.base import (
     EmptyRoundError,
     FusionOutputError,
     FusionRule,
+    FusionRuleFailed,
 )
 from fedenc.federation.fusion.registry import (
     DEFAULT_RULE,
@@ -22,6 +23,7 @@ __all__ = [
     "EmptyRoundError",
     "FusionOutputError",
     "FusionRule",
+    "FusionRuleFailed",
     "UnknownFusionRuleError",
     "available_fusion_rules",
     "build_fusion_rule",

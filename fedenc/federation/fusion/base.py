@@ -38,6 +38,19 @@ class FusionOutputError(RuntimeError):
     or dtypes than ``current``, or NaN/Inf values): a bug of the rule, not of any child."""
 
 
+class FusionRuleFailed(FusionOutputError, ValueError):
+    """A rule's own ``_add`` / ``_fuse`` raised (a plugin's bug, or a rule that cannot fuse this
+    round, such as Krum with fewer updates than it selects): the error names the rule and the
+    round, and nothing of the round is kept. A ``ValueError`` too, as rules raise for bad
+    settings."""
+
+
+def _rule_failed(rule: FusionRule, round_: int | None, err: Exception) -> FusionRuleFailed:
+    what = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+    name = rule.name or type(rule).__name__
+    return FusionRuleFailed(f"fusion rule {name!r} failed in round {round_}: {what}")
+
+
 class FusionRule(ABC):
     """One fusion rule; see the module docstring for the round protocol.
 
@@ -118,10 +131,15 @@ class FusionRule(ABC):
                     raise RuntimeError(f"round {self._round} closed while {child!r} was added")
                 if child in self._samples:
                     raise BadUpdateError(child, f"a second update in round {self._round}")
-                if by_rows:
-                    self._add_rows(child, params, n, rows)
-                else:
-                    self._add(child, params, n)
+                try:
+                    if by_rows:
+                        self._add_rows(child, params, n, rows)
+                    else:
+                        self._add(child, params, n)
+                except BadUpdateError:
+                    raise
+                except Exception as err:
+                    raise _rule_failed(self, self._round, err) from err
                 self._participants.append(child)
                 self._samples[child] = n
         except BadUpdateError as err:
@@ -139,7 +157,10 @@ class FusionRule(ABC):
                         f"round {self._round}: no update was accepted"
                         + (f" (rejected: {', '.join(self._rejected)})" if self._rejected else "")
                     )
-                fused = self._fuse()
+                try:
+                    fused = self._fuse()
+                except Exception as err:
+                    raise _rule_failed(self, self._round, err) from err
                 try:  # a rule's bug must not become the published encoder
                     check_compatible(self.current, fused, "fusion")
                 except BadUpdateError as err:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from importlib import import_module
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from fedenc.plugins import load_entry_points
+from fedenc.plugins import load_entry_points, load_failure_note
 
 if TYPE_CHECKING:
     from fedenc.federation.fusion.base import FusionRule
@@ -102,6 +102,7 @@ def fusion_rule_class(name: str) -> type[FusionRule]:
     except KeyError:
         raise UnknownFusionRuleError(
             f"unknown fusion rule {name!r}; available: {', '.join(sorted(_REGISTRY))}"
+            + load_failure_note(ENTRY_POINT_GROUP, name)
         ) from None
 
 
