@@ -365,7 +365,7 @@ class RoundResult:
     participants: list[str]
     excluded: dict[str, str]
     num_samples: int
-    weights: dict[str, float]
+    weights: dict[str, float]  # each accepted child's weight in the fusion (rule.child_weights)
     loss: float | None
     recall_at_20: float | None
     mrr_at_20: float | None
@@ -395,6 +395,8 @@ class RoundResult:
     # Each evaluated child's own metrics on the evaluation split (the ``metrics`` are their
     # example-weighted mean).
     child_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    # What the rule decided besides the target (Krum's "selected", clipped_mean's "clip_scales").
+    fusion: dict[str, Any] = field(default_factory=dict)
 
     @property
     def bytes_moved(self) -> int:
@@ -1024,6 +1026,10 @@ class _Job:
             else:
                 change = relative_change(self.target, new)
                 self.target = new
+        # The weights the rule gave the children (none for a skipped round, nor for median and
+        # trimmed mean, which have no per-child weights), and what else it decided.
+        fused = skipped is None
+        weights = self.rule.child_weights() if fused else None
         metrics: dict[str, float] = {}
         if self.row_fusion is not None and self.table is not None and skipped is None:
             # The table changes only here, between rounds: every child of the round read it
@@ -1048,7 +1054,8 @@ class _Job:
             participants=participants,
             excluded=excluded,
             num_samples=total,
-            weights={name: n / total for name, n in samples.items()} if total else {},
+            weights=weights or {},
+            fusion=self.rule.details() if fused else {},
             loss=loss,
             recall_at_20=metrics.get(f"{split}_recall@20"),
             mrr_at_20=metrics.get(f"{split}_mrr@20"),

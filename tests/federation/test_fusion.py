@@ -889,3 +889,45 @@ def test_a_rule_that_raises_is_named_with_its_round(where: str, cause: str) -> N
         rule.result()
     assert isinstance(err.value, FusionOutputError)
     assert str(err.value).startswith("fusion rule '_Raising' failed in round 3: " + cause)
+
+
+def _three_children(rule: FusionRule) -> FusionRule:
+    current = {"w": torch.zeros(4)}
+    rule.begin(1, current)
+    for child, value, n in (("a", 1.0, 10), ("b", 2.0, 30), ("c", 50.0, 60)):
+        rule.add(child, {"w": torch.full((4,), value)}, n)
+    rule.result()
+    return rule
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "weights"),
+    [
+        ("weighted_sum", {}, {"a": 0.1, "b": 0.3, "c": 0.6}),
+        ("mean", {}, {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}),
+        ("median", {}, None),
+        ("trimmed_mean", {"beta": 0.34}, None),
+        ("multi_krum", {"num_selected": 2}, {"a": 0.25, "b": 0.75, "c": 0.0}),
+        ("fedadam", {}, {"a": 0.1, "b": 0.3, "c": 0.6}),
+    ],
+)
+def test_each_rule_reports_the_weights_it_gave_the_children(
+    name: str, options: dict[str, Any], weights: dict[str, float] | None
+) -> None:
+    # The round report's weights were n_i / Σ n whatever the rule: wrong for median, Krum, ...
+    rule = _three_children(build_fusion_rule(name, **options))
+    got = rule.child_weights()
+    if weights is None:
+        assert got is None
+    else:
+        assert got == pytest.approx(weights)
+
+
+def test_krum_and_clipped_mean_report_what_they_decided() -> None:
+    krum = _three_children(build_fusion_rule("multi_krum", num_selected=2))
+    assert krum.details() == {"selected": ["a", "b"]}  # c, the outlier, is left out
+    clipped = _three_children(build_fusion_rule("clipped_mean", clip_norm=4.0))
+    scales = clipped.details()["clip_scales"]
+    assert scales["a"] == 1.0 and scales["c"] == pytest.approx(4.0 / 100.0)
+    weights = clipped.child_weights()
+    assert weights is not None and weights["c"] == pytest.approx(0.6 * 0.04)

@@ -195,6 +195,19 @@ class FusionRule(ABC):
         """Accepted children's sample counts this round."""
         return dict(self._samples)
 
+    def child_weights(self) -> dict[str, float] | None:
+        """Each accepted child's weight in this round's fusion (what the round report shows),
+        or None for a rule without per-child weights (coordinate-wise median, trimmed mean).
+        This default is the patent's sample-count weights ``n_i / Σ n_j``."""
+        samples = self.num_samples
+        total = sum(samples.values())
+        return {child: n / total for child, n in samples.items()} if total else {}
+
+    def details(self) -> dict[str, Any]:
+        """What else the rule decided this round, for the round report (Krum's selection, the
+        clip factors); JSON-ready."""
+        return {}
+
     @property
     def rejected(self) -> dict[str, str]:
         """Children whose update was rejected this round, with the reason."""

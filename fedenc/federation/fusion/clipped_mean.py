@@ -17,6 +17,7 @@ the one reused buffer; the norm needs one temporary the size of one tensor, not 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -71,6 +72,17 @@ class ClippedMean(FusionRule):
         self._accumulator.add(params, weight * scale)
         self._denominator += weight
         self.scales[child] = scale
+
+    def child_weights(self) -> dict[str, float] | None:
+        """w_i s_i / Σ w: each child's weight on its (clipped) set; the rest, 1 − Σ, stays on
+        the current target."""
+        samples = self.num_samples
+        raw = {c: (float(n) if self.weighted else 1.0) for c, n in samples.items()}
+        total = sum(raw.values())
+        return {c: w * self.scales.get(c, 1.0) / total for c, w in raw.items()} if total else {}
+
+    def details(self) -> dict[str, Any]:
+        return {"clip_scales": dict(self.scales)}
 
     def _fuse(self) -> Parameters:
         # x + (A − W x) / N  =  A / N + (1 − W / N) x,  A = Σ w s θ, W = Σ w s, N = Σ w

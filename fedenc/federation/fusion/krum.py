@@ -18,6 +18,8 @@ distances). Ties go to the child whose name sorts first, so arrival order does n
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from fedenc.federation.fusion.base import BatchFusionRule
@@ -62,6 +64,14 @@ class MultiKrum(BatchFusionRule):
         self.weighted = bool(weighted)
         self.selected: list[str] = []
         """The children whose sets made up the last result."""
+        self._chosen_weights: dict[str, float] = {}
+
+    def child_weights(self) -> dict[str, float] | None:
+        """The selected children's weights; the others weigh 0 (after :meth:`result`)."""
+        return {child: self._chosen_weights.get(child, 0.0) for child in self.num_samples}
+
+    def details(self) -> dict[str, Any]:
+        return {"selected": list(self.selected)}
 
     @property
     def min_updates(self) -> int:
@@ -79,6 +89,9 @@ class MultiKrum(BatchFusionRule):
         self.selected = [child for child, _, _ in chosen]
         weights = [float(n) if self.weighted else 1.0 for _, _, n in chosen]
         total = sum(weights)
+        self._chosen_weights = {
+            child: w / total for (child, _, _), w in zip(chosen, weights, strict=True)
+        }
         out: Parameters = {}
         for name, ref in self.current.items():
             if len(chosen) == 1:

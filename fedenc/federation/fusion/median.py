@@ -25,6 +25,9 @@ def _stack(updates: list[Parameters], name: str) -> torch.Tensor:
 class Median(BatchFusionRule):
     """Coordinate-wise median (mean of the two middle values for even K)."""
 
+    def child_weights(self) -> dict[str, float] | None:
+        return None  # each coordinate comes from other children
+
     def _fuse(self) -> Parameters:
         updates = [params for _, params, _ in self._sorted_updates()]
         k = len(updates)

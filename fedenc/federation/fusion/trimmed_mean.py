@@ -23,6 +23,9 @@ from fedenc.federation.parameters import Parameters, cast_like
 class TrimmedMean(BatchFusionRule):
     """Coordinate-wise mean after trimming ``⌊beta·K⌋`` values from each side."""
 
+    def child_weights(self) -> dict[str, float] | None:
+        return None  # which values are trimmed differs coordinate by coordinate
+
     def __init__(self, beta: float = 0.1) -> None:
         super().__init__()
         if not (isinstance(beta, int | float) and 0.0 <= beta < 0.5):

@@ -55,6 +55,11 @@ class WeightedSum(FusionRule):
         """The flat accumulation buffer (reused across rounds)."""
         return self._accumulator.buffer
 
+    def child_weights(self) -> dict[str, float] | None:
+        weights = {child: self._weight(n) for child, n in self.num_samples.items()}
+        total = sum(weights.values())
+        return {child: w / total for child, w in weights.items()} if total else {}
+
     def _weight(self, num_samples: int) -> float:
         return float(num_samples)
 

@@ -550,7 +550,10 @@ class RoundReport(_message.Message):
 
     @_builtins.property
     def weights(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """Fusion weight of each participant (n_i / sum n for weighted_sum)."""
+        """Fusion weight of each participant: n_i / sum n for weighted_sum, 1/K for mean, Krum's
+        selected children (the others 0), w_i s_i / sum w for clipped_mean. Empty for median and
+        trimmed_mean, which have no per-child weights, and for a skipped round.
+        """
 
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
