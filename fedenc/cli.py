@@ -699,6 +699,13 @@ ShareOpt = Annotated[
     str | None,
     typer.Option(help="What is federated: all (item table too) | encoder (table stays local)."),
 ]
+PublishOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Which round's encoder to publish and test: last | best (the highest Recall@20 "
+        "on the children's validation data, as `fedenc train` keeps its best epoch)."
+    ),
+]
 SeedOpt = Annotated[int | None, typer.Option()]
 OutOpt = Annotated[Path | None, typer.Option(help="Output directory (default runs/<name>-<time>).")]
 InsecureOpt = Annotated[
@@ -763,6 +770,9 @@ def _print_outcome(result: dict[str, Any], title: str, out_dir: Path) -> None:
     from fedenc.federation.report import round_table
 
     Console().print(round_table(result["rounds"], title))
+    published = result.get("published_round") or 0
+    if result["rounds"] and 0 < published != result["rounds"][-1]["round"]:
+        console.print(f"published: round {published}'s encoder, the best on validation")
     final = result.get("final_metrics") or {}
     if "test_recall@20" in final:
         console.print(
@@ -823,6 +833,7 @@ def simulate_cmd(
         str | None, typer.Option(help="Where the children train: cpu | cuda | auto.")
     ] = None,
     share: ShareOpt = None,
+    publish: PublishOpt = None,
     processes: Annotated[
         bool,
         typer.Option(
@@ -887,6 +898,7 @@ def simulate_cmd(
         threads=threads,
         device=device,
         share=share,
+        publish=publish,
     )
     from fedenc.runtime.simulate import default_out_dir, run_scenario
 
@@ -1047,6 +1059,7 @@ def master_cmd(
     evaluate_every: EvaluateEveryOpt = None,
     carry_optimizer: CarryOptimizerOpt = None,
     share: ShareOpt = None,
+    publish: PublishOpt = None,
     min_children: MinChildrenOpt = None,
     round_timeout: RoundTimeoutOpt = None,
     query_timeout: QueryTimeoutOpt = None,
@@ -1125,6 +1138,7 @@ def master_cmd(
         evaluate_every=evaluate_every,
         carry_optimizer=carry_optimizer,
         share=share,
+        publish=publish,
         min_children=min_children,
         round_timeout=round_timeout,
         query_timeout=query_timeout,

@@ -81,6 +81,8 @@ class MasterState:
     carried: dict[str, torch.Tensor] = field(default_factory=dict)
     # placement b with an in-process federation PS: its table ({"rows": [keys, width]})
     ps_rows: dict[str, torch.Tensor] = field(default_factory=dict)
+    # publish = "best": the best round so far ({"round", "value", "target"})
+    best: dict[str, Any] = field(default_factory=dict)
 
 
 def config_fingerprint(config: Any) -> dict[str, Any]:
@@ -188,6 +190,9 @@ def read_master_state(directory: Path) -> MasterState:
     names = {f.name for f in dataclasses.fields(MasterState)}
     payload.setdefault("carried", {})  # checkpoints from before carry_optimizer
     payload.setdefault("ps_rows", {})  # checkpoints from before the saved federation table
+    payload.setdefault("best", {})  # checkpoints from before publish = "best"
+    if isinstance(payload.get("config"), dict):  # ... which published the last round
+        payload["config"].setdefault("publish", "last")
     missing = names - set(payload)
     if missing:
         raise MasterStateError(f"{path} lacks {sorted(missing)}: written by another version?")

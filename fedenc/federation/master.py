@@ -180,6 +180,9 @@ class MasterConfig:
     ps: str = ""
     ps_shards: int = 1
     ps_addresses: str = ""
+    # Which round's target the job publishes (and tests): "last", or "best", the round with the
+    # highest Recall@20 on the evaluation split, as centralized training keeps its best epoch.
+    publish: Literal["last", "best"] = "last"
 
     def __post_init__(self) -> None:
         problems = []
@@ -234,6 +237,13 @@ class MasterConfig:
                     f"ps = 'federation' fuses item rows with {sorted(ROW_RULES)}; rule "
                     f"{self.rule!r} has no row-wise form here"
                 )
+        if self.publish not in ("last", "best"):
+            problems.append(f"publish must be 'last' or 'best' (got {self.publish!r})")
+        if self.publish == "best" and self.ps == "federation":
+            problems.append(
+                "publish = 'best' keeps a copy of the best round's target; with ps = "
+                "'federation' the item table lives in the PS, which keeps no such copy"
+            )
         if self.fold_order not in ("child", "arrival"):
             problems.append(f"fold_order must be 'child' or 'arrival' (got {self.fold_order!r})")
         if self.resume and self.state_dir is None:
@@ -328,6 +338,7 @@ class MasterConfig:
             ps=get_str(rc, "ps", ""),
             ps_shards=get_int(rc, "ps-shards", 1),
             ps_addresses=get_str(rc, "ps-addresses", ""),
+            publish=get_str(rc, "publish", "last"),  # type: ignore[arg-type]
             checkpoint_dir=Path(out_dir) / "encoder" if out_dir else None,
             state_dir=Path(state_dir) if state_dir else None,
             resume=get_bool(rc, "resume", False),
@@ -431,6 +442,7 @@ class MasterResult:
     checkpoint: str | None = None
     ps_table: dict[str, Any] = field(default_factory=dict)  # placement b: the table's figures
     final_child_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    published_round: int = 0  # the round whose target this is (publish = "best": the best)
 
     @property
     def bytes_moved(self) -> int:
@@ -448,6 +460,7 @@ class MasterResult:
             "stop_reason": self.stop_reason,
             "final_metrics": self.final_metrics,
             "final_child_metrics": self.final_child_metrics,
+            "published_round": self.published_round,
             "seconds": self.seconds,
             "bytes_moved": self.bytes_moved,
             "checkpoint": self.checkpoint,
@@ -704,6 +717,35 @@ class _Job:
                 self.table.load(self.model.embedding.weight.detach())
         self.rows_pulled = 0  # rows the children read from the federation PS this round
         self.rows_bytes = 0  # bytes of the sparse rows in this round's accepted replies
+        # publish = "best": the best round so far ({"round", "value", "target"}), else empty
+        self.best: dict[str, Any] = {}
+
+    @property
+    def select_metric(self) -> str:
+        """The metric that publish = "best" maximises."""
+        return f"{self.config.eval_split}_recall@20"
+
+    def keep_if_best(self, result: RoundResult) -> None:
+        """With publish = "best": keep this round's target when its metric beats the best's
+        (ties keep the earlier round)."""
+        value = result.metrics.get(self.select_metric)
+        if self.config.publish != "best" or value is None or result.skipped is not None:
+            return
+        if not self.best or value > self.best["value"]:
+            target = {n: t.detach().clone() for n, t in self.target.items()}
+            self.best = {"round": result.round, "value": float(value), "target": target}
+
+    def take_best(self, last_round: int) -> int:
+        """Make the best round's target the one to publish; returns that round."""
+        if self.config.publish != "best" or not self.best or self.best["round"] == last_round:
+            return last_round
+        log.info(
+            "job %s: publishing round %d's target, the best by %s (%.2f), not round %d's",
+            self.config.job_id, self.best["round"], self.select_metric, self.best["value"],
+            last_round,
+        )  # fmt: skip
+        self.target = {n: t.clone() for n, t in self.best["target"].items()}
+        return int(self.best["round"])
 
     @property
     def row_bytes(self) -> int:
@@ -738,6 +780,7 @@ class _Job:
                 )
             self.table.load(rows)
         restore_rng(state.rng)
+        self.best = dict(state.best)
         return [RoundResult.from_dict(r) for r in state.rounds]
 
     def save(
@@ -769,6 +812,7 @@ class _Job:
                 if self.carried is None
                 else {n: t.clone() for n, t in records.record_to_params(self.carried, "").items()}
             ),
+            best=self.best,
         )
         write_master_state(self.config.state_dir, state)
 
@@ -1376,6 +1420,7 @@ def run_master(
             stop_reason = job.stop.update(report) or ""
             result.stop_reason = stop_reason or None
             results.append(result)
+            job.keep_if_best(result)
             # The round is complete (fused, evaluated, the stop rule updated): a master killed
             # from here on resumes after it.
             job.save(round_, results, stop_reason, run_id)
@@ -1391,6 +1436,7 @@ def run_master(
                 f"last: {results[-1].skipped}; excluded: {results[-1].excluded}); nothing is "
                 "published"
             )
+        published = job.take_best(round_)
         final: dict[str, float] = {}
         final_by_child: dict[str, dict[str, float]] = {}
         if config.final_test:
@@ -1437,6 +1483,7 @@ def run_master(
         target=job.target,
         final_metrics=final,
         final_child_metrics=final_by_child,
+        published_round=published,
         seconds=time.perf_counter() - t0,
         ps_table=ps_table,
     )
@@ -1499,6 +1546,7 @@ def _metadata(result: MasterResult, config: MasterConfig, local: list[str]) -> d
         "metrics": {str(r.round): r.metrics for r in result.rounds},
         "final_metrics": result.final_metrics,
         "final_child_metrics": result.final_child_metrics,
+        "published_round": result.published_round,
         "children": [asdict(c) for c in result.children],
         "local_parameters": local,
         "note": _note(result, local),

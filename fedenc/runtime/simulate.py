@@ -72,6 +72,7 @@ class Scenario:
     rule_options: dict[str, Any] = field(default_factory=dict)
     stop: str | dict[str, Any] | None = None
     rounds: int = 5
+    publish: str = "last"  # "last" round's target, or the "best" round's (valid Recall@20)
     local_epochs: int = 1
     batch_size: int = 100
     lr: float = 1e-3
@@ -126,6 +127,8 @@ class Scenario:
             raise ValueError(f"sampling must be random or cyclic, got {self.sampling!r}")
         if self.share not in ("auto", "all", "encoder"):
             raise ValueError(f"share must be auto, all or encoder, got {self.share!r}")
+        if self.publish not in ("last", "best"):
+            raise ValueError(f"publish must be last or best, got {self.publish!r}")
         if self.device not in ("cpu", "cuda", "auto"):
             raise ValueError(f"device must be cpu, cuda or auto, got {self.device!r}")
         if self.workers < 0 or self.threads < 0:
@@ -223,6 +226,7 @@ class Scenario:
             "rule": self.rule,
             "share": self.share if self.share != "auto" else ("encoder" if self.ps else "all"),
             "num-server-rounds": self.rounds,
+            "publish": self.publish,
             "local-epochs": self.local_epochs,
             "batch-size": self.batch_size,
             "lr": self.lr,

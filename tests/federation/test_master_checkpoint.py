@@ -229,3 +229,26 @@ def test_the_federation_table_round_trips_and_old_checkpoints_still_load(tmp_pat
     del payload["ps_rows"]  # written before placement b's table was saved
     torch.save(payload, path)
     assert read_master_state(tmp_path).ps_rows == {}
+
+
+def test_the_best_round_round_trips_and_old_checkpoints_resume_as_publish_last(
+    tmp_path: Path,
+) -> None:
+    best = {"round": 2, "value": 41.5, "target": params(2)}
+    write_master_state(tmp_path, state(3, best=best))
+    back = read_master_state(tmp_path).best
+    assert back["round"] == 2 and back["value"] == 41.5
+    assert all(torch.equal(back["target"][k], v) for k, v in best["target"].items())
+    # Written before publish existed: no "best", and a fingerprint without "publish", which
+    # resumes a job that publishes the last round (as every job then did).
+    path = tmp_path / "master.pt"
+    payload = torch.load(path, weights_only=True)
+    del payload["best"]
+    del payload["config"]["publish"]
+    torch.save(payload, path)
+    old = read_master_state(tmp_path)
+    assert old.best == {}
+    check_resumable(old, "job-1", config_fingerprint(MasterConfig(num_items=60, job_id="job-1")))
+    with pytest.raises(MasterStateError, match="publish"):
+        now = config_fingerprint(MasterConfig(num_items=60, job_id="job-1", publish="best"))
+        check_resumable(old, "job-1", now)

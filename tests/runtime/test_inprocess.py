@@ -390,3 +390,49 @@ def test_each_childs_own_metrics_are_kept_and_weigh_up_to_the_rounds() -> None:
     assert mean == pytest.approx(round_["metrics"]["valid_recall@20"])
     final = result["final_child_metrics"]
     assert sorted(final) == sorted(by_child) and all("test_mrr@20" in m for m in final.values())
+
+
+def test_publish_best_publishes_and_tests_the_best_validation_round() -> None:
+    # As centralized training keeps its best epoch: the published (and tested) target is the
+    # round with the highest validation Recall@20, which a run stopped at that round gives.
+    from nodes.child import app as child_app
+    from nodes.master import RESULT_KEY
+    from nodes.master import app as master_app
+
+    # lr 1.0 overshoots in round 4 (Recall@20 36.3, 43.0, 52.6, 49.6): the best is round 3
+    config = {**TINY, "num-server-rounds": 4, "final-test": True, "lr": 1.0, "publish": "best"}
+    run = run_inprocess(master_app, child_app, 2, config)
+    result = json.loads(run.server_context.state[RESULT_KEY]["json"])
+    recall = [r["metrics"]["valid_recall@20"] for r in result["rounds"]]
+    best = recall.index(max(recall)) + 1
+    assert result["published_round"] == best < 4, recall
+    short = run_inprocess(master_app, child_app, 2, {**config, "num-server-rounds": best})
+    a, b = _target(run), _target(short)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    short_result = json.loads(short.server_context.state[RESULT_KEY]["json"])
+    assert result["final_metrics"] == short_result["final_metrics"]
+
+
+def test_keep_if_best_keeps_the_first_of_equal_rounds_and_skips_skipped_ones() -> None:
+    from types import SimpleNamespace
+
+    from fedenc.federation.master import MasterConfig, RoundResult, _Job
+
+    job: Any = SimpleNamespace(
+        config=MasterConfig(num_items=10, publish="best"),
+        select_metric="valid_recall@20",
+        best={},
+        target={"w": torch.zeros(1)},
+    )
+
+    def round_(r: int, value: float, skipped: str | None = None) -> RoundResult:
+        job.target = {"w": torch.full((1,), float(r))}
+        return RoundResult(r, [], [], {}, 0, {}, None, None, None,
+                           {"valid_recall@20": value}, [], 0, 0, 0.0, None, skipped)  # fmt: skip
+
+    for r, value, skipped in [(1, 5.0, None), (2, 9.0, None), (3, 9.0, None), (4, 99.0, "x")]:
+        _Job.keep_if_best(job, round_(r, value, skipped))
+    assert job.best["round"] == 2 and float(job.best["target"]["w"]) == 2.0
+    assert _Job.take_best(job, 4) == 2 and float(job.target["w"]) == 2.0
+    with pytest.raises(ValueError, match="publish must be 'last' or 'best'"):
+        MasterConfig(num_items=10, publish="first")  # type: ignore[arg-type]
