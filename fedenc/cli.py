@@ -843,6 +843,14 @@ def simulate_cmd(
             "or --insecure.",
         ),
     ] = False,
+    port: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="--processes: the master's port on 127.0.0.1 (0 = any free one).",
+        ),
+    ] = 0,
     certs: Annotated[
         Path | None,
         typer.Option(
@@ -902,8 +910,8 @@ def simulate_cmd(
     )
     from fedenc.runtime.simulate import default_out_dir, run_scenario
 
-    if (certs is not None or insecure) and not processes:
-        raise _fail("--certs and --insecure apply to --processes only")
+    if (certs is not None or insecure or port) and not processes:
+        raise _fail("--certs, --insecure and --port apply to --processes only")
     if resume and (out is None or processes):
         raise _fail(
             "--resume needs the interrupted simulation's --out and the in-process runtime "
@@ -961,7 +969,7 @@ def simulate_cmd(
                 from fedenc.runtime.grpc.launcher import run_scenario_processes
 
                 outcome = run_scenario_processes(
-                    scenario, out_dir, on_round=on_round, certs=certs, insecure=insecure
+                    scenario, out_dir, on_round=on_round, certs=certs, insecure=insecure, port=port
                 )
             else:
                 outcome = run_scenario(scenario, out_dir, on_round=on_round, resume=resume)

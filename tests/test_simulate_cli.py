@@ -124,7 +124,8 @@ def test_scenario_files_name_the_setting_that_is_wrong(tmp_path: Path) -> None:
 
 def test_master_takes_every_scenario_option_of_simulate() -> None:
     """docs/runtime.md: `fedenc master` takes the options of `fedenc simulate`; only how the
-    simulated children run (in workers, on a device, as processes) is simulate's own."""
+    simulated children run (in workers, on a device, as processes, on which port) is simulate's
+    own."""
     import inspect
 
     from fedenc.cli import master_cmd, simulate_cmd
@@ -132,7 +133,7 @@ def test_master_takes_every_scenario_option_of_simulate() -> None:
 
     simulate = set(inspect.signature(simulate_cmd).parameters)
     master = set(inspect.signature(master_cmd).parameters)
-    assert simulate - master == {"workers", "threads", "device", "processes"}
+    assert simulate - master == {"workers", "threads", "device", "processes", "port"}
     run_config = Scenario(query_timeout=7.0, sampling="cyclic").run_config()
     config = MasterConfig.from_run_config({**run_config, "num-items": 10})
     assert (config.query_timeout, config.sampling) == (7.0, "cyclic")

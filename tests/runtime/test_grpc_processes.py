@@ -360,11 +360,14 @@ def test_processes_give_the_in_process_target_bit_for_bit(tmp_path: Path) -> Non
         "1.0",
         "--out",
         str(tmp_path / "grpc"),
+        "--port",
+        str(port := _free_port()),
     ]
     done = runner.invoke(cli, args)
     assert done.exit_code == 0, done.output
     results = json.loads((tmp_path / "grpc" / "results.json").read_text())
     assert results["runtime"]["kind"] == "processes"
+    assert results["runtime"]["listen"] == f"127.0.0.1:{port}"  # --port: a firewall's hole
     assert results["runtime"]["child_exit_codes"] == [0, 0]
     a, _ = load_checkpoint(Path(inproc.result["checkpoint"]))
     b, _ = load_checkpoint(tmp_path / "grpc" / "encoder")
@@ -419,3 +422,11 @@ def test_a_child_with_computing_servers_exits_when_the_job_is_over(
     assert procs.wait("master", 150) == 0, procs.log("master")
     assert procs.wait("child", 30) == 0, procs.log("child")
     assert "computing server site-w-w0 registered" in procs.log("child")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

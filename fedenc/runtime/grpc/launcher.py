@@ -165,9 +165,11 @@ def run_scenario_processes(
     startup_timeout: float = 120.0,
     certs: Path | None = None,
     insecure: bool = False,
+    port: int = 0,
 ) -> SimulationOutcome:
-    """Runs ``scenario`` with a master here and ``scenario.children`` child processes (mutual
-    TLS unless ``insecure``; see the module docstring for ``certs``)."""
+    """Runs ``scenario`` with a master here, on 127.0.0.1:``port`` (0 = any free port), and
+    ``scenario.children`` child processes (mutual TLS unless ``insecure``; see the module
+    docstring for ``certs``)."""
     import torch
 
     scenario.check()
@@ -185,7 +187,7 @@ def run_scenario_processes(
 
             certs_dir = prepare_certs(names, certs, stack)
             security = server_security(load_master_tls(certs_dir, allowlist=names))
-        server = FederationServer("127.0.0.1:0", security).start()
+        server = FederationServer(f"127.0.0.1:{port}", security).start()
         options = scenario_child_options(scenario, threads)
         commands = [
             child_command(
@@ -229,6 +231,7 @@ def _run(
         codes = procs.stop()
     runtime = {
         "kind": "processes",
+        "listen": server.address,
         "wire_bytes_sent": run.bytes_sent,
         "wire_bytes_received": run.bytes_received,
         "seconds": run.seconds,
