@@ -58,7 +58,7 @@ from fedenc.proto.fedenc.v1 import control_pb2 as cpb
 from fedenc.proto.fedenc.v1 import control_pb2_grpc as cgrpc
 from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
 from fedenc.proto.fedenc.v1 import federation_service_pb2 as spb
-from fedenc.protocol.chunking import DEFAULT_MAX_CHUNK_BYTES, stream_tensors
+from fedenc.protocol.chunking import DEFAULT_MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, stream_tensors
 from fedenc.protocol.peer_text import clip
 from fedenc.runtime.grpc.connection import ChildConnection
 from fedenc.runtime.grpc.master import FederationServer, GrpcGrid, run_server_app
@@ -69,8 +69,6 @@ log = logging.getLogger(__name__)
 TERMINAL = frozenset({cpb.JOB_STATE_SUCCEEDED, cpb.JOB_STATE_FAILED, cpb.JOB_STATE_CANCELLED})
 #: WatchJob streams open at once: each holds a server thread while it lasts.
 MAX_WATCHERS = 8
-#: The smallest DownloadEncoder chunk (a smaller one only multiplies the messages).
-MIN_CHUNK_BYTES = 64 * 1024
 #: Job ids a NOT_FOUND names (the most recent ones).
 _KNOWN_IDS_SHOWN = 5
 _ROUND_MESSAGES = frozenset({"train", "evaluate"})

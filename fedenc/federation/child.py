@@ -655,6 +655,10 @@ def handle_query(message: Message, context: Context) -> Message:
         accepted=True,
         num_samples=state.num_samples,
         summary=_summary(state.data, state.train_examples),
+        # The master caps each evaluation reply's weight at these (a child cannot outweigh
+        # the others' metrics by claiming more examples than it has).
+        num_valid_examples=len(state.data.examples("valid")),
+        num_test_examples=len(state.data.examples("test")),
     )
     return Message(records.confirmation_content(confirmation, state.name), reply_to=message)
 

@@ -365,6 +365,7 @@ class ChildInfo:
     summary: dict[str, Any] = field(default_factory=dict)
     joined_round: int = 1
     declined: bool = False  # said no itself (not: gone, failed or unreadable before answering)
+    held_out: dict[str, int] = field(default_factory=dict)  # declared examples per split
 
 
 @dataclass
@@ -868,7 +869,7 @@ class _Job:
                     info = ChildInfo(nid, self._node_label(nid), False, reason=reason)
                 else:
                     info = _child_info(
-                        nid, name or self._node_label(nid), confirmation, self.config.job_id
+                        nid, self._child_name(nid, name), confirmation, self.config.job_id
                     )
                     info.declined = not info.accepted
             if info.name in names:  # names label reports; keep them unique
@@ -915,6 +916,23 @@ class _Job:
             self.query_new(round_)
             why = short()
         return why
+
+    def _child_name(self, nid: int, claimed: str) -> str:
+        """The name a child is reported under: its transport's (the gRPC runtime's Hello name,
+        which mutual TLS binds to the certificate), never one the child claims in a message when
+        there is one; else the claimed name, if printable, else its node id."""
+        known = getattr(self.grid, "node_name", lambda _: None)(nid)
+        if known:
+            if claimed and claimed != known:
+                log.warning("%s claims the name %r in its confirmation: reported as %s",
+                            known, clip(claimed, 80), known)  # fmt: skip
+            return str(known)
+        if claimed and len(claimed) <= 256 and claimed.isprintable():
+            return claimed
+        if claimed:  # a newline would forge log lines; megabytes would fill the reports
+            log.warning("node %d claims an unprintable or overlong name: reported as node-%d",
+                        nid, nid)  # fmt: skip
+        return f"node-{nid}"
 
     def _node_label(self, nid: int) -> str:
         """A child that gave no readable name in its confirmation: its transport's name (the
@@ -1237,7 +1255,7 @@ class _Job:
             values = records.read_metrics(answered[nid].content)
             self.rows_pulled += _row_count(values.pop(records.PS_ROWS_PULLED, None))
             n = values.pop(records.NUM_EXAMPLES, 0.0)
-            why = _bad_evaluation(n, values)
+            why = _bad_evaluation(n, values) or _outweighs(self.children[nid], split, n)
             if why is not None:
                 log.warning(
                     "round %d: %s's %s metrics left out: %s",
@@ -1327,6 +1345,19 @@ def _bad_evaluation(n: float, values: Mapping[str, float]) -> str | None:
     return None
 
 
+def _outweighs(info: ChildInfo, split: str, n: float) -> str | None:
+    """Why an evaluation reply weighs more than the child may (None: it does not): the examples
+    of ``split`` it declared in its confirmation, else its training samples. Unbounded, one
+    child claiming 10^12 examples set the federation's published metrics alone."""
+    declared = info.held_out.get(split)
+    cap, what = (
+        (declared, f"the {split} examples") if declared else (info.num_samples, "the samples")
+    )
+    if n > cap:
+        return f"{records.NUM_EXAMPLES} = {n:g} exceeds {what} it confirmed ({cap})"
+    return None
+
+
 def shared_names(model: SessionEncoder, share: str) -> list[str]:
     """The ordered names of the tensors a job federates (see ``MasterConfig.share``); the
     instruction lists them, and the children exchange exactly those."""
@@ -1351,7 +1382,22 @@ def _child_info(nid: int, name: str, confirmation: fpb.Confirmation, job_id: str
         f.name: getattr(confirmation.summary, f.name)
         for f in confirmation.summary.DESCRIPTOR.fields
     }
-    return ChildInfo(nid, name, True, num_samples=int(confirmation.num_samples), summary=summary)
+    held_out = {
+        split: int(n)
+        for split, n in (
+            ("valid", confirmation.num_valid_examples),
+            ("test", confirmation.num_test_examples),
+        )
+        if n
+    }
+    return ChildInfo(
+        nid,
+        name,
+        True,
+        num_samples=int(confirmation.num_samples),
+        summary=summary,
+        held_out=held_out,
+    )
 
 
 def run_master(

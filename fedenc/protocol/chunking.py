@@ -47,6 +47,7 @@ __all__ = [
     "DEFAULT_MAX_CHUNK_BYTES",
     "GRPC_DEFAULT_MAX_MESSAGE_BYTES",
     "MAX_NAME_BYTES",
+    "MIN_CHUNK_BYTES",
     "ChunkError",
     "ParameterSetAssembler",
     "assemble",
@@ -59,6 +60,9 @@ __all__ = [
 GRPC_DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 #: Default bound on a chunk's data: 64 KiB of headroom for the chunk's other fields and envelope.
 DEFAULT_MAX_CHUNK_BYTES = GRPC_DEFAULT_MAX_MESSAGE_BYTES - 64 * 1024
+#: The smallest chunk a peer may ask for: smaller ones only multiply the frames (a 1-byte chunk
+#: would make a 17 MB encoder 17 million frames of the sender's work).
+MIN_CHUNK_BYTES = 64 * 1024
 #: Longest tensor name (UTF-8) a sender accepts, which keeps a chunk's framing small.
 MAX_NAME_BYTES = 1024
 

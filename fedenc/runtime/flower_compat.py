@@ -130,6 +130,9 @@ def message_to_bytes(message: Message) -> bytes:
 def message_from_bytes(data: bytes) -> Message:
     """The inverse of :func:`message_to_bytes`; needs no ``TaskIdentity``."""
     proto = ProtoMessage.FromString(data)
+    if proto.HasField("content") and proto.HasField("error"):
+        # Flower's own refusal would quote its constructor's signature at the peer.
+        raise ValueError("a message carries content or an error, not both")
     if not proto.HasField("content") and not proto.HasField("error"):
         # proto3 drops an empty RecordDict from the bytes: a reply with no records (what a
         # "query.finish" acknowledgement carries) reads back as one with empty content.

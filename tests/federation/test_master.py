@@ -920,3 +920,26 @@ def test_childrens_elastic_and_ps_counters_are_totalled_in_the_rounds_metrics() 
     metrics = result.rounds[0].metrics
     assert metrics["elastic_batches"] == 20 and metrics["elastic_reassigned"] == 1
     assert metrics["ps_exchanges"] == 5 and "other" not in metrics
+
+
+def test_a_child_is_reported_under_its_connections_name_not_the_one_it_claims(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Under mutual TLS the Hello name is the certificate's: a confirmation claiming another
+    # child's name made site-b's updates appear as site-a's (and site-a as "site-a#3").
+    from types import SimpleNamespace
+
+    from fedenc.federation.master import _Job
+
+    def name(names: dict[int, str] | None, nid: int, claimed: str) -> str:
+        grid = SimpleNamespace() if names is None else SimpleNamespace(node_name=names.get)
+        return _Job._child_name(SimpleNamespace(grid=grid), nid, claimed)  # type: ignore[arg-type]
+
+    with caplog.at_level("WARNING", logger="fedenc"):
+        assert name({3: "site-b"}, 3, "site-a") == "site-b"
+    assert "site-b claims the name 'site-a' in its confirmation" in caplog.text
+    # Runtimes that know no names (in-process, Flower's) take the claim, if it is printable.
+    assert name(None, 3, "site-a") == "site-a"
+    assert name(None, 3, "x\n2026-11-28 INFO forged line") == "node-3"
+    assert name(None, 3, "y" * 300) == "node-3"
+    assert name({}, 4, "") == "node-4"

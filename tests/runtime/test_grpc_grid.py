@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.proto.message_pb2 import Message as ProtoMessage
 
 from fedenc.proto.fedenc.v1 import federation_service_pb2 as spb
 from fedenc.proto.fedenc.v1 import tensor_pb2 as tpb
@@ -336,6 +337,7 @@ def _reply_frames(
         ("wrong_name", "missing"),
         ("missing_chunk", "FlowerMessage frame while the chunks"),
         ("stray_chunk", "without a FlowerMessage"),
+        ("error_and_content", "carries content or an error, not both"),
         ("out_of_order", "out of order|overlaps|leaves bytes"),
         ("huge_extra_record", r"'junk': header declares 3221225472 bytes, more than \d+"),
     ],
@@ -382,6 +384,12 @@ def test_bad_frames_are_refused_and_the_master_keeps_serving(
         junk.tensors.tensors[0].spec.shape[:] = [3 * 2**30]
         junk.tensors.tensors[0].byte_length = 3 * 2**30
         frames = [spb.ChildMessage(reply_to=wire, flower=encoded.frame)]
+    elif case == "error_and_content":
+        first = _reply_frames(instruction, node, ok, wire)
+        skeleton = ProtoMessage.FromString(first[0].flower.message)
+        skeleton.error.code, skeleton.error.reason = 1, "and content too"
+        first[0].flower.message = skeleton.SerializeToString()
+        frames = first
     elif case == "stray_chunk":
         frames = [spb.ChildMessage(chunk=tpb.TensorChunk(name="w", offset=0, data=b"x"))]
     else:
@@ -642,3 +650,41 @@ def test_streams_before_their_hello_count_against_max_children() -> None:
         for p in peers:
             p.close()
         srv.stop(grace=0.5)
+
+
+def test_the_master_cuts_its_messages_to_the_chunk_size_a_hello_asks_for(
+    server: FederationServer, raw: Callable[[], RawChild]
+) -> None:
+    # Hello.max_chunk_bytes was read by no one: a child that asked for 64 KiB got 4 MiB chunks.
+    def hello(name: str, chunk: int) -> tuple[RawChild, spb.MasterMessage]:
+        peer = raw()
+        peer.send(
+            spb.ChildMessage(
+                hello=spb.Hello(
+                    name=name,
+                    protocol_version=PROTOCOL_VERSION,
+                    capabilities=list(CAPABILITIES),
+                    max_chunk_bytes=chunk,
+                )
+            )
+        )
+        return peer, peer.next("welcome", "close")
+
+    _, tiny = hello("tiny", 1024)
+    assert tiny.close.reason == spb.CLOSE_REASON_INCOMPATIBLE
+    assert "max_chunk_bytes 1024 is below the 65536 bytes" in tiny.close.detail
+    peer, answer = hello("small", 64 * 1024)
+    assert answer.welcome.max_chunk_bytes == 64 * 1024
+    grid = GrpcGrid(server, RUN)
+    big = np.ones((1000, 100), dtype=np.float32)  # 400,000 bytes: 7 chunks of 64 KiB
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(big)})})
+    train = msg(answer.welcome.node_id, "train", content)
+    threading.Thread(target=lambda: grid.send_and_receive([train], timeout=5), daemon=True).start()
+    peer.next("flower")
+    sizes: list[int] = []
+    while True:
+        chunk = peer.next("chunk").chunk
+        sizes.append(len(chunk.data))
+        if chunk.last:
+            break
+    assert max(sizes) <= 64 * 1024 and sum(sizes) == big.nbytes and len(sizes) == 7

@@ -436,3 +436,32 @@ def test_keep_if_best_keeps_the_first_of_equal_rounds_and_skips_skipped_ones() -
     assert _Job.take_best(job, 4) == 2 and float(job.target["w"]) == 2.0
     with pytest.raises(ValueError, match="publish must be 'last' or 'best'"):
         MasterConfig(num_items=10, publish="first")  # type: ignore[arg-type]
+
+
+def test_an_evaluation_weighing_more_than_its_child_declared_is_left_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # One child claiming 10^12 evaluation examples set the federation's published metrics
+    # alone; its confirmation now declares its held-out sizes, and the master holds it to them.
+    from nodes.child import app as child_app
+    from nodes.master import RESULT_KEY
+    from nodes.master import app as master_app
+
+    def inflating(message: Any, context: Any) -> Any:
+        reply = child_app(message, context)
+        if message.metadata.message_type == "evaluate" and context.node_config["partition-id"] == 0:
+            metrics = reply.content.metric_records["metrics"]
+            metrics["num-examples"] = 10**12
+            metrics["recall@20"] = 99.0
+        return reply
+
+    config = {**TINY, "num-server-rounds": 1, "final-test": True}
+    honest = run_inprocess(master_app, child_app, 2, config)
+    with caplog.at_level("WARNING", logger="fedenc"):
+        run = run_inprocess(master_app, inflating, 2, config)
+    result = json.loads(run.server_context.state[RESULT_KEY]["json"])
+    assert result["rounds"][0]["evaluated"] == ["child-1"]
+    assert "num-examples = 1e+12 exceeds the valid examples it confirmed" in caplog.text
+    assert result["final_metrics"]["test_examples"] < 10**6
+    fair = json.loads(honest.server_context.state[RESULT_KEY]["json"])["final_child_metrics"]
+    assert result["final_metrics"]["test_recall@20"] == fair["child-1"]["test_recall@20"]

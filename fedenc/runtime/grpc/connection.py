@@ -163,6 +163,8 @@ class ChildConnection:
         self._closed = False
         self._sent: dict[int, Sent] = {}
         self._reader = FrameReader(max_chunk_bytes=max_chunk_bytes, max_array_bytes=max_array_bytes)
+        #: The largest chunk sent to this child: the master's, or less if its Hello asked.
+        self.send_chunk_bytes = max_chunk_bytes
         # Inbound admission (shared by the master's streams): a reply's tensors are assembled
         # only while this stream holds a slot; the others stop reading, and gRPC's flow control
         # holds their children's sends. Eight 1 GiB replies arriving together then cost the

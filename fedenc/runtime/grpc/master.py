@@ -34,7 +34,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import ServerApp
 
 from fedenc.proto.fedenc.v1 import federation_service_pb2 as spb
-from fedenc.protocol.chunking import DEFAULT_MAX_CHUNK_BYTES
+from fedenc.protocol.chunking import DEFAULT_MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from fedenc.protocol.tensors import TensorEncodeError
 from fedenc.runtime import flower_compat as fc
 from fedenc.runtime.grpc.connection import ChildConnection, Sent, heartbeat_frame
@@ -258,6 +258,15 @@ class FederationServer:
                     reason=spb.CLOSE_REASON_FULL,
                     detail=f"the master takes at most {self.max_children} children",
                 )
+            asked = int(hello.max_chunk_bytes)
+            if 0 < asked < MIN_CHUNK_BYTES:
+                return spb.Close(
+                    reason=spb.CLOSE_REASON_INCOMPATIBLE,
+                    detail=f"Hello.max_chunk_bytes {asked} is below the {MIN_CHUNK_BYTES} bytes "
+                    "a master sends at the least",
+                )
+            # The child's limit on what it receives: the master cuts its messages to it.
+            conn.send_chunk_bytes = min(self.max_chunk_bytes, asked or self.max_chunk_bytes)
             conn.node_id = next(self._node_ids)
             # Queued before the node is visible, so Welcome and RunInfo precede any message.
             conn.send(
@@ -268,7 +277,7 @@ class FederationServer:
                         capabilities=ChildConnection.shared_capabilities(hello),
                         heartbeat_interval_s=self.heartbeat_interval,
                         heartbeat_timeout_s=self.heartbeat_timeout,
-                        max_chunk_bytes=self.max_chunk_bytes,
+                        max_chunk_bytes=conn.send_chunk_bytes,
                         agent=AGENT,
                     )
                 )
@@ -475,7 +484,7 @@ class GrpcGrid(fc.RunGrid):
                     self.deliver(fc.error_reply(message, fc.NODE_UNAVAILABLE, reason), message_id)
                     continue
             try:
-                encoded = encode_message(message, max_chunk_bytes=self._server.max_chunk_bytes)
+                encoded = encode_message(message, max_chunk_bytes=conn.send_chunk_bytes)
             except TensorEncodeError as err:
                 with self._lock:
                     self._pending.pop(message_id, None)

@@ -3,16 +3,21 @@
 isort:skip_file
 The messages of a federated training job between the master and its children.
 
-Order of a job (see docs and DESIGN.md "Protocol"):
-  1. optionally, a child or an external client sends an EncoderRequest, which starts a job;
-  2. the master sends a TrainingInstruction to every available child;
+Order of a job (docs/wire-protocol.md):
+  1. optionally, an external client asks the Control service for an encoder
+     (control.proto, RequestEncoder), which starts a job;
+  2. the master sends a TrainingInstruction to every available child (a Flower message of
+     type "query");
   3. each child answers with a Confirmation (accepted, or declined with a reason);
-  4. only confirmed children receive parameters, in TrainRequest messages, never before their
-     confirmation; each answers with a TrainResult; the master fuses the results and decides
-     whether to stop;
-  5. EvaluateRequest / EvaluateResult rounds measure the target encoder on the children's
-     held-out data.
-Only the shared encoder travels; each child's task head stays local.
+  4. only confirmed children receive parameters ("train" messages), never before their
+     confirmation; each answers with its updated parameters; the master fuses them and
+     decides whether to stop;
+  5. "evaluate" messages measure the target encoder on the children's held-out data.
+Wire protocol 1 carries steps 2 to 5 as Flower messages (federation_service.proto,
+FlowerMessage) whose records hold TrainingInstruction and Confirmation; TrainRequest,
+TrainResult, EvaluateRequest, EvaluateResult and EncoderRequest are reserved for a later
+protocol and are refused on the stream. Only the shared encoder travels; each child's task
+head stays local.
 """
 
 from collections import abc as _abc
@@ -300,6 +305,8 @@ class Confirmation(_message.Message):
     DECLINE_REASON_FIELD_NUMBER: _builtins.int
     NUM_SAMPLES_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
+    NUM_VALID_EXAMPLES_FIELD_NUMBER: _builtins.int
+    NUM_TEST_EXAMPLES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job being answered."""
     accepted: _builtins.bool
@@ -310,6 +317,12 @@ class Confirmation(_message.Message):
     """
     num_samples: _builtins.int
     """Number of training samples the child will use; the weight of its results."""
+    num_valid_examples: _builtins.int
+    """Examples of the child's validation split: an evaluation reply on it may not weigh more
+    (0 = not declared; such a child's evaluation may weigh at most num_samples).
+    """
+    num_test_examples: _builtins.int
+    """Examples of the child's test split, likewise."""
     @_builtins.property
     def summary(self) -> Global___DataSummary:
         """Summary of the child's data."""
@@ -322,10 +335,12 @@ class Confirmation(_message.Message):
         decline_reason: _builtins.str = ...,
         num_samples: _builtins.int = ...,
         summary: Global___DataSummary | None = ...,
+        num_valid_examples: _builtins.int = ...,
+        num_test_examples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "decline_reason", b"decline_reason", "job_id", b"job_id", "num_samples", b"num_samples", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "decline_reason", b"decline_reason", "job_id", b"job_id", "num_samples", b"num_samples", "num_test_examples", b"num_test_examples", "num_valid_examples", b"num_valid_examples", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
