@@ -1098,6 +1098,14 @@ def master_cmd(
             "their defaults; --out is the root of the jobs' output directories.",
         ),
     ] = False,
+    operators: Annotated[
+        str,
+        typer.Option(
+            help="--serve with --certs: the certificate names (comma-separated) that may "
+            "submit, cancel and list jobs and children; other certificates of the CA may only "
+            "request, watch and download encoders, and operators cannot join as children.",
+        ),
+    ] = "operator",
 ) -> None:
     """Serve a federation: children dial in (`fedenc child`), the job runs, the master exits.
 
@@ -1195,7 +1203,7 @@ def master_cmd(
     previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     if serve:
         try:
-            _serve_control(server, scenario, out, children, wait)
+            _serve_control(server, scenario, out, children, wait, operators)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -1263,7 +1271,12 @@ def _print_resume_hint(state_dir: Path, since: float) -> None:
 
 
 def _serve_control(
-    server: Any, scenario: Any, out: Path | None, children: int | None, wait: float
+    server: Any,
+    scenario: Any,
+    out: Path | None,
+    children: int | None,
+    wait: float,
+    operators: str = "operator",
 ) -> None:
     """``fedenc master --serve``: the Control API next to Federation until a signal."""
 
@@ -1271,7 +1284,8 @@ def _serve_control(
 
     out_root = out or Path("runs") / f"control-{time.strftime('%Y%m%d-%H%M%S')}"
     defaults = serve_defaults(scenario.run_config(), children, wait)
-    service = ControlService(server, defaults, out_root).attach()
+    names = [n.strip() for n in operators.split(",") if n.strip()]
+    service = ControlService(server, defaults, out_root, operators=names).attach()
     server.start()
     # A line that scripts can wait for, as in the default mode.
     console.print(

@@ -62,11 +62,14 @@ from fedenc.protocol.chunking import DEFAULT_MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, s
 from fedenc.protocol.peer_text import clip
 from fedenc.runtime.grpc.connection import ChildConnection
 from fedenc.runtime.grpc.master import FederationServer, GrpcGrid, run_server_app
+from fedenc.runtime.grpc.transport import Refused
 from fedenc.training.checkpoint import META_FILE, STATE_FILE
 
 log = logging.getLogger(__name__)
 
 TERMINAL = frozenset({cpb.JOB_STATE_SUCCEEDED, cpb.JOB_STATE_FAILED, cpb.JOB_STATE_CANCELLED})
+#: Certificate names that may submit, cancel and list by default (`fedenc certs issue operator`).
+DEFAULT_OPERATORS: Final = ("operator",)
 #: WatchJob streams open at once: each holds a server thread while it lasts.
 MAX_WATCHERS = 8
 #: Job ids a NOT_FOUND names (the most recent ones).
@@ -239,6 +242,7 @@ class ControlService(cgrpc.ControlServicer):
         out_root: Path,
         *,
         server_app: ServerApp | None = None,
+        operators: Iterable[str] = DEFAULT_OPERATORS,
     ) -> None:
         if server_app is None:
             from nodes.master import app as master_app
@@ -246,6 +250,9 @@ class ControlService(cgrpc.ControlServicer):
             server_app = master_app
         self._server = server
         self._server_app = server_app
+        # Certificate names that may run the federation (with mutual TLS; plaintext identifies
+        # nobody): any other certificate of the CA, a child's, may only ask for encoders.
+        self.operators = frozenset(operators)
         self._defaults: RunConfig = {
             k: v for k, v in defaults.items() if k not in ("job-id", "out-dir")
         }
@@ -269,6 +276,8 @@ class ControlService(cgrpc.ControlServicer):
         cgrpc.add_ControlServicer_to_server(self, self._server.grpc_server)
         _enable_reflection(self._server.grpc_server)
         self._server.observer = self
+        # An operator's certificate is for the Control API: it cannot also join as a child.
+        self._server.reserved_names = self.operators
         self._worker.start()
         return self
 
@@ -315,8 +324,11 @@ class ControlService(cgrpc.ControlServicer):
         )
         return job
 
-    def request_encoder(self, request: fpb.EncoderRequest) -> tuple[JobRecord, bool]:
-        """Claim 2: the job whose encoder answers ``request``, and whether it was started now."""
+    def request_encoder(
+        self, request: fpb.EncoderRequest, requester: str | None = None
+    ) -> tuple[JobRecord, bool]:
+        """Claim 2: the job whose encoder answers ``request``, and whether it was started now
+        (for ``requester``, default the request's own)."""
         if not request.encoder_type:
             raise JobSpecError("encoder_type is required")
         try:
@@ -344,7 +356,8 @@ class ControlService(cgrpc.ControlServicer):
             spec.encoder_config.CopyFrom(request.config)
         if request.round_budget:
             spec.rounds = request.round_budget
-        return self.submit(spec, request.requester), True
+        who = request.requester if requester is None else requester
+        return self.submit(spec, who), True
 
     def job(self, job_id: str) -> JobRecord | None:
         with self._cond:
@@ -357,18 +370,25 @@ class ControlService(cgrpc.ControlServicer):
             self._cond.wait_for(lambda: job.done, timeout)
             return job
 
-    def cancel(self, job_id: str, reason: str = "") -> JobRecord | None:
+    def cancel(self, job_id: str, reason: str = "", by: str = "") -> JobRecord | None:
+        """Cancel a job (``by``: who asked, for the log and the job's error)."""
         with self._cond:
             job = self._jobs.get(job_id)
             if job is None or job.done:
                 return job
             job.cancel_requested = True
-            job.cancel_reason = reason
+            job.cancel_reason = (
+                f"by {by}: {reason}" if by and reason else (f"by {by}" if by else reason)
+            )
             if job.state == cpb.JOB_STATE_QUEUED:
                 self._queue.remove(job)
                 self._end(job, cpb.JOB_STATE_CANCELLED, error=self._cancel_text(job))
             self._cond.notify_all()
-        log.info("job %s: cancel requested%s", job_id, f" ({reason})" if reason else "")
+        log.info(
+            "job %s: cancel requested%s",
+            job_id,
+            f" ({job.cancel_reason})" if job.cancel_reason else "",
+        )
         return job
 
     # -- the worker -------------------------------------------------------------------------------
@@ -620,9 +640,50 @@ class ControlService(cgrpc.ControlServicer):
             )
         return job
 
-    def SubmitJob(self, request: cpb.SubmitJobRequest, context: Any) -> cpb.Job:
+    def _caller(self, context: Any, operator: bool) -> str:
+        """The verified certificate name of the call's peer ("" without mutual TLS, where the
+        master identifies nobody); aborts when the certificate is refused, or when ``operator``
+        and it is not one of :attr:`operators`."""
+        identify = self._server.security.identify_any
+        if identify is None:
+            return ""
         try:
-            job = self.submit(request.spec, request.requester)
+            name = identify(context.auth_context() or {})
+        except Refused as err:
+            self._abort(context, err.code, str(err))
+        if name is None:
+            self._abort(
+                context, grpc.StatusCode.UNAUTHENTICATED, "the peer's certificate names no one"
+            )
+        if operator and name not in self.operators:
+            self._abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"certificate {name!r} is not an operator of this master (operators: "
+                f"{', '.join(sorted(self.operators)) or 'none'}): children may request, watch "
+                "and download encoders; `fedenc master --serve --operators NAME` names who "
+                "may submit, cancel and list",
+            )
+        return name
+
+    @staticmethod
+    def _requester(caller: str, claimed: str) -> str:
+        """Who asked, as kept with a job: the proven name first, the client's own words after."""
+        if not caller:
+            return claimed
+        return clip(f"{caller}: {claimed}" if claimed else caller, MAX_REQUESTER)
+
+    def SubmitJob(self, request: cpb.SubmitJobRequest, context: Any) -> cpb.Job:
+        caller = self._caller(context, operator=True)
+        if len(request.requester) > MAX_REQUESTER:
+            self._abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"bad job spec: requester is {len(request.requester):,} characters long; at most "
+                f"{MAX_REQUESTER}",
+            )
+        try:
+            job = self.submit(request.spec, self._requester(caller, request.requester))
         except JobSpecError as err:
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"bad job spec: {err}")
         except ServiceStopped as err:
@@ -632,8 +693,18 @@ class ControlService(cgrpc.ControlServicer):
     def RequestEncoder(
         self, request: fpb.EncoderRequest, context: Any
     ) -> cpb.RequestEncoderResponse:
+        caller = self._caller(context, operator=False)
+        if len(request.requester) > MAX_REQUESTER:
+            self._abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"bad encoder request: requester is {len(request.requester):,} characters long; "
+                f"at most {MAX_REQUESTER}",
+            )
         try:
-            job, started = self.request_encoder(request)
+            job, started = self.request_encoder(
+                request, requester=self._requester(caller, request.requester)
+            )
         except JobSpecError as err:
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"bad encoder request: {err}")
         except ServiceStopped as err:
@@ -641,9 +712,11 @@ class ControlService(cgrpc.ControlServicer):
         return cpb.RequestEncoderResponse(job=self.job_proto(job), started=started)
 
     def GetJob(self, request: cpb.GetJobRequest, context: Any) -> cpb.Job:
+        self._caller(context, operator=False)
         return self.job_proto(self._lookup(request.job_id, context))
 
     def ListJobs(self, request: cpb.ListJobsRequest, context: Any) -> cpb.ListJobsResponse:
+        self._caller(context, operator=True)
         states = set(request.states)
         bad = sorted(x for x in states if x not in cpb.JobState.values() or x == 0)
         if bad:
@@ -660,16 +733,19 @@ class ControlService(cgrpc.ControlServicer):
         return cpb.ListJobsResponse(jobs=jobs)
 
     def CancelJob(self, request: cpb.CancelJobRequest, context: Any) -> cpb.Job:
+        caller = self._caller(context, operator=True)
         job = self._lookup(request.job_id, context)
-        self.cancel(job.job_id, request.reason)
+        self.cancel(job.job_id, clip(request.reason), by=caller)
         return self.job_proto(job)
 
     def ListChildren(
         self, request: cpb.ListChildrenRequest, context: Any
     ) -> cpb.ListChildrenResponse:
+        self._caller(context, operator=True)
         return cpb.ListChildrenResponse(children=self.children())
 
     def WatchJob(self, request: cpb.WatchJobRequest, context: Any) -> Iterator[cpb.JobEvent]:
+        self._caller(context, operator=False)
         job = self._lookup(request.job_id, context)
         with self._cond:
             if self._watchers >= MAX_WATCHERS:
@@ -724,6 +800,7 @@ class ControlService(cgrpc.ControlServicer):
     def DownloadEncoder(
         self, request: cpb.DownloadEncoderRequest, context: Any
     ) -> Iterator[cpb.EncoderDownload]:
+        self._caller(context, operator=False)
         if request.job_id:
             job = self._lookup(request.job_id, context)
         elif request.encoder_type:

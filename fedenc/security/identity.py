@@ -10,6 +10,7 @@ runtime should use instead of any name the child claims in its messages.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -93,6 +94,13 @@ class IdentityVerifier:
         """A verifier for the CA of ``layout``, using its ``crl.pem`` when the file exists."""
         crl = layout.crl if layout.crl.exists() else None
         return cls(load_ca_certificate(layout), crl=crl, allowlist=allowlist)
+
+    def without_allowlist(self) -> IdentityVerifier:
+        """The same checks (CA, revocation, validity) for any certificate of the CA, allowlisted
+        or not: the Control API's operators are no children of the allowlist."""
+        other = copy.copy(self)
+        other._allow = None
+        return other
 
     @property
     def allowlist(self) -> frozenset[str] | None:

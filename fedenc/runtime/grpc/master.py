@@ -125,6 +125,8 @@ class FederationServer:
         self.heartbeat_timeout = heartbeat_timeout
         self.hello_timeout = hello_timeout
         self.max_children = max_children
+        #: Certificate names that may not join as children (the Control API's operators).
+        self.reserved_names: frozenset[str] = frozenset()
         self.max_chunk_bytes = max_chunk_bytes
         self.max_array_bytes = max_array_bytes
         self.strict_arrays = strict_arrays
@@ -237,6 +239,12 @@ class FederationServer:
     def welcome(self, conn: ChildConnection, hello: spb.Hello) -> spb.Close | None:
         # The identity was proved when the stream opened (_connect); a Hello naming someone
         # else is refused: the name in the certificate is the child's name, never a claimed one.
+        if conn.identity is not None and conn.identity in self.reserved_names:
+            return spb.Close(
+                reason=spb.CLOSE_REASON_UNAUTHORIZED,
+                detail=f"certificate {conn.identity!r} is an operator's (the Control API's), not "
+                "a child's: issue the child a certificate of its own",
+            )
         if conn.identity is not None and conn.identity != hello.name:
             return spb.Close(
                 reason=spb.CLOSE_REASON_UNAUTHORIZED,

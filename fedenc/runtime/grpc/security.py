@@ -46,7 +46,11 @@ def identify_with(verifier: IdentityVerifier) -> Callable[[AuthContext], str]:
 
 def server_security(tls: MasterTLS) -> ServerSecurity:
     """Mutual TLS on the master: its credentials, and children identified by certificate."""
-    return ServerSecurity(credentials=tls.credentials, identify=identify_with(tls.verifier))
+    return ServerSecurity(
+        credentials=tls.credentials,
+        identify=identify_with(tls.verifier),
+        identify_any=identify_with(tls.verifier.without_allowlist()),
+    )
 
 
 def channel_security(

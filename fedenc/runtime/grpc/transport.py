@@ -140,6 +140,8 @@ class ServerSecurity:
     credentials: grpc.ServerCredentials | None = None
     identify: Identify | None = None
     insecure: bool = False
+    # Any valid certificate of the CA, allowlisted as a child or not (the Control API's callers).
+    identify_any: Identify | None = None
 
     def check(self) -> None:
         if self.credentials is None and not self.insecure:
