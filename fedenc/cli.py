@@ -1239,9 +1239,21 @@ def master_cmd(
         outcome = outcome_of(scenario, out_dir, run.server_context, runtime)
     except _Interrupted as sig:
         name = signal.Signals(sig.signum).name
-        console.print(f"{name}: closing every child's stream")
-        server.stop(f"the master was stopped ({name})")
-        _print_resume_hint(state_dir or out_dir / "state", started)
+        checkpoint = state_dir or out_dir / "state"
+        if _resumable(checkpoint, started):
+            from fedenc.proto.fedenc.v1 import federation_service_pb2 as spb
+
+            # The children keep the job's state and dial again: a resume continues it exactly.
+            console.print(
+                f"{name}: closing every child's stream (RESTART: they wait for the resume)"
+            )
+            server.stop(
+                f"the master was stopped ({name}) to resume", reason=spb.CLOSE_REASON_RESTART
+            )
+        else:
+            console.print(f"{name}: closing every child's stream")
+            server.stop(f"the master was stopped ({name})")
+        _print_resume_hint(checkpoint, started)
         raise typer.Exit(0) from None
     except (ValueError, FileNotFoundError, NotEnoughChildrenError, FusionOutputError) as err:
         server.stop(f"the job failed: {err}")
@@ -1255,17 +1267,23 @@ def master_cmd(
     _print_outcome(outcome.result, title, out_dir)
 
 
-def _print_resume_hint(state_dir: Path, since: float) -> None:
-    """How to continue a master's job that stopped after a completed round (if one did: a
-    checkpoint written since ``since``, not an earlier job's)."""
+def _resumable(state_dir: Path, since: float) -> bool:
+    """Whether this run wrote a checkpoint in ``state_dir`` (since ``since``; an older one is an
+    earlier job's)."""
     from fedenc.federation.checkpoint import state_path
 
     path = state_path(state_dir)
-    if path.is_file() and path.stat().st_mtime >= since:
+    return path.is_file() and path.stat().st_mtime >= since
+
+
+def _print_resume_hint(state_dir: Path, since: float) -> None:
+    """How to continue a master's job that stopped after a completed round (if one did)."""
+    if _resumable(state_dir, since):
         console.print(
             f"the job's checkpoint after its last completed round is in {state_dir}: continue "
-            "it with the same command plus --resume (children that kept running keep their "
-            "state)",
+            "it with the same command plus --resume. Children still running keep their state "
+            "and dial again for their --connect-timeout (0: without end); a child that exited "
+            "starts the job afresh, and the result then differs from an uninterrupted run",
             highlight=False,
         )
 
@@ -1394,7 +1412,11 @@ def child_cmd(
     ] = False,
     connect_timeout: Annotated[
         float,
-        typer.Option(min=0.0, help="Give up after this long without a connection, seconds."),
+        typer.Option(
+            min=0.0,
+            help="Give up after this long without a connection, seconds (0 = never: a child "
+            "that waits through master restarts).",
+        ),
     ] = 60.0,
     stay: Annotated[
         bool, typer.Option("--stay", help="Keep serving (reconnect) after the master shuts down.")

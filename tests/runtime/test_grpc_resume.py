@@ -32,9 +32,14 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
         p.kill_all()
 
 
-def test_a_master_killed_mid_job_resumes_to_the_uninterrupted_encoder(
-    procs: Procs, tmp_path: Path, free_port: int
+@pytest.mark.parametrize("stop", ["kill", "term"])
+def test_a_master_stopped_mid_job_resumes_to_the_uninterrupted_encoder(
+    procs: Procs, tmp_path: Path, free_port: int, stop: str
 ) -> None:
+    """``kill``: SIGKILL, the children's streams just break. ``term``: SIGTERM, the master closes
+    them with RESTART (it has a checkpoint), and the children, without --stay, wait for the
+    resume with their state instead of exiting (they used to exit, and a resume then started
+    them afresh: another encoder, silently)."""
     threads = torch.get_num_threads()  # the in-process reference trains with these
     layout = CertLayout(tmp_path / "certs")
     init_certs(layout)
@@ -82,8 +87,16 @@ def test_a_master_killed_mid_job_resumes_to_the_uninterrupted_encoder(
         procs.start(f"c{i}", cmd, env)
     # Both children have trained round 3, the master has not fused it: kill it now.
     wait_for(lambda: all(m.exists() for m in markers), 150, "both children to train round 3")
-    procs.procs["master"].kill()
-    assert procs.wait("master", 10) == -9
+    if stop == "kill":
+        procs.procs["master"].kill()
+        assert procs.wait("master", 10) == -9
+    else:
+        procs.procs["master"].terminate()
+        assert procs.wait("master", 30) == 0, procs.log("master")
+        assert "RESTART: they wait for the resume" in procs.log("master")
+        for i in range(2):
+            wait_for(lambda i=i: "keeping the job's state" in procs.log(f"c{i}"), 30, "the restart")
+            assert procs.procs[f"c{i}"].poll() is None, procs.log(f"c{i}")  # still there
     saved = read_master_state(out / "state")
     assert saved.round == 2 and saved.rule["steps"] == 2 and len(saved.rounds) == 2
     first_log = procs.log("master")

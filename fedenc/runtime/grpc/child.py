@@ -12,20 +12,23 @@ the Flower Messages the master pushes.
   keepalive pings watch the connection underneath.
 * **Reconnects.** A lost stream is dialled again with backoff (a new node id each time; the
   master queries the child again and it rejoins the running job at the next round). The child
-  gives up after ``connect_timeout`` seconds without a welcome (exit code 1), and stops for good
-  when refused for its identity or version (exit code 3), with a readable reason: the master's
-  identity refusal (revoked, not allowlisted, unknown, a Hello naming someone else), a master
-  this child does not trust, or, with TLS, a handshake the master cuts short three times in a
-  row (its certificate was rejected: expired, from another CA).
+  gives up after ``connect_timeout`` seconds without a welcome (exit code 1; 0 = never), and
+  stops for good when refused for its identity or version (exit code 3), with a readable
+  reason: the master's identity refusal (revoked, not allowlisted, unknown, a Hello naming
+  someone else), a master this child does not trust, or, with TLS, a handshake the master cuts
+  short three times in a row (its certificate was rejected: expired, from another CA).
 * **Shutdown.** :meth:`GrpcChild.stop` (SIGINT/SIGTERM in the CLI) sends a goodbye (Close
   SHUTDOWN) and ends the stream; when the master closes with SHUTDOWN, the child exits (code 0)
-  unless it was told to stay for the next federation.
+  unless it was told to stay for the next federation. A master stopped with a checkpoint to
+  resume closes with RESTART instead: the child keeps the job's state and dials again (within
+  ``connect_timeout``), so that the resumed job continues as if never stopped.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -181,7 +184,8 @@ class GrpcChild:
     def run(self) -> int:
         """Connects, serves, reconnects; returns the exit code (see the module docstring)."""
         self._worker.start()
-        deadline = time.monotonic() + self.connect_timeout
+        patience = self.connect_timeout or math.inf  # 0: never give up
+        deadline = time.monotonic() + patience
         backoff = 0.2
         ever_welcomed = False
         while not self._stop.is_set():
@@ -190,7 +194,7 @@ class GrpcChild:
                 return EXIT_OK
             if session.welcomed:
                 ever_welcomed = True
-                deadline = time.monotonic() + self.connect_timeout
+                deadline = time.monotonic() + patience
                 backoff = 0.2
             close = session.close
             if close is not None and close.reason in _FATAL:
@@ -198,7 +202,16 @@ class GrpcChild:
                 return self._refused(_CloseError(reason, close.detail))
             if close is None and self._fatal(session):
                 return self._refused(session.rpc_error)
-            if close is not None and close.reason == spb.CLOSE_REASON_SHUTDOWN:
+            if close is not None and close.reason == spb.CLOSE_REASON_RESTART:
+                wait = "without end" if math.isinf(patience) else f"for up to {patience:.0f} s"
+                log.warning(
+                    "%s: the master stopped to resume its job (%s): keeping the job's state and "
+                    "dialling again %s",
+                    self.name,
+                    close.detail,
+                    wait,
+                )
+            elif close is not None and close.reason == spb.CLOSE_REASON_SHUTDOWN:
                 log.info("%s: the master closed the federation: %s", self.name, close.detail)
                 if not self.stay:
                     return EXIT_OK

@@ -182,15 +182,21 @@ class FederationServer:
         log.info("master listening on %s", self.address)
         return self
 
-    def stop(self, detail: str = "the master shuts down", grace: float = 3.0) -> None:
-        """Says goodbye to every child (Close SHUTDOWN), then stops serving."""
+    def stop(
+        self,
+        detail: str = "the master shuts down",
+        grace: float = 3.0,
+        reason: int = spb.CLOSE_REASON_SHUTDOWN,
+    ) -> None:
+        """Says goodbye to every child (Close ``reason``: SHUTDOWN, or RESTART when the job
+        will resume and the children should wait for it), then stops serving."""
         with self._lock:
             if self._stopping:
                 return
             self._stopping = True
             conns = list(self._all)
         for conn in conns:
-            conn.close(spb.CLOSE_REASON_SHUTDOWN, detail)
+            conn.close(reason, detail)  # type: ignore[arg-type]
         self._server.stop(grace).wait(grace + 1.0)
         self._stopped.set()
 

@@ -73,6 +73,10 @@ class _CloseReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CloseReas
     """The peer was silent for longer than the heartbeat timeout."""
     CLOSE_REASON_FULL: _CloseReason.ValueType  # 7
     """The master accepts no more children."""
+    CLOSE_REASON_RESTART: _CloseReason.ValueType  # 8
+    """The master stops, and its job can be resumed from a checkpoint (`fedenc master --resume`):
+    the child keeps the job's state and dials again, so the resumed job continues exactly.
+    """
 
 class CloseReason(_CloseReason, metaclass=_CloseReasonEnumTypeWrapper):
     """Why a stream ends."""
@@ -95,6 +99,10 @@ CLOSE_REASON_TIMEOUT: CloseReason.ValueType  # 6
 """The peer was silent for longer than the heartbeat timeout."""
 CLOSE_REASON_FULL: CloseReason.ValueType  # 7
 """The master accepts no more children."""
+CLOSE_REASON_RESTART: CloseReason.ValueType  # 8
+"""The master stops, and its job can be resumed from a checkpoint (`fedenc master --resume`):
+the child keeps the job's state and dials again, so the resumed job continues exactly.
+"""
 Global___CloseReason: _TypeAlias = CloseReason  # noqa: Y015
 
 @_typing.final
