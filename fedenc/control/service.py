@@ -23,6 +23,7 @@ on the same gRPC server (port, TLS) as ``fedenc.v1.Federation``.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import threading
@@ -102,6 +103,15 @@ def _ms(t: float) -> int:
 def _wall(monotonic_time: float) -> float:
     """A ``time.monotonic()`` instant as Unix time."""
     return time.time() - (time.monotonic() - monotonic_time)
+
+
+def _iso(unix: float) -> str:
+    """A Unix time as ISO 8601 UTC ("" for 0: not yet)."""
+    if not unix:
+        return ""
+    return datetime.datetime.fromtimestamp(unix, datetime.timezone.utc).isoformat(
+        timespec="seconds"
+    )
 
 
 def _state_name(state: int) -> str:
@@ -416,10 +426,15 @@ class ControlService(cgrpc.ControlServicer):
                     self._cond.notify_all()
 
     def _run(self, job: JobRecord) -> None:
-        from fedenc.federation.master import NotEnoughChildrenError
+        from fedenc.federation.master import NotEnoughChildrenError, round_line
         from nodes.master import RESULT_KEY
 
+        done: list[dict[str, Any]] = []  # the rounds, for the outputs of a job that fails
+
         def on_round(result: RoundResult) -> None:
+            # The service shows the rounds to its watchers, so the master logs none: log here.
+            log.info("job %s: %s", job.job_id, round_line(result))
+            done.append(result.to_dict())
             with self._cond:
                 job.rounds.append(round_report(job.job_id, result))
                 cancel = job.cancel_requested and not result.stop_reason
@@ -442,13 +457,16 @@ class ControlService(cgrpc.ControlServicer):
         except JobCancelled:
             with self._cond:
                 self._end(job, cpb.JOB_STATE_CANCELLED, error=self._cancel_text(job))
+            self._write_unfinished(job, done)
             return
         except (NotEnoughChildrenError, ValueError, FileNotFoundError) as err:
             self._fail(job, str(err))
+            self._write_unfinished(job, done)
             return
         except Exception as err:  # a job's bug must not take the master down
             log.exception("job %s crashed", job.job_id)
             self._fail(job, f"{type(err).__name__}: {err}")
+            self._write_unfinished(job, done)
             return
         finally:
             resumable.reset(no_resume)
@@ -461,6 +479,31 @@ class ControlService(cgrpc.ControlServicer):
             checkpoint = summary.get("checkpoint")
             job.checkpoint = Path(checkpoint) if checkpoint else None
             self._end(job, cpb.JOB_STATE_SUCCEEDED)
+
+    def _write_unfinished(self, job: JobRecord, rounds: list[dict[str, Any]]) -> None:
+        """``results.json`` and ``rounds.csv`` of a job that failed or was cancelled: the rounds
+        it did, who asked for it and why it ended (for an audit; they lived in memory only)."""
+        from fedenc.federation.report import write_results, write_rounds_csv
+
+        out = self.out_root / job.job_id
+        with self._cond:
+            record = {
+                "job_id": job.job_id,
+                "encoder": job.encoder_type,
+                "state": _state_name(job.state),
+                "error": job.error,
+                "requester": job.requester,
+                "created": _iso(job.created),
+                "started": _iso(job.started),
+                "finished": _iso(job.finished),
+                "rounds": rounds,
+                "effective_config": dict(job.run_config),
+            }
+        try:
+            write_results(record, out)
+            write_rounds_csv(rounds, out)
+        except OSError as err:  # the job's record in memory stays; only the files are lost
+            log.warning("job %s: cannot write its outputs to %s: %s", job.job_id, out, err)
 
     def _fail(self, job: JobRecord, error: str) -> None:
         log.warning("job %s failed: %s", job.job_id, error)

@@ -1312,7 +1312,7 @@ class _Job:
             )
 
 
-def _round_line(result: RoundResult) -> str:
+def round_line(result: RoundResult) -> str:
     """One log line for a finished round."""
     if result.skipped is not None:
         return f"round {result.round}: skipped ({result.skipped})"
@@ -1471,7 +1471,7 @@ def run_master(
             # from here on resumes after it.
             job.save(round_, results, stop_reason, run_id)
             if not listeners:  # no host shows the rounds (Flower's runtimes): the log does
-                log.info("%s", _round_line(result))
+                log.info("%s", round_line(result))
             for callback in listeners:
                 callback(result)
         if results and all(r.skipped is not None for r in results):

@@ -143,7 +143,7 @@ def test_request_encoder_starts_a_job_once_then_answers_with_it(client: ControlC
 
 
 def test_cancel_stops_a_running_job_after_its_round_and_a_queued_one_at_once(
-    client: ControlClient,
+    client: ControlClient, control_master: ControlMaster
 ) -> None:
     long = client.submit(cpb.JobSpec(rounds=500, final_test=False), requester="test")
     queued = client.submit(cpb.JobSpec(rounds=1), requester="test")
@@ -181,6 +181,13 @@ def test_cancel_stops_a_running_job_after_its_round_and_a_queued_one_at_once(
             client.download(job_id)
         assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert "cancelled" in str(err.value) and "no encoder" in str(err.value)
+    # A cancelled job leaves its rounds for an audit (they lived in the master's memory only),
+    # and a served master logs its rounds (its watchers show them, so the master logged none).
+    record = json.loads((control_master.out_root / long.job_id / "results.json").read_text())
+    assert record["state"] == "cancelled" and "cancelled after round" in record["error"]
+    assert len(record["rounds"]) == last.rounds_done and record["requester"] == "test"
+    assert (control_master.out_root / long.job_id / "rounds.csv").is_file()
+    assert f"job {long.job_id}: round 1:" in control_master.log("master")
     # the children are free again for the next job
     idle = client.children()
     assert all(c.state == cpb.CHILD_STATE_IDLE and not c.job_id for c in idle), idle
