@@ -663,6 +663,12 @@ ItemsOpt = Annotated[int | None, typer.Option(help="Synthetic: catalog size.")]
 HiddenOpt = Annotated[int | None, typer.Option(min=1, help="Encoder width.")]
 FractionOpt = Annotated[float | None, typer.Option(help="Share of the children sampled per round.")]
 MinChildrenOpt = Annotated[int | None, typer.Option(min=1, help="Fewest per round.")]
+MinSamplesOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=1, help="Leave out a child that confirms fewer training samples (privacy: default 1)."
+    ),
+]
 RoundTimeoutOpt = Annotated[
     float | None, typer.Option(help="Seconds to wait for a round's replies (0 = forever).")
 ]
@@ -818,6 +824,7 @@ def simulate_cmd(
     evaluate_every: EvaluateEveryOpt = None,
     carry_optimizer: CarryOptimizerOpt = None,
     min_children: MinChildrenOpt = None,
+    min_samples: MinSamplesOpt = None,
     round_timeout: RoundTimeoutOpt = None,
     query_timeout: QueryTimeoutOpt = None,
     seed: SeedOpt = None,
@@ -899,6 +906,7 @@ def simulate_cmd(
         evaluate_every=evaluate_every,
         carry_optimizer=carry_optimizer,
         min_children=min_children,
+        min_samples=min_samples,
         round_timeout=round_timeout,
         query_timeout=query_timeout,
         seed=seed,
@@ -1069,6 +1077,7 @@ def master_cmd(
     share: ShareOpt = None,
     publish: PublishOpt = None,
     min_children: MinChildrenOpt = None,
+    min_samples: MinSamplesOpt = None,
     round_timeout: RoundTimeoutOpt = None,
     query_timeout: QueryTimeoutOpt = None,
     seed: SeedOpt = None,
@@ -1156,6 +1165,7 @@ def master_cmd(
         share=share,
         publish=publish,
         min_children=min_children,
+        min_samples=min_samples,
         round_timeout=round_timeout,
         query_timeout=query_timeout,
         seed=seed,

@@ -137,6 +137,9 @@ class MasterConfig:
     rule: str = "weighted_sum"
     rule_options: dict[str, Any] = field(default_factory=dict)
     min_children: int = 1
+    # The fewest training samples a child may confirm: an update computed from a handful of
+    # sessions tells too much about them (and, under an unweighted rule, weighs as much as any).
+    min_samples: int = 1
     fraction: float = 1.0  # share of the confirmed children sampled for each train round
     # How a fraction < 1 is drawn: "random" (seeded by job seed and round) or "cyclic" (in turn,
     # in name order: round r takes the next k children after round r-1's, wrapping). Cyclic with
@@ -190,6 +193,8 @@ class MasterConfig:
             problems.append(f"rounds must lie in 0..{MAX_ROUNDS} (got {self.rounds})")
         if self.rounds == 0 and not self.stop:
             problems.append("rounds = 0 (no budget) needs a stop rule")
+        if not 1 <= self.min_samples <= 2**62:
+            problems.append(f"min_samples must be >= 1 (got {self.min_samples})")
         for name in ("min_children", "expect_children"):
             low = 1 if name == "min_children" else 0
             if not low <= getattr(self, name) <= MAX_CHILDREN:
@@ -318,6 +323,7 @@ class MasterConfig:
             rule=get_str(rc, "rule", "weighted_sum"),
             rule_options=get_json(rc, "rule-options"),
             min_children=get_int(rc, "min-children", 1),
+            min_samples=get_int(rc, "min-samples", 1),
             fraction=get_float(rc, "fraction", 1.0),
             sampling=get_str(rc, "sampling", "random"),  # type: ignore[arg-type]
             carry_optimizer=get_bool(rc, "carry-optimizer", False),
@@ -871,6 +877,12 @@ class _Job:
                     info = _child_info(
                         nid, self._child_name(nid, name), confirmation, self.config.job_id
                     )
+                    if info.accepted and info.num_samples < self.config.min_samples:
+                        info.accepted = False
+                        info.reason = (
+                            f"confirmed {info.num_samples} training samples; the job needs at "
+                            f"least {self.config.min_samples} (min-samples)"
+                        )
                     info.declined = not info.accepted
             if info.name in names:  # names label reports; keep them unique
                 info.name = f"{info.name}#{nid}"

@@ -25,7 +25,7 @@ RUN_CONFIG_KEYS: frozenset[str] = frozenset(
     expect-children wait-timeout seed job-id fold-order balance-work work-deadline state-dir
     resume replay-round ps ps-exchange-every ps-scoring ps-negatives ps-capacity
     ps-shards ps-addresses ps-pad-rows out-dir data partition alpha synthetic-sessions
-    synthetic-items valid-fraction publish
+    synthetic-items valid-fraction publish min-samples
     """.split()
 )
 

@@ -84,6 +84,7 @@ class Scenario:
     valid_fraction: float = 0.1
     seed: int = 0
     min_children: int = 1
+    min_samples: int = 1  # fewest training samples a child may confirm (fewer: left out)
     fraction: float = 1.0
     sampling: str = "random"  # random | cyclic (the children in turn; see MasterConfig)
     row_weighting: bool = True  # fuse a shared item table row by row (weighted_sum)
@@ -240,6 +241,7 @@ class Scenario:
             "valid-fraction": self.valid_fraction,
             "seed": self.seed,
             "min-children": self.min_children,
+            "min-samples": self.min_samples,
             "fraction": self.fraction,
             "sampling": self.sampling,
             "row-weighting": self.row_weighting,

@@ -465,3 +465,28 @@ def test_an_evaluation_weighing_more_than_its_child_declared_is_left_out(
     assert result["final_metrics"]["test_examples"] < 10**6
     fair = json.loads(honest.server_context.state[RESULT_KEY]["json"])["final_child_metrics"]
     assert result["final_metrics"]["test_recall@20"] == fair["child-1"]["test_recall@20"]
+
+
+def test_a_child_with_fewer_samples_than_min_samples_is_left_out() -> None:
+    # An update from a handful of sessions tells too much about them: min-samples sets a floor.
+    from fedenc.federation.master import NotEnoughChildrenError
+    from nodes.child import app as child_app
+    from nodes.master import RESULT_KEY
+    from nodes.master import app as master_app
+
+    config = {**TINY, "num-server-rounds": 1, "partition": "dirichlet", "alpha": 0.3}
+    first = json.loads(
+        run_inprocess(master_app, child_app, 2, config).server_context.state[RESULT_KEY]["json"]
+    )
+    counts = {c["name"]: c["num_samples"] for c in first["children"]}
+    small, large = sorted(counts, key=counts.__getitem__)
+    assert counts[small] < counts[large]
+    floor = {**config, "min-samples": counts[small] + 1}
+    result = json.loads(
+        run_inprocess(master_app, child_app, 2, floor).server_context.state[RESULT_KEY]["json"]
+    )
+    assert result["rounds"][0]["participants"] == [large]
+    left = {c["name"]: c for c in result["children"]}[small]
+    assert not left["accepted"] and "the job needs at least" in left["reason"]
+    with pytest.raises(NotEnoughChildrenError, match="min-samples"):
+        run_inprocess(master_app, child_app, 2, {**config, "min-samples": 10**9})
