@@ -28,12 +28,12 @@ _CHILD = re.compile(r"child '([A-Za-z0-9._-]+)'")
 
 _REMEDY = {
     IdentityReason.REVOKED: "ask the CA operator for a new certificate "
-    "(`fedenc certs issue {name} --force`) if the revocation was a mistake",
+    "(`fedenc certs issue {name} --dir CA_DIR --force`) if the revocation was a mistake",
     IdentityReason.EXPIRED: "ask the CA operator for a new certificate "
-    "(`fedenc certs issue {name} --force`)",
+    "(`fedenc certs issue {name} --dir CA_DIR --force`)",
     IdentityReason.NOT_ALLOWLISTED: "ask the master's operator to add {name!r} to its allowlist",
     IdentityReason.UNKNOWN: "use a certificate issued by the master's CA "
-    "(`fedenc certs issue {name}`)",
+    "(`fedenc certs issue {name} --dir CA_DIR`)",
     IdentityReason.NO_CERTIFICATE: "start the child with its certificates (--certs DIR)",
 }
 
@@ -82,8 +82,8 @@ def explain_rpc_error(
     if "Hostname Verification" in details or "Peer name" in details:
         return (
             f"the master's certificate does not name the host dialled ({where}): reissue it with "
-            "`fedenc certs master --master-host HOST` listing every name and IP children use, "
-            "or give the child the server name to expect"
+            "`fedenc certs master --dir CA_DIR --master-host HOST --force` listing every name "
+            "and IP children use, or give the child the server name to expect"
         )
     if "WRONG_VERSION_NUMBER" in details:
         return f"{where} does not speak TLS (was the master started with --insecure?)"
@@ -101,7 +101,7 @@ def explain_rpc_error(
         if local is not None:
             return (
                 f"the master rejected this child's TLS certificate: it {local}; ask the CA "
-                f"operator for a new one (`fedenc certs issue {name} --force`)"
+                f"operator for a new one (`fedenc certs issue {name} --dir CA_DIR --force`)"
             )
         return (
             f"{where} closed the connection during the TLS handshake: it most likely rejected "

@@ -504,11 +504,18 @@ def test_a_refused_child_exits_with_code_3() -> None:
         srv.stop(grace=0.5)
 
 
-def test_an_unreachable_master_exits_with_code_1() -> None:
-    child = GrpcChild("127.0.0.1:1", "x", counter_app, {}, INSECURE, connect_timeout=0.5)
+def test_an_unreachable_master_exits_with_code_1_after_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Every failed dial was a WARNING, every 5 s for as long as the master was down.
+    child = GrpcChild("127.0.0.1:1", "x", counter_app, {}, INSECURE, connect_timeout=2.5)
     t0 = time.monotonic()
-    assert child.run() == 1
-    assert time.monotonic() - t0 < 10
+    with caplog.at_level("DEBUG", logger="fedenc"):
+        assert child.run() == 1
+    assert time.monotonic() - t0 < 15
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "stream lost" in warnings[0].getMessage()
+    assert any("no connection:" in r.getMessage() for r in caplog.records)  # the rest: debug
 
 
 def test_the_grid_hands_replies_over_as_they_arrive(
@@ -621,13 +628,19 @@ def test_frames_protocol_1_does_not_use_are_refused_with_what_carries_them(
     assert "use Control.RequestEncoder" in closed.close.detail
 
 
-def test_the_grid_names_a_connected_node_by_its_hello(
+def test_the_grid_names_a_node_by_its_hello_also_after_it_left(
     server: FederationServer, raw: Callable[[], RawChild]
 ) -> None:
-    node = raw().hello("erin").welcome.node_id
+    peer = raw()
+    node = peer.hello("erin").welcome.node_id
     grid = GrpcGrid(server, RUN)
     assert grid.node_name(node) == "erin"
     assert grid.node_name(node + 1000) is None
+    peer.close()  # gone (or revoked): reports still name it "erin", not "node-N"
+    deadline = time.monotonic() + 5
+    while "erin" in server.children() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "erin" not in server.children() and grid.node_name(node) == "erin"
 
 
 def test_streams_before_their_hello_count_against_max_children() -> None:

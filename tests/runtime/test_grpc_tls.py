@@ -235,7 +235,7 @@ def test_a_certificate_revoked_while_its_stream_is_open_ends_it_before_the_next_
         thread.join(30)
         assert code == [EXIT_REFUSED]
         assert child.refusal.startswith("the master refused this child (UNAUTHORIZED)")
-        assert "fedenc certs issue site-0 --force" in child.refusal
+        assert "fedenc certs issue site-0 --dir CA_DIR --force" in child.refusal
         wait_for(lambda: tls_server.children() == {}, 10, "the stream to be gone")
     finally:
         child.stop()

@@ -124,7 +124,7 @@ def test_revoked_child_is_refused_with_a_clear_error_on_both_sides(
     assert running.refused == [IdentityReason.REVOKED]
     text = tls.explain(err)
     assert text.startswith("the master refused this child (PERMISSION_DENIED)")
-    assert "fedenc certs issue alice --force" in text
+    assert "fedenc certs issue alice --dir CA_DIR --force" in text
 
 
 def test_not_allowlisted_child_is_refused(layout: CertLayout) -> None:
@@ -155,7 +155,7 @@ def test_expired_child_is_refused_locally_and_by_the_handshake(
     assert running.seen == []
     text = tls.explain(err, target=running.target)
     assert "rejected this child's TLS certificate: it expired on" in text
-    assert "fedenc certs issue old --force" in text
+    assert "fedenc certs issue old --dir CA_DIR --force" in text
 
 
 def test_child_without_certificate_and_child_trusting_another_ca(

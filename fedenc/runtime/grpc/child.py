@@ -73,6 +73,8 @@ _TLS_FATAL = ("CERTIFICATE_VERIFY_FAILED", "Hostname Verification", "WRONG_VERSI
 # With TLS 1.3 a master that rejects this child's certificate just closes the socket; a master
 # that is down refuses the connection instead. Three such closes in a row are a refusal.
 _HANDSHAKE_CLOSES = 3
+# While the master stays unreachable, a line this often (each failed dial is logged at debug).
+_QUIET_NOTE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,9 @@ class GrpcChild:
         deadline = time.monotonic() + patience
         backoff = 0.2
         ever_welcomed = False
+        failures = 0  # dials in a row without a welcome
+        down_since = time.monotonic()
+        next_note = time.monotonic() + _QUIET_NOTE_S
         while not self._stop.is_set():
             session = self._connect_once()
             if self._stop.is_set():
@@ -217,8 +222,19 @@ class GrpcChild:
                     return EXIT_OK
             elif close is not None:
                 log.warning("%s: the master closed the stream: %s", self.name, close.detail)
-            else:
+            elif session.welcomed or failures == 0:
                 log.warning("%s: stream lost: %s", self.name, session.error or "no reason")
+            elif time.monotonic() >= next_note:
+                # Not a warning every few seconds for as long as a master is down: one a minute.
+                waited = time.monotonic() - down_since
+                log.info("%s: still no connection to %s after %.0f s: %s", self.name,
+                         self.address, waited, session.error or "no reason")  # fmt: skip
+                next_note = time.monotonic() + _QUIET_NOTE_S
+            else:
+                log.debug("%s: no connection: %s", self.name, session.error or "no reason")
+            if session.welcomed or failures == 0:
+                down_since = time.monotonic()
+            failures = 0 if session.welcomed else failures + 1
             if time.monotonic() >= deadline:
                 why = ""
                 lost = str(session.error or "")

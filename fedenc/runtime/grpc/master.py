@@ -24,6 +24,7 @@ import itertools
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -93,6 +94,10 @@ def run_config_to_proto(run_config: Mapping[str, Any]) -> dict[str, spb.ConfigVa
     return out
 
 
+#: Hello names kept by node id after their streams end (to name children in reports).
+_NAMES_KEPT = 100_000
+
+
 class FederationServer:
     """The gRPC server children connect to, and the registry of the connected children."""
 
@@ -127,6 +132,7 @@ class FederationServer:
         self.max_children = max_children
         #: Certificate names that may not join as children (the Control API's operators).
         self.reserved_names: frozenset[str] = frozenset()
+        self._names: OrderedDict[int, str] = OrderedDict()  # node id -> Hello name, kept
         self.max_chunk_bytes = max_chunk_bytes
         self.max_array_bytes = max_array_bytes
         self.strict_arrays = strict_arrays
@@ -221,6 +227,12 @@ class FederationServer:
         with self._lock:
             return self._by_node.get(node_id)
 
+    def name_of(self, node_id: int) -> str | None:
+        """The Hello name of node ``node_id``, also after its stream ended (a report about a
+        child that left, or was revoked, names it, not "node-3"); None for an unknown node."""
+        with self._lock:
+            return self._names.get(node_id)
+
     def wait_for_children(self, count: int, timeout: float | None = None) -> bool:
         """Blocks until ``count`` children are connected (False at the timeout)."""
         with self._lock:
@@ -300,6 +312,9 @@ class FederationServer:
                 conn.send(spb.MasterMessage(run=self._run))
             self._by_node[conn.node_id] = conn
             self._by_name[hello.name] = conn
+            self._names[conn.node_id] = hello.name
+            while len(self._names) > _NAMES_KEPT:  # a long-lived master: the oldest go
+                self._names.popitem(last=False)
             self._lock.notify_all()
         log.info("child %s connected (%s)", conn.label(), hello.agent or "unknown agent")
         if self.observer is not None:
@@ -467,9 +482,8 @@ class GrpcGrid(fc.RunGrid):
         return self._server.node_ids()
 
     def node_name(self, node_id: int) -> str | None:
-        """The name a connected child gave in its Hello (None once it is gone)."""
-        conn = self._server.connection(node_id)
-        return conn.name if conn is not None else None
+        """The name the child gave in its Hello (kept after its stream ends)."""
+        return self._server.name_of(node_id)
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         ids: list[str] = []
