@@ -742,6 +742,9 @@ def handle_train(message: Message, context: Context) -> Message:
     _persist(state, context)
     _leave_in_context(state, context)
     seconds = time.perf_counter() - t0
+    # A line per round in the child's own log (an operator at the site sees what it did).
+    log.info("%s: round %d of job %s: %d examples, %d epoch(s), loss %.4f, %.1f s", state.name,
+             round_, state.key[2], trained, epochs, losses[-1], seconds)  # fmt: skip
     metrics = {
         records.NUM_EXAMPLES: state.num_samples,
         "train_loss": losses[-1],

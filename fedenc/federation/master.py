@@ -400,6 +400,7 @@ class RoundResult:
     # ``metrics``, which are reproducible bit for bit).
     child_seconds_max: float | None = None
     child_seconds_sum: float | None = None
+    child_seconds: dict[str, float] = field(default_factory=dict)  # each one's (who is slow)
     work: dict[str, int] = field(default_factory=dict)  # balanced examples/epoch by child
     # The training exchange alone (train messages, replies, and with the federation PS the rows
     # children read from it while training), without the round's evaluation.
@@ -696,7 +697,7 @@ class _Job:
         self.rule = build_fusion_rule(config.rule, **config.rule_options)
         self.stop = config.stop_rule()
         self.held_peak = 0
-        self.child_seconds: list[float] = []
+        self.child_seconds: dict[str, float] = {}
         self.child_counters: dict[str, float] = {}
         encoder_only = set(self.model.shared_parameter_names())  # all but the item table
         self.carried: ArrayRecord | None = None  # carry_optimizer: the last child's moments
@@ -1034,7 +1035,7 @@ class _Job:
         held: dict[int, Message | str] = {}
         next_rank = 0
         self.held_peak = 0  # most replies held at once (the reorder buffer's cost)
-        self.child_seconds = []  # each accepted child's local training time
+        self.child_seconds = {}  # each accepted child's local training time
         self.child_counters = {}  # elastic_* / ps_* counters of the accepted children, summed
 
         def round_content(work: int | None = None) -> RecordDict:
@@ -1143,8 +1144,9 @@ class _Job:
             skipped=skipped,
             held_replies=self.held_peak,
             work={label(nid): int(w) for nid, w in assigned.items()},
-            child_seconds_max=max(self.child_seconds) if self.child_seconds else None,
-            child_seconds_sum=sum(self.child_seconds) if self.child_seconds else None,
+            child_seconds_max=max(self.child_seconds.values()) if self.child_seconds else None,
+            child_seconds_sum=sum(self.child_seconds.values()) if self.child_seconds else None,
+            child_seconds=dict(self.child_seconds),
             train_bytes=train_bytes,
             table_bytes=table_bytes,
             ps_bytes_pulled=self.rows_pulled * self.row_bytes,
@@ -1222,7 +1224,7 @@ class _Job:
                 self.child_counters[key] = self.child_counters.get(key, 0.0) + value
         seconds = metrics.get("seconds")
         if seconds is not None and math.isfinite(seconds) and seconds >= 0:
-            self.child_seconds.append(seconds)
+            self.child_seconds[name] = seconds
         if self.balancer is not None:
             self.balancer.observe(nid, metrics.get("seconds"), metrics.get("trained_examples"))
 
@@ -1339,6 +1341,9 @@ def round_line(result: RoundResult) -> str:
     if result.excluded:
         parts.append(f"left out: {', '.join(sorted(result.excluded))}")
     parts.append(f"{result.seconds:.1f} s")
+    if len(result.child_seconds) > 1:  # who the round waited for
+        slowest = max(result.child_seconds, key=result.child_seconds.__getitem__)
+        parts.append(f"slowest {slowest} ({result.child_seconds[slowest]:.1f} s)")
     if result.stop_reason:
         parts.append(f"stop: {result.stop_reason}")
     return ", ".join(parts)

@@ -43,6 +43,8 @@ ROUND_COLUMNS = (
     "eval_split",
     "children_recall@20_min",
     "children_recall@20_max",
+    "slowest_child",
+    "slowest_child_seconds",
 )
 
 
@@ -72,6 +74,8 @@ def children_recall(r: Mapping[str, Any]) -> list[float]:
 def round_row(r: Mapping[str, Any]) -> dict[str, Any]:
     """One CSV row of a round dict (``RoundResult.to_dict()``)."""
     spread = children_recall(r)
+    times: dict[str, float] = r.get("child_seconds") or {}
+    slowest = max(times, key=times.__getitem__) if times else ""
     return {
         "round": r["round"],
         "participants": len(r["participants"]),
@@ -89,6 +93,8 @@ def round_row(r: Mapping[str, Any]) -> dict[str, Any]:
         "eval_split": eval_split(r),
         "children_recall@20_min": min(spread) if spread else None,
         "children_recall@20_max": max(spread) if spread else None,
+        "slowest_child": slowest,
+        "slowest_child_seconds": round(times[slowest], 4) if slowest else None,
     }
 
 

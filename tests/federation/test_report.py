@@ -27,6 +27,7 @@ def rounds() -> list[dict[str, Any]]:
             "param_change": 0.1,
             "skipped": None,
             "metrics": {"train_loss": 5.0 - r, "valid_recall@20": 10.0 * r},
+            "child_seconds": {"a": 1.0, "b": 2.5 * r},
             "child_metrics": {
                 "a": {"valid_recall@20": 10.0 * r - 2, "valid_examples": 5.0},
                 "b": {"valid_recall@20": 10.0 * r + 2, "valid_examples": 5.0},
@@ -46,6 +47,8 @@ def test_rounds_csv_has_a_row_per_round(tmp_path: Path) -> None:
     assert rows[0]["eval_split"] == "valid"
     assert float(rows[2]["children_recall@20_min"]) == 28.0
     assert float(rows[2]["children_recall@20_max"]) == 32.0
+    # who each round waited for
+    assert rows[2]["slowest_child"] == "b" and float(rows[2]["slowest_child_seconds"]) == 7.5
 
 
 def test_the_round_table_names_the_split_its_metrics_are_on() -> None:

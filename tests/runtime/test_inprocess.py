@@ -390,6 +390,9 @@ def test_each_childs_own_metrics_are_kept_and_weigh_up_to_the_rounds() -> None:
     assert mean == pytest.approx(round_["metrics"]["valid_recall@20"])
     final = result["final_child_metrics"]
     assert sorted(final) == sorted(by_child) and all("test_mrr@20" in m for m in final.values())
+    # and each one's training time (who is slow), not only the maximum and the sum
+    times = round_["child_seconds"]
+    assert sorted(times) == sorted(by_child) and max(times.values()) == round_["child_seconds_max"]
 
 
 def test_publish_best_publishes_and_tests_the_best_validation_round() -> None:
