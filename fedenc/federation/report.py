@@ -10,6 +10,7 @@ directions), seconds. ``rounds.csv`` adds the split and the range of the childre
 from __future__ import annotations
 
 import csv
+import datetime
 import io
 import json
 import logging
@@ -145,8 +146,27 @@ def write_results(
     """``results.json``: the result dict plus ``extra`` (scenario, runtime counters)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / RESULTS_FILE
-    atomic.write_text(path, json.dumps({**result, **(extra or {})}, indent=2, default=str) + "\n")
+    record = {**result, **(extra or {}), "written_at": _now(), "software": software_versions()}
+    atomic.write_text(path, json.dumps(record, indent=2, default=str) + "\n")
     return path
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def software_versions() -> dict[str, str]:
+    """What produced a result (for an audit, and for numbers that change with a library)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for package in ("fedenc", "torch", "flwr", "grpcio", "numpy"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "not installed"
+    return out
 
 
 def write_rounds_csv(rounds: Sequence[Mapping[str, Any]], out_dir: Path) -> Path:

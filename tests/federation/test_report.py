@@ -85,3 +85,14 @@ def test_the_plot_marks_the_final_test_and_names_the_split(
     assert "ranking metrics on the children's validation split" in titles
     assert {"Recall@20", "MRR@20", "test Recall@20", "test MRR@20"} <= set(labels)
     assert "Recall@20, children's range" in labels
+
+
+def test_results_json_says_when_and_with_what_it_was_written(tmp_path: Path) -> None:
+    import json
+
+    path = report.write_results({"rounds": rounds()}, tmp_path, {"runtime": {"kind": "x"}})
+    record = json.loads(path.read_text())
+    assert record["runtime"] == {"kind": "x"} and len(record["rounds"]) == 3
+    assert record["written_at"].endswith("+00:00")
+    assert {"python", "fedenc", "torch", "flwr"} <= set(record["software"])
+    assert record["software"]["torch"].split(".")[0].isdigit()
