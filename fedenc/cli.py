@@ -116,8 +116,9 @@ def train_cmd(
         int | None,
         typer.Option(
             min=1,
-            help="Raw Yoochoose log: keep the most recent 1/N of its training sessions "
-            "(SR-GNN's Yoochoose 1/64 is --recent 64); default: all of them.",
+            help="Raw Yoochoose log: keep the training sessions of its most recent 1/N of "
+            "training examples, as SR-GNN cuts them (Yoochoose 1/64 is --recent 64); default: "
+            "all of them.",
         ),
     ] = None,
     synthetic: Annotated[
@@ -147,7 +148,7 @@ def train_cmd(
     patience: Annotated[int, typer.Option(help="Early stop after N epochs w/o gain.")] = 0,
     max_examples: Annotated[int, typer.Option(help="Cap training pairs per epoch (0=all).")] = 0,
     seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     threads: Annotated[int, typer.Option(help="torch threads (0 = default).")] = 0,
     plan: Annotated[
         str,
@@ -474,7 +475,7 @@ def evaluate_cmd(
     valid_fraction: Annotated[float, typer.Option(help="Validation share.")] = 0.1,
     split: Annotated[str, typer.Option(help="test or valid.")] = "test",
     batch_size: Annotated[int, typer.Option(min=1, help="Sessions scored at once.")] = 500,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the metrics to this JSON file.")
     ] = None,
@@ -486,7 +487,7 @@ def evaluate_cmd(
     from fedenc.data.sessions import Examples
     from fedenc.data.synthetic import SyntheticConfig
     from fedenc.training.checkpoint import load_checkpoint
-    from fedenc.training.config import TrainConfig
+    from fedenc.training.config import TrainConfig, resolve_device
     from fedenc.training.progress import TrainingProgress
     from fedenc.training.trainer import Trainer
 
@@ -528,6 +529,7 @@ def evaluate_cmd(
             valid_fraction=valid_fraction,
         )
         config = TrainConfig(eval_batch_size=batch_size, device=device)
+        resolve_device(device)  # before the data load: "no CUDA here" was a late traceback
     except (ValueError, FileNotFoundError) as err:
         raise _fail(str(err)) from err
     splits = _load_splits(data, synthetic)
@@ -837,7 +839,7 @@ def simulate_cmd(
         int | None, typer.Option(min=0, help="Torch threads per worker (0 = cores / workers).")
     ] = None,
     device: Annotated[
-        str | None, typer.Option(help="Where the children train: cpu | cuda | auto.")
+        str | None, typer.Option(help="Where the children train: cpu | cuda | cuda:N | auto.")
     ] = None,
     share: ShareOpt = None,
     publish: PublishOpt = None,

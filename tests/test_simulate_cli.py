@@ -83,6 +83,21 @@ def test_shipped_scenarios_are_valid() -> None:
         assert scenario.children >= 1 and scenario.run_config()
     quick = Scenario.from_toml(ROOT / "simulations" / "quickstart.toml")
     assert (quick.children, quick.rounds, quick.data) == (4, 3, None)
+    # A relative data path is the file's, so the shipped ones find ../shared/data beside the
+    # checkout from any working directory (they were read from the current one).
+    digi = Scenario.from_toml(ROOT / "simulations" / "diginetica-iid.toml")
+    assert Path(str(digi.data)).resolve() == (ROOT.parent / "shared" / "data" / "diginetica")
+
+
+def test_a_relative_data_path_in_a_scenario_file_is_read_from_the_files_folder(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "conf" / "mine.toml"
+    path.write_text('data = "../sets/x"\n')
+    assert Scenario.from_toml(path).data == str(tmp_path / "sets" / "x")
+    path.write_text(f'data = "{tmp_path / "abs"}"\n')
+    assert Scenario.from_toml(path).data == str(tmp_path / "abs")
 
 
 def test_bad_settings_exit_2_with_a_message(tmp_path: Path) -> None:

@@ -93,5 +93,7 @@ def server_security_of(certs: Path | None, insecure: bool) -> Any:
     from fedenc.ps.tls import shard_credentials
     from fedenc.runtime.grpc.transport import ServerSecurity
 
-    credentials = shard_credentials(certs, insecure)
+    credentials = shard_credentials(
+        certs, insecure, what="elastic service sends training batches and parameters"
+    )
     return ServerSecurity(credentials=credentials, insecure=credentials is None)

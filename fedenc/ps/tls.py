@@ -8,23 +8,30 @@ connect with their child certificate. Plaintext needs an explicit ``--insecure``
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fedenc.security.policy import choose_transport
 
 
-def _warn(_: str) -> None:
-    print(
-        "WARNING: --insecure: this PS shard serves embedding rows in PLAINTEXT; anyone on the "
-        "network can read and change them. Use it only on a trusted host or for local tests.",
-        file=sys.stderr,
-    )
+def _warner(what: str) -> Callable[[str], None]:
+    def warn(_: str) -> None:
+        print(
+            f"WARNING: --insecure: this {what} in PLAINTEXT; anyone on the network can read and "
+            "change them. Use it only on a trusted host or for local tests.",
+            file=sys.stderr,
+        )
+
+    return warn
 
 
-def shard_credentials(certs: Path | None, insecure: bool) -> Any:
-    """``grpc.ServerCredentials`` for a shard, or None for plaintext (with a warning)."""
-    chosen = choose_transport(certs=certs, insecure=insecure, role="master", warn=_warn)
+def shard_credentials(
+    certs: Path | None, insecure: bool, what: str = "PS shard serves embedding rows"
+) -> Any:
+    """``grpc.ServerCredentials`` for a shard (or another service: ``what`` it serves, for the
+    warning), or None for plaintext (with a warning)."""
+    chosen = choose_transport(certs=certs, insecure=insecure, role="master", warn=_warner(what))
     if chosen is None:
         return None
     from fedenc.security.credentials import load_master_tls

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -130,8 +132,10 @@ class Scenario:
             raise ValueError(f"share must be auto, all or encoder, got {self.share!r}")
         if self.publish not in ("last", "best"):
             raise ValueError(f"publish must be last or best, got {self.publish!r}")
-        if self.device not in ("cpu", "cuda", "auto"):
-            raise ValueError(f"device must be cpu, cuda or auto, got {self.device!r}")
+        if self.device not in ("cpu", "cuda", "auto") and not re.fullmatch(
+            r"cuda:\d+", self.device
+        ):
+            raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         if self.workers < 0 or self.threads < 0:
             raise ValueError(
                 f"workers and threads must be >= 0, got {self.workers}, {self.threads}"
@@ -212,6 +216,10 @@ class Scenario:
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"{path}: not valid TOML ({err})") from err
         values.setdefault("name", path.stem)
+        data = values.get("data")
+        if isinstance(data, str) and data and not Path(data).expanduser().is_absolute():
+            # Relative to the file, as config files do: the same from any working directory.
+            values["data"] = os.path.normpath(path.parent / data)
         return cls.from_mapping(values, source=str(path))
 
     def with_overrides(self, **overrides: Any) -> Scenario:
