@@ -480,10 +480,11 @@ def evaluate_cmd(
         Path | None, typer.Option("--json", help="Also write the metrics to this JSON file.")
     ] = None,
 ) -> None:
-    """Recall@K and MRR@K (K = 20, 10) of a saved encoder on a data set's test (or validation)
-    split, every catalog item ranked. Give the data the encoder was trained on: the same
-    --data, or the same synthetic settings (fedenc simulate's scenario: synthetic-sessions,
-    synthetic-items, seed)."""
+    """Score a saved encoder: Recall@K and MRR@K on a test or validation split.
+
+    K = 20 and 10, every catalog item ranked. Give the data the encoder was trained on: the
+    same --data, or the same synthetic settings (fedenc simulate's scenario:
+    synthetic-sessions, synthetic-items, seed); a run directory's own are read from it."""
     from fedenc.data.sessions import Examples
     from fedenc.data.synthetic import SyntheticConfig
     from fedenc.training.checkpoint import load_checkpoint
