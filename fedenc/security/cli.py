@@ -117,6 +117,56 @@ def issue_cmd(
     )
 
 
+@certs_app.command("request")
+def request_cmd(
+    name: Annotated[str, typer.Argument(help="This child's name (letters, digits, . _ -).")],
+    dir: DirOption = DEFAULT_CERTS_DIR,
+    force: ForceOption = False,
+) -> None:
+    """On a child's site: make its key and a certificate signing request (the key stays here)."""
+    from fedenc.security.layout import CertLayout
+    from fedenc.security.store import request_child
+
+    layout = CertLayout(dir)
+    try:
+        csr = request_child(layout, name, force=force)
+    except (SecurityError, ValueError, OSError) as err:
+        raise _fail(err) from err
+    err_console.print(
+        f"child {name!r}: key {layout.child_key(name)} (keep it here) and request {csr}. Send "
+        f"{csr.name} to the federation's operator (`fedenc certs sign {csr.name}`), then put "
+        f"the {name}.pem it returns next to the key, and the federation's ca.pem in {dir}."
+    )
+
+
+@certs_app.command("sign")
+def sign_cmd(
+    request: Annotated[Path, typer.Argument(help="A child's request (`fedenc certs request`).")],
+    dir: DirOption = DEFAULT_CERTS_DIR,
+    days: Annotated[int, typer.Option(min=1, help="Validity in days.")] = CHILD_DAYS,
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write the certificate (default: REQUEST.pem).")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace the child's current certificate.")
+    ] = False,
+) -> None:
+    """On the operator's machine: sign a child's request with the CA (no key is made or seen)."""
+    from fedenc.security.layout import CertLayout
+    from fedenc.security.store import sign_request
+
+    layout = CertLayout(dir)
+    try:
+        name, cert, target = sign_request(layout, request, days=days, out=out, force=force)
+    except (SecurityError, ValueError, OSError) as err:
+        raise _fail(err) from err
+    err_console.print(
+        f"child {name!r}: certificate {target} (serial {cert.serial_number:x}, expires "
+        f"{cert.not_valid_after_utc:%Y-%m-%d}). Send it with {layout.ca_cert.name} back to the "
+        "child."
+    )
+
+
 @certs_app.command("revoke")
 def revoke_cmd(
     name: Annotated[

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedenc.security.ca import SIGNATURE_HASH, CertificateAuthority, new_private_key
@@ -71,6 +73,21 @@ def _leaf(
     not_after: dt.datetime | None,
 ) -> IssuedCertificate:
     key = new_private_key()
+    cert = _leaf_for(ca, key.public_key(), common_name, san, usage, days, not_before, not_after)
+    return IssuedCertificate(cert, key)
+
+
+def _leaf_for(
+    ca: CertificateAuthority,
+    public_key: CertificatePublicKeyTypes,
+    common_name: str,
+    san: list[x509.GeneralName],
+    usage: x509.ObjectIdentifier,
+    days: int,
+    not_before: dt.datetime | None,
+    not_after: dt.datetime | None,
+) -> x509.Certificate:
+    """A leaf for ``public_key`` (the CA's choice of every field: nothing of a request)."""
     start, end = validity_window(days, not_before, not_after)
     # A leaf must not outlive its CA: peers would refuse it after the CA expires anyway.
     end = min(end, ca.cert.not_valid_after_utc)
@@ -86,7 +103,7 @@ def _leaf(
             )
         )
         .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(end)
@@ -94,13 +111,13 @@ def _leaf(
         .add_extension(_key_usage(), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(x509.SubjectAlternativeName(san), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
         )
         .sign(ca.key, SIGNATURE_HASH)
     )
-    return IssuedCertificate(cert, key)
+    return cert
 
 
 def issue_master_certificate(
@@ -130,3 +147,58 @@ def issue_child_certificate(
     validate_child_name(name)
     san: list[x509.GeneralName] = [x509.UniformResourceIdentifier(child_uri(name))]
     return _leaf(ca, name, san, ExtendedKeyUsageOID.CLIENT_AUTH, days, not_before, not_after)
+
+
+def child_request(name: str) -> tuple[x509.CertificateSigningRequest, PrivateKey]:
+    """A certificate signing request for child ``name`` and its new private key: the child's
+    site makes both and sends only the request, so its key never leaves the site."""
+    validate_child_name(name)
+    key = new_private_key()
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(child_uri(name))]),
+            critical=False,
+        )
+        .sign(key, SIGNATURE_HASH)
+    )
+    return csr, key
+
+
+def sign_child_request(
+    ca: CertificateAuthority,
+    csr: x509.CertificateSigningRequest,
+    *,
+    days: int = CHILD_DAYS,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+) -> tuple[str, x509.Certificate]:
+    """The child certificate for a request made by :func:`child_request` (or any tool): its
+    name (the request's common name) and a certificate the CA builds itself around the request's
+    public key. The request must be self-signed by that key and name one valid child; whatever
+    else it asks for (other names, CA rights, usages) is not copied."""
+    if not csr.is_signature_valid:
+        raise ValueError("the request's signature does not verify: damaged, or not made by its key")
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1:
+        raise ValueError(f"the request must name one child (common name), it names {len(names)}")
+    name = validate_child_name(str(names[0].value))
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = None
+    if san is not None:
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+        others = [g for g in san if not isinstance(g, x509.UniformResourceIdentifier)]
+        if others or uris not in ([], [child_uri(name)]):
+            raise ValueError(
+                f"the request for child {name!r} asks for other names too ({san}); a child "
+                f"certificate names only {child_uri(name)}"
+            )
+    key = csr.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.key_size < 256:
+        raise ValueError("the request's key must be an elliptic-curve key of 256 bits or more")
+    uri: list[x509.GeneralName] = [x509.UniformResourceIdentifier(child_uri(name))]
+    usage = ExtendedKeyUsageOID.CLIENT_AUTH
+    return name, _leaf_for(ca, key, name, uri, usage, days, not_before, not_after)

@@ -8,19 +8,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from fedenc import atomic
 from fedenc.security.ca import CertificateAuthority, create_ca, load_ca
 from fedenc.security.defaults import CA_DAYS, CHILD_DAYS, DEFAULT_MASTER_HOSTS, MASTER_DAYS
 from fedenc.security.errors import KeyExistsError, PemError
 from fedenc.security.issue import (
     IssuedCertificate,
+    child_request,
     issue_child_certificate,
     issue_master_certificate,
+    sign_child_request,
 )
 from fedenc.security.layout import CertLayout
 from fedenc.security.pem import (
     load_certificate,
     load_crl,
+    read_pem,
     write_certificate,
     write_crl,
     write_private_key,
@@ -171,3 +176,53 @@ def list_certificates(layout: CertLayout) -> list[CertInfo]:
         serial = cert.serial_number
         rows.append(CertInfo(name, role, serial, cert.not_valid_after_utc, revoked.get(serial)))
     return rows
+
+
+def request_child(layout: CertLayout, name: str, *, force: bool = False) -> Path:
+    """On the child's site: a new key in ``children/NAME.key`` and the signing request to send
+    to the federation's operator in ``children/NAME.csr`` (returned). The key never leaves."""
+    key_path = layout.child_key(name)
+    if key_path.exists() and not force:
+        raise KeyExistsError(
+            f"child {name!r} already has a key ({key_path}); pass --force to make a new one"
+        )
+    csr, key = child_request(name)
+    csr_path = layout.children_dir / f"{name}.csr"
+    write_private_key(key_path, key, force=force)
+    atomic.write_bytes(csr_path, csr.public_bytes(serialization.Encoding.PEM), 0o644)
+    return csr_path
+
+
+def sign_request(
+    layout: CertLayout,
+    request: Path,
+    *,
+    days: int = CHILD_DAYS,
+    out: Path | None = None,
+    force: bool = False,
+) -> tuple[str, x509.Certificate, Path]:
+    """On the operator's machine: the child certificate for the request in ``request``, kept
+    in ``children/NAME.pem`` (what ``fedenc certs revoke NAME`` reads) and at ``out``; returns
+    the child's name, the certificate and where it was written for the child."""
+    ca = load_ca(layout)
+    data = read_pem(request, "certificate signing request", "CERTIFICATE REQUEST")
+    try:
+        csr = x509.load_pem_x509_csr(data)
+    except ValueError as err:
+        raise PemError(f"{request}: not a readable certificate signing request ({err})") from None
+    try:
+        name, cert = sign_child_request(ca, csr, days=days)
+    except ValueError as err:
+        raise PemError(f"{request}: {err}") from None
+    kept = layout.child_cert(name)
+    if kept.exists() and not force:
+        raise KeyExistsError(
+            f"child {name!r} already has a certificate ({kept}); pass --force to replace it "
+            f"(revoke the old one with `fedenc certs revoke {name}` if it may be misused)"
+        )
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    write_certificate(kept, cert)
+    target = out if out is not None else request.with_suffix(".pem")
+    if target != kept:
+        write_certificate(target, cert)
+    return name, cert, target

@@ -114,3 +114,60 @@ def test_clear_errors(tmp_path: Path) -> None:
     assert not (tmp_path / "x" / "ca.key").exists()  # nothing written on bad input
     code, out = certs("list", "--dir", str(tmp_path / "empty"))
     assert code == 2 and "`fedenc certs init --dir" in out
+
+
+def test_a_child_keeps_its_key_the_operator_signs_its_request(tmp_path: Path) -> None:
+    # The operator used to make every child's private key and ship it; with a request, the key
+    # is made at the site and never travels.
+    import shutil
+
+    ca_dir, site = tmp_path / "ca", tmp_path / "site-a"
+    assert certs("init", "--dir", str(ca_dir))[0] == 0
+    code, out = certs("request", "site-a", "--dir", str(site))
+    assert code == 0, out
+    key, csr = site / "children" / "site-a.key", site / "children" / "site-a.csr"
+    assert mode(key) == 0o600 and csr.is_file()
+    assert "fedenccertssignsite-a.csr" in flat(out)
+    code, out = certs("sign", str(csr), "--dir", str(ca_dir))
+    assert code == 0, out
+    issued = site / "children" / "site-a.pem"  # next to the request, for the child
+    cert = load_certificate(issued)
+    assert child_name_of(cert) == "site-a" and (ca_dir / "children" / "site-a.pem").is_file()
+    assert not (ca_dir / "children" / "site-a.key").exists()  # the operator never saw it
+    shutil.copy(ca_dir / "ca.pem", site / "ca.pem")
+    load_child_tls(site, "site-a")  # a working credential: the site's key with the CA's cert
+    # The operator can revoke it by name, as a certificate it issued itself.
+    assert certs("revoke", "site-a", "--dir", str(ca_dir))[0] == 0
+    # Signing the same child again needs --force; a damaged request is refused by name.
+    code, out = certs("sign", str(csr), "--dir", str(ca_dir))
+    assert code != 0 and "alreadyhasacertificate" in flat(out)
+    csr.write_text(csr.read_text().replace("A", "B", 5))
+    code, out = certs("sign", str(csr), "--dir", str(ca_dir), "--force")
+    assert code != 0 and "site-a.csr" in flat(out)
+
+
+def test_a_request_for_more_than_a_child_certificate_is_refused(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    ca_dir = tmp_path / "ca"
+    assert certs("init", "--dir", str(ca_dir))[0] == 0
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mallory")]))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier("fedenc://child/mallory"), x509.DNSName("bank.com")]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    path = tmp_path / "mallory.csr"
+    path.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    code, out = certs("sign", str(path), "--dir", str(ca_dir))
+    assert code != 0 and "asksforothernamestoo" in flat(out)
+    assert not (ca_dir / "children" / "mallory.pem").exists()
