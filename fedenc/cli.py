@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from fedenc import __version__
 from fedenc.control.cli import control_app
@@ -92,13 +93,42 @@ def _root(
 
 
 @app.command("encoders")
-def encoders_cmd() -> None:
-    """List the available encoder types."""
-    from fedenc.encoders.registry import available_encoders, encoder_class
+def encoders_cmd(
+    tensors: Annotated[
+        str | None,
+        typer.Option(
+            help="List this encoder type's tensors (name, shape, dtype, what the federation "
+            "exchanges) for --hidden and --num-items: what a child written in another stack must "
+            "send back (docs/encoders.md).",
+        ),
+    ] = None,
+    hidden: Annotated[int, typer.Option(min=1)] = 100,
+    num_items: Annotated[int, typer.Option(min=1)] = 43097,
+    positions: Annotated[bool, typer.Option("--positions/--no-positions")] = True,
+) -> None:
+    """List the available encoder types (or one type's tensors)."""
+    from fedenc.encoders.registry import UnknownEncoderError, available_encoders, encoder_class
 
-    for name in available_encoders():
-        doc = (encoder_class(name).__doc__ or encoder_class(name).__module__).strip()
-        typer.echo(f"{name:10s} {doc.splitlines()[0]}")
+    if tensors is None:
+        for name in available_encoders():
+            doc = (encoder_class(name).__doc__ or encoder_class(name).__module__).strip()
+            typer.echo(f"{name:10s} {doc.splitlines()[0]}")
+        return
+    from fedenc.encoders.registry import build_encoder
+
+    try:
+        model = build_encoder(tensors, num_items, hidden=hidden, use_positions=positions)
+    except (UnknownEncoderError, ValueError) as err:
+        raise _fail(str(err)) from err
+    encoder = set(model.shared_parameter_names())
+    table = Table(title=f"{tensors} tensors (hidden {hidden}, {num_items} items)")
+    for column in ("tensor", "shape", "dtype", "exchanged with share ="):
+        table.add_column(column)
+    for name, param in model.named_parameters():
+        share = "all, encoder" if name in encoder else "all (the item table)"
+        dtype = str(param.dtype).removeprefix("torch.")
+        table.add_row(name, " x ".join(map(str, param.shape)), dtype, share)
+    Console().print(table)
 
 
 @app.command("train")

@@ -197,3 +197,17 @@ def test_printed_control_commands_keep_their_connection_flags(
     from fedenc.control.cli import connection_flags
 
     assert connection_flags(insecure, certs, name) == flags
+
+
+def test_encoders_lists_a_types_tensors_with_what_is_exchanged() -> None:
+    result = runner.invoke(
+        app,
+        ["encoders", "--tensors", "srgnn", "--hidden", "8", "--num-items", "50"],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    lines = {line.split("│")[1].strip(): line for line in result.output.splitlines() if "│" in line}
+    assert "51 x 8" in lines["embedding.weight"] and "the item table" in lines["embedding.weight"]
+    assert "48 x 32" in lines["gnn.w_ih.weight"] and "all, encoder" in lines["gnn.w_ih.weight"]
+    bad = runner.invoke(app, ["encoders", "--tensors", "nope"])
+    assert bad.exit_code == 2 and "unknown encoder type 'nope'" in bad.output
