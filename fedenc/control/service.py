@@ -40,6 +40,7 @@ import torch
 from flwr.app import Message
 from flwr.serverapp import ServerApp
 
+from fedenc import atomic
 from fedenc.control.spec import (
     JobSpecError,
     RunConfig,
@@ -71,6 +72,8 @@ log = logging.getLogger(__name__)
 TERMINAL = frozenset({cpb.JOB_STATE_SUCCEEDED, cpb.JOB_STATE_FAILED, cpb.JOB_STATE_CANCELLED})
 #: Certificate names that may submit, cancel and list by default (`fedenc certs issue operator`).
 DEFAULT_OPERATORS: Final = ("operator",)
+#: An ended job's record in its output folder (what a restarted master lists again).
+JOB_FILE: Final = "job.json"
 #: WatchJob streams open at once: each holds a server thread while it lasts.
 MAX_WATCHERS = 8
 #: Job ids a NOT_FOUND names (the most recent ones).
@@ -103,6 +106,40 @@ def _ms(t: float) -> int:
 def _wall(monotonic_time: float) -> float:
     """A ``time.monotonic()`` instant as Unix time."""
     return time.time() - (time.monotonic() - monotonic_time)
+
+
+def _restored_job(folder: Path) -> JobRecord:
+    """A :class:`JobRecord` from an ended job's ``job.json`` (and ``results.json``: its rounds,
+    and the tensors its encoder shares)."""
+    from google.protobuf import json_format
+
+    proto = json_format.Parse((folder / JOB_FILE).read_text(), cpb.Job())
+    if proto.state not in TERMINAL:
+        raise ValueError(f"state {_state_name(proto.state)} is not an ended job's")
+    run_config = struct_to_dict(proto.effective_config)
+    results_path = folder / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    encoder = folder / "encoder"
+    return JobRecord(
+        job_id=proto.job_id,
+        spec=proto.spec,
+        requester=proto.requester,
+        run_config=run_config,
+        config=MasterConfig.from_run_config(run_config),
+        created=proto.created_unix_ms / 1000,
+        state=proto.state,
+        rounds=[
+            round_report(proto.job_id, RoundResult.from_dict(r)) for r in results.get("rounds", [])
+        ],
+        started=proto.started_unix_ms / 1000,
+        finished=proto.finished_unix_ms / 1000,
+        stop_reason=proto.stop_reason,
+        error=proto.error,
+        cancel_requested=proto.cancel_requested,
+        final_metrics=dict(proto.final_metrics),
+        checkpoint=encoder if proto.encoder_available and encoder.is_dir() else None,
+        target_names=list(results.get("shared_parameters", [])),
+    )
 
 
 def _iso(unix: float) -> str:
@@ -277,6 +314,7 @@ class ControlService(cgrpc.ControlServicer):
         self._children: dict[str, _Child] = {}
         self._watchers = 0
         self._stopping = False
+        self._restore_jobs()
         self._worker = threading.Thread(target=self._work, name="fedenc-control-jobs", daemon=True)
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -517,6 +555,45 @@ class ControlService(cgrpc.ControlServicer):
         job.finished = time.time()
         self._cond.notify_all()
         log.info("job %s %s%s", job.job_id, _state_name(state), f": {error}" if error else "")
+        self._save_job(job)
+
+    def _save_job(self, job: JobRecord) -> None:
+        """Under the lock: the ended job's record in ``<out>/<job id>/job.json``, which a master
+        restarted on the same ``--out`` lists again (and serves the encoder of)."""
+        from google.protobuf import json_format
+
+        path = self.out_root / job.job_id / JOB_FILE
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            text = json_format.MessageToJson(self._job_proto(job), preserving_proto_field_name=True)
+            atomic.write_text(path, text + "\n")
+        except OSError as err:  # the record in memory stands; only a restart forgets the job
+            log.warning("job %s: cannot write %s: %s", job.job_id, path, err)
+
+    def _restore_jobs(self) -> None:
+        """The ended jobs of an earlier master on the same ``out_root`` (their ``job.json``);
+        a job that was running when that master stopped is named in the log."""
+        if not self.out_root.is_dir():
+            return
+        restored: list[JobRecord] = []
+        for folder in sorted(p for p in self.out_root.iterdir() if p.is_dir()):
+            if not (folder / JOB_FILE).is_file():
+                if (folder / "state" / "master.pt").is_file():
+                    log.warning(
+                        "job %s was running when the earlier master stopped: not restored (its "
+                        "checkpoint is in %s; submit the job again)",
+                        folder.name,
+                        folder / "state",
+                    )
+                continue
+            try:
+                restored.append(_restored_job(folder))
+            except Exception as err:  # a damaged record must not keep the master from starting
+                log.warning("%s: not restored (%s)", folder / JOB_FILE, err)
+        for job in sorted(restored, key=lambda j: j.created):
+            self._jobs[job.job_id] = job
+        if restored:
+            log.info("%d earlier job(s) restored from %s", len(restored), self.out_root)
 
     @staticmethod
     def _cancel_text(job: JobRecord) -> str:

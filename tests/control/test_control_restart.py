@@ -1,0 +1,98 @@
+"""A served master restarted on the same ``--out`` lists its earlier jobs again and serves their
+encoders (their records lived in memory only): a real job with two in-process gRPC children,
+then a new service on the same folder."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedenc.control.client import ControlClient
+from fedenc.control.service import JOB_FILE, ControlService
+from fedenc.proto.fedenc.v1 import control_pb2 as cpb
+from fedenc.runtime.grpc.child import GrpcChild
+from fedenc.runtime.grpc.master import FederationServer
+from fedenc.runtime.grpc.transport import ChannelSecurity, ServerSecurity
+
+pytestmark = pytest.mark.timeout(180)
+
+INSECURE = ChannelSecurity(insecure=True)
+TINY = {
+    "synthetic-sessions": 400,
+    "synthetic-items": 60,
+    "hidden": 8,
+    "batch-size": 50,
+    "num-server-rounds": 2,
+    "final-test": False,
+    "expect-children": 2,
+    "wait-timeout": 30.0,
+}
+
+
+def serve(out: Path) -> ControlService:
+    server = FederationServer("127.0.0.1:0", ServerSecurity(insecure=True))
+    control = ControlService(server, TINY, out).attach()
+    server.start()
+    return control
+
+
+def test_a_restarted_master_lists_its_earlier_jobs_and_serves_their_encoders(
+    tmp_path: Path,
+) -> None:
+    from nodes.child import app as child_app
+
+    out = tmp_path / "jobs"
+    first = serve(out)
+    address = first._server.address
+    kids = [
+        GrpcChild(
+            address,
+            f"c{i}",
+            child_app,
+            {"partition-id": i, "num-partitions": 2},
+            INSECURE,
+            connect_timeout=10,
+        )
+        for i in range(2)
+    ]
+    threads = [threading.Thread(target=k.run, daemon=True) for k in kids]
+    for t in threads:
+        t.start()
+    try:
+        with ControlClient(address, INSECURE) as client:
+            job = client.submit(cpb.JobSpec(rounds=2), requester="before")
+            done = [e.job for e in client.watch(job.job_id) if e.WhichOneof("event") == "job"][-1]
+            assert done.state == cpb.JOB_STATE_SUCCEEDED, done.error
+            before = client.download(job.job_id)
+            cancelled = client.submit(cpb.JobSpec(rounds=500), requester="before")
+            client.cancel(cancelled.job_id, "not needed")
+    finally:
+        first.stop(timeout=10)
+        first._server.stop("restart")
+        for k in kids:
+            k.stop()
+        for t in threads:
+            t.join(10)
+    assert (out / job.job_id / JOB_FILE).is_file()
+
+    again = serve(out)  # a new process would do the same: no child needed to list or download
+    try:
+        with ControlClient(again._server.address, INSECURE) as client:
+            jobs = {j.job_id: j for j in client.jobs()}
+            assert jobs[job.job_id].state == cpb.JOB_STATE_SUCCEEDED
+            assert jobs[job.job_id].requester == "before" and jobs[job.job_id].rounds_done == 2
+            assert jobs[cancelled.job_id].state == cpb.JOB_STATE_CANCELLED
+            after = client.download(job.job_id)
+            assert after.tensors.keys() == before.tensors.keys()
+            for name, tensor in after.tensors.items():
+                assert torch.equal(tensor, before.tensors[name]), name
+            rounds = [
+                e.round.round for e in client.watch(job.job_id) if e.WhichOneof("event") == "round"
+            ]
+            assert rounds == [1, 2]
+    finally:
+        again.stop(timeout=5)
+        again._server.stop("test over")
