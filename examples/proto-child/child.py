@@ -196,7 +196,19 @@ def load_stubs(path: str) -> Any:
     sys.path.insert(0, path)
     names = {"service": "federation_service_pb2", "federation": "federation_pb2"}
     names["tensor"] = "tensor_pb2"
-    mods = {k: importlib.import_module(f"fedenc.v1.{v}") for k, v in names.items()}
+    try:
+        mods = {k: importlib.import_module(f"fedenc.v1.{v}") for k, v in names.items()}
+    except ModuleNotFoundError as err:
+        # The stubs' package is fedenc.v1: an importable fedenc package (a checkout on the path,
+        # an installed fedenc) hides them.
+        found = sys.modules.get("fedenc")
+        where = getattr(found, "__file__", None) if found is not None else None
+        hint = f" (the fedenc package at {where} hides them: run without it on the path)"
+        raise SystemExit(
+            f"cannot import the stubs from {path}: {err}{hint if where else ''}; generate them "
+            "with python -m grpc_tools.protoc -I proto --python_out=STUBS --grpc_python_out=STUBS "
+            "proto/fedenc/v1/*.proto"
+        ) from None
     stubs = argparse.Namespace(**mods)
     stubs.MasterMessage = mods["service"].MasterMessage
     return stubs
