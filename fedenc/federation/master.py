@@ -115,6 +115,9 @@ TTL_MARGIN_S: Final = 60.0
 FINISH_TIMEOUT: Final = 30.0
 #: Seconds between the log lines of a long wait for replies.
 WAIT_LOG_S: Final = 30.0
+#: Without a round timeout, evaluation replies are awaited at least this long (and at most
+#: 4 x the round's slowest training beyond it).
+EVAL_WAIT_FLOOR_S: Final = 600.0
 
 
 class NotEnoughChildrenError(RuntimeError):
@@ -1240,6 +1243,15 @@ class _Job:
             return True
         return bool(self.config.rounds) and round_ == self.config.rounds
 
+    def _evaluation_timeout(self) -> float:
+        """How long evaluation replies are awaited: the round timeout, or without one
+        max(:data:`EVAL_WAIT_FLOOR_S`, 4 x the round's slowest training). A child that kept
+        its stream alive but never answered held the job (and its checkpoint) forever."""
+        if self.config.round_timeout is not None:
+            return self.config.round_timeout
+        slowest = max(self.child_seconds.values(), default=0.0)
+        return max(EVAL_WAIT_FLOOR_S, 4.0 * slowest)
+
     def evaluate(
         self, round_: int, split: str
     ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
@@ -1256,7 +1268,7 @@ class _Job:
             nodes,
             "evaluate",
             f"{round_}:{split}",
-            self.config.round_timeout,
+            self._evaluation_timeout(),
         )
         for nid, reason in failed.items():
             log.warning("round %d: %s not evaluated: %s", round_, self.exchange.label(nid), reason)

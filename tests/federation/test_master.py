@@ -943,3 +943,20 @@ def test_a_child_is_reported_under_its_connections_name_not_the_one_it_claims(
     assert name(None, 3, "x\n2026-11-28 INFO forged line") == "node-3"
     assert name(None, 3, "y" * 300) == "node-3"
     assert name({}, 4, "") == "node-4"
+
+
+def test_evaluation_waits_for_the_round_timeout_or_a_bound_from_the_training_times() -> None:
+    # Without a round timeout a child that kept its stream alive but never answered an
+    # evaluation held the job forever (and the round's checkpoint with it).
+    from types import SimpleNamespace
+
+    from fedenc.federation.master import EVAL_WAIT_FLOOR_S, MasterConfig, _Job
+
+    def timeout(round_timeout: float | None, seconds: dict[str, float]) -> float:
+        config = MasterConfig(num_items=10, round_timeout=round_timeout)
+        job = SimpleNamespace(config=config, child_seconds=seconds)
+        return _Job._evaluation_timeout(job)  # type: ignore[arg-type]
+
+    assert timeout(30.0, {"a": 500.0}) == 30.0
+    assert timeout(None, {}) == EVAL_WAIT_FLOOR_S == 600.0
+    assert timeout(None, {"a": 10.0, "b": 400.0}) == 1600.0
