@@ -36,3 +36,9 @@ def evaluate(msg: Message, context: Context) -> Message:
 def finish(msg: Message, context: Context) -> Message:
     """The job is over: drop its state."""
     return child.handle_finish(msg, context)
+
+
+@app.query("notice")
+def notice(msg: Message, context: Context) -> Message:
+    """The master refused this child's answer: log why."""
+    return child.handle_notice(msg, context)

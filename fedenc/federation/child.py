@@ -68,6 +68,7 @@ from fedenc.federation.optimizer_state import export_moments, import_moments
 from fedenc.federation.parameters import Parameters, check_compatible
 from fedenc.federation.runconfig import get_bool, get_float, get_int, get_str
 from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
+from fedenc.protocol.peer_text import clip
 from fedenc.ps.federation import (
     end_round,
     make_trainer,
@@ -833,6 +834,18 @@ def handle_evaluate(message: Message, context: Context) -> Message:
         if pulled:
             metrics[records.PS_ROWS_PULLED] = pulled
     return Message(records.metrics_content(metrics), reply_to=message)
+
+
+def handle_notice(message: Message, context: Context) -> Message:
+    """The master left this child's answer out (a refused update or confirmation): say why in
+    this child's log, where its operator looks."""
+    config: Mapping[str, Any] = message.content.config_records.get(records.CONFIG_KEY) or {}
+    job_id = str(config.get(records.JOB_ID, ""))
+    name = child_name(context, _key(context, job_id)[1])
+    reason = clip(str(config.get(records.REASON, "no reason given")))
+    log.warning("%s: the master left this child out of round %s of job %s: %s", name,
+                config.get(records.ROUND, "?"), job_id, reason)  # fmt: skip
+    return Message(records.metrics_content({}), reply_to=message)
 
 
 def handle_finish(message: Message, context: Context) -> Message:

@@ -118,6 +118,8 @@ WAIT_LOG_S: Final = 30.0
 #: Without a round timeout, evaluation replies are awaited at least this long (and at most
 #: 4 x the round's slowest training beyond it).
 EVAL_WAIT_FLOOR_S: Final = 600.0
+#: How long the master waits for a left-out child to acknowledge why (it answers at once).
+NOTICE_TIMEOUT_S: Final = 5.0
 
 
 class NotEnoughChildrenError(RuntimeError):
@@ -868,6 +870,7 @@ class _Job:
             self.config.query_timeout,
         )
         names = {info.name for info in self.children.values()}
+        refused: dict[int, str] = {}  # answered, and refused by the master: told why below
         for nid in new:
             if nid in failed:
                 info = ChildInfo(nid, self._node_label(nid), False, reason=failed[nid])
@@ -877,6 +880,7 @@ class _Job:
                 except ValueError as err:
                     reason = f"bad confirmation: {err}"
                     info = ChildInfo(nid, self._node_label(nid), False, reason=reason)
+                    refused[nid] = reason
                 else:
                     info = _child_info(
                         nid, self._child_name(nid, name), confirmation, self.config.job_id
@@ -888,6 +892,8 @@ class _Job:
                             f"least {self.config.min_samples} (min-samples)"
                         )
                     info.declined = not info.accepted
+                    if confirmation.accepted and not info.accepted:  # the master's refusal
+                        refused[nid] = info.reason
             if info.name in names:  # names label reports; keep them unique
                 info.name = f"{info.name}#{nid}"
             names.add(info.name)
@@ -899,6 +905,7 @@ class _Job:
                 log.warning(
                     "%s is left out of job %s: %s", info.name, self.config.job_id, info.reason
                 )
+        self.tell_left_out(refused, round_)
 
     def await_confirmations(self, round_: int) -> list[int]:
         """The confirmed children; with fewer than ``min_children`` because some were lost
@@ -1039,6 +1046,7 @@ class _Job:
         next_rank = 0
         self.held_peak = 0  # most replies held at once (the reorder buffer's cost)
         self.child_seconds = {}  # each accepted child's local training time
+        self.rejected: dict[int, str] = {}  # children whose reply came and was refused
         self.child_counters = {}  # elastic_* / ps_* counters of the accepted children, summed
 
         def round_content(work: int | None = None) -> RecordDict:
@@ -1084,6 +1092,7 @@ class _Job:
             + self.rows_pulled * self.row_bytes
         )
         table_bytes = self.rows_bytes + self.rows_pulled * self.row_bytes
+        self.tell_left_out(self.rejected, round_)
         participants = self.rule.participants
         samples = self.rule.num_samples
         total = sum(samples.values())
@@ -1216,6 +1225,7 @@ class _Job:
         except BadUpdateError as err:  # (its text may quote what the child sent: clipped)
             log.warning("round %d: %s", round_, clip(str(err)))
             excluded[name] = clip(err.reason)
+            self.rejected[nid] = excluded[name]
             return
         metrics = records.read_metrics(content)
         self.rows_pulled += _row_count(metrics.get(records.PS_ROWS_PULLED))
@@ -1242,6 +1252,30 @@ class _Job:
         if every and round_ % every == 0:
             return True
         return bool(self.config.rounds) and round_ == self.config.rounds
+
+    def tell_left_out(self, reasons: Mapping[int, str], round_: int) -> None:
+        """Tell each child whose answer the master refused why (a ``query.notice``): without
+        it, a child saw nothing but silence, and its operator needed the master's logs. Only
+        children that answered (their worker is free), within :data:`NOTICE_TIMEOUT_S`."""
+        if not reasons:
+            return
+        per_node = {
+            nid: records.notice_content(self.config.job_id, round_, reason)
+            for nid, reason in reasons.items()
+        }
+        stream = self.exchange.stream(
+            next(iter(per_node.values())),
+            list(per_node),
+            records.NOTICE_ACTION,
+            f"{self.config.job_id}:notice:{round_}",
+            NOTICE_TIMEOUT_S,
+            per_node,
+        )
+        with contextlib.closing(stream):
+            for nid, outcome in stream:
+                if isinstance(outcome, str):  # e.g. a client that does not know notices
+                    log.debug("%s was not told why it was left out: %s",
+                              self.exchange.label(nid), outcome)  # fmt: skip
 
     def _evaluation_timeout(self) -> float:
         """How long evaluation replies are awaited: the round timeout, or without one

@@ -68,6 +68,9 @@ CARRY_OPTIMIZER: Final = "carry-optimizer"  # train config flag: send your momen
 ROWS_KEY: Final = "rows"  # placement b: a train reply's sparse item rows (fedenc.ps.sparse)
 PS_ROWS_PULLED: Final = "ps-rows-pulled"  # placement b: rows a child read from the federation PS
 FINISH_ACTION: Final = "query.finish"
+#: Master -> a child whose answer it refused: why (config {job-id, server-round, reason}).
+NOTICE_ACTION: Final = "query.notice"
+REASON: Final = "reason"
 SPLITS: Final = ("valid", "test")
 
 
@@ -239,6 +242,10 @@ def round_content(
     if optimizer is not None:
         content[OPTIMIZER_KEY] = optimizer
     return content
+
+
+def notice_content(job_id: str, round_: int, reason: str) -> RecordDict:
+    return RecordDict({CONFIG_KEY: ConfigRecord({JOB_ID: job_id, ROUND: round_, REASON: reason})})
 
 
 def finish_content(job_id: str) -> RecordDict:

@@ -493,3 +493,31 @@ def test_a_child_with_fewer_samples_than_min_samples_is_left_out() -> None:
     assert not left["accepted"] and "the job needs at least" in left["reason"]
     with pytest.raises(NotEnoughChildrenError, match="min-samples"):
         run_inprocess(master_app, child_app, 2, {**config, "min-samples": 10**9})
+
+
+def test_a_child_whose_update_is_refused_is_told_why(caplog: pytest.LogCaptureFixture) -> None:
+    # The reason was only in the master's log and results.json: the site saw silence.
+    from flwr.app import Array, ArrayRecord
+
+    from nodes.child import app as child_app
+    from nodes.master import RESULT_KEY
+    from nodes.master import app as master_app
+
+    def poisoning(message: Any, context: Any) -> Any:
+        reply = child_app(message, context)
+        if message.metadata.message_type == "train" and context.node_config["partition-id"] == 0:
+            arrays = reply.content.array_records["arrays"]
+            name = next(iter(arrays))
+            bad = arrays[name].numpy().copy()
+            bad.flat[0] = np.nan
+            arrays[name] = Array(bad)
+            reply.content["arrays"] = ArrayRecord(dict(arrays.items()))
+        return reply
+
+    with caplog.at_level("WARNING", logger="fedenc"):
+        run = run_inprocess(master_app, poisoning, 2, {**TINY, "num-server-rounds": 1})
+    result = json.loads(run.server_context.state[RESULT_KEY]["json"])
+    assert "child-0" in result["rounds"][0]["excluded"]
+    told = [r.getMessage() for r in caplog.records if "left this child out" in r.getMessage()]
+    assert len(told) == 1 and told[0].startswith("child-0: the master left this child out of")
+    assert "NaN" in told[0]
