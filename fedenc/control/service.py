@@ -494,17 +494,16 @@ class ControlService(cgrpc.ControlServicer):
             )
         except JobCancelled:
             with self._cond:
-                self._end(job, cpb.JOB_STATE_CANCELLED, error=self._cancel_text(job))
-            self._write_unfinished(job, done)
+                error = self._cancel_text(job)
+            self._stop_unfinished(job, cpb.JOB_STATE_CANCELLED, error, done)
             return
         except (NotEnoughChildrenError, ValueError, FileNotFoundError) as err:
-            self._fail(job, str(err))
-            self._write_unfinished(job, done)
+            log.warning("job %s failed: %s", job.job_id, err)
+            self._stop_unfinished(job, cpb.JOB_STATE_FAILED, str(err), done)
             return
         except Exception as err:  # a job's bug must not take the master down
             log.exception("job %s crashed", job.job_id)
-            self._fail(job, f"{type(err).__name__}: {err}")
-            self._write_unfinished(job, done)
+            self._stop_unfinished(job, cpb.JOB_STATE_FAILED, f"{type(err).__name__}: {err}", done)
             return
         finally:
             resumable.reset(no_resume)
@@ -518,9 +517,12 @@ class ControlService(cgrpc.ControlServicer):
             job.checkpoint = Path(checkpoint) if checkpoint else None
             self._end(job, cpb.JOB_STATE_SUCCEEDED)
 
-    def _write_unfinished(self, job: JobRecord, rounds: list[dict[str, Any]]) -> None:
-        """``results.json`` and ``rounds.csv`` of a job that failed or was cancelled: the rounds
-        it did, who asked for it and why it ended (for an audit; they lived in memory only)."""
+    def _stop_unfinished(
+        self, job: JobRecord, state: int, error: str, rounds: list[dict[str, Any]]
+    ) -> None:
+        """End a job that failed or was cancelled, after writing its ``results.json`` and
+        ``rounds.csv`` (the rounds it did, who asked for it, why it ended: they lived in memory
+        only); written first, so that a watcher that sees the end finds them."""
         from fedenc.federation.report import write_results, write_rounds_csv
 
         out = self.out_root / job.job_id
@@ -528,12 +530,12 @@ class ControlService(cgrpc.ControlServicer):
             record = {
                 "job_id": job.job_id,
                 "encoder": job.encoder_type,
-                "state": _state_name(job.state),
-                "error": job.error,
+                "state": _state_name(state),
+                "error": error,
                 "requester": job.requester,
                 "created": _iso(job.created),
                 "started": _iso(job.started),
-                "finished": _iso(job.finished),
+                "finished": _iso(time.time()),
                 "rounds": rounds,
                 "effective_config": dict(job.run_config),
             }
@@ -542,11 +544,8 @@ class ControlService(cgrpc.ControlServicer):
             write_rounds_csv(rounds, out)
         except OSError as err:  # the job's record in memory stays; only the files are lost
             log.warning("job %s: cannot write its outputs to %s: %s", job.job_id, out, err)
-
-    def _fail(self, job: JobRecord, error: str) -> None:
-        log.warning("job %s failed: %s", job.job_id, error)
         with self._cond:
-            self._end(job, cpb.JOB_STATE_FAILED, error=error)
+            self._end(job, state, error=error)
 
     def _end(self, job: JobRecord, state: int, error: str = "") -> None:
         """Under the lock."""
@@ -786,24 +785,25 @@ class ControlService(cgrpc.ControlServicer):
             )
         return name
 
-    @staticmethod
-    def _requester(caller: str, claimed: str) -> str:
-        """Who asked, as kept with a job: the proven name first, the client's own words after."""
+    def _requester(self, context: Any, caller: str, claimed: str, what: str) -> str:
+        """Who asked, as kept with a job: the proven name first, the client's own words after
+        (aborts for a claim longer than :data:`MAX_REQUESTER`, naming ``what`` was refused)."""
+        if len(claimed) > MAX_REQUESTER:  # kept with the job and listed to every client
+            self._abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"bad {what}: requester is {len(claimed):,} characters long; at most "
+                f"{MAX_REQUESTER}",
+            )
         if not caller:
             return claimed
         return clip(f"{caller}: {claimed}" if claimed else caller, MAX_REQUESTER)
 
     def SubmitJob(self, request: cpb.SubmitJobRequest, context: Any) -> cpb.Job:
         caller = self._caller(context, operator=True)
-        if len(request.requester) > MAX_REQUESTER:
-            self._abort(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"bad job spec: requester is {len(request.requester):,} characters long; at most "
-                f"{MAX_REQUESTER}",
-            )
+        requester = self._requester(context, caller, request.requester, "job spec")
         try:
-            job = self.submit(request.spec, self._requester(caller, request.requester))
+            job = self.submit(request.spec, requester)
         except JobSpecError as err:
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"bad job spec: {err}")
         except ServiceStopped as err:
@@ -814,17 +814,9 @@ class ControlService(cgrpc.ControlServicer):
         self, request: fpb.EncoderRequest, context: Any
     ) -> cpb.RequestEncoderResponse:
         caller = self._caller(context, operator=False)
-        if len(request.requester) > MAX_REQUESTER:
-            self._abort(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"bad encoder request: requester is {len(request.requester):,} characters long; "
-                f"at most {MAX_REQUESTER}",
-            )
+        requester = self._requester(context, caller, request.requester, "encoder request")
         try:
-            job, started = self.request_encoder(
-                request, requester=self._requester(caller, request.requester)
-            )
+            job, started = self.request_encoder(request, requester=requester)
         except JobSpecError as err:
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"bad encoder request: {err}")
         except ServiceStopped as err:
