@@ -114,7 +114,7 @@ def test_settings_that_could_never_run_are_refused_at_once(tmp_path: Path) -> No
     cases = {
         "min_children must lie in [1, children = 4], got 10": ["--min-children", "10"],
         "alpha must be a finite number > 0, got 0.0": ["--partition", "dirichlet", "--alpha", "0"],
-        "device must be cpu, cuda or auto, got 'tpu'": ["--device", "tpu"],
+        "device must be cpu, cuda, cuda:N or auto, got 'tpu'": ["--device", "tpu"],
         "partition must be one of iid, time, dirichlet, got 'x'": ["--partition", "x"],
     }
     for message, options in cases.items():
