@@ -732,6 +732,7 @@ class _Job:
         self.rows_bytes = 0  # bytes of the sparse rows in this round's accepted replies
         # publish = "best": the best round so far ({"round", "value", "target"}), else empty
         self.best: dict[str, Any] = {}
+        self._joined: dict[str, int] = {}  # child name -> the round it first joined
 
     @property
     def select_metric(self) -> str:
@@ -794,6 +795,10 @@ class _Job:
             self.table.load(rows)
         restore_rng(state.rng)
         self.best = dict(state.best)
+        # Children confirm again after a resume: each keeps the round it first joined.
+        self._joined = {
+            str(c["name"]): int(c.get("joined_round", 1)) for c in state.children if "name" in c
+        }
         return [RoundResult.from_dict(r) for r in state.rounds]
 
     def save(
@@ -894,10 +899,20 @@ class _Job:
                     info.declined = not info.accepted
                     if confirmation.accepted and not info.accepted:  # the master's refusal
                         refused[nid] = info.reason
+            info.joined_round = self._joined.get(info.name, round_)
             if info.name in names:  # names label reports; keep them unique
-                info.name = f"{info.name}#{nid}"
+                online = set(self.grid.get_node_ids())
+                gone = [
+                    n for n, c in self.children.items() if c.name == info.name and n not in online
+                ]
+                if gone:  # the same child reconnected (a new node id): it keeps its name
+                    info.joined_round = min(self.children[n].joined_round for n in gone)
+                    for n in gone:
+                        del self.children[n]
+                else:  # two live nodes claim one name (runtimes without identities)
+                    info.name = f"{info.name}#{nid}"
             names.add(info.name)
-            info.joined_round = round_
+            self._joined.setdefault(info.name, info.joined_round)
             self.children[nid] = info
             if info.accepted:
                 log.info("%s confirmed (%d samples)", info.name, info.num_samples)

@@ -292,9 +292,11 @@ def test_a_child_killed_mid_round_is_left_out_and_rejoins_after_a_restart(
     assert r2["participants"] == ["c0"]
     assert "gone" in r2["excluded"]["c1"]
     assert r2["seconds"] < 60  # an error reply at once, not the 120 s sleep nor the timeout
-    rejoined = [c for c in summary["children"] if c["name"].startswith("c1#")]
-    assert len(rejoined) == 1 and rejoined[0]["accepted"] and rejoined[0]["joined_round"] == 3
-    assert sorted(r3["participants"]) == ["c0", rejoined[0]["name"]]
+    # Back under its own name (it was "c1#5": another participant in every report), and it
+    # keeps the round it first joined.
+    (rejoined,) = [c for c in summary["children"] if c["name"].startswith("c1")]
+    assert rejoined["name"] == "c1" and rejoined["accepted"] and rejoined["joined_round"] == 1
+    assert sorted(r3["participants"]) == ["c0", "c1"]
 
 
 def test_a_slow_child_is_dropped_at_the_round_deadline(

@@ -112,6 +112,8 @@ def test_a_master_stopped_mid_job_resumes_to_the_uninterrupted_encoder(
     assert results["runtime"]["resumed"] is True and results["job_id"] == saved.job_id
     assert [r["round"] for r in results["rounds"]] == [1, 2, 3, 4]
     assert all(len(r["participants"]) == 2 for r in results["rounds"])
+    # confirmed again after the resume, each keeps the round it first joined
+    assert [c["joined_round"] for c in results["children"]] == [1, 1]
     assert first_log.count("round 1:") == 1  # rounds 1-2 ran once, before the kill
 
     # The uninterrupted run: the in-process runtime, same scenario and seed (bit-identical to
