@@ -30,7 +30,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import torch
@@ -55,6 +55,12 @@ OPERATIONAL = frozenset(
         "final_test",
     }
 )
+
+
+#: Settings added to MasterConfig after checkpoints were first written, with the value every job
+#: before them had: an older checkpoint lacks the key and resumes as that value (without this,
+#: every older checkpoint was refused as "another configuration").
+SETTINGS_SINCE: Final[dict[str, Any]] = {"publish": "last", "min_samples": 1}
 
 
 class MasterStateError(ValueError):
@@ -191,8 +197,9 @@ def read_master_state(directory: Path) -> MasterState:
     payload.setdefault("carried", {})  # checkpoints from before carry_optimizer
     payload.setdefault("ps_rows", {})  # checkpoints from before the saved federation table
     payload.setdefault("best", {})  # checkpoints from before publish = "best"
-    if isinstance(payload.get("config"), dict):  # ... which published the last round
-        payload["config"].setdefault("publish", "last")
+    if isinstance(payload.get("config"), dict):  # written before these settings existed
+        for key, value in SETTINGS_SINCE.items():
+            payload["config"].setdefault(key, value)
     missing = names - set(payload)
     if missing:
         raise MasterStateError(f"{path} lacks {sorted(missing)}: written by another version?")

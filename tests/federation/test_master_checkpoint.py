@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fedenc.federation.checkpoint import (
+    SETTINGS_SINCE,
     MasterState,
     MasterStateError,
     capture_rng,
@@ -239,12 +240,13 @@ def test_the_best_round_round_trips_and_old_checkpoints_resume_as_publish_last(
     back = read_master_state(tmp_path).best
     assert back["round"] == 2 and back["value"] == 41.5
     assert all(torch.equal(back["target"][k], v) for k, v in best["target"].items())
-    # Written before publish existed: no "best", and a fingerprint without "publish", which
-    # resumes a job that publishes the last round (as every job then did).
+    # Written before publish and min_samples existed (session 11's checkpoints): no "best", and
+    # a fingerprint without those keys, which resumes as every job then ran.
     path = tmp_path / "master.pt"
     payload = torch.load(path, weights_only=True)
     del payload["best"]
-    del payload["config"]["publish"]
+    for key in SETTINGS_SINCE:
+        del payload["config"][key]
     torch.save(payload, path)
     old = read_master_state(tmp_path)
     assert old.best == {}
@@ -252,3 +254,23 @@ def test_the_best_round_round_trips_and_old_checkpoints_resume_as_publish_last(
     with pytest.raises(MasterStateError, match="publish"):
         now = config_fingerprint(MasterConfig(num_items=60, job_id="job-1", publish="best"))
         check_resumable(old, "job-1", now)
+
+
+def test_every_setting_added_since_the_first_checkpoints_resumes_old_ones() -> None:
+    # A MasterConfig field that joins the fingerprint makes every older checkpoint "another
+    # configuration": it needs its old value in SETTINGS_SINCE (or to be operational).
+    from dataclasses import fields
+
+    from fedenc.federation.checkpoint import OPERATIONAL
+
+    first = set(
+        "balance_work carry_optimizer checkpoint_dir encoder encoder_options eval_split "
+        "evaluate_every expect_children final_test fold_order fraction job_id min_children "
+        "num_items ps ps_addresses ps_shards query_timeout resume round_timeout rounds "
+        "row_weighting rule rule_options sampling seed share state_dir stop train "
+        "wait_timeout work_deadline".split()
+    )
+    added = {f.name for f in fields(MasterConfig)} - first - OPERATIONAL
+    assert added <= set(SETTINGS_SINCE), sorted(added - set(SETTINGS_SINCE))
+    defaults = config_fingerprint(MasterConfig(num_items=60))
+    assert {k: defaults[k] for k in SETTINGS_SINCE} == SETTINGS_SINCE
