@@ -249,6 +249,11 @@ class MasterConfig:
                 )
         if self.publish not in ("last", "best"):
             problems.append(f"publish must be 'last' or 'best' (got {self.publish!r})")
+        if self.publish == "best" and self.eval_split == "test":
+            problems.append(
+                "publish = 'best' with eval_split = 'test' would choose the published round by "
+                "the test split (model selection never looks at test): evaluate rounds on 'valid'"
+            )
         if self.publish == "best" and self.ps == "federation":
             problems.append(
                 "publish = 'best' keeps a copy of the best round's target; with ps = "
@@ -1425,12 +1430,15 @@ def _bad_evaluation(n: float, values: Mapping[str, float]) -> str | None:
 
 def _outweighs(info: ChildInfo, split: str, n: float) -> str | None:
     """Why an evaluation reply weighs more than the child may (None: it does not): the examples
-    of ``split`` it declared in its confirmation, else its training samples. Unbounded, one
-    child claiming 10^12 examples set the federation's published metrics alone."""
+    of ``split`` it declared in its confirmation, and never more than its training samples (a
+    declaration is the child's own word; its training count is the weight FedAvg already gives
+    it, in every report). Unbounded, one child claiming 10^12 examples set the federation's
+    published metrics alone."""
     declared = info.held_out.get(split)
-    cap, what = (
-        (declared, f"the {split} examples") if declared else (info.num_samples, "the samples")
-    )
+    if declared and declared <= info.num_samples:
+        cap, what = declared, f"the {split} examples"
+    else:
+        cap, what = info.num_samples, "the training samples"
     if n > cap:
         return f"{records.NUM_EXAMPLES} = {n:g} exceeds {what} it confirmed ({cap})"
     return None

@@ -960,3 +960,25 @@ def test_evaluation_waits_for_the_round_timeout_or_a_bound_from_the_training_tim
     assert timeout(30.0, {"a": 500.0}) == 30.0
     assert timeout(None, {}) == EVAL_WAIT_FLOOR_S == 600.0
     assert timeout(None, {"a": 10.0, "b": 400.0}) == 1600.0
+
+
+def test_a_childs_declared_held_out_size_cannot_lift_its_evaluation_weight_past_its_samples() -> (
+    None
+):
+    # The declaration is the child's own word: declaring 10^12 and replying 10^12 must not work.
+    from fedenc.federation.master import ChildInfo, _outweighs
+
+    honest = ChildInfo(1, "a", True, num_samples=1000, held_out={"valid": 100})
+    assert _outweighs(honest, "valid", 100) is None
+    assert "exceeds the valid examples it confirmed (100)" in str(_outweighs(honest, "valid", 101))
+    liar = ChildInfo(2, "b", True, num_samples=1000, held_out={"valid": 10**12})
+    assert "exceeds the training samples it confirmed (1000)" in str(
+        _outweighs(liar, "valid", 10**12)
+    )
+
+
+def test_publish_best_never_selects_by_the_test_split() -> None:
+    from fedenc.federation.master import MasterConfig
+
+    with pytest.raises(ValueError, match="would choose the published round by the test split"):
+        MasterConfig(num_items=10, publish="best", eval_split="test")
