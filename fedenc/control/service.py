@@ -259,6 +259,12 @@ class _ControlGrid(GrpcGrid):
         queried = [m.metadata.dst_node_id for m in batch if m.metadata.message_type == "query"]
         if queried:
             self._service._note_queried(queried)
+        for m in batch:  # the master refused a confirmation: the child is not in the job
+            if m.metadata.message_type == records.NOTICE_ACTION:
+                config: Mapping[str, Any] = m.content.config_records.get(records.CONFIG_KEY) or {}
+                if config.get(records.DROP):
+                    reason = str(config.get(records.REASON, "refused by the master"))
+                    self._service._note_refused(m.metadata.dst_node_id, reason)
         return super().push_messages(batch)
 
     def deliver(self, reply: Message, message_id: str) -> None:
@@ -621,6 +627,10 @@ class ControlService(cgrpc.ControlServicer):
         with self._cond:
             for nid in nodes:
                 self._participation[nid] = (cpb.CHILD_STATE_QUERIED, "")
+
+    def _note_refused(self, node_id: int, reason: str) -> None:
+        with self._cond:
+            self._participation[node_id] = (cpb.CHILD_STATE_DECLINED, clip(reason))
 
     def _note_answer(self, node_id: int, reply: Message) -> None:
         if reply.has_error():

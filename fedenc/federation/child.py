@@ -838,34 +838,44 @@ def handle_evaluate(message: Message, context: Context) -> Message:
 
 def handle_notice(message: Message, context: Context) -> Message:
     """The master left this child's answer out (a refused update or confirmation): say why in
-    this child's log, where its operator looks."""
+    this child's log, where its operator looks; out of the whole job, drop its state."""
     config: Mapping[str, Any] = message.content.config_records.get(records.CONFIG_KEY) or {}
     job_id = str(config.get(records.JOB_ID, ""))
     name = child_name(context, _key(context, job_id)[1])
     reason = clip(str(config.get(records.REASON, "no reason given")))
-    log.warning("%s: the master left this child out of round %s of job %s: %s", name,
-                config.get(records.ROUND, "?"), job_id, reason)  # fmt: skip
+    if config.get(records.DROP):
+        log.warning("%s: the master left this child out of job %s: %s", name, job_id, reason)
+        _drop_job(context, job_id)
+    else:
+        log.warning("%s: the master left this child out of round %s of job %s: %s", name,
+                    config.get(records.ROUND, "?"), job_id, reason)  # fmt: skip
     return Message(records.metrics_content({}), reply_to=message)
 
 
 def handle_finish(message: Message, context: Context) -> Message:
     """The job is over: drop its state (the data cache stays for the next job)."""
     config: Mapping[str, Any] = message.content.config_records.get(records.CONFIG_KEY) or {}
-    job_id = config.get(records.JOB_ID, "")
-    key = _key(context, str(job_id))
+    dropped = _drop_job(context, str(config.get(records.JOB_ID, "")))
+    return Message(records.metrics_content({"dropped": int(dropped)}), reply_to=message)
+
+
+def _drop_job(context: Context, job_id: str) -> bool:
+    """Forget job ``job_id``'s state here (process, node context, saved file); whether it had
+    one."""
+    key = _key(context, job_id)
     with _lock:
         state = _states.pop(key, None)
-    if _recorded_version(context, str(job_id)) is not None:
+    if _recorded_version(context, job_id) is not None:
         _forget_in_context(context)
-    dropped = state is not None
-    if state is not None:  # the job is over: nothing to resume
-        state.close()
-        path = _persist_path(state, context)
-        if path is not None:
-            path.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):  # the job's folder, once its last child is done
-                path.parent.rmdir()
-    return Message(records.metrics_content({"dropped": int(dropped)}), reply_to=message)
+    if state is None:
+        return False
+    state.close()  # the job is over for this child: nothing to resume
+    path = _persist_path(state, context)
+    if path is not None:
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the job's folder, once its last child is done
+            path.parent.rmdir()
+    return True
 
 
 def live_states() -> list[StateKey]:

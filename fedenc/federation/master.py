@@ -925,7 +925,7 @@ class _Job:
                 log.warning(
                     "%s is left out of job %s: %s", info.name, self.config.job_id, info.reason
                 )
-        self.tell_left_out(refused, round_)
+        self.tell_left_out(refused, round_, drop=True)
 
     def await_confirmations(self, round_: int) -> list[int]:
         """The confirmed children; with fewer than ``min_children`` because some were lost
@@ -1273,14 +1273,16 @@ class _Job:
             return True
         return bool(self.config.rounds) and round_ == self.config.rounds
 
-    def tell_left_out(self, reasons: Mapping[int, str], round_: int) -> None:
+    def tell_left_out(self, reasons: Mapping[int, str], round_: int, drop: bool = False) -> None:
         """Tell each child whose answer the master refused why (a ``query.notice``): without
         it, a child saw nothing but silence, and its operator needed the master's logs. Only
-        children that answered (their worker is free), within :data:`NOTICE_TIMEOUT_S`."""
+        children that answered (their worker is free), within :data:`NOTICE_TIMEOUT_S`.
+        ``drop``: they are out of the whole job (refused at confirmation) and drop its state,
+        which the end-of-job message, sent to confirmed children only, would never release."""
         if not reasons:
             return
         per_node = {
-            nid: records.notice_content(self.config.job_id, round_, reason)
+            nid: records.notice_content(self.config.job_id, round_, reason, drop)
             for nid, reason in reasons.items()
         }
         stream = self.exchange.stream(

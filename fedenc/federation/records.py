@@ -71,6 +71,7 @@ FINISH_ACTION: Final = "query.finish"
 #: Master -> a child whose answer it refused: why (config {job-id, server-round, reason}).
 NOTICE_ACTION: Final = "query.notice"
 REASON: Final = "reason"
+DROP: Final = "drop"  # in a notice: the child is out of the whole job (drop its state)
 SPLITS: Final = ("valid", "test")
 
 
@@ -244,8 +245,10 @@ def round_content(
     return content
 
 
-def notice_content(job_id: str, round_: int, reason: str) -> RecordDict:
-    return RecordDict({CONFIG_KEY: ConfigRecord({JOB_ID: job_id, ROUND: round_, REASON: reason})})
+def notice_content(job_id: str, round_: int, reason: str, drop: bool = False) -> RecordDict:
+    return RecordDict(
+        {CONFIG_KEY: ConfigRecord({JOB_ID: job_id, ROUND: round_, REASON: reason, DROP: drop})}
+    )
 
 
 def finish_content(job_id: str) -> RecordDict:

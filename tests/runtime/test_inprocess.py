@@ -491,6 +491,10 @@ def test_a_child_with_fewer_samples_than_min_samples_is_left_out() -> None:
     assert result["rounds"][0]["participants"] == [large]
     left = {c["name"]: c for c in result["children"]}[small]
     assert not left["accepted"] and "the job needs at least" in left["reason"]
+    # Told so, it dropped the job's state (the end-of-job message reaches confirmed ones only).
+    from fedenc.federation import child
+
+    assert not [key for key in child.live_states() if key[2] == result["job_id"]]
     with pytest.raises(NotEnoughChildrenError, match="min-samples"):
         run_inprocess(master_app, child_app, 2, {**config, "min-samples": 10**9})
 
