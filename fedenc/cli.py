@@ -262,7 +262,7 @@ def train_cmd(
     round_timeout: Annotated[
         float | None,
         typer.Option(
-            help="--master: seconds to wait for a round's replies (0 = forever).",
+            help="--master: seconds to wait for a round's replies (0 = no limit for training).",
             rich_help_panel="Federated (--master)",
         ),
     ] = None,
@@ -703,7 +703,11 @@ MinSamplesOpt = Annotated[
     ),
 ]
 RoundTimeoutOpt = Annotated[
-    float | None, typer.Option(help="Seconds to wait for a round's replies (0 = forever).")
+    float | None,
+    typer.Option(
+        help="Seconds to wait for a round's replies (0 = training replies as long as the "
+        "child's stream lives, evaluation replies max(600 s, 4x the slowest training))."
+    ),
 ]
 QueryTimeoutOpt = Annotated[
     float | None,
@@ -1140,6 +1144,15 @@ def master_cmd(
             "their defaults; --out is the root of the jobs' output directories.",
         ),
     ] = False,
+    stop_children: Annotated[
+        bool,
+        typer.Option(
+            "--stop-children",
+            help="When this master stops before the job's end (a signal, a failure), end the "
+            "children's sessions (SHUTDOWN) instead of asking them to wait for a --resume "
+            "(RESTART, the default when a round's checkpoint exists).",
+        ),
+    ] = False,
     operators: Annotated[
         str,
         typer.Option(
@@ -1260,6 +1273,10 @@ def master_cmd(
     from fedenc.federation.master import round_listener
 
     started = time.time()  # a checkpoint older than this is an earlier job's
+
+    def resumable_job() -> bool:
+        return not stop_children and _resumable(state_dir or out_dir / "state", started)
+
     try:
         run_config = scenario.run_config(out_dir)
         run_config["wait-timeout"] = wait
@@ -1282,32 +1299,36 @@ def master_cmd(
         outcome = outcome_of(scenario, out_dir, run.server_context, runtime)
     except _Interrupted as sig:
         name = signal.Signals(sig.signum).name
-        checkpoint = state_dir or out_dir / "state"
-        if _resumable(checkpoint, started):
-            from fedenc.proto.fedenc.v1 import federation_service_pb2 as spb
-
-            # The children keep the job's state and dial again: a resume continues it exactly.
-            console.print(
-                f"{name}: closing every child's stream (RESTART: they wait for the resume)"
-            )
-            server.stop(
-                f"the master was stopped ({name}) to resume", reason=spb.CLOSE_REASON_RESTART
-            )
-        else:
-            console.print(f"{name}: closing every child's stream")
-            server.stop(f"the master was stopped ({name})")
-        _print_resume_hint(checkpoint, started)
+        waiting = _close_children(server, f"the master was stopped ({name})", resumable_job())
+        console.print(
+            f"{name}: closing every child's stream"
+            + (" (RESTART: they wait for the resume)" if waiting else "")
+        )
+        _print_resume_hint(state_dir or out_dir / "state", started, waiting)
         raise typer.Exit(0) from None
     except (ValueError, FileNotFoundError, NotEnoughChildrenError, FusionOutputError) as err:
-        server.stop(f"the job failed: {err}")
-        if isinstance(err, NotEnoughChildrenError):
-            _print_resume_hint(state_dir or out_dir / "state", started)
+        # A job that failed after a checkpoint can be resumed (run_master kept the children's
+        # state for it): the children wait for it, as after a signal.
+        waiting = _close_children(server, f"the job failed: {err}", resumable_job())
+        _print_resume_hint(state_dir or out_dir / "state", started, waiting)
         raise _fail(str(err)) from err
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     server.stop("the job is over")
     _print_outcome(outcome.result, title, out_dir)
+
+
+def _close_children(server: Any, detail: str, resume: bool) -> bool:
+    """Close every child's stream: RESTART when the job will be resumed (children keep its state
+    and dial again), else SHUTDOWN; returns whether it was RESTART."""
+    if not resume:
+        server.stop(detail)
+        return False
+    from fedenc.proto.fedenc.v1 import federation_service_pb2 as spb
+
+    server.stop(f"{detail}; it can be resumed", reason=spb.CLOSE_REASON_RESTART)
+    return True
 
 
 def _resumable(state_dir: Path, since: float) -> bool:
@@ -1319,16 +1340,23 @@ def _resumable(state_dir: Path, since: float) -> bool:
     return path.is_file() and path.stat().st_mtime >= since
 
 
-def _print_resume_hint(state_dir: Path, since: float) -> None:
+def _print_resume_hint(state_dir: Path, since: float, children_wait: bool = True) -> None:
     """How to continue a master's job that stopped after a completed round (if one did)."""
-    if _resumable(state_dir, since):
-        console.print(
-            f"the job's checkpoint after its last completed round is in {state_dir}: continue "
-            "it with the same command plus --resume. Children still running keep their state "
-            "and dial again for their --connect-timeout (0: without end); a child that exited "
-            "starts the job afresh, and the result then differs from an uninterrupted run",
-            highlight=False,
-        )
+    if not _resumable(state_dir, since):
+        return
+    children = (
+        "The children keep their state and dial again for their --connect-timeout (0: without "
+        "end); a child that exits before the resume starts the job afresh, and the result then "
+        "differs from an uninterrupted run"
+        if children_wait
+        else "The children were told to stop (--stop-children): restarted, they start the job "
+        "afresh, and the result differs from an uninterrupted run"
+    )
+    console.print(
+        f"the job's checkpoint after its last completed round is in {state_dir}: continue it "
+        f"with the same command plus --resume. {children}",
+        highlight=False,
+    )
 
 
 def _serve_control(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,15 @@ def test_a_relative_data_path_in_a_scenario_file_is_read_from_the_files_folder(
     assert Scenario.from_toml(path).data == str(tmp_path / "sets" / "x")
     path.write_text(f'data = "{tmp_path / "abs"}"\n')
     assert Scenario.from_toml(path).data == str(tmp_path / "abs")
+    # A file written when paths were read from the working directory still finds its data.
+    (tmp_path / "here").mkdir()
+    path.write_text('data = "here"\n')
+    old = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        assert Scenario.from_toml(path).data == "here"
+    finally:
+        os.chdir(old)
 
 
 def test_bad_settings_exit_2_with_a_message(tmp_path: Path) -> None:

@@ -728,7 +728,13 @@ class ControlService(cgrpc.ControlServicer):
             return "starting"
         if grid.training:
             owed = len(grid.owed())
-            where = f"round {len(job.rounds) + 1}"
+            # After the round that stopped the job: the final test of the published encoder.
+            last = job.rounds[-1] if job.rounds else None
+            where = (
+                "final test"
+                if last is not None and last.stop_reason
+                else f"round {len(job.rounds) + 1}"
+            )
             return f"{where}: {owed} {'reply' if owed == 1 else 'replies'} outstanding"
         if not self._participation:
             connected = sum(

@@ -1337,6 +1337,12 @@ class _Job:
             values = records.read_metrics(answered[nid].content)
             self.rows_pulled += _row_count(values.pop(records.PS_ROWS_PULLED, None))
             n = values.pop(records.NUM_EXAMPLES, 0.0)
+            if n == 0 and self.children[nid].held_out.get(split, 0) == 0:
+                # A child with no session of this split (a skewed partition): not a fault.
+                log.debug(
+                    "round %d: %s has no %s examples", round_, self.exchange.label(nid), split
+                )
+                continue
             why = _bad_evaluation(n, values) or _outweighs(self.children[nid], split, n)
             if why is not None:
                 log.warning(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 import re
 import sys
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedenc.federation.master import SAMPLINGS, RoundListener, RoundResult, round_listener
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from flwr.app import Context
@@ -219,7 +222,18 @@ class Scenario:
         data = values.get("data")
         if isinstance(data, str) and data and not Path(data).expanduser().is_absolute():
             # Relative to the file, as config files do: the same from any working directory.
-            values["data"] = os.path.normpath(path.parent / data)
+            beside = os.path.normpath(path.parent / data)
+            if not Path(beside).exists() and Path(data).exists():
+                # Files written when paths were read from the working directory still work.
+                log.warning(
+                    "%s: data %r is read from the working directory; paths in scenario files "
+                    "are now relative to the file (%s)",
+                    path,
+                    data,
+                    beside,
+                )
+            else:
+                values["data"] = beside
         return cls.from_mapping(values, source=str(path))
 
     def with_overrides(self, **overrides: Any) -> Scenario:

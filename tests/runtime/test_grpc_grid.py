@@ -701,3 +701,22 @@ def test_the_master_cuts_its_messages_to_the_chunk_size_a_hello_asks_for(
         if chunk.last:
             break
     assert max(sizes) <= 64 * 1024 and sum(sizes) == big.nbytes and len(sizes) == 7
+
+
+def test_a_child_told_restart_waits_for_the_resume_then_exits_0(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # RESTART: keep the job's state and dial again; a master that never comes back ends the
+    # wait cleanly (exit 0), not as an unreachable master (exit 1).
+    server = FederationServer("127.0.0.1:0", ServerSecurity(insecure=True)).start()
+    child = GrpcChild(server.address, "r", counter_app, {}, INSECURE, connect_timeout=2)
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(child.run()), daemon=True)
+    with caplog.at_level("INFO", logger="fedenc"):
+        thread.start()
+        assert server.wait_for_children(1, 10)
+        server.stop("the master was stopped (SIGTERM)", reason=spb.CLOSE_REASON_RESTART)
+        thread.join(30)
+    assert codes == [0]
+    assert "keeping the job's state and dialling again for up to 2 s" in caplog.text
+    assert "the master did not resume its job within 2 s: exiting" in caplog.text

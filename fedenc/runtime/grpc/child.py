@@ -190,7 +190,8 @@ class GrpcChild:
         deadline = time.monotonic() + patience
         backoff = 0.2
         ever_welcomed = False
-        failures = 0  # dials in a row without a welcome
+        awaiting_resume = False  # the master closed with RESTART and has not come back yet
+        warned = False  # the current outage was announced (reset by each welcome)
         down_since = time.monotonic()
         next_note = time.monotonic() + _QUIET_NOTE_S
         while not self._stop.is_set():
@@ -207,7 +208,10 @@ class GrpcChild:
                 return self._refused(_CloseError(reason, close.detail))
             if close is None and self._fatal(session):
                 return self._refused(session.rpc_error)
+            if session.welcomed:
+                awaiting_resume = False
             if close is not None and close.reason == spb.CLOSE_REASON_RESTART:
+                awaiting_resume = True
                 wait = "without end" if math.isinf(patience) else f"for up to {patience:.0f} s"
                 log.warning(
                     "%s: the master stopped to resume its job (%s): keeping the job's state and "
@@ -222,7 +226,7 @@ class GrpcChild:
                     return EXIT_OK
             elif close is not None:
                 log.warning("%s: the master closed the stream: %s", self.name, close.detail)
-            elif session.welcomed or failures == 0:
+            elif session.welcomed or not warned:
                 log.warning("%s: stream lost: %s", self.name, session.error or "no reason")
             elif time.monotonic() >= next_note:
                 # Not a warning every few seconds for as long as a master is down: one a minute.
@@ -232,9 +236,15 @@ class GrpcChild:
                 next_note = time.monotonic() + _QUIET_NOTE_S
             else:
                 log.debug("%s: no connection: %s", self.name, session.error or "no reason")
-            if session.welcomed or failures == 0:
+            if session.welcomed or not warned:  # an outage starts: said once, then quietly
                 down_since = time.monotonic()
-            failures = 0 if session.welcomed else failures + 1
+                next_note = down_since + _QUIET_NOTE_S
+            warned = True
+            if time.monotonic() >= deadline and awaiting_resume:
+                # The master ended the session on purpose; not coming back is not a failure.
+                log.warning("%s: the master did not resume its job within %.0f s: exiting",
+                            self.name, patience)  # fmt: skip
+                return EXIT_OK
             if time.monotonic() >= deadline:
                 why = ""
                 lost = str(session.error or "")
