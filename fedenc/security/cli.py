@@ -134,7 +134,8 @@ def request_cmd(
         raise _fail(err) from err
     err_console.print(
         f"child {name!r}: key {layout.child_key(name)} (keep it here) and request {csr}. Send "
-        f"{csr.name} to the federation's operator (`fedenc certs sign {csr.name}`), then put "
+        f"{csr.name} to the federation's operator (`fedenc certs sign {csr.name} --name {name}`), "
+        "then put "
         f"the {name}.pem it returns next to the key, and the federation's ca.pem in {dir}."
     )
 
@@ -142,13 +143,20 @@ def request_cmd(
 @certs_app.command("sign")
 def sign_cmd(
     request: Annotated[Path, typer.Argument(help="A child's request (`fedenc certs request`).")],
+    name: Annotated[
+        str,
+        typer.Option(
+            "--name", help="The child the request must be for (a file's name proves nothing)."
+        ),
+    ],
     dir: DirOption = DEFAULT_CERTS_DIR,
     days: Annotated[int, typer.Option(min=1, help="Validity in days.")] = CHILD_DAYS,
     out: Annotated[
         Path | None, typer.Option(help="Where to write the certificate (default: REQUEST.pem).")
     ] = None,
     force: Annotated[
-        bool, typer.Option("--force", help="Replace the child's current certificate.")
+        bool,
+        typer.Option("--force", help="Replace (and revoke) the child's current certificate."),
     ] = False,
 ) -> None:
     """On the operator's machine: sign a child's request with the CA (no key is made or seen)."""
@@ -157,9 +165,11 @@ def sign_cmd(
 
     layout = CertLayout(dir)
     try:
-        name, cert, target = sign_request(layout, request, days=days, out=out, force=force)
+        cert, target, revoked = sign_request(layout, request, name, days=days, out=out, force=force)
     except (SecurityError, ValueError, OSError) as err:
         raise _fail(err) from err
+    if revoked is not None:
+        err_console.print(f"child {name!r}: the certificate it had (serial {revoked:x}) is revoked")
     err_console.print(
         f"child {name!r}: certificate {target} (serial {cert.serial_number:x}, expires "
         f"{cert.not_valid_after_utc:%Y-%m-%d}). Send it with {layout.ca_cert.name} back to the "

@@ -196,14 +196,17 @@ def request_child(layout: CertLayout, name: str, *, force: bool = False) -> Path
 def sign_request(
     layout: CertLayout,
     request: Path,
+    name: str,
     *,
     days: int = CHILD_DAYS,
     out: Path | None = None,
     force: bool = False,
-) -> tuple[str, x509.Certificate, Path]:
-    """On the operator's machine: the child certificate for the request in ``request``, kept
-    in ``children/NAME.pem`` (what ``fedenc certs revoke NAME`` reads) and at ``out``; returns
-    the child's name, the certificate and where it was written for the child."""
+) -> tuple[x509.Certificate, Path, int | None]:
+    """On the operator's machine: child ``name``'s certificate for the request in ``request``
+    (which must name ``name``: the file's name proves nothing), kept in ``children/NAME.pem``
+    (what ``fedenc certs revoke NAME`` reads) and at ``out``. With ``force`` it replaces the
+    child's current certificate and revokes it (a site that re-keys: the old key may be lost).
+    Returns the certificate, where it was written for the child, and the revoked serial."""
     ca = load_ca(layout)
     data = read_pem(request, "certificate signing request", "CERTIFICATE REQUEST")
     try:
@@ -211,18 +214,25 @@ def sign_request(
     except ValueError as err:
         raise PemError(f"{request}: not a readable certificate signing request ({err})") from None
     try:
-        name, cert = sign_child_request(ca, csr, days=days)
+        asked, cert = sign_child_request(ca, csr, days=days)
     except ValueError as err:
         raise PemError(f"{request}: {err}") from None
-    kept = layout.child_cert(name)
-    if kept.exists() and not force:
-        raise KeyExistsError(
-            f"child {name!r} already has a certificate ({kept}); pass --force to replace it "
-            f"(revoke the old one with `fedenc certs revoke {name}` if it may be misused)"
+    if asked != name:
+        raise PemError(
+            f"{request} asks for a certificate of child {asked!r}, not {name!r}: refusing to sign"
         )
+    kept = layout.child_cert(name)
+    revoked = None
+    if kept.exists():
+        if not force:
+            raise KeyExistsError(
+                f"child {name!r} already has a certificate ({kept}); pass --force to replace "
+                "it (the current one is revoked then)"
+            )
+        revoked = revoke_child(layout, name)  # before kept is replaced: revoke reads it
     kept.parent.mkdir(parents=True, exist_ok=True)
     write_certificate(kept, cert)
     target = out if out is not None else request.with_suffix(".pem")
     if target != kept:
         write_certificate(target, cert)
-    return name, cert, target
+    return cert, target, revoked

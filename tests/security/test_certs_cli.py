@@ -127,8 +127,8 @@ def test_a_child_keeps_its_key_the_operator_signs_its_request(tmp_path: Path) ->
     assert code == 0, out
     key, csr = site / "children" / "site-a.key", site / "children" / "site-a.csr"
     assert mode(key) == 0o600 and csr.is_file()
-    assert "fedenccertssignsite-a.csr" in flat(out)
-    code, out = certs("sign", str(csr), "--dir", str(ca_dir))
+    assert "fedenccertssignsite-a.csr--namesite-a" in flat(out)
+    code, out = certs("sign", str(csr), "--name", "site-a", "--dir", str(ca_dir))
     assert code == 0, out
     issued = site / "children" / "site-a.pem"  # next to the request, for the child
     cert = load_certificate(issued)
@@ -136,13 +136,19 @@ def test_a_child_keeps_its_key_the_operator_signs_its_request(tmp_path: Path) ->
     assert not (ca_dir / "children" / "site-a.key").exists()  # the operator never saw it
     shutil.copy(ca_dir / "ca.pem", site / "ca.pem")
     load_child_tls(site, "site-a")  # a working credential: the site's key with the CA's cert
-    # The operator can revoke it by name, as a certificate it issued itself.
-    assert certs("revoke", "site-a", "--dir", str(ca_dir))[0] == 0
-    # Signing the same child again needs --force; a damaged request is refused by name.
-    code, out = certs("sign", str(csr), "--dir", str(ca_dir))
+    # A request is signed for the name the operator gives, not the one a file suggests.
+    code, out = certs("sign", str(csr), "--name", "operator", "--dir", str(ca_dir))
+    assert code != 0 and "asksforacertificateofchild'site-a',not'operator'" in flat(out)
+    # Signing the same child again needs --force, which revokes the certificate it replaces.
+    code, out = certs("sign", str(csr), "--name", "site-a", "--dir", str(ca_dir))
     assert code != 0 and "alreadyhasacertificate" in flat(out)
+    code, out = certs("sign", str(csr), "--name", "site-a", "--dir", str(ca_dir), "--force")
+    assert code == 0 and f"serial{cert.serial_number:x})isrevoked" in flat(out)
+    revoked = load_revocation_list(ca_dir / "crl.pem", load_certificate(ca_dir / "ca.pem"))
+    assert cert.serial_number in revoked
+    # A damaged request is refused by name.
     csr.write_text(csr.read_text().replace("A", "B", 5))
-    code, out = certs("sign", str(csr), "--dir", str(ca_dir), "--force")
+    code, out = certs("sign", str(csr), "--name", "site-a", "--dir", str(ca_dir), "--force")
     assert code != 0 and "site-a.csr" in flat(out)
 
 
@@ -168,6 +174,6 @@ def test_a_request_for_more_than_a_child_certificate_is_refused(tmp_path: Path) 
     )
     path = tmp_path / "mallory.csr"
     path.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
-    code, out = certs("sign", str(path), "--dir", str(ca_dir))
+    code, out = certs("sign", str(path), "--name", "mallory", "--dir", str(ca_dir))
     assert code != 0 and "asksforothernamestoo" in flat(out)
     assert not (ca_dir / "children" / "mallory.pem").exists()
