@@ -91,6 +91,10 @@ MAX_REQUESTER: Final = 256
 CANCEL_GRACE_S: Final = 10.0
 
 
+class NotAllowed(Exception):
+    """A request this caller may not make (the RPC answers PERMISSION_DENIED)."""
+
+
 class JobCancelled(Exception):
     """Raised inside a running job to stop it (CancelJob, or the master stopping)."""
 
@@ -379,10 +383,12 @@ class ControlService(cgrpc.ControlServicer):
         return job
 
     def request_encoder(
-        self, request: fpb.EncoderRequest, requester: str | None = None
+        self, request: fpb.EncoderRequest, requester: str | None = None, choose: bool = True
     ) -> tuple[JobRecord, bool]:
         """Claim 2: the job whose encoder answers ``request``, and whether it was started now
-        (for ``requester``, default the request's own)."""
+        (for ``requester``, default the request's own). Without ``choose`` (a child's request)
+        a new job runs with the master's settings only: :class:`NotAllowed` when the request
+        would start one with its own encoder config, training or round budget."""
         if not request.encoder_type:
             raise JobSpecError("encoder_type is required")
         try:
@@ -405,6 +411,11 @@ class ControlService(cgrpc.ControlServicer):
                     # a running job being cancelled will not produce the encoder
                     if job.state in states and not (job.cancel_requested and not job.done):
                         return job, False
+        if not choose and (wanted or request.HasField("training") or request.round_budget):
+            raise NotAllowed(
+                "no job has such an encoder, and only operators start jobs with their own encoder "
+                "config, training or round budget: ask with the encoder type alone"
+            )
         spec = cpb.JobSpec(encoder_type=request.encoder_type, training=request.training)
         if request.HasField("config"):
             spec.encoder_config.CopyFrom(request.config)
@@ -831,8 +842,13 @@ class ControlService(cgrpc.ControlServicer):
     ) -> cpb.RequestEncoderResponse:
         caller = self._caller(context, operator=False)
         requester = self._requester(context, caller, request.requester, "encoder request")
+
+        # A child may ask for an encoder (claim 2), not choose what a new job costs.
+        choose = not caller or caller in self.operators
         try:
-            job, started = self.request_encoder(request, requester=requester)
+            job, started = self.request_encoder(request, requester=requester, choose=choose)
+        except NotAllowed as err:
+            self._abort(context, grpc.StatusCode.PERMISSION_DENIED, f"{caller!r}: {err}")
         except JobSpecError as err:
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"bad encoder request: {err}")
         except ServiceStopped as err:

@@ -71,7 +71,13 @@ def test_only_operators_submit_cancel_and_list(service: ControlService, certs: P
                 call()
             assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
             assert "certificate 'site-a' is not an operator of this master" in str(err.value)
-        # a child may ask for an encoder (claim 2), and follow and fetch it
+        # a child may ask for an encoder (claim 2), and follow and fetch it, but not choose
+        # what a new job costs
+        expensive = fpb.EncoderRequest(encoder_type="srgnn", round_budget=10**6)
+        with pytest.raises(ControlError) as err:
+            child.request_encoder(expensive)
+        assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
+        assert "only operators start jobs with their own" in str(err.value)
         answer = child.request_encoder(fpb.EncoderRequest(encoder_type="srgnn", requester="app"))
         assert answer.job.requester == "site-a: app"  # the proven name, then the claim
         assert child.job(answer.job.job_id).job_id == answer.job.job_id
