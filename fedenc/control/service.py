@@ -23,6 +23,7 @@ on the same gRPC server (port, TLS) as ``fedenc.v1.Federation``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -74,7 +75,11 @@ TERMINAL = frozenset({cpb.JOB_STATE_SUCCEEDED, cpb.JOB_STATE_FAILED, cpb.JOB_STA
 DEFAULT_OPERATORS: Final = ("operator",)
 #: An ended job's record in its output folder (what a restarted master lists again).
 JOB_FILE: Final = "job.json"
-#: WatchJob streams open at once: each holds a server thread while it lasts.
+#: Long streams (WatchJob, DownloadEncoder) one non-operator caller may hold at once.
+MAX_CHILD_STREAMS: Final = 2
+#: How often a long stream checks its caller's certificate again (revocation).
+RECHECK_S: Final = 30.0
+#: WatchJob and DownloadEncoder streams open at once: each holds a server thread while it lasts.
 MAX_WATCHERS = 8
 #: Job ids a NOT_FOUND names (the most recent ones).
 _KNOWN_IDS_SHOWN = 5
@@ -118,6 +123,8 @@ def _restored_job(folder: Path) -> JobRecord:
     from google.protobuf import json_format
 
     proto = json_format.Parse((folder / JOB_FILE).read_text(), cpb.Job())
+    if proto.job_id != folder.name:  # a copied or edited record: it would shadow another job
+        raise ValueError(f"job_id {proto.job_id!r} is not its folder's name")
     if proto.state not in TERMINAL:
         raise ValueError(f"state {_state_name(proto.state)} is not an ended job's")
     run_config = struct_to_dict(proto.effective_config)
@@ -323,6 +330,7 @@ class ControlService(cgrpc.ControlServicer):
         self._participation: dict[int, tuple[int, str]] = {}
         self._children: dict[str, _Child] = {}
         self._watchers = 0
+        self._streams_of: dict[str, int] = {}  # long streams open per non-operator caller
         self._stopping = False
         self._restore_jobs()
         self._worker = threading.Thread(target=self._work, name="fedenc-control-jobs", daemon=True)
@@ -771,11 +779,15 @@ class ControlService(cgrpc.ControlServicer):
         context.abort(code, clip(message, STATUS_TEXT_LIMIT))
         raise AssertionError("context.abort returned")  # it raises; this keeps mypy honest
 
-    def _lookup(self, job_id: str, context: Any) -> JobRecord:
+    def _lookup(self, job_id: str, context: Any, list_known: bool = True) -> JobRecord:
+        """The job ``job_id``; NOT_FOUND names the latest known ids when ``list_known`` (for
+        operators only: to a child, that would be ListJobs by another door)."""
         if not job_id:
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, "job_id is required")
         job = self.job(job_id)
         if job is None:
+            if not list_known:
+                self._abort(context, grpc.StatusCode.NOT_FOUND, f"unknown job id {job_id!r}")
             with self._cond:
                 ids = list(self._jobs)
             known = ", ".join(ids[-_KNOWN_IDS_SHOWN:]) or "none"
@@ -785,6 +797,10 @@ class ControlService(cgrpc.ControlServicer):
                 context, grpc.StatusCode.NOT_FOUND, f"unknown job id {job_id!r} (jobs: {known})"
             )
         return job
+
+    def _is_operator(self, caller: str) -> bool:
+        """Whether a caller may see and do everything ("" = plaintext: nobody is identified)."""
+        return not caller or caller in self.operators
 
     def _caller(self, context: Any, operator: bool) -> str:
         """The verified certificate name of the call's peer ("" without mutual TLS, where the
@@ -801,6 +817,13 @@ class ControlService(cgrpc.ControlServicer):
             self._abort(
                 context, grpc.StatusCode.UNAUTHENTICATED, "the peer's certificate names no one"
             )
+        if name not in self.operators and self._server.security.identify is not None:
+            # A child of the CA that this master's allowlist does not admit is no child of this
+            # federation (one CA may serve several): no Control access either.
+            try:
+                self._server.security.identify(context.auth_context() or {})
+            except Refused as err:
+                self._abort(context, err.code, str(err))
         if operator and name not in self.operators:
             self._abort(
                 context,
@@ -831,7 +854,7 @@ class ControlService(cgrpc.ControlServicer):
         requester = self._requester(context, caller, request.requester, "job spec")
         try:
             job = self.submit(request.spec, requester)
-        except JobSpecError as err:
+        except (JobSpecError, ValueError) as err:  # a NaN in a Struct, too
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"bad job spec: {err}")
         except ServiceStopped as err:
             self._abort(context, grpc.StatusCode.UNAVAILABLE, str(err))
@@ -849,15 +872,15 @@ class ControlService(cgrpc.ControlServicer):
             job, started = self.request_encoder(request, requester=requester, choose=choose)
         except NotAllowed as err:
             self._abort(context, grpc.StatusCode.PERMISSION_DENIED, f"{caller!r}: {err}")
-        except JobSpecError as err:
+        except (JobSpecError, ValueError) as err:
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"bad encoder request: {err}")
         except ServiceStopped as err:
             self._abort(context, grpc.StatusCode.UNAVAILABLE, str(err))
         return cpb.RequestEncoderResponse(job=self.job_proto(job), started=started)
 
     def GetJob(self, request: cpb.GetJobRequest, context: Any) -> cpb.Job:
-        self._caller(context, operator=False)
-        return self.job_proto(self._lookup(request.job_id, context))
+        caller = self._caller(context, operator=False)
+        return self.job_proto(self._lookup(request.job_id, context, self._is_operator(caller)))
 
     def ListJobs(self, request: cpb.ListJobsRequest, context: Any) -> cpb.ListJobsResponse:
         self._caller(context, operator=True)
@@ -889,26 +912,47 @@ class ControlService(cgrpc.ControlServicer):
         return cpb.ListChildrenResponse(children=self.children())
 
     def WatchJob(self, request: cpb.WatchJobRequest, context: Any) -> Iterator[cpb.JobEvent]:
-        self._caller(context, operator=False)
-        job = self._lookup(request.job_id, context)
+        caller = self._caller(context, operator=False)
+        job = self._lookup(request.job_id, context, self._is_operator(caller))
+        with self._stream_slot(context, caller, "WatchJob"):
+            yield from self._watch(job, request, context, caller)
+
+    @contextlib.contextmanager
+    def _stream_slot(self, context: Any, caller: str, what: str) -> Iterator[None]:
+        """A server thread for a long stream (WatchJob, DownloadEncoder): at most
+        :data:`MAX_WATCHERS` at once, and :data:`MAX_CHILD_STREAMS` per non-operator, so that
+        neither watchers nor one child can take the threads of everyone else."""
+        child = not self._is_operator(caller)
         with self._cond:
             if self._watchers >= MAX_WATCHERS:
                 self._abort(
                     context,
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"{MAX_WATCHERS} WatchJob streams are open already; close one, or poll GetJob",
+                    f"{MAX_WATCHERS} WatchJob/DownloadEncoder streams are open already; close "
+                    "one, or poll GetJob",
+                )
+            if child and self._streams_of.get(caller, 0) >= MAX_CHILD_STREAMS:
+                self._abort(
+                    context,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{caller!r} has {MAX_CHILD_STREAMS} streams open already ({what})",
                 )
             self._watchers += 1
+            if child:
+                self._streams_of[caller] = self._streams_of.get(caller, 0) + 1
         try:
-            yield from self._watch(job, request, context)
+            yield
         finally:
             with self._cond:
                 self._watchers -= 1
+                if child:
+                    self._streams_of[caller] -= 1
 
     def _watch(
-        self, job: JobRecord, request: cpb.WatchJobRequest, context: Any
+        self, job: JobRecord, request: cpb.WatchJobRequest, context: Any, caller: str = ""
     ) -> Iterator[cpb.JobEvent]:
         sent = max(0, int(request.from_round) - 1)
+        next_check = time.monotonic() + RECHECK_S
         last_state: int | None = None
         last_activity = ""
         while True:
@@ -925,6 +969,9 @@ class ControlService(cgrpc.ControlServicer):
                 snapshot = self._job_proto(job)
             if not context.is_active():
                 return
+            if caller and time.monotonic() >= next_check:  # revoked while it watches?
+                self._caller(context, operator=False)
+                next_check = time.monotonic() + RECHECK_S
             if last_state is None or (
                 snapshot.activity != last_activity and state not in TERMINAL
             ):  # first, the job as it is now; then whenever what it waits for changes
@@ -944,9 +991,15 @@ class ControlService(cgrpc.ControlServicer):
     def DownloadEncoder(
         self, request: cpb.DownloadEncoderRequest, context: Any
     ) -> Iterator[cpb.EncoderDownload]:
-        self._caller(context, operator=False)
+        caller = self._caller(context, operator=False)
+        with self._stream_slot(context, caller, "DownloadEncoder"):
+            yield from self._download(request, context, caller)
+
+    def _download(
+        self, request: cpb.DownloadEncoderRequest, context: Any, caller: str
+    ) -> Iterator[cpb.EncoderDownload]:
         if request.job_id:
-            job = self._lookup(request.job_id, context)
+            job = self._lookup(request.job_id, context, self._is_operator(caller))
         elif request.encoder_type:
             with self._cond:
                 done = [
@@ -989,22 +1042,29 @@ class ControlService(cgrpc.ControlServicer):
                 grpc.StatusCode.DATA_LOSS,
                 f"the checkpoint of job {job.job_id} cannot be read: {err}",
             )
-        tensors = {name: state_dict[name] for name in job.target_names}
-        local = []
-        if request.include_local:
-            local = [name for name in state_dict if name not in tensors]
-            tensors.update({name: state_dict[name] for name in local})
-        config = EncoderConfig(**meta["encoder_config"])
-        target = {name: tensors[name] for name in job.target_names}
-        info = cpb.EncoderInfo(
-            job_id=job.job_id,
-            encoder=records.encoder_spec(meta["encoder"], config, target),
-            rounds=len(job.rounds),
-            stop_reason=job.stop_reason,
-            final_metrics=job.final_metrics,
-            metadata=dict_to_struct(meta),
-            local_tensors=local,
-        )
+        try:
+            tensors = {name: state_dict[name] for name in job.target_names}
+            local = []
+            if request.include_local:
+                local = [name for name in state_dict if name not in tensors]
+                tensors.update({name: state_dict[name] for name in local})
+            config = EncoderConfig(**meta["encoder_config"])
+            target = {name: tensors[name] for name in job.target_names}
+            info = cpb.EncoderInfo(
+                job_id=job.job_id,
+                encoder=records.encoder_spec(meta["encoder"], config, target),
+                rounds=len(job.rounds),
+                stop_reason=job.stop_reason,
+                final_metrics=job.final_metrics,
+                metadata=dict_to_struct(meta),
+                local_tensors=local,
+            )
+        except (KeyError, TypeError, ValueError) as err:  # files changed on disk since
+            self._abort(
+                context,
+                grpc.StatusCode.DATA_LOSS,
+                f"the checkpoint of job {job.job_id} does not match its record: {err!r}",
+            )
         header, chunks = stream_tensors(
             tensors,
             metadata={"job_id": job.job_id, "encoder": meta["encoder"]},

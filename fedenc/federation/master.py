@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import threading
 import time
 import uuid
@@ -1337,6 +1338,9 @@ class _Job:
             values = records.read_metrics(answered[nid].content)
             self.rows_pulled += _row_count(values.pop(records.PS_ROWS_PULLED, None))
             n = values.pop(records.NUM_EXAMPLES, 0.0)
+            # Only the ranking metrics are averaged: others are the child's own (a value of
+            # 1e300 under a name no check knows made the average inf, and results.json invalid).
+            values = {k: v for k, v in values.items() if _RANKING_METRIC.fullmatch(k)}
             if n == 0 and self.children[nid].held_out.get(split, 0) == 0:
                 # A child with no session of this split (a skewed partition): not a fault.
                 log.debug(
@@ -1434,6 +1438,9 @@ def _bad_evaluation(n: float, values: Mapping[str, float]) -> str | None:
         if key.startswith(("recall@", "mrr@")) and not 0 <= value <= 100:
             return f"{key} = {value!r} is outside [0, 100]"
     return None
+
+
+_RANKING_METRIC = re.compile(r"(recall|mrr)@\d+")
 
 
 def _outweighs(info: ChildInfo, split: str, n: float) -> str | None:

@@ -170,6 +170,11 @@ def sign_cmd(
         raise _fail(err) from err
     if revoked is not None:
         err_console.print(f"child {name!r}: the certificate it had (serial {revoked:x}) is revoked")
+    if name == "operator":  # DEFAULT_OPERATORS: a served master gives it the operators' rights
+        err_console.print(
+            "[yellow]note[/]: 'operator' is a served master's default operator name: this "
+            "certificate may submit, cancel and list jobs (fedenc master --operators)"
+        )
     err_console.print(
         f"child {name!r}: certificate {target} (serial {cert.serial_number:x}, expires "
         f"{cert.not_valid_after_utc:%Y-%m-%d}). Send it with {layout.ca_cert.name} back to the "

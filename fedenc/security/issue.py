@@ -149,6 +149,9 @@ def issue_child_certificate(
     return _leaf(ca, name, san, ExtendedKeyUsageOID.CLIENT_AUTH, days, not_before, not_after)
 
 
+_TLS_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+
+
 def child_request(name: str) -> tuple[x509.CertificateSigningRequest, PrivateKey]:
     """A certificate signing request for child ``name`` and its new private key: the child's
     site makes both and sends only the request, so its key never leaves the site."""
@@ -197,8 +200,11 @@ def sign_child_request(
                 f"certificate names only {child_uri(name)}"
             )
     key = csr.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.key_size < 256:
-        raise ValueError("the request's key must be an elliptic-curve key of 256 bits or more")
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, _TLS_CURVES):
+        raise ValueError(
+            "the request's key must be an elliptic-curve key on P-256, P-384 or P-521 (what TLS "
+            "peers accept)"
+        )
     uri: list[x509.GeneralName] = [x509.UniformResourceIdentifier(child_uri(name))]
     usage = ExtendedKeyUsageOID.CLIENT_AUTH
     return name, _leaf_for(ca, key, name, uri, usage, days, not_before, not_after)

@@ -178,6 +178,10 @@ def list_certificates(layout: CertLayout) -> list[CertInfo]:
     return rows
 
 
+#: A signing request is a few hundred bytes: a larger file is not one (and is not read whole).
+MAX_REQUEST_BYTES = 64 * 1024
+
+
 def request_child(layout: CertLayout, name: str, *, force: bool = False) -> Path:
     """On the child's site: a new key in ``children/NAME.key`` and the signing request to send
     to the federation's operator in ``children/NAME.csr`` (returned). The key never leaves."""
@@ -208,6 +212,12 @@ def sign_request(
     child's current certificate and revokes it (a site that re-keys: the old key may be lost).
     Returns the certificate, where it was written for the child, and the revoked serial."""
     ca = load_ca(layout)
+    try:
+        size = Path(request).stat().st_size
+    except OSError:
+        size = 0  # read_pem names what is wrong with it
+    if size > MAX_REQUEST_BYTES:
+        raise PemError(f"{request} has {size:,} bytes: not a signing request (at most 64 KiB)")
     data = read_pem(request, "certificate signing request", "CERTIFICATE REQUEST")
     try:
         csr = x509.load_pem_x509_csr(data)
@@ -230,9 +240,14 @@ def sign_request(
                 "it (the current one is revoked then)"
             )
         revoked = revoke_child(layout, name)  # before kept is replaced: revoke reads it
+    target = out if out is not None else request.parent / f"{name}.pem"
+    ca_files = {layout.ca_cert, layout.ca_key, layout.crl, layout.master_cert, layout.master_key}
+    if target.resolve() in {p.resolve() for p in ca_files}:
+        raise PemError(f"refusing to write the child's certificate over {target}")
+    if target.resolve() != kept.resolve() and target.exists() and not force:
+        raise KeyExistsError(f"{target} exists; pass --force to replace it, or --out elsewhere")
     kept.parent.mkdir(parents=True, exist_ok=True)
     write_certificate(kept, cert)
-    target = out if out is not None else request.with_suffix(".pem")
-    if target != kept:
+    if target.resolve() != kept.resolve():
         write_certificate(target, cert)
     return cert, target, revoked

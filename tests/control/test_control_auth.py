@@ -30,7 +30,7 @@ pytestmark = pytest.mark.timeout(120)
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     layout = CertLayout(tmp_path_factory.mktemp("auth") / "certs")
     init_certs(layout)
-    for name in ("operator", "site-a"):
+    for name in ("operator", "site-a", "site-z"):
         issue_child(layout, name)
     return layout.root
 
@@ -89,6 +89,32 @@ def test_only_operators_submit_cancel_and_list(service: ControlService, certs: P
     assert service.job(job.job_id) is not None
     assert "by operator: not needed" in str(service.job(job.job_id).cancel_reason)  # type: ignore[union-attr]
     assert cancelled.cancel_requested
+
+
+def test_children_hold_few_streams_see_no_other_ids_and_need_the_allowlist(
+    service: ControlService, certs: Path
+) -> None:
+    with client(service, certs, "operator") as op:
+        job = op.submit(cpb.JobSpec(rounds=1), requester="op")
+    with client(service, certs, "site-a") as child:
+        # GetJob's NOT_FOUND listed the latest job ids: ListJobs by another door.
+        with pytest.raises(ControlError) as err:
+            child.job("nope")
+        assert err.value.code == grpc.StatusCode.NOT_FOUND and job.job_id not in str(err.value)
+        # Two long streams per child at most: one child could take every server thread.
+        open_streams = [child.watch(job.job_id) for _ in range(2)]
+        for stream in open_streams:
+            next(stream)
+        with pytest.raises(ControlError) as err:
+            next(child.watch(job.job_id))
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "'site-a' has 2 streams open already" in str(err.value)
+    # A certificate of the CA that the allowlist does not admit is no child of this federation.
+    with client(service, certs, "site-z") as stranger:
+        with pytest.raises(ControlError) as err:
+            stranger.job(job.job_id)
+        assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
+        assert "not in this master's allowlist" in str(err.value)
 
 
 def test_an_operators_certificate_cannot_join_as_a_child(certs: Path, tmp_path: Path) -> None:

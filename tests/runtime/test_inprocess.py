@@ -456,6 +456,8 @@ def test_an_evaluation_weighing_more_than_its_child_declared_is_left_out(
             metrics = reply.content.metric_records["metrics"]
             metrics["num-examples"] = 10**12
             metrics["recall@20"] = 99.0
+        elif message.metadata.message_type == "evaluate":  # a metric no check knows
+            reply.content.metric_records["metrics"]["ndcg@20"] = 1e300
         return reply
 
     config = {**TINY, "num-server-rounds": 1, "final-test": True}
@@ -466,6 +468,7 @@ def test_an_evaluation_weighing_more_than_its_child_declared_is_left_out(
     assert result["rounds"][0]["evaluated"] == ["child-1"]
     assert "num-examples = 1e+12 exceeds the valid examples it confirmed" in caplog.text
     assert result["final_metrics"]["test_examples"] < 10**6
+    assert "test_ndcg@20" not in result["final_metrics"]  # only ranking metrics are averaged
     fair = json.loads(honest.server_context.state[RESULT_KEY]["json"])["final_child_metrics"]
     assert result["final_metrics"]["test_recall@20"] == fair["child-1"]["test_recall@20"]
 

@@ -146,6 +146,20 @@ def test_a_child_keeps_its_key_the_operator_signs_its_request(tmp_path: Path) ->
     assert code == 0 and f"serial{cert.serial_number:x})isrevoked" in flat(out)
     revoked = load_revocation_list(ca_dir / "crl.pem", load_certificate(ca_dir / "ca.pem"))
     assert cert.serial_number in revoked
+    # The certificate never lands on the CA's own files, whatever --out or the file's name says.
+    code, out = certs(
+        "sign",
+        str(csr),
+        "--name",
+        "site-a",
+        "--dir",
+        str(ca_dir),
+        "--force",
+        "--out",
+        str(ca_dir / "ca.pem"),
+    )
+    assert code != 0 and "refusingtowritethechild'scertificateover" in flat(out)
+    assert child_name_of(load_certificate(ca_dir / "ca.pem")) is None  # still the CA
     # A damaged request is refused by name.
     csr.write_text(csr.read_text().replace("A", "B", 5))
     code, out = certs("sign", str(csr), "--name", "site-a", "--dir", str(ca_dir), "--force")

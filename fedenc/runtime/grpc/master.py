@@ -231,6 +231,9 @@ class FederationServer:
         """The Hello name of node ``node_id``, also after its stream ended (a report about a
         child that left, or was revoked, names it, not "node-3"); None for an unknown node."""
         with self._lock:
+            conn = self._by_node.get(node_id)
+            if conn is not None:  # connected: its own name, whatever the history kept
+                return conn.name
             return self._names.get(node_id)
 
     def wait_for_children(self, count: int, timeout: float | None = None) -> bool:
