@@ -63,20 +63,6 @@ def _key_usage() -> x509.KeyUsage:
     )
 
 
-def _leaf(
-    ca: CertificateAuthority,
-    common_name: str,
-    san: list[x509.GeneralName],
-    usage: x509.ObjectIdentifier,
-    days: int,
-    not_before: dt.datetime | None,
-    not_after: dt.datetime | None,
-) -> IssuedCertificate:
-    key = new_private_key()
-    cert = _leaf_for(ca, key.public_key(), common_name, san, usage, days, not_before, not_after)
-    return IssuedCertificate(cert, key)
-
-
 def _leaf_for(
     ca: CertificateAuthority,
     public_key: CertificatePublicKeyTypes,
@@ -132,7 +118,10 @@ def issue_master_certificate(
     (children must dial one of them, or override the target name)."""
     san = parse_hosts(hosts)
     first = san[0].value
-    return _leaf(ca, str(first), san, ExtendedKeyUsageOID.SERVER_AUTH, days, not_before, not_after)
+    key = new_private_key()
+    usage = ExtendedKeyUsageOID.SERVER_AUTH
+    cert = _leaf_for(ca, key.public_key(), str(first), san, usage, days, not_before, not_after)
+    return IssuedCertificate(cert, key)
 
 
 def issue_child_certificate(
@@ -146,7 +135,10 @@ def issue_child_certificate(
     """Child ``name``'s TLS client certificate: CN=NAME and URI SAN ``fedenc://child/NAME``."""
     validate_child_name(name)
     san: list[x509.GeneralName] = [x509.UniformResourceIdentifier(child_uri(name))]
-    return _leaf(ca, name, san, ExtendedKeyUsageOID.CLIENT_AUTH, days, not_before, not_after)
+    key = new_private_key()
+    usage = ExtendedKeyUsageOID.CLIENT_AUTH
+    cert = _leaf_for(ca, key.public_key(), name, san, usage, days, not_before, not_after)
+    return IssuedCertificate(cert, key)
 
 
 _TLS_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
