@@ -166,7 +166,7 @@ def test_cancel_stops_a_running_job_after_its_round_and_a_queued_one_at_once(
     with pytest.raises(ControlError) as err:
         next(client.watch(queued.job_id))
     assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert f"{MAX_WATCHERS} WatchJob streams are open already" in str(err.value)
+    assert f"{MAX_WATCHERS} WatchJob/DownloadEncoder streams are open already" in str(err.value)
     cancelled = client.cancel(queued.job_id, reason="not needed")
     for w in watchers:
         assert [e.job.state for e in w] == [cpb.JOB_STATE_CANCELLED]
