@@ -81,6 +81,9 @@ def test_train_synthetic_writes_results_and_a_loadable_checkpoint(tmp_path: Path
         assert metrics[key] == pytest.approx(test[key], abs=1e-9), key
     other = runner.invoke(app, ["evaluate", str(out), "--synthetic-items", "400"])
     assert other.exit_code == 2 and "not the data it was trained on" in other.output
+    if not torch.cuda.is_available():  # before the data load, not a traceback after it
+        gpu = runner.invoke(app, ["evaluate", str(out), "--device", "cuda"])
+        assert gpu.exit_code == 2 and "CUDA is not available here" in gpu.output
     # The same --out again: said before the work, not found out after it.
     rerun = runner.invoke(app, ["train", "--synthetic", *TINY, "--out", str(out), "-q"])
     assert rerun.exit_code == 0, rerun.output
@@ -211,3 +214,22 @@ def test_encoders_lists_a_types_tensors_with_what_is_exchanged() -> None:
     assert "48 x 32" in lines["gnn.w_ih.weight"] and "all, encoder" in lines["gnn.w_ih.weight"]
     bad = runner.invoke(app, ["encoders", "--tensors", "nope"])
     assert bad.exit_code == 2 and "unknown encoder type 'nope'" in bad.output
+
+
+@pytest.mark.parametrize(("resume", "reason"), [(True, 8), (False, 1)])
+def test_a_stopping_master_asks_children_to_wait_only_for_a_resumable_job(
+    resume: bool, reason: int
+) -> None:
+    # RESTART (8): keep the job's state and dial again; SHUTDOWN (1): the session is over
+    # (no checkpoint, or --stop-children).
+    from fedenc import cli
+    from fedenc.proto.fedenc.v1 import federation_service_pb2 as spb
+
+    calls: list[tuple[str, int]] = []
+
+    class Server:
+        def stop(self, detail: str, reason: int = spb.CLOSE_REASON_SHUTDOWN) -> None:
+            calls.append((detail, reason))
+
+    assert cli._close_children(Server(), "stopped (SIGTERM)", resume) is resume
+    assert calls[0][1] == reason and spb.CLOSE_REASON_RESTART == 8
