@@ -309,7 +309,12 @@ def answer(
             reply.error.reason = f"{args.name} does not evaluate"
         else:
             add_metrics(reply, metrics)
-    # "query.finish" (the job is over): an empty reply acknowledges it
+    elif kind == "query.notice":  # the master refused this child's answer: say why
+        reason = config_values(message).get(("config", "reason"))
+        print(
+            f"{args.name}: left out by the master: {reason.string if reason else '?'}", flush=True
+        )
+    # "query.finish" (the job is over) and other notices: an empty reply acknowledges them
     flower = svc.FlowerMessage(message=reply.SerializeToString(), array_records=records)
     return [svc.ChildMessage(reply_to=frame.message_id, flower=flower), *chunks]
 
