@@ -122,10 +122,7 @@ def held_out_indices(
     groups 5 and 14. Children may get no held-out session. The parts cover the split."""
     n, k = len(held_out), len(train_parts)
     if scheme != "dirichlet" or n == 0:
-        if n < k:  # a tiny held-out split: not every child gets a session
-            empty = np.zeros(0, dtype=np.int64)
-            return [np.array([i], dtype=np.int64) if i < n else empty for i in range(k)]
-        return partition_indices(held_out, k, scheme, seed, alpha, 1, num_groups)
+        return deal_indices(held_out, k, scheme, seed, alpha, num_groups)
     g = max(1, min(num_groups, train.num_items))
     train_groups = session_groups(train, num_groups)
     taken = np.zeros((g, k), dtype=np.float64)
@@ -140,9 +137,32 @@ def held_out_indices(
         total = taken[group].sum()
         # A group no child trained on is dealt like the training groups were.
         share = taken[group] / total if total > 0 else rng.dirichlet(np.full(k, alpha))
-        cuts = np.round(np.cumsum(share)[:-1] * idx.size)
-        owner[idx] = np.searchsorted(cuts, np.arange(idx.size), side="right")
+        _deal_group(owner, idx, share)
     return [np.flatnonzero(owner == c).astype(np.int64) for c in range(k)]
+
+
+def deal_indices(
+    sessions: Sessions,
+    k: int,
+    scheme: str = "iid",
+    seed: int = 0,
+    alpha: float = 0.5,
+    num_groups: int = 20,
+) -> list[IntArray]:
+    """:func:`partition_indices` with at least one session per child, except for a split of
+    fewer than ``k`` sessions, whose sessions go to the first children (the rest get none)."""
+    n = len(sessions)
+    if n < k:
+        empty = np.zeros(0, dtype=np.int64)
+        return [np.array([i], dtype=np.int64) if i < n else empty for i in range(k)]
+    return partition_indices(sessions, k, scheme, seed, alpha, 1, num_groups)
+
+
+def _deal_group(owner: IntArray, idx: IntArray, share: np.ndarray) -> None:
+    """Give the sessions ``idx`` (in their dealing order) to the children in proportions
+    ``share``: contiguous runs, the cuts rounded."""
+    cuts = np.round(np.cumsum(share)[:-1] * idx.size)
+    owner[idx] = np.searchsorted(cuts, np.arange(idx.size), side="right")
 
 
 def _dirichlet(
@@ -155,9 +175,7 @@ def _dirichlet(
     for _ in range(_MAX_REDRAWS):
         owner = np.empty(len(sessions), dtype=np.int64)
         for idx in members:
-            share = rng.dirichlet(np.full(k, alpha))
-            cuts = np.round(np.cumsum(share)[:-1] * idx.size)
-            owner[idx] = np.searchsorted(cuts, np.arange(idx.size), side="right")
+            _deal_group(owner, idx, rng.dirichlet(np.full(k, alpha)))
         sizes = np.bincount(owner, minlength=k)
         if sizes.min() >= min_sessions:
             break

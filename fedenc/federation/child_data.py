@@ -21,9 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from fedenc.data.partition import SCHEMES, held_out_indices, partition_indices
+from fedenc.data.partition import SCHEMES, deal_indices, held_out_indices
 from fedenc.data.sessions import Examples, IntArray, Sessions
 from fedenc.data.splits import DataSplits, load_dataset
 from fedenc.data.synthetic import SyntheticConfig, generate
@@ -159,16 +157,6 @@ def load_source(config: ChildDataConfig) -> DataSplits:
         return splits
 
 
-def _deal(sessions: Sessions, config: ChildDataConfig) -> list[IntArray]:
-    k = config.num_partitions
-    if len(sessions) < k:  # a tiny split: not every child gets a session
-        empty = np.zeros(0, dtype=np.int64)
-        return [np.array([i], dtype=np.int64) if i < len(sessions) else empty for i in range(k)]
-    return partition_indices(
-        sessions, k, config.scheme, seed=config.seed, alpha=config.alpha, min_sessions=1
-    )
-
-
 def load_child_data(config: ChildDataConfig) -> ChildData:
     """Child ``config.partition_id``'s share of the data set."""
     splits = load_source(config)
@@ -176,7 +164,9 @@ def load_child_data(config: ChildDataConfig) -> ChildData:
     with _lock:
         parts = _parts.get(key)
     if parts is None:
-        dealt = _deal(splits.train, config)
+        dealt = deal_indices(
+            splits.train, config.num_partitions, config.scheme, config.seed, config.alpha
+        )
         parts = [dealt] + [
             held_out_indices(splits.train, dealt, s, config.scheme, config.seed, config.alpha)
             for s in (splits.valid, splits.test)
