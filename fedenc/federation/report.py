@@ -62,6 +62,14 @@ def eval_split(r: Mapping[str, Any]) -> str:
     return ""
 
 
+def split_name(rounds: Sequence[Mapping[str, Any]]) -> str | None:
+    """ "validation" or "test": the split the rounds' ranking metrics were measured on (None
+    when no round was evaluated)."""
+    splits = {eval_split(r) for r in rounds} - {""}
+    split = next(iter(splits)) if len(splits) == 1 else None
+    return {"valid": "validation"}.get(split, split) if split else None
+
+
 def children_recall(r: Mapping[str, Any]) -> list[float]:
     """The evaluated children's own Recall@20 in a round (their weighted mean is the round's)."""
     return [
@@ -113,14 +121,8 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 def round_table(rounds: Sequence[Mapping[str, Any]], title: str = "") -> Table:
     """A rich table of the rounds so far; its caption names the split Recall and MRR are on."""
-    splits = {eval_split(r) for r in rounds} - {""}
-    names = {"valid": "validation"}
-    split = next(iter(splits)) if len(splits) == 1 else None
-    caption = (
-        f"Recall@20, MRR@20: weighted over the children's {names.get(split, split)} data"
-        if split
-        else None
-    )
+    split = split_name(rounds)
+    caption = f"Recall@20, MRR@20: weighted over the children's {split} data" if split else None
     table = Table(title=title or None, caption=caption)
     for name in ("round", "participants", "loss", "Recall@20", "MRR@20", "bytes moved", "seconds"):
         table.add_column(name, justify="right")
@@ -219,8 +221,7 @@ def plot_rounds(
                          linestyle="none", label=label)  # fmt: skip
     # Which split the rounds were scored on: the children's validation split unless the job
     # evaluated on test (eval-split); the round's metric names say it.
-    names = {k for r in rounds for k in (r.get("metrics") or {})}
-    split = "test" if any(k.startswith("test_") for k in names) else "validation"
+    split = split_name(rounds) or "validation"
     ax_rank.set_xlabel("round")
     ax_rank.set_ylabel("%")
     ax_rank.set_title(f"ranking metrics on the children's {split} split")
