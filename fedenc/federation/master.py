@@ -894,14 +894,12 @@ class _Job:
                     refused[nid] = reason
                 else:
                     info = _child_info(
-                        nid, self._child_name(nid, name), confirmation, self.config.job_id
+                        nid,
+                        self._child_name(nid, name),
+                        confirmation,
+                        self.config.job_id,
+                        self.config.min_samples,
                     )
-                    if info.accepted and info.num_samples < self.config.min_samples:
-                        info.accepted = False
-                        info.reason = (
-                            f"confirmed {info.num_samples} training samples; the job needs at "
-                            f"least {self.config.min_samples} (min-samples)"
-                        )
                     info.declined = not info.accepted
                     if confirmation.accepted and not info.accepted:  # the master's refusal
                         refused[nid] = info.reason
@@ -912,7 +910,6 @@ class _Job:
                     n for n, c in self.children.items() if c.name == info.name and n not in online
                 ]
                 if gone:  # the same child reconnected (a new node id): it keeps its name
-                    info.joined_round = min(self.children[n].joined_round for n in gone)
                     for n in gone:
                         del self.children[n]
                 else:  # two live nodes claim one name (runtimes without identities)
@@ -961,16 +958,21 @@ class _Job:
             why = short()
         return why
 
+    def _transport_name(self, nid: int) -> str | None:
+        """The name the runtime knows node ``nid`` by (the gRPC runtime's Hello name), if any."""
+        name = getattr(self.grid, "node_name", lambda _: None)(nid)
+        return str(name) if name else None
+
     def _child_name(self, nid: int, claimed: str) -> str:
         """The name a child is reported under: its transport's (the gRPC runtime's Hello name,
         which mutual TLS binds to the certificate), never one the child claims in a message when
         there is one; else the claimed name, if printable, else its node id."""
-        known = getattr(self.grid, "node_name", lambda _: None)(nid)
+        known = self._transport_name(nid)
         if known:
             if claimed and claimed != known:
                 log.warning("%s claims the name %r in its confirmation: reported as %s",
                             known, clip(claimed, 80), known)  # fmt: skip
-            return str(known)
+            return known
         if claimed and len(claimed) <= 256 and claimed.isprintable():
             return claimed
         if claimed:  # a newline would forge log lines; megabytes would fill the reports
@@ -981,8 +983,7 @@ class _Job:
     def _node_label(self, nid: int) -> str:
         """A child that gave no readable name in its confirmation: its transport's name (the
         gRPC runtime's Hello name), else its node id."""
-        name = getattr(self.grid, "node_name", lambda _: None)(nid)
-        return str(name) if name else f"node-{nid}"
+        return self._transport_name(nid) or f"node-{nid}"
 
     def confirmed(self) -> list[int]:
         """Confirmed children, ordered by name (the order replies are fused in)."""
@@ -1139,7 +1140,7 @@ class _Job:
         fused = skipped is None
         weights = self.rule.child_weights() if fused else None
         metrics: dict[str, float] = {}
-        if self.row_fusion is not None and self.table is not None and skipped is None:
+        if self.row_fusion is not None and self.table is not None and fused:
             # The table changes only here, between rounds: every child of the round read it
             # as the previous round left it.
             keys, deltas = self.row_fusion.result()
@@ -1471,7 +1472,9 @@ def _with_seed(config: TrainConfig, seed: int) -> TrainConfig:
     return TrainConfig.from_dict({**config.to_dict(), "seed": seed})
 
 
-def _child_info(nid: int, name: str, confirmation: fpb.Confirmation, job_id: str) -> ChildInfo:
+def _child_info(
+    nid: int, name: str, confirmation: fpb.Confirmation, job_id: str, min_samples: int = 1
+) -> ChildInfo:
     name = name or f"node-{nid}"
     if confirmation.job_id != job_id:
         return ChildInfo(nid, name, False, reason=f"confirmation for job {confirmation.job_id!r}")
@@ -1491,7 +1494,7 @@ def _child_info(nid: int, name: str, confirmation: fpb.Confirmation, job_id: str
         )
         if n
     }
-    return ChildInfo(
+    info = ChildInfo(
         nid,
         name,
         True,
@@ -1499,6 +1502,13 @@ def _child_info(nid: int, name: str, confirmation: fpb.Confirmation, job_id: str
         summary=summary,
         held_out=held_out,
     )
+    if info.num_samples < min_samples:
+        info.accepted = False
+        info.reason = (
+            f"confirmed {info.num_samples} training samples; the job needs at least "
+            f"{min_samples} (min-samples)"
+        )
+    return info
 
 
 def run_master(

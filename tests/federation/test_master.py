@@ -933,7 +933,9 @@ def test_a_child_is_reported_under_its_connections_name_not_the_one_it_claims(
 
     def name(names: dict[int, str] | None, nid: int, claimed: str) -> str:
         grid = SimpleNamespace() if names is None else SimpleNamespace(node_name=names.get)
-        return _Job._child_name(SimpleNamespace(grid=grid), nid, claimed)  # type: ignore[arg-type]
+        job = SimpleNamespace(grid=grid)
+        job._transport_name = lambda n: _Job._transport_name(job, n)  # type: ignore[arg-type]
+        return _Job._child_name(job, nid, claimed)  # type: ignore[arg-type]
 
     with caplog.at_level("WARNING", logger="fedenc"):
         assert name({3: "site-b"}, 3, "site-a") == "site-b"
