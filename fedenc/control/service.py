@@ -65,7 +65,7 @@ from fedenc.protocol.chunking import DEFAULT_MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, s
 from fedenc.protocol.peer_text import clip
 from fedenc.runtime.grpc.connection import ChildConnection
 from fedenc.runtime.grpc.master import FederationServer, GrpcGrid, run_server_app
-from fedenc.runtime.grpc.transport import Refused
+from fedenc.runtime.grpc.transport import Identify, Refused
 from fedenc.training.checkpoint import META_FILE, STATE_FILE
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,15 @@ def _restored_job(folder: Path) -> JobRecord:
         checkpoint=encoder if proto.encoder_available and encoder.is_dir() else None,
         target_names=list(results.get("shared_parameters", [])),
     )
+
+
+def _check_requester(requester: str) -> None:
+    """:class:`JobSpecError` for a requester too long to keep with a job (it is listed to every
+    client)."""
+    if len(requester) > MAX_REQUESTER:
+        raise JobSpecError(
+            f"requester is {len(requester):,} characters long; at most {MAX_REQUESTER}"
+        )
 
 
 def _iso(unix: float) -> str:
@@ -364,10 +373,7 @@ class ControlService(cgrpc.ControlServicer):
 
     def submit(self, spec: cpb.JobSpec, requester: str = "") -> JobRecord:
         """Checks ``spec`` and queues it; :class:`JobSpecError` says what is wrong."""
-        if len(requester) > MAX_REQUESTER:  # kept with the job and listed to every client
-            raise JobSpecError(
-                f"requester is {len(requester):,} characters long; at most {MAX_REQUESTER}"
-            )
+        _check_requester(requester)
         run_config = spec_to_run_config(spec, self._defaults)
         encoder = str(run_config.get("encoder", "srgnn"))
         job_id = f"{encoder}-{uuid.uuid4().hex[:12]}"
@@ -806,24 +812,18 @@ class ControlService(cgrpc.ControlServicer):
         """The verified certificate name of the call's peer ("" without mutual TLS, where the
         master identifies nobody); aborts when the certificate is refused, or when ``operator``
         and it is not one of :attr:`operators`."""
-        identify = self._server.security.identify_any
-        if identify is None:
+        security = self._server.security
+        if security.identify_any is None:
             return ""
-        try:
-            name = identify(context.auth_context() or {})
-        except Refused as err:
-            self._abort(context, err.code, str(err))
+        name = self._verified(security.identify_any, context)
         if name is None:
             self._abort(
                 context, grpc.StatusCode.UNAUTHENTICATED, "the peer's certificate names no one"
             )
-        if name not in self.operators and self._server.security.identify is not None:
+        if name not in self.operators and security.identify is not None:
             # A child of the CA that this master's allowlist does not admit is no child of this
             # federation (one CA may serve several): no Control access either.
-            try:
-                self._server.security.identify(context.auth_context() or {})
-            except Refused as err:
-                self._abort(context, err.code, str(err))
+            self._verified(security.identify, context)
         if operator and name not in self.operators:
             self._abort(
                 context,
@@ -835,16 +835,20 @@ class ControlService(cgrpc.ControlServicer):
             )
         return name
 
+    def _verified(self, identify: Identify, context: Any) -> str | None:
+        """``identify`` on the call's credentials; a refusal aborts the call with its status."""
+        try:
+            return identify(context.auth_context() or {})
+        except Refused as err:
+            self._abort(context, err.code, str(err))
+
     def _requester(self, context: Any, caller: str, claimed: str, what: str) -> str:
         """Who asked, as kept with a job: the proven name first, the client's own words after
         (aborts for a claim longer than :data:`MAX_REQUESTER`, naming ``what`` was refused)."""
-        if len(claimed) > MAX_REQUESTER:  # kept with the job and listed to every client
-            self._abort(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"bad {what}: requester is {len(claimed):,} characters long; at most "
-                f"{MAX_REQUESTER}",
-            )
+        try:
+            _check_requester(claimed)
+        except JobSpecError as err:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"bad {what}: {err}")
         if not caller:
             return claimed
         return clip(f"{caller}: {claimed}" if claimed else caller, MAX_REQUESTER)
@@ -867,7 +871,7 @@ class ControlService(cgrpc.ControlServicer):
         requester = self._requester(context, caller, request.requester, "encoder request")
 
         # A child may ask for an encoder (claim 2), not choose what a new job costs.
-        choose = not caller or caller in self.operators
+        choose = self._is_operator(caller)
         try:
             job, started = self.request_encoder(request, requester=requester, choose=choose)
         except NotAllowed as err:
