@@ -202,14 +202,16 @@ class GrpcChild:
                 ever_welcomed = True
                 deadline = time.monotonic() + patience
                 backoff = 0.2
+                awaiting_resume = False
+            # An outage starts (a welcomed stream ended, or the first dial failed): it is said
+            # once, then quietly.
+            outage_starts = session.welcomed or not warned
             close = session.close
             if close is not None and close.reason in _FATAL:
                 reason = spb.CloseReason.Name(close.reason).removeprefix("CLOSE_REASON_")
                 return self._refused(_CloseError(reason, close.detail))
             if close is None and self._fatal(session):
                 return self._refused(session.rpc_error)
-            if session.welcomed:
-                awaiting_resume = False
             if close is not None and close.reason == spb.CLOSE_REASON_RESTART:
                 awaiting_resume = True
                 wait = "without end" if math.isinf(patience) else f"for up to {patience:.0f} s"
@@ -226,7 +228,7 @@ class GrpcChild:
                     return EXIT_OK
             elif close is not None:
                 log.warning("%s: the master closed the stream: %s", self.name, close.detail)
-            elif session.welcomed or not warned:
+            elif outage_starts:
                 log.warning("%s: stream lost: %s", self.name, session.error or "no reason")
             elif time.monotonic() >= next_note:
                 # Not a warning every few seconds for as long as a master is down: one a minute.
@@ -236,7 +238,7 @@ class GrpcChild:
                 next_note = time.monotonic() + _QUIET_NOTE_S
             else:
                 log.debug("%s: no connection: %s", self.name, session.error or "no reason")
-            if session.welcomed or not warned:  # an outage starts: said once, then quietly
+            if outage_starts:
                 down_since = time.monotonic()
                 next_note = down_since + _QUIET_NOTE_S
             warned = True
