@@ -22,6 +22,8 @@ from fedenc.security.errors import KeyExistsError, PemError
 log = logging.getLogger(__name__)
 
 KEY_MODE = 0o600
+#: A signing request is a few hundred bytes.
+MAX_REQUEST_BYTES = 64 * 1024
 PUBLIC_MODE = 0o644
 
 PrivateKey = ec.EllipticCurvePrivateKey
@@ -109,6 +111,24 @@ def load_crl(path: Path, what: str = "revocation list") -> x509.CertificateRevoc
         raise PemError(f"{what} {path} is not a valid PEM CRL: {err}") from None
 
 
+def load_request(
+    path: Path, what: str = "certificate signing request"
+) -> x509.CertificateSigningRequest:
+    """Parse the PEM certificate signing request at ``path`` (at most
+    :data:`MAX_REQUEST_BYTES`: a larger file is not one, and is not read whole)."""
+    try:
+        size = Path(path).stat().st_size
+    except OSError:
+        size = 0  # read_pem names what is wrong with it
+    if size > MAX_REQUEST_BYTES:
+        raise PemError(f"{path} has {size:,} bytes: not a signing request (at most 64 KiB)")
+    data = read_pem(path, what, "CERTIFICATE REQUEST")
+    try:
+        return x509.load_pem_x509_csr(data)
+    except ValueError as err:
+        raise PemError(f"{path}: not a readable {what} ({err})") from None
+
+
 def key_matches(key: PrivateKey, cert: x509.Certificate) -> bool:
     """Whether ``key`` is the private half of ``cert``'s public key."""
     raw = serialization.PublicFormat.SubjectPublicKeyInfo
@@ -132,6 +152,11 @@ def write_private_key(path: Path, key: PrivateKey, *, force: bool = False) -> No
 def write_certificate(path: Path, cert: x509.Certificate) -> None:
     """Write ``cert`` as PEM with mode 0644 (certificates are public)."""
     atomic.write_bytes(Path(path), cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
+
+
+def write_request(path: Path, csr: x509.CertificateSigningRequest) -> None:
+    """Write ``csr`` as PEM with mode 0644 (a request holds only the public key)."""
+    atomic.write_bytes(Path(path), csr.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
 
 
 def write_crl(path: Path, crl: x509.CertificateRevocationList) -> None:

@@ -8,9 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
-from fedenc import atomic
 from fedenc.security.ca import CertificateAuthority, create_ca, load_ca
 from fedenc.security.defaults import CA_DAYS, CHILD_DAYS, DEFAULT_MASTER_HOSTS, MASTER_DAYS
 from fedenc.security.errors import KeyExistsError, PemError
@@ -25,10 +23,11 @@ from fedenc.security.layout import CertLayout
 from fedenc.security.pem import (
     load_certificate,
     load_crl,
-    read_pem,
+    load_request,
     write_certificate,
     write_crl,
     write_private_key,
+    write_request,
 )
 from fedenc.security.revocation import build_crl, revoke, revoked_serials
 from fedenc.security.validity import utcnow
@@ -178,10 +177,6 @@ def list_certificates(layout: CertLayout) -> list[CertInfo]:
     return rows
 
 
-#: A signing request is a few hundred bytes: a larger file is not one (and is not read whole).
-MAX_REQUEST_BYTES = 64 * 1024
-
-
 def request_child(layout: CertLayout, name: str, *, force: bool = False) -> Path:
     """On the child's site: a new key in ``children/NAME.key`` and the signing request to send
     to the federation's operator in ``children/NAME.csr`` (returned). The key never leaves."""
@@ -193,7 +188,7 @@ def request_child(layout: CertLayout, name: str, *, force: bool = False) -> Path
     csr, key = child_request(name)
     csr_path = layout.children_dir / f"{name}.csr"
     write_private_key(key_path, key, force=force)
-    atomic.write_bytes(csr_path, csr.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_request(csr_path, csr)
     return csr_path
 
 
@@ -212,17 +207,7 @@ def sign_request(
     child's current certificate and revokes it (a site that re-keys: the old key may be lost).
     Returns the certificate, where it was written for the child, and the revoked serial."""
     ca = load_ca(layout)
-    try:
-        size = Path(request).stat().st_size
-    except OSError:
-        size = 0  # read_pem names what is wrong with it
-    if size > MAX_REQUEST_BYTES:
-        raise PemError(f"{request} has {size:,} bytes: not a signing request (at most 64 KiB)")
-    data = read_pem(request, "certificate signing request", "CERTIFICATE REQUEST")
-    try:
-        csr = x509.load_pem_x509_csr(data)
-    except ValueError as err:
-        raise PemError(f"{request}: not a readable certificate signing request ({err})") from None
+    csr = load_request(request)
     try:
         asked, cert = sign_child_request(ca, csr, days=days)
     except ValueError as err:
