@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_job import TINY_JOB
 
 from fedenc.control.client import ControlClient
 from fedenc.control.service import JOB_FILE, ControlService
@@ -20,16 +21,7 @@ from fedenc.runtime.grpc.transport import ChannelSecurity, ServerSecurity
 pytestmark = pytest.mark.timeout(180)
 
 INSECURE = ChannelSecurity(insecure=True)
-TINY = {
-    "synthetic-sessions": 400,
-    "synthetic-items": 60,
-    "hidden": 8,
-    "batch-size": 50,
-    "num-server-rounds": 2,
-    "final-test": False,
-    "expect-children": 2,
-    "wait-timeout": 30.0,
-}
+TINY = {**TINY_JOB, "expect-children": 2, "wait-timeout": 30.0}
 
 
 def serve(out: Path) -> ControlService:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_job import TINY_JOB
 
 from fedenc.runtime.inprocess import run_inprocess
 
@@ -22,15 +23,7 @@ pytest.importorskip(
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-TINY = {
-    "synthetic-sessions": 400,
-    "synthetic-items": 60,
-    "hidden": 8,
-    "batch-size": 50,
-    "num-server-rounds": 2,
-    "final-test": False,
-    "seed": 5,
-}
+TINY = {**TINY_JOB, "seed": 5}
 
 
 def _free_port() -> int:

@@ -15,18 +15,12 @@ import torch._dynamo  # the first optimizer step imports it: pay that at collect
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
+from tiny_job import TINY_JOB
 
 from fedenc.runtime import flower_compat as fc
 from fedenc.runtime.inprocess import InProcessGrid, new_run_id, run_inprocess
 
-TINY = {
-    "synthetic-sessions": 400,
-    "synthetic-items": 60,
-    "hidden": 8,
-    "batch-size": 50,
-    "num-server-rounds": 2,
-    "final-test": False,
-}
+TINY = dict(TINY_JOB)
 
 
 def grid_with(client: Any, k: int = 3, concurrency: int = 1) -> InProcessGrid:

@@ -9,20 +9,13 @@ from typing import Any
 
 import pytest
 import torch
+from tiny_job import TINY_JOB
 
 from fedenc.runtime import flower_compat as fc
 from fedenc.runtime.inprocess import InProcessGrid, new_run_id, run_inprocess
 from fedenc.runtime.workers import WorkerPool
 
-TINY = {
-    "synthetic-sessions": 400,
-    "synthetic-items": 60,
-    "hidden": 8,
-    "batch-size": 50,
-    "num-server-rounds": 2,
-    "final-test": False,
-    "seed": 5,
-}
+TINY = {**TINY_JOB, "seed": 5}
 CHILD = "nodes.child:app"
 
 
