@@ -24,6 +24,11 @@ from _common import data_dir
 RUNS: dict[str, tuple[str, list[str]]] = {
     "digi-srgnn-pos": ("diginetica", ["--encoder", "srgnn"]),
     "digi-srgnn-plain": ("diginetica", ["--encoder", "srgnn", "--no-positions"]),
+    # The published SR-GNN: no positions and unnormalised scoring (the rows above normalise).
+    "digi-srgnn-published": (
+        "diginetica",
+        ["--encoder", "srgnn", "--no-positions", "--no-normalize"],
+    ),
     "digi-edge_attn": ("diginetica", ["--encoder", "edge_attn"]),
     "digi-skip_rnn": ("diginetica", ["--encoder", "skip_rnn"]),
     "yc-srgnn-pos": ("yoochoose1_64", ["--encoder", "srgnn"]),

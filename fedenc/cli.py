@@ -165,7 +165,11 @@ def train_cmd(
     hidden: Annotated[int, typer.Option(min=1)] = 100,
     steps: Annotated[int, typer.Option(min=0, help="Graph propagation steps.")] = 1,
     positions: Annotated[
-        bool, typer.Option(help="Reversed position embeddings (off = plain SR-GNN).")
+        bool,
+        typer.Option(
+            help="Reversed position embeddings (off: SR-GNN without them; add --no-normalize "
+            "for the published SR-GNN)."
+        ),
     ] = True,
     normalize: Annotated[
         bool, typer.Option(help="L2-normalised item and session vectors (NISER).")
@@ -437,6 +441,8 @@ def train_cmd(
         "data": splits.summary(),
         "device": str(trainer.device),
         "plan": trainer.plan.name if trainer.plan is not None else "default",
+        # What `fedenc evaluate` reads back to rebuild the same splits.
+        "run_config": _train_data_settings(data, recent, synthetic_config),
         "started": started,
         **result.to_dict(),
     }
@@ -460,6 +466,25 @@ def train_cmd(
         raise typer.Exit(130 if result.stopped.startswith("interrupted") else 1)
 
 
+def _train_data_settings(data: Path | None, recent: int | None, synthetic: Any) -> dict[str, Any]:
+    """The data settings of a ``fedenc train`` run, as ``fedenc evaluate`` reads them back: an
+    absolute data path (evaluate may run elsewhere) or the synthetic set's parameters."""
+    if data is not None:
+        settings: dict[str, Any] = {
+            "data": str(data.resolve()),
+            "valid-fraction": synthetic.valid_fraction,
+        }
+        if recent is not None:
+            settings["recent"] = recent
+        return settings
+    return {
+        "synthetic-sessions": synthetic.num_sessions,
+        "synthetic-items": synthetic.num_items,
+        "seed": synthetic.seed,
+        "valid-fraction": synthetic.valid_fraction,
+    }
+
+
 def _run_data_settings(checkpoint: Path) -> tuple[Path, dict[str, Any]]:
     """The encoder directory of ``checkpoint`` (a checkpoint, or a run directory holding
     ``encoder/``), and the data settings of the run that wrote it (its ``results.json`` run
@@ -478,7 +503,7 @@ def _run_data_settings(checkpoint: Path) -> tuple[Path, dict[str, Any]]:
             except (OSError, ValueError, AttributeError):
                 return checkpoint, {}
             data = settings.get("data")
-            keys = ("data", "valid-fraction") if data else (
+            keys = ("data", "valid-fraction", "recent") if data else (
                 "synthetic-sessions", "synthetic-items", "seed", "valid-fraction"
             )  # fmt: skip
             return checkpoint, {k: settings[k] for k in keys if settings.get(k) is not None}
@@ -503,6 +528,10 @@ def evaluate_cmd(
     synthetic_items: Annotated[int, typer.Option(help="Synthetic: catalog size.")] = 2000,
     seed: Annotated[int, typer.Option(help="Synthetic: the seed it was drawn with.")] = 0,
     valid_fraction: Annotated[float, typer.Option(help="Validation share.")] = 0.1,
+    recent: Annotated[
+        int | None,
+        typer.Option(min=1, help="Raw Yoochoose log: the --recent N the encoder was trained with."),
+    ] = None,
     split: Annotated[str, typer.Option(help="test or valid.")] = "test",
     batch_size: Annotated[int, typer.Option(min=1, help="Sessions scored at once.")] = 500,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
@@ -544,6 +573,8 @@ def evaluate_cmd(
                 valid_fraction = float(value)
             elif key == "seed":
                 seed = int(value)
+            elif key == "recent":
+                recent = int(value)
             elif key == "synthetic-sessions":
                 synthetic_sessions = int(value)
             else:
@@ -563,7 +594,16 @@ def evaluate_cmd(
         resolve_device(device)  # before the data load: "no CUDA here" was a late traceback
     except (ValueError, FileNotFoundError) as err:
         raise _fail(str(err)) from err
-    splits = _load_splits(data, synthetic)
+    splits = _load_splits(data, synthetic, recent)
+    data_given = recorded or _given_options(ctx) & {"data", "synthetic_sessions", "synthetic_items"}
+    if not data_given and splits.num_items != model.config.num_items:
+        # Nothing says which data the encoder saw: the default synthetic set is a guess.
+        raise _fail(
+            f"{checkpoint} records no data settings and its catalog has "
+            f"{model.config.num_items:,} items, the default synthetic set {splits.num_items:,}: "
+            "give the data it was trained on (--data, or --synthetic-sessions/--synthetic-items"
+            "/--seed)"
+        )
     if splits.num_items > model.config.num_items:
         raise _fail(
             f"the data use item ids up to {splits.num_items}, the encoder's catalog has "

@@ -81,6 +81,24 @@ def test_train_synthetic_writes_results_and_a_loadable_checkpoint(tmp_path: Path
         assert metrics[key] == pytest.approx(test[key], abs=1e-9), key
     other = runner.invoke(app, ["evaluate", str(out), "--synthetic-items", "400"])
     assert other.exit_code == 2 and "not the data it was trained on" in other.output
+    # The run's own data settings are recorded: no options give the same data and numbers.
+    assert results["run_config"] == {
+        "synthetic-sessions": 400,
+        "synthetic-items": 50,
+        "seed": 0,
+        "valid-fraction": 0.1,
+    }
+    alone = runner.invoke(app, ["evaluate", str(out), "--json", str(scored)])
+    assert alone.exit_code == 0, alone.output
+    rescored = json.loads(scored.read_text())["test"]
+    for key in ("recall@20", "mrr@20", "recall@10", "mrr@10", "examples"):
+        assert rescored[key] == metrics[key], key
+    # Without them (an older run), the default synthetic set is not silently scored.
+    del results["run_config"]
+    (out / "results.json").write_text(json.dumps(results))
+    unknown = runner.invoke(app, ["evaluate", str(out)])
+    assert unknown.exit_code == 2
+    assert flat("records no data settings") in flat(unknown.output)
     if not torch.cuda.is_available():  # before the data load, not a traceback after it
         gpu = runner.invoke(app, ["evaluate", str(out), "--device", "cuda"])
         assert gpu.exit_code == 2 and "CUDA is not available here" in gpu.output

@@ -53,8 +53,8 @@ class Clicks:
     """A raw click log, one row per click, in file order.
 
     ``time`` dates the click in seconds since the epoch (at the resolution the file has: whole days
-    for Diginetica); ``order`` sorts clicks within a session (Diginetica's ``timeframe``, else the
-    time itself). Ids are the file's own, not yet renumbered.
+    for Diginetica); ``order`` sorts clicks within a session (Diginetica's ``timeframe``; file
+    order for the Yoochoose readers). Ids are the file's own, not yet renumbered.
     """
 
     session: IntArray

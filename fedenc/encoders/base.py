@@ -182,7 +182,8 @@ class SessionEncoder(nn.Module, ABC):
         self, batch: SessionBatch, chunk: int | None = None, limit: int | None = None
     ) -> Tensor:
         """0-based rank of every target among all catalog items: the number of other items scored
-        at least as high (ties count against the target; a NaN score ranks last).
+        at least as high (exact ties count against the target, while scores equal only up to float
+        rounding fall either way, see :mod:`.layers.ranking`; a NaN score ranks last).
 
         Scores are produced and counted ``chunk`` items at a time, so the (B, N) logit matrix is
         never materialised: each block stays in cache, which on a 43k-item catalog is worth more

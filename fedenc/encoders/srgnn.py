@@ -8,8 +8,11 @@ normalised in/out adjacency, and a soft-attention + last-click readout returns a
 vector scored against every item embedding.
 
 Because the transition graph alone forgets the order of clicks, plain SR-GNN gives the same session
-vector to ``[a, b, a, c, a]`` and ``[a, c, a, b, a]``; the position features tell them apart.
-``use_positions=False`` is plain SR-GNN (Wu et al., AAAI 2019) for comparison.
+vector to ``[a, b, a, c, a]`` and ``[a, c, a, b, a]``; the position features tell them apart. Not
+every order: a node keeps only its most recent click's position, so sessions with the same edges,
+click counts and most recent positions (``[a, a, b, a, b]``, ``[a, b, a, a, b]``) still collide.
+``use_positions=False`` is SR-GNN (Wu et al., AAAI 2019) for comparison; with ``normalize`` on
+(the default) its scoring is NISER's, off it is the published model's.
 """
 
 from __future__ import annotations
