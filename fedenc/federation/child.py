@@ -172,6 +172,12 @@ def _global_rng(seed: int, needed: bool = True) -> Iterator[None]:
 
 
 _states: dict[StateKey, ChildState] = {}
+# The states that their nodes' contexts also carry, least recently left first. A host that runs
+# messages in processes of its own (Flower's simulation actors) may give one process the messages
+# of hundreds of nodes: this process keeps only the last few of those, and a node whose state was
+# dropped here takes it up from its context again (a data load and a copy, not a lost round).
+_travelled: dict[StateKey, None] = {}
+TRAVELLED_STATES_KEPT = 2
 
 
 def _mix(*values: int) -> int:
@@ -261,7 +267,7 @@ def _build_state(
     if shared_names != [name for name in own if name in set(shared_names)]:
         raise DeclinedError("the instruction lists the shared parameters out of encoder order")
     uses_ps = ps_config_from_run_config(context.run_config) is not None
-    if uses_ps or get_int(context.node_config, "elastic-workers", 0) > 0:
+    if uses_ps or get_int(context.node_config, "elastic-workers", 0, source="node config") > 0:
         # The planner's step programs assume the plain trainer on this process's cores.
         if train_config.plan not in ("auto", "default"):
             what = "the two-level PS trainer" if uses_ps else "elastic training (--workers)"
@@ -312,7 +318,7 @@ def _build_state(
 def _plan(context: Context) -> str:
     """This child's execution plan (node_config ``plan``, ``fedenc child --plan``): chosen on
     the child's machine, not by the master; the plain loop when not given (simulations)."""
-    return get_str(context.node_config, "plan", "default") or "default"
+    return get_str(context.node_config, "plan", "default", source="node config") or "default"
 
 
 def child_name(context: Context, partition_id: int) -> str:
@@ -324,7 +330,11 @@ def child_name(context: Context, partition_id: int) -> str:
 
 def _key(context: Context, job_id: str) -> StateKey:
     # Only the partition id: a job with bad data settings must still be declined by its key.
-    return (int(context.run_id), get_int(context.node_config, "partition-id", 0), job_id)
+    return (
+        int(context.run_id),
+        get_int(context.node_config, "partition-id", 0, source="node config"),
+        job_id,
+    )
 
 
 def _live_snapshot(state: ChildState, round_: int) -> _Snapshot:
@@ -372,7 +382,7 @@ def _persist_path(state: ChildState, context: Context) -> Path | None:
     in-process children: they live in the process that may be killed, beside the master's
     files), never because a master asks, and only when the state can be rewound (the plain
     trainer)."""
-    if not get_bool(context.node_config, "child-state", False):
+    if not get_bool(context.node_config, "child-state", False, source="node config"):
         return None
     if type(state.trainer) is not Trainer or not get_bool(context.run_config, "replay-round", True):
         return None
@@ -487,12 +497,29 @@ def _leave_in_context(state: ChildState, context: Context) -> None:
     keep = not persistent_host.get() and state.version > 0 and type(state.trainer) is Trainer
     if not keep:  # version 0 is what the instruction rebuilds; fedenc's runtimes keep the process
         _forget_in_context(context, meta=False)
+        _note_used(state)  # droppable here all the same: the instruction rebuilds version 0
         return
     buffer = io.BytesIO()
     # Without the replay copy: under Flower a resumed master is a new run, with new contexts.
     torch.save(_state_payload(state, with_before=False), buffer)
     blob = np.frombuffer(buffer.getbuffer(), dtype=np.uint8)
     context.state[CONTEXT_STATE] = ArrayRecord({"payload": Array(blob)})
+    _note_used(state)
+
+
+def _keep_travelled(key: StateKey) -> None:
+    """``key``'s state travels in its node's context: keep it here as the most recent, and drop
+    the older travelled states beyond :data:`TRAVELLED_STATES_KEPT`."""
+    with _lock:
+        _travelled.pop(key, None)
+        _travelled[key] = None
+        old = list(_travelled)[: max(0, len(_travelled) - TRAVELLED_STATES_KEPT)]
+        dropped = [_states.pop(k, None) for k in old]
+        for k in old:
+            del _travelled[k]
+    for state in dropped:
+        if state is not None:
+            state.close()
 
 
 def _forget_in_context(context: Context, meta: bool = True) -> None:
@@ -541,6 +568,9 @@ def _replay_guard(state: ChildState, round_: int, context: Context) -> None:
         return  # no round number, or the PS trainer (its rows live in parameter servers)
     if not get_bool(context.run_config, "replay-round", True):
         return
+    if not persistent_host.get():  # Flower's hosts: a resumed master is a new run, no replay
+        state.last_round = max(state.last_round, round_)
+        return
     if round_ == state.last_round and state.before_last is not None:
         log.warning(
             "%s: round %d of job %s again (the master resumed): training it from the state "
@@ -581,6 +611,7 @@ def _state_for(context: Context, config: Mapping[str, Any]) -> ChildState:
     with _lock:
         state = _states.get(key)
     if state is not None and (recorded is None or state.version == recorded):
+        _note_used(state)
         return state
     if state is None:
         log.info("no state for job %s here: rebuilding it from the instruction", key[2])
@@ -603,7 +634,15 @@ def _state_for(context: Context, config: Mapping[str, Any]) -> ChildState:
     for loser in (state, built):
         if loser is not None and loser is not winner:
             loser.close()
+    _note_used(winner)
     return winner
+
+
+def _note_used(state: ChildState) -> None:
+    """On a host that keeps no process (Flower's), ``state`` is the most recently used of the
+    states this process may drop (:func:`_keep_travelled`)."""
+    if not persistent_host.get() and type(state.trainer) is Trainer:
+        _keep_travelled(state.key)
 
 
 def _summary(data: ChildData, examples: Examples) -> fpb.DataSummary:
@@ -710,7 +749,7 @@ def handle_train(message: Message, context: Context) -> Message:
         state.trainer.config.max_examples_per_epoch = work
     # A deliberately slowed child (node_config "slowdown", e.g. 3.0 = three times slower) idles
     # in proportion to its work: a straggler for scenarios, without burning shared cores.
-    slowdown = get_float(context.node_config, "slowdown", 1.0)
+    slowdown = get_float(context.node_config, "slowdown", 1.0, source="node config")
     elastic_metrics: dict[str, float | int] = {}
     try:
         # Global torch RNG (dropout) seeded per child and round, so results do not depend on the
@@ -865,6 +904,7 @@ def _drop_job(context: Context, job_id: str) -> bool:
     key = _key(context, job_id)
     with _lock:
         state = _states.pop(key, None)
+        _travelled.pop(key, None)
     if _recorded_version(context, job_id) is not None:
         _forget_in_context(context)
     if state is None:
@@ -903,5 +943,7 @@ def forget(run_id: int | None = None) -> None:
     """Drop the state of ``run_id`` (all runs when None)."""
     with _lock:
         dropped = [_states.pop(k) for k in list(_states) if run_id is None or k[0] == run_id]
+        for key in [k for k in _travelled if run_id is None or k[0] == run_id]:
+            del _travelled[key]
     for state in dropped:
         state.close()

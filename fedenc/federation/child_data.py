@@ -78,20 +78,35 @@ class ChildDataConfig:
         too (``data``, ``partition``, ``alpha``, ``synthetic-sessions``, ``synthetic-items``,
         ``valid-fraction``: a child process started with its own data); it wins over the run's."""
 
+        def own(key: str) -> bool:
+            return key in node_config or key.replace("-", "_") in node_config
+
         def pick(key: str) -> Mapping[str, Any]:
-            alt = key.replace("-", "_")
-            return node_config if key in node_config or alt in node_config else run_config
+            return node_config if own(key) else run_config
+
+        def where(key: str) -> str:
+            return "node config" if own(key) else "run config"
 
         return cls(
-            partition_id=get_int(node_config, "partition-id", 0),
-            num_partitions=get_int(node_config, "num-partitions", 1),
-            source=get_str(node_config, "data", "") or get_str(run_config, "data", ""),
-            scheme=get_str(pick("partition"), "partition", "iid"),
-            alpha=get_float(pick("alpha"), "alpha", 0.5),
+            partition_id=get_int(node_config, "partition-id", 0, source="node config"),
+            num_partitions=get_int(node_config, "num-partitions", 1, source="node config"),
+            source=get_str(node_config, "data", "", source="node config")
+            or get_str(run_config, "data", ""),
+            scheme=get_str(pick("partition"), "partition", "iid", source=where("partition")),
+            alpha=get_float(pick("alpha"), "alpha", 0.5, source=where("alpha")),
             seed=get_int(run_config, "seed", 0),
-            synthetic_sessions=get_int(pick("synthetic-sessions"), "synthetic-sessions", 20000),
-            synthetic_items=get_int(pick("synthetic-items"), "synthetic-items", 2000),
-            valid_fraction=get_float(pick("valid-fraction"), "valid-fraction", 0.1),
+            synthetic_sessions=get_int(
+                pick("synthetic-sessions"),
+                "synthetic-sessions",
+                20000,
+                source=where("synthetic-sessions"),
+            ),
+            synthetic_items=get_int(
+                pick("synthetic-items"), "synthetic-items", 2000, source=where("synthetic-items")
+            ),
+            valid_fraction=get_float(
+                pick("valid-fraction"), "valid-fraction", 0.1, source=where("valid-fraction")
+            ),
         )
 
     def source_key(self) -> tuple[Any, ...]:

@@ -51,7 +51,6 @@ from typing import Any, Final, Literal, Protocol
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
 from fedenc.encoders.base import EncoderConfig, SessionEncoder
@@ -86,6 +85,7 @@ from fedenc.proto.fedenc.v1 import federation_pb2 as fpb
 from fedenc.protocol.peer_text import clip
 from fedenc.ps.federation import PLACEMENTS, FederationTable
 from fedenc.ps.sparse import ROW_RULES, RowFusion, rows_from_record
+from fedenc.runtime.flower_compat import SUPERLINK_NODE_ID
 from fedenc.training.allocator import tune_allocator
 from fedenc.training.checkpoint import save_checkpoint
 from fedenc.training.config import TrainConfig
@@ -524,7 +524,9 @@ class ReplyStream(Protocol):
 
 
 def _poll_replies(grid: Grid, ids: Sequence[str], timeout: float | None) -> Iterator[Message]:
-    """``receive`` for any Flower grid: ``pull_messages`` with a backoff from 1 ms to 50 ms."""
+    """``receive`` for any Flower grid: ``pull_messages`` with a backoff from 1 ms to 0.5 s
+    (each pull is a request to Flower's SuperLink under its deployment runtime; Flower's own
+    ``send_and_receive`` polls every 3 s)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     pending = set(ids)
     pause = 0.001
@@ -537,7 +539,7 @@ def _poll_replies(grid: Grid, ids: Sequence[str], timeout: float | None) -> Iter
             return
         if deadline is not None and time.monotonic() >= deadline:
             return
-        pause = 0.001 if got else min(pause * 2, 0.05)
+        pause = 0.001 if got else min(pause * 2, 0.5)
         left = None if deadline is None else deadline - time.monotonic()
         time.sleep(pause if left is None else max(0.0, min(pause, left)))
 
@@ -933,12 +935,14 @@ class _Job:
         def short() -> str | None:
             if len(self.confirmed()) >= self.config.min_children:
                 return None
-            lost = [c.name for c in self.children.values() if not c.accepted and not c.declined]
+            lost = [c for c in self.children.values() if not c.accepted and not c.declined]
             if not lost:  # every one answered: declines are not waited for
                 return None
+            # Lost, or its app failed on the query (an operator may restart it: it reconnects).
+            missing = ", ".join(f"{c.name} ({clip(c.reason, 160)})" for c in lost)
             return (
                 f"{len(self.confirmed())} of {self.config.min_children} child(ren) confirmed "
-                f"(lost before answering: {', '.join(lost)})"
+                f"(no confirmation from: {missing})"
             )
 
         self._wait_for_children(round_, short)

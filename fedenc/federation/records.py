@@ -5,7 +5,10 @@ The apps speak Flower's Message API, so the payload is Flower records; the contr
 as serialised ``TrainingInstruction`` / ``Confirmation`` bytes in a ``ConfigRecord``, so a child in
 any language reads the same fields as the gRPC runtime). Tensors travel as an ``ArrayRecord`` in
 the encoder's ordered shared-parameter names; metrics follow Flower's convention
-(``"num-examples"`` in a ``MetricRecord``), so Flower's own strategies can drive our ClientApp too.
+(``"num-examples"`` in a ``MetricRecord``). Flower's own strategies drive the ClientApp only with
+the instruction bytes in their train/evaluate config and ``share = "encoder"`` (with ``"all"`` a
+train reply carries a second ArrayRecord, ``row-weights``, which FedAvg refuses); they skip the
+confirmation step (docs/runtime.md).
 
 ======================  ===============================================================
 message                 content

@@ -46,16 +46,16 @@ def _lookup(config: Config, key: str) -> Any:
     return config.get(alt)
 
 
-def get_str(config: Config, key: str, default: str = "") -> str:
+def get_str(config: Config, key: str, default: str = "", *, source: str = "run config") -> str:
     value = _lookup(config, key)
     if value is None:
         return default
     if not isinstance(value, str):
-        raise ValueError(f"run config {key!r} must be a string, got {value!r}")
+        raise ValueError(f"{source} {key!r} must be a string, got {value!r}")
     return value
 
 
-def get_int(config: Config, key: str, default: int) -> int:
+def get_int(config: Config, key: str, default: int, *, source: str = "run config") -> int:
     value = _lookup(config, key)
     if value is None:
         return default
@@ -67,11 +67,11 @@ def get_int(config: Config, key: str, default: int) -> int:
         except ValueError:
             pass
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"run config {key!r} must be an integer, got {value!r}")
+        raise ValueError(f"{source} {key!r} must be an integer, got {value!r}")
     return value
 
 
-def get_float(config: Config, key: str, default: float) -> float:
+def get_float(config: Config, key: str, default: float, *, source: str = "run config") -> float:
     value = _lookup(config, key)
     if value is None:
         return default
@@ -81,7 +81,7 @@ def get_float(config: Config, key: str, default: float) -> float:
         except ValueError:
             pass
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"run config {key!r} must be a number, got {value!r}")
+        raise ValueError(f"{source} {key!r} must be a number, got {value!r}")
     return float(value)
 
 
@@ -89,7 +89,7 @@ _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 
 
-def get_bool(config: Config, key: str, default: bool) -> bool:
+def get_bool(config: Config, key: str, default: bool, *, source: str = "run config") -> bool:
     value = _lookup(config, key)
     if value is None:
         return default
@@ -98,7 +98,7 @@ def get_bool(config: Config, key: str, default: bool) -> bool:
     if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
         return bool(value)
     if not isinstance(value, bool):
-        raise ValueError(f"run config {key!r} must be a boolean, got {value!r}")
+        raise ValueError(f"{source} {key!r} must be a boolean, got {value!r}")
     return value
 
 

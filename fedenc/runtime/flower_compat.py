@@ -109,6 +109,11 @@ def task_identity(
 def set_message_id(message: Message, message_id: str) -> None:
     """Give ``message`` its id (Flower's grids do the same; ``Metadata`` has no setter)."""
     message.metadata.__dict__["_message_id"] = message_id
+    if message.metadata.message_id != message_id:  # Flower renamed the field: replies would
+        raise RuntimeError(  # go unmatched, silently
+            f"cannot set a message id on this Flower ({_installed_flwr()}): fedenc needs "
+            f"flwr {SUPPORTED_FLWR}*"
+        )
 
 
 def empty_run(run_id: int) -> Run:

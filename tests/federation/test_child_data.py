@@ -37,6 +37,15 @@ def test_a_childs_own_settings_win_over_the_runs_and_defaults_are_valid() -> Non
         ChildDataConfig.from_configs({"alpha": -1.0}, {"partition": "iid"})
 
 
+def test_a_value_of_the_wrong_type_names_the_config_it_came_from() -> None:
+    with pytest.raises(ValueError, match=r"^node config 'alpha' must be a number, got 'x'"):
+        ChildDataConfig.from_configs({"alpha": 0.5}, {"alpha": "x"})
+    with pytest.raises(ValueError, match=r"^run config 'alpha' must be a number, got 'x'"):
+        ChildDataConfig.from_configs({"alpha": "x"}, {})
+    with pytest.raises(ValueError, match=r"^node config 'partition-id' must be an integer"):
+        ChildDataConfig.from_configs({}, {"partition-id": "first"})
+
+
 def test_a_job_spec_sets_one_spelling_of_a_key_the_master_reads() -> None:
     # An underscore spelling stored as such was shadowed by the master's default under the
     # hyphen spelling: the job trained with the default and said nothing.

@@ -304,6 +304,38 @@ def test_a_child_run_in_a_new_process_per_message_trains_as_one_kept_alive(share
     assert [r["metrics"] for r in rounds[0]] == [r["metrics"] for r in rounds[1]]
 
 
+def test_an_actor_hosting_many_nodes_keeps_only_the_last_few_states(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Flower's simulation gives one actor process the messages of many nodes, whose states
+    travel in their contexts: the process keeps only the last TRAVELLED_STATES_KEPT of them
+    (memory grew with the nodes), and the others take theirs up again, bit for bit."""
+    from fedenc.federation import child
+    from fedenc.runtime.clientapp import persistent_host
+    from nodes.child import app as child_app
+    from nodes.master import app as master_app
+
+    monkeypatch.setattr(child, "TRAVELLED_STATES_KEPT", 1)
+    held: list[int] = []
+
+    def actor(message: Any, context: Any) -> Any:
+        token = persistent_host.set(False)
+        try:
+            return child_app(message, context)
+        finally:
+            held.append(len(child.live_states()))
+            persistent_host.reset(token)
+
+    config = {**TINY, "num-server-rounds": 2}
+    kept = run_inprocess(master_app, child_app, 3, config)
+    child.forget()
+    shared = run_inprocess(master_app, actor, 3, config)
+    a, b = _target(kept), _target(shared)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert held and max(held) <= 2, held  # the one kept, and the one a message has just rebuilt
+
+
 def test_a_ps_child_whose_state_cannot_travel_fails_its_round_with_the_fix() -> None:
     # The two-level PS keeps rows outside the model: such a child cannot carry its state in the
     # context, and says so instead of training round 2 from a forgotten table.
