@@ -423,6 +423,12 @@ def train_cmd(
     try:
         with TrainingProgress(enabled=not quiet, console=console, lines=not live) as progress:
             result = trainer.fit(train_ex, valid_ex, test_ex, progress=progress)
+        if ps and out is not None:
+            from fedenc.ps.trainer import PSTrainer
+
+            if isinstance(trainer, PSTrainer) and trainer.sampled:
+                # Sampled scoring holds no item table of its own: save the PS's.
+                model.embedding = trainer.item_table()
     except KeyboardInterrupt:
         console.print("interrupted before the first epoch ended: nothing to save")
         raise typer.Exit(130) from None

@@ -124,7 +124,7 @@ class BuiltinPS:
                     f"a batch touches {len(wanted)} rows, the built-in PS holds {self.capacity}: "
                     "raise its capacity or lower the batch size / negatives"
                 )
-            self.exchange(forced=True)
+            self.exchange(forced=True, pull=False)  # every held row is dropped next
             self.evict_all()
             missing = wanted
         if missing:
@@ -185,6 +185,16 @@ class BuiltinPS:
         self.stats.exchanges += 1
         self.stats.forced_exchanges += int(forced)
         self.stats.history.append(self.stats.samples)
+
+    def pending(self) -> tuple[np.ndarray, Tensor]:
+        """What the next exchange pushes: the keys (sorted) of the rows changed here since the
+        last one, and their deltas."""
+        slots = self.touched.nonzero().flatten()
+        keys = self.key_of_slot[slots.numpy()]
+        order = np.argsort(keys, kind="stable")
+        with torch.no_grad():
+            delta = self.values.index_select(0, slots) - self.base.index_select(0, slots)
+        return keys[order], delta[torch.from_numpy(order)]
 
     def flush(self, pull: bool = True) -> None:
         """Exchange the last partial window (if anything was trained since the last one)."""

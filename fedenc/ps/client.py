@@ -205,7 +205,8 @@ class ShardedClient:
             for batch in self._batches(pos):
                 request = pspb.PullRequest(keys=keys_to_proto(keys[batch]))
                 data = self._call(shard, partial(pull, request, timeout=self.timeout))
-                rows, _ = read_pull_response(data, batch.size, self._width)
+                rows, version = read_pull_response(data, batch.size, self._width)
+                self._check_version(shard, version, pushed=False)
                 target[batch] = rows
 
         self._per_shard(keys, work)
@@ -239,25 +240,29 @@ class ShardedClient:
                 reply = self._call(shard, partial(push, request, timeout=self.timeout))
                 with lock:
                     applied[0] += reply.rows_applied
-                    self._check_version(shard, reply.version)
+                    self._check_version(shard, reply.version, pushed=True)
 
         self._per_shard(keys, work)
         self.bytes_pushed += rows.numel() * 4
         return applied[0]
 
-    def _check_version(self, shard: int, version: int) -> None:
-        """A shard's version only grows while it keeps its pushes; one below what an earlier
-        push of this client got back means the shard restarted without them (``--fresh``, no
-        snapshot, or an older one), and training on would mix a reset table with the rest."""
-        last = self._push_versions[shard]
-        if version < last:
-            raise PSError(
-                f"PS shard {shard} at {self.addresses[shard]} is at version {version}, but this "
-                f"client's earlier push left it at {last}: it restarted and lost acknowledged "
-                "pushes (started --fresh, without --snapshot, or from an older snapshot); "
-                "restart it from its latest snapshot (--snapshot-every 1 loses none)"
-            )
-        self._push_versions[shard] = version
+    def _check_version(self, shard: int, version: int, pushed: bool) -> None:
+        """A shard's version grows by one with every push it applies and only then: a push must
+        come back above what this client's earlier push got, a pull at least at it. Anything
+        less means the shard restarted without acknowledged pushes (``--fresh``, no snapshot,
+        or an older one), and training on would mix a reset table with the rest."""
+        with self._seq_lock:
+            last = self._push_versions[shard]
+            if version < last or (pushed and version == last and last > 0):
+                raise PSError(
+                    f"PS shard {shard} at {self.addresses[shard]} is at version {version}"
+                    f"{' after this push' if pushed else ''}, but this client's earlier push "
+                    f"left it at {last}: it restarted and lost acknowledged pushes (started "
+                    "--fresh, without --snapshot, or from an older snapshot); restart it from "
+                    "its latest snapshot (--snapshot-every 1 loses none)"
+                )
+            if pushed:
+                self._push_versions[shard] = version
 
     def stats(self) -> list[dict[str, Any]]:
         out = []

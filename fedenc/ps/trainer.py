@@ -247,9 +247,9 @@ class PSTrainer(Trainer):
         if not self.sampled:
             return super().evaluate(examples, progress, label)
         # Rank every catalog item: sessions are encoded from the rows they click, then the
-        # catalog is streamed from the distributed PS chunk by chunk (flushed first, so it
-        # holds this trainer's latest rows).
-        self.builtin.flush()
+        # catalog is streamed from the distributed PS chunk by chunk, with this trainer's
+        # changes since the last exchange laid over it: the rows a flush would leave, without
+        # pushing outside the exchange window.
         self.model.eval()
         t0 = time.perf_counter()
         sessions: list[Tensor] = []
@@ -266,21 +266,42 @@ class PSTrainer(Trainer):
             return acc.result()
         s_all, t_all = torch.cat(sessions), torch.cat(targets)
         norm = self.model.config.normalize
-        tw = self.remote.pull(t_all.numpy())
-        tw = F.normalize(tw, dim=-1) if norm else tw
-        t_score = (s_all * tw).sum(1)
+        pending_keys, pending_delta = self.builtin.pending()
+
+        def current(keys: np.ndarray) -> Tensor:
+            rows = self.remote.pull(keys)
+            if pending_keys.size:
+                at = np.minimum(np.searchsorted(pending_keys, keys), pending_keys.size - 1)
+                hit = np.flatnonzero(pending_keys[at] == keys)
+                rows[torch.from_numpy(hit)] += pending_delta[torch.from_numpy(at[hit])]
+            return F.normalize(rows, dim=-1) if norm else rows
+
+        t_score = (s_all * current(t_all.numpy())).sum(1)
         n, chunk = self.remote.num_keys, self.ps_config.eval_chunk
 
         def blocks() -> Iterator[tuple[int, Tensor]]:  # item i is key i + 1; pulled lazily
             for lo in range(1, n, chunk):
-                w = self.remote.pull(np.arange(lo, min(lo + chunk, n), dtype=np.int64))
-                yield lo - 1, F.normalize(w, dim=-1) if norm else w
+                yield lo - 1, current(np.arange(lo, min(lo + chunk, n), dtype=np.int64))
 
         limit = max(self.config.ks, default=None)
         acc.update(count_ranks(s_all, t_score, t_all - 1, blocks(), n - 1, limit))
         out = acc.result()
         out["pairs_per_s"] = acc.count / max(time.perf_counter() - t0, 1e-9)
         return out
+
+    def item_table(self) -> nn.Embedding:
+        """The whole item table as the distributed PS holds it with this trainer's pending
+        changes, pulled in chunks: what a checkpoint saves in place of sampled mode's
+        parameterless :class:`BatchRows`."""
+        keys_p, delta_p = self.builtin.pending()
+        n, chunk = self.remote.num_keys, self.ps_config.eval_chunk
+        table = torch.empty(n, self.remote.width)
+        for lo in range(0, n, chunk):
+            table[lo : lo + chunk] = self.remote.pull(np.arange(lo, min(lo + chunk, n)))
+        with torch.no_grad():
+            table.index_add_(0, torch.from_numpy(keys_p), delta_p)
+        embedding = nn.Embedding(n, self.remote.width, padding_idx=0, _weight=table)
+        return embedding
 
     def ps_stats(self) -> dict[str, Any]:
         return {"scoring": self.ps_config.scoring, **self.builtin.stats.to_dict()}

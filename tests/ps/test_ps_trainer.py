@@ -76,3 +76,24 @@ def test_sampled_path_trains_a_catalog_much_larger_than_its_table() -> None:
     reference = Trainer(full, CONFIG).evaluate(VALID)
     for key in ("recall@20", "mrr@20", "recall@10"):
         assert abs(metrics[key] - reference[key]) < 1e-6, key
+
+
+def test_sampled_evaluation_pushes_nothing_and_scores_the_pending_rows() -> None:
+    # Validation inside the exchange window: the distributed PS stays as the last exchange left
+    # it, and the scores are those a flush would have given.
+    catalog = 2_000
+    remote = InProcessPS(TableSpec(catalog + 1, 8, num_shards=2))
+    model = _model(1)
+    ps = PSConfig(exchange_every=10**9, scoring="sampled", negatives=64, capacity=catalog + 1)
+    trainer = PSTrainer(model, CONFIG, remote, ps)
+    trainer.train_epoch(TRAIN)
+    before = remote.pull(np.arange(catalog + 1))
+    exchanges = trainer.builtin.stats.exchanges
+    metrics = trainer.evaluate(VALID)
+    assert trainer.builtin.stats.exchanges == exchanges
+    assert torch.equal(remote.pull(np.arange(catalog + 1)), before)
+    trainer.builtin.flush()
+    flushed = trainer.evaluate(VALID)
+    assert not torch.equal(remote.pull(np.arange(catalog + 1)), before)  # the flush pushed
+    for key in ("recall@20", "mrr@20", "recall@10", "mrr@10"):
+        assert abs(metrics[key] - flushed[key]) < 1e-6, key
