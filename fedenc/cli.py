@@ -194,7 +194,10 @@ def train_cmd(
         ),
     ] = "default",
     out: Annotated[
-        Path | None, typer.Option(help="Directory for the checkpoint and results.json.")
+        Path | None,
+        typer.Option(
+            help="Directory for the checkpoint and results.json (without it nothing is saved)."
+        ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
     ps: Annotated[
@@ -418,6 +421,8 @@ def train_cmd(
         )
     except ValueError as err:  # a plan override this machine or model cannot run
         raise _fail(str(err)) from err
+    if out is None:  # said before the work: an hour's training would otherwise be lost
+        console.print("[yellow]no --out: the trained encoder will not be saved[/]")
     started = time.time()
     live = sys.stderr.isatty()
     try:
@@ -637,6 +642,57 @@ def evaluate_cmd(
         json_out.write_text(json.dumps({"checkpoint": str(checkpoint), split: metrics}, indent=2))
 
 
+@app.command("recommend")
+def recommend_cmd(
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            help="A saved encoder: the --out of fedenc train, a run's encoder/, or "
+            "the run's directory."
+        ),
+    ],
+    sessions: Annotated[
+        list[str],
+        typer.Argument(help="Sessions as comma-separated item ids in click order, e.g. 12,5,7."),
+    ],
+    top: Annotated[int, typer.Option(min=1, help="Items to list per session.")] = 10,
+    exclude_clicked: Annotated[
+        bool, typer.Option(help="Leave out the items the session already clicked.")
+    ] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print JSON instead of a table.")
+    ] = False,
+) -> None:
+    """The items a saved encoder ranks highest after each given session."""
+    from fedenc.training.checkpoint import load_checkpoint
+
+    checkpoint, _ = _run_data_settings(checkpoint)
+    parsed: list[list[int]] = []
+    for text in sessions:
+        try:
+            clicks = [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise _fail(f"session {text!r}: item ids are integers, comma-separated") from None
+        if not clicks:
+            raise _fail(f"session {text!r} has no clicks")
+        parsed.append(clicks)
+    try:
+        model, _ = load_checkpoint(checkpoint)
+        items, scores = model.recommend(parsed, k=top, exclude_clicked=exclude_clicked)
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(str(err)) from err
+    if json_out:
+        rows = [
+            {"session": s, "items": i.tolist(), "scores": [round(float(v), 6) for v in v_row]}
+            for s, i, v_row in zip(parsed, items, scores, strict=True)
+        ]
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for s, i, v_row in zip(parsed, items, scores, strict=True):
+        ranked = "  ".join(f"{int(a)} ({float(b):.2f})" for a, b in zip(i, v_row, strict=True))
+        console.print(f"[bold]{','.join(map(str, s))}[/] → {ranked}", highlight=False)
+
+
 data_app = typer.Typer(help="Inspect data sets and partitions.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(certs_app, name="certs")
@@ -682,7 +738,9 @@ def data_partition_cmd(
         Path | None, typer.Option(help="Data directory or raw log; omit = synthetic.")
     ] = None,
     children: Annotated[int, typer.Option(min=1, help="Number of children K.")] = 4,
-    scheme: Annotated[str, typer.Option(help="iid | time | dirichlet")] = "iid",
+    scheme: Annotated[
+        str, typer.Option("--scheme", "--partition", help="iid | time | dirichlet")
+    ] = "iid",
     alpha: Annotated[
         float, typer.Option(help="Dirichlet concentration (smaller = more skewed).")
     ] = 0.5,
@@ -1058,6 +1116,11 @@ def simulate_cmd(
         try:
             if processes:
                 from fedenc.runtime.grpc.launcher import run_scenario_processes
+
+                console.print(  # each child imports torch and loads its data: seconds each
+                    f"starting {scenario.children} child processes; the rounds follow once "
+                    "they have connected"
+                )
 
                 outcome = run_scenario_processes(
                     scenario, out_dir, on_round=on_round, certs=certs, insecure=insecure, port=port

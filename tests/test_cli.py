@@ -111,6 +111,16 @@ def test_train_synthetic_writes_results_and_a_loadable_checkpoint(tmp_path: Path
     with torch.no_grad():
         scores = model.eval()(batch_from_sessions([[1, 2, 3], [50]]))
     assert scores.shape == (2, 50) and torch.isfinite(scores).all()
+    # fedenc recommend lists the catalog's own ids (1-based) of the best scores, best first.
+    listed = runner.invoke(app, ["recommend", str(out), "1,2,3", "50", "--top", "3", "--json"])
+    assert listed.exit_code == 0, listed.output
+    rows = json.loads(listed.stdout)
+    best = scores.topk(3, dim=1)
+    assert [r["items"] for r in rows] == (best.indices + 1).tolist()
+    bad = runner.invoke(app, ["recommend", str(out), "1,x"])
+    assert bad.exit_code == 2 and "item ids are integers" in bad.output
+    outside = runner.invoke(app, ["recommend", str(out), "51"])
+    assert outside.exit_code == 2 and "outside the encoder's catalog (1..50)" in outside.output
 
 
 def test_missing_data_path_exits_2_naming_it() -> None:

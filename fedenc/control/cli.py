@@ -423,7 +423,13 @@ def cancel_cmd(
     """Cancel a job: a queued one never starts, a running one stops after its round."""
     who = reason or requester()
     job = _ask(master, insecure, certs, cert_name, lambda client: client.cancel(job_id, who))
-    console.print(f"job {job.job_id}: {_state(job)}, cancel requested: {job.cancel_requested}")
+    state = _state(job)
+    if state in ("succeeded", "failed", "cancelled") and not job.cancel_requested:
+        console.print(f"job {job.job_id} already {state}: nothing to cancel")
+    elif state == "cancelled":
+        console.print(f"job {job.job_id}: cancelled")
+    else:  # running: it stops after its current round
+        console.print(f"job {job.job_id}: {state}, stops after its current round")
 
 
 __all__ = ["control_app", "follow", "job_spec", "security_of", "train_remote"]

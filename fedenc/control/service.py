@@ -766,7 +766,9 @@ class ControlService(cgrpc.ControlServicer):
                 1 for c in self._children.values() if c.conn is not None and not c.conn.closed
             )
             needed = max(job.config.expect_children, job.config.min_children)
-            return f"waiting for children: {connected} of {needed} connected"
+            if connected >= needed:  # about to ask them
+                return f"asking the {connected} connected children"
+            return f"waiting for children: {connected} connected, {needed} needed"
         states = [state for state, _ in self._participation.values()]
         confirmed = states.count(cpb.CHILD_STATE_CONFIRMED)
         pending = states.count(cpb.CHILD_STATE_QUERIED)

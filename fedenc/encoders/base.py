@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -113,6 +113,39 @@ class SessionEncoder(nn.Module, ABC):
         else:  # a stand-in table (the PS trainer's batch rows) does its own lookup
             emb = self.embedding(items)
         return F.normalize(emb, dim=-1) if self.config.normalize else emb
+
+    @torch.no_grad()
+    def recommend(
+        self, sessions: Sequence[Sequence[int]], k: int = 20, exclude_clicked: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """The ``k`` items scored highest after each session of item ids (1..N, in click
+        order): ``(item ids (B, k), scores (B, k))``, best first. Ids are the catalog's own
+        (1-based), not column indices. ``exclude_clicked`` leaves out the session's own items.
+        Runs in eval mode and puts the model back as it was."""
+        from fedenc.data.batching import batch_from_sessions
+
+        n = self.config.num_items
+        if not 1 <= k <= n:
+            raise ValueError(f"k must lie in 1..{n} (the catalog), got {k}")
+        top = max((i for s in sessions for i in s), default=0)
+        if top > n:
+            raise ValueError(f"item id {top} is outside the encoder's catalog (1..{n})")
+        was_training = self.training
+        self.eval()
+        try:
+            batch = batch_from_sessions(sessions).to(self.embedding_device())
+            scores = self.score(self.encode(batch))
+        finally:
+            self.train(was_training)
+        if exclude_clicked:
+            for row, clicked in enumerate(sessions):
+                scores[row, torch.as_tensor(list(clicked), device=scores.device) - 1] = -torch.inf
+        values, cols = scores.topk(k, dim=1)
+        return cols + 1, values
+
+    def embedding_device(self) -> torch.device:
+        """Where the model's parameters are."""
+        return next(self.parameters()).device
 
     def score(self, session: Tensor) -> Tensor:
         """Logits of every catalog item, shape (B, num_items)."""

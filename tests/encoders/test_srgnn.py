@@ -278,3 +278,14 @@ def test_frozen_scope_keeps_training_differentiable() -> None:
     with torch.no_grad(), model.train().frozen_scoring():
         model.encode(batch)
         assert "_frozen_cell" not in model.__dict__
+
+
+def test_recommend_lists_catalog_ids_and_can_leave_out_the_clicked_items() -> None:
+    model = build_encoder("srgnn", 30, hidden=8)
+    model.train()
+    items, scores = model.recommend([[1, 2, 3]], k=30, exclude_clicked=True)
+    assert model.training  # put back as it was
+    assert sorted(items[0, :27].tolist()) == list(range(4, 31))
+    assert torch.isinf(scores[0, 27:]).all() and bool((scores[0, :-1] >= scores[0, 1:]).all())
+    with pytest.raises(ValueError, match=r"k must lie in 1\.\.30"):
+        model.recommend([[1]], k=31)

@@ -202,7 +202,7 @@ def test_a_waiting_job_says_what_it_waits_for(client: ControlClient) -> None:
     job = client.submit(spec, requester="test")
     jobs, rounds = watch_all(client, job.job_id)
     doing = [j.activity for j in jobs if j.state == cpb.JOB_STATE_RUNNING]
-    assert "waiting for children: 2 of 3 connected" in doing, doing
+    assert "waiting for children: 2 connected, 3 needed" in doing, doing
     assert jobs[-1].state == cpb.JOB_STATE_FAILED and not rounds
     assert jobs[-1].activity == "" and "3" in jobs[-1].error
 
