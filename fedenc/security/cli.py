@@ -113,7 +113,7 @@ def issue_cmd(
         f"child {name!r}: {layout.child_cert(name)} and {layout.child_key(name).name} "
         f"(serial {issued.cert.serial_number:x}, "
         f"expires {issued.cert.not_valid_after_utc:%Y-%m-%d}). "
-        f"Copy them with {layout.ca_cert.name} to the child's machine."
+        f"Copy them with {layout.ca_cert.name} to the machine that uses them."
     )
 
 

@@ -121,9 +121,8 @@ def load_child_tls(
     layout = CertLayout(Path(certs_dir))
     ca = load_ca_certificate(layout)
     cert_path, key_path = layout.find_child(name)
-    fix = (
-        f"issue one with `fedenc certs issue {name} --dir CA_DIR --force` where the CA key is kept"
-    )
+    force = " --force" if key_path.exists() else ""  # needed only to replace a key
+    fix = f"issue one with `fedenc certs issue {name} --dir CA_DIR{force}` where the CA key is kept"
     if check_expiry:
         cert, cert_pem, key_pem = _load_leaf(cert_path, key_path, ca, f"child {name!r}", fix)
     else:
