@@ -1,4 +1,5 @@
 """Files replaced all at once: every file fedenc writes for others to read goes through here.
+Tensor files are checked against their checksums when read back (:func:`torch_load`).
 
 The bytes go to a fresh temporary file beside the target (``O_EXCL``: never an existing file, nor
 a link planted in its place), are flushed and fsynced, and the file is renamed over the target;
@@ -10,8 +11,10 @@ share a temporary file; a failed write leaves the old file and no temporary behi
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import secrets
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -69,7 +72,42 @@ def torch_save(payload: Any, target: Path, mode: int | None = None) -> None:
         torch.save(payload, handle)
 
 
+class DamagedFileError(ValueError):
+    """A ``torch.save`` archive whose bytes fail their checksums: changed on disk or on their
+    way here. Reading it would have given wrong tensors without an error."""
+
+
+def torch_load(source: str | Path | io.BytesIO, **kwargs: Any) -> Any:
+    """``torch.load(source, **kwargs)`` once every member of the archive matches its CRC-32.
+
+    torch reads a zip archive's members without checking them, so a flipped byte became a
+    wrong weight, silently (a resumed job went on from it, an encoder scored worse). A file that
+    is not a readable archive at all is left to torch.load to describe."""
+    try:
+        with zipfile.ZipFile(source) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, ValueError):  # (OSError, e.g. missing: torch's)
+        bad = None
+    finally:
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+    if bad is not None:
+        name = "the buffer" if isinstance(source, io.BytesIO) else str(source)
+        raise DamagedFileError(
+            f"{name} is damaged: {bad!r} fails its checksum (the file changed after it was written)"
+        )
+    return torch.load(source, **kwargs)
+
+
 #: Training state (models, optimizer moments, a site's local head): its owner's only.
 PRIVATE: int = 0o600
 
-__all__ = ["PRIVATE", "atomic_file", "torch_save", "write_bytes", "write_text"]
+__all__ = [
+    "PRIVATE",
+    "DamagedFileError",
+    "atomic_file",
+    "torch_load",
+    "torch_save",
+    "write_bytes",
+    "write_text",
+]

@@ -1421,6 +1421,19 @@ def master_cmd(
         waiting = _close_children(server, f"the job failed: {err}", resumable_job())
         _print_resume_hint(state_dir or out_dir / "state", started, waiting)
         raise _fail(str(err)) from err
+    except OSError as err:  # a full disk, a read-only or replaced --out: said, and no hang
+        waiting = _close_children(server, f"the master cannot write: {err}", resumable_job())
+        _print_resume_hint(state_dir or out_dir / "state", started, waiting)
+        where = f" {err.filename}" if err.filename else ""
+        raise _fail(f"cannot write{where}: {err.strerror or err}") from err
+    except BaseException as err:
+        # Anything else (a bug, torch failing to write): the children are closed all the same,
+        # or the gRPC threads keep this process, and its children, waiting for ever.
+        waiting = _close_children(
+            server, f"the job failed: {type(err).__name__}: {err}", resumable_job()
+        )
+        _print_resume_hint(state_dir or out_dir / "state", started, waiting)
+        raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

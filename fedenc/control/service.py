@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any, Final, NoReturn
 
 import grpc
-import torch
 from flwr.app import Message
 from flwr.serverapp import ServerApp
 
@@ -1041,7 +1040,7 @@ class ControlService(cgrpc.ControlServicer):
         try:
             meta = json.loads((checkpoint / META_FILE).read_text())
             # mmap: the tensors are paged in as they are streamed, not loaded whole
-            state_dict = torch.load(checkpoint / STATE_FILE, map_location="cpu", mmap=True)
+            state_dict = atomic.torch_load(checkpoint / STATE_FILE, map_location="cpu", mmap=True)
         except (OSError, ValueError, RuntimeError) as err:
             self._abort(
                 context,

@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from fedenc import atomic
 from fedenc.data.readers import read_session_text
 from fedenc.data.sessions import Examples, Sessions
 from fedenc.elastic.common import ElasticError
@@ -55,7 +56,7 @@ def load_store(location: str) -> StoredTask:
         torch.manual_seed(int(spec.get("seed", 0)))
         model.reset_parameters()
     if params.exists():
-        model.load_state_dict(torch.load(params, map_location="cpu", weights_only=True))
+        model.load_state_dict(atomic.torch_load(params, map_location="cpu", weights_only=True))
     sessions = read_session_text(root / "sessions.txt", num_items=config.num_items)
     return StoredTask(model, train, Examples.from_sessions(sessions))
 

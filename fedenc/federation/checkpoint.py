@@ -184,7 +184,7 @@ def read_master_state(directory: Path) -> MasterState:
             "one after each completed round; run without --resume to start the job"
         )
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = atomic.torch_load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a damaged file
         raise MasterStateError(
             f"cannot read the master checkpoint {path} (corrupt, truncated or not one): "

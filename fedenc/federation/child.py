@@ -470,7 +470,7 @@ def _restore_persisted(state: ChildState, context: Context) -> None:
     if path is None or not path.is_file():
         return
     try:
-        _restore_payload(state, torch.load(path, weights_only=True))
+        _restore_payload(state, atomic.torch_load(path, weights_only=True))
     except Exception as err:  # an unreadable file: start afresh, as before, and say so
         log.warning("%s: cannot read its saved state %s (%s): starting afresh", state.name,
                     path, load_failure(err))  # fmt: skip
@@ -543,7 +543,9 @@ def _take_up_context(state: ChildState, context: Context, version: int) -> None:
             'or keep the item table out of a parameter server (ps = "")'
         )
     try:
-        payload = torch.load(io.BytesIO(record["payload"].numpy().tobytes()), weights_only=True)
+        payload = atomic.torch_load(
+            io.BytesIO(record["payload"].numpy().tobytes()), weights_only=True
+        )
     except Exception as err:  # damaged on its way through the host: say so, not torch's advice
         raise ChildStateLostError(
             f"{state.name}: the state of job {state.key[2]} in the node's context cannot be "

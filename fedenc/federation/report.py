@@ -258,12 +258,16 @@ def write_outputs(
         "results": write_results(result, out_dir, extra),
         "rounds": write_rounds_csv(rounds, out_dir),
     }
-    plot = plot_rounds(
-        rounds,
-        out_dir,
-        title=f"{result['encoder']} / {result['rule']}",
-        final=result.get("final_metrics"),
-    )
+    try:
+        plot = plot_rounds(
+            rounds,
+            out_dir,
+            title=f"{result['encoder']} / {result['rule']}",
+            final=result.get("final_metrics"),
+        )
+    except OSError as err:  # a picture of rounds.csv: not worth failing a finished job over
+        log.warning("the plot of the rounds was not written (%s); rounds.csv has them", err)
+        plot = None
     if plot is not None:
         paths["plot"] = plot
     return paths

@@ -262,7 +262,7 @@ class ShardTable:
         """Replace everything with the snapshot at ``path`` (which must match this shard)."""
         source = self._path(path)
         try:
-            payload = torch.load(source, weights_only=True)
+            payload = atomic.torch_load(source, weights_only=True)
         except FileNotFoundError:
             raise PSError(f"snapshot {source} does not exist") from None
         except Exception as err:  # a truncated or foreign file: say which, not a pickle trace

@@ -77,7 +77,7 @@ def load_checkpoint(
     num_items = int(config.pop("num_items"))
     model = build_encoder(encoder, num_items, **config)
     try:
-        state = torch.load(state_path, map_location=map_location, weights_only=True)
+        state = atomic.torch_load(state_path, map_location=map_location, weights_only=True)
         model.load_state_dict(state)
     except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
         raise ValueError(

@@ -432,3 +432,40 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "said"),
+    [
+        (OSError(28, "No space left on device", "/full/state/master.pt"), 2,
+         "cannot write /full/state/master.pt: No space left on device"),
+        (RuntimeError("[enforce fail at inline_container.cc] unexpected pos"), 1, None),
+    ],
+)  # fmt: skip
+def test_a_master_whose_job_fails_on_anything_closes_its_server(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, error: BaseException, code: int, said: str
+) -> None:
+    # A full disk mid-job (or torch failing to write) used to escape the CLI's handlers: the
+    # gRPC server was never stopped, and the master and its children waited for ever.
+    from fedenc.runtime.grpc import master as grpc_master
+
+    stopped: list[str] = []
+    real_stop = grpc_master.FederationServer.stop
+
+    def stop(self: Any, *args: Any, **kwargs: Any) -> None:
+        stopped.append(str(args[0] if args else kwargs.get("detail", "")))
+        real_stop(self, *args, **kwargs)
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(grpc_master.FederationServer, "stop", stop)
+    monkeypatch.setattr(grpc_master, "run_server_app", fail)
+    args = ["master", "--children", "1", "--insecure", "--listen", f"127.0.0.1:{_free_port()}"]
+    done = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "job")])
+    assert done.exit_code == code, done.output
+    if said is not None:
+        assert said in " ".join(done.output.split())
+    else:
+        assert isinstance(done.exception, RuntimeError)
+    assert stopped and ("the job failed" in stopped[0] or "cannot write" in stopped[0])
