@@ -202,7 +202,12 @@ class RawChild:
     """A hand-written peer that sends whatever frames it is given."""
 
     def __init__(self, address: str) -> None:
-        self.channel = grpc.insecure_channel(address, options=channel_options())
+        # A peer that may send more than the master accepts (the limits are the master's).
+        options = [
+            *(o for o in channel_options() if o[0] != "grpc.max_send_message_length"),
+            ("grpc.max_send_message_length", 4 * MAX_FRAME_BYTES),
+        ]
+        self.channel = grpc.insecure_channel(address, options=options)
         self.out: queue.Queue[bytes | None] = queue.Queue()
         self.inbox: queue.Queue[spb.MasterMessage | Exception] = queue.Queue()
         self.call = self.channel.stream_stream(SERVICE_METHOD)(iter(self.out.get, None))
@@ -414,14 +419,19 @@ def test_bad_frames_are_refused_and_the_master_keeps_serving(
     assert good.sessions == 1
 
 
+@pytest.mark.parametrize("excess", [1024, 3 * MAX_FRAME_BYTES])
 def test_an_oversized_frame_ends_that_stream_only(
-    server: FederationServer, raw: Callable[[], RawChild], children: Children
+    server: FederationServer, raw: Callable[[], RawChild], children: Children, excess: int
 ) -> None:
     children.start(server.address, "good")
     peer = raw()
     peer.hello("big")
-    peer.send(b"\x00" * (MAX_FRAME_BYTES + 1024))  # gRPC refuses it before any parsing
-    deadline = time.monotonic() + 5
+    peer.send(b"\x00" * (MAX_FRAME_BYTES + excess))
+    if excess < MAX_FRAME_BYTES:  # read, and refused by name: the child is told its size
+        closed = peer.next("close", timeout=5)
+        assert closed.close.reason == spb.CLOSE_REASON_PROTOCOL_ERROR
+        assert f"a frame of {MAX_FRAME_BYTES + excess:,} bytes, over the" in closed.close.detail
+    deadline = time.monotonic() + 5  # (far larger: gRPC ends the stream before any parsing)
     while "big" in server.children() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert "big" not in server.children() and "good" in server.children()

@@ -42,6 +42,7 @@ from fedenc.runtime.grpc.shared_frames import SharedFrames
 from fedenc.runtime.grpc.transport import (
     CAPABILITIES,
     DEFAULT_HEARTBEAT_INTERVAL,
+    MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     REQUIRED_CAPABILITIES,
     AuthContext,
@@ -325,6 +326,11 @@ class ChildConnection:
         self.ended("the child closed its stream")
 
     def _frame(self, data: bytes) -> None:
+        if len(data) > MAX_FRAME_BYTES:
+            raise FrameError(
+                f"a frame of {len(data):,} bytes, over the {MAX_FRAME_BYTES:,}-byte limit (cut "
+                "messages into chunks of at most Hello.max_chunk_bytes)"
+            )
         if self._holding:
             self._check_slot_rate(len(data))
         raw = parse_chunk_frame(data) if self.welcomed else None

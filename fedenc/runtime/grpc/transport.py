@@ -106,7 +106,9 @@ def server_options(heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL) -> li
     keepalive pings (a server that gets pings more often than it allows sends GOAWAY)."""
     return [
         EXCLUSIVE_PORT,
-        ("grpc.max_receive_message_length", MAX_FRAME_BYTES),
+        # Twice the limit: a frame up to that is read and refused by name (the child is told
+        # its size); past it gRPC ends the stream with no reason the master can log.
+        ("grpc.max_receive_message_length", 2 * MAX_FRAME_BYTES),
         ("grpc.max_send_message_length", MAX_FRAME_BYTES),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
         ("grpc.http2.max_ping_strikes", 0),
