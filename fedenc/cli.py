@@ -181,7 +181,7 @@ def train_cmd(
     ] = 0.1,
     patience: Annotated[int, typer.Option(help="Early stop after N epochs w/o gain.")] = 0,
     max_examples: Annotated[int, typer.Option(help="Cap training pairs per epoch (0=all).")] = 0,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     threads: Annotated[int, typer.Option(help="torch threads (0 = default).")] = 0,
     plan: Annotated[
@@ -723,7 +723,7 @@ def data_stats_cmd(
     data: Annotated[
         Path | None, typer.Option(help="Data directory or raw log; omit = synthetic.")
     ] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
 ) -> None:
     """Sessions, clicks, examples and items of each split."""
     from fedenc.data.synthetic import SyntheticConfig
@@ -744,7 +744,7 @@ def data_partition_cmd(
     alpha: Annotated[
         float, typer.Option(help="Dirichlet concentration (smaller = more skewed).")
     ] = 0.5,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
 ) -> None:
     """Split the training sessions among K children and print per-child statistics."""
     from fedenc.data.partition import partition, print_partition_stats
@@ -1325,6 +1325,10 @@ def master_cmd(
         query_timeout=query_timeout,
         seed=seed,
     )
+    try:
+        scenario.check()  # before anything is created: a bad setting leaves nothing behind
+    except (ValueError, OSError) as err:
+        raise _fail(str(err)) from err
     if not resume:  # (a resumed job's directories exist; reading them reports what is wrong)
         _check_out(out)
         _check_out(state, "--state")
@@ -1333,7 +1337,6 @@ def master_cmd(
         raise _fail("--resume needs the interrupted job's --out (or --state) directory")
     run_id: int | None = None
     try:
-        scenario.check()
         if resume:
             assert state_dir is not None
             # The children key their state by run id: the resumed run keeps the job's.

@@ -145,6 +145,18 @@ def test_scenario_files_name_the_setting_that_is_wrong(tmp_path: Path) -> None:
     assert "Traceback" not in result.output
     # The command line's --max-examples is also a scenario key.
     assert Scenario.from_mapping({"max-examples": 100}).max_examples_per_epoch == 100
+    # A value a setting refuses names the file and the setting; numpy's words do not reach it.
+    for text, said in [
+        ("rounds = -2\n", "typed.toml: rounds must be >= 0, got -2"),
+        ("seed = -1\n", "typed.toml: seed must be >= 0, got -1"),
+        ("hidden = 0\n", "hidden must be >= 1, got 0"),
+        ("lr = 0.0\n", "lr must be a finite number > 0 (got 0.0)"),
+        ('data = "/no/such/place"\n', "data /no/such/place: no such file or directory"),
+    ]:
+        typo.write_text(text)
+        result = runner.invoke(app, ["simulate", str(typo)])
+        assert result.exit_code == 2, (text, result.output)
+        assert said in " ".join(result.output.split()), (text, result.output)
 
 
 def test_master_takes_every_scenario_option_of_simulate() -> None:

@@ -47,8 +47,13 @@ class EncoderConfig:
     def __post_init__(self) -> None:
         if self.num_items < 1:
             raise ValueError(f"num_items must be >= 1, got {self.num_items}")
-        if self.hidden < 1 or self.steps < 0 or self.max_position < 1:
-            raise ValueError("hidden and max_position must be >= 1 and steps >= 0")
+        for name, value, least in (
+            ("hidden", self.hidden, 1),
+            ("steps", self.steps, 0),
+            ("max_position", self.max_position, 1),
+        ):
+            if value < least:
+                raise ValueError(f"{name} must be >= {least}, got {value}")
         # Bounds far above any session encoder, so that a typo (or a remote job spec) fails
         # here rather than as a multi-terabyte allocation on the master and every child.
         if self.hidden > MAX_HIDDEN or self.steps > MAX_STEPS:

@@ -206,7 +206,7 @@ def select_samples(encoder_type: str, data: ChildData) -> Examples:
     try:
         encoder_class(encoder_type)
     except UnknownEncoderError as err:
-        raise DeclinedError(f"unknown encoder type {encoder_type!r}: {err}") from None
+        raise DeclinedError(str(err)) from None  # it names the type and the known ones
     return data.examples("train")
 
 
@@ -217,7 +217,7 @@ def _build_state(
     try:
         cls = encoder_class(encoder_type)
     except UnknownEncoderError as err:
-        raise DeclinedError(f"unknown encoder type {encoder_type!r}: {err}") from None
+        raise DeclinedError(str(err)) from None  # it names the type and the known ones
     try:
         cfg = data_config(context)
     except ValueError as err:  # the run's or this child's data settings

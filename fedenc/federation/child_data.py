@@ -54,6 +54,8 @@ class ChildDataConfig:
             raise ValueError(f"partition must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
         if not 0 < self.alpha < math.inf:
             raise ValueError(f"alpha must be a finite number > 0, got {self.alpha}")
+        if self.seed < 0:  # numpy's own refusal names no setting
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if not 0 <= self.valid_fraction < 1:
             raise ValueError(f"valid-fraction must lie in [0, 1), got {self.valid_fraction}")
         if self.synthetic_sessions < 3:

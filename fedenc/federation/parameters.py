@@ -26,7 +26,9 @@ class BadUpdateError(ValueError):
     """A child's reply that cannot be fused: ``child`` names the sender, ``reason`` the problem."""
 
     def __init__(self, child: str, reason: str) -> None:
-        super().__init__(f"rejected update from child {child!r}: {reason}")
+        # A child checks the master's parameters with the same code, sender "master".
+        what = "the master's parameters" if child == "master" else f"update from child {child!r}"
+        super().__init__(f"rejected {what}: {reason}")
         self.child = child
         self.reason = reason
 

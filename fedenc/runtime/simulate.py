@@ -122,6 +122,8 @@ class Scenario:
             raise ValueError(f"children must be >= 1, got {self.children}")
         if self.rounds < 0:
             raise ValueError(f"rounds must be >= 0, got {self.rounds}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
         object.__setattr__(self, "slowdown", tuple(float(f) for f in self.slowdown))
@@ -181,6 +183,18 @@ class Scenario:
         from fedenc.ps.federation import ps_config_from_run_config
 
         ps_config_from_run_config(run_config)
+        if self.data and not Path(self.data).expanduser().exists():
+            raise ValueError(f"data {self.data}: no such file or directory")
+        # The master's and the children's training settings, checked before a port is bound
+        # (the catalog size is the data's: any size checks the rest).
+        from fedenc.federation.master import MasterConfig
+
+        config = MasterConfig.from_run_config({**run_config, "num-items": 2})
+        if config.train.epochs < 1 or config.train.batch_size < 1 or not config.train.lr > 0:
+            raise ValueError(
+                "training needs local-epochs >= 1, batch-size >= 1 and lr > 0 "
+                f"(got {config.train.epochs}, {config.train.batch_size}, {config.train.lr})"
+            )
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str = "scenario") -> Scenario:
@@ -204,7 +218,7 @@ class Scenario:
             clean[name] = value
         try:
             return cls(**clean)
-        except TypeError as err:
+        except (TypeError, ValueError) as err:  # a setting's own check: say where it came from
             raise ValueError(f"{source}: {err}") from err
 
     @classmethod
