@@ -1511,9 +1511,14 @@ def _serve_control(
             time.sleep(0.5)
     except _Interrupted as sig:
         name = signal.Signals(sig.signum).name
-        console.print(f"{name}: cancelling the jobs, closing every child's stream")
-        service.stop(f"the master was stopped ({name})", timeout=10.0)
-        server.stop(f"the master was stopped ({name})")
+        console.print(
+            f"{name}: the running job stops after its round; it and the queued jobs go on "
+            f"when a master serves {out_root} again"
+        )
+        waiting = service.stop(f"the master was stopped ({name})", timeout=10.0)
+        _close_children(server, f"the master was stopped ({name})", waiting)
+        if waiting:
+            console.print("closed every child's stream with RESTART: they wait for the resume")
 
 
 @app.command("child")

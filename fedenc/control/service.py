@@ -10,8 +10,15 @@ on the same gRPC server (port, TLS) as ``fedenc.v1.Federation``.
 * **Rounds.** ``run_master`` reports each round through the ``round_listener`` ContextVar; the
   service keeps the reports (WatchJob replays them) and wakes the watchers.
 * **Cancel.** A cancelled job stops after its current round: the round listener raises
-  :class:`JobCancelled`, which unwinds ``run_master``; jobs run here are never resumed
+  :class:`JobCancelled`, which unwinds ``run_master``; a cancelled job is never resumed
   (``resumable`` is False), so the children get the end-of-job message and drop its state.
+* **Restarts.** Every job has a ``job.json`` from the moment it is queued. A master that stops
+  (a signal) interrupts its running job after the current round instead of cancelling it, and
+  leaves the queue as it is; the children keep the job's state. The next master on the same
+  ``out_root`` queues those jobs again, first the one that was running, which resumes from its
+  checkpoint after its last completed round (its run id too, so children that kept their state
+  go on bit for bit) or starts again without one. A master killed outright does the same from
+  the records it left.
   Before the first round (waiting for children, confirmations) the job's grid raises it at the
   next ``get_node_ids``, so the job does not wait out its timeout.
 * **Children.** The :class:`~fedenc.runtime.grpc.master.FederationServer` tells the service who
@@ -124,9 +131,9 @@ def _restored_job(folder: Path) -> JobRecord:
     proto = json_format.Parse((folder / JOB_FILE).read_text(), cpb.Job())
     if proto.job_id != folder.name:  # a copied or edited record: it would shadow another job
         raise ValueError(f"job_id {proto.job_id!r} is not its folder's name")
-    if proto.state not in TERMINAL:
-        raise ValueError(f"state {_state_name(proto.state)} is not an ended job's")
     run_config = struct_to_dict(proto.effective_config)
+    if proto.state not in TERMINAL:
+        return _unfinished_job(folder, proto, run_config)
     results_path = folder / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     encoder = folder / "encoder"
@@ -149,6 +156,35 @@ def _restored_job(folder: Path) -> JobRecord:
         final_metrics=dict(proto.final_metrics),
         checkpoint=encoder if proto.encoder_available and encoder.is_dir() else None,
         target_names=list(results.get("shared_parameters", [])),
+    )
+
+
+def _unfinished_job(folder: Path, proto: cpb.Job, run_config: RunConfig) -> JobRecord:
+    """A job that was queued or running when the earlier master stopped, queued again: from its
+    checkpoint (``resume``, its run id and rounds) when it completed a round, else afresh."""
+    from fedenc.federation.checkpoint import read_master_state, state_path
+
+    run_config = dict(run_config)
+    state_dir = Path(str(run_config.get("state-dir") or folder / "state"))
+    rounds: list[cpb.RoundReport] = []
+    run_id = None
+    run_config["resume"] = False
+    if state_path(state_dir).is_file():
+        saved = read_master_state(state_dir)  # a damaged one is refused (the job is listed)
+        run_config["resume"] = True
+        run_id = saved.run_id
+        rounds = [round_report(proto.job_id, RoundResult.from_dict(r)) for r in saved.rounds]
+    return JobRecord(
+        job_id=proto.job_id,
+        spec=proto.spec,
+        requester=proto.requester,
+        run_config=run_config,
+        config=MasterConfig.from_run_config(run_config),
+        created=proto.created_unix_ms / 1000,
+        state=cpb.JOB_STATE_QUEUED,
+        rounds=rounds,
+        interrupted=proto.state == cpb.JOB_STATE_RUNNING,
+        run_id=run_id,
     )
 
 
@@ -195,6 +231,8 @@ class JobRecord:
     final_metrics: dict[str, float] = field(default_factory=dict)
     checkpoint: Path | None = None
     target_names: list[str] = field(default_factory=list)
+    interrupted: bool = False  # stopped by the master's shutdown: the next master resumes it
+    run_id: int | None = None  # a resumed job's (the children key their state by it)
 
     @property
     def encoder_type(self) -> str:
@@ -355,18 +393,30 @@ class ControlService(cgrpc.ControlServicer):
         self._worker.start()
         return self
 
-    def stop(self, reason: str = "the master shuts down", timeout: float = 30.0) -> None:
-        """No more jobs: queued ones are cancelled, the running one stops after its round."""
+    def stop(
+        self, reason: str = "the master shuts down", timeout: float = 30.0, keep: bool = True
+    ) -> bool:
+        """No more jobs here. ``keep``: the running job is interrupted after its round and the
+        queue kept, for the next master on the same ``out_root`` (their ``job.json`` say so);
+        else both are cancelled. Returns whether a job was interrupted with a checkpoint to
+        resume from (its children should wait: close their streams with RESTART)."""
         with self._cond:
             self._stopping = True
-            while self._queue:
+            while self._queue and not keep:
                 self._end(self._queue.popleft(), cpb.JOB_STATE_CANCELLED, error=reason)
-            if self._current is not None:
-                self._current.cancel_requested = True
-                self._current.cancel_reason = reason
+            current = self._current
+            if current is not None and not current.cancel_requested:
+                current.cancel_requested = True
+                current.cancel_reason = reason
+                current.interrupted = keep
             self._cond.notify_all()
         if self._worker.is_alive():
             self._worker.join(timeout)
+        if current is None or not current.interrupted:
+            return False
+        from fedenc.federation.checkpoint import state_path
+
+        return state_path(self.out_root / current.job_id / "state").is_file()
 
     # -- jobs (Python API; the RPCs below wrap it) -----------------------------------------------
 
@@ -385,6 +435,7 @@ class ControlService(cgrpc.ControlServicer):
                 raise ServiceStopped("the master is shutting down and takes no more jobs")
             self._jobs[job_id] = job
             self._queue.append(job)
+            self._save_job(job)  # a restart queues it again
             self._cond.notify_all()
         log.info(
             "job %s queued (%s, %d rounds%s)",
@@ -480,8 +531,10 @@ class ControlService(cgrpc.ControlServicer):
                 job = self._queue.popleft()
                 job.state = cpb.JOB_STATE_RUNNING
                 job.started = time.time()
+                job.interrupted = False  # (a resumed job's: set again only by a shutdown)
                 self._current = job
                 self._participation = {}
+                self._save_job(job)  # a restart resumes it
                 self._cond.notify_all()
             log.info("job %s started", job.job_id)
             try:
@@ -506,8 +559,11 @@ class ControlService(cgrpc.ControlServicer):
             with self._cond:
                 job.rounds.append(round_report(job.job_id, result))
                 cancel = job.cancel_requested and not result.stop_reason
+                interrupted = job.interrupted
                 self._cond.notify_all()
             if cancel:
+                # Interrupted by the shutdown, the job will be resumed: the children keep it.
+                resumable.set(interrupted)
                 raise JobCancelled(f"cancelled after round {result.round}")
 
         def make_grid(server: FederationServer, run_id: int, config: Mapping[str, Any]) -> GrpcGrid:
@@ -520,11 +576,22 @@ class ControlService(cgrpc.ControlServicer):
         no_resume = resumable.set(False)
         try:
             run = run_server_app(
-                self._server_app, self._server, job.run_config, grid_class=make_grid
+                self._server_app,
+                self._server,
+                job.run_config,
+                grid_class=make_grid,
+                run_id=job.run_id,
             )
         except JobCancelled:
             with self._cond:
                 error = self._cancel_text(job)
+                interrupted = job.interrupted
+            if interrupted:  # job.json says it runs: the next master on out_root resumes it
+                log.info(
+                    "job %s interrupted after round %d (%s): the next master on %s resumes it",
+                    job.job_id, len(job.rounds), job.cancel_reason, self.out_root,
+                )  # fmt: skip
+                return
             self._stop_unfinished(job, cpb.JOB_STATE_CANCELLED, error, done)
             return
         except (NotEnoughChildrenError, ValueError, FileNotFoundError) as err:
@@ -587,8 +654,9 @@ class ControlService(cgrpc.ControlServicer):
         self._save_job(job)
 
     def _save_job(self, job: JobRecord) -> None:
-        """Under the lock: the ended job's record in ``<out>/<job id>/job.json``, which a master
-        restarted on the same ``--out`` lists again (and serves the encoder of)."""
+        """Under the lock: the job's record in ``<out>/<job id>/job.json``, which a master
+        restarted on the same ``--out`` lists again (an ended job, whose encoder it serves) or
+        queues again (a queued or running one)."""
         from google.protobuf import json_format
 
         path = self.out_root / job.job_id / JOB_FILE
@@ -600,8 +668,9 @@ class ControlService(cgrpc.ControlServicer):
             log.warning("job %s: cannot write %s: %s", job.job_id, path, err)
 
     def _restore_jobs(self) -> None:
-        """The ended jobs of an earlier master on the same ``out_root`` (their ``job.json``);
-        a job that was running when that master stopped is named in the log."""
+        """The jobs of an earlier master on the same ``out_root`` (their ``job.json``): ended
+        ones are listed, unfinished ones queued again (a running one first, resumed from its
+        checkpoint when it has one)."""
         if not self.out_root.is_dir():
             return
         restored: list[JobRecord] = []
@@ -621,6 +690,15 @@ class ControlService(cgrpc.ControlServicer):
                 log.warning("%s: not restored (%s)", folder / JOB_FILE, err)
         for job in sorted(restored, key=lambda j: j.created):
             self._jobs[job.job_id] = job
+        unfinished = [j for j in restored if j.state == cpb.JOB_STATE_QUEUED]
+        for job in sorted(unfinished, key=lambda j: (not j.interrupted, j.created)):
+            self._queue.append(job)
+            if job.run_config.get("resume"):
+                log.info("job %s was running when the earlier master stopped: it resumes "
+                         "after round %d", job.job_id, len(job.rounds))  # fmt: skip
+            else:
+                log.info("job %s was %s when the earlier master stopped: queued again",
+                         job.job_id, "running" if job.interrupted else "queued")  # fmt: skip
         if restored:
             log.info("%d earlier job(s) restored from %s", len(restored), self.out_root)
 

@@ -4,6 +4,9 @@ then a new service on the same folder."""
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 import threading
 from pathlib import Path
 
@@ -14,6 +17,7 @@ from tiny_job import TINY_JOB
 from fedenc.control.client import ControlClient
 from fedenc.control.service import JOB_FILE, ControlService
 from fedenc.proto.fedenc.v1 import control_pb2 as cpb
+from fedenc.proto.fedenc.v1 import federation_service_pb2 as spb
 from fedenc.runtime.grpc.child import GrpcChild
 from fedenc.runtime.grpc.master import FederationServer
 from fedenc.runtime.grpc.transport import ChannelSecurity, ServerSecurity
@@ -24,8 +28,8 @@ INSECURE = ChannelSecurity(insecure=True)
 TINY = {**TINY_JOB, "expect-children": 2, "wait-timeout": 30.0}
 
 
-def serve(out: Path) -> ControlService:
-    server = FederationServer("127.0.0.1:0", ServerSecurity(insecure=True))
+def serve(out: Path, listen: str = "127.0.0.1:0") -> ControlService:
+    server = FederationServer(listen, ServerSecurity(insecure=True))
     control = ControlService(server, TINY, out).attach()
     server.start()
     return control
@@ -88,3 +92,67 @@ def test_a_restarted_master_lists_its_earlier_jobs_and_serves_their_encoders(
     finally:
         again.stop(timeout=5)
         again._server.stop("test over")
+
+
+def test_a_job_running_when_its_master_stops_resumes_under_the_next_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The master is stopped mid-job: the job is interrupted after its round (not cancelled),
+    the children wait (RESTART), and a master started again on the same folder and port
+    resumes it from its checkpoint, to the encoder an uninterrupted job gives, bit for bit."""
+    from nodes.child import app as child_app
+
+    out = tmp_path / "jobs"
+    first = serve(out)
+    address = first._server.address
+    kids = [
+        GrpcChild(
+            address,
+            f"c{i}",
+            child_app,
+            {"partition-id": i, "num-partitions": 2},
+            INSECURE,
+            connect_timeout=60,
+        )
+        for i in range(2)
+    ]
+    threads = [threading.Thread(target=k.run, daemon=True) for k in kids]
+    for t in threads:
+        t.start()
+    again = None
+    try:
+        with ControlClient(address, INSECURE) as client:
+            job = client.submit(cpb.JobSpec(rounds=3), requester="ops")
+            for event in client.watch(job.job_id):
+                if event.WhichOneof("event") == "round":
+                    break  # round 1 is checkpointed
+        assert first.stop(timeout=60)  # interrupted with a checkpoint: children should wait
+        first._server.stop("restart", reason=spb.CLOSE_REASON_RESTART)
+        record = json.loads((out / job.job_id / JOB_FILE).read_text())
+        assert record["state"] == "JOB_STATE_RUNNING"
+
+        port = int(address.rsplit(":", 1)[1])
+        with caplog.at_level(logging.INFO, logger="fedenc.federation.master"):
+            again = serve(out, f"127.0.0.1:{port}")
+            done = again.wait(job.job_id, timeout=150)
+        assert done.state == cpb.JOB_STATE_SUCCEEDED, done.error
+        assert re.search(rf"job {job.job_id}: resumed after round [12]\b", caplog.text)
+        assert [r.round for r in done.rounds] == [1, 2, 3]
+        with ControlClient(again._server.address, INSECURE) as client:
+            resumed = client.download(job.job_id)
+            reference = client.submit(cpb.JobSpec(rounds=3), requester="ops")
+        fresh = again.wait(reference.job_id, timeout=150)
+        assert fresh.state == cpb.JOB_STATE_SUCCEEDED, fresh.error
+        with ControlClient(again._server.address, INSECURE) as client:
+            uninterrupted = client.download(reference.job_id)
+        for name, tensor in resumed.tensors.items():
+            assert torch.equal(tensor, uninterrupted.tensors[name]), name
+    finally:
+        for control in (first, again):
+            if control is not None:
+                control.stop(timeout=5, keep=False)
+                control._server.stop("test over")
+        for k in kids:
+            k.stop()
+        for t in threads:
+            t.join(10)
