@@ -124,68 +124,57 @@ def _wall(monotonic_time: float) -> float:
 
 
 def _restored_job(folder: Path) -> JobRecord:
-    """A :class:`JobRecord` from an ended job's ``job.json`` (and ``results.json``: its rounds,
-    and the tensors its encoder shares)."""
+    """A :class:`JobRecord` from a job's ``job.json``: an ended job as it ended (with
+    ``results.json``: its rounds, and the tensors its encoder shares), an unfinished one queued
+    again (:func:`_requeue`)."""
     from google.protobuf import json_format
 
     proto = json_format.Parse((folder / JOB_FILE).read_text(), cpb.Job())
     if proto.job_id != folder.name:  # a copied or edited record: it would shadow another job
         raise ValueError(f"job_id {proto.job_id!r} is not its folder's name")
     run_config = struct_to_dict(proto.effective_config)
-    if proto.state not in TERMINAL:
-        return _unfinished_job(folder, proto, run_config)
-    results_path = folder / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    encoder = folder / "encoder"
-    return JobRecord(
+    job = JobRecord(
         job_id=proto.job_id,
         spec=proto.spec,
         requester=proto.requester,
         run_config=run_config,
         config=MasterConfig.from_run_config(run_config),
         created=proto.created_unix_ms / 1000,
-        state=proto.state,
-        rounds=[
-            round_report(proto.job_id, RoundResult.from_dict(r)) for r in results.get("rounds", [])
-        ],
-        started=proto.started_unix_ms / 1000,
-        finished=proto.finished_unix_ms / 1000,
-        stop_reason=proto.stop_reason,
-        error=proto.error,
-        cancel_requested=proto.cancel_requested,
-        final_metrics=dict(proto.final_metrics),
-        checkpoint=encoder if proto.encoder_available and encoder.is_dir() else None,
-        target_names=list(results.get("shared_parameters", [])),
     )
+    if proto.state not in TERMINAL:
+        _requeue(job, folder, running=proto.state == cpb.JOB_STATE_RUNNING)
+        return job
+    results_path = folder / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    encoder = folder / "encoder"
+    job.state = proto.state
+    job.rounds = [
+        round_report(proto.job_id, RoundResult.from_dict(r)) for r in results.get("rounds", [])
+    ]
+    job.started = proto.started_unix_ms / 1000
+    job.finished = proto.finished_unix_ms / 1000
+    job.stop_reason = proto.stop_reason
+    job.error = proto.error
+    job.cancel_requested = proto.cancel_requested
+    job.final_metrics = dict(proto.final_metrics)
+    job.checkpoint = encoder if proto.encoder_available and encoder.is_dir() else None
+    job.target_names = list(results.get("shared_parameters", []))
+    return job
 
 
-def _unfinished_job(folder: Path, proto: cpb.Job, run_config: RunConfig) -> JobRecord:
+def _requeue(job: JobRecord, folder: Path, running: bool) -> None:
     """A job that was queued or running when the earlier master stopped, queued again: from its
     checkpoint (``resume``, its run id and rounds) when it completed a round, else afresh."""
     from fedenc.federation.checkpoint import read_master_state, state_path
 
-    run_config = dict(run_config)
-    state_dir = Path(str(run_config.get("state-dir") or folder / "state"))
-    rounds: list[cpb.RoundReport] = []
-    run_id = None
-    run_config["resume"] = False
+    job.interrupted = running
+    job.run_config["resume"] = False
+    state_dir = Path(str(job.run_config.get("state-dir") or folder / "state"))
     if state_path(state_dir).is_file():
-        saved = read_master_state(state_dir)  # a damaged one is refused (the job is listed)
-        run_config["resume"] = True
-        run_id = saved.run_id
-        rounds = [round_report(proto.job_id, RoundResult.from_dict(r)) for r in saved.rounds]
-    return JobRecord(
-        job_id=proto.job_id,
-        spec=proto.spec,
-        requester=proto.requester,
-        run_config=run_config,
-        config=MasterConfig.from_run_config(run_config),
-        created=proto.created_unix_ms / 1000,
-        state=cpb.JOB_STATE_QUEUED,
-        rounds=rounds,
-        interrupted=proto.state == cpb.JOB_STATE_RUNNING,
-        run_id=run_id,
-    )
+        saved = read_master_state(state_dir)  # damaged: not restored, the log says why
+        job.run_config["resume"] = True
+        job.run_id = saved.run_id
+        job.rounds = [round_report(job.job_id, RoundResult.from_dict(r)) for r in saved.rounds]
 
 
 def _check_requester(requester: str) -> None:

@@ -35,14 +35,12 @@ def serve(out: Path, listen: str = "127.0.0.1:0") -> ControlService:
     return control
 
 
-def test_a_restarted_master_lists_its_earlier_jobs_and_serves_their_encoders(
-    tmp_path: Path,
-) -> None:
+def start_children(
+    address: str, connect_timeout: float
+) -> tuple[list[GrpcChild], list[threading.Thread]]:
+    """Two in-process children c0, c1 of the real child app, each on a thread."""
     from nodes.child import app as child_app
 
-    out = tmp_path / "jobs"
-    first = serve(out)
-    address = first._server.address
     kids = [
         GrpcChild(
             address,
@@ -50,13 +48,23 @@ def test_a_restarted_master_lists_its_earlier_jobs_and_serves_their_encoders(
             child_app,
             {"partition-id": i, "num-partitions": 2},
             INSECURE,
-            connect_timeout=10,
+            connect_timeout=connect_timeout,
         )
         for i in range(2)
     ]
     threads = [threading.Thread(target=k.run, daemon=True) for k in kids]
     for t in threads:
         t.start()
+    return kids, threads
+
+
+def test_a_restarted_master_lists_its_earlier_jobs_and_serves_their_encoders(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "jobs"
+    first = serve(out)
+    address = first._server.address
+    kids, threads = start_children(address, connect_timeout=10)
     try:
         with ControlClient(address, INSECURE) as client:
             job = client.submit(cpb.JobSpec(rounds=2), requester="before")
@@ -100,25 +108,10 @@ def test_a_job_running_when_its_master_stops_resumes_under_the_next_one(
     """The master is stopped mid-job: the job is interrupted after its round (not cancelled),
     the children wait (RESTART), and a master started again on the same folder and port
     resumes it from its checkpoint, to the encoder an uninterrupted job gives, bit for bit."""
-    from nodes.child import app as child_app
-
     out = tmp_path / "jobs"
     first = serve(out)
     address = first._server.address
-    kids = [
-        GrpcChild(
-            address,
-            f"c{i}",
-            child_app,
-            {"partition-id": i, "num-partitions": 2},
-            INSECURE,
-            connect_timeout=60,
-        )
-        for i in range(2)
-    ]
-    threads = [threading.Thread(target=k.run, daemon=True) for k in kids]
-    for t in threads:
-        t.start()
+    kids, threads = start_children(address, connect_timeout=60)
     again = None
     try:
         with ControlClient(address, INSECURE) as client:
