@@ -1371,7 +1371,7 @@ def master_cmd(
     previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     if serve:
         try:
-            _serve_control(server, scenario, out, children, wait, operators)
+            _serve_control(server, scenario, out, children, wait, operators, stop_children)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -1418,7 +1418,13 @@ def master_cmd(
         )
         _print_resume_hint(state_dir or out_dir / "state", started, waiting)
         raise typer.Exit(0) from None
-    except (ValueError, FileNotFoundError, NotEnoughChildrenError, FusionOutputError) as err:
+    except (
+        ValueError,
+        FileNotFoundError,
+        ConnectionError,  # a PS shard gone for good (an OSError, but not a write's)
+        NotEnoughChildrenError,
+        FusionOutputError,
+    ) as err:
         # A job that failed after a checkpoint can be resumed (run_master kept the children's
         # state for it): the children wait for it, as after a signal.
         waiting = _close_children(server, f"the job failed: {err}", resumable_job())
@@ -1491,6 +1497,7 @@ def _serve_control(
     children: int | None,
     wait: float,
     operators: str = "operator",
+    stop_children: bool = False,
 ) -> None:
     """``fedenc master --serve``: the Control API next to Federation until a signal."""
 
@@ -1499,7 +1506,10 @@ def _serve_control(
     out_root = out or Path("runs") / f"control-{time.strftime('%Y%m%d-%H%M%S')}"
     defaults = serve_defaults(scenario.run_config(), children, wait)
     names = [n.strip() for n in operators.split(",") if n.strip()]
-    service = ControlService(server, defaults, out_root, operators=names).attach()
+    try:
+        service = ControlService(server, defaults, out_root, operators=names).attach()
+    except ValueError as err:  # another master serves out_root
+        raise _fail(str(err)) from err
     server.start()
     # A line that scripts can wait for, as in the default mode.
     console.print(
@@ -1512,10 +1522,11 @@ def _serve_control(
     except _Interrupted as sig:
         name = signal.Signals(sig.signum).name
         console.print(
-            f"{name}: the running job stops after its round; it and the queued jobs go on "
-            f"when a master serves {out_root} again"
+            f"{name}: the running job stops after its round (at most 10 s); it and the queued "
+            f"jobs go on when a master serves {out_root} again"
         )
-        waiting = service.stop(f"the master was stopped ({name})", timeout=10.0)
+        waiting = service.stop(f"the master was stopped ({name})", timeout=10.0, keep=True)
+        waiting = waiting and not stop_children
         _close_children(server, f"the master was stopped ({name})", waiting)
         if waiting:
             console.print("closed every child's stream with RESTART: they wait for the resume")

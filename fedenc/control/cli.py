@@ -424,10 +424,10 @@ def cancel_cmd(
     who = reason or requester()
     job = _ask(master, insecure, certs, cert_name, lambda client: client.cancel(job_id, who))
     state = _state(job)
-    if state in ("succeeded", "failed", "cancelled") and not job.cancel_requested:
-        console.print(f"job {job.job_id} already {state}: nothing to cancel")
-    elif state == "cancelled":
+    if state == "cancelled" and job.cancel_requested:
         console.print(f"job {job.job_id}: cancelled")
+    elif state in ("succeeded", "failed", "cancelled"):
+        console.print(f"job {job.job_id} already {state}: nothing to cancel")
     else:  # running: it stops after its current round
         console.print(f"job {job.job_id}: {state}, stops after its current round")
 

@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import IO, Any, Final, NoReturn
 
 import grpc
 from flwr.app import Message
@@ -81,6 +81,7 @@ TERMINAL = frozenset({cpb.JOB_STATE_SUCCEEDED, cpb.JOB_STATE_FAILED, cpb.JOB_STA
 DEFAULT_OPERATORS: Final = ("operator",)
 #: An ended job's record in its output folder (what a restarted master lists again).
 JOB_FILE: Final = "job.json"
+LOCK_FILE: Final = ".master.lock"
 #: Long streams (WatchJob, DownloadEncoder) one non-operator caller may hold at once.
 MAX_CHILD_STREAMS: Final = 2
 #: How often a long stream checks its caller's certificate again (revocation).
@@ -140,6 +141,8 @@ def _restored_job(folder: Path) -> JobRecord:
         run_config=run_config,
         config=MasterConfig.from_run_config(run_config),
         created=proto.created_unix_ms / 1000,
+        cancel_requested=proto.cancel_requested,
+        started=proto.started_unix_ms / 1000,
     )
     if proto.state not in TERMINAL:
         _requeue(job, folder, running=proto.state == cpb.JOB_STATE_RUNNING)
@@ -151,29 +154,74 @@ def _restored_job(folder: Path) -> JobRecord:
     job.rounds = [
         round_report(proto.job_id, RoundResult.from_dict(r)) for r in results.get("rounds", [])
     ]
-    job.started = proto.started_unix_ms / 1000
     job.finished = proto.finished_unix_ms / 1000
     job.stop_reason = proto.stop_reason
     job.error = proto.error
-    job.cancel_requested = proto.cancel_requested
     job.final_metrics = dict(proto.final_metrics)
     job.checkpoint = encoder if proto.encoder_available and encoder.is_dir() else None
     job.target_names = list(results.get("shared_parameters", []))
     return job
 
 
+class OutRootInUse(ValueError):
+    """Another master serves this ``out_root``."""
+
+
+def _claim(out_root: Path) -> IO[str] | None:
+    """An exclusive lock on ``out_root/.master.lock``, held while this master serves: two
+    masters on one folder would both run its unfinished jobs. None where there is no
+    ``fcntl`` (not POSIX)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    out_root.mkdir(parents=True, exist_ok=True)
+    handle = (out_root / LOCK_FILE).open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise OutRootInUse(
+            f"another master serves {out_root} (it holds {out_root / LOCK_FILE}): stop it "
+            "first, or give this one another --out"
+        ) from None
+    return handle
+
+
+def _recorded_state(folder: Path) -> int:
+    """The state ``folder``'s ``job.json`` records."""
+    from google.protobuf import json_format
+
+    return int(json_format.Parse((folder / JOB_FILE).read_text(), cpb.Job()).state)
+
+
 def _requeue(job: JobRecord, folder: Path, running: bool) -> None:
     """A job that was queued or running when the earlier master stopped, queued again: from its
     checkpoint (``resume``, its run id and rounds) when it completed a round, else afresh."""
-    from fedenc.federation.checkpoint import read_master_state, state_path
+    from fedenc.federation.checkpoint import MasterStateError, read_master_state, state_path
 
+    if job.cancel_requested:  # a user's cancel the earlier master did not see through
+        job.state = cpb.JOB_STATE_CANCELLED
+        job.error = "cancelled (the master stopped before the job ended)"
+        job.finished = time.time()
+        return
     job.interrupted = running
+    # Where the folder is now (an --out moved, or given relative from another directory).
+    job.run_config["out-dir"] = str(folder)
+    job.run_config.pop("state-dir", None)
     job.run_config["resume"] = False
-    state_dir = Path(str(job.run_config.get("state-dir") or folder / "state"))
+    state_dir = folder / "state"
     if state_path(state_dir).is_file():
-        saved = read_master_state(state_dir)  # damaged: not restored, the log says why
+        try:
+            saved = read_master_state(state_dir)
+        except MasterStateError as err:  # listed, with why: the operator decides
+            job.state = cpb.JOB_STATE_FAILED
+            job.error = f"cannot resume after the master's restart: {err}"
+            job.finished = time.time()
+            return
         job.run_config["resume"] = True
         job.run_id = saved.run_id
+        job.earlier_rounds = list(saved.rounds)
         job.rounds = [round_report(job.job_id, RoundResult.from_dict(r)) for r in saved.rounds]
 
 
@@ -222,6 +270,7 @@ class JobRecord:
     target_names: list[str] = field(default_factory=list)
     interrupted: bool = False  # stopped by the master's shutdown: the next master resumes it
     run_id: int | None = None  # a resumed job's (the children key their state by it)
+    earlier_rounds: list[dict[str, Any]] = field(default_factory=list)  # ... its checkpoint's
 
     @property
     def encoder_type(self) -> str:
@@ -367,6 +416,7 @@ class ControlService(cgrpc.ControlServicer):
         self._watchers = 0
         self._streams_of: dict[str, int] = {}  # long streams open per non-operator caller
         self._stopping = False
+        self._claim = _claim(self.out_root)
         self._restore_jobs()
         self._worker = threading.Thread(target=self._work, name="fedenc-control-jobs", daemon=True)
 
@@ -383,7 +433,7 @@ class ControlService(cgrpc.ControlServicer):
         return self
 
     def stop(
-        self, reason: str = "the master shuts down", timeout: float = 30.0, keep: bool = True
+        self, reason: str = "the master shuts down", timeout: float = 30.0, keep: bool = False
     ) -> bool:
         """No more jobs here. ``keep``: the running job is interrupted after its round and the
         queue kept, for the next master on the same ``out_root`` (their ``job.json`` say so);
@@ -401,6 +451,9 @@ class ControlService(cgrpc.ControlServicer):
             self._cond.notify_all()
         if self._worker.is_alive():
             self._worker.join(timeout)
+        if self._claim is not None:  # the next master on out_root may start now
+            self._claim.close()
+            self._claim = None
         if current is None or not current.interrupted:
             return False
         from fedenc.federation.checkpoint import state_path
@@ -495,12 +548,15 @@ class ControlService(cgrpc.ControlServicer):
             if job is None or job.done:
                 return job
             job.cancel_requested = True
+            job.interrupted = False  # a user's cancel wins over a shutdown's interruption
             job.cancel_reason = (
                 f"by {by}: {reason}" if by and reason else (f"by {by}" if by else reason)
             )
-            if job.state == cpb.JOB_STATE_QUEUED:
+            if job.state == cpb.JOB_STATE_QUEUED and job in self._queue:
                 self._queue.remove(job)
                 self._end(job, cpb.JOB_STATE_CANCELLED, error=self._cancel_text(job))
+            else:  # recorded: a master killed before the job ends must not resume it
+                self._save_job(job)
             self._cond.notify_all()
         log.info(
             "job %s: cancel requested%s",
@@ -539,7 +595,8 @@ class ControlService(cgrpc.ControlServicer):
         from fedenc.federation.master import NotEnoughChildrenError, round_line
         from nodes.master import RESULT_KEY
 
-        done: list[dict[str, Any]] = []  # the rounds, for the outputs of a job that fails
+        # The rounds, for the outputs of a job that fails (a resumed one's from its checkpoint).
+        done: list[dict[str, Any]] = list(job.earlier_rounds)
 
         def on_round(result: RoundResult) -> None:
             # The service shows the rounds to its watchers, so the master logs none: log here.
@@ -663,6 +720,7 @@ class ControlService(cgrpc.ControlServicer):
         if not self.out_root.is_dir():
             return
         restored: list[JobRecord] = []
+        changed: set[str] = set()  # ended on restore: their records are written again
         for folder in sorted(p for p in self.out_root.iterdir() if p.is_dir()):
             if not (folder / JOB_FILE).is_file():
                 if (folder / "state" / "master.pt").is_file():
@@ -674,11 +732,17 @@ class ControlService(cgrpc.ControlServicer):
                     )
                 continue
             try:
-                restored.append(_restored_job(folder))
+                job = _restored_job(folder)
             except Exception as err:  # a damaged record must not keep the master from starting
                 log.warning("%s: not restored (%s)", folder / JOB_FILE, err)
+                continue
+            restored.append(job)
+            if job.done and job.state != _recorded_state(folder):
+                changed.add(job.job_id)
         for job in sorted(restored, key=lambda j: j.created):
             self._jobs[job.job_id] = job
+            if job.job_id in changed:
+                self._save_job(job)  # ended here (a cancel, a damaged checkpoint): recorded
         unfinished = [j for j in restored if j.state == cpb.JOB_STATE_QUEUED]
         for job in sorted(unfinished, key=lambda j: (not j.interrupted, j.created)):
             self._queue.append(job)

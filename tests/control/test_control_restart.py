@@ -119,7 +119,7 @@ def test_a_job_running_when_its_master_stops_resumes_under_the_next_one(
             for event in client.watch(job.job_id):
                 if event.WhichOneof("event") == "round":
                     break  # round 1 is checkpointed
-        assert first.stop(timeout=60)  # interrupted with a checkpoint: children should wait
+        assert first.stop(timeout=60, keep=True)  # interrupted with a checkpoint: children wait
         first._server.stop("restart", reason=spb.CLOSE_REASON_RESTART)
         record = json.loads((out / job.job_id / JOB_FILE).read_text())
         assert record["state"] == "JOB_STATE_RUNNING"
@@ -149,3 +149,49 @@ def test_a_job_running_when_its_master_stops_resumes_under_the_next_one(
             k.stop()
         for t in threads:
             t.join(10)
+
+
+def _record(out: Path, job_id: str, **changes: object) -> None:
+    """Edit a job's job.json as a master that stopped at some moment would have left it."""
+    path = out / job_id / JOB_FILE
+    record = json.loads(path.read_text())
+    record.update(changes)
+    path.write_text(json.dumps(record))
+
+
+def test_unfinished_records_are_queued_again_ended_or_refused_as_they_say(tmp_path: Path) -> None:
+    """Without children or rounds: what a new master makes of each kind of record."""
+    out = tmp_path / "jobs"
+    first = ControlService(
+        FederationServer("127.0.0.1:0", ServerSecurity(insecure=True)), TINY, out
+    )  # not attached: its jobs stay queued
+    queued, running, cancelled, damaged = (
+        first.submit(cpb.JobSpec(rounds=2), requester="ops") for _ in range(4)
+    )
+    with pytest.raises(ValueError, match="another master serves"):  # one master per folder
+        ControlService(FederationServer("127.0.0.1:0", ServerSecurity(insecure=True)), TINY, out)
+    first.stop(timeout=1, keep=True)
+    assert json.loads((out / queued.job_id / JOB_FILE).read_text())["state"] == "JOB_STATE_QUEUED"
+    _record(out, running.job_id, state="JOB_STATE_RUNNING")
+    _record(out, cancelled.job_id, state="JOB_STATE_RUNNING", cancel_requested=True)
+    _record(out, damaged.job_id, state="JOB_STATE_RUNNING")
+    (out / damaged.job_id / "state").mkdir(parents=True)
+    (out / damaged.job_id / "state" / "master.pt").write_bytes(b"not a checkpoint")
+    moved = tmp_path / "moved"
+    out.rename(moved)  # and the folder moved: the jobs run where their records are now
+
+    again = ControlService(
+        FederationServer("127.0.0.1:0", ServerSecurity(insecure=True)), TINY, moved
+    )
+    try:
+        assert [j.job_id for j in again._queue] == [running.job_id, queued.job_id]
+        assert all(j.run_config["out-dir"] == str(moved / j.job_id) for j in again._queue)
+        assert again.job(cancelled.job_id).state == cpb.JOB_STATE_CANCELLED  # a user's cancel
+        failed = again.job(damaged.job_id)
+        assert failed.state == cpb.JOB_STATE_FAILED
+        assert "cannot resume after the master's restart" in failed.error
+        # Recorded: a third master agrees.
+        saved = json.loads((moved / damaged.job_id / JOB_FILE).read_text())
+        assert saved["state"] == "JOB_STATE_FAILED"
+    finally:
+        again.stop(timeout=1)
