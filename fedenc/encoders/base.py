@@ -135,6 +135,8 @@ class SessionEncoder(nn.Module, ABC):
         top = max((i for s in sessions for i in s), default=0)
         if top > n:
             raise ValueError(f"item id {top} is outside the encoder's catalog (1..{n})")
+        if exclude_clicked and k > n - min(len(set(s)) for s in sessions):
+            raise ValueError(f"k = {k} is more than the items a session did not click")
         was_training = self.training
         self.eval()
         try:

@@ -283,9 +283,11 @@ def test_frozen_scope_keeps_training_differentiable() -> None:
 def test_recommend_lists_catalog_ids_and_can_leave_out_the_clicked_items() -> None:
     model = build_encoder("srgnn", 30, hidden=8)
     model.train()
-    items, scores = model.recommend([[1, 2, 3]], k=30, exclude_clicked=True)
+    items, scores = model.recommend([[1, 2, 3]], k=27, exclude_clicked=True)
     assert model.training  # put back as it was
-    assert sorted(items[0, :27].tolist()) == list(range(4, 31))
-    assert torch.isinf(scores[0, 27:]).all() and bool((scores[0, :-1] >= scores[0, 1:]).all())
+    assert sorted(items[0].tolist()) == list(range(4, 31))
+    assert torch.isfinite(scores).all() and bool((scores[0, :-1] >= scores[0, 1:]).all())
+    with pytest.raises(ValueError, match="more than the items a session did not click"):
+        model.recommend([[1, 2, 3]], k=28, exclude_clicked=True)
     with pytest.raises(ValueError, match=r"k must lie in 1\.\.30"):
         model.recommend([[1]], k=31)
