@@ -677,10 +677,13 @@ def recommend_cmd(
             raise _fail(f"session {text!r} has no clicks")
         parsed.append(clicks)
     try:
-        model, _ = load_checkpoint(checkpoint)
+        model, meta = load_checkpoint(checkpoint)
         items, scores = model.recommend(parsed, k=top, exclude_clicked=exclude_clicked)
     except (ValueError, FileNotFoundError) as err:
         raise _fail(str(err)) from err
+    federation = meta.get("federation", {})
+    if federation.get("local_parameters"):  # the item table is the master's initial one
+        console.print(f"[yellow]note[/]: {federation['note']}", soft_wrap=True, highlight=False)
     if json_out:
         rows = [
             {"session": s, "items": i.tolist(), "scores": [round(float(v), 6) for v in v_row]}

@@ -300,6 +300,10 @@ def test_evaluate_says_when_a_federated_checkpoint_lacks_the_childrens_heads(
     scored = runner.invoke(app, ["evaluate", str(out / "encoder"), *data])
     assert scored.exit_code == 0, scored.output
     assert "embedding.weight (the children's local heads)" in " ".join(scored.output.split())
+    # Recommendations from that table would mislead as much: said too (on stderr, beside JSON).
+    listed = runner.invoke(app, ["recommend", str(out), "1,2", "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert "embedding.weight (the children's local heads)" in " ".join(listed.output.split())
 
 
 def test_evaluate_takes_a_run_directory_and_its_data_settings(tmp_path: Path) -> None:
