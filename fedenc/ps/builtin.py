@@ -166,11 +166,8 @@ class BuiltinPS:
     def exchange(self, forced: bool = False, pull: bool = True) -> None:
         """Push the deltas of the touched rows, then pull fresh values of every held row
         (``pull = False``: the held rows are about to be dropped or reloaded, so skip it)."""
-        slots = self.touched.nonzero().flatten()
+        slots, keys, delta = self._changed()
         if slots.numel():
-            keys = self.key_of_slot[slots.numpy()]
-            with torch.no_grad():
-                delta = self.values.index_select(0, slots) - self.base.index_select(0, slots)
             self.remote.push(keys, delta)
             self.stats.rows_pushed += int(slots.numel())
             counts = self.touch_counts[slots].numpy()
@@ -186,14 +183,19 @@ class BuiltinPS:
         self.stats.forced_exchanges += int(forced)
         self.stats.history.append(self.stats.samples)
 
+    def _changed(self) -> tuple[Tensor, np.ndarray, Tensor]:
+        """The slots of the rows changed here since the last exchange, their keys and deltas."""
+        slots = self.touched.nonzero().flatten()
+        keys = self.key_of_slot[slots.numpy()]
+        with torch.no_grad():
+            delta = self.values.index_select(0, slots) - self.base.index_select(0, slots)
+        return slots, keys, delta
+
     def pending(self) -> tuple[np.ndarray, Tensor]:
         """What the next exchange pushes: the keys (sorted) of the rows changed here since the
         last one, and their deltas."""
-        slots = self.touched.nonzero().flatten()
-        keys = self.key_of_slot[slots.numpy()]
+        _, keys, delta = self._changed()
         order = np.argsort(keys, kind="stable")
-        with torch.no_grad():
-            delta = self.values.index_select(0, slots) - self.base.index_select(0, slots)
         return keys[order], delta[torch.from_numpy(order)]
 
     def flush(self, pull: bool = True) -> None:

@@ -266,14 +266,10 @@ class PSTrainer(Trainer):
             return acc.result()
         s_all, t_all = torch.cat(sessions), torch.cat(targets)
         norm = self.model.config.normalize
-        pending_keys, pending_delta = self.builtin.pending()
+        pending = self.builtin.pending()
 
         def current(keys: np.ndarray) -> Tensor:
-            rows = self.remote.pull(keys)
-            if pending_keys.size:
-                at = np.minimum(np.searchsorted(pending_keys, keys), pending_keys.size - 1)
-                hit = np.flatnonzero(pending_keys[at] == keys)
-                rows[torch.from_numpy(hit)] += pending_delta[torch.from_numpy(at[hit])]
+            rows = self._current_rows(keys, pending)
             return F.normalize(rows, dim=-1) if norm else rows
 
         t_score = (s_all * current(t_all.numpy())).sum(1)
@@ -293,15 +289,25 @@ class PSTrainer(Trainer):
         """The whole item table as the distributed PS holds it with this trainer's pending
         changes, pulled in chunks: what a checkpoint saves in place of sampled mode's
         parameterless :class:`BatchRows`."""
-        keys_p, delta_p = self.builtin.pending()
+        pending = self.builtin.pending()
         n, chunk = self.remote.num_keys, self.ps_config.eval_chunk
         table = torch.empty(n, self.remote.width)
-        for lo in range(0, n, chunk):
-            table[lo : lo + chunk] = self.remote.pull(np.arange(lo, min(lo + chunk, n)))
         with torch.no_grad():
-            table.index_add_(0, torch.from_numpy(keys_p), delta_p)
-        embedding = nn.Embedding(n, self.remote.width, padding_idx=0, _weight=table)
-        return embedding
+            for lo in range(0, n, chunk):
+                keys = np.arange(lo, min(lo + chunk, n), dtype=np.int64)
+                table[lo : lo + chunk] = self._current_rows(keys, pending)
+        return nn.Embedding(n, self.remote.width, padding_idx=0, _weight=table)
+
+    def _current_rows(self, keys: np.ndarray, pending: tuple[np.ndarray, Tensor]) -> Tensor:
+        """The distributed PS's rows of ``keys`` with ``pending`` (:meth:`BuiltinPS.pending`)
+        laid over them: the rows a flush would leave, without pushing."""
+        rows = self.remote.pull(keys)
+        pending_keys, pending_delta = pending
+        if pending_keys.size:
+            at = np.minimum(np.searchsorted(pending_keys, keys), pending_keys.size - 1)
+            hit = np.flatnonzero(pending_keys[at] == keys)
+            rows[torch.from_numpy(hit)] += pending_delta[torch.from_numpy(at[hit])]
+        return rows
 
     def ps_stats(self) -> dict[str, Any]:
         return {"scoring": self.ps_config.scoring, **self.builtin.stats.to_dict()}
