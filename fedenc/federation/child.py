@@ -495,21 +495,24 @@ def _leave_in_context(state: ChildState, context: Context) -> None:
     process and the state can travel (the plain trainer), the state itself."""
     context.state[CONTEXT_META] = ConfigRecord({"job": state.key[2], "version": state.version})
     keep = not persistent_host.get() and state.version > 0 and type(state.trainer) is Trainer
+    _note_used(state)  # (droppable here at version 0 too: the instruction rebuilds it)
     if not keep:  # version 0 is what the instruction rebuilds; fedenc's runtimes keep the process
         _forget_in_context(context, meta=False)
-        _note_used(state)  # droppable here all the same: the instruction rebuilds version 0
         return
     buffer = io.BytesIO()
     # Without the replay copy: under Flower a resumed master is a new run, with new contexts.
     torch.save(_state_payload(state, with_before=False), buffer)
     blob = np.frombuffer(buffer.getbuffer(), dtype=np.uint8)
     context.state[CONTEXT_STATE] = ArrayRecord({"payload": Array(blob)})
-    _note_used(state)
 
 
-def _keep_travelled(key: StateKey) -> None:
-    """``key``'s state travels in its node's context: keep it here as the most recent, and drop
-    the older travelled states beyond :data:`TRAVELLED_STATES_KEPT`."""
+def _note_used(state: ChildState) -> None:
+    """On a host that keeps no process (Flower's), ``state`` is the most recently used of the
+    states this process may drop; the older ones beyond :data:`TRAVELLED_STATES_KEPT` are
+    dropped (their nodes' contexts carry them, or the instruction rebuilds them)."""
+    if persistent_host.get() or type(state.trainer) is not Trainer:
+        return
+    key = state.key
     with _lock:
         _travelled.pop(key, None)
         _travelled[key] = None
@@ -517,9 +520,9 @@ def _keep_travelled(key: StateKey) -> None:
         dropped = [_states.pop(k, None) for k in old]
         for k in old:
             del _travelled[k]
-    for state in dropped:
-        if state is not None:
-            state.close()
+    for old_state in dropped:
+        if old_state is not None:
+            old_state.close()
 
 
 def _forget_in_context(context: Context, meta: bool = True) -> None:
@@ -638,13 +641,6 @@ def _state_for(context: Context, config: Mapping[str, Any]) -> ChildState:
             loser.close()
     _note_used(winner)
     return winner
-
-
-def _note_used(state: ChildState) -> None:
-    """On a host that keeps no process (Flower's), ``state`` is the most recently used of the
-    states this process may drop (:func:`_keep_travelled`)."""
-    if not persistent_host.get() and type(state.trainer) is Trainer:
-        _keep_travelled(state.key)
 
 
 def _summary(data: ChildData, examples: Examples) -> fpb.DataSummary:
