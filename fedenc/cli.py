@@ -623,9 +623,7 @@ def evaluate_cmd(
     examples = Examples.from_sessions(splits.test if split == "test" else splits.valid)
     if len(examples) == 0:
         raise _fail(f"the {split} split has no (prefix, next item) pairs")
-    federation = meta.get("federation", {})
-    if federation.get("local_parameters"):  # the children's heads are not in this checkpoint
-        console.print(f"[yellow]note[/]: {federation['note']}", soft_wrap=True, highlight=False)
+    _note_local_heads(meta)
     trainer = Trainer(model, config)
     try:
         with TrainingProgress(console=console, lines=not sys.stderr.isatty()) as progress:
@@ -640,6 +638,14 @@ def evaluate_cmd(
     )
     if json_out is not None:
         json_out.write_text(json.dumps({"checkpoint": str(checkpoint), split: metrics}, indent=2))
+
+
+def _note_local_heads(meta: dict[str, Any]) -> None:
+    """Say when a federation's checkpoint lacks the children's heads (its item table is then the
+    master's initial one): its scores and recommendations come from that table."""
+    federation = meta.get("federation", {})
+    if federation.get("local_parameters"):
+        console.print(f"[yellow]note[/]: {federation['note']}", soft_wrap=True, highlight=False)
 
 
 @app.command("recommend")
@@ -681,9 +687,7 @@ def recommend_cmd(
         items, scores = model.recommend(parsed, k=top, exclude_clicked=exclude_clicked)
     except (ValueError, FileNotFoundError) as err:
         raise _fail(str(err)) from err
-    federation = meta.get("federation", {})
-    if federation.get("local_parameters"):  # the item table is the master's initial one
-        console.print(f"[yellow]note[/]: {federation['note']}", soft_wrap=True, highlight=False)
+    _note_local_heads(meta)
     if json_out:
         rows = [
             {"session": s, "items": i.tolist(), "scores": [round(float(v), 6) for v in v_row]}
@@ -1389,8 +1393,18 @@ def master_cmd(
 
     started = time.time()  # a checkpoint older than this is an earlier job's
 
-    def resumable_job() -> bool:
-        return not stop_children and _resumable(state_dir or out_dir / "state", started)
+    def close_children(detail: str, signal_name: str = "") -> None:
+        """Close the children (RESTART when this run checkpointed a round to resume from, and
+        not --stop-children), say so after a signal, and print the resume hint."""
+        checkpoint = state_dir or out_dir / "state"
+        resumable = not stop_children and _resumable(checkpoint, started)
+        waiting = _close_children(server, detail, resumable)
+        if signal_name:
+            console.print(
+                f"{signal_name}: closing every child's stream"
+                + (" (RESTART: they wait for the resume)" if waiting else "")
+            )
+        _print_resume_hint(checkpoint, started, waiting)
 
     try:
         run_config = scenario.run_config(out_dir)
@@ -1414,12 +1428,7 @@ def master_cmd(
         outcome = outcome_of(scenario, out_dir, run.server_context, runtime)
     except _Interrupted as sig:
         name = signal.Signals(sig.signum).name
-        waiting = _close_children(server, f"the master was stopped ({name})", resumable_job())
-        console.print(
-            f"{name}: closing every child's stream"
-            + (" (RESTART: they wait for the resume)" if waiting else "")
-        )
-        _print_resume_hint(state_dir or out_dir / "state", started, waiting)
+        close_children(f"the master was stopped ({name})", signal_name=name)
         raise typer.Exit(0) from None
     except (
         ValueError,
@@ -1430,21 +1439,16 @@ def master_cmd(
     ) as err:
         # A job that failed after a checkpoint can be resumed (run_master kept the children's
         # state for it): the children wait for it, as after a signal.
-        waiting = _close_children(server, f"the job failed: {err}", resumable_job())
-        _print_resume_hint(state_dir or out_dir / "state", started, waiting)
+        close_children(f"the job failed: {err}")
         raise _fail(str(err)) from err
     except OSError as err:  # a full disk, a read-only or replaced --out: said, and no hang
-        waiting = _close_children(server, f"the master cannot write: {err}", resumable_job())
-        _print_resume_hint(state_dir or out_dir / "state", started, waiting)
+        close_children(f"the master cannot write: {err}")
         where = f" {err.filename}" if err.filename else ""
         raise _fail(f"cannot write{where}: {err.strerror or err}") from err
     except BaseException as err:
         # Anything else (a bug, torch failing to write): the children are closed all the same,
         # or the gRPC threads keep this process, and its children, waiting for ever.
-        waiting = _close_children(
-            server, f"the job failed: {type(err).__name__}: {err}", resumable_job()
-        )
-        _print_resume_hint(state_dir or out_dir / "state", started, waiting)
+        close_children(f"the job failed: {type(err).__name__}: {err}")
         raise
     finally:
         for s, handler in previous.items():

@@ -124,10 +124,11 @@ def _wall(monotonic_time: float) -> float:
     return time.time() - (time.monotonic() - monotonic_time)
 
 
-def _restored_job(folder: Path) -> JobRecord:
+def _restored_job(folder: Path) -> tuple[JobRecord, bool]:
     """A :class:`JobRecord` from a job's ``job.json``: an ended job as it ended (with
     ``results.json``: its rounds, and the tensors its encoder shares), an unfinished one queued
-    again (:func:`_requeue`)."""
+    again (:func:`_requeue`); and whether its state differs from the record's (a record to
+    write again)."""
     from google.protobuf import json_format
 
     proto = json_format.Parse((folder / JOB_FILE).read_text(), cpb.Job())
@@ -146,7 +147,7 @@ def _restored_job(folder: Path) -> JobRecord:
     )
     if proto.state not in TERMINAL:
         _requeue(job, folder, running=proto.state == cpb.JOB_STATE_RUNNING)
-        return job
+        return job, job.done
     results_path = folder / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     encoder = folder / "encoder"
@@ -160,7 +161,7 @@ def _restored_job(folder: Path) -> JobRecord:
     job.final_metrics = dict(proto.final_metrics)
     job.checkpoint = encoder if proto.encoder_available and encoder.is_dir() else None
     job.target_names = list(results.get("shared_parameters", []))
-    return job
+    return job, False
 
 
 class OutRootInUse(ValueError):
@@ -186,13 +187,6 @@ def _claim(out_root: Path) -> IO[str] | None:
             "first, or give this one another --out"
         ) from None
     return handle
-
-
-def _recorded_state(folder: Path) -> int:
-    """The state ``folder``'s ``job.json`` records."""
-    from google.protobuf import json_format
-
-    return int(json_format.Parse((folder / JOB_FILE).read_text(), cpb.Job()).state)
 
 
 def _requeue(job: JobRecord, folder: Path, running: bool) -> None:
@@ -732,12 +726,12 @@ class ControlService(cgrpc.ControlServicer):
                     )
                 continue
             try:
-                job = _restored_job(folder)
+                job, ended_here = _restored_job(folder)
             except Exception as err:  # a damaged record must not keep the master from starting
                 log.warning("%s: not restored (%s)", folder / JOB_FILE, err)
                 continue
             restored.append(job)
-            if job.done and job.state != _recorded_state(folder):
+            if ended_here:
                 changed.add(job.job_id)
         for job in sorted(restored, key=lambda j: j.created):
             self._jobs[job.job_id] = job
