@@ -1277,6 +1277,15 @@ def master_cmd(
             "request, watch and download encoders, and operators cannot join as children.",
         ),
     ] = "operator",
+    max_crashes: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="--serve: a job whose master died this many times while running it (killed "
+            "or crashed, not stopped by a signal) is failed instead of taken up again by the "
+            "next master on the same --out.",
+        ),
+    ] = 2,
 ) -> None:
     """Serve a federation: children dial in (`fedenc child`), the job runs, the master exits.
 
@@ -1378,7 +1387,9 @@ def master_cmd(
     previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     if serve:
         try:
-            _serve_control(server, scenario, out, children, wait, operators, stop_children)
+            _serve_control(
+                server, scenario, out, children, wait, operators, stop_children, max_crashes
+            )
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -1505,6 +1516,7 @@ def _serve_control(
     wait: float,
     operators: str = "operator",
     stop_children: bool = False,
+    max_crashes: int = 2,
 ) -> None:
     """``fedenc master --serve``: the Control API next to Federation until a signal."""
 
@@ -1514,7 +1526,9 @@ def _serve_control(
     defaults = serve_defaults(scenario.run_config(), children, wait)
     names = [n.strip() for n in operators.split(",") if n.strip()]
     try:
-        service = ControlService(server, defaults, out_root, operators=names).attach()
+        service = ControlService(
+            server, defaults, out_root, operators=names, max_crashes=max_crashes
+        ).attach()
     except ValueError as err:  # another master serves out_root
         raise _fail(str(err)) from err
     server.start()

@@ -18,7 +18,9 @@ on the same gRPC server (port, TLS) as ``fedenc.v1.Federation``.
   ``out_root`` queues those jobs again, first the one that was running, which resumes from its
   checkpoint after its last completed round (its run id too, so children that kept their state
   go on bit for bit) or starts again without one. A master killed outright does the same from
-  the records it left.
+  the records it left, and counts the job's ``crashes`` (its record still says it runs): past
+  ``max_crashes`` the job is failed instead, so that a job that takes its master down (memory,
+  a native crash) does not do so again after every restart.
   Before the first round (waiting for children, confirmations) the job's grid raises it at the
   next ``get_node_ids``, so the job does not wait out its timeout.
 * **Children.** The :class:`~fedenc.runtime.grpc.master.FederationServer` tells the service who
@@ -102,6 +104,9 @@ MAX_REQUESTER: Final = 256
 #: Seconds a round may still run after a cancel before the wait for its replies is cut.
 CANCEL_GRACE_S: Final = 10.0
 
+#: Times a job's master may die while running it before the next master fails the job.
+DEFAULT_MAX_CRASHES: Final = 2
+
 
 class NotAllowed(Exception):
     """A request this caller may not make (the RPC answers PERMISSION_DENIED)."""
@@ -124,11 +129,14 @@ def _wall(monotonic_time: float) -> float:
     return time.time() - (time.monotonic() - monotonic_time)
 
 
-def _restored_job(folder: Path) -> tuple[JobRecord, bool]:
+def _restored_job(folder: Path, max_crashes: int) -> tuple[JobRecord, bool]:
     """A :class:`JobRecord` from a job's ``job.json``: an ended job as it ended (with
     ``results.json``: its rounds, and the tensors its encoder shares), an unfinished one queued
-    again (:func:`_requeue`); and whether its state differs from the record's (a record to
-    write again)."""
+    again (:func:`_requeue`); and whether it differs from the record (a record to write again).
+
+    A record that still says RUNNING was left by a master that died (one stopped by a signal
+    records the job it interrupted as QUEUED): one more crash, and past ``max_crashes`` the
+    job is failed."""
     from google.protobuf import json_format
 
     proto = json_format.Parse((folder / JOB_FILE).read_text(), cpb.Job())
@@ -144,10 +152,23 @@ def _restored_job(folder: Path) -> tuple[JobRecord, bool]:
         created=proto.created_unix_ms / 1000,
         cancel_requested=proto.cancel_requested,
         started=proto.started_unix_ms / 1000,
+        crashes=proto.crashes,
     )
     if proto.state not in TERMINAL:
-        _requeue(job, folder, running=proto.state == cpb.JOB_STATE_RUNNING)
-        return job, job.done
+        died = proto.state == cpb.JOB_STATE_RUNNING
+        job.crashes += died
+        if died and job.crashes > max_crashes and not job.cancel_requested:
+            job.state = cpb.JOB_STATE_FAILED
+            job.error = (
+                f"its master died {job.crashes} times while running it (killed or crashed); "
+                f"not taken up again past --max-crashes {max_crashes}. Submit it again, or "
+                "restart the master with a higher --max-crashes"
+            )
+            job.finished = time.time()
+            return job, True
+        # Interrupted (a signal) or died: it ran, and goes first again.
+        _requeue(job, folder, running=died or proto.started_unix_ms > 0)
+        return job, job.done or died
     results_path = folder / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     encoder = folder / "encoder"
@@ -265,6 +286,7 @@ class JobRecord:
     interrupted: bool = False  # stopped by the master's shutdown: the next master resumes it
     run_id: int | None = None  # a resumed job's (the children key their state by it)
     earlier_rounds: list[dict[str, Any]] = field(default_factory=list)  # ... its checkpoint's
+    crashes: int = 0  # masters that died while running it (see the module's docstring)
 
     @property
     def encoder_type(self) -> str:
@@ -385,7 +407,10 @@ class ControlService(cgrpc.ControlServicer):
         *,
         server_app: ServerApp | None = None,
         operators: Iterable[str] = DEFAULT_OPERATORS,
+        max_crashes: int = DEFAULT_MAX_CRASHES,
     ) -> None:
+        if max_crashes < 0:
+            raise ValueError(f"max_crashes must be >= 0, got {max_crashes}")
         if server_app is None:
             from nodes.master import app as master_app
 
@@ -399,6 +424,7 @@ class ControlService(cgrpc.ControlServicer):
             k: v for k, v in defaults.items() if k not in ("job-id", "out-dir")
         }
         self.out_root = Path(out_root)
+        self.max_crashes = max_crashes
         self._cond = threading.Condition()
         self._jobs: dict[str, JobRecord] = {}
         self._queue: deque[JobRecord] = deque()
@@ -626,7 +652,15 @@ class ControlService(cgrpc.ControlServicer):
             with self._cond:
                 error = self._cancel_text(job)
                 interrupted = job.interrupted
-            if interrupted:  # job.json says it runs: the next master on out_root resumes it
+            if interrupted:  # queued again: the next master on out_root resumes it
+                with self._cond:
+                    # Not RUNNING, which would say the master died (a crash counted); and the
+                    # shutdown's stop is no user's cancel (one would have cleared interrupted).
+                    job.state = cpb.JOB_STATE_QUEUED
+                    if job.interrupted:
+                        job.cancel_requested = False
+                        job.cancel_reason = ""
+                    self._save_job(job)
                 log.info(
                     "job %s interrupted after round %d (%s): the next master on %s resumes it",
                     job.job_id, len(job.rounds), job.cancel_reason, self.out_root,
@@ -714,7 +748,7 @@ class ControlService(cgrpc.ControlServicer):
         if not self.out_root.is_dir():
             return
         restored: list[JobRecord] = []
-        changed: set[str] = set()  # ended on restore: their records are written again
+        changed: set[str] = set()  # ended or counted on restore: their records written again
         for folder in sorted(p for p in self.out_root.iterdir() if p.is_dir()):
             if not (folder / JOB_FILE).is_file():
                 if (folder / "state" / "master.pt").is_file():
@@ -726,7 +760,7 @@ class ControlService(cgrpc.ControlServicer):
                     )
                 continue
             try:
-                job, ended_here = _restored_job(folder)
+                job, ended_here = _restored_job(folder, self.max_crashes)
             except Exception as err:  # a damaged record must not keep the master from starting
                 log.warning("%s: not restored (%s)", folder / JOB_FILE, err)
                 continue
@@ -736,16 +770,26 @@ class ControlService(cgrpc.ControlServicer):
         for job in sorted(restored, key=lambda j: j.created):
             self._jobs[job.job_id] = job
             if job.job_id in changed:
-                self._save_job(job)  # ended here (a cancel, a damaged checkpoint): recorded
+                self._save_job(job)  # ended here (a cancel, a damaged checkpoint), or a crash
         unfinished = [j for j in restored if j.state == cpb.JOB_STATE_QUEUED]
         for job in sorted(unfinished, key=lambda j: (not j.interrupted, j.created)):
             self._queue.append(job)
+            died = job.job_id in changed  # its record said RUNNING: a crash counted
+            how = (
+                "its master died while running it"
+                if died
+                else (
+                    f"it was {'running' if job.interrupted else 'queued'} when the earlier master "
+                    "stopped"
+                )
+            )
+            if died:
+                how += f" ({job.crashes} of at most {self.max_crashes} crashes)"
             if job.run_config.get("resume"):
-                log.info("job %s was running when the earlier master stopped: it resumes "
-                         "after round %d", job.job_id, len(job.rounds))  # fmt: skip
+                log.info("job %s: %s; it resumes after round %d", job.job_id, how,
+                         len(job.rounds))  # fmt: skip
             else:
-                log.info("job %s was %s when the earlier master stopped: queued again",
-                         job.job_id, "running" if job.interrupted else "queued")  # fmt: skip
+                log.info("job %s: %s; queued again", job.job_id, how)
         if restored:
             log.info("%d earlier job(s) restored from %s", len(restored), self.out_root)
 
@@ -865,6 +909,7 @@ class ControlService(cgrpc.ControlServicer):
             encoder_available=job.state == cpb.JOB_STATE_SUCCEEDED and job.checkpoint is not None,
             effective_config=dict_to_struct(job.run_config),
             activity=self._activity(job),
+            crashes=job.crashes,
         )
 
     def _activity(self, job: JobRecord) -> str:

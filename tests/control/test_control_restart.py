@@ -122,7 +122,9 @@ def test_a_job_running_when_its_master_stops_resumes_under_the_next_one(
         assert first.stop(timeout=60, keep=True)  # interrupted with a checkpoint: children wait
         first._server.stop("restart", reason=spb.CLOSE_REASON_RESTART)
         record = json.loads((out / job.job_id / JOB_FILE).read_text())
-        assert record["state"] == "JOB_STATE_RUNNING"
+        # Queued for the next master, which counts no crash: the master did not die.
+        assert record["state"] == "JOB_STATE_QUEUED" and int(record["started_unix_ms"]) > 0
+        assert "crashes" not in record
 
         port = int(address.rsplit(":", 1)[1])
         with caplog.at_level(logging.INFO, logger="fedenc.federation.master"):
@@ -131,6 +133,7 @@ def test_a_job_running_when_its_master_stops_resumes_under_the_next_one(
         assert done.state == cpb.JOB_STATE_SUCCEEDED, done.error
         assert re.search(rf"job {job.job_id}: resumed after round [12]\b", caplog.text)
         assert [r.round for r in done.rounds] == [1, 2, 3]
+        assert done.crashes == 0
         with ControlClient(again._server.address, INSECURE) as client:
             resumed = client.download(job.job_id)
             reference = client.submit(cpb.JobSpec(rounds=3), requester="ops")
@@ -195,3 +198,50 @@ def test_unfinished_records_are_queued_again_ended_or_refused_as_they_say(tmp_pa
         assert saved["state"] == "JOB_STATE_FAILED"
     finally:
         again.stop(timeout=1)
+
+
+def test_a_job_whose_master_keeps_dying_is_failed_past_max_crashes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A record still RUNNING was left by a master that died: each new master counts it, and
+    the one that finds more than ``max_crashes`` fails the job instead of running it again."""
+    out = tmp_path / "jobs"
+
+    def service() -> ControlService:
+        return ControlService(
+            FederationServer("127.0.0.1:0", ServerSecurity(insecure=True)), TINY, out,
+            max_crashes=1,
+        )  # fmt: skip
+
+    first = service()  # not attached: the job stays queued
+    job = first.submit(cpb.JobSpec(rounds=2), requester="ops")
+    first.stop(timeout=1, keep=True)
+    for crash in (1, 2):
+        _record(out, job.job_id, state="JOB_STATE_RUNNING", started_unix_ms="1000")  # it died
+        with caplog.at_level(logging.INFO, logger="fedenc.control.service"):
+            again = service()
+        again.stop(timeout=1, keep=True)
+        restored = again.job(job.job_id)
+        assert restored is not None and restored.crashes == crash
+        saved = json.loads((out / job.job_id / JOB_FILE).read_text())
+        assert saved["crashes"] == crash  # recorded, so the next master counts on from it
+        if crash == 1:
+            assert restored.state == cpb.JOB_STATE_QUEUED
+            assert f"job {job.job_id}: its master died while running it (1 of at most 1" in (
+                caplog.text
+            )
+    assert restored.state == cpb.JOB_STATE_FAILED
+    assert "its master died 2 times while running it" in restored.error
+    assert "--max-crashes 1" in restored.error
+    assert saved["state"] == "JOB_STATE_FAILED"
+    # A record the signal left (QUEUED, started) counts nothing and goes first.
+    other = service()
+    try:
+        assert other.job(job.job_id).state == cpb.JOB_STATE_FAILED
+    finally:
+        other.stop(timeout=1)
+    with pytest.raises(ValueError, match="max_crashes must be >= 0"):
+        ControlService(
+            FederationServer("127.0.0.1:0", ServerSecurity(insecure=True)), TINY,
+            tmp_path / "other", max_crashes=-1,
+        )  # fmt: skip

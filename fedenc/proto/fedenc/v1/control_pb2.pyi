@@ -348,6 +348,7 @@ class Job(_message.Message):
     ENCODER_AVAILABLE_FIELD_NUMBER: _builtins.int
     EFFECTIVE_CONFIG_FIELD_NUMBER: _builtins.int
     ACTIVITY_FIELD_NUMBER: _builtins.int
+    CRASHES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Identifier, unique on the master (the federation's job id, echoed by the children)."""
     state: Global___JobState.ValueType
@@ -380,6 +381,12 @@ class Job(_message.Message):
     """What a running job is doing now, in words: "waiting for children: 1 of 2 connected",
     "waiting for confirmations: 1 confirmed, 1 not answered yet", "round 3: 2 replies
     outstanding". Empty when the job is not running.
+    """
+    crashes: _builtins.int
+    """Times a master died while running this job (killed or crashed, rather than stopped by a
+    signal it handled) and a later master on the same folder took the job up again. Past the
+    master's limit (`fedenc master --serve --max-crashes`) the job is failed instead: a job
+    that takes its master down would otherwise do so after every restart.
     """
     @_builtins.property
     def spec(self) -> Global___JobSpec:
@@ -416,10 +423,11 @@ class Job(_message.Message):
         encoder_available: _builtins.bool = ...,
         effective_config: _struct_pb2.Struct | None = ...,
         activity: _builtins.str = ...,
+        crashes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["effective_config", b"effective_config", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "cancel_requested", b"cancel_requested", "created_unix_ms", b"created_unix_ms", "effective_config", b"effective_config", "encoder_available", b"encoder_available", "encoder_type", b"encoder_type", "error", b"error", "final_metrics", b"final_metrics", "finished_unix_ms", b"finished_unix_ms", "job_id", b"job_id", "queue_position", b"queue_position", "requester", b"requester", "round_budget", b"round_budget", "rounds_done", b"rounds_done", "spec", b"spec", "started_unix_ms", b"started_unix_ms", "state", b"state", "stop_reason", b"stop_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "cancel_requested", b"cancel_requested", "crashes", b"crashes", "created_unix_ms", b"created_unix_ms", "effective_config", b"effective_config", "encoder_available", b"encoder_available", "encoder_type", b"encoder_type", "error", b"error", "final_metrics", b"final_metrics", "finished_unix_ms", b"finished_unix_ms", "job_id", b"job_id", "queue_position", b"queue_position", "requester", b"requester", "round_budget", b"round_budget", "rounds_done", b"rounds_done", "spec", b"spec", "started_unix_ms", b"started_unix_ms", "state", b"state", "stop_reason", b"stop_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
