@@ -73,6 +73,7 @@ class ShardedClient:
         self.timeout = timeout
         self._down: set[int] = set()  # shards in an outage (logged once each)
         self._push_versions = [0] * len(self.addresses)  # each shard's version after our push
+        self._acked = [0] * len(self.addresses)  # each shard's last sequence it acknowledged
         opts = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -241,6 +242,8 @@ class ShardedClient:
                 with lock:
                     applied[0] += reply.rows_applied
                     self._check_version(shard, reply.version, pushed=True)
+                    if reply.HasField("previous_sequence"):
+                        self._check_sequence(shard, reply.previous_sequence, seq)
 
         self._per_shard(keys, work)
         self.bytes_pushed += rows.numel() * 4
@@ -264,6 +267,21 @@ class ShardedClient:
             if pushed:
                 self._push_versions[shard] = version
 
+    def _check_sequence(self, shard: int, previous: int, sequence: int) -> None:
+        """The shard's record of this client's pushes must reach the last one it acknowledged:
+        unlike the version, other clients' pushes cannot make up for a lost one here."""
+        with self._seq_lock:
+            acked = self._acked[shard]
+            if previous < acked:
+                raise PSError(
+                    f"PS shard {shard} at {self.addresses[shard]} had applied this client's "
+                    f"pushes only up to #{previous}, but it acknowledged #{acked}: it restarted "
+                    "and lost acknowledged pushes of this client (started --fresh, without "
+                    "--snapshot, or from an older snapshot); restart it from its latest "
+                    "snapshot (--snapshot-every 1 loses none)"
+                )
+            self._acked[shard] = max(acked, sequence)
+
     def stats(self) -> list[dict[str, Any]]:
         out = []
         for i, stub in enumerate(self.stubs):
@@ -286,6 +304,7 @@ class ShardedClient:
             for i, s in enumerate(self.stubs)
         ]
         self._push_versions = list(versions)  # asked for: the versions go back on purpose
+        self._acked = [0] * len(self.addresses)  # ... and so do the sequences applied
         return versions
 
     def close(self) -> None:

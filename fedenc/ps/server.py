@@ -75,7 +75,10 @@ class ShardServicer:
                 with self._snapshot_lock:  # one writer at a time
                     self.table.snapshot()
         return pspb.PushResponse(
-            rows_applied=result.rows_applied, duplicate=result.duplicate, version=result.version
+            rows_applied=result.rows_applied,
+            duplicate=result.duplicate,
+            version=result.version,
+            previous_sequence=result.previous_sequence,
         )
 
     def Stats(self, request: pspb.StatsRequest, context: Any) -> pspb.StatsResponse:

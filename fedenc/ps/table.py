@@ -83,6 +83,7 @@ class PushResult:
     rows_applied: int
     duplicate: bool
     version: int
+    previous_sequence: int = 0  # the client's last sequence applied before this push
 
 
 def as_keys(
@@ -197,9 +198,10 @@ class ShardTable:
     ) -> PushResult:
         """Apply deltas (through the row optimizer) or overwrite rows; all or nothing."""
         with self.lock:
+            previous = self.applied.get(client_id, 0) if client_id else 0
             try:
-                if sequence and client_id and sequence <= self.applied.get(client_id, 0):
-                    return PushResult(0, True, self.version)
+                if sequence and client_id and sequence <= previous:
+                    return PushResult(0, True, self.version, previous)
                 check_push(keys, rows, self.spec.num_keys, self.spec.width)
                 index = self.index_of(keys)
             except PSError:
@@ -214,7 +216,7 @@ class ShardTable:
                 self.applied[client_id] = sequence
             self.counters["pushes"] += 1
             self.counters["rows_pushed"] += keys.size
-            return PushResult(keys.size, False, self.version)
+            return PushResult(keys.size, False, self.version, previous)
 
     def stats(self) -> dict[str, Any]:
         with self.lock:

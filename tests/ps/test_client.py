@@ -259,3 +259,37 @@ def test_one_lost_push_is_detected_by_the_next_push_and_by_a_pull() -> None:
     finally:
         client.close()
         server.stop(0).wait()
+
+
+def test_a_lost_push_is_detected_even_when_other_clients_pushed_past_it(tmp_path: Path) -> None:
+    # Client a's push is lost in a restart from an older snapshot; client b then pushes the
+    # shard's version back past a's last one, which the version check cannot tell from no loss.
+    # The shard's record of a's own sequence can: a's next push is refused, naming the loss.
+    spec = TableSpec(10, 2)
+    snap = tmp_path / "shard.pt"
+    table = ShardTable(spec, 0, snapshot_path=snap)
+    server, port = serve(table, "127.0.0.1:0")
+    address = [f"127.0.0.1:{port}"]
+    a = ShardedClient(address, retry_seconds=5.0, client_id="a")
+    b = ShardedClient(address, retry_seconds=5.0, client_id="b")
+    keys = np.arange(3)
+    try:
+        a.push(keys, torch.ones(3, 2))
+        table.snapshot()
+        a.push(keys, torch.ones(3, 2))  # acknowledged, then lost
+        server.stop(0).wait()
+        restarted = ShardTable(spec, 0, snapshot_path=snap)
+        restarted.restore()
+        server, _ = serve(restarted, f"127.0.0.1:{port}")
+        for _ in range(3):
+            b.push(keys, torch.ones(3, 2))  # version 1 -> 4, past a's 2
+        assert a.pull(keys).shape == (3, 2)  # versions alone: nothing to see
+        with pytest.raises(
+            PSError, match=r"applied this client's pushes only up to #1, but it acknowledged #2"
+        ):
+            a.push(keys, torch.ones(3, 2))
+        b.push(keys, torch.ones(3, 2))  # b lost nothing
+    finally:
+        a.close()
+        b.close()
+        server.stop(0).wait()

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from fedenc.proto.fedenc.v1 import tensor_pb2 as fedenc_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fedenc/v1/parameter_server.proto\x12\tfedenc.v1\x1a\x16\x66\x65\x64\x65nc/v1/tensor.proto\".\n\x0bPullRequest\x12\x1f\n\x04keys\x18\x01 \x01(\x0b\x32\x11.fedenc.v1.Tensor\"@\n\x0cPullResponse\x12\x1f\n\x04rows\x18\x01 \x01(\x0b\x32\x11.fedenc.v1.Tensor\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\x97\x01\n\x0bPushRequest\x12\x1f\n\x04keys\x18\x01 \x01(\x0b\x32\x11.fedenc.v1.Tensor\x12\x1f\n\x04rows\x18\x02 \x01(\x0b\x32\x11.fedenc.v1.Tensor\x12!\n\x04mode\x18\x03 \x01(\x0e\x32\x13.fedenc.v1.PushMode\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\x10\n\x08sequence\x18\x05 \x01(\x04\"H\n\x0cPushResponse\x12\x14\n\x0crows_applied\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x0f\n\x07version\x18\x03 \x01(\x04\"\x0e\n\x0cStatsRequest\"\x95\x02\n\rStatsResponse\x12\x13\n\x0bshard_index\x18\x01 \x01(\r\x12\x12\n\nnum_shards\x18\x02 \x01(\r\x12\x10\n\x08num_keys\x18\x03 \x01(\x04\x12\x0c\n\x04rows\x18\x04 \x01(\x04\x12\r\n\x05width\x18\x05 \x01(\r\x12*\n\toptimizer\x18\x06 \x01(\x0e\x32\x17.fedenc.v1.RowOptimizer\x12\x0f\n\x07version\x18\x07 \x01(\x04\x12\r\n\x05pulls\x18\x08 \x01(\x04\x12\x13\n\x0brows_pulled\x18\t \x01(\x04\x12\x0e\n\x06pushes\x18\n \x01(\x04\x12\x13\n\x0brows_pushed\x18\x0b \x01(\x04\x12\x0f\n\x07refused\x18\x0c \x01(\x04\x12\x15\n\rlast_snapshot\x18\r \x01(\t\"\x1f\n\x0fSnapshotRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"1\n\x10SnapshotResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\x1e\n\x0eRestoreRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"0\n\x0fRestoreResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04*S\n\x08PushMode\x12\x19\n\x15PUSH_MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0fPUSH_MODE_DELTA\x10\x01\x12\x17\n\x13PUSH_MODE_OVERWRITE\x10\x02*w\n\x0cRowOptimizer\x12\x1d\n\x19ROW_OPTIMIZER_UNSPECIFIED\x10\x00\x12\x15\n\x11ROW_OPTIMIZER_SGD\x10\x01\x12\x19\n\x15ROW_OPTIMIZER_ADAGRAD\x10\x02\x12\x16\n\x12ROW_OPTIMIZER_ADAM\x10\x03\x32\xc6\x02\n\x0fParameterServer\x12\x37\n\x04Pull\x12\x16.fedenc.v1.PullRequest\x1a\x17.fedenc.v1.PullResponse\x12\x37\n\x04Push\x12\x16.fedenc.v1.PushRequest\x1a\x17.fedenc.v1.PushResponse\x12:\n\x05Stats\x12\x17.fedenc.v1.StatsRequest\x1a\x18.fedenc.v1.StatsResponse\x12\x43\n\x08Snapshot\x12\x1a.fedenc.v1.SnapshotRequest\x1a\x1b.fedenc.v1.SnapshotResponse\x12@\n\x07Restore\x12\x19.fedenc.v1.RestoreRequest\x1a\x1a.fedenc.v1.RestoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fedenc/v1/parameter_server.proto\x12\tfedenc.v1\x1a\x16\x66\x65\x64\x65nc/v1/tensor.proto\".\n\x0bPullRequest\x12\x1f\n\x04keys\x18\x01 \x01(\x0b\x32\x11.fedenc.v1.Tensor\"@\n\x0cPullResponse\x12\x1f\n\x04rows\x18\x01 \x01(\x0b\x32\x11.fedenc.v1.Tensor\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\x97\x01\n\x0bPushRequest\x12\x1f\n\x04keys\x18\x01 \x01(\x0b\x32\x11.fedenc.v1.Tensor\x12\x1f\n\x04rows\x18\x02 \x01(\x0b\x32\x11.fedenc.v1.Tensor\x12!\n\x04mode\x18\x03 \x01(\x0e\x32\x13.fedenc.v1.PushMode\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\x10\n\x08sequence\x18\x05 \x01(\x04\"~\n\x0cPushResponse\x12\x14\n\x0crows_applied\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x1e\n\x11previous_sequence\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x14\n\x12_previous_sequence\"\x0e\n\x0cStatsRequest\"\x95\x02\n\rStatsResponse\x12\x13\n\x0bshard_index\x18\x01 \x01(\r\x12\x12\n\nnum_shards\x18\x02 \x01(\r\x12\x10\n\x08num_keys\x18\x03 \x01(\x04\x12\x0c\n\x04rows\x18\x04 \x01(\x04\x12\r\n\x05width\x18\x05 \x01(\r\x12*\n\toptimizer\x18\x06 \x01(\x0e\x32\x17.fedenc.v1.RowOptimizer\x12\x0f\n\x07version\x18\x07 \x01(\x04\x12\r\n\x05pulls\x18\x08 \x01(\x04\x12\x13\n\x0brows_pulled\x18\t \x01(\x04\x12\x0e\n\x06pushes\x18\n \x01(\x04\x12\x13\n\x0brows_pushed\x18\x0b \x01(\x04\x12\x0f\n\x07refused\x18\x0c \x01(\x04\x12\x15\n\rlast_snapshot\x18\r \x01(\t\"\x1f\n\x0fSnapshotRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"1\n\x10SnapshotResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\x1e\n\x0eRestoreRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"0\n\x0fRestoreResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04*S\n\x08PushMode\x12\x19\n\x15PUSH_MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0fPUSH_MODE_DELTA\x10\x01\x12\x17\n\x13PUSH_MODE_OVERWRITE\x10\x02*w\n\x0cRowOptimizer\x12\x1d\n\x19ROW_OPTIMIZER_UNSPECIFIED\x10\x00\x12\x15\n\x11ROW_OPTIMIZER_SGD\x10\x01\x12\x19\n\x15ROW_OPTIMIZER_ADAGRAD\x10\x02\x12\x16\n\x12ROW_OPTIMIZER_ADAM\x10\x03\x32\xc6\x02\n\x0fParameterServer\x12\x37\n\x04Pull\x12\x16.fedenc.v1.PullRequest\x1a\x17.fedenc.v1.PullResponse\x12\x37\n\x04Push\x12\x16.fedenc.v1.PushRequest\x1a\x17.fedenc.v1.PushResponse\x12:\n\x05Stats\x12\x17.fedenc.v1.StatsRequest\x1a\x18.fedenc.v1.StatsResponse\x12\x43\n\x08Snapshot\x12\x1a.fedenc.v1.SnapshotRequest\x1a\x1b.fedenc.v1.SnapshotResponse\x12@\n\x07Restore\x12\x19.fedenc.v1.RestoreRequest\x1a\x1a.fedenc.v1.RestoreResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedenc.proto.fedenc.v1.parameter_server_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PUSHMODE']._serialized_start=875
-  _globals['_PUSHMODE']._serialized_end=958
-  _globals['_ROWOPTIMIZER']._serialized_start=960
-  _globals['_ROWOPTIMIZER']._serialized_end=1079
+  _globals['_PUSHMODE']._serialized_start=929
+  _globals['_PUSHMODE']._serialized_end=1012
+  _globals['_ROWOPTIMIZER']._serialized_start=1014
+  _globals['_ROWOPTIMIZER']._serialized_end=1133
   _globals['_PULLREQUEST']._serialized_start=71
   _globals['_PULLREQUEST']._serialized_end=117
   _globals['_PULLRESPONSE']._serialized_start=119
@@ -43,19 +43,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUSHREQUEST']._serialized_start=186
   _globals['_PUSHREQUEST']._serialized_end=337
   _globals['_PUSHRESPONSE']._serialized_start=339
-  _globals['_PUSHRESPONSE']._serialized_end=411
-  _globals['_STATSREQUEST']._serialized_start=413
-  _globals['_STATSREQUEST']._serialized_end=427
-  _globals['_STATSRESPONSE']._serialized_start=430
-  _globals['_STATSRESPONSE']._serialized_end=707
-  _globals['_SNAPSHOTREQUEST']._serialized_start=709
-  _globals['_SNAPSHOTREQUEST']._serialized_end=740
-  _globals['_SNAPSHOTRESPONSE']._serialized_start=742
-  _globals['_SNAPSHOTRESPONSE']._serialized_end=791
-  _globals['_RESTOREREQUEST']._serialized_start=793
-  _globals['_RESTOREREQUEST']._serialized_end=823
-  _globals['_RESTORERESPONSE']._serialized_start=825
-  _globals['_RESTORERESPONSE']._serialized_end=873
-  _globals['_PARAMETERSERVER']._serialized_start=1082
-  _globals['_PARAMETERSERVER']._serialized_end=1408
+  _globals['_PUSHRESPONSE']._serialized_end=465
+  _globals['_STATSREQUEST']._serialized_start=467
+  _globals['_STATSREQUEST']._serialized_end=481
+  _globals['_STATSRESPONSE']._serialized_start=484
+  _globals['_STATSRESPONSE']._serialized_end=761
+  _globals['_SNAPSHOTREQUEST']._serialized_start=763
+  _globals['_SNAPSHOTREQUEST']._serialized_end=794
+  _globals['_SNAPSHOTRESPONSE']._serialized_start=796
+  _globals['_SNAPSHOTRESPONSE']._serialized_end=845
+  _globals['_RESTOREREQUEST']._serialized_start=847
+  _globals['_RESTOREREQUEST']._serialized_end=877
+  _globals['_RESTORERESPONSE']._serialized_start=879
+  _globals['_RESTORERESPONSE']._serialized_end=927
+  _globals['_PARAMETERSERVER']._serialized_start=1136
+  _globals['_PARAMETERSERVER']._serialized_end=1462
 # @@protoc_insertion_point(module_scope)

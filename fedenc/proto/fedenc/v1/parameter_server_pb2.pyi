@@ -191,24 +191,35 @@ class PushResponse(_message.Message):
     ROWS_APPLIED_FIELD_NUMBER: _builtins.int
     DUPLICATE_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    PREVIOUS_SEQUENCE_FIELD_NUMBER: _builtins.int
     rows_applied: _builtins.int
     """Rows changed by this request (0 when it was a duplicate)."""
     duplicate: _builtins.bool
     """True when the request was a retry of a push already applied (see PushRequest.sequence)."""
     version: _builtins.int
     """The shard's version after the push."""
+    previous_sequence: _builtins.int
+    """The last `sequence` the shard had applied for this request's client_id before this request
+    (0 for none). Below the sequence of the client's last acknowledged push to this shard, it
+    says the shard lost pushes of this client (restarted from an older snapshot, or without
+    one), whatever other clients pushed since. Set by every fedenc shard; a client ignores a
+    response without it (a shard that does not track it).
+    """
     def __init__(
         self,
         *,
         rows_applied: _builtins.int = ...,
         duplicate: _builtins.bool = ...,
         version: _builtins.int = ...,
+        previous_sequence: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_previous_sequence", b"_previous_sequence", "previous_sequence", b"previous_sequence"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "rows_applied", b"rows_applied", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_previous_sequence", b"_previous_sequence", "duplicate", b"duplicate", "previous_sequence", b"previous_sequence", "rows_applied", b"rows_applied", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__previous_sequence: _TypeAlias = _typing.Literal["previous_sequence"]  # noqa: Y015
+    _WhichOneofArgType__previous_sequence: _TypeAlias = _typing.Literal["_previous_sequence", b"_previous_sequence"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__previous_sequence) -> _WhichOneofReturnType__previous_sequence | None: ...
 
 Global___PushResponse: _TypeAlias = PushResponse  # noqa: Y015
 
