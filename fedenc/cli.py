@@ -254,7 +254,8 @@ def train_cmd(
     stop: Annotated[
         str | None,
         typer.Option(
-            help="--master: extra stop rule, e.g. 'plateau=valid_recall@20:3'.",
+            help="--master: extra stop rule, plateau=METRIC:ROUNDS (valid_recall@20, ...) or "
+            "deadline_s=SECONDS.",
             rich_help_panel="Federated (--master)",
         ),
     ] = None,
@@ -782,7 +783,11 @@ RuleOpt = Annotated[
 ]
 StopOpt = Annotated[
     str | None,
-    typer.Option(help="Extra stop rule, e.g. 'plateau=valid_recall@20:3' or 'deadline_s=600'."),
+    typer.Option(
+        help="Extra stop rule: plateau=METRIC:ROUNDS stops after ROUNDS rounds without a "
+        "better METRIC (valid_recall@20, valid_mrr@20, ...); deadline_s=SECONDS after that "
+        "long."
+    ),
 ]
 RoundsOpt = Annotated[int | None, typer.Option(min=0, help="Round budget (0 = none).")]
 EpochsOpt = Annotated[int | None, typer.Option(min=1, help="Local epochs per round.")]
