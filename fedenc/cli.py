@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -1099,7 +1100,7 @@ def simulate_cmd(
         f"{scenario.encoder}, rule {scenario.rule}, {scenario.rounds} rounds, data {where}"
     )
     title = f"{scenario.name}: {scenario.encoder} / {scenario.rule}"
-    live, on_round, _ = _round_printer(title)
+    live, on_round, rows = _round_printer(title)
     if resume:
         from fedenc.federation.checkpoint import read_master_state, state_path
 
@@ -1152,11 +1153,34 @@ def simulate_cmd(
     except (ValueError, FileNotFoundError, NotEnoughChildrenError, SecurityError) as err:
         raise _fail(str(err)) from err
     except FusionOutputError as err:  # nothing of that round is kept or published
+        _keep_failed_rounds(rows, out_dir, scenario, str(err))
         raise _fail(f"{err}; the rounds before it are checkpointed in {out_dir / 'state'}") from err
     finally:
         if main and previous_term is not None:  # None: a handler not set from Python
             signal.signal(signal.SIGTERM, previous_term)
     _print_outcome(outcome.result, title, out_dir)
+
+
+def _keep_failed_rounds(
+    rows: list[dict[str, Any]], out_dir: Path, scenario: Any, error: str
+) -> None:
+    """A run that failed after some rounds: their metrics in results.json and rounds.csv, as a
+    finished run's (they were on the screen only), with the error."""
+    from fedenc.federation.report import write_results, write_rounds_csv
+
+    if not rows:
+        return
+    try:
+        write_results(
+            {"state": "failed", "error": error, "rounds": rows},
+            out_dir,
+            {"scenario": dataclasses.asdict(scenario)},
+        )
+        write_rounds_csv(rows, out_dir)
+    except OSError as err:
+        console.print(f"[yellow]warning[/]: cannot write the rounds done to {out_dir}: {err}")
+        return
+    console.print(f"the {len(rows)} round(s) done are in {out_dir / 'results.json'} and rounds.csv")
 
 
 class _Interrupted(BaseException):

@@ -26,15 +26,23 @@ def load_failure_note(group: str, name: str) -> str:
 
 
 def load_entry_points(
-    group: str, kind: str, taken: Callable[[str], bool], register: Callable[[str, Any], None]
+    group: str, kind: str, holder: Callable[[str], Any], register: Callable[[str, Any], None]
 ) -> None:
-    """Register every entry point of ``group`` whose name is not ``taken`` (a ``kind`` such as
-    "encoder" names it in the log)."""
+    """Register every entry point of ``group`` whose name ``holder`` finds free (``None``; else
+    it returns what holds the name). A ``kind`` such as "encoder" names it in the log."""
     for ep in entry_points(group=group):
-        if taken(ep.name):
-            log.warning(
-                "%s plugin %r (%s) shadows a registered one; ignored", kind, ep.name, ep.value
-            )
+        held = holder(ep.name)
+        if held is not None:
+            # Already registered by the plugin's own decorator (importing the module of an
+            # earlier entry point ran it): the same object, nothing shadowed.
+            try:
+                same = ep.load() is held
+            except Exception:  # a broken plugin shadowing a name: the warning says enough
+                same = False
+            if not same:
+                log.warning(
+                    "%s plugin %r (%s) shadows a registered one; ignored", kind, ep.name, ep.value
+                )
             continue
         try:
             register(ep.name, ep.load())

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
@@ -28,25 +30,42 @@ log = logging.getLogger(__name__)
 app = ServerApp()
 
 
-def _show_progress() -> None:
+@contextmanager
+def _show_progress() -> Iterator[None]:
     """Under Flower's own runtimes nothing would show fedenc's info lines (who confirmed, each
     round's metrics): Python's last-resort handler prints warnings only. Send them to stderr,
-    which ``flwr run --stream`` and ``flwr log`` relay, unless the host set up logging."""
+    which ``flwr run --stream`` and ``flwr log`` relay, unless the host set up logging; for this
+    run only, so that a program that runs jobs through the Python API keeps its logging as it
+    set it up afterwards."""
     if logging.getLogger().handlers or round_listener.get() is not None:
-        return  # the host set up logging, or shows the rounds itself
+        yield  # the host set up logging, or shows the rounds itself
+        return
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    changed = []
     for name in ("fedenc", "nodes"):
         logger = logging.getLogger(name)
         if not logger.handlers:
+            changed.append((logger, logger.level, logger.propagate))
             logger.addHandler(handler)
             logger.setLevel(logging.INFO)
             logger.propagate = False
+    try:
+        yield
+    finally:
+        for logger, level, propagate in changed:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            logger.propagate = propagate
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    _show_progress()
+    with _show_progress():
+        _main(grid, context)
+
+
+def _main(grid: Grid, context: Context) -> None:
     config = MasterConfig.from_run_config(context.run_config)
     result = run_master(grid, config)
     summary = result.to_dict()

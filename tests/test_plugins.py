@@ -27,14 +27,16 @@ def test_taken_names_are_ignored_and_broken_plugins_skipped(
 ) -> None:
     found = [_EntryPoint("mine", lambda: 1), _EntryPoint("builtin", lambda: 2)]
     found.append(_EntryPoint("broken", _broken))
+    # Registered by its own decorator when an earlier entry point imported its module.
+    found.append(_EntryPoint("decorated", lambda: 3))
     monkeypatch.setattr(plugins, "entry_points", lambda group: found if group == "g" else [])
     registered: dict[str, Any] = {}
+    held = {"builtin": 0, "decorated": 3}
     with caplog.at_level(logging.WARNING, logger="fedenc.plugins"):
-        plugins.load_entry_points(
-            "g", "widget", lambda name: name == "builtin", registered.__setitem__
-        )
+        plugins.load_entry_points("g", "widget", held.get, registered.__setitem__)
     assert registered == {"mine": 1}
     assert "widget plugin 'builtin' (pkg:builtin) shadows a registered one" in caplog.text
+    assert "decorated" not in caplog.text  # the same class under its own name: no warning
     assert "widget plugin 'broken' (pkg:broken) failed to load: no module named" in caplog.text
 
 

@@ -249,6 +249,39 @@ def test_a_fusion_rule_that_returns_nan_stops_the_run_and_publishes_nothing(
     assert "fusion rule 'nan_out' returned a bad target in round 1" in flat
     assert "NaN/Inf" in flat and "Traceback" not in result.output
     assert not (out / "encoder").exists()
+    assert not (out / "results.json").exists()  # no round done: nothing to keep
+
+
+def test_a_run_that_fails_after_some_rounds_keeps_their_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedenc.federation.fusion import registry
+    from fedenc.federation.fusion.weighted_sum import WeightedSum
+    from fedenc.federation.parameters import Parameters
+
+    class NanInRound2(WeightedSum):
+        def _fuse(self) -> Parameters:
+            out = super()._fuse()
+            if self.round == 2:
+                first = next(iter(out))
+                out[first] = out[first] * float("nan")
+            return out
+
+    registry._load()
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register_fusion_rule("nan_in_round_2")(NanInRound2)
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app, ["simulate", *TINY, "--rule", "nan_in_round_2", "--rounds", "3", "--out", str(out)]
+    )
+    assert result.exit_code == 2, result.output
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["state"] == "failed" and "round 2" in saved["error"]
+    assert [r["round"] for r in saved["rounds"]] == [1]
+    assert saved["scenario"]["rule"] == "nan_in_round_2"
+    with (out / "rounds.csv").open() as f:
+        assert [row["round"] for row in csv.DictReader(f)] == ["1"]
+    assert not (out / "encoder").exists()
 
 
 def test_sigterm_says_how_to_resume_and_resume_says_where_it_continues_from(tmp_path: Path) -> None:
@@ -347,3 +380,19 @@ def test_evaluate_does_not_guess_a_runs_relative_data_path(tmp_path: Path) -> No
     refused = runner.invoke(app, ["evaluate", str(out)])
     assert refused.exit_code == 2
     assert "relative to where it ran: give --data" in " ".join(refused.output.split())
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"children": "3"}, "children must be int, got '3'"),
+        ({"hidden": 16.0}, "hidden must be int, got 16.0"),
+        ({"lr": "0.001"}, "lr must be float, got '0.001'"),
+    ],
+)
+def test_a_scenario_built_in_python_names_a_setting_of_the_wrong_type(
+    settings: dict[str, object], message: str
+) -> None:
+    with pytest.raises(TypeError, match=message):
+        Scenario(**settings)  # type: ignore[arg-type]
+    assert Scenario(lr=1).lr == 1  # an int where a float goes is a number

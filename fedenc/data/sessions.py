@@ -51,6 +51,8 @@ class Sessions:
         num_items: int | None = None,
         timestamps: Sequence[float] | None = None,
     ) -> Sessions:
+        """Sessions from lists of item ids (1..N, in click order), with an optional timestamp
+        per session (for time partitions); ``num_items`` defaults to the largest id seen."""
         seqs = [np.asarray(s, dtype=np.int64) for s in sessions]
         lengths = np.array([s.size for s in seqs], dtype=np.int64)
         offsets = np.zeros(lengths.size + 1, dtype=np.int64)

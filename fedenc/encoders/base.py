@@ -9,12 +9,14 @@ leaves a child.
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -45,6 +47,22 @@ class EncoderConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # encoder-specific options
 
     def __post_init__(self) -> None:
+        # Types first: "16" < 1 or a float table size would fail later, in torch, unnamed.
+        for name in ("num_items", "hidden", "steps", "max_position"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+            setattr(self, name, int(value))  # a NumPy integer too
+        for name in ("use_positions", "normalize"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
+            setattr(self, name, bool(value))
+        for name in ("scale", "dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+            setattr(self, name, float(value))
         if self.num_items < 1:
             raise ValueError(f"num_items must be >= 1, got {self.num_items}")
         for name, value, least in (
@@ -132,9 +150,7 @@ class SessionEncoder(nn.Module, ABC):
         n = self.config.num_items
         if not 1 <= k <= n:
             raise ValueError(f"k must lie in 1..{n} (the catalog), got {k}")
-        top = max((i for s in sessions for i in s), default=0)
-        if top > n:
-            raise ValueError(f"item id {top} is outside the encoder's catalog (1..{n})")
+        sessions = _checked_sessions(sessions, n)
         if exclude_clicked and k > n - min(len(set(s)) for s in sessions):
             raise ValueError(f"k = {k} is more than the items a session did not click")
         was_training = self.training
@@ -259,6 +275,13 @@ class SessionEncoder(nn.Module, ABC):
         table = self.embedding.weight
         # The input lookups hand their rows to the loss's dense table gradient (.tied_lookup).
         # Differentiate it with backward(), which the tie's end-of-pass fallback relies on.
+        targets = batch.targets
+        if targets.numel() == 0 or bool(((targets < 1) | (targets > table.shape[0] - 1)).any()):
+            # -1 is batch_from_sessions' "no target"; it would be scored as item N - 1.
+            raise ValueError(
+                "loss needs every session's target, an item id in 1.."
+                f"{table.shape[0] - 1}: got {targets.tolist()[:8]}"
+            )
         with tied(table) as tie:
             session = self.scoring_session(self.encode(batch))
         return full_softmax_cross_entropy(
@@ -289,3 +312,34 @@ def position_ids(positions: Tensor, max_position: int) -> Tensor:
 
 
 __all__ = ["EncoderConfig", "SessionEncoder", "position_ids"]
+
+
+def _checked_sessions(sessions: Any, n: int) -> list[list[int]]:
+    """:meth:`SessionEncoder.recommend`'s sessions as lists of ints, or an error naming what is
+    wrong (one session given bare, ids that are not integers or not in the catalog)."""
+    if isinstance(sessions, Tensor):
+        sessions = sessions.tolist() if sessions.dim() == 2 else sessions
+    if isinstance(sessions, (str, bytes)) or not isinstance(sessions, Sequence):
+        raise TypeError(
+            f"sessions must be a list of sessions (each a list of item ids), got {sessions!r:.80}"
+        )
+    if not sessions:
+        raise ValueError("no sessions given")
+    out: list[list[int]] = []
+    for row, session in enumerate(sessions):
+        if isinstance(session, (str, bytes)) or not isinstance(session, Sequence):
+            raise TypeError(
+                f"session {row} is {session!r:.40}, not a list of item ids (one session goes "
+                "in a list of its own: [[12, 5, 7]])"
+            )
+        if not session:
+            raise ValueError(f"session {row} has no clicks")
+        for item in session:
+            if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
+                raise TypeError(f"session {row}: item ids are integers, got {item!r}")
+            if not 1 <= item <= n:
+                raise ValueError(
+                    f"session {row}: item id {item} is outside the encoder's catalog (1..{n})"
+                )
+        out.append([int(i) for i in session])
+    return out

@@ -54,17 +54,19 @@ def _load_builtin_and_plugins() -> None:
         load_entry_points(
             _ENTRY_POINT_GROUP,
             "encoder",
-            lambda name: name in _REGISTRY,
+            _REGISTRY.get,
             lambda name, cls: register_encoder(name)(cls),
         )
 
 
 def available_encoders() -> list[str]:
+    """The registered encoder type names: built in, plugins and decorated classes."""
     _load_builtin_and_plugins()
     return sorted(_REGISTRY)
 
 
 def encoder_class(name: str) -> type[SessionEncoder]:
+    """The class registered as ``name``; :class:`UnknownEncoderError` lists the known ones."""
     _load_builtin_and_plugins()
     try:
         return _REGISTRY[name]

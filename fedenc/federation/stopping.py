@@ -381,7 +381,7 @@ def _load_plugins() -> None:
     load_entry_points(
         ENTRY_POINT_GROUP,
         "stop-rule",
-        lambda name: name in _KEYS or name in _PLUGINS,
+        lambda name: name if name in _KEYS else _PLUGINS.get(name),
         lambda name, cls: register_stop_rule(name)(cls),
     )
 

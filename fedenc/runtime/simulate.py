@@ -118,6 +118,11 @@ class Scenario:
     ps_addresses: str = ""  # gRPC shards (HOST:PORT,...) instead of in-process ones
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # a Scenario built in Python skips from_mapping's type checks
+            wanted = _SCALARS.get(str(f.type))
+            value = getattr(self, f.name)
+            if wanted is not None and not _is_a(value, wanted):
+                raise TypeError(f"{f.name} must be {wanted.__name__}, got {value!r}")
         if self.children < 1:
             raise ValueError(f"children must be >= 1, got {self.children}")
         if self.rounds < 0:

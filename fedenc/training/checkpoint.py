@@ -16,7 +16,7 @@ import torch
 
 from fedenc import atomic
 from fedenc.encoders.base import SessionEncoder
-from fedenc.encoders.registry import build_encoder
+from fedenc.encoders.registry import UnknownEncoderError, build_encoder
 
 STATE_FILE = "encoder.pt"
 META_FILE = "meta.json"
@@ -26,6 +26,8 @@ FORMAT_VERSION = 1
 def save_checkpoint(
     directory: str | Path, model: SessionEncoder, metadata: dict[str, Any] | None = None
 ) -> Path:
+    """Write ``model`` (its state_dict, on the CPU) and its type, config and shared parameter
+    names, plus ``metadata`` (JSON-ready), to ``directory``; returns it."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -55,6 +57,9 @@ def load_failure(err: BaseException) -> str:
 def load_checkpoint(
     directory: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[SessionEncoder, dict[str, Any]]:
+    """The encoder saved in ``directory`` by :func:`save_checkpoint`, rebuilt and loaded, and
+    the checkpoint's metadata. ``FileNotFoundError`` for a missing file, ``ValueError`` naming the
+    file for anything else that is wrong (damaged, foreign, an encoder type not registered here)."""
     src = Path(directory)
     meta_path, state_path = src / META_FILE, src / STATE_FILE
     for path in (meta_path, state_path):
@@ -75,7 +80,16 @@ def load_checkpoint(
         raise ValueError(f"{meta_path}: no encoder configuration ('encoder_config' with num_items)")
     config = dict(config)
     num_items = int(config.pop("num_items"))
-    model = build_encoder(encoder, num_items, **config)
+    try:
+        model = build_encoder(encoder, num_items, **config)
+    except UnknownEncoderError as err:
+        raise ValueError(
+            f"{meta_path}: encoder type {encoder!r} is not registered in this process ({err}). "
+            "Install the package that provides it (entry point group 'fedenc.encoders'), or "
+            "import the module that registers it before loading"
+        ) from err
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{meta_path}: bad encoder configuration ({err})") from err
     try:
         state = atomic.torch_load(state_path, map_location=map_location, weights_only=True)
         model.load_state_dict(state)

@@ -148,6 +148,8 @@ class Trainer:
     def train_epoch(
         self, examples: Examples, progress: TrainingProgress | None = None
     ) -> dict[str, float]:
+        """One pass over ``examples`` in the seeded order; returns the epoch's mean loss and
+        its speed (``loss``, ``pairs_per_s``, ...)."""
         if len(examples) == 0:
             raise ValueError("no training examples (every session needs at least 2 clicks)")
         self.model.train()

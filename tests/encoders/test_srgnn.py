@@ -291,3 +291,62 @@ def test_recommend_lists_catalog_ids_and_can_leave_out_the_clicked_items() -> No
         model.recommend([[1, 2, 3]], k=28, exclude_clicked=True)
     with pytest.raises(ValueError, match=r"k must lie in 1\.\.30"):
         model.recommend([[1]], k=31)
+
+
+@pytest.mark.parametrize(
+    ("sessions", "error", "message"),
+    [
+        ([1, 2, 3], TypeError, r"session 0 is 1, not a list of item ids .*\[\[12, 5, 7\]\]"),
+        ([], ValueError, "no sessions given"),
+        ([[]], ValueError, "session 0 has no clicks"),
+        ([[1.5, 2]], TypeError, "item ids are integers, got 1.5"),
+        ([["1", "2"]], TypeError, "item ids are integers, got '1'"),
+        ([[1], [0, 2]], ValueError, r"session 1: item id 0 is outside the encoder's catalog"),
+        ([[31]], ValueError, r"item id 31 is outside the encoder's catalog \(1\.\.30\)"),
+        ("12 5", TypeError, "sessions must be a list of sessions"),
+    ],
+)
+def test_recommend_names_what_is_wrong_with_its_sessions(
+    sessions: object, error: type[Exception], message: str
+) -> None:
+    model = build_encoder("srgnn", 30, hidden=8)
+    with pytest.raises(error, match=message):
+        model.recommend(sessions, k=5)  # type: ignore[arg-type]
+
+
+def test_recommend_takes_a_2d_tensor_of_sessions_as_lists() -> None:
+    model = build_encoder("srgnn", 30, hidden=8)
+    ids, _ = model.recommend(torch.tensor([[1, 2, 3]]), k=5)  # type: ignore[arg-type]
+    assert torch.equal(ids, model.recommend([[1, 2, 3]], k=5)[0])
+
+
+def test_the_loss_refuses_a_batch_without_targets() -> None:
+    model = build_encoder("srgnn", 30, hidden=8)
+    # Without targets batch_from_sessions marks them -1, which would score item 29.
+    with pytest.raises(ValueError, match=r"loss needs every session's target, .* 1\.\.30"):
+        model.loss(batch_from_sessions([[1, 2, 3]]))
+    import dataclasses
+
+    batch = dataclasses.replace(batch_from_sessions([[1, 2, 3]]), targets=torch.tensor([4]))
+    assert torch.isfinite(model.loss(batch))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"hidden": "16"}, "hidden must be an int, got '16'"),
+        ({"hidden": 16.0}, "hidden must be an int, got 16.0"),
+        ({"normalize": 1}, "normalize must be a bool, got 1"),
+        ({"scale": "12"}, "scale must be a number, got '12'"),
+    ],
+)
+def test_encoder_options_of_the_wrong_type_are_named(
+    options: dict[str, object], message: str
+) -> None:
+    with pytest.raises(TypeError, match=message):
+        build_encoder("srgnn", 30, **options)
+    with pytest.raises(TypeError, match=r"num_items must be an int, got 50\.5"):
+        build_encoder("srgnn", 50.5)  # type: ignore[arg-type]
+    import numpy as np
+
+    assert build_encoder("srgnn", np.int64(30), hidden=np.int64(8)).config.num_items == 30

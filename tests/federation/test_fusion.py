@@ -397,6 +397,27 @@ def test_round_life_cycle() -> None:
     assert rule.participants == [] and rule.rejected == {} and rule.round == 2
 
 
+def test_a_batch_rule_whose_begin_forgets_super_still_sees_only_this_rounds_updates() -> None:
+    from fedenc.federation.fusion import BatchFusionRule
+
+    class Counting(BatchFusionRule):
+        def _begin(self, current: Parameters) -> None:  # no super()._begin(current)
+            self.seen = 0
+
+        def _fuse(self) -> Parameters:
+            updates = self._sorted_updates()
+            self.seen = len(updates)
+            return dict(updates[0][1])
+
+    rule = Counting()
+    for round in (1, 2):
+        rule.begin(round, ZERO)
+        rule.add("a", T1, 1)
+        rule.add("b", T2, 1)
+        rule.result()
+        assert rule.seen == 2, f"round {round} fused {rule.seen} updates"
+
+
 def test_concurrent_adds() -> None:
     ups = [(f"c{i}", ps(w=[float(i), 1.0], b=[2.0 * i]), i + 1) for i in range(8)]
     rule = build_fusion_rule("weighted_sum", accumulator_dtype="float64")

@@ -97,6 +97,14 @@ def test_missing_meta_names_the_file(saved: Path) -> None:
         ('{"encoder": "srgnn"}', "unsupported checkpoint format"),
         ('{"format": 1, "encoder_config": {"num_items": 5}}', "encoder"),
         ('{"format": 1, "encoder": "srgnn"}', "encoder_config"),
+        (
+            '{"format": 1, "encoder": "gru4rec", "encoder_config": {"num_items": 5}}',
+            "encoder type 'gru4rec' is not registered in this process",
+        ),
+        (
+            '{"format": 1, "encoder": "srgnn", "encoder_config": {"num_items": 5, "hidden": "4"}}',
+            "bad encoder configuration (hidden must be an int",
+        ),
     ],
 )
 def test_bad_meta_gives_a_clear_error_naming_the_file(saved: Path, text: str, problem: str) -> None:

@@ -23,6 +23,9 @@ from torch.nn import functional as F
 
 
 class GatedGraphCell(nn.Module):
+    """One step of gated graph propagation at node width ``hidden`` (the module's docstring has
+    the update rule); padded (B, U, H) and packed (nodes, H) batches."""
+
     def __init__(self, hidden: int) -> None:
         super().__init__()
         self.hidden = hidden

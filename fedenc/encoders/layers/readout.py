@@ -17,6 +17,9 @@ from torch import Tensor, nn
 
 
 class SoftAttentionReadout(nn.Module):
+    """SR-GNN's session vector from click states of width ``in_features``: attention over the
+    clicks keyed on the last one, joined with it, projected to ``out_features``."""
+
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.in_features = in_features

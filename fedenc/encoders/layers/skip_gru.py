@@ -61,6 +61,9 @@ class SkipGRUOutput(NamedTuple):
 
 
 class SkipGRU(nn.Module):
+    """The skip GRU of the module's docstring: two independent start/end regions per unit,
+    run by the literal node-graph executor or the vectorised one (same results)."""
+
     CELL_NODES = ("input_proj", "hidden_proj", "reset_gate", "update_gate", "candidate", "blend")
     OUTPUT_NODES = ("output_proj", "output_act")
 

@@ -99,6 +99,7 @@ class FusionRule(ABC):
             self._samples = {}
             self._rejected = {}
             self._result = None
+            self._clear_round()
             self._begin(current)
 
     def add(
@@ -243,8 +244,13 @@ class FusionRule(ABC):
             raise RuntimeError(f"round {self._round} is closed: call begin() for the next round")
         return self._current
 
+    def _clear_round(self) -> None:  # noqa: B027 (the base classes' own reset)
+        """The base classes' per-round reset, run before ``_begin`` (which a rule overrides
+        without having to call ``super()``)."""
+
     def _begin(self, current: Parameters) -> None:  # noqa: B027 (optional hook)
-        """Reset per-round state for a round starting from ``current``."""
+        """Reset the rule's own per-round state for a round starting from ``current`` (the
+        updates a :class:`BatchFusionRule` keeps are already cleared)."""
 
     @abstractmethod
     def _add(self, child: str, params: Parameters, num_samples: int) -> None:
@@ -282,7 +288,7 @@ class BatchFusionRule(FusionRule):
         super().__init__()
         self._updates: list[tuple[str, Parameters, int]] = []
 
-    def _begin(self, current: Parameters) -> None:
+    def _clear_round(self) -> None:
         self._updates = []
 
     def _add(self, child: str, params: Parameters, num_samples: int) -> None:

@@ -83,7 +83,7 @@ def _load() -> None:
     load_entry_points(
         ENTRY_POINT_GROUP,
         "fusion",
-        lambda name: name in _REGISTRY or name in _ALIASES,
+        lambda name: _REGISTRY.get(_ALIASES.get(name, name)),
         lambda name, cls: register_fusion_rule(name)(cls),
     )
 
