@@ -6,8 +6,9 @@ fails to import is logged and skipped, so that a broken package cannot break fed
 
 from __future__ import annotations
 
+import difflib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -16,6 +17,13 @@ log = logging.getLogger(__name__)
 # (group, name) -> why its entry point failed to load: an "unknown" error for that name says it,
 # instead of leaving the cause in a warning printed long before.
 _FAILED: dict[tuple[str, str], str] = {}
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """``"did you mean 'srgnn'? "`` for the closest of ``known``, else ``""``: the head of an
+    unknown-name error's list."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
 
 
 def load_failure_note(group: str, name: str) -> str:

@@ -10,7 +10,7 @@ from importlib import import_module
 from typing import Any, TypeVar
 
 from fedenc.encoders.base import EncoderConfig, SessionEncoder
-from fedenc.plugins import load_entry_points, load_failure_note
+from fedenc.plugins import did_you_mean, load_entry_points, load_failure_note
 
 E = TypeVar("E", bound=type[SessionEncoder])
 
@@ -72,8 +72,8 @@ def encoder_class(name: str) -> type[SessionEncoder]:
         return _REGISTRY[name]
     except KeyError:
         raise UnknownEncoderError(
-            f"unknown encoder type {name!r}; available: {', '.join(sorted(_REGISTRY))}"
-            + load_failure_note(_ENTRY_POINT_GROUP, name)
+            f"unknown encoder type {name!r}; {did_you_mean(name, _REGISTRY)}available: "
+            f"{', '.join(sorted(_REGISTRY))}" + load_failure_note(_ENTRY_POINT_GROUP, name)
         ) from None
 
 

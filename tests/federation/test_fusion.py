@@ -656,6 +656,12 @@ def test_unknown_rule_lists_the_available_ones() -> None:
         build_fusion_rule("fedsgd")
     assert isinstance(caught.value, KeyError)
     assert "'fedsgd'" in str(caught.value) and "weighted_sum" in str(caught.value)
+    with pytest.raises(UnknownFusionRuleError, match="'medain'; did you mean 'median'?"):
+        build_fusion_rule("medain")
+    from fedenc.encoders import UnknownEncoderError, build_encoder
+
+    with pytest.raises(UnknownEncoderError, match="'srgn'; did you mean 'srgnn'?"):
+        build_encoder("srgn", 5)
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from importlib import import_module
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from fedenc.plugins import load_entry_points, load_failure_note
+from fedenc.plugins import did_you_mean, load_entry_points, load_failure_note
 
 if TYPE_CHECKING:
     from fedenc.federation.fusion.base import FusionRule
@@ -101,7 +101,8 @@ def fusion_rule_class(name: str) -> type[FusionRule]:
         return _REGISTRY[_ALIASES.get(name, name)]
     except KeyError:
         raise UnknownFusionRuleError(
-            f"unknown fusion rule {name!r}; available: {', '.join(sorted(_REGISTRY))}"
+            f"unknown fusion rule {name!r}; {did_you_mean(name, [*_REGISTRY, *_ALIASES])}"
+            f"available: {', '.join(sorted(_REGISTRY))}"
             + load_failure_note(ENTRY_POINT_GROUP, name)
         ) from None
 
