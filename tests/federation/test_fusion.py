@@ -656,11 +656,11 @@ def test_unknown_rule_lists_the_available_ones() -> None:
         build_fusion_rule("fedsgd")
     assert isinstance(caught.value, KeyError)
     assert "'fedsgd'" in str(caught.value) and "weighted_sum" in str(caught.value)
-    with pytest.raises(UnknownFusionRuleError, match="'medain'; did you mean 'median'?"):
+    with pytest.raises(UnknownFusionRuleError, match=r"'medain'; did you mean 'median'\?"):
         build_fusion_rule("medain")
     from fedenc.encoders import UnknownEncoderError, build_encoder
 
-    with pytest.raises(UnknownEncoderError, match="'srgn'; did you mean 'srgnn'?"):
+    with pytest.raises(UnknownEncoderError, match=r"'srgn'; did you mean 'srgnn'\?"):
         build_encoder("srgn", 5)
 
 
