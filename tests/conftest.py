@@ -30,3 +30,12 @@ def seed() -> Iterator[int]:
 @pytest.fixture
 def tmp_out(tmp_path: Path) -> Path:
     return tmp_path / "out"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``-m "not realdata"`` deselects the tests that read ../shared/data (they skip, with the
+    reason, where it is absent)."""
+    for item in items:
+        if {"data_dir", "real_file"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.realdata)
+

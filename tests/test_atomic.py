@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from damage import flip_a_data_byte
 
 from fedenc import atomic
 
@@ -48,28 +49,13 @@ def test_without_a_mode_the_umask_decides(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "results.json").stat().st_mode) == 0o600
 
 
-def _flip_a_data_byte(path: Path) -> None:
-    """Change one byte inside the largest member's data (not the zip's own records)."""
-    import zipfile
-
-    with zipfile.ZipFile(path) as archive:
-        info = max(archive.infolist(), key=lambda i: i.file_size)
-    data = bytearray(path.read_bytes())
-    # The local header's own name and extra lengths (torch pads the extra field to align data).
-    name_len = int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little")
-    extra_len = int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little")
-    at = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
-    data[at] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
 def test_a_changed_byte_in_a_tensor_file_is_refused_not_loaded(tmp_path: Path) -> None:
     import io
 
     path = tmp_path / "t.pt"
     atomic.torch_save({"w": torch.arange(4096, dtype=torch.float32)}, path)
     assert torch.equal(atomic.torch_load(path, weights_only=True)["w"], torch.arange(4096.0))
-    _flip_a_data_byte(path)
+    flip_a_data_byte(path)
     assert not torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(4096.0))
     with pytest.raises(atomic.DamagedFileError, match=r"t\.pt is damaged: .* fails its checksum"):
         atomic.torch_load(path, weights_only=True)
@@ -84,6 +70,6 @@ def test_a_damaged_encoder_checkpoint_is_refused(tmp_path: Path) -> None:
 
     save_checkpoint(tmp_path, build_encoder("srgnn", 500, hidden=16))
     load_checkpoint(tmp_path)
-    _flip_a_data_byte(tmp_path / STATE_FILE)
+    flip_a_data_byte(tmp_path / STATE_FILE)
     with pytest.raises(ValueError, match="is damaged"):
         load_checkpoint(tmp_path)

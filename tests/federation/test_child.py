@@ -276,3 +276,25 @@ def test_an_unreadable_saved_state_restores_nothing(
     for name, tensor in other.model.state_dict().items():  # the same fresh start
         assert torch.equal(state.model.state_dict()[name], tensor), name
     assert state.last_round == 0 and state.trainer.epochs_done == 0
+
+
+def test_the_seed_drives_the_childrens_local_heads_and_dropout_too(tmp_path: Path) -> None:
+    # With share = "encoder" each child draws its own item table, and dropout draws masks every
+    # step: both from the job's seed, or the same seed would not give the same encoder.
+    from fedenc.runtime.simulate import Scenario, run_scenario
+    from fedenc.training.checkpoint import load_checkpoint
+
+    def published(seed: int, out: str) -> dict[str, torch.Tensor]:
+        scenario = Scenario(
+            children=2, hidden=8, rounds=2, synthetic_sessions=400, synthetic_items=60,
+            batch_size=50, share="encoder", encoder_options={"dropout": 0.3}, seed=seed,
+        )  # fmt: skip
+        outcome = run_scenario(scenario, tmp_path / out)
+        model, meta = load_checkpoint(outcome.files["checkpoint"])
+        return {n: model.state_dict()[n] for n in meta["shared_parameters"]}
+
+    first, again, other = published(3, "a"), published(3, "b"), published(4, "c")
+    assert list(first) == list(again) and "embedding.weight" not in first
+    for name in first:
+        assert torch.equal(first[name], again[name]), name
+    assert any(not torch.equal(first[n], other[n]) for n in first)

@@ -82,6 +82,7 @@ class Script:
     mislabel_train: set[int] = field(default_factory=set)  # its train reply says "evaluate"
     fail_query: set[int] = field(default_factory=set)  # lost before it answers the query
     train_metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # added to replies
+    other_job: set[int] = field(default_factory=set)  # confirms another job's id
 
 
 def echo_client(script: Script) -> Client:
@@ -96,6 +97,8 @@ def echo_client(script: Script) -> Client:
                 raise RuntimeError(f"child {pid} is gone")
             record = msg.content.config_records[records.FEDENC_KEY]
             job = records.instruction_from_bytes(record[records.INSTRUCTION]).job_id
+            if pid in script.other_job:
+                job = "an-earlier-job"
             if pid in script.decline:
                 conf = fpb.Confirmation(job_id=job, accepted=False, decline_reason="no data here")
             else:
@@ -254,6 +257,15 @@ def test_no_parameters_before_confirmation_and_none_for_decliners() -> None:
     for r in result.rounds:
         assert r.participants == ["child-0", "child-2", "child-3"]
         assert "child-1" not in r.sampled
+
+
+def test_a_confirmation_for_another_job_leaves_that_child_out_with_the_reason() -> None:
+    result, grid = run_job(echo_client(Script(other_job={2})), 3, tiny_config(rounds=1))
+    left_out = {c.name: c.reason for c in result.children if not c.accepted}
+    assert left_out == {"child-2": "confirmation for job 'an-earlier-job'"}
+    stray = node_of(grid, 2)
+    assert not any(e.has_arrays for e in grid.events if e.direction == "out" and e.node == stray)
+    assert result.rounds[0].participants == ["child-0", "child-1"]
 
 
 def test_fused_target_is_the_sample_weighted_sum_over_responders() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from damage import flip_a_data_byte
 
 from fedenc.federation.checkpoint import (
     SETTINGS_SINCE,
@@ -195,6 +196,14 @@ def test_missing_or_foreign_files_are_refused_with_a_clear_error(tmp_path: Path)
     with pytest.raises(MasterStateError, match="corrupt, truncated or not one") as err:
         read_master_state(tmp_path)
     assert "weights_only=False" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_damaged_master_checkpoint_is_refused_not_resumed_from(tmp_path: Path) -> None:
+    # torch reads a flipped byte as a wrong weight, without an error: the CRCs must catch it.
+    write_master_state(tmp_path, state(3))
+    flip_a_data_byte(state_path(tmp_path))
+    with pytest.raises(MasterStateError, match="is damaged"):
+        read_master_state(tmp_path)
 
 
 def test_resume_needs_a_state_directory() -> None:

@@ -218,7 +218,15 @@ def test_build_nested() -> None:
         {"all_of": [{"max_rounds": 3}, {"relative_change": 0.01}], "max_rounds": 10}
     )
     assert isinstance(rule, AnyOf) and isinstance(rule.rules[0], AllOf)
-    assert rule.update(report(3, 0.001)) is not None
+    assert rule.update(report(2, 0.001)) is None  # all_of: round 3 not reached yet
+    assert rule.update(report(3, 0.5)) is None  # ... still changing
+    assert rule.update(report(3, 0.001)) == (
+        "max_rounds: round 3 of 3 done and relative_change: 0.001 < eps 0.01"
+    )
+    fresh = build_stop_rule(
+        {"all_of": [{"max_rounds": 3}, {"relative_change": 0.01}], "max_rounds": 10}
+    )
+    assert fresh.update(report(10, 0.5)) == "max_rounds: round 10 of 10 done"  # any_of
 
 
 @pytest.mark.parametrize(

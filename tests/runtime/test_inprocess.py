@@ -81,7 +81,7 @@ def test_raising_client_and_unknown_node_give_flower_error_replies() -> None:
 def test_timeout_returns_partial_results_and_drops_late_replies() -> None:
     def slow_for_partition_0(msg: Message, ctx: Context) -> Message:
         if ctx.node_config["partition-id"] == 0:
-            time.sleep(1.0)
+            time.sleep(2.5)  # against a 0.3 s timeout: a margin a loaded machine keeps
         return Message(RecordDict({"metrics": MetricRecord({"ok": 1})}), reply_to=msg)
 
     with grid_with(slow_for_partition_0, k=3, concurrency=3) as grid:
@@ -90,9 +90,9 @@ def test_timeout_returns_partial_results_and_drops_late_replies() -> None:
             msgs = [Message(content, nid, "query") for nid in grid.get_node_ids()]
         t0 = time.monotonic()
         replies = grid.send_and_receive(msgs, timeout=0.3)
-        assert time.monotonic() - t0 < 0.9
+        assert time.monotonic() - t0 < 2.0
         assert len(replies) == 2
-        time.sleep(1.0)
+        time.sleep(2.5)
         assert grid.pull_messages([m.metadata.message_id for m in msgs]) == []
 
 

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from security_helpers import FUTURE, PAST
 
-from fedenc.security.ca import CertificateAuthority
+from fedenc.security.ca import CertificateAuthority, create_ca
 from fedenc.security.errors import IdentityError, IdentityReason, PemError
 from fedenc.security.identity import IdentityVerifier, status_code_for
 from fedenc.security.issue import issue_child_certificate, issue_master_certificate
@@ -110,6 +110,21 @@ def test_crl_not_signed_by_the_ca_is_rejected(
 ) -> None:
     forged = tmp_path / "crl.pem"
     write_crl(forged, build_crl(other_ca))
+    with pytest.raises(PemError, match="not signed by the CA"):
+        IdentityVerifier(ca.cert, crl=forged)
+
+
+def test_a_crl_from_an_impostor_ca_with_the_same_name_is_rejected(
+    tmp_path: Path, ca: CertificateAuthority
+) -> None:
+    # The issuer name matches: only the signature tells the impostor apart (an un-revoke).
+    from cryptography.x509.oid import NameOID
+
+    name = ca.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    impostor = create_ca(str(name))
+    assert impostor.cert.subject == ca.cert.subject
+    forged = tmp_path / "crl.pem"
+    write_crl(forged, build_crl(impostor))
     with pytest.raises(PemError, match="not signed by the CA"):
         IdentityVerifier(ca.cert, crl=forged)
 
