@@ -38,4 +38,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if {"data_dir", "real_file"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.realdata)
-
