@@ -1076,8 +1076,9 @@ def simulate_cmd(
         raise _fail("--certs, --insecure and --port apply to --processes only")
     if resume and (out is None or processes):
         raise _fail(
-            "--resume needs the interrupted simulation's --out and the in-process runtime "
-            "(children as processes: `fedenc master --resume`)"
+            "--resume needs the interrupted simulation's --out, and resumes in this process: "
+            "drop --processes (a --processes run's children kept no state; `fedenc master "
+            "--resume` continues a job whose child processes still run)"
         )
     if certs is not None and insecure:
         raise _fail("give either --certs DIR or --insecure, not both")
@@ -1144,10 +1145,18 @@ def simulate_cmd(
             if live is not None:
                 live.stop()
     except (KeyboardInterrupt, _Interrupted) as stop:
-        console.print(
-            f"interrupted: the rounds done are checkpointed in {out_dir / 'state'}; continue with "
-            f"the same command and --out {out_dir} --resume"
-        )
+        if processes:  # the child processes' state went with them
+            console.print(
+                f"interrupted: the rounds done are checkpointed in {out_dir / 'state'}; the "
+                "child processes stopped with their state, so the run cannot continue bit for "
+                f"bit: the same command without --processes, with --out {out_dir} --resume, "
+                "continues from the master's checkpoint (the children restart their optimizers)"
+            )
+        else:
+            console.print(
+                f"interrupted: the rounds done are checkpointed in {out_dir / 'state'}; continue "
+                f"with the same command and --out {out_dir} --resume"
+            )
         code = 128 + stop.signum if isinstance(stop, _Interrupted) else 130
         raise typer.Exit(code) from None
     except (ValueError, FileNotFoundError, NotEnoughChildrenError, SecurityError) as err:

@@ -223,6 +223,35 @@ def test_an_interrupted_simulation_resumes_after_its_last_completed_round(tmp_pa
     )
 
 
+def test_a_resume_without_the_childrens_saved_state_says_it_will_not_be_exact(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import shutil
+
+    from fedenc.federation import child
+    from fedenc.runtime.simulate import missing_child_states, run_scenario
+
+    out = tmp_path / "run"
+    scenario = Scenario(children=2, rounds=2, synthetic_sessions=400, synthetic_items=60, hidden=8)
+
+    def ctrl_c_after_round_1(result: object) -> None:
+        if getattr(result, "round", 0) == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_scenario(scenario, out, on_round=ctrl_c_after_round_1)
+    assert missing_child_states(out / "state") == (0, 2)  # all saved: an exact resume
+    shutil.rmtree(out / "state" / "children")  # as a --processes run leaves it
+    assert missing_child_states(out / "state") == (2, 2)
+    child.forget()
+    with caplog.at_level(logging.WARNING, logger="fedenc.runtime.simulate"):
+        run_scenario(scenario, out, resume=True)
+    flat = " ".join(caplog.text.split())
+    assert "the saved state of 2 of the 2 children that trained is missing" in flat
+    assert "will differ from an uninterrupted run's" in flat
+
+
 def test_a_fusion_rule_that_returns_nan_stops_the_run_and_publishes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -335,6 +335,37 @@ def default_out_dir(scenario: Scenario, root: Path = Path("runs")) -> Path:
     return root / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def missing_child_states(state_dir: Path) -> tuple[int, int]:
+    """``(missing, trained)``: of the children that trained in the rounds checkpointed in
+    ``state_dir``, how many left no saved state under ``state_dir/children`` (a ``--processes``
+    run keeps none, or the files went). Resumed, those restart their optimizer and random
+    streams: the run goes on validly, not bit for bit. ``(0, 0)`` without a checkpoint."""
+    from fedenc.federation.checkpoint import MasterStateError, read_master_state, state_path
+
+    if not state_path(state_dir).is_file():
+        return 0, 0
+    try:
+        saved = read_master_state(state_dir)
+    except MasterStateError:
+        return 0, 0  # (the resume itself says what is wrong with it)
+    trained = len({name for r in saved.rounds for name in r.get("participants", [])})
+    # The files are named by node, not by the names the rounds list: count them.
+    kept = len(list((state_dir / "children" / saved.job_id).glob("*.pt")))
+    return max(trained - kept, 0), trained
+
+
+def _warn_inexact_resume(state_dir: Path) -> None:
+    missing, trained = missing_child_states(state_dir)
+    if missing:
+        log.warning(
+            "the saved state of %d of the %d children that trained is missing from %s: the "
+            "run resumes from the master's checkpoint, but those children restart their "
+            "optimizer state and random streams, so its encoder will differ from an "
+            "uninterrupted run's",
+            missing, trained, state_dir / "children",
+        )  # fmt: skip
+
+
 CHILD_APP = "nodes.child:app"
 """The ClientApp by reference, for worker processes that import it themselves."""
 
@@ -355,6 +386,8 @@ def run_scenario(
     from nodes.master import app as master_app
 
     scenario.check()
+    if resume and out_dir is not None:
+        _warn_inexact_resume(out_dir / "state")
     token = round_listener.set(on_round)
     try:
         run = run_inprocess(
