@@ -7,6 +7,7 @@ import csv
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -252,27 +253,34 @@ def test_a_resume_without_the_childrens_saved_state_says_it_will_not_be_exact(
     assert "will differ from an uninterrupted run's" in flat
 
 
-def test_a_fusion_rule_that_returns_nan_stops_the_run_and_publishes_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _simulate_with_nan_from_round(
+    nan_round: int, rounds: int, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> Any:
+    """``fedenc simulate`` with a FedAvg whose target turns NaN from round ``nan_round``."""
     from fedenc.federation.fusion import registry
     from fedenc.federation.fusion.weighted_sum import WeightedSum
     from fedenc.federation.parameters import Parameters
 
-    class NanOut(WeightedSum):
+    class NanFrom(WeightedSum):
         def _fuse(self) -> Parameters:
             out = super()._fuse()
-            first = next(iter(out))
-            out[first] = out[first] * float("nan")
+            if (self.round or 0) >= nan_round:
+                first = next(iter(out))
+                out[first] = out[first] * float("nan")
             return out
 
     registry._load()
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    registry.register_fusion_rule("nan_out")(NanOut)
+    registry.register_fusion_rule("nan_out")(NanFrom)
+    args = ["simulate", *TINY, "--rule", "nan_out", "--rounds", str(rounds), "--out", str(out)]
+    return runner.invoke(app, args)
+
+
+def test_a_fusion_rule_that_returns_nan_stops_the_run_and_publishes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "run"
-    result = runner.invoke(
-        app, ["simulate", *TINY, "--rule", "nan_out", "--rounds", "2", "--out", str(out)]
-    )
+    result = _simulate_with_nan_from_round(1, 2, out, monkeypatch)
     assert result.exit_code == 2, result.output
     flat = " ".join(result.output.split())
     assert "fusion rule 'nan_out' returned a bad target in round 1" in flat
@@ -284,30 +292,13 @@ def test_a_fusion_rule_that_returns_nan_stops_the_run_and_publishes_nothing(
 def test_a_run_that_fails_after_some_rounds_keeps_their_metrics(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fedenc.federation.fusion import registry
-    from fedenc.federation.fusion.weighted_sum import WeightedSum
-    from fedenc.federation.parameters import Parameters
-
-    class NanInRound2(WeightedSum):
-        def _fuse(self) -> Parameters:
-            out = super()._fuse()
-            if self.round == 2:
-                first = next(iter(out))
-                out[first] = out[first] * float("nan")
-            return out
-
-    registry._load()
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    registry.register_fusion_rule("nan_in_round_2")(NanInRound2)
     out = tmp_path / "run"
-    result = runner.invoke(
-        app, ["simulate", *TINY, "--rule", "nan_in_round_2", "--rounds", "3", "--out", str(out)]
-    )
+    result = _simulate_with_nan_from_round(2, 3, out, monkeypatch)
     assert result.exit_code == 2, result.output
     saved = json.loads((out / "results.json").read_text())
     assert saved["state"] == "failed" and "round 2" in saved["error"]
     assert [r["round"] for r in saved["rounds"]] == [1]
-    assert saved["scenario"]["rule"] == "nan_in_round_2"
+    assert saved["scenario"]["rule"] == "nan_out"
     with (out / "rounds.csv").open() as f:
         assert [row["round"] for row in csv.DictReader(f)] == ["1"]
     assert not (out / "encoder").exists()
