@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -1160,9 +1161,10 @@ def simulate_cmd(
         code = 128 + stop.signum if isinstance(stop, _Interrupted) else 130
         raise typer.Exit(code) from None
     except (ValueError, FileNotFoundError, NotEnoughChildrenError, SecurityError) as err:
+        _keep_failed_rounds(rows, out_dir, scenario, str(err), resume)
         raise _fail(str(err)) from err
     except FusionOutputError as err:  # nothing of that round is kept or published
-        _keep_failed_rounds(rows, out_dir, scenario, str(err))
+        _keep_failed_rounds(rows, out_dir, scenario, str(err), resume)
         raise _fail(f"{err}; the rounds before it are checkpointed in {out_dir / 'state'}") from err
     finally:
         if main and previous_term is not None:  # None: a handler not set from Python
@@ -1171,12 +1173,21 @@ def simulate_cmd(
 
 
 def _keep_failed_rounds(
-    rows: list[dict[str, Any]], out_dir: Path, scenario: Any, error: str
+    rows: list[dict[str, Any]], out_dir: Path, scenario: Any, error: str, resume: bool = False
 ) -> None:
     """A run that failed after some rounds: their metrics in results.json and rounds.csv, as a
-    finished run's (they were on the screen only), with the error."""
+    finished run's (they were on the screen only), with the error. A resumed run's rounds
+    before the resume come from its checkpoint."""
+    from fedenc.federation.checkpoint import MasterStateError, read_master_state, state_path
     from fedenc.federation.report import write_results, write_rounds_csv
 
+    if resume and state_path(out_dir / "state").is_file():
+        try:
+            earlier = read_master_state(out_dir / "state").rounds
+        except MasterStateError:
+            earlier = []
+        first = rows[0]["round"] if rows else math.inf
+        rows = [r for r in earlier if r["round"] < first] + rows
     if not rows:
         return
     try:
@@ -1319,9 +1330,9 @@ def master_cmd(
         int,
         typer.Option(
             min=0,
-            help="--serve: a job whose master died this many times while running it (killed "
-            "or crashed, not stopped by a signal) is failed instead of taken up again by the "
-            "next master on the same --out.",
+            help="--serve: a job whose master died more than this many times while running it "
+            "(killed or crashed, not stopped by a signal) is failed instead of taken up again by "
+            "the next master on the same --out.",
         ),
     ] = 2,
 ) -> None:

@@ -298,6 +298,14 @@ def test_a_run_that_fails_after_some_rounds_keeps_their_metrics(
     saved = json.loads((out / "results.json").read_text())
     assert saved["state"] == "failed" and "round 2" in saved["error"]
     assert [r["round"] for r in saved["rounds"]] == [1]
+    # Resumed (from round 1's checkpoint) and failing again: round 1 still in the record.
+    (out / "results.json").unlink()
+    again = runner.invoke(
+        app,
+        ["simulate", *TINY, "--rule", "nan_out", "--rounds", "3", "--out", str(out), "--resume"],
+    )
+    assert again.exit_code == 2, again.output
+    assert [r["round"] for r in json.loads((out / "results.json").read_text())["rounds"]] == [1]
     assert saved["scenario"]["rule"] == "nan_out"
     with (out / "rounds.csv").open() as f:
         assert [row["round"] for row in csv.DictReader(f)] == ["1"]

@@ -139,7 +139,10 @@ def _restored_job(folder: Path, max_crashes: int) -> tuple[JobRecord, bool]:
     job is failed."""
     from google.protobuf import json_format
 
-    proto = json_format.Parse((folder / JOB_FILE).read_text(), cpb.Job())
+    # Fields a later version adds are skipped, not a reason to drop the job.
+    proto = json_format.Parse(
+        (folder / JOB_FILE).read_text(), cpb.Job(), ignore_unknown_fields=True
+    )
     if proto.job_id != folder.name:  # a copied or edited record: it would shadow another job
         raise ValueError(f"job_id {proto.job_id!r} is not its folder's name")
     run_config = struct_to_dict(proto.effective_config)
@@ -158,6 +161,7 @@ def _restored_job(folder: Path, max_crashes: int) -> tuple[JobRecord, bool]:
         died = proto.state == cpb.JOB_STATE_RUNNING
         job.crashes += died
         if died and job.crashes > max_crashes and not job.cancel_requested:
+            _requeue(job, folder, running=True)  # its rounds, from its checkpoint, for the record
             job.state = cpb.JOB_STATE_FAILED
             job.error = (
                 f"its master died {job.crashes} times while running it (killed or crashed); "
@@ -436,6 +440,7 @@ class ControlService(cgrpc.ControlServicer):
         self._watchers = 0
         self._streams_of: dict[str, int] = {}  # long streams open per non-operator caller
         self._stopping = False
+        self._records_closed = False
         self._claim = _claim(self.out_root)
         self._restore_jobs()
         self._worker = threading.Thread(target=self._work, name="fedenc-control-jobs", daemon=True)
@@ -471,6 +476,13 @@ class ControlService(cgrpc.ControlServicer):
             self._cond.notify_all()
         if self._worker.is_alive():
             self._worker.join(timeout)
+        if self._worker.is_alive() and keep:
+            with self._cond:
+                # Its round outlasted the wait: recorded as interrupted (QUEUED) now, or the
+                # next master would take this stop for a crash. It resumes from its checkpoint.
+                if current is not None and current.interrupted and not current.done:
+                    self._record_interrupted(current)
+                self._records_closed = True  # what the worker does from here is not recorded
         if self._claim is not None:  # the next master on out_root may start now
             self._claim.close()
             self._claim = None
@@ -654,16 +666,12 @@ class ControlService(cgrpc.ControlServicer):
                 interrupted = job.interrupted
             if interrupted:  # queued again: the next master on out_root resumes it
                 with self._cond:
-                    # Not RUNNING, which would say the master died (a crash counted); and the
-                    # shutdown's stop is no user's cancel (one would have cleared interrupted).
-                    job.state = cpb.JOB_STATE_QUEUED
-                    if job.interrupted:
-                        job.cancel_requested = False
-                        job.cancel_reason = ""
-                    self._save_job(job)
+                    why, resumes = job.cancel_reason, job.interrupted
+                    self._record_interrupted(job)
                 log.info(
-                    "job %s interrupted after round %d (%s): the next master on %s resumes it",
-                    job.job_id, len(job.rounds), job.cancel_reason, self.out_root,
+                    "job %s interrupted after round %d (%s): the next master on %s %s it",
+                    job.job_id, len(job.rounds), why, self.out_root,
+                    "resumes" if resumes else "cancels (a user's cancel came in meanwhile)",
                 )  # fmt: skip
                 return
             self._stop_unfinished(job, cpb.JOB_STATE_CANCELLED, error, done)
@@ -711,12 +719,23 @@ class ControlService(cgrpc.ControlServicer):
                 "effective_config": dict(job.run_config),
             }
         try:
-            write_results(record, out)
-            write_rounds_csv(rounds, out)
+            if not self._records_closed:  # (a worker outliving stop(): the files are not its)
+                write_results(record, out)
+                write_rounds_csv(rounds, out)
         except OSError as err:  # the job's record in memory stays; only the files are lost
             log.warning("job %s: cannot write its outputs to %s: %s", job.job_id, out, err)
         with self._cond:
             self._end(job, state, error=error)
+
+    def _record_interrupted(self, job: JobRecord) -> None:
+        """Under the lock: a job the master's stop interrupted, recorded QUEUED for the next
+        master (RUNNING would say the master died: a crash counted). The stop's cancel is no
+        user's, which would have cleared ``interrupted``: then the record keeps it."""
+        job.state = cpb.JOB_STATE_QUEUED
+        if job.interrupted:
+            job.cancel_requested = False
+            job.cancel_reason = ""
+        self._save_job(job)
 
     def _end(self, job: JobRecord, state: int, error: str = "") -> None:
         """Under the lock."""
@@ -733,6 +752,8 @@ class ControlService(cgrpc.ControlServicer):
         queues again (a queued or running one)."""
         from google.protobuf import json_format
 
+        if self._records_closed:  # a worker outliving stop(): the next master owns the records
+            return
         path = self.out_root / job.job_id / JOB_FILE
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

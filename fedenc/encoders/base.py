@@ -55,7 +55,8 @@ class EncoderConfig:
             setattr(self, name, int(value))  # a NumPy integer too
         for name in ("use_positions", "normalize"):
             value = getattr(self, name)
-            if not isinstance(value, (bool, np.bool_)):
+            # 0 and 1 as well: configs and checkpoints that wrote them so still load.
+            if not isinstance(value, (bool, np.bool_)) and value not in (0, 1):
                 raise TypeError(f"{name} must be a bool, got {value!r}")
             setattr(self, name, bool(value))
         for name in ("scale", "dropout"):
@@ -327,6 +328,8 @@ def _checked_sessions(sessions: Any, n: int) -> list[list[int]]:
         raise ValueError("no sessions given")
     out: list[list[int]] = []
     for row, session in enumerate(sessions):
+        if isinstance(session, (np.ndarray, Tensor)) and session.ndim == 1:
+            session = session.tolist()  # one session as an array (Sessions.session(i))
         if isinstance(session, (str, bytes)) or not isinstance(session, Sequence):
             raise TypeError(
                 f"session {row} is {session!r:.40}, not a list of item ids (one session goes "

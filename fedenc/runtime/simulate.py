@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import numbers
 import os
 import re
 import sys
@@ -30,6 +31,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from fedenc.federation.master import SAMPLINGS, RoundListener, RoundResult, round_listener
 
@@ -51,10 +54,10 @@ _SCALARS: dict[str, type] = {"int": int, "float": float, "str": str, "bool": boo
 
 
 def _is_a(value: Any, wanted: type) -> bool:
-    if wanted is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+    if wanted is float:  # NumPy scalars too (a seed or a rate computed by a script)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
     if wanted is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
     return isinstance(value, wanted)
 
 
@@ -123,6 +126,8 @@ class Scenario:
             value = getattr(self, f.name)
             if wanted is not None and not _is_a(value, wanted):
                 raise TypeError(f"{f.name} must be {wanted.__name__}, got {value!r}")
+            if wanted in (int, float):
+                object.__setattr__(self, f.name, wanted(value))
         if self.children < 1:
             raise ValueError(f"children must be >= 1, got {self.children}")
         if self.rounds < 0:
@@ -169,7 +174,7 @@ class Scenario:
             options = {"hidden": self.hidden, "steps": self.steps, **self.encoder_options}
             encoder_config(self.encoder, 2, **options)
             build_fusion_rule(self.rule, **self.rule_options)
-        except (UnknownEncoderError, UnknownFusionRuleError) as err:
+        except (UnknownEncoderError, UnknownFusionRuleError, TypeError) as err:
             raise ValueError(str(err)) from None
         if self.stop:
             build_stop_rule(self.stop)

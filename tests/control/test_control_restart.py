@@ -245,3 +245,69 @@ def test_a_job_whose_master_keeps_dying_is_failed_past_max_crashes(
             FederationServer("127.0.0.1:0", ServerSecurity(insecure=True)), TINY,
             tmp_path / "other", max_crashes=-1,
         )  # fmt: skip
+
+
+def test_a_stop_whose_round_outlasts_the_wait_is_no_crash(tmp_path: Path) -> None:
+    # SIGTERM mid-round: stop() waits a while for the round; one that outlasts it must still be
+    # recorded as interrupted (QUEUED), or every ordinary restart would count as a crash.
+    import time
+
+    from flwr.serverapp import ServerApp
+
+    release = threading.Event()
+    slow = ServerApp()
+
+    @slow.main()
+    def main(grid: object, context: object) -> None:
+        release.wait(30)  # a round that outlasts the stop's wait
+        raise RuntimeError("the round ended after its master stopped")
+
+    out = tmp_path / "jobs"
+    server = FederationServer("127.0.0.1:0", ServerSecurity(insecure=True))
+    first = ControlService(server, TINY, out, server_app=slow).attach()
+    server.start()
+    try:
+        job = first.submit(cpb.JobSpec(rounds=2), requester="ops")
+        deadline = time.monotonic() + 30
+        while first.job(job.job_id).state != cpb.JOB_STATE_RUNNING:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        first.stop(timeout=0.2, keep=True)
+        record = json.loads((out / job.job_id / JOB_FILE).read_text())
+        assert record["state"] == "JOB_STATE_QUEUED"
+        release.set()  # the worker ends its round after the stop: it records nothing more
+        first._worker.join(10)
+        assert json.loads((out / job.job_id / JOB_FILE).read_text())["state"] == (
+            "JOB_STATE_QUEUED"
+        )
+        assert not (out / job.job_id / "results.json").exists()
+    finally:
+        release.set()
+        server.stop("test over")
+    again = ControlService(
+        FederationServer("127.0.0.1:0", ServerSecurity(insecure=True)), TINY, out
+    )
+    try:
+        restored = again.job(job.job_id)
+        assert restored.crashes == 0 and restored.state == cpb.JOB_STATE_QUEUED
+        assert restored.interrupted  # it ran: it goes first
+    finally:
+        again.stop(timeout=1)
+
+
+def test_an_interrupted_job_goes_before_the_queue_and_counts_no_crash(tmp_path: Path) -> None:
+    out = tmp_path / "jobs"
+    first = ControlService(
+        FederationServer("127.0.0.1:0", ServerSecurity(insecure=True)), TINY, out
+    )  # not attached: its jobs stay queued
+    queued, interrupted = (first.submit(cpb.JobSpec(rounds=2), requester="ops") for _ in range(2))
+    first.stop(timeout=1, keep=True)
+    _record(out, interrupted.job_id, started_unix_ms="1000")  # QUEUED, but it ran: a signal
+    again = ControlService(
+        FederationServer("127.0.0.1:0", ServerSecurity(insecure=True)), TINY, out
+    )
+    try:
+        assert [j.job_id for j in again._queue] == [interrupted.job_id, queued.job_id]
+        assert again.job(interrupted.job_id).crashes == 0
+    finally:
+        again.stop(timeout=1)

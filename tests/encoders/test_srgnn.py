@@ -336,7 +336,7 @@ def test_the_loss_refuses_a_batch_without_targets() -> None:
     [
         ({"hidden": "16"}, "hidden must be an int, got '16'"),
         ({"hidden": 16.0}, "hidden must be an int, got 16.0"),
-        ({"normalize": 1}, "normalize must be a bool, got 1"),
+        ({"normalize": 2}, "normalize must be a bool, got 2"),
         ({"scale": "12"}, "scale must be a number, got '12'"),
     ],
 )
@@ -350,3 +350,13 @@ def test_encoder_options_of_the_wrong_type_are_named(
     import numpy as np
 
     assert build_encoder("srgnn", np.int64(30), hidden=np.int64(8)).config.num_items == 30
+
+
+def test_recommend_takes_each_session_as_an_array_too() -> None:
+    import numpy as np
+
+    model = build_encoder("srgnn", 30, hidden=8)
+    want = model.recommend([[1, 2, 3], [4, 5]], k=3)[0]
+    got = model.recommend([np.array([1, 2, 3]), torch.tensor([4, 5])], k=3)[0]  # type: ignore[list-item]
+    assert torch.equal(got, want)
+    assert build_encoder("srgnn", 30, hidden=8, use_positions=0).config.use_positions is False

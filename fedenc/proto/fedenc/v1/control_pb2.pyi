@@ -384,9 +384,9 @@ class Job(_message.Message):
     """
     crashes: _builtins.int
     """Times a master died while running this job (killed or crashed, rather than stopped by a
-    signal it handled) and a later master on the same folder took the job up again. Past the
-    master's limit (`fedenc master --serve --max-crashes`) the job is failed instead: a job
-    that takes its master down would otherwise do so after every restart.
+    signal it handled), as counted by the later masters on the same folder. More than the
+    master's limit (`fedenc master --serve --max-crashes`) and the job is failed instead of
+    taken up again: a job that takes its master down would otherwise do so after every restart.
     """
     @_builtins.property
     def spec(self) -> Global___JobSpec:
