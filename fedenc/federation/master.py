@@ -738,6 +738,7 @@ class _Job:
                 self.table.load(self.model.embedding.weight.detach())
         self.rows_pulled = 0  # rows the children read from the federation PS this round
         self.rows_bytes = 0  # bytes of the sparse rows in this round's accepted replies
+        self._capped: set[tuple[int, str]] = set()  # (node, split) told its metrics are capped
         # publish = "best": the best round so far ({"round", "value", "target"}), else empty
         self.best: dict[str, Any] = {}
         self._joined: dict[str, int] = {}  # child name -> the round it first joined
@@ -1353,6 +1354,17 @@ class _Job:
                 )
                 continue
             why = _bad_evaluation(n, values) or _outweighs(self.children[nid], split, n)
+            weight = n
+            if why is None and n > self.children[nid].num_samples:
+                # More held-out examples than training samples, as declared (a small child):
+                # its metrics count, weighing what its training samples weigh in the fusion.
+                weight = float(self.children[nid].num_samples)
+                if (nid, split) not in self._capped:
+                    self._capped.add((nid, split))
+                    log.info(
+                        "%s's %s metrics weigh %d, its training samples, not its %g examples",
+                        self.exchange.label(nid), split, self.children[nid].num_samples, n,
+                    )  # fmt: skip
             if why is not None:
                 log.warning(
                     "round %d: %s's %s metrics left out: %s",
@@ -1366,9 +1378,9 @@ class _Job:
                 **{f"{split}_{key}": value for key, value in values.items()},
                 f"{split}_examples": float(n),
             }
-            examples += int(n)
+            examples += int(weight)
             for key, value in values.items():
-                per_metric.setdefault(key, []).append((value, n))
+                per_metric.setdefault(key, []).append((value, weight))
         out: dict[str, float] = {}
         for key, pairs in per_metric.items():
             mean = _weighted_mean(pairs)
@@ -1449,16 +1461,18 @@ _RANKING_METRIC = re.compile(r"(recall|mrr)@\d+")
 
 
 def _outweighs(info: ChildInfo, split: str, n: float) -> str | None:
-    """Why an evaluation reply weighs more than the child may (None: it does not): the examples
-    of ``split`` it declared in its confirmation, and never more than its training samples (a
-    declaration is the child's own word; its training count is the weight FedAvg already gives
-    it, in every report). Unbounded, one child claiming 10^12 examples set the federation's
+    """Why an evaluation reply is left out (None: it is not): more examples of ``split`` than
+    it declared in its confirmation, or, without a declaration, than its training samples. A
+    reply within its declaration still weighs at most its training samples (the caller caps
+    it): a declaration is the child's own word, and its training count is the weight FedAvg
+    already gives it. Unbounded, one child claiming 10^12 examples set the federation's
     published metrics alone."""
     declared = info.held_out.get(split)
-    if declared and declared <= info.num_samples:
-        cap, what = declared, f"the {split} examples"
-    else:
-        cap, what = info.num_samples, "the training samples"
+    cap, what = (
+        (declared, f"the {split} examples")
+        if declared
+        else (info.num_samples, "the training samples")
+    )
     if n > cap:
         return f"{records.NUM_EXAMPLES} = {n:g} exceeds {what} it confirmed ({cap})"
     return None

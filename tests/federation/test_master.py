@@ -83,6 +83,7 @@ class Script:
     fail_query: set[int] = field(default_factory=set)  # lost before it answers the query
     train_metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # added to replies
     other_job: set[int] = field(default_factory=set)  # confirms another job's id
+    valid_examples: dict[int, int] = field(default_factory=dict)  # declared in its confirmation
 
 
 def echo_client(script: Script) -> Client:
@@ -102,7 +103,12 @@ def echo_client(script: Script) -> Client:
             if pid in script.decline:
                 conf = fpb.Confirmation(job_id=job, accepted=False, decline_reason="no data here")
             else:
-                conf = fpb.Confirmation(job_id=job, accepted=True, num_samples=samples_of(pid))
+                conf = fpb.Confirmation(
+                    job_id=job,
+                    accepted=True,
+                    num_samples=samples_of(pid),
+                    num_valid_examples=script.valid_examples.get(pid, 0),
+                )
             return Message(records.confirmation_content(conf, f"child-{pid}"), reply_to=msg)
         if kind == "train":
             if pid in script.raise_on_train:
@@ -986,10 +992,31 @@ def test_a_childs_declared_held_out_size_cannot_lift_its_evaluation_weight_past_
     honest = ChildInfo(1, "a", True, num_samples=1000, held_out={"valid": 100})
     assert _outweighs(honest, "valid", 100) is None
     assert "exceeds the valid examples it confirmed (100)" in str(_outweighs(honest, "valid", 101))
+    # Within its declaration a reply counts, and the caller weighs it at most by its samples.
     liar = ChildInfo(2, "b", True, num_samples=1000, held_out={"valid": 10**12})
+    assert _outweighs(liar, "valid", 10**12) is None
+    silent = ChildInfo(3, "c", True, num_samples=1000)  # declared nothing: its samples bound it
     assert "exceeds the training samples it confirmed (1000)" in str(
-        _outweighs(liar, "valid", 10**12)
+        _outweighs(silent, "valid", 1001)
     )
+
+
+def test_a_small_child_with_more_held_out_than_training_samples_counts_capped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # child-0: 10 training samples and 30 declared valid examples (a small site). Its metrics
+    # count, weighing its 10 samples (they were left out); child-1 weighs its 20 examples.
+    script = Script(
+        valid_examples={0: 30},
+        eval_metrics={0: {"recall@20": 80.0, "num-examples": 30.0}},
+    )
+    with caplog.at_level(logging.INFO, logger="fedenc.federation.master"):
+        result, _ = run_job(echo_client(script), 2, tiny_config(rounds=2, final_test=False))
+    for r in result.rounds:
+        assert r.evaluated == ["child-0", "child-1"]
+        assert r.metrics["valid_recall@20"] == pytest.approx((80.0 * 10 + 10.0 * 20) / 30)
+        assert r.metrics["valid_examples"] == 30
+    assert caplog.text.count("child-0's valid metrics weigh 10, its training samples") == 1
 
 
 def test_publish_best_never_selects_by_the_test_split() -> None:
