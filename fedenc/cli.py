@@ -1013,6 +1013,14 @@ def simulate_cmd(
             help="--processes: the master's port on 127.0.0.1 (0 = any free one).",
         ),
     ] = 0,
+    wait: Annotated[
+        float | None,
+        typer.Option(
+            min=1.0,
+            help="--processes: seconds to wait for the child processes to start and connect "
+            "(each imports torch and loads its data; default: 120, plus 5 per child beyond 8).",
+        ),
+    ] = None,
     certs: Annotated[
         Path | None,
         typer.Option(
@@ -1073,8 +1081,8 @@ def simulate_cmd(
     )
     from fedenc.runtime.simulate import default_out_dir, run_scenario
 
-    if (certs is not None or insecure or port) and not processes:
-        raise _fail("--certs, --insecure and --port apply to --processes only")
+    if (certs is not None or insecure or port or wait is not None) and not processes:
+        raise _fail("--certs, --insecure, --port and --wait apply to --processes only")
     if resume and (out is None or processes):
         raise _fail(
             "--resume needs the interrupted simulation's --out, and resumes in this process: "
@@ -1137,8 +1145,15 @@ def simulate_cmd(
                     "they have connected"
                 )
 
+                startup = wait if wait is not None else 120.0 + 5.0 * max(scenario.children - 8, 0)
                 outcome = run_scenario_processes(
-                    scenario, out_dir, on_round=on_round, certs=certs, insecure=insecure, port=port
+                    scenario,
+                    out_dir,
+                    on_round=on_round,
+                    certs=certs,
+                    insecure=insecure,
+                    port=port,
+                    startup_timeout=startup,
                 )
             else:
                 outcome = run_scenario(scenario, out_dir, on_round=on_round, resume=resume)

@@ -119,6 +119,9 @@ def test_bad_settings_exit_2_with_a_message(tmp_path: Path) -> None:
     result = runner.invoke(app, ["simulate", *TINY, "--rule", "nope", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "nope" in result.output
     assert "Traceback" not in result.output
+    result = runner.invoke(app, ["simulate", *TINY, "--wait", "300"])
+    assert result.exit_code == 2
+    assert "--certs, --insecure, --port and --wait apply to --processes only" in result.output
 
 
 def test_settings_that_could_never_run_are_refused_at_once(tmp_path: Path) -> None:

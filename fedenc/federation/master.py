@@ -1574,7 +1574,7 @@ def run_master(
             why = (
                 f"left out: {'; '.join(declined)}"
                 if declined
-                else f"no child connected within wait-timeout ({config.wait_timeout:g} s)"
+                else f"no child connected within wait-timeout ({config.wait_timeout:g} s, --wait)"
             )
             raise NotEnoughChildrenError(
                 f"{len(confirmed)} child(ren) confirmed, job {config.job_id} needs "

@@ -153,7 +153,9 @@ class ChildProcesses:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self.stop(timeout=0.0 if exc[0] is not None else 10.0)
+        # A child's interpreter shutdown (torch's destructors) takes seconds on a loaded machine:
+        # a clean end waits for it before any signal.
+        self.stop(timeout=0.0 if exc[0] is not None else 30.0)
 
 
 def run_scenario_processes(
