@@ -11,9 +11,13 @@ cross the process boundary in Flower's wire format, so the workers see exactly w
 would. The app is named by reference (``"nodes.child:app"``) and imported in each worker, which
 starts with ``spawn`` (no fork of a parent that already runs torch threads).
 
-A worker that dies (killed, out of memory) turns every message for its nodes into a
-``NODE_UNAVAILABLE`` error reply naming the exit code; the master leaves those children out, as it
-does for a child process that went away.
+A worker that dies (killed, out of memory) is replaced by a new process for the same nodes, and
+the message in hand is sent to it (up to ``MAX_RESTARTS`` times in a pool's life): its children
+rebuild their state from the message's instruction and, in a simulation with an output
+directory, take up the state they saved after their last round, so the run goes on bit for bit
+(tested). Past the limit, or when the new process cannot start, every message for those nodes
+becomes a ``NODE_UNAVAILABLE`` error reply naming the exit code; the master leaves those children
+out, as it does for a child process that went away.
 """
 
 from __future__ import annotations
@@ -88,6 +92,10 @@ class WorkerDiedError(RuntimeError):
     """The worker process hosting a node is gone."""
 
 
+#: Worker processes a pool starts again, in all, after the ones it started died.
+MAX_RESTARTS = 3
+
+
 @dataclass
 class _Worker:
     index: int
@@ -119,30 +127,25 @@ class WorkerPool:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.threads = threads
-        ctx = mp.get_context("spawn")
+        self._ctx = mp.get_context("spawn")
+        self._args = (app_ref, run_id, dict(run_config), threads)
+        self._start_timeout = start_timeout
+        self.restarts = 0
         self._owner: dict[int, _Worker] = {}
         self._workers: list[_Worker] = []
+        self._nodes: dict[int, dict[int, dict[str, Any]]] = {}  # worker index -> its nodes
         ordered = sorted(node_configs)
         try:
             for w in range(workers):
                 mine = {nid: dict(node_configs[nid]) for nid in ordered[w::workers]}
-                parent, child = ctx.Pipe()
-                process = ctx.Process(
-                    target=_worker_main,
-                    args=(child, app_ref, run_id, dict(run_config), mine, threads),
-                    name=f"fedenc-worker-{w}",
-                    daemon=True,
-                )
-                process.start()
-                child.close()
-                worker = _Worker(w, process, parent)
+                self._nodes[w] = mine
+                process, conn = self._spawn(w)
+                worker = _Worker(w, process, conn)
                 self._workers.append(worker)
                 for nid in mine:
                     self._owner[nid] = worker
             for worker in self._workers:  # fail early when the app cannot be loaded
-                if not worker.conn.poll(start_timeout):
-                    raise WorkerDiedError(f"worker {worker.index} did not start in time")
-                worker.conn.recv_bytes()
+                self._await_ready(worker.index, worker.conn)
         except (EOFError, OSError, WorkerDiedError) as err:
             codes = {w.index: w.process.exitcode for w in self._workers}
             self.close()
@@ -152,6 +155,45 @@ class WorkerPool:
                 'simulation with workers must do so under `if __name__ == "__main__":` '
                 "(Python's own error about bootstrapping, above, says so too)"
             ) from err
+
+    def _spawn(self, index: int) -> tuple[BaseProcess, Connection]:
+        app_ref, run_id, run_config, threads = self._args
+        parent, child = self._ctx.Pipe()
+        process = self._ctx.Process(
+            target=_worker_main,
+            args=(child, app_ref, run_id, run_config, self._nodes[index], threads),
+            name=f"fedenc-worker-{index}",
+            daemon=True,
+        )
+        process.start()
+        child.close()
+        return process, parent
+
+    def _await_ready(self, index: int, conn: Connection) -> None:
+        if not conn.poll(self._start_timeout):
+            raise WorkerDiedError(f"worker {index} did not start in time")
+        conn.recv_bytes()
+
+    def _restart(self, worker: _Worker, why: str) -> bool:
+        """Under ``worker.lock``: a new process for a dead worker's nodes; False when the pool's
+        restarts are spent or it cannot start."""
+        if self.restarts >= MAX_RESTARTS:
+            return False
+        self.restarts += 1
+        log.warning(
+            "%s: starting a new one for its %d children (restart %d of at most %d); they take "
+            "up their saved state, or start again from the round's instruction",
+            why, len(self._nodes[worker.index]), self.restarts, MAX_RESTARTS,
+        )  # fmt: skip
+        worker.conn.close()
+        try:
+            process, conn = self._spawn(worker.index)
+            worker.process, worker.conn = process, conn
+            self._await_ready(worker.index, conn)
+        except (EOFError, OSError, WorkerDiedError) as err:
+            log.warning("worker process %d could not start again: %s", worker.index, err)
+            return False
+        return True
 
     @property
     def size(self) -> int:
@@ -165,18 +207,21 @@ class WorkerPool:
         while the worker is busy with another of its nodes."""
         worker = self._owner[node_id]
         with worker.lock:
-            if worker.dead:
-                raise WorkerDiedError(worker.dead)
-            try:
-                worker.conn.send((node_id, data))
-                return worker.conn.recv_bytes()
-            except (EOFError, OSError) as err:
-                worker.process.join(1.0)
-                worker.dead = (
-                    f"worker process {worker.index} is gone "
-                    f"(exit code {worker.process.exitcode}): {type(err).__name__}"
-                )
-                raise WorkerDiedError(worker.dead) from err
+            while True:
+                if worker.dead:
+                    raise WorkerDiedError(worker.dead)
+                try:
+                    worker.conn.send((node_id, data))
+                    return worker.conn.recv_bytes()
+                except (EOFError, OSError) as err:
+                    worker.process.join(1.0)
+                    why = (
+                        f"worker process {worker.index} is gone "
+                        f"(exit code {worker.process.exitcode}): {type(err).__name__}"
+                    )
+                    if not self._restart(worker, why):
+                        worker.dead = why
+                        raise WorkerDiedError(why) from err
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the workers: each finishes the message in hand, then exits."""

@@ -5,6 +5,7 @@ run, a dead worker turns into error replies for its children only, and bad refer
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -59,9 +60,42 @@ def test_pool_runs_are_bit_identical_and_match_the_single_process_run() -> None:
     ]
 
 
-def test_a_dead_worker_leaves_only_its_children_out() -> None:
+def test_a_dead_worker_is_started_again_and_the_run_goes_on_bit_for_bit(tmp_path: Path) -> None:
+    import multiprocessing
+
+    from fedenc.runtime.simulate import Scenario, run_scenario
+    from fedenc.training.checkpoint import load_checkpoint
+
+    scenario = Scenario(
+        children=4, workers=2, threads=1, rounds=3, hidden=8, synthetic_sessions=400,
+        synthetic_items=60, batch_size=50, seed=5,
+    )  # fmt: skip
+
+    def kill_worker_1_after_round_1(result: Any) -> None:
+        if result.round == 1:
+            (victim,) = [
+                p for p in multiprocessing.active_children() if p.name == "fedenc-worker-1"
+            ]
+            victim.kill()
+            victim.join(10)
+
+    killed = run_scenario(scenario, tmp_path / "killed", on_round=kill_worker_1_after_round_1)
+    whole = run_scenario(scenario, tmp_path / "whole")
+    assert [len(r["participants"]) for r in killed.result["rounds"]] == [4, 4, 4]
+    a, _ = load_checkpoint(killed.files["checkpoint"])
+    b, _ = load_checkpoint(whole.files["checkpoint"])
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def test_a_worker_that_dies_past_the_restarts_leaves_only_its_children_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from fedenc.federation.master import MasterConfig, run_master
+    from fedenc.runtime import workers
     from fedenc.training.config import TrainConfig
+
+    monkeypatch.setattr(workers, "MAX_RESTARTS", 0)
 
     configs = [{"partition-id": i, "num-partitions": 4, **TINY} for i in range(4)]
     rid = new_run_id()
