@@ -18,6 +18,7 @@ Every session goes to exactly one child; each child keeps its sessions in their 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedenc.data.sessions import IntArray, Sessions
+
+log = logging.getLogger(__name__)
+_told_few: set[tuple[int, int, str]] = set()  # (sessions, children, scheme) already warned of
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -153,6 +157,12 @@ def deal_indices(
     fewer than ``k`` sessions, whose sessions go to the first children (the rest get none)."""
     n = len(sessions)
     if n < k:
+        if (n, k, scheme) not in _told_few:  # once, not once per child that deals the split
+            _told_few.add((n, k, scheme))
+            log.warning(
+                "%d sessions for %d children: one each to the first %d, none to the rest (the "
+                "%s scheme cannot apply)", n, k, n, scheme,
+            )  # fmt: skip
         empty = np.zeros(0, dtype=np.int64)
         return [np.array([i], dtype=np.int64) if i < n else empty for i in range(k)]
     return partition_indices(sessions, k, scheme, seed, alpha, 1, num_groups)

@@ -225,3 +225,15 @@ def test_a_tiny_held_out_split_goes_to_the_first_children() -> None:
     train = [np.array([0]), np.array([1]), np.zeros(0, dtype=np.int64)]
     parts = held_out_indices(s, train, s, "iid")
     assert [p.tolist() for p in parts] == [[0], [1], []]
+
+
+def test_fewer_sessions_than_children_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
+    from fedenc.data.partition import deal_indices
+
+    s = Sessions.from_lists([[1, 2], [2, 3], [3, 4]], num_items=5)
+    with caplog.at_level("WARNING", logger="fedenc.data.partition"):
+        for _ in range(5):  # as each of 5 children deals the same split
+            parts = deal_indices(s, 5, "time", seed=0)
+    assert [len(p) for p in parts] == [1, 1, 1, 0, 0]
+    assert caplog.text.count("3 sessions for 5 children: one each to the first 3") == 1
+    assert "the time scheme cannot apply" in caplog.text
