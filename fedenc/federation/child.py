@@ -577,9 +577,10 @@ def _replay_guard(state: ChildState, round_: int, context: Context) -> None:
         state.last_round = max(state.last_round, round_)
         return
     if round_ == state.last_round and state.before_last is not None:
-        log.warning(
-            "%s: round %d of job %s again (the master resumed): training it from the state "
-            "before its first run",
+        # Expected on every resume (one line per child that trained the round): info.
+        log.info(
+            "%s: round %d of job %s again (the master resumed): retrained from the state it "
+            "had before that round, as an uninterrupted run would",
             state.name,
             round_,
             state.key[2],
