@@ -948,9 +948,21 @@ def _print_outcome(result: dict[str, Any], title: str, out_dir: Path) -> None:
     }
     if len(by_child) > 1:
         low, high = min(by_child, key=by_child.__getitem__), max(by_child, key=by_child.__getitem__)
+        spread = f"{by_child[low]:.2f} ({low}) to {by_child[high]:.2f} ({high})"
+        if len(by_child) >= 10:  # the extremes of many small children say little alone
+            import statistics
+
+            deciles = statistics.quantiles(by_child.values(), n=10)
+            spread = (
+                f"median {statistics.median(by_child.values()):.2f}, p10-p90 {deciles[0]:.2f} "
+                f"to {deciles[-1]:.2f}; {spread}"
+            )
+        console.print(f"children's own test P@20: {spread}", highlight=False)
+    confirmed = sum(1 for c in result.get("children", []) if c.get("accepted"))
+    if final and 0 < len(result.get("final_child_metrics") or {}) < confirmed:
         console.print(
-            f"children's own test P@20: {by_child[low]:.2f} ({low}) to {by_child[high]:.2f} "
-            f"({high})",
+            f"the final test covers {len(result['final_child_metrics'])} of the {confirmed} "
+            "children (the others had no test data or did not answer in time)",
             highlight=False,
         )
     console.print(f"stopped: {result['stop_reason']}; outputs in {out_dir}")

@@ -261,3 +261,30 @@ def test_a_stopping_master_asks_children_to_wait_only_for_a_resumable_job(
 
     assert cli._close_children(Server(), "stopped (SIGTERM)", resume) is resume
     assert calls[0][1] == reason and spb.CLOSE_REASON_RESTART == 8
+
+
+def test_the_outcome_of_many_children_gives_a_median_and_a_p10_p90_band_and_the_coverage(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import io
+
+    from rich.console import Console
+
+    from fedenc import cli
+
+    written = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=written, width=200))
+
+    recalls = [float(10 * i) for i in range(11)]  # 0, 10, ..., 100 over 11 children
+    result = {
+        "rounds": [],
+        "final_metrics": {"test_recall@20": 50.0, "test_mrr@20": 20.0, "test_examples": 110},
+        "final_child_metrics": {f"child-{i}": {"test_recall@20": r} for i, r in enumerate(recalls)},
+        "children": [{"name": f"child-{i}", "accepted": True} for i in range(13)],
+        "stop_reason": "max_rounds",
+    }
+    cli._print_outcome(result, "t", tmp_path)
+    out = " ".join(written.getvalue().split())
+    assert "children's own test P@20: median 50.00, p10-p90 2.00 to 98.00;" in out
+    assert "0.00 (child-0) to 100.00 (child-10)" in out
+    assert "the final test covers 11 of the 13 children" in out
