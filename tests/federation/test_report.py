@@ -85,6 +85,13 @@ def test_the_plot_marks_the_final_test_and_names_the_split(
     assert "ranking metrics on the children's validation split" in titles
     assert {"Recall@20", "MRR@20", "test Recall@20", "test MRR@20"} <= set(labels)
     assert "Recall@20, children's range" in labels
+    # From 10 children on, the extremes say little: the band is p10-p90.
+    many = rounds()
+    for r in many:
+        r["child_metrics"] = {f"c{i}": {"valid_recall@20": float(i)} for i in range(12)}
+    labels.clear()
+    report.plot_rounds(many, tmp_path, title="many", final=final)
+    assert "Recall@20, children's p10-p90" in labels
 
 
 def test_results_json_says_when_and_with_what_it_was_written(tmp_path: Path) -> None:
