@@ -254,6 +254,35 @@ def test_a_resume_without_the_childrens_saved_state_says_it_will_not_be_exact(
     flat = " ".join(caplog.text.split())
     assert "the saved state of 2 of the 2 children that trained is missing" in flat
     assert "will differ from an uninterrupted run's" in flat
+    assert "this resume with" not in flat  # same threads: nothing to say
+
+
+def test_a_resume_with_another_thread_count_says_it_will_not_be_bit_for_bit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from fedenc.runtime.simulate import run_scenario
+
+    out = tmp_path / "run"
+    scenario = Scenario(children=2, rounds=2, synthetic_sessions=400, synthetic_items=60, hidden=8)
+
+    def ctrl_c_after_round_1(result: object) -> None:
+        if getattr(result, "round", 0) == 1:
+            raise KeyboardInterrupt
+
+    threads = torch.get_num_threads()
+    with pytest.raises(KeyboardInterrupt):
+        run_scenario(scenario, out, on_round=ctrl_c_after_round_1)
+    torch.set_num_threads(threads + 1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="fedenc.runtime.simulate"):
+            run_scenario(scenario, out, resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    flat = " ".join(caplog.text.split())
+    assert f"the interrupted run trained with {{'torch_threads': {threads}," in flat
+    assert "about 1e-7 (the order of float sums), not bit for bit" in flat
 
 
 def _simulate_with_nan_from_round(

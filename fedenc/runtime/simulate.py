@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedenc import atomic
 from fedenc.federation.master import SAMPLINGS, RoundListener, RoundResult, round_listener
 
 log = logging.getLogger(__name__)
@@ -371,6 +372,39 @@ def _warn_inexact_resume(state_dir: Path) -> None:
         )  # fmt: skip
 
 
+THREADS_FILE = "threads.json"
+
+
+def _note_threads(state_dir: Path, scenario: Scenario, resume: bool) -> None:
+    """Record the torch thread count the children train with; on a resume, warn when it
+    changed: intra-op threads change the order of float sums, so the encoder then equals an
+    uninterrupted run's to about 1e-7, not bit for bit."""
+    import torch
+
+    threads = {
+        "torch_threads": torch.get_num_threads(),
+        "workers": scenario.workers,
+        "worker_threads": scenario.threads,
+    }
+    path = state_dir / THREADS_FILE
+    if resume and path.is_file():
+        try:
+            before = json.loads(path.read_text())
+        except (OSError, ValueError):
+            before = None
+        if isinstance(before, dict) and before != threads:
+            log.warning(
+                "the interrupted run trained with %s, this resume with %s: the encoder will equal "
+                "an uninterrupted run's to about 1e-7 (the order of float sums), not bit for bit",
+                before, threads,
+            )  # fmt: skip
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(path, json.dumps(threads) + "\n")
+    except OSError:
+        pass  # (the run's own writes there say what is wrong)
+
+
 CHILD_APP = "nodes.child:app"
 """The ClientApp by reference, for worker processes that import it themselves."""
 
@@ -391,8 +425,10 @@ def run_scenario(
     from nodes.master import app as master_app
 
     scenario.check()
-    if resume and out_dir is not None:
-        _warn_inexact_resume(out_dir / "state")
+    if out_dir is not None:
+        if resume:
+            _warn_inexact_resume(out_dir / "state")
+        _note_threads(out_dir / "state", scenario, resume)
     token = round_listener.set(on_round)
     try:
         run = run_inprocess(
