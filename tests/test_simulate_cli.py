@@ -227,6 +227,21 @@ def test_an_interrupted_simulation_resumes_after_its_last_completed_round(tmp_pa
     )
 
 
+def _interrupted_after_round_1(out: Path) -> Scenario:
+    """A two-round simulation stopped (as by Ctrl-C) after round 1, checkpointed in ``out``."""
+    from fedenc.runtime.simulate import run_scenario
+
+    scenario = Scenario(children=2, rounds=2, synthetic_sessions=400, synthetic_items=60, hidden=8)
+
+    def ctrl_c_after_round_1(result: object) -> None:
+        if getattr(result, "round", 0) == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_scenario(scenario, out, on_round=ctrl_c_after_round_1)
+    return scenario
+
+
 def test_a_resume_without_the_childrens_saved_state_says_it_will_not_be_exact(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -237,14 +252,7 @@ def test_a_resume_without_the_childrens_saved_state_says_it_will_not_be_exact(
     from fedenc.runtime.simulate import missing_child_states, run_scenario
 
     out = tmp_path / "run"
-    scenario = Scenario(children=2, rounds=2, synthetic_sessions=400, synthetic_items=60, hidden=8)
-
-    def ctrl_c_after_round_1(result: object) -> None:
-        if getattr(result, "round", 0) == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run_scenario(scenario, out, on_round=ctrl_c_after_round_1)
+    scenario = _interrupted_after_round_1(out)
     assert missing_child_states(out / "state") == (0, 2)  # all saved: an exact resume
     shutil.rmtree(out / "state" / "children")  # as a --processes run leaves it
     assert missing_child_states(out / "state") == (2, 2)
@@ -265,15 +273,8 @@ def test_a_resume_with_another_thread_count_says_it_will_not_be_bit_for_bit(
     from fedenc.runtime.simulate import run_scenario
 
     out = tmp_path / "run"
-    scenario = Scenario(children=2, rounds=2, synthetic_sessions=400, synthetic_items=60, hidden=8)
-
-    def ctrl_c_after_round_1(result: object) -> None:
-        if getattr(result, "round", 0) == 1:
-            raise KeyboardInterrupt
-
     threads = torch.get_num_threads()
-    with pytest.raises(KeyboardInterrupt):
-        run_scenario(scenario, out, on_round=ctrl_c_after_round_1)
+    scenario = _interrupted_after_round_1(out)
     torch.set_num_threads(threads + 1)
     try:
         with caplog.at_level(logging.WARNING, logger="fedenc.runtime.simulate"):
