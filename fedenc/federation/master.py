@@ -1354,17 +1354,6 @@ class _Job:
                 )
                 continue
             why = _bad_evaluation(n, values) or _outweighs(self.children[nid], split, n)
-            weight = n
-            if why is None and n > self.children[nid].num_samples:
-                # More held-out examples than training samples, as declared (a small child):
-                # its metrics count, weighing what its training samples weigh in the fusion.
-                weight = float(self.children[nid].num_samples)
-                if (nid, split) not in self._capped:
-                    self._capped.add((nid, split))
-                    log.info(
-                        "%s's %s metrics weigh %d, its training samples, not its %g examples",
-                        self.exchange.label(nid), split, self.children[nid].num_samples, n,
-                    )  # fmt: skip
             if why is not None:
                 log.warning(
                     "round %d: %s's %s metrics left out: %s",
@@ -1374,6 +1363,17 @@ class _Job:
                     why,
                 )
                 continue
+            weight = n
+            if n > self.children[nid].num_samples:
+                # More held-out examples than training samples, as declared (a small child):
+                # its metrics count, weighing what its training samples weigh in the fusion.
+                weight = float(self.children[nid].num_samples)
+                if (nid, split) not in self._capped:
+                    self._capped.add((nid, split))
+                    log.info(
+                        "%s's %s metrics weigh %d, its training samples, not its %g examples",
+                        self.exchange.label(nid), split, self.children[nid].num_samples, n,
+                    )  # fmt: skip
             per_child[self.exchange.label(nid)] = {
                 **{f"{split}_{key}": value for key, value in values.items()},
                 f"{split}_examples": float(n),

@@ -19,7 +19,6 @@ would pass, so a scenario means the same on every runtime.
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import numbers
@@ -36,6 +35,7 @@ import numpy as np
 
 from fedenc import atomic
 from fedenc.federation.master import SAMPLINGS, RoundListener, RoundResult, round_listener
+from fedenc.plugins import did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +218,7 @@ class Scenario:
             name = _OPTION_NAMES.get(name, name)
             if name not in types:
                 known = sorted(t.replace("_", "-") for t in types)
-                close = difflib.get_close_matches(key.replace("_", "-"), known, n=1)
-                hint = f"did you mean {close[0]!r}? " if close else ""
+                hint = did_you_mean(key.replace("_", "-"), known)
                 raise ValueError(
                     f"{source}: unknown setting {key!r}; {hint}known: {', '.join(known)}"
                 )
