@@ -928,7 +928,7 @@ def _round_printer(title: str) -> tuple[Any, Any, list[dict[str, Any]]]:
 
 
 def _print_outcome(result: dict[str, Any], title: str, out_dir: Path) -> None:
-    from fedenc.federation.report import round_table
+    from fedenc.federation.report import DECILES_FROM, deciles, round_table
 
     Console().print(round_table(result["rounds"], title))
     published = result.get("published_round") or 0
@@ -949,13 +949,13 @@ def _print_outcome(result: dict[str, Any], title: str, out_dir: Path) -> None:
     if len(by_child) > 1:
         low, high = min(by_child, key=by_child.__getitem__), max(by_child, key=by_child.__getitem__)
         spread = f"{by_child[low]:.2f} ({low}) to {by_child[high]:.2f} ({high})"
-        if len(by_child) >= 10:  # the extremes of many small children say little alone
+        if len(by_child) >= DECILES_FROM:
             import statistics
 
-            deciles = statistics.quantiles(by_child.values(), n=10)
+            p10, p90 = deciles(list(by_child.values()))
             spread = (
-                f"median {statistics.median(by_child.values()):.2f}, p10-p90 {deciles[0]:.2f} "
-                f"to {deciles[-1]:.2f}; {spread}"
+                f"median {statistics.median(by_child.values()):.2f}, p10-p90 {p10:.2f} "
+                f"to {p90:.2f}; {spread}"
             )
         console.print(f"children's own test P@20: {spread}", highlight=False)
     confirmed = sum(1 for c in result.get("children", []) if c.get("accepted"))

@@ -14,11 +14,11 @@ import datetime
 import io
 import json
 import logging
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from rich.table import Table
 
 from fedenc import atomic
@@ -69,6 +69,18 @@ def split_name(rounds: Sequence[Mapping[str, Any]]) -> str | None:
     splits = {eval_split(r) for r in rounds} - {""}
     split = next(iter(splits)) if len(splits) == 1 else None
     return {"valid": "validation"}.get(split, split) if split else None
+
+
+#: From this many children on, their spread is shown as p10-p90: the extremes of many small
+#: children span about everything.
+DECILES_FROM = 10
+
+
+def deciles(values: Sequence[float]) -> tuple[float, float]:
+    """The 10th and 90th percentiles of ``values`` (at least two): one definition for the
+    console and the plot."""
+    cuts = statistics.quantiles(values, n=10)
+    return cuts[0], cuts[-1]
 
 
 def children_recall(r: Mapping[str, Any]) -> list[float]:
@@ -211,15 +223,11 @@ def plot_rounds(
     spread = [(x, children_recall(r)) for x, r in zip(xs, rounds, strict=True)]
     spread = [(x, v) for x, v in spread if len(v) > 1]
     if spread:
-        # With many (small) children the extremes span about everything: the p10-p90 band.
-        deciles = all(len(v) >= 10 for _, v in spread)
-        low, high = (
-            ([float(np.percentile(v, 10)) for _, v in spread],
-             [float(np.percentile(v, 90)) for _, v in spread])
-            if deciles else ([min(v) for _, v in spread], [max(v) for _, v in spread])
-        )  # fmt: skip
-        ax_rank.fill_between([x for x, _ in spread], low, high, color="C0", alpha=0.15,
-                             label="Recall@20, children's p10-p90" if deciles
+        many = all(len(v) >= DECILES_FROM for _, v in spread)
+        bands = [deciles(v) if many else (min(v), max(v)) for _, v in spread]
+        ax_rank.fill_between([x for x, _ in spread], [b[0] for b in bands],
+                             [b[1] for b in bands], color="C0", alpha=0.15,
+                             label="Recall@20, children's p10-p90" if many
                              else "Recall@20, children's range")  # fmt: skip
     final = final or {}
     for key, label, color in (("test_recall@20", "test Recall@20", "C0"),
