@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fedenc.encoders.layers import native_softmax
+from fedenc.encoders.layers.native_softmax import NativeBlocks
 from fedenc.encoders.layers.tied_lookup import TableGradTie
 
 # exp() of logits bounded by this cannot overflow float32 even summed over 10^8 items, so the
@@ -44,11 +46,20 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
         inv_norm = inverse_norms(items) if normalize else None
         cols = targets - 1
         keep_exp = keeps_exp(session, normalize)
-        grad_acc = (
-            session.new_zeros(session.shape) if keep_exp and any(ctx.needs_input_grad) else None
-        )
-        blocks, parts = forward_blocks(session, items, inv_norm, keep_exp, 0, n, chunk, grad_acc)
-        lse = combine_parts(parts, keep_exp)
+        blocks: list[Tensor] | NativeBlocks
+        if keep_exp and native_softmax.usable(session, items):
+            blocks, sums, grad_acc = native_softmax.forward(
+                session * _LOG2E, items, inv_norm, any(ctx.needs_input_grad)
+            )
+            lse = sums.log()
+        else:
+            grad_acc = (
+                session.new_zeros(session.shape) if keep_exp and any(ctx.needs_input_grad) else None
+            )
+            blocks, parts = forward_blocks(
+                session, items, inv_norm, keep_exp, 0, n, chunk, grad_acc
+            )
+            lse = combine_parts(parts, keep_exp)
         target_logit = (session * items[cols]).sum(1)
         if inv_norm is not None:
             target_logit = target_logit * inv_norm[cols]
@@ -67,7 +78,7 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
         saved = ctx.saved_tensors
         session, table, targets, lse = saved[:4]
         inv_norm = saved[4] if ctx.normalize else None
-        blocks: list[Tensor] = ctx.blocks
+        blocks: list[Tensor] | NativeBlocks = ctx.blocks
         chunk: int = ctx.chunk
         items = table[1:]
         scale = grad_out / session.shape[0]
@@ -75,21 +86,26 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
         grad_s = torch.zeros_like(session)
         grad_table = torch.empty_like(table)
         grad_table[0].zero_()
-        backward_blocks(
-            blocks,
-            0,
-            chunk,
-            session,
-            items,
-            inv_norm,
-            cols,
-            lse,
-            scale,
-            ctx.keep_exp,
-            grad_s,
-            grad_table,
-            ctx.grad_acc,
-        )
+        if isinstance(blocks, NativeBlocks):
+            _backward_native(
+                blocks, session, items, inv_norm, cols, lse, scale, grad_s, grad_table, ctx.grad_acc
+            )
+        else:
+            backward_blocks(
+                blocks,
+                0,
+                chunk,
+                session,
+                items,
+                inv_norm,
+                cols,
+                lse,
+                scale,
+                ctx.keep_exp,
+                grad_s,
+                grad_table,
+                ctx.grad_acc,
+            )
         tie: TableGradTie | None = ctx.tie
         ctx.tie = None
         if tie is not None and tie.offer(grad_table):
@@ -256,7 +272,42 @@ def _backward_kept(
         if inv_norm is not None:
             _unit_backward(out, items[a:b], inv_norm[a:b, None])
         b = a
-    # One-hot part, for the sessions whose target lies in these blocks (the others weigh 0).
+    _one_hot_part(lo, n, session, items, inv_norm, cols, scale, grad_s, grad_table)
+
+
+def _backward_native(
+    blocks: NativeBlocks,
+    session: Tensor,
+    items: Tensor,
+    inv_norm: Tensor | None,
+    cols: Tensor,
+    lse: Tensor,
+    scale: Tensor,
+    grad_s: Tensor,
+    grad_table: Tensor,
+    grad_acc: Tensor,
+) -> None:
+    """:func:`_backward_kept` for the native kernels' blocks (:mod:`.native_softmax`): the
+    same sums, every item row written by the kernels in one pass."""
+    factor = scale * torch.exp(-lse)
+    grad_s.addcmul_(grad_acc, factor[:, None])
+    native_softmax.backward(blocks, session * factor[:, None], items, inv_norm, grad_table[1:])
+    _one_hot_part(0, blocks.num_items, session, items, inv_norm, cols, scale, grad_s, grad_table)
+
+
+def _one_hot_part(
+    lo: int,
+    n: int,
+    session: Tensor,
+    items: Tensor,
+    inv_norm: Tensor | None,
+    cols: Tensor,
+    scale: Tensor,
+    grad_s: Tensor,
+    grad_table: Tensor,
+) -> None:
+    """The ``-scale·onehot(t)`` part of the softmax gradient, for the sessions whose target lies
+    in items ``lo..lo+n`` (the others weigh 0), added to ``grad_s`` and ``grad_table``."""
     here = ((cols >= lo) & (cols < lo + n)).to(session.dtype)[:, None]
     col = cols.clamp(lo, lo + n - 1)
     e_t = items[col]
