@@ -1,7 +1,8 @@
 """Training and evaluation speed of an encoder at SR-GNN's settings (hidden 100, batch 100, full
 softmax over the whole catalog), against a straightforward implementation measured in the same run.
 
-fedenc path: vectorised graph batches, chunked full-softmax loss, fused Adam; evaluation under
+fedenc path: vectorised graph batches, the full-softmax loss in native kernels where they build
+(also timed with them off: "train, PyTorch loss"), fused Adam; evaluation under
 no_grad ranking targets in cache-sized item chunks. Baseline: the same model trained the way the
 public SR-GNN code does it -- per-session Python graph building, autograd cross-entropy over the
 materialised logits, foreach Adam, evaluation with autograd on and a top-k sort.
@@ -14,7 +15,10 @@ materialised logits, foreach Adam, evaluation with autograd on and a top-k sort.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -26,6 +30,7 @@ from fedenc.data.batching import build_batch, build_batch_reference
 from fedenc.data.readers import read_session_text
 from fedenc.data.sessions import Examples, Sessions
 from fedenc.data.synthetic import SyntheticConfig, generate
+from fedenc.encoders.layers import native_softmax
 from fedenc.encoders.registry import build_encoder
 from fedenc.training.allocator import tune_allocator
 from fedenc.training.checkpoint import load_checkpoint
@@ -104,9 +109,13 @@ def main() -> None:
         fast = build_encoder(args.encoder, ex.num_items, **options)
         base = build_encoder(args.encoder, ex.num_items, **options)
     base.load_state_dict(fast.state_dict())
+    plain = build_encoder(args.encoder, ex.num_items, **_config(fast))  # the PyTorch loss
+    plain.load_state_dict(fast.state_dict())
     fast.to(dev)
     base.to(dev)
+    plain.to(dev)
     opt_fast = torch.optim.Adam(fast.parameters(), lr=1e-3, weight_decay=1e-5, fused=True)
+    opt_plain = torch.optim.Adam(plain.parameters(), lr=1e-3, weight_decay=1e-5, fused=True)
     opt_base = torch.optim.Adam(base.parameters(), lr=1e-3, weight_decay=1e-5, foreach=True)
 
     def train(model: Any, opt: Any, reference: bool) -> None:
@@ -150,12 +159,19 @@ def main() -> None:
         },
         args.repeats,
     )
-    train(fast, opt_fast, False)  # warm-up both
+
+    def train_plain() -> None:
+        with _native_loss(False):
+            train(plain, opt_plain, False)
+
+    train(fast, opt_fast, False)  # warm-up all three (and the native kernels' first build)
     train(base, opt_base, True)
+    train_plain()
     t |= interleaved(
         {
             "train fedenc": lambda: train(fast, opt_fast, False),
             "train baseline": lambda: train(base, opt_base, True),
+            "train torch loss": train_plain,
         },
         args.repeats,
     )
@@ -172,10 +188,23 @@ def main() -> None:
         f"evaluated model: {args.checkpoint or 'untrained (pass --checkpoint for a trained one)'}"
         f", Recall@20 on the timed eval pairs {hits:.1f}%"
     )
+    why = native_softmax.unavailable_reason() or "switched off, no AVX2, or not a float32 CPU table"
+    if not getattr(fast.config, "normalize", False):
+        kernels = "PyTorch (items not normalised: the native kernels cover the normalised loss)"
+    elif native_softmax.usable(torch.zeros(1, 1), fast.embedding.weight.detach()):
+        kernels = "native (AVX2/FMA)"
+    else:
+        kernels = f"PyTorch ({why})"
+    print(f"training loss kernels: {kernels}")
     print(f"{'':16s}{'fedenc':>14s}{'baseline':>14s}{'ratio':>8s}")
     for what in ("train", "eval"):
         f_, b_ = rate[f"{what} fedenc"], rate[f"{what} baseline"]
         print(f"{what + ' pairs/s':16s}{f_:14,.0f}{b_:14,.0f}{f_ / b_:7.2f}x")
+    plain_rate = rate["train torch loss"]
+    print(
+        f"{'train, PyTorch':16s}{plain_rate:14,.0f}{rate['train baseline']:14,.0f}"
+        f"{plain_rate / rate['train baseline']:7.2f}x   (fedenc with the native loss kernels off)"
+    )
     exact = rate["eval exact"]
     print(
         f"{'eval exact':16s}{exact:14,.0f}{rate['eval baseline']:14,.0f}"
@@ -192,6 +221,19 @@ def main() -> None:
                 fh,
                 indent=2,
             )
+
+
+@contextlib.contextmanager
+def _native_loss(on: bool) -> Iterator[None]:
+    before = os.environ.get(native_softmax.ENV_SWITCH)
+    os.environ[native_softmax.ENV_SWITCH] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[native_softmax.ENV_SWITCH]
+        else:
+            os.environ[native_softmax.ENV_SWITCH] = before
 
 
 def _config(model: Any) -> dict[str, Any]:
