@@ -242,7 +242,7 @@ struct Backward {
       const int64_t j0 = p * W;
       const int w = static_cast<int>(std::min<int64_t>(W, n - j0));
       const float* zp = Z + p * bpad * W;
-      for (int g = 0; g < dp / 4; ++g) {
+      for (int g = 0; g < (d + 3) / 4; ++g) {  // rows past that stay 0 (d = 100: 25, not 26)
         __m256 c[4][3];
         tile_4x24(SF + static_cast<int64_t>(g) * bpad * 4, zp, W, bpad, c);
         for (int rr = 0; rr < 4; ++rr)
