@@ -286,6 +286,27 @@ def test_a_resume_with_another_thread_count_says_it_will_not_be_bit_for_bit(
     assert "about 1e-7 (the order of float sums), not bit for bit" in flat
 
 
+def test_a_resume_with_the_native_loss_kernels_switched_says_it_will_not_be_bit_for_bit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    from fedenc.encoders.layers import native_softmax
+    from fedenc.runtime.simulate import run_scenario
+
+    out = tmp_path / "run"
+    before = native_softmax.active()
+    scenario = _interrupted_after_round_1(out)
+    monkeypatch.setenv(native_softmax.ENV_SWITCH, "1" if not before else "0")
+    if native_softmax.active() == before:
+        pytest.skip("the native kernels cannot be built here: nothing to switch")
+    with caplog.at_level(logging.WARNING, logger="fedenc.runtime.simulate"):
+        run_scenario(scenario, out, resume=True)
+    flat = " ".join(caplog.text.split())
+    assert f"'native_loss_kernels': {before}}}, this resume with" in flat
+    assert "not bit for bit" in flat
+
+
 def _simulate_with_nan_from_round(
     nan_round: int, rounds: int, out: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Any:

@@ -375,15 +375,18 @@ THREADS_FILE = "threads.json"
 
 
 def _note_threads(state_dir: Path, scenario: Scenario, resume: bool) -> None:
-    """Record the torch thread count the children train with; on a resume, warn when it
-    changed: intra-op threads change the order of float sums, so the encoder then equals an
-    uninterrupted run's to about 1e-7, not bit for bit."""
+    """Record the torch thread count the children train with and whether their loss runs in
+    the native kernels; on a resume, warn when either changed: both change the order of float
+    sums, so the encoder then equals an uninterrupted run's to about 1e-7, not bit for bit."""
     import torch
+
+    from fedenc.encoders.layers import native_softmax
 
     threads = {
         "torch_threads": torch.get_num_threads(),
         "workers": scenario.workers,
         "worker_threads": scenario.threads,
+        "native_loss_kernels": native_softmax.active(),
     }
     path = state_dir / THREADS_FILE
     if resume and path.is_file():

@@ -64,6 +64,12 @@ def enabled() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
+def active() -> bool:
+    """Whether training here runs the normalised loss in the native kernels (builds them on
+    first call): a run records it, since the two paths' float sums differ (about 1e-6)."""
+    return enabled() and library() is not None
+
+
 def usable(session: Tensor, items: Tensor) -> bool:
     """Whether :func:`forward` can take these operands (and the kernels load)."""
     if not (
