@@ -100,7 +100,7 @@ def library() -> ctypes.CDLL | None:
         if _library is None and _failure is None:
             try:
                 _library = _load(_build())
-            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as exc:
                 _failure = str(exc)
                 log.warning(
                     "native full-softmax kernels unavailable (%s); training uses the PyTorch "
@@ -124,7 +124,8 @@ def _cache_dirs() -> list[Path]:
     when that is not writable (a read-only home)."""
     env = os.environ.get(ENV_CACHE)
     first = Path(env) if env else Path.home() / ".cache" / "fedenc"
-    return [first / "native", Path(tempfile.gettempdir()) / f"fedenc-native-{os.getuid()}"]
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    return [first / "native", Path(tempfile.gettempdir()) / f"fedenc-native-{user}"]
 
 
 def _build() -> Path:
