@@ -2,8 +2,8 @@
 // loaded by native_softmax.py. Plain C ABI, no torch headers: it compiles in about 2 s.
 //
 // Why: on the 2-core reference machine (Zen 3) MKL runs this loss's products, one dimension of
-// 100, at 60% of the FMA units' peak, and every pass between them (normalising the items, exp,
-// row sums, the normalisation's backward) reads a 1.6 MB block back from L3. Here the catalog is
+// 100, at roughly half the FMA units' peak, and every pass between them (normalising the items,
+// exp, row sums, the normalisation's backward) reads a 1.6 MB block back from L3. Here the catalog is
 // cut into panels of W = 24 items; a panel's unit item vectors are packed once into L1, and every
 // product, exp and sum on it runs while it is there. Each thread takes a contiguous range of
 // panels and keeps its own partial sums, which the caller adds up in thread order: the result
