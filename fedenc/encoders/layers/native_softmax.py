@@ -149,6 +149,7 @@ def _build() -> Path:
         except OSError as exc:
             errors.append(f"{folder}: {exc}")
             continue
+        log.info("building the native full-softmax kernels (once, a few seconds): %s", target)
         try:
             done = subprocess.run(
                 [cxx, *FLAGS, str(SOURCE), "-o", tmp],
