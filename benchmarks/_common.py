@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,50 @@ def train_steps(model: Any, optimizer: Any, examples: Any, index: list[Any], dev
         optimizer.zero_grad(set_to_none=True)
         model.loss(build_batch(examples, idx, device)).backward()
         optimizer.step()
+
+
+@contextlib.contextmanager
+def native_loss(on: bool) -> Iterator[None]:
+    """The training loss's native kernels switched on or off inside the block (the switch is
+    read at every loss call), the environment restored after."""
+    from fedenc.encoders.layers import native_softmax
+
+    before = os.environ.get(native_softmax.ENV_SWITCH)
+    os.environ[native_softmax.ENV_SWITCH] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[native_softmax.ENV_SWITCH]
+        else:
+            os.environ[native_softmax.ENV_SWITCH] = before
+
+
+class LossKernelCount:
+    """Counts the steps whose loss actually ran in the native kernels, to label the figures by
+    what ran (the kernels fall back to PyTorch for unnormalised items, large session norms, a
+    failed build...)."""
+
+    def __init__(self) -> None:
+        self.native = 0
+        self.steps = 0
+
+    @contextlib.contextmanager
+    def counting(self, steps: int) -> Iterator[None]:
+        from fedenc.encoders.layers import native_softmax
+
+        before = native_softmax.calls
+        yield
+        self.native += native_softmax.calls - before
+        self.steps += steps
+
+    def label(self) -> str:
+        from fedenc.encoders.layers import native_softmax
+
+        if self.native == 0:
+            why = native_softmax.unavailable_reason()
+            return "PyTorch (the native kernels did not run" + (f": {why})" if why else ")")
+        return f"native (AVX2/FMA), {self.native} of {self.steps} steps"
 
 
 def median(xs: list[float]) -> float:

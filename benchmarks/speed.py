@@ -2,7 +2,7 @@
 softmax over the whole catalog), against a straightforward implementation measured in the same run.
 
 fedenc path: vectorised graph batches, the full-softmax loss in native kernels where they build
-(also timed with them off: "train, PyTorch loss"), fused Adam; evaluation under
+(also timed with them off: the "train, PyTorch" row), fused Adam; evaluation under
 no_grad ranking targets in cache-sized item chunks. Baseline: the same model trained the way the
 public SR-GNN code does it -- per-session Python graph building, autograd cross-entropy over the
 materialised logits, foreach Adam, evaluation with autograd on and a top-k sort.
@@ -15,22 +15,18 @@ materialised logits, foreach Adam, evaluation with autograd on and a top-k sort.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from _common import data_dir, interleaved, load_avg, median
+from _common import LossKernelCount, data_dir, interleaved, load_avg, median, native_loss
 from torch.nn import functional as F
 
 from fedenc.data.batching import build_batch, build_batch_reference
 from fedenc.data.readers import read_session_text
 from fedenc.data.sessions import Examples, Sessions
 from fedenc.data.synthetic import SyntheticConfig, generate
-from fedenc.encoders.layers import native_softmax
 from fedenc.encoders.registry import build_encoder
 from fedenc.training.allocator import tune_allocator
 from fedenc.training.checkpoint import load_checkpoint
@@ -161,15 +157,21 @@ def main() -> None:
     )
 
     def train_plain() -> None:
-        with _native_loss(False):
+        with native_loss(False):
             train(plain, opt_plain, False)
 
-    train(fast, opt_fast, False)  # warm-up all three (and the native kernels' first build)
+    kernels = LossKernelCount()
+
+    def train_fast() -> None:
+        with kernels.counting(len(train_idx)):
+            train(fast, opt_fast, False)
+
+    train_fast()  # warm-up all three (and the native kernels' first build)
     train(base, opt_base, True)
     train_plain()
     t |= interleaved(
         {
-            "train fedenc": lambda: train(fast, opt_fast, False),
+            "train fedenc": train_fast,
             "train baseline": lambda: train(base, opt_base, True),
             "train torch loss": train_plain,
         },
@@ -188,14 +190,7 @@ def main() -> None:
         f"evaluated model: {args.checkpoint or 'untrained (pass --checkpoint for a trained one)'}"
         f", Recall@20 on the timed eval pairs {hits:.1f}%"
     )
-    why = native_softmax.unavailable_reason() or "switched off, no AVX2, or not a float32 CPU table"
-    if not getattr(fast.config, "normalize", False):
-        kernels = "PyTorch (items not normalised: the native kernels cover the normalised loss)"
-    elif native_softmax.usable(torch.zeros(1, 1), fast.embedding.weight.detach()):
-        kernels = "native (AVX2/FMA)"
-    else:
-        kernels = f"PyTorch ({why})"
-    print(f"training loss kernels: {kernels}")
+    print(f"training loss of the fedenc row: {kernels.label()}")
     print(f"{'':16s}{'fedenc':>14s}{'baseline':>14s}{'ratio':>8s}")
     for what in ("train", "eval"):
         f_, b_ = rate[f"{what} fedenc"], rate[f"{what} baseline"]
@@ -221,19 +216,6 @@ def main() -> None:
                 fh,
                 indent=2,
             )
-
-
-@contextlib.contextmanager
-def _native_loss(on: bool) -> Iterator[None]:
-    before = os.environ.get(native_softmax.ENV_SWITCH)
-    os.environ[native_softmax.ENV_SWITCH] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[native_softmax.ENV_SWITCH]
-        else:
-            os.environ[native_softmax.ENV_SWITCH] = before
 
 
 def _config(model: Any) -> dict[str, Any]:

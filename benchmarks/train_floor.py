@@ -19,17 +19,15 @@ Everything is timed with the order of the rows flipping every repeat, and the fi
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from _common import interleaved, load_avg, median, train_steps
+from _common import LossKernelCount, interleaved, load_avg, median, native_loss, train_steps
 from speed import add_data_options, load_examples
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fedenc.encoders.layers import native_softmax
 from fedenc.encoders.registry import build_encoder
 from fedenc.training.allocator import tune_allocator
 from fedenc.training.checkpoint import load_checkpoint
@@ -117,17 +115,16 @@ def main() -> None:
     index = [rng.integers(0, len(ex), 100) for _ in range(args.batches)]
     cpu = torch.device("cpu")
 
+    kernels = LossKernelCount()
+
     def steps() -> None:
-        train_steps(model, opt, ex, index, cpu)
+        with kernels.counting(len(index)):
+            train_steps(model, opt, ex, index, cpu)
 
     def steps_torch_loss() -> None:
-        os.environ[native_softmax.ENV_SWITCH] = "0"
-        try:
-            steps()
-        finally:
-            os.environ[native_softmax.ENV_SWITCH] = switch
+        with native_loss(False):
+            train_steps(model, opt, ex, index, cpu)
 
-    switch = os.environ.get(native_softmax.ENV_SWITCH, "1")
     # The products of every step (batches differ in their node counts), as MKL runs them.
     recorder = _RecordGemms()
     with recorder:
@@ -205,15 +202,14 @@ def main() -> None:
         f"{'measured step, PyTorch loss':44s}{per['torch']:9.1f}{rate(per['torch'])}"
         f"   (the floor is {100 * floor / per['torch']:.0f}% of it)"
     )
-    native = native_softmax.usable(torch.zeros(1, 1), model.embedding.weight.detach())
-    kernels = "native loss kernels" if native else "PyTorch loss: native kernels not used here"
-    print(f"{f'measured training step ({kernels})':44s}{per['step']:9.1f}{rate(per['step'])}")
+    step_row = f"{'measured training step':44s}{per['step']:9.1f}{rate(per['step'])}"
+    print(f"{step_row}   (loss: {kernels.label()})")
     verdict = "below" if goal_ms < floor else "above"
     print(
         f"goal {args.goal:,.0f} pairs/s = {goal_ms:.1f} ms/step: {verdict} the PyTorch floor in "
         f"this run, leaving {goal_ms - floor:+.1f} ms for everything else in the step "
         f"(which takes {per['torch'] - floor:.1f} ms now); the training step is "
-        f"{per['step'] - goal_ms:+.1f} ms from the goal"
+        f"{abs(per['step'] - goal_ms):.1f} ms {'over' if per['step'] > goal_ms else 'under'} it"
     )
 
 

@@ -375,9 +375,10 @@ THREADS_FILE = "threads.json"
 
 
 def _note_threads(state_dir: Path, scenario: Scenario, resume: bool) -> None:
-    """Record the torch thread count the children train with and whether their loss runs in
-    the native kernels; on a resume, warn when either changed: both change the order of float
-    sums, so the encoder then equals an uninterrupted run's to about 1e-7, not bit for bit."""
+    """Record the torch thread count the children train with and whether the native loss
+    kernels were available to them; on a resume, warn when either changed: threads change the
+    order of float sums (the encoder then equals an uninterrupted run's to about 1e-7), the
+    kernels also the ``exp`` (about 1e-6 a step): neither is bit for bit."""
     import torch
 
     from fedenc.encoders.layers import native_softmax
@@ -395,10 +396,16 @@ def _note_threads(state_dir: Path, scenario: Scenario, resume: bool) -> None:
         except (OSError, ValueError):
             before = None
         if isinstance(before, dict) and before != threads:
+            kernels = "native_loss_kernels"
+            how = (
+                "about 1e-7 (the order of float sums)"
+                if before.get(kernels) == threads[kernels]
+                else "float rounding (another loss path: about 1e-6 a step)"
+            )
             log.warning(
                 "the interrupted run trained with %s, this resume with %s: the encoder will equal "
-                "an uninterrupted run's to about 1e-7 (the order of float sums), not bit for bit",
-                before, threads,
+                "an uninterrupted run's to %s, not bit for bit",
+                before, threads, how,
             )  # fmt: skip
     try:
         state_dir.mkdir(parents=True, exist_ok=True)

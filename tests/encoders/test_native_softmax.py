@@ -15,10 +15,23 @@ from fedenc.encoders.layers import native_softmax
 from fedenc.encoders.layers.full_softmax import full_softmax_cross_entropy, inverse_norms
 from fedenc.encoders.registry import build_encoder
 
-needs_native = pytest.mark.skipif(
-    not native_softmax.enabled() or native_softmax.library() is None,
-    reason=f"native kernels not usable here: {native_softmax.unavailable_reason() or 'no AVX2'}",
-)
+
+@pytest.fixture
+def native() -> None:
+    """Skips (saying why) where the kernels cannot run; checked when a test runs, not when the
+    suite is collected (no build for deselected tests)."""
+    import os
+    import platform
+
+    if os.environ.get(native_softmax.ENV_SWITCH, "1") in ("0", "false", "no", "off"):
+        pytest.skip(f"native kernels switched off ({native_softmax.ENV_SWITCH})")
+    if not native_softmax.enabled():
+        pytest.skip(f"native kernels need an x86-64 CPU with AVX2 ({platform.machine()})")
+    if native_softmax.library() is None:
+        pytest.skip(f"native kernels did not build: {native_softmax.unavailable_reason()}")
+
+
+needs_native = pytest.mark.usefixtures("native")
 
 
 def _case(b: int, d: int, n: int, seed: int, magnitude: float = 8.0):
@@ -180,6 +193,110 @@ def test_a_compile_error_names_the_source(monkeypatch, tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match=r"broken\.cpp"):
         native_softmax._build()
     assert not list((tmp_path / "cache" / "native").glob("*"))
+
+
+@needs_native
+def test_as_accurate_as_the_pytorch_path_up_to_the_exp_keeping_bound(monkeypatch) -> None:
+    # Diginetica's catalog at session norms 12 (the default scale) and 40 (the bound): each
+    # thread sums ~20k items; summed in one float level that lost ~8x the accuracy.
+    gen = torch.Generator().manual_seed(11)
+    n = 43097
+    table = torch.randn(n + 1, 100, generator=gen)
+    targets = torch.randint(1, n + 1, (100,), generator=gen)
+    for norm in (12.0, 40.0):
+        session = F.normalize(torch.randn(100, 100, generator=gen), dim=1) * norm
+        t64 = table.double().requires_grad_()
+        s64 = session.double().requires_grad_()
+        ref = F.cross_entropy(s64 @ F.normalize(t64[1:], dim=1).t(), targets - 1)
+        want = (ref.detach(), *torch.autograd.grad(ref, (s64, t64)))
+        errors = {}
+        for path in (True, False):
+            got = _grads(session, table, targets, path, monkeypatch)
+            errors[path] = [
+                float((g.double() - w).norm() / w.norm()) for g, w in zip(got, want, strict=True)
+            ]
+        for mine, theirs in zip(errors[True], errors[False], strict=True):
+            assert mine <= 2 * theirs + 1e-8, (norm, errors)
+
+
+@needs_native
+def test_each_thread_fills_its_own_slot_of_partial_sums() -> None:
+    # The raw kernel at 2 threads: thread t sums panels [t * P / 2, (t + 1) * P / 2).
+    table, session, _ = _case(8, 16, 24 * 9 + 5, seed=6, magnitude=3.0)  # 10 panels
+    items = table[1:]
+    lib = native_softmax._ensure_library()
+    s = native_softmax._interleave4(session, 8, 16)
+    z = torch.empty(10 * 8 * 24)
+    sums = torch.full((3, 8), -1.0)  # a third slot the kernel must not touch
+    acc = torch.zeros(3, 8, 16)
+    ptr = native_softmax._ptr
+    used = lib.fedenc_softmax_forward(
+        ptr(s), 8, 16, 16, ptr(items), items.stride(0), None, items.shape[0], ptr(z),
+        ptr(sums), ptr(acc), 2,
+    )  # fmt: skip
+    assert used == 2
+    logits = torch.exp2(session.double() @ items.double().t())  # (8, n): the kernel takes exp2
+    for t, (lo, hi) in enumerate([(0, 5 * 24), (5 * 24, items.shape[0])]):
+        part = logits[:, lo:hi]
+        torch.testing.assert_close(sums[t].double(), part.sum(1), rtol=1e-5, atol=0)
+        torch.testing.assert_close(
+            acc[t].double(), part @ items.double()[lo:hi], rtol=1e-4, atol=1e-4
+        )
+    assert torch.equal(sums[2], torch.full((8,), -1.0)) and not acc[2].any()
+
+
+@needs_native
+def test_a_float64_default_dtype_does_not_change_the_float32_loss(monkeypatch) -> None:
+    table, session, targets = _case(5, 12, 200, seed=8)
+    want = _grads(session, table, targets, True, monkeypatch)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = _grads(session, table, targets, True, monkeypatch)
+    finally:
+        torch.set_default_dtype(before)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+@needs_native
+def test_a_second_backward_with_retain_graph_adds_the_same_gradients(monkeypatch) -> None:
+    monkeypatch.setenv(native_softmax.ENV_SWITCH, "1")
+    table, session, targets = _case(6, 10, 100, seed=12)
+    s, t = session.clone().requires_grad_(), table.clone().requires_grad_()
+    loss = full_softmax_cross_entropy(s, t, targets, True)
+    loss.backward(retain_graph=True)
+    once = (s.grad.clone(), t.grad.clone())
+    loss.backward()
+    torch.testing.assert_close(s.grad, 2 * once[0])
+    torch.testing.assert_close(t.grad, 2 * once[1])
+
+
+def test_a_library_without_the_kernels_falls_back_with_a_warning(monkeypatch, caplog) -> None:
+    import ctypes.util
+
+    libm = ctypes.util.find_library("m")
+    if libm is None:
+        pytest.skip("no libm to stand in for a library without the kernels' symbols")
+    monkeypatch.setattr(native_softmax, "_library", None)
+    monkeypatch.setattr(native_softmax, "_failure", None)
+    monkeypatch.setattr(native_softmax, "enabled", lambda: True)
+    monkeypatch.setattr(native_softmax, "_build", lambda: Path(libm))
+    table, session, _ = _case(2, 8, 30, seed=1)
+    with caplog.at_level(logging.WARNING, logger=native_softmax.__name__):
+        assert not native_softmax.usable(session, table[1:])
+    assert "fedenc_softmax_panel" in (native_softmax.unavailable_reason() or "")
+    assert any("unavailable" in r.getMessage() for r in caplog.records)
+
+
+def test_cxx_may_carry_a_launcher_and_options(monkeypatch) -> None:
+    import shutil
+
+    monkeypatch.setenv("CXX", "env g++ -Wall")
+    if shutil.which("env") is None:
+        pytest.skip("no env(1)")
+    command = native_softmax._compiler()
+    assert command[0] == shutil.which("env") and command[1:] == ["g++", "-Wall"]
 
 
 @needs_native

@@ -10,9 +10,11 @@ time, a Diginetica training step 0.77-0.85x (``benchmarks/speed.py`` prints both
 The kernels are compiled on first use (``$CXX`` or ``g++``, about 2 s) into
 ``$FEDENC_CACHE_DIR`` (default ``~/.cache/fedenc``), keyed by a hash of the source and flags, and
 loaded with :mod:`ctypes`: no torch headers, no build step at install. Where they cannot be used
-(no x86-64 AVX2 CPU, no compiler, a float64 or GPU table, ``FEDENC_NATIVE_SOFTMAX=0``) the PyTorch
-path runs, after one warning when a build failed. Both give the same loss and gradients up to
-float rounding (relative 1e-6; tested); a run is bit-reproducible on one path and thread count.
+(no x86-64 AVX2 CPU, no compiler, a float64 or GPU table, items not normalised, a session norm
+past the exp-keeping bound, ``FEDENC_NATIVE_SOFTMAX=0``) the PyTorch path runs, after one warning
+when a build failed. Both give the loss and gradients of the float64 expression to float32
+rounding (relative 1e-6 at the default scale; tested), through different ``exp`` and summation
+orders: a run is bit-reproducible on one path and thread count.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -43,11 +46,13 @@ BUILD_TIMEOUT_S = 300
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _failure: str | None = None  # why the kernels are unavailable, once known
+calls = 0  # forward calls so far: benchmarks read it to say which loss actually ran
 
 
 @dataclass(frozen=True)
 class NativeBlocks:
-    """The forward's exp'd logits, kept for the backward: ``z`` is ``[panels][bpad][24]``."""
+    """The forward's exp'd logits, kept for the backward: ``z`` is flat, laid out as
+    ``[panels][bpad][24]`` (panel-major, then session, then the panel's 24 items)."""
 
     z: Tensor
     num_items: int
@@ -65,8 +70,9 @@ def enabled() -> bool:
 
 
 def active() -> bool:
-    """Whether training here runs the normalised loss in the native kernels (builds them on
-    first call): a run records it, since the two paths' float sums differ (about 1e-6)."""
+    """Whether the native kernels are enabled and built here (builds them on first call): the
+    normalised loss then runs in them on CPU float32 tables, for session norms up to the
+    exp-keeping bound. A run records it, since the two paths' results differ (about 1e-6)."""
     return enabled() and library() is not None
 
 
@@ -111,12 +117,14 @@ def library() -> ctypes.CDLL | None:
     return _library
 
 
-def _compiler() -> str:
+def _compiler() -> list[str]:
+    """The compiler command: ``$CXX`` split like a shell would (``ccache g++`` works)."""
     cxx = os.environ.get("CXX", "g++")
-    path = shutil.which(cxx)
+    words = shlex.split(cxx)
+    path = shutil.which(words[0]) if words else None
     if path is None:
         raise RuntimeError(f"no C++ compiler: {cxx!r} is not on PATH (set CXX to one)")
-    return path
+    return [path, *words[1:]]
 
 
 def _cache_dirs() -> list[Path]:
@@ -132,7 +140,7 @@ def _build() -> Path:
     cxx = _compiler()
     source = SOURCE.read_bytes()
     version = subprocess.run(
-        [cxx, "--version"], capture_output=True, text=True, timeout=30, check=False
+        [*cxx, "--version"], capture_output=True, text=True, timeout=30, check=False
     ).stdout
     key = hashlib.sha256(source + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
     errors = []
@@ -152,7 +160,7 @@ def _build() -> Path:
         log.info("building the native full-softmax kernels (once, a few seconds): %s", target)
         try:
             done = subprocess.run(
-                [cxx, *FLAGS, str(SOURCE), "-o", tmp],
+                [*cxx, *FLAGS, str(SOURCE), "-o", tmp],
                 capture_output=True,
                 text=True,
                 timeout=BUILD_TIMEOUT_S,
@@ -160,7 +168,8 @@ def _build() -> Path:
             )
             if done.returncode != 0:
                 raise RuntimeError(
-                    f"{Path(cxx).name} failed on {SOURCE.name}: {done.stderr.strip()[-400:]}"
+                    f"{Path(cxx[0]).name} failed on {SOURCE.name} (exit {done.returncode}): "
+                    + _head_and_tail(done.stderr.strip())
                 )
             os.replace(tmp, target)
         finally:
@@ -168,6 +177,13 @@ def _build() -> Path:
                 os.unlink(tmp)
         return target
     raise RuntimeError("no writable cache folder: " + "; ".join(errors))
+
+
+def _head_and_tail(text: str, keep: int = 300) -> str:
+    """The first error and the last lines of a compiler's output."""
+    if len(text) <= 2 * keep:
+        return text
+    return f"{text[:keep]} [...] {text[-keep:]}"
 
 
 def _load(path: Path) -> ctypes.CDLL:
@@ -184,6 +200,13 @@ def _load(path: Path) -> ctypes.CDLL:
 
 
 PANEL = 24  # items per panel, as in the kernels
+
+
+def _ensure_library() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native full-softmax kernels unavailable: {_failure}")
+    return lib
 
 
 def _ptr(t: Tensor | None) -> ctypes.c_void_p | None:
@@ -204,22 +227,23 @@ def forward(
     """``Z = exp2(ê sᵀ)`` for ``scaled_session`` (B, d) (the session times log2(e)) and the
     (unit, with ``inv_norm``) item rows: the kept blocks, each session's ``Σ_j Z_bj`` (B,), and
     with ``want_acc`` ``Σ_j Z_bj ê_j`` (B, d)."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"native full-softmax kernels unavailable: {_failure}")
+    global calls
+    lib = _ensure_library()
     b, d = scaled_session.shape
     n = items.shape[0]
     bpad, dp = -(-b // 4) * 4, -(-d // 8) * 8
     threads = max(1, torch.get_num_threads())
     s = _interleave4(scaled_session.detach(), bpad, d)
-    z = torch.empty(-(-n // PANEL) * bpad * PANEL)
-    sums = torch.zeros(threads, bpad)
-    acc = torch.zeros(threads, bpad, dp) if want_acc else None
+    f32 = torch.float32  # whatever the default dtype: the kernels write float32
+    z = torch.empty(-(-n // PANEL) * bpad * PANEL, dtype=f32)
+    sums = torch.zeros(threads, bpad, dtype=f32)
+    acc = torch.zeros(threads, bpad, dp, dtype=f32) if want_acc else None
     r = None if inv_norm is None else inv_norm.contiguous()
     lib.fedenc_softmax_forward(
         _ptr(s), bpad, d, dp, _ptr(items), items.stride(0), _ptr(r), n, _ptr(z),
         _ptr(sums), _ptr(acc), threads,
     )  # fmt: skip
+    calls += 1
     total = sums.sum(0)[:b]
     grad_acc = None if acc is None else acc.sum(0)[:b, :d]
     return NativeBlocks(z, n, bpad, dp), total, grad_acc
@@ -235,9 +259,7 @@ def backward(
     """Writes every item's gradient row into ``out`` (n, d), rows of stride ``out.stride(0)``:
     ``Σ_b Z_bj f_b s_b`` for the gradient of ê_j, mapped through the normalisation when
     ``inv_norm`` is given. ``session_f`` (B, d) holds the rows ``f_b s_b``."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"native full-softmax kernels unavailable: {_failure}")
+    lib = _ensure_library()
     d = session_f.shape[1]
     if out.shape != (blocks.num_items, d) or out.stride(1) != 1:
         raise ValueError(f"out must be ({blocks.num_items}, {d}) with unit column stride")
