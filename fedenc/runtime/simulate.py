@@ -374,6 +374,29 @@ def _warn_inexact_resume(state_dir: Path) -> None:
 THREADS_FILE = "threads.json"
 
 
+def _native_loss_kernels(scenario: Scenario) -> bool:
+    """Whether the children's loss runs in the native kernels: a CPU run whose items are
+    normalised with a scale within the exp-keeping bound, on a machine where they build."""
+    from fedenc.encoders.base import EncoderConfig
+    from fedenc.encoders.layers import native_softmax
+    from fedenc.encoders.layers.full_softmax import SAFE_LOGIT
+
+    defaults = EncoderConfig.__dataclass_fields__
+    options = scenario.encoder_options
+    import torch
+
+    device = str(scenario.device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not device.startswith("cpu"):
+        return False
+    if not options.get("normalize", defaults["normalize"].default):
+        return False
+    if float(options.get("scale", defaults["scale"].default)) > SAFE_LOGIT:
+        return False
+    return native_softmax.active()
+
+
 def _note_threads(state_dir: Path, scenario: Scenario, resume: bool) -> None:
     """Record the torch thread count the children train with and whether the native loss
     kernels were available to them; on a resume, warn when either changed: threads change the
@@ -381,13 +404,11 @@ def _note_threads(state_dir: Path, scenario: Scenario, resume: bool) -> None:
     kernels also the ``exp`` (about 1e-6 a step): neither is bit for bit."""
     import torch
 
-    from fedenc.encoders.layers import native_softmax
-
     threads = {
         "torch_threads": torch.get_num_threads(),
         "workers": scenario.workers,
         "worker_threads": scenario.threads,
-        "native_loss_kernels": native_softmax.active(),
+        "native_loss_kernels": _native_loss_kernels(scenario),
     }
     path = state_dir / THREADS_FILE
     if resume and path.is_file():

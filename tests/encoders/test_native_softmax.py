@@ -182,6 +182,56 @@ def test_a_build_is_cached_by_source_and_flags(monkeypatch, tmp_path: Path) -> N
     assert native_softmax._build() == first  # found, not rebuilt
     assert first.stat().st_mtime_ns == stamp
     assert not list(first.parent.glob("*.tmp"))  # no half-written file left behind
+    assert first.stat().st_mode & 0o777 == 0o755  # a shared cache serves other users too
+    assert native_softmax._intact(first)
+
+
+@needs_native
+def test_a_folder_others_can_write_to_is_not_trusted(monkeypatch, tmp_path: Path) -> None:
+    # A shared folder: another user could plant a library under the name looked for.
+    shared, own = tmp_path / "shared", tmp_path / "own"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setattr(native_softmax, "_cache_dirs", lambda: [shared, own])
+    built = native_softmax._build()
+    assert built.parent == own
+    assert not list(shared.iterdir())
+    assert "writable by others" in (native_softmax._trusted(shared) or "")
+
+
+@needs_native
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_cached_library_is_rebuilt(monkeypatch, tmp_path: Path, damage: str) -> None:
+    monkeypatch.setenv(native_softmax.ENV_CACHE, str(tmp_path))
+    first = native_softmax._build()
+    good = first.read_bytes()
+    first.write_bytes(b"not a library" if damage == "garbage" else good[:5000])
+    again = native_softmax._build()  # the digest no longer matches: built anew
+    assert again == first and again.read_bytes() == good
+    assert native_softmax._intact(again)
+
+
+@needs_native
+def test_a_library_that_fails_to_load_is_removed_and_rebuilt(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv(native_softmax.ENV_CACHE, str(tmp_path))
+    target = native_softmax._build()
+    good = target.read_bytes()
+    target.write_bytes(b"not a library")  # with a matching digest: only loading tells
+    target.with_suffix(".sha256").write_text(native_softmax._digest(target))
+    lib = native_softmax._load_or_rebuild()
+    assert lib.fedenc_softmax_panel() == native_softmax.PANEL
+    assert target.read_bytes() == good
+
+
+def test_the_switch_takes_on_and_off_words_and_refuses_others(monkeypatch) -> None:
+    monkeypatch.setattr(native_softmax.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    for value, on in [("", True), ("1", True), (" On ", True), ("0", False), ("FALSE", False)]:
+        monkeypatch.setenv(native_softmax.ENV_SWITCH, value)
+        assert native_softmax.enabled() is on
+    monkeypatch.setenv(native_softmax.ENV_SWITCH, "disable")
+    with pytest.raises(ValueError, match="FEDENC_NATIVE_SOFTMAX='disable': use 1"):
+        native_softmax.enabled()
 
 
 @needs_native

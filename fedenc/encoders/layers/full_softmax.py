@@ -29,7 +29,7 @@ from fedenc.encoders.layers.tied_lookup import TableGradTie
 
 # exp() of logits bounded by this cannot overflow float32 even summed over 10^8 items, so the
 # max-subtraction pass of logsumexp can be skipped.
-_SAFE_LOGIT = 40.0
+SAFE_LOGIT = 40.0
 _LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 
 
@@ -129,7 +129,7 @@ def inverse_norms(items: Tensor) -> Tensor:
 def keeps_exp(session: Tensor, normalize: bool) -> bool:
     """With unit item vectors |z| <= ||s||: when that is small, keep exp(z) instead of z (one
     pass fewer in the forward, and the backward needs exp(z) anyway)."""
-    return normalize and float(session.norm(dim=1).max()) <= _SAFE_LOGIT
+    return normalize and float(session.norm(dim=1).max()) <= SAFE_LOGIT
 
 
 def forward_blocks(

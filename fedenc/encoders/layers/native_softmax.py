@@ -19,6 +19,7 @@ orders: a run is bit-reproducible on one path and thread count.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -29,11 +30,14 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from fedenc import atomic
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +64,17 @@ class NativeBlocks:
     dp: int  # width padded to a multiple of 8
 
 
+_ON = ("1", "true", "yes", "on")
+_OFF = ("0", "false", "no", "off")
+
+
 def enabled() -> bool:
     """Whether the native path is allowed here: not switched off, an x86-64 CPU with AVX2."""
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    value = os.environ.get(ENV_SWITCH, "").strip().lower()
+    if value in _OFF:
         return False
+    if value and value not in _ON:
+        raise ValueError(f"{ENV_SWITCH}={os.environ[ENV_SWITCH]!r}: use 1 (on) or 0 (off)")
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
@@ -105,7 +116,7 @@ def library() -> ctypes.CDLL | None:
     with _lock:
         if _library is None and _failure is None:
             try:
-                _library = _load(_build())
+                _library = _load_or_rebuild()
             except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as exc:
                 _failure = str(exc)
                 log.warning(
@@ -136,6 +147,46 @@ def _cache_dirs() -> list[Path]:
     return [first / "native", Path(tempfile.gettempdir()) / f"fedenc-native-{user}"]
 
 
+def _trusted(path: Path) -> str | None:
+    """Why a library or its folder must not be loaded from, or None: it must belong to this
+    user and be writable by no one else (the temp folder is shared: another user could plant
+    a library under the name this one looks for, and loading it runs its code)."""
+    if not hasattr(os, "getuid"):
+        return None
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        return f"{path} belongs to uid {st.st_uid}, not this user ({os.getuid()})"
+    if st.st_mode & 0o022:
+        return f"{path} is writable by others (mode {st.st_mode & 0o777:o})"
+    return None
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(target: Path) -> bool:
+    """Whether ``target`` is the file its build wrote: a digest kept next to it must match (a
+    truncated library crashes the process in dlopen; a corrupt one fails on every load)."""
+    sidecar = target.with_suffix(".sha256")
+    try:
+        return sidecar.read_text().strip() == _digest(target)
+    except OSError:
+        return False
+
+
+def _load_or_rebuild() -> ctypes.CDLL:
+    """Load the cached build; a file that fails to load is removed and built once more."""
+    path = _build()
+    try:
+        return _load(path)
+    except OSError:
+        for stale in (path, path.with_suffix(".sha256")):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        return _load(_build())
+
+
 def _build() -> Path:
     cxx = _compiler()
     source = SOURCE.read_bytes()
@@ -146,10 +197,19 @@ def _build() -> Path:
     errors = []
     for folder in _cache_dirs():
         target = folder / f"full_softmax-{key}.so"
-        if target.is_file():
-            return target
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            distrust = _trusted(folder) or (_trusted(target) if target.is_file() else None)
+        except OSError as exc:
+            errors.append(f"{folder}: {exc}")
+            continue
+        if distrust is not None:
+            errors.append(distrust)
+            continue
+        if target.is_file() and _intact(target):
+            return target
+        _remove_stale_builds(folder)
+        try:
             # Built under a private name, then renamed: concurrent first uses (a simulation's
             # worker processes) never load a half-written file.
             fd, tmp = tempfile.mkstemp(prefix=target.stem, suffix=".so.tmp", dir=folder)
@@ -171,12 +231,24 @@ def _build() -> Path:
                     f"{Path(cxx[0]).name} failed on {SOURCE.name} (exit {done.returncode}): "
                     + _head_and_tail(done.stderr.strip())
                 )
+            # Readable by others (mkstemp makes it 0600): a shared cache then serves them too.
+            os.chmod(tmp, 0o755)
+            atomic.write_text(target.with_suffix(".sha256"), _digest(Path(tmp)) + "\n")
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return target
     raise RuntimeError("no writable cache folder: " + "; ".join(errors))
+
+
+def _remove_stale_builds(folder: Path, age_s: float = 600.0) -> None:
+    """Temp files of builds killed midway (a build takes seconds: older ones are dead)."""
+    now = time.time()
+    for tmp in folder.glob("full_softmax-*.so.tmp"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > age_s:
+                tmp.unlink()
 
 
 def _head_and_tail(text: str, keep: int = 300) -> str:
