@@ -106,7 +106,14 @@ def test_kernels_without_normalisation_and_without_the_session_sum(normalized: b
     items = table[1:]
     inv = inverse_norms(items) if normalized else None
     unit = items * inv[:, None] if inv is not None else items
-    blocks, sums, acc = native_softmax.forward(session * 1.4426950408889634, items, inv, True)
+    blocks, sums, acc, r = native_softmax.forward(
+        session * 1.4426950408889634, items, normalized, True
+    )
+    if inv is None:
+        assert r is None
+    else:  # the inverse norms, taken while packing
+        assert r is not None
+        torch.testing.assert_close(r, inv, rtol=1e-6, atol=0)
     # The reference in float64; tolerances relative to each result's largest entry (sums of
     # terms of both signs leave small entries with few exact digits in float32).
     s64, unit64 = session.double(), unit.double()
@@ -120,7 +127,9 @@ def test_kernels_without_normalisation_and_without_the_session_sum(normalized: b
     close(sums, z.sum(1))
     assert acc is not None
     close(acc, z @ unit64)
-    _, sums_only, none = native_softmax.forward(session * 1.4426950408889634, items, inv, False)
+    _, sums_only, none, _ = native_softmax.forward(
+        session * 1.4426950408889634, items, normalized, False
+    )
     assert none is None
     torch.testing.assert_close(sums_only, sums)
     f = torch.rand(6, generator=torch.Generator().manual_seed(4))
@@ -139,7 +148,7 @@ def test_kernels_without_normalisation_and_without_the_session_sum(normalized: b
 @needs_native
 def test_backward_rejects_a_wrong_output() -> None:
     table, session, _ = _case(2, 8, 30, seed=1)
-    blocks, _, _ = native_softmax.forward(session, table[1:], None, False)
+    blocks, _, _, _ = native_softmax.forward(session, table[1:], False, False)
     with pytest.raises(ValueError, match=r"\(30, 8\)"):
         native_softmax.backward(blocks, session, table[1:], None, torch.empty(29, 8))
 

@@ -46,16 +46,18 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
     ) -> Tensor:
         items = table[1:]
         n = items.shape[0]
-        inv_norm = inverse_norms(items) if normalize else None
         cols = targets - 1
         keep_exp = keeps_exp(session, normalize)
         blocks: list[Tensor] | NativeBlocks
+        inv_norm: Tensor | None
         if keep_exp and native_softmax.usable(session, items):
-            blocks, sums, grad_acc = native_softmax.forward(
-                session * _LOG2E, items, inv_norm, any(ctx.needs_input_grad)
+            # keep_exp implies normalize: the kernels take the norms while packing the items.
+            blocks, sums, grad_acc, inv_norm = native_softmax.forward(
+                session * _LOG2E, items, True, any(ctx.needs_input_grad)
             )
             lse = sums.log()
         else:
+            inv_norm = inverse_norms(items) if normalize else None
             grad_acc = (
                 session.new_zeros(session.shape) if keep_exp and any(ctx.needs_input_grad) else None
             )

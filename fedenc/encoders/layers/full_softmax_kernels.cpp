@@ -21,6 +21,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -73,16 +74,41 @@ inline __m256i lanes_below(int valid) {
   return _mm256_load_si256(reinterpret_cast<const __m256i*>(m));
 }
 
+inline float sum8(__m256 v) {
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+
+// 1 / max(||e||, 1e-12) of a row of d floats (as full_softmax.inverse_norms).
+inline float inverse_norm(const float* e, int d, int full, __m256i tail) {
+  __m256 ss = _mm256_setzero_ps();
+  for (int v = 0; v < full; ++v) {
+    const __m256 x = _mm256_loadu_ps(e + 8 * v);
+    ss = _mm256_fmadd_ps(x, x, ss);
+  }
+  if (8 * full < d) {
+    const __m256 x = _mm256_maskload_ps(e + 8 * full, tail);
+    ss = _mm256_fmadd_ps(x, x, ss);
+  }
+  return 1.0f / std::max(std::sqrt(sum8(ss)), 1e-12f);
+}
+
 // Q[j][k] = r_j e_jk for the panel's w items (item-major, dp wide; zero past d and past w) and
-// P = Qᵀ (dp x W, k-major): the layout whose rows the tiles load along items. r may be null.
-void pack(const float* E, int64_t ld, const float* r, int w, int d, int dp, float* P, float* Q) {
+// P = Qᵀ (dp x W, k-major): the layout whose rows the tiles load along items. r_j comes from
+// r (null: 1), or, with r_out, is each row's inverse norm, computed here and written there (the
+// rows are read here anyway: a separate pass over the table cost about 1 ms a step).
+void pack(const float* E, int64_t ld, const float* r, float* r_out, int w, int d, int dp,
+          float* P, float* Q) {
   const int full = d / 8;
   const __m256i tail = lanes_below(d - 8 * full);
   for (int j = 0; j < W; ++j) {
     float* q = Q + j * dp;
     if (j < w) {
       const float* e = E + j * ld;
-      const __m256 s = _mm256_set1_ps(r ? r[j] : 1.0f);
+      float rj = r ? r[j] : 1.0f;
+      if (r_out) rj = r_out[j] = inverse_norm(e, d, full, tail);
+      const __m256 s = _mm256_set1_ps(rj);
       for (int v = 0; v < full; ++v)
         _mm256_storeu_ps(q + 8 * v, _mm256_mul_ps(_mm256_loadu_ps(e + 8 * v), s));
       if (8 * full < dp)  // masked: never reads past the row's d floats
@@ -170,7 +196,7 @@ struct Forward {
   int bpad, d, dp;
   const float* E;  // the first item's row of the table
   int64_t ld;
-  const float* r;  // 1 / ||e_j||, or null: items as they are
+  float* r;  // out: 1 / ||e_j|| (the items normalised with it), or null: items as they are
   int64_t n;
   float* Z;  // out: [panels][bpad][W], exp of every logit (0 past the last item)
 
@@ -188,7 +214,8 @@ struct Forward {
         const int64_t p = sp + pp;
         const int64_t j0 = p * W;
         w = static_cast<int>(std::min<int64_t>(W, n - j0));  // only the last panel is short
-        pack(E + j0 * ld, ld, r ? r + j0 : nullptr, w, d, dp, P.data(), Q.data() + pp * W * dp);
+        pack(E + j0 * ld, ld, nullptr, r ? r + j0 : nullptr, w, d, dp, P.data(),
+             Q.data() + pp * W * dp);
         float* zp = Z + p * bpad * W;
         __m256 keep[3];  // exp2 of a padding lane's 0 is 1: zero it
         for (int v = 0; v < 3; ++v)
@@ -260,7 +287,7 @@ struct Backward {
             _mm256_storeu_ps(T.data() + (g * 4 + rr) * W + 8 * v, c[rr][v]);
       }
       if (r != nullptr) {
-        pack(E + j0 * ld, ld, r + j0, w, d, dp, P.data(), Q.data());
+        pack(E + j0 * ld, ld, r + j0, nullptr, w, d, dp, P.data(), Q.data());
         __m256 dot[3] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
         for (int k = 0; k < d; ++k)
           for (int v = 0; v < 3; ++v)
@@ -323,9 +350,9 @@ int fedenc_softmax_panel() { return W; }
 
 // sums: [threads][bpad], acc: [threads][bpad][dp] zeroed, or null; both per-thread partials.
 // Returns the number of threads used (the partials past it are left untouched).
+// r: out, n inverse norms (the items are then normalised), or null (items as they are).
 int fedenc_softmax_forward(const float* S, int bpad, int d, int dp, const float* E, int64_t ld,
-                           const float* r, int64_t n, float* Z, float* sums, float* acc,
-                           int threads) {
+                           float* r, int64_t n, float* Z, float* sums, float* acc, int threads) {
   const Forward f{S, bpad, d, dp, E, ld, r, n, Z};
   const int64_t panels = (n + W - 1) / W;
   int used = 1;

@@ -294,11 +294,12 @@ def _interleave4(x: Tensor, rows: int, cols: int) -> Tensor:
 
 
 def forward(
-    scaled_session: Tensor, items: Tensor, inv_norm: Tensor | None, want_acc: bool
-) -> tuple[NativeBlocks, Tensor, Tensor | None]:
-    """``Z = exp2(ê sᵀ)`` for ``scaled_session`` (B, d) (the session times log2(e)) and the
-    (unit, with ``inv_norm``) item rows: the kept blocks, each session's ``Σ_j Z_bj`` (B,), and
-    with ``want_acc`` ``Σ_j Z_bj ê_j`` (B, d)."""
+    scaled_session: Tensor, items: Tensor, normalize: bool, want_acc: bool
+) -> tuple[NativeBlocks, Tensor, Tensor | None, Tensor | None]:
+    """``Z = exp2(ê sᵀ)`` for ``scaled_session`` (B, d) (the session times log2(e)) and the item
+    rows, unit rows ``ê = e / ||e||`` with ``normalize``: the kept blocks, each session's
+    ``Σ_j Z_bj`` (B,), with ``want_acc`` ``Σ_j Z_bj ê_j`` (B, d), and with ``normalize`` every
+    row's ``1 / ||e_j||`` (n,) (as :func:`.full_softmax.inverse_norms`, computed while packing)."""
     global calls
     lib = _ensure_library()
     b, d = scaled_session.shape
@@ -310,7 +311,7 @@ def forward(
     z = torch.empty(-(-n // PANEL) * bpad * PANEL, dtype=f32)
     sums = torch.zeros(threads, bpad, dtype=f32)
     acc = torch.zeros(threads, bpad, dp, dtype=f32) if want_acc else None
-    r = None if inv_norm is None else inv_norm.contiguous()
+    r = torch.empty(n, dtype=f32) if normalize else None
     lib.fedenc_softmax_forward(
         _ptr(s), bpad, d, dp, _ptr(items), items.stride(0), _ptr(r), n, _ptr(z),
         _ptr(sums), _ptr(acc), threads,
@@ -318,7 +319,7 @@ def forward(
     calls += 1
     total = sums.sum(0)[:b]
     grad_acc = None if acc is None else acc.sum(0)[:b, :d]
-    return NativeBlocks(z, n, bpad, dp), total, grad_acc
+    return NativeBlocks(z, n, bpad, dp), total, grad_acc, r
 
 
 def backward(
