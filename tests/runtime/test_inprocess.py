@@ -428,13 +428,20 @@ def test_publish_best_publishes_and_tests_the_best_validation_round() -> None:
     from nodes.master import RESULT_KEY
     from nodes.master import app as master_app
 
-    # lr 1.0 overshoots in round 4 (Recall@20 36.3, 43.0, 52.6, 49.6): the best is round 3
-    config = {**TINY, "num-server-rounds": 4, "final-test": True, "lr": 1.0, "publish": "best"}
-    run = run_inprocess(master_app, child_app, 2, config)
-    result = json.loads(run.server_context.state[RESULT_KEY]["json"])
-    recall = [r["metrics"]["valid_recall@20"] for r in result["rounds"]]
-    best = recall.index(max(recall)) + 1
-    assert result["published_round"] == best < 4, recall
+    # A large lr overshoots before the last round. Which round peaks moves with float rounding
+    # (the loss path, the thread count): the first lr whose best round is not the last serves.
+    tried = []
+    for lr in (1.0, 3.0, 10.0):
+        config = {**TINY, "num-server-rounds": 4, "final-test": True, "lr": lr, "publish": "best"}
+        run = run_inprocess(master_app, child_app, 2, config)
+        result = json.loads(run.server_context.state[RESULT_KEY]["json"])
+        recall = [r["metrics"]["valid_recall@20"] for r in result["rounds"]]
+        best = recall.index(max(recall)) + 1
+        assert result["published_round"] == best, recall
+        tried.append((lr, recall))
+        if best < 4:
+            break
+    assert best < 4, f"every lr peaked in the last round: {tried}"
     short = run_inprocess(master_app, child_app, 2, {**config, "num-server-rounds": best})
     a, b = _target(run), _target(short)
     assert all(torch.equal(a[n], b[n]) for n in a)
