@@ -92,9 +92,10 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
         grad_table = torch.empty_like(table)
         grad_table[0].zero_()
         if isinstance(blocks, NativeBlocks):
-            _backward_native(
-                blocks, session, items, inv_norm, cols, lse, scale, grad_s, grad_table, ctx.grad_acc
-            )
+            _backward_kept(
+                blocks, 0, session, items, inv_norm, cols, lse, scale, grad_s, grad_table,
+                ctx.grad_acc,
+            )  # fmt: skip
         else:
             backward_blocks(
                 blocks,
@@ -242,7 +243,7 @@ def backward_blocks(
 
 
 def _backward_kept(
-    blocks: list[Tensor],
+    blocks: list[Tensor] | NativeBlocks,
     lo: int,
     session: Tensor,
     items: Tensor,
@@ -263,10 +264,17 @@ def _backward_kept(
         dL/de = r·g − r³·(g · e)·e  for g = dL/dê      (normalised items, r = 1/||e||)
 
     The last map is linear in g, so the one-hot part is mapped apart, on the target rows
-    only, and added after the blocks: no per-block search for targets (nor a host sync)."""
+    only, and added after the blocks: no per-block search for targets (nor a host sync).
+    The native kernels' blocks (:mod:`.native_softmax`) get the same sums, every item row
+    written by the kernels in one pass."""
     factor = scale * torch.exp(-lse)
     grad_s.addcmul_(grad_acc, factor[:, None])
     s_f = session * factor[:, None]
+    if isinstance(blocks, NativeBlocks):
+        n = blocks.num_items
+        native_softmax.backward(blocks, s_f, items, inv_norm, grad_table[1 + lo : 1 + lo + n])
+        _one_hot_part(lo, n, session, items, inv_norm, cols, scale, grad_s, grad_table)
+        return
     n = sum(z.shape[0] for z in blocks)
     # Last block first: the forward's last blocks and items are the ones still in cache.
     b = lo + n
@@ -278,26 +286,6 @@ def _backward_kept(
             _unit_backward(out, items[a:b], inv_norm[a:b, None])
         b = a
     _one_hot_part(lo, n, session, items, inv_norm, cols, scale, grad_s, grad_table)
-
-
-def _backward_native(
-    blocks: NativeBlocks,
-    session: Tensor,
-    items: Tensor,
-    inv_norm: Tensor | None,
-    cols: Tensor,
-    lse: Tensor,
-    scale: Tensor,
-    grad_s: Tensor,
-    grad_table: Tensor,
-    grad_acc: Tensor,
-) -> None:
-    """:func:`_backward_kept` for the native kernels' blocks (:mod:`.native_softmax`): the
-    same sums, every item row written by the kernels in one pass."""
-    factor = scale * torch.exp(-lse)
-    grad_s.addcmul_(grad_acc, factor[:, None])
-    native_softmax.backward(blocks, session * factor[:, None], items, inv_norm, grad_table[1:])
-    _one_hot_part(0, blocks.num_items, session, items, inv_norm, cols, scale, grad_s, grad_table)
 
 
 def _one_hot_part(
