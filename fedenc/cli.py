@@ -92,6 +92,15 @@ def _root(
     ] = False,
 ) -> None:
     """Federated training of shared session-recommendation encoders."""
+    # A bad value of the native loss kernels' switch is a clear error before any work, not a
+    # traceback at the first training step (the module needs torch: only when it is set).
+    if "FEDENC_NATIVE_SOFTMAX" in os.environ:
+        from fedenc.encoders.layers import native_softmax
+
+        try:
+            native_softmax.enabled()
+        except ValueError as err:
+            raise _fail(str(err)) from None
 
 
 @app.command("encoders")

@@ -31,6 +31,17 @@ def test_version_needs_no_command() -> None:
     assert result.exit_code == 0 and result.stdout.strip() == __version__
 
 
+def test_a_bad_native_kernels_switch_is_refused_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEDENC_NATIVE_SOFTMAX", "maybe")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--synthetic", *TINY, "--out", str(out)])
+    assert result.exit_code == 2
+    assert "FEDENC_NATIVE_SOFTMAX='maybe': use 1 (on) or 0 (off)" in " ".join(result.output.split())
+    assert not out.exists()
+
+
 def test_encoders_lists_the_three_types() -> None:
     result = runner.invoke(app, ["encoders"])
     assert result.exit_code == 0, result.output
