@@ -232,6 +232,24 @@ def test_a_library_that_fails_to_load_is_removed_and_rebuilt(monkeypatch, tmp_pa
     assert target.read_bytes() == good
 
 
+@needs_native
+def test_a_folder_that_cannot_load_libraries_gives_way_to_the_next(monkeypatch, tmp_path) -> None:
+    # As a noexec mount: every library in the first folder fails to load, however rebuilt.
+    first, second = tmp_path / "noexec", tmp_path / "other"
+    monkeypatch.setattr(native_softmax, "_cache_dirs", lambda: [first, second])
+    real_load = native_softmax._load
+
+    def load(path: Path):
+        if path.parent == first:
+            raise OSError(f"{path}: failed to map segment from shared object")
+        return real_load(path)
+
+    monkeypatch.setattr(native_softmax, "_load", load)
+    lib = native_softmax._load_or_rebuild()
+    assert lib.fedenc_softmax_panel() == native_softmax.PANEL
+    assert list(second.glob("*.so"))
+
+
 def test_the_switch_takes_on_and_off_words_and_refuses_others(monkeypatch) -> None:
     monkeypatch.setattr(native_softmax.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")

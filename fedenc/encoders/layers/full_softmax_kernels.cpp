@@ -80,7 +80,8 @@ inline float sum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
 }
 
-// 1 / max(||e||, 1e-12) of a row of d floats (as full_softmax.inverse_norms).
+// 1 / max(||e||, 1e-12) of a row of d floats (as full_softmax.inverse_norms; the squares are
+// summed in float32, so a row past ~1e19 gets 1 / inf = 0, like torch's norm for d >= 5).
 inline float inverse_norm(const float* e, int d, int full, __m256i tail) {
   __m256 ss = _mm256_setzero_ps();
   for (int v = 0; v < full; ++v) {

@@ -176,7 +176,8 @@ def _intact(target: Path) -> bool:
 
 
 def _load_or_rebuild() -> ctypes.CDLL:
-    """Load the cached build; a file that fails to load is removed and built once more."""
+    """Load the cached build; a file that fails to load is removed and built once more, and
+    if that fails too the folder cannot serve libraries (a ``noexec`` mount): the next one."""
     path = _build()
     try:
         return _load(path)
@@ -184,10 +185,17 @@ def _load_or_rebuild() -> ctypes.CDLL:
         for stale in (path, path.with_suffix(".sha256")):
             with contextlib.suppress(OSError):
                 stale.unlink()
-        return _load(_build())
+    path = _build()
+    try:
+        return _load(path)
+    except OSError as exc:
+        log.info("cannot load %s (%s): building elsewhere", path, exc)
+        return _load(_build(skip=path.parent))
 
 
-def _build() -> Path:
+def _build(skip: Path | None = None) -> Path:
+    """The cached library for this source, flags and compiler, built if needed, in the first
+    trusted cache folder (not ``skip``)."""
     cxx = _compiler()
     source = SOURCE.read_bytes()
     version = subprocess.run(
@@ -196,6 +204,8 @@ def _build() -> Path:
     key = hashlib.sha256(source + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
     errors = []
     for folder in _cache_dirs():
+        if folder == skip:
+            continue
         target = folder / f"full_softmax-{key}.so"
         try:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
