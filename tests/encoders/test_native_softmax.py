@@ -209,6 +209,22 @@ def test_a_folder_others_can_write_to_is_not_trusted(monkeypatch, tmp_path: Path
 
 
 @needs_native
+def test_a_folder_under_a_shared_parent_is_not_trusted(monkeypatch, tmp_path: Path) -> None:
+    # Its own mode is fine, but anyone may rename it away and put theirs in its place.
+    shared = tmp_path / "shared"
+    inner = shared / "cache"
+    inner.mkdir(parents=True)
+    inner.chmod(0o700)
+    shared.chmod(0o777)
+    own = tmp_path / "own"
+    monkeypatch.setattr(native_softmax, "_cache_dirs", lambda: [inner, own])
+    assert "not sticky" in (native_softmax._trusted(inner) or "")
+    assert native_softmax._build().parent == own
+    shared.chmod(0o777 | 0o1000)  # sticky, as /tmp: entries only renamed by their owners
+    assert native_softmax._trusted(inner) is None
+
+
+@needs_native
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_a_damaged_cached_library_is_rebuilt(monkeypatch, tmp_path: Path, damage: str) -> None:
     monkeypatch.setenv(native_softmax.ENV_CACHE, str(tmp_path))

@@ -27,6 +27,7 @@ import os
 import platform
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -158,6 +159,13 @@ def _trusted(path: Path) -> str | None:
         return f"{path} belongs to uid {st.st_uid}, not this user ({os.getuid()})"
     if st.st_mode & 0o022:
         return f"{path} is writable by others (mode {st.st_mode & 0o777:o})"
+    # Another user who can rename entries of a folder above could swap this one for theirs
+    # between this check and the load: every folder above must be writable by no one else, or
+    # sticky (as /tmp: there only an entry's owner may rename it).
+    for above in path.resolve().parents:
+        mode = above.stat().st_mode
+        if mode & 0o022 and not mode & stat.S_ISVTX:
+            return f"{above}, above {path}, is writable by others and not sticky"
     return None
 
 
