@@ -98,7 +98,7 @@ def _root(
         from fedenc.encoders.layers import native_softmax
 
         try:
-            native_softmax.enabled()
+            native_softmax.switched_on()
         except ValueError as err:
             raise _fail(str(err)) from None
 

@@ -20,10 +20,9 @@ from fedenc.encoders.registry import build_encoder
 def native() -> None:
     """Skips (saying why) where the kernels cannot run; checked when a test runs, not when the
     suite is collected (no build for deselected tests)."""
-    import os
     import platform
 
-    if os.environ.get(native_softmax.ENV_SWITCH, "1") in ("0", "false", "no", "off"):
+    if not native_softmax.switched_on():
         pytest.skip(f"native kernels switched off ({native_softmax.ENV_SWITCH})")
     if not native_softmax.enabled():
         pytest.skip(f"native kernels need an x86-64 CPU with AVX2 ({platform.machine()})")

@@ -69,13 +69,19 @@ _ON = ("1", "true", "yes", "on")
 _OFF = ("0", "false", "no", "off")
 
 
+def switched_on() -> bool:
+    """``$FEDENC_NATIVE_SOFTMAX`` read: unset or 1/true/yes/on allows the kernels, 0/false/no/off
+    keeps the PyTorch path; any other value is a ValueError naming the variable."""
+    value = os.environ.get(ENV_SWITCH, "").strip().lower()
+    if value and value not in _ON + _OFF:
+        raise ValueError(f"{ENV_SWITCH}={os.environ[ENV_SWITCH]!r}: use 1 (on) or 0 (off)")
+    return value not in _OFF
+
+
 def enabled() -> bool:
     """Whether the native path is allowed here: not switched off, an x86-64 CPU with AVX2."""
-    value = os.environ.get(ENV_SWITCH, "").strip().lower()
-    if value in _OFF:
+    if not switched_on():
         return False
-    if value and value not in _ON:
-        raise ValueError(f"{ENV_SWITCH}={os.environ[ENV_SWITCH]!r}: use 1 (on) or 0 (off)")
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
@@ -98,10 +104,9 @@ def usable(session: Tensor, items: Tensor) -> bool:
         and items.dim() == 2
         and items.stride(1) == 1
         and items.shape[0] > 0
-        and enabled()
     ):
         return False
-    return library() is not None
+    return active()
 
 
 def unavailable_reason() -> str | None:
