@@ -28,6 +28,22 @@ def seed() -> Iterator[int]:
 
 
 @pytest.fixture
+def native() -> None:
+    """Skips (saying why) where the native loss kernels cannot run; checked when a test runs,
+    not when the suite is collected (no build for deselected tests)."""
+    import platform
+
+    from fedenc.encoders.layers import native_softmax
+
+    if not native_softmax.switched_on():
+        pytest.skip(f"native kernels switched off ({native_softmax.ENV_SWITCH})")
+    if not native_softmax.enabled():
+        pytest.skip(f"native kernels need an x86-64 CPU with AVX2 ({platform.machine()})")
+    if native_softmax.library() is None:
+        pytest.skip(f"native kernels did not build: {native_softmax.unavailable_reason()}")
+
+
+@pytest.fixture
 def tmp_out(tmp_path: Path) -> Path:
     return tmp_path / "out"
 

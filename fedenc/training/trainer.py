@@ -25,6 +25,7 @@ from fedenc.training.config import TrainConfig, resolve_device
 from fedenc.training.metrics import RankingAccumulator
 from fedenc.training.order import EpochOrder
 from fedenc.training.progress import TrainingProgress
+from fedenc.training.table_adam import TableAdam, deferring_table
 
 if TYPE_CHECKING:
     from fedenc.planner.plan import PlanChoice, PlannedSteps
@@ -51,6 +52,24 @@ class FitResult:
         }
 
 
+def training_step(
+    model: SessionEncoder, optimizer: torch.optim.Optimizer, batch: SessionBatch, seen: int = 0
+) -> float:
+    """One step of the plain loop: the batch's loss, its gradients and the optimizer's update;
+    returns the loss. A :class:`TableAdam` takes the item table's gradient deferred. A loss
+    that is not finite raises before any parameter changes (``seen``: examples so far, for the
+    message)."""
+    optimizer.zero_grad(set_to_none=True)
+    with deferring_table(optimizer, model.embedding.weight):
+        loss = model.loss(batch)
+        value = float(loss.detach())
+        if not np.isfinite(value):  # checked before the step: the parameters stay usable
+            raise FloatingPointError(f"training loss became {value} at example {seen}")
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+    return value
+
+
 class Trainer:
     """Trains one encoder, keeping optimizer and RNG across calls (a child's state over rounds)."""
 
@@ -63,7 +82,9 @@ class Trainer:
         self.model = model.to(self.device)
         # The fused kernel makes one pass over each parameter: on a 43k x 100 embedding whose
         # gradient is dense (full-softmax scoring) it is several times faster than foreach.
-        self.optimizer = torch.optim.Adam(
+        # TableAdam is that Adam, which also takes the table's gradient from the native loss
+        # kernels without its being written out (.table_adam).
+        self.optimizer = TableAdam(
             self.model.parameters(), lr=self.config.lr, weight_decay=self.config.l2, fused=True
         )
         step = self.config.lr_decay_step or 10**9
@@ -165,13 +186,7 @@ class Trainer:
                 seen += size
                 progress.advance(task, size, seen / (time.perf_counter() - t0), loss_sum / seen)
         for batch in self._plain_batches(examples):
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = self.model.loss(batch)
-            value = float(loss.detach())
-            if not np.isfinite(value):  # checked before the step: the parameters stay usable
-                raise FloatingPointError(f"training loss became {value} at example {seen}")
-            loss.backward()  # type: ignore[no-untyped-call]
-            self.optimizer.step()
+            value = training_step(self.model, self.optimizer, batch, seen)
             loss_sum += value * batch.size
             seen += batch.size
             progress.advance(task, batch.size, seen / (time.perf_counter() - t0), loss_sum / seen)

@@ -15,21 +15,6 @@ from fedenc.encoders.layers import native_softmax
 from fedenc.encoders.layers.full_softmax import full_softmax_cross_entropy, inverse_norms
 from fedenc.encoders.registry import build_encoder
 
-
-@pytest.fixture
-def native() -> None:
-    """Skips (saying why) where the kernels cannot run; checked when a test runs, not when the
-    suite is collected (no build for deselected tests)."""
-    import platform
-
-    if not native_softmax.switched_on():
-        pytest.skip(f"native kernels switched off ({native_softmax.ENV_SWITCH})")
-    if not native_softmax.enabled():
-        pytest.skip(f"native kernels need an x86-64 CPU with AVX2 ({platform.machine()})")
-    if native_softmax.library() is None:
-        pytest.skip(f"native kernels did not build: {native_softmax.unavailable_reason()}")
-
-
 needs_native = pytest.mark.usefixtures("native")
 
 

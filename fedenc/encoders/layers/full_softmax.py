@@ -24,6 +24,11 @@ import torch
 from torch import Tensor
 
 from fedenc.encoders.layers import native_softmax
+from fedenc.encoders.layers.deferred_table_grad import (
+    DeferralSlot,
+    DeferredTableGrad,
+    current_slot,
+)
 from fedenc.encoders.layers.native_softmax import NativeBlocks
 from fedenc.encoders.layers.tied_lookup import TableGradTie
 
@@ -50,7 +55,10 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
         keep_exp = keeps_exp(session, normalize)
         blocks: list[Tensor] | NativeBlocks
         inv_norm: Tensor | None
+        ctx.slot = None
         if keep_exp and native_softmax.usable(session, items):
+            # A caller that takes the table's gradient deferred (.deferred_table_grad).
+            ctx.slot = current_slot(table)
             # keep_exp implies normalize: the kernels take the norms while packing the items.
             blocks, sums, grad_acc, inv_norm = native_softmax.forward(
                 session * _LOG2E, items, True, any(ctx.needs_input_grad)
@@ -89,6 +97,20 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
         scale = grad_out / session.shape[0]
         cols = targets - 1
         grad_s = torch.zeros_like(session)
+        tie: TableGradTie | None = ctx.tie
+        ctx.tie = None
+        slot: DeferralSlot | None = ctx.slot
+        ctx.slot = None
+        if isinstance(blocks, NativeBlocks) and slot is not None and slot.pending is None:
+            # The optimizer takes the table's gradient unmaterialised; the tied lookup adds
+            # its rows to it.
+            deferred = _defer_kept(
+                blocks, session, table, inv_norm, cols, lse, scale, grad_s, ctx.grad_acc
+            )
+            slot.pending = deferred
+            if tie is not None:
+                tie.defer(deferred)
+            return grad_s, None, None, None, None, None
         grad_table = torch.empty_like(table)
         grad_table[0].zero_()
         if isinstance(blocks, NativeBlocks):
@@ -112,8 +134,6 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
                 grad_table,
                 ctx.grad_acc,
             )
-        tie: TableGradTie | None = ctx.tie
-        ctx.tie = None
         if tie is not None and tie.offer(grad_table):
             # The tied input lookup adds its rows and passes the sum on.
             return grad_s, None, None, None, None, None
@@ -288,6 +308,30 @@ def _backward_kept(
     _one_hot_part(lo, n, session, items, inv_norm, cols, scale, grad_s, grad_table)
 
 
+def _defer_kept(
+    blocks: NativeBlocks,
+    session: Tensor,
+    table: Tensor,
+    inv_norm: Tensor | None,
+    cols: Tensor,
+    lse: Tensor,
+    scale: Tensor,
+    grad_s: Tensor,
+    grad_acc: Tensor,
+) -> DeferredTableGrad:
+    """:func:`_backward_kept` over the whole catalog with the table's gradient left deferred:
+    ``grad_s`` is completed, the table's share kept as the blocks, the rows ``f_b s_b`` and the
+    one-hot part's sparse rows (:mod:`.deferred_table_grad`)."""
+    factor = scale * torch.exp(-lse)
+    grad_s.addcmul_(grad_acc, factor[:, None])
+    deferred = DeferredTableGrad(table, blocks, session * factor[:, None], inv_norm)
+    rows, g_t = _one_hot_rows(
+        0, blocks.num_items, session, table[1:], inv_norm, cols, scale, grad_s
+    )
+    deferred.add_rows(rows, g_t)
+    return deferred
+
+
 def _one_hot_part(
     lo: int,
     n: int,
@@ -301,6 +345,22 @@ def _one_hot_part(
 ) -> None:
     """The ``-scale·onehot(t)`` part of the softmax gradient, for the sessions whose target lies
     in items ``lo..lo+n`` (the others weigh 0), added to ``grad_s`` and ``grad_table``."""
+    rows, g_t = _one_hot_rows(lo, n, session, items, inv_norm, cols, scale, grad_s)
+    grad_table.index_add_(0, rows, g_t)
+
+
+def _one_hot_rows(
+    lo: int,
+    n: int,
+    session: Tensor,
+    items: Tensor,
+    inv_norm: Tensor | None,
+    cols: Tensor,
+    scale: Tensor,
+    grad_s: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """:func:`_one_hot_part`'s session share added to ``grad_s``; its table share returned as
+    table rows (B,) and their gradient rows (B, d), 0 for targets outside the range."""
     here = ((cols >= lo) & (cols < lo + n)).to(session.dtype)[:, None]
     col = cols.clamp(lo, lo + n - 1)
     e_t = items[col]
@@ -311,7 +371,7 @@ def _one_hot_part(
         _unit_backward(g_t, e_t, r_t)
     else:
         grad_s.addcmul_(e_t, here * -scale)
-    grad_table.index_add_(0, col + 1, g_t)
+    return col + 1, g_t
 
 
 def _unit_backward(g: Tensor, e: Tensor, r: Tensor) -> None:

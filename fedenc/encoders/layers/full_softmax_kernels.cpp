@@ -269,35 +269,96 @@ struct Forward {
   }
 };
 
+// Adam (L2 weight decay, no amsgrad) applied to each item row as soon as its gradient is
+// known, with the gradient's sparse extra rows (the targets' one-hot part and the tied input
+// lookup's rows: xrows[x] for item xidx[x], sorted) added first. The gradient is then never
+// written out, nor read back by a separate optimizer pass.
+struct AdamRows {
+  float* M;  // exp_avg rows, ldm apart
+  float* V;  // exp_avg_sq rows
+  int64_t ldm;
+  float lr_c1;   // lr / (1 - beta1^t)
+  float one_b1;  // 1 - beta1
+  float b2, one_b2;
+  float inv_c2;  // 1 / sqrt(1 - beta2^t)
+  float eps, wd;
+  const int64_t* xidx;
+  const float* xrows;  // [xm][d]
+  int64_t xm;
+
+  // p ← p - lr_c1 m / (sqrt(v) inv_c2 + eps) for g + wd p, on 8 lanes.
+  inline void lanes(__m256 g, __m256& p, __m256& m, __m256& v) const {
+    g = _mm256_fmadd_ps(p, _mm256_set1_ps(wd), g);
+    m = _mm256_fmadd_ps(_mm256_set1_ps(one_b1), _mm256_sub_ps(g, m), m);
+    v = _mm256_fmadd_ps(_mm256_set1_ps(one_b2), _mm256_mul_ps(g, g),
+                        _mm256_mul_ps(_mm256_set1_ps(b2), v));
+    const __m256 den =
+        _mm256_fmadd_ps(_mm256_sqrt_ps(v), _mm256_set1_ps(inv_c2), _mm256_set1_ps(eps));
+    p = _mm256_fnmadd_ps(_mm256_set1_ps(lr_c1), _mm256_div_ps(m, den), p);
+  }
+
+  // Row `row` (p: its d floats) with gradient g (dp floats, 0 past d); x walks xidx.
+  void step(int64_t row, float* p, const float* g, int d, __m256i tail, int64_t& x) const {
+    while (x < xm && xidx[x] < row) ++x;
+    const float* extra = x < xm && xidx[x] == row ? xrows + x * d : nullptr;
+    float* m = M + row * ldm;
+    float* v = V + row * ldm;
+    const int full = d / 8;
+    for (int k = 0; k < full; ++k) {
+      __m256 gv = _mm256_loadu_ps(g + 8 * k);
+      if (extra) gv = _mm256_add_ps(gv, _mm256_loadu_ps(extra + 8 * k));
+      __m256 pv = _mm256_loadu_ps(p + 8 * k), mv = _mm256_loadu_ps(m + 8 * k);
+      __m256 vv = _mm256_loadu_ps(v + 8 * k);
+      lanes(gv, pv, mv, vv);
+      _mm256_storeu_ps(p + 8 * k, pv);
+      _mm256_storeu_ps(m + 8 * k, mv);
+      _mm256_storeu_ps(v + 8 * k, vv);
+    }
+    if (8 * full < d) {  // masked: plain loads and stores only for whole vectors (AMD's masked
+      const int k = full;  // stores are slow)
+      __m256 gv = _mm256_loadu_ps(g + 8 * k);
+      if (extra) gv = _mm256_add_ps(gv, _mm256_maskload_ps(extra + 8 * k, tail));
+      __m256 pv = _mm256_maskload_ps(p + 8 * k, tail), mv = _mm256_maskload_ps(m + 8 * k, tail);
+      __m256 vv = _mm256_maskload_ps(v + 8 * k, tail);
+      lanes(gv, pv, mv, vv);
+      _mm256_maskstore_ps(p + 8 * k, tail, pv);
+      _mm256_maskstore_ps(m + 8 * k, tail, mv);
+      _mm256_maskstore_ps(v + 8 * k, tail, vv);
+    }
+  }
+};
+
 struct Backward {
   const float* SF;  // [dp/4][bpad][4]: column b holds f_b s_b, 4 dims interleaved
   int bpad, d, dp;
-  const float* E;
+  float* E;  // read; updated in place with adam
   int64_t ld;
   const float* r;
   int64_t n;
   const float* Z;
-  float* G;  // out: the items' gradient rows, G[j * ldg + k]
+  float* G;  // out: the items' gradient rows, G[j * ldg + k] (null with adam)
   int64_t ldg;
+  const AdamRows* adam;  // not null: each row's gradient goes to Adam instead of G
 
   // Panels [p0, p1): g_j = sum_b Z[b][j] f_b s_b (the gradient of ê_j), mapped to that of e_j,
   // r_j g_j - r_j^3 (g_j . e_j) e_j, when r is not null. The tiles leave the panel's gradient
   // k-major; it is turned item-major in L1 and each row finished from the table's own row (an
   // earlier version re-packed the panel's unit rows k-major for this and cost 1.3x the time).
   void run(int64_t p0, int64_t p1) const {
-    std::vector<float> H(static_cast<size_t>(W) * dp), T(static_cast<size_t>(dp) * W);
+    std::vector<float> H(static_cast<size_t>(W) * dp), T(static_cast<size_t>(dp) * W), g(dp);
     const int full = d / 8, nv = dp / 8;
     const __m256i tail = lanes_below(d - 8 * full);
+    int64_t x = adam ? std::lower_bound(adam->xidx, adam->xidx + adam->xm, p0 * W) - adam->xidx : 0;
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t j0 = p * W;
       const int w = static_cast<int>(std::min<int64_t>(W, n - j0));
       const float* zp = Z + p * bpad * W;
-      for (int g = 0; g < (d + 3) / 4; ++g) {  // rows past that stay 0 (d = 100: 25, not 26)
+      for (int gr = 0; gr < (d + 3) / 4; ++gr) {  // rows past that stay 0 (d = 100: 25, not 26)
         __m256 c[4][3];
-        tile_4x24(SF + static_cast<int64_t>(g) * bpad * 4, zp, W, bpad, c);
+        tile_4x24(SF + static_cast<int64_t>(gr) * bpad * 4, zp, W, bpad, c);
         for (int rr = 0; rr < 4; ++rr)
           for (int v = 0; v < 3; ++v)
-            _mm256_storeu_ps(T.data() + (g * 4 + rr) * W + 8 * v, c[rr][v]);
+            _mm256_storeu_ps(T.data() + (gr * 4 + rr) * W + 8 * v, c[rr][v]);
       }
       // T (k-major) to H (item-major), through 8 x 8 register transposes.
       for (int kb = 0; kb < nv; ++kb)
@@ -308,29 +369,33 @@ struct Backward {
           for (int i = 0; i < 8; ++i) _mm256_storeu_ps(H.data() + (jb * 8 + i) * dp + kb * 8, t[i]);
         }
       for (int j = 0; j < w; ++j) {
+        const int64_t row = j0 + j;
         const float* h = H.data() + j * dp;
-        float* out = G + (j0 + j) * ldg;
+        float* e = E + row * ld;
+        // With adam the finished row goes to g (dp wide, zero past d) and then into the step.
+        float* out = adam ? g.data() : G + row * ldg;
         if (r == nullptr) {
           for (int k = 0; k < full; ++k) _mm256_storeu_ps(out + 8 * k, _mm256_loadu_ps(h + 8 * k));
           if (8 * full < d) _mm256_maskstore_ps(out + 8 * full, tail, _mm256_loadu_ps(h + 8 * full));
-          continue;
+        } else {
+          __m256 dot = _mm256_setzero_ps();
+          for (int k = 0; k < full; ++k)
+            dot = _mm256_fmadd_ps(_mm256_loadu_ps(h + 8 * k), _mm256_loadu_ps(e + 8 * k), dot);
+          if (8 * full < d)
+            dot = _mm256_fmadd_ps(_mm256_loadu_ps(h + 8 * full), _mm256_maskload_ps(e + 8 * full, tail),
+                                  dot);
+          const float rj = r[row];
+          const __m256 rv = _mm256_set1_ps(rj);
+          const __m256 coef = _mm256_set1_ps(rj * rj * rj * sum8(dot));
+          for (int k = 0; k < full; ++k)
+            _mm256_storeu_ps(out + 8 * k, _mm256_fnmadd_ps(coef, _mm256_loadu_ps(e + 8 * k),
+                                                           _mm256_mul_ps(rv, _mm256_loadu_ps(h + 8 * k))));
+          if (8 * full < d)
+            _mm256_maskstore_ps(out + 8 * full, tail,
+                                _mm256_fnmadd_ps(coef, _mm256_maskload_ps(e + 8 * full, tail),
+                                                 _mm256_mul_ps(rv, _mm256_loadu_ps(h + 8 * full))));
         }
-        const float* e = E + (j0 + j) * ld;
-        __m256 dot = _mm256_setzero_ps();
-        for (int k = 0; k < full; ++k)
-          dot = _mm256_fmadd_ps(_mm256_loadu_ps(h + 8 * k), _mm256_loadu_ps(e + 8 * k), dot);
-        if (8 * full < d)
-          dot = _mm256_fmadd_ps(_mm256_loadu_ps(h + 8 * full), _mm256_maskload_ps(e + 8 * full, tail), dot);
-        const float rj = r[j0 + j];
-        const __m256 rv = _mm256_set1_ps(rj);
-        const __m256 coef = _mm256_set1_ps(rj * rj * rj * sum8(dot));
-        for (int k = 0; k < full; ++k)
-          _mm256_storeu_ps(out + 8 * k, _mm256_fnmadd_ps(coef, _mm256_loadu_ps(e + 8 * k),
-                                                         _mm256_mul_ps(rv, _mm256_loadu_ps(h + 8 * k))));
-        if (8 * full < d)
-          _mm256_maskstore_ps(out + 8 * full, tail,
-                              _mm256_fnmadd_ps(coef, _mm256_maskload_ps(e + 8 * full, tail),
-                                               _mm256_mul_ps(rv, _mm256_loadu_ps(h + 8 * full))));
+        if (adam) adam->step(row, e, out, d, tail, x);
       }
     }
   }
@@ -374,7 +439,20 @@ int fedenc_softmax_forward(const float* S, int bpad, int d, int dp, const float*
 void fedenc_softmax_backward(const float* SF, int bpad, int d, int dp, const float* E, int64_t ld,
                              const float* r, int64_t n, const float* Z, float* G, int64_t ldg,
                              int threads) {
-  const Backward b{SF, bpad, d, dp, E, ld, r, n, Z, G, ldg};
+  const Backward b{SF, bpad, d, dp, const_cast<float*>(E), ld, r, n, Z, G, ldg, nullptr};
+  const int64_t panels = (n + W - 1) / W;
+  split(panels, threads, [&](int, int64_t p0, int64_t p1) { b.run(p0, p1); });
+}
+
+// The backward with Adam applied to every item row in place of writing G: E, M, V updated.
+// xidx (sorted, distinct) and xrows [xm][d]: gradient rows added to those items first.
+void fedenc_softmax_backward_adam(const float* SF, int bpad, int d, int dp, float* E, int64_t ld,
+                                  const float* r, int64_t n, const float* Z, float* M, float* V,
+                                  int64_t ldm, float lr_c1, float one_b1, float b2, float one_b2,
+                                  float inv_c2, float eps, float wd, const int64_t* xidx,
+                                  const float* xrows, int64_t xm, int threads) {
+  const AdamRows a{M, V, ldm, lr_c1, one_b1, b2, one_b2, inv_c2, eps, wd, xidx, xrows, xm};
+  const Backward b{SF, bpad, d, dp, E, ld, r, n, Z, nullptr, 0, &a};
   const int64_t panels = (n + W - 1) / W;
   split(panels, threads, [&](int, int64_t p0, int64_t p1) { b.run(p0, p1); });
 }

@@ -289,6 +289,11 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.fedenc_softmax_forward.restype = i
     lib.fedenc_softmax_backward.argtypes = [p, i, i, i, p, i64, p, i64, p, p, i64, i]
     lib.fedenc_softmax_backward.restype = None
+    f = ctypes.c_float
+    lib.fedenc_softmax_backward_adam.argtypes = [
+        p, i, i, i, p, i64, p, i64, p, p, p, i64, f, f, f, f, f, f, f, p, p, i64, i,
+    ]  # fmt: skip
+    lib.fedenc_softmax_backward_adam.restype = None
     if lib.fedenc_softmax_panel() != PANEL:
         raise RuntimeError(f"{path} has another panel width than {PANEL}")
     return lib
@@ -364,4 +369,69 @@ def backward(
     lib.fedenc_softmax_backward(
         _ptr(sf), blocks.bpad, d, blocks.dp, _ptr(items), items.stride(0), _ptr(r),
         blocks.num_items, _ptr(blocks.z), _ptr(out), out.stride(0), max(1, torch.get_num_threads()),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class AdamHyper:
+    """One Adam step's constants as the kernel takes them (from ``lr``, the betas, ``eps``,
+    L2 ``weight_decay`` and the step count t, in double precision before the float cast)."""
+
+    lr_c1: float  # lr / (1 - beta1^t)
+    one_b1: float  # 1 - beta1
+    b2: float
+    one_b2: float  # 1 - beta2
+    inv_c2: float  # 1 / sqrt(1 - beta2^t)
+    eps: float
+    wd: float
+
+    @classmethod
+    def of(
+        cls, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: float
+    ) -> AdamHyper:
+        return cls(
+            lr / (1.0 - beta1**step),
+            1.0 - beta1,
+            beta2,
+            1.0 - beta2,
+            1.0 / (1.0 - beta2**step) ** 0.5,
+            eps,
+            weight_decay,
+        )
+
+
+def backward_adam(
+    blocks: NativeBlocks,
+    session_f: Tensor,
+    items: Tensor,
+    inv_norm: Tensor | None,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    extra_index: Tensor,
+    extra_rows: Tensor,
+    hyper: AdamHyper,
+) -> None:
+    """:func:`backward`, with each item row's gradient (plus ``extra_rows[x]`` for item
+    ``extra_index[x]``: sorted, distinct, 0-based) going straight into an Adam step of that row:
+    ``items``, ``exp_avg`` and ``exp_avg_sq`` (all (n, d), rows of the same stride) are updated
+    in place, and the gradient is never written out."""
+    lib = _ensure_library()
+    n, d = items.shape
+    if n != blocks.num_items or session_f.shape[1] != d:
+        raise ValueError(f"items must be ({blocks.num_items}, {session_f.shape[1]})")
+    for name, t in (("items", items), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if t.shape != (n, d) or t.stride() != (items.stride(0), 1) or t.dtype != torch.float32:
+            raise ValueError(f"{name} must be float32 ({n}, {d}) rows of stride {items.stride(0)}")
+    if extra_rows.shape != (extra_index.numel(), d) or not extra_rows.is_contiguous():
+        raise ValueError(f"extra_rows must be contiguous ({extra_index.numel()}, {d})")
+    sf = _interleave4(session_f.detach().t(), blocks.dp, blocks.bpad)
+    r = None if inv_norm is None else inv_norm.contiguous()
+    index = extra_index.to(torch.int64).contiguous()
+    rows = extra_rows.to(torch.float32)
+    h = hyper
+    lib.fedenc_softmax_backward_adam(
+        _ptr(sf), blocks.bpad, d, blocks.dp, _ptr(items), items.stride(0), _ptr(r), n,
+        _ptr(blocks.z), _ptr(exp_avg), _ptr(exp_avg_sq), exp_avg.stride(0), h.lr_c1, h.one_b1,
+        h.b2, h.one_b2, h.inv_c2, h.eps, h.wd, _ptr(index), _ptr(rows), index.numel(),
+        max(1, torch.get_num_threads()),
     )  # fmt: skip

@@ -23,22 +23,33 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+if TYPE_CHECKING:
+    from fedenc.encoders.layers.deferred_table_grad import DeferredTableGrad
+
 
 class TableGradTie:
     """One step's hand-over of the table gradient from the loss's backward to the lookup's."""
 
-    __slots__ = ("_grad", "lookups", "table")
+    __slots__ = ("_grad", "deferred", "lookups", "table")
 
     def __init__(self, table: Tensor) -> None:
         self.table = table
         self.lookups = 0  # lookups of ``table`` that joined this tie in the forward
         self._grad: Tensor | None = None
+        # Set when the loss left the table's gradient to the optimizer: the lookups add their
+        # rows to it and return no gradient (.deferred_table_grad).
+        self.deferred: DeferredTableGrad | None = None
+
+    def defer(self, deferred: DeferredTableGrad) -> None:
+        """Called by the loss's backward instead of :meth:`offer` when the table's gradient stays
+        unmaterialised: every lookup of this tie hands its rows to ``deferred``."""
+        self.deferred = deferred
 
     def offer(self, grad_table: Tensor) -> bool:
         """Called by the loss's backward with its gradient of ``table``. True when the tie takes
@@ -115,6 +126,9 @@ class _TiedLookup(torch.autograd.Function):
         ctx.tie = None
         index = items.reshape(-1)
         rows = grad_out.reshape(index.shape[0], -1)
+        if tie is not None and tie.deferred is not None:
+            tie.deferred.add_rows(index, rows)  # row 0 (padding) is dropped there
+            return None, None, None
         grad = tie.take() if tie is not None else None
         if grad is None:  # nothing handed over: the ordinary dense gradient
             grad = torch.zeros(ctx.rows, rows.shape[1], dtype=rows.dtype, device=rows.device)

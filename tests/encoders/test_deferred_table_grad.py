@@ -1,0 +1,112 @@
+"""A deferred table gradient is the loss's dense gradient (lookup and one-hot rows included),
+its Adam step is torch's Adam on that gradient, and one no step took still reaches .grad."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedenc.data.batching import batch_from_sessions
+from fedenc.encoders.layers import native_softmax
+from fedenc.encoders.layers.deferred_table_grad import deferring
+from fedenc.encoders.layers.native_softmax import AdamHyper
+from fedenc.encoders.registry import build_encoder
+
+pytestmark = pytest.mark.usefixtures("native")
+
+SESSIONS = [[1, 2, 3, 2], [4, 4, 5, 6], [7], [60, 1, 60], [9, 10, 11, 12, 13, 9]]
+TARGETS = [4, 7, 60, 2, 60]  # a repeated target: its one-hot rows add up
+
+
+def _model_and_batch(encoder: str = "srgnn", items: int = 60, hidden: int = 12):
+    torch.manual_seed(7)
+    model = build_encoder(encoder, items, hidden=hidden)
+    batch = batch_from_sessions(SESSIONS)
+    batch.targets = torch.tensor(TARGETS)
+    return model, batch
+
+
+def _dense_grads(model, batch) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model.loss(batch).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("encoder", ["srgnn", "edge_attn", "skip_rnn"])
+def test_materialized_equals_the_dense_gradient(encoder: str) -> None:
+    model, batch = _model_and_batch(encoder)
+    expected = _dense_grads(model, batch)
+    model.zero_grad(set_to_none=True)
+    table = model.embedding.weight
+    calls = native_softmax.calls
+    with deferring(table) as slot:
+        model.loss(batch).backward()
+        assert native_softmax.calls == calls + 1
+        assert table.grad is None  # left to the optimizer
+        pending = slot.take()
+        assert pending is not None
+        got = pending.materialize()
+    torch.testing.assert_close(got, expected["embedding.weight"], rtol=1e-5, atol=1e-7)
+    assert torch.count_nonzero(got[0]) == 0  # padding row
+    for name, grad in expected.items():  # every other gradient as without the deferral
+        if name != "embedding.weight":
+            torch.testing.assert_close(model.get_parameter(name).grad, grad, msg=name)
+
+
+def test_a_deferred_gradient_no_step_took_reaches_grad() -> None:
+    model, batch = _model_and_batch()
+    expected = _dense_grads(model, batch)["embedding.weight"]
+    model.zero_grad(set_to_none=True)
+    with deferring(model.embedding.weight):
+        model.loss(batch).backward()
+        assert model.embedding.weight.grad is None
+    torch.testing.assert_close(model.embedding.weight.grad, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_sparse_rows_are_summed_sorted_and_skip_padding() -> None:
+    model, batch = _model_and_batch()
+    table = model.embedding.weight
+    with deferring(table) as slot:
+        model.loss(batch).backward()
+        pending = slot.take()
+    assert pending is not None
+    pending._index.clear()
+    pending._rows.clear()
+    pending.add_rows(torch.tensor([5, 0, 3, 5]), torch.ones(4, 12))
+    pending.add_rows(torch.tensor([[3]]), torch.full((1, 1, 12), 2.0))
+    items, rows = pending.sparse()
+    assert items.tolist() == [2, 4]  # 0-based items of table rows 3 and 5
+    assert rows[:, 0].tolist() == [3.0, 2.0]
+
+
+@pytest.mark.parametrize(("weight_decay", "step"), [(0.0, 1), (1e-5, 1), (1e-2, 7)])
+def test_adam_step_is_torch_adam_on_the_dense_gradient(weight_decay: float, step: int) -> None:
+    model, batch = _model_and_batch(items=300, hidden=20)  # d = 20: a masked tail vector
+    table = model.embedding.weight
+    with deferring(table) as slot:
+        model.loss(batch).backward()
+        pending = slot.take()
+    assert pending is not None
+    grad = pending.materialize()
+    gen = torch.Generator().manual_seed(1)
+    exp_avg = torch.randn(table.shape, generator=gen) * 1e-2
+    exp_avg_sq = torch.rand(table.shape, generator=gen) * 1e-4
+    lr, betas, eps = 3e-3, (0.9, 0.999), 1e-8
+    ref_param = table.detach().clone()
+    ref_m, ref_v = exp_avg.clone(), exp_avg_sq.clone()
+    ref_step = torch.tensor(float(step - 1))
+    ref = torch.optim.Adam([torch.nn.Parameter(ref_param)], lr=lr, betas=betas, eps=eps)
+    torch._fused_adam_(
+        [ref_param], [grad], [ref_m], [ref_v], [], [ref_step.add_(1)], lr=lr,
+        beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
+        maximize=False,
+    )  # fmt: skip
+    del ref
+    before = table.detach().clone()
+    pending.adam_step(exp_avg, exp_avg_sq, AdamHyper.of(lr, *betas, eps, weight_decay, step))
+    moved = (ref_param - before).abs().max()
+    assert moved > 1e-4
+    torch.testing.assert_close(table.detach(), ref_param, rtol=0, atol=float(moved) * 1e-4)
+    torch.testing.assert_close(exp_avg, ref_m, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(exp_avg_sq, ref_v, rtol=1e-5, atol=1e-12)
+    assert table._version > 0  # autograd sees the in-place update
