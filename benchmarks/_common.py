@@ -42,13 +42,14 @@ def interleaved(variants: dict[str, Callable[[], object]], repeats: int) -> dict
 
 
 def train_steps(model: Any, optimizer: Any, examples: Any, index: list[Any], device: Any) -> None:
-    """One plain training step per index array, as the trainer's default loop runs them."""
+    """One plain training step per index array, as the trainer's default loop runs them (with a
+    :class:`~fedenc.training.table_adam.TableAdam`, the item table's update in the loss's
+    backward kernel)."""
     from fedenc.data.batching import build_batch
+    from fedenc.training.trainer import training_step
 
     for idx in index:
-        optimizer.zero_grad(set_to_none=True)
-        model.loss(build_batch(examples, idx, device)).backward()
-        optimizer.step()
+        training_step(model, optimizer, build_batch(examples, idx, device))
 
 
 @contextlib.contextmanager

@@ -25,10 +25,11 @@ from speed import add_data_options, load_examples
 
 from fedenc.encoders.registry import build_encoder
 from fedenc.planner.plan import PlanChoice, PlannedSteps, Planner
+from fedenc.training.table_adam import TableAdam
 
 
 def adam(params: Any) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=1e-3, weight_decay=1e-5, fused=True)
+    return TableAdam(params, lr=1e-3, weight_decay=1e-5, fused=True)  # as the trainer's
 
 
 def step_benchmark(args: argparse.Namespace) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 softmax over the whole catalog), against a straightforward implementation measured in the same run.
 
 fedenc path: vectorised graph batches, the full-softmax loss in native kernels where they build
-(also timed with them off: the "train, PyTorch" row), fused Adam; evaluation under
+(also timed with them off: the "train, PyTorch" row), Adam (the trainer's TableAdam: the item
+table's update done in the loss's backward kernel, the rest torch's fused Adam); evaluation under
 no_grad ranking targets in cache-sized item chunks. Baseline: the same model trained the way the
 public SR-GNN code does it -- per-session Python graph building, autograd cross-entropy over the
 materialised logits, foreach Adam, evaluation with autograd on and a top-k sort.
@@ -30,6 +31,8 @@ from fedenc.data.synthetic import SyntheticConfig, generate
 from fedenc.encoders.registry import build_encoder
 from fedenc.training.allocator import tune_allocator
 from fedenc.training.checkpoint import load_checkpoint
+from fedenc.training.table_adam import TableAdam
+from fedenc.training.trainer import training_step
 
 
 def add_data_options(ap: argparse.ArgumentParser) -> None:
@@ -110,20 +113,20 @@ def main() -> None:
     fast.to(dev)
     base.to(dev)
     plain.to(dev)
-    opt_fast = torch.optim.Adam(fast.parameters(), lr=1e-3, weight_decay=1e-5, fused=True)
-    opt_plain = torch.optim.Adam(plain.parameters(), lr=1e-3, weight_decay=1e-5, fused=True)
+    opt_fast = TableAdam(fast.parameters(), lr=1e-3, weight_decay=1e-5, fused=True)
+    opt_plain = TableAdam(plain.parameters(), lr=1e-3, weight_decay=1e-5, fused=True)
     opt_base = torch.optim.Adam(base.parameters(), lr=1e-3, weight_decay=1e-5, foreach=True)
 
     def train(model: Any, opt: Any, reference: bool) -> None:
         model.train()
         for idx in train_idx:
-            opt.zero_grad(set_to_none=True)
             if reference:
+                opt.zero_grad(set_to_none=True)
                 b = build_batch_reference(ex, idx).to(dev)
                 F.cross_entropy(model(b), b.targets - 1).backward()
-            else:
-                model.loss(build_batch(ex, idx, dev)).backward()
-            opt.step()
+                opt.step()
+            else:  # the trainer's step
+                training_step(model, opt, build_batch(ex, idx, dev))
         sync()  # a GPU step is asynchronous: time it to the end of its work
 
     def evaluate_fast(limit: int | None) -> list[torch.Tensor]:

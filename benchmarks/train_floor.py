@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fedenc.encoders.registry import build_encoder
 from fedenc.training.allocator import tune_allocator
 from fedenc.training.checkpoint import load_checkpoint
+from fedenc.training.table_adam import TableAdam
 
 aten = torch.ops.aten
 # Matrix products as they reach the dispatcher (matmul and linear decompose into these).
@@ -110,7 +111,7 @@ def main() -> None:
     if not getattr(model.config, "use_positions", True):
         label += " without positions"
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5, fused=True)
+    opt = TableAdam(model.parameters(), lr=1e-3, weight_decay=1e-5, fused=True)
     rng = np.random.default_rng(0)
     index = [rng.integers(0, len(ex), 100) for _ in range(args.batches)]
     cpu = torch.device("cpu")
