@@ -28,8 +28,8 @@ from fedenc.planner.plan import PlanChoice, PlannedSteps, Planner
 from fedenc.training.table_adam import TableAdam
 
 
-def adam(params: Any) -> torch.optim.Optimizer:
-    return TableAdam(params, lr=1e-3, weight_decay=1e-5, fused=True)  # as the trainer's
+def adam(params: Any, table: Any = None) -> torch.optim.Optimizer:
+    return TableAdam(params, lr=1e-3, weight_decay=1e-5, fused=True, table=table)  # the trainer's
 
 
 def step_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -50,7 +50,7 @@ def step_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     def on(device: str) -> tuple[Any, torch.optim.Optimizer]:
         if device not in copies:
             m = copy.deepcopy(model).to(device)
-            copies[device] = (m, adam(list(m.parameters())))
+            copies[device] = (m, adam(list(m.parameters()), m.embedding.weight))
         return copies[device]
 
     work, opt = on("cpu")

@@ -113,8 +113,12 @@ def main() -> None:
     fast.to(dev)
     base.to(dev)
     plain.to(dev)
-    opt_fast = TableAdam(fast.parameters(), lr=1e-3, weight_decay=1e-5, fused=True)
-    opt_plain = TableAdam(plain.parameters(), lr=1e-3, weight_decay=1e-5, fused=True)
+    opt_fast = TableAdam(
+        fast.parameters(), lr=1e-3, weight_decay=1e-5, fused=True, table=fast.embedding.weight
+    )
+    opt_plain = TableAdam(
+        plain.parameters(), lr=1e-3, weight_decay=1e-5, fused=True, table=plain.embedding.weight
+    )
     opt_base = torch.optim.Adam(base.parameters(), lr=1e-3, weight_decay=1e-5, foreach=True)
 
     def train(model: Any, opt: Any, reference: bool) -> None:

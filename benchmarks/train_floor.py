@@ -111,7 +111,9 @@ def main() -> None:
     if not getattr(model.config, "use_positions", True):
         label += " without positions"
     model.train()
-    opt = TableAdam(model.parameters(), lr=1e-3, weight_decay=1e-5, fused=True)
+    opt = TableAdam(
+        model.parameters(), lr=1e-3, weight_decay=1e-5, fused=True, table=model.embedding.weight
+    )
     rng = np.random.default_rng(0)
     index = [rng.integers(0, len(ex), 100) for _ in range(args.batches)]
     cpu = torch.device("cpu")

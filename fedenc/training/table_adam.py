@@ -6,42 +6,87 @@ read, on a machine that moves about 30 GB/s. :class:`TableAdam` is ``torch.optim
 inside :meth:`TableAdam.deferring` the native loss leaves the table's gradient unmaterialised
 (:mod:`fedenc.encoders.layers.deferred_table_grad`): :meth:`~TableAdam.step` runs the loss's
 backward kernel with each item row's Adam update done as soon as the row's gradient is finished,
-while the row is still in cache. The update rule is Adam's (L2 ``weight_decay``, bias-corrected
-moments), so a step agrees with ``torch.optim.Adam`` on the dense gradient to float rounding
-(tested); its optimizer state is torch's own (``step``, ``exp_avg``, ``exp_avg_sq``), so state
-dicts, checkpoints and carried moments are unchanged.
+while the row is still in cache.
 
-Everything else is untouched: other parameters step in torch's Adam, and the table's gradient is
-materialised (so torch's Adam takes it) whenever the deferral cannot apply — the PyTorch loss
-path, amsgrad, ``maximize``, decoupled weight decay, a float64 or GPU table, a closure, or a
-second gradient for the table from elsewhere.
+The table's update rule is Adam's (L2 ``weight_decay``, bias-corrected moments) in the kernels'
+own arithmetic (:func:`fedenc.encoders.layers.native_softmax.adam_rows`), which TableAdam also
+applies when the table's gradient comes dense (a step outside :meth:`~TableAdam.deferring`: the
+elastic data server applying a computing server's gradient, the PS trainer, planned steps). A
+row's gradient has the same bits either way, so a deferred and a dense step give the same table
+bit for bit; against ``torch.optim.Adam`` they agree to float rounding (tested). The optimizer
+state is torch's own (``step``, ``exp_avg``, ``exp_avg_sq``), so state dicts, checkpoints and
+carried moments are unchanged. Other parameters step in torch's Adam; so does the table where
+the kernels are not in use (switched off, not built, a float64 or GPU table) or the options are
+not covered (amsgrad, ``maximize``, decoupled weight decay, a closure).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from fedenc.encoders.layers.deferred_table_grad import DeferralSlot, DeferredTableGrad, deferring
+from fedenc.encoders.layers import native_softmax
+from fedenc.encoders.layers.deferred_table_grad import DeferralSlot, deferring
 from fedenc.encoders.layers.native_softmax import AdamHyper
 
 
 class TableAdam(torch.optim.Adam):
-    """``torch.optim.Adam`` whose :meth:`step` can apply a deferred item-table gradient (the
-    module's docstring); the constructor is Adam's."""
+    """``torch.optim.Adam`` that steps ``table`` (one of ``params``) in the native kernels'
+    Adam, from a deferred gradient (:meth:`deferring`) or a dense one; the other arguments are
+    Adam's. Without ``table`` it is plain Adam."""
 
-    _slot: DeferralSlot | None = None
+    def __init__(
+        self, params: Iterable[Any], *args: Any, table: Tensor | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(params, *args, **kwargs)
+        self.table = table
+        self._slot: DeferralSlot | None = None
+
+    def _native_table(self) -> Tensor | None:
+        """``table`` when its step can run in the kernels now, else None."""
+        table = self.table
+        if table is None or not native_softmax.switched_on() or not native_softmax.enabled():
+            return None
+        if table.dtype != torch.float32 or table.device.type != "cpu" or table.dim() != 2:
+            return None
+        if not table.is_contiguous():
+            return None
+        groups = [g for g in self.param_groups if any(p is table for p in g["params"])]
+        if len(groups) != 1:
+            return None
+        g = groups[0]
+        if (
+            g["amsgrad"]
+            or g["maximize"]
+            or g.get("capturable", False)
+            or g.get("differentiable", False)
+            or g.get("decoupled_weight_decay", False)
+            or not self._state_fits(table)
+        ):
+            return None
+        return table if native_softmax.library() is not None else None
+
+    def _state_fits(self, table: Tensor) -> bool:
+        """Whether the table's Adam state (if any) is laid out as the kernels need it."""
+        state = self.state.get(table, {})
+        return all(
+            state[k].dtype == torch.float32
+            and state[k].shape == table.shape
+            and state[k].is_contiguous()
+            for k in ("exp_avg", "exp_avg_sq")
+            if k in state
+        )
 
     @contextmanager
     def deferring(self, table: Tensor) -> Iterator[None]:
         """Open around one step's loss, ``backward()`` and :meth:`step`: the native loss then
         leaves ``table``'s gradient for the step to apply. Does nothing where the step could
         not apply it (then the gradient is dense, as always)."""
-        if not self._can_defer(table):
+        if table is not self.table or self._native_table() is None:
             yield
             return
         with deferring(table) as slot:
@@ -51,58 +96,46 @@ class TableAdam(torch.optim.Adam):
             finally:
                 self._slot = None
 
-    def _can_defer(self, table: Tensor) -> bool:
-        if table.dtype != torch.float32 or table.device.type != "cpu" or table.dim() != 2:
-            return False
-        if not table.is_contiguous():
-            return False
-        groups = [g for g in self.param_groups if any(p is table for p in g["params"])]
-        if len(groups) != 1:
-            return False
-        g = groups[0]
-        return not (
-            g["amsgrad"]
-            or g["maximize"]
-            or g.get("capturable", False)
-            or g.get("differentiable", False)
-            or g.get("decoupled_weight_decay", False)
-        )
-
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
         slot = self._slot
         pending = slot.take() if slot is not None else None
-        if pending is not None and (
-            closure is not None or pending.table.grad is not None or not self._state_fits(pending)
-        ):
-            # Another gradient of the table (or a closure that recomputes the loss): the dense
-            # gradient joins it and torch's Adam takes the sum.
-            slot_table = pending.table
+        table = self._native_table() if closure is None else None
+        if pending is not None and (table is None or pending.table.grad is not None):
+            # Another gradient of the table as well (or no kernel step): the sum, dense.
             grad = pending.materialize()
             with torch.no_grad():
-                if slot_table.grad is None:
-                    slot_table.grad = grad
+                if pending.table.grad is None:
+                    pending.table.grad = grad
                 else:
-                    slot_table.grad += grad
+                    pending.table.grad += grad
             pending = None
-        loss = super().step(closure)  # the table, without a .grad, is skipped here
+        dense = None
+        if pending is None and table is not None and table.grad is not None:
+            if table.grad.is_sparse or table.grad.dtype != torch.float32:
+                table = None
+            else:
+                dense, table.grad = table.grad, None  # torch's Adam skips it
+        try:
+            loss = super().step(closure)
+        finally:
+            if dense is not None and table is not None:
+                table.grad = dense
         if pending is not None:
-            self._step_table(pending)
+            self._step_table(pending.table, lambda hyper, m, v: pending.adam_step(m, v, hyper))
+        elif dense is not None and table is not None:
+            self._step_table(
+                table,
+                lambda hyper, m, v: native_softmax.adam_rows(
+                    table.detach(), dense.contiguous(), m, v, hyper
+                ),
+            )
+            torch.autograd.graph.increment_version(table)
         return loss
 
-    def _state_fits(self, pending: DeferredTableGrad) -> bool:
-        """Whether the table's Adam state (if any) is laid out as the kernel needs it."""
-        state = self.state.get(pending.table, {})
-        return all(
-            state[k].dtype == torch.float32
-            and state[k].shape == pending.table.shape
-            and state[k].is_contiguous()
-            for k in ("exp_avg", "exp_avg_sq")
-            if k in state
-        )
-
     @torch.no_grad()
-    def _step_table(self, pending: DeferredTableGrad) -> None:
-        table = pending.table
+    def _step_table(
+        self, table: Tensor, update: Callable[[AdamHyper, Tensor, Tensor], None]
+    ) -> None:
         group = next(g for g in self.param_groups if any(p is table for p in g["params"]))
         state = self.state[table]
         if len(state) == 0:  # as torch's Adam initialises it (fused: step on the device)
@@ -119,7 +152,7 @@ class TableAdam(torch.optim.Adam):
             float(group["weight_decay"]),
             float(state["step"]),
         )
-        pending.adam_step(state["exp_avg"], state["exp_avg_sq"], hyper)
+        update(hyper, state["exp_avg"], state["exp_avg_sq"])
 
 
 @contextmanager

@@ -85,7 +85,11 @@ class Trainer:
         # TableAdam is that Adam, which also takes the table's gradient from the native loss
         # kernels without its being written out (.table_adam).
         self.optimizer = TableAdam(
-            self.model.parameters(), lr=self.config.lr, weight_decay=self.config.l2, fused=True
+            self.model.parameters(),
+            lr=self.config.lr,
+            weight_decay=self.config.l2,
+            fused=True,
+            table=getattr(self.model.embedding, "weight", None),
         )
         step = self.config.lr_decay_step or 10**9
         self.scheduler = torch.optim.lr_scheduler.StepLR(

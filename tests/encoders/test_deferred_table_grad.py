@@ -63,7 +63,7 @@ def test_a_deferred_gradient_no_step_took_reaches_grad() -> None:
     torch.testing.assert_close(model.embedding.weight.grad, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_sparse_rows_are_summed_sorted_and_skip_padding() -> None:
+def test_sparse_rows_are_grouped_in_order_and_skip_padding() -> None:
     model, batch = _model_and_batch()
     table = model.embedding.weight
     with deferring(table) as slot:
@@ -72,11 +72,34 @@ def test_sparse_rows_are_summed_sorted_and_skip_padding() -> None:
     assert pending is not None
     pending._index.clear()
     pending._rows.clear()
-    pending.add_rows(torch.tensor([5, 0, 3, 5]), torch.ones(4, 12))
-    pending.add_rows(torch.tensor([[3]]), torch.full((1, 1, 12), 2.0))
-    items, rows = pending.sparse()
+    pending.add_rows(torch.tensor([5, 0, 3, 5]), torch.arange(4.0)[:, None].expand(4, 12))
+    pending.add_rows(torch.tensor([[3]]), torch.full((1, 1, 12), 9.0))
+    items, offsets, rows = pending.sparse()
     assert items.tolist() == [2, 4]  # 0-based items of table rows 3 and 5
-    assert rows[:, 0].tolist() == [3.0, 2.0]
+    assert offsets.tolist() == [0, 2, 4]
+    assert rows[:, 0].tolist() == [2.0, 9.0, 0.0, 3.0]  # each item's rows in the order added
+
+
+def test_the_deferred_step_is_the_dense_step_bit_for_bit() -> None:
+    """Adam from the deferred gradient equals adam_rows on the materialised one, bit for bit:
+    what lets the elastic data server (dense gradients) match the trainer exactly."""
+    model, batch = _model_and_batch(items=300, hidden=20)
+    table = model.embedding.weight
+    with deferring(table) as slot:
+        model.loss(batch).backward()
+        pending = slot.take()
+    assert pending is not None
+    grad = pending.materialize()
+    gen = torch.Generator().manual_seed(2)
+    m0 = torch.randn(table.shape, generator=gen) * 1e-2
+    v0 = torch.rand(table.shape, generator=gen) * 1e-4
+    hyper = AdamHyper.of(3e-3, 0.9, 0.999, 1e-8, 1e-4, 3)
+    dense, m1, v1 = table.detach().clone(), m0.clone(), v0.clone()
+    native_softmax.adam_rows(dense, grad, m1, v1, hyper)
+    m2, v2 = m0.clone(), v0.clone()
+    pending.adam_step(m2, v2, hyper)
+    assert torch.equal(table.detach(), dense)
+    assert torch.equal(m2, m1) and torch.equal(v2, v1)
 
 
 @pytest.mark.parametrize(("weight_decay", "step"), [(0.0, 1), (1e-5, 1), (1e-2, 7)])

@@ -35,7 +35,7 @@ def _pair(**adam):
     options = {"lr": 1e-2, "weight_decay": 1e-4, "fused": True, **adam}
     return (
         model,
-        TableAdam(model.parameters(), **options),
+        TableAdam(model.parameters(), table=model.embedding.weight, **options),
         twin,
         torch.optim.Adam(twin.parameters(), **options),
     )
@@ -109,3 +109,24 @@ def test_carried_moments_in_torch_format_are_used() -> None:
         training_step(twin, ref, batch)
         assert model.embedding.weight.grad is None
     _assert_same(model, twin, rtol=1e-4, atol=1e-6)
+
+
+def test_dense_and_deferred_steps_give_the_same_table_bit_for_bit() -> None:
+    """A TableAdam fed dense gradients (the elastic data server, the PS trainer) steps the
+    table exactly as the deferred trainer step does."""
+    model, opt, twin, _ = _pair()
+    twin_opt = TableAdam(twin.parameters(), table=twin.embedding.weight, lr=1e-2,
+                         weight_decay=1e-4, fused=True)  # fmt: skip
+    for batch in _batches(4):
+        training_step(model, opt, batch)
+        twin_opt.zero_grad(set_to_none=True)
+        twin.loss(batch).backward()  # no deferral: a dense gradient
+        assert twin.embedding.weight.grad is not None
+        twin_opt.step()
+    _assert_same(model, twin)
+    torch.testing.assert_close(
+        opt.state[model.embedding.weight]["exp_avg_sq"],
+        twin_opt.state[twin.embedding.weight]["exp_avg_sq"],
+        rtol=0,
+        atol=0,
+    )

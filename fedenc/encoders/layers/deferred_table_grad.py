@@ -47,27 +47,36 @@ class DeferredTableGrad:
         self._index.append(flat)
         self._rows.append(rows.reshape(flat.numel(), -1))
 
-    def sparse(self) -> tuple[Tensor, Tensor]:
-        """The added rows summed per item: sorted distinct 0-based item ids (table row - 1)
-        and their rows (m, d) in float32."""
+    def _added(self) -> tuple[Tensor, Tensor]:
+        """Every added row but row 0's, in the order added: table rows (k,) and rows (k, d)."""
         d = self.table.shape[1]
         if not self._index:
             return torch.empty(0, dtype=torch.int64), torch.empty(0, d, dtype=torch.float32)
         index = torch.cat(self._index)
         rows = torch.cat(self._rows).to(torch.float32)
         keep = index > 0
-        items, inverse = torch.unique(index[keep], sorted=True, return_inverse=True)
-        summed = rows.new_zeros(items.numel(), d).index_add_(0, inverse, rows[keep])
-        return items - 1, summed
+        return index[keep], rows[keep]
+
+    def sparse(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The added rows grouped by item, each group in the order added (the order a dense
+        gradient adds them in): sorted distinct 0-based item ids (m,) (table row - 1), offsets
+        (m + 1,) into the rows (k, d) float32."""
+        index, rows = self._added()
+        order = torch.sort(index, stable=True).indices
+        items, counts = torch.unique_consecutive(index[order], return_counts=True)
+        offsets = torch.zeros(items.numel() + 1, dtype=torch.int64)
+        torch.cumsum(counts, 0, out=offsets[1:])
+        return items - 1, offsets, rows[order]
 
     def materialize(self) -> Tensor:
-        """The dense gradient, as the loss's backward would have returned it."""
+        """The dense gradient, bit for bit as the loss's backward and the tied lookup's would
+        have made it."""
         grad = torch.empty_like(self.table, dtype=torch.float32)
         grad[0].zero_()
         table = self.table.detach()
         native_softmax.backward(self.blocks, self.session_f, table[1:], self.inv_norm, grad[1:])
-        items, rows = self.sparse()
-        grad.index_add_(0, items + 1, rows)
+        index, rows = self._added()
+        grad.index_add_(0, index, rows)
         return grad.to(self.table.dtype)
 
     def adam_step(self, exp_avg: Tensor, exp_avg_sq: Tensor, hyper: AdamHyper) -> None:
@@ -75,23 +84,18 @@ class DeferredTableGrad:
         the items' rows in the backward kernel, row 0 (gradient 0) here. ``exp_avg`` and
         ``exp_avg_sq`` are the table's moments (N + 1, d), updated in place."""
         table = self.table.detach()
-        items, rows = self.sparse()
+        items, offsets, rows = self.sparse()
         native_softmax.backward_adam(
             self.blocks, self.session_f, table[1:], self.inv_norm, exp_avg[1:], exp_avg_sq[1:],
-            items, rows, hyper,
+            items, offsets, rows, hyper,
         )  # fmt: skip
-        _adam_padding_row(table[0], exp_avg[0], exp_avg_sq[0], hyper)
+        # Row 0 (padding) has a zero gradient: only weight decay moves it.
+        native_softmax.adam_rows(
+            table[:1], torch.zeros_like(table[:1]), exp_avg[:1], exp_avg_sq[:1], hyper
+        )
         # The kernel wrote through a pointer: tell autograd the table changed, as an in-place
         # update by the optimizer would.
         torch.autograd.graph.increment_version(self.table)
-
-
-def _adam_padding_row(p: Tensor, m: Tensor, v: Tensor, h: AdamHyper) -> None:
-    """The kernel's update for a row whose gradient is 0: only weight decay moves it."""
-    g = p * h.wd
-    m.lerp_(g, h.one_b1)
-    v.mul_(h.b2).addcmul_(g, g, value=h.one_b2)
-    p.addcdiv_(m, v.sqrt().mul_(h.inv_c2).add_(h.eps), value=-h.lr_c1)
 
 
 class DeferralSlot:

@@ -271,8 +271,10 @@ struct Forward {
 
 // Adam (L2 weight decay, no amsgrad) applied to each item row as soon as its gradient is
 // known, with the gradient's sparse extra rows (the targets' one-hot part and the tied input
-// lookup's rows: xrows[x] for item xidx[x], sorted) added first. The gradient is then never
-// written out, nor read back by a separate optimizer pass.
+// lookup's rows) added first, one by one in the order a dense gradient would get them
+// (index_add), so that a row's gradient has the same bits either way: item xidx[x] (sorted,
+// distinct) gets xrows[xoff[x]], ..., xrows[xoff[x + 1] - 1]. The gradient is then never written
+// out, nor read back by a separate optimizer pass.
 struct AdamRows {
   float* M;  // exp_avg rows, ldm apart
   float* V;  // exp_avg_sq rows
@@ -283,7 +285,8 @@ struct AdamRows {
   float inv_c2;  // 1 / sqrt(1 - beta2^t)
   float eps, wd;
   const int64_t* xidx;
-  const float* xrows;  // [xm][d]
+  const int64_t* xoff;  // [xm + 1]
+  const float* xrows;   // [xoff[xm]][d]
   int64_t xm;
 
   // p ← p - lr_c1 m / (sqrt(v) inv_c2 + eps) for g + wd p, on 8 lanes.
@@ -297,16 +300,19 @@ struct AdamRows {
     p = _mm256_fnmadd_ps(_mm256_set1_ps(lr_c1), _mm256_div_ps(m, den), p);
   }
 
-  // Row `row` (p: its d floats) with gradient g (dp floats, 0 past d); x walks xidx.
-  void step(int64_t row, float* p, const float* g, int d, __m256i tail, int64_t& x) const {
+  // Row `row` (p: its d floats) with gradient g (d floats, then tail lanes of 0 to the next
+  // multiple of 8 when gpad); x walks xidx.
+  void step(int64_t row, float* p, const float* g, bool gpad, int d, __m256i tail,
+            int64_t& x) const {
     while (x < xm && xidx[x] < row) ++x;
-    const float* extra = x < xm && xidx[x] == row ? xrows + x * d : nullptr;
+    int64_t e0 = 0, e1 = 0;  // the row's extra rows
+    if (x < xm && xidx[x] == row) e0 = xoff[x], e1 = xoff[x + 1];
     float* m = M + row * ldm;
     float* v = V + row * ldm;
     const int full = d / 8;
     for (int k = 0; k < full; ++k) {
       __m256 gv = _mm256_loadu_ps(g + 8 * k);
-      if (extra) gv = _mm256_add_ps(gv, _mm256_loadu_ps(extra + 8 * k));
+      for (int64_t e = e0; e < e1; ++e) gv = _mm256_add_ps(gv, _mm256_loadu_ps(xrows + e * d + 8 * k));
       __m256 pv = _mm256_loadu_ps(p + 8 * k), mv = _mm256_loadu_ps(m + 8 * k);
       __m256 vv = _mm256_loadu_ps(v + 8 * k);
       lanes(gv, pv, mv, vv);
@@ -316,8 +322,9 @@ struct AdamRows {
     }
     if (8 * full < d) {  // masked: plain loads and stores only for whole vectors (AMD's masked
       const int k = full;  // stores are slow)
-      __m256 gv = _mm256_loadu_ps(g + 8 * k);
-      if (extra) gv = _mm256_add_ps(gv, _mm256_maskload_ps(extra + 8 * k, tail));
+      __m256 gv = gpad ? _mm256_loadu_ps(g + 8 * k) : _mm256_maskload_ps(g + 8 * k, tail);
+      for (int64_t e = e0; e < e1; ++e)
+        gv = _mm256_add_ps(gv, _mm256_maskload_ps(xrows + e * d + 8 * k, tail));
       __m256 pv = _mm256_maskload_ps(p + 8 * k, tail), mv = _mm256_maskload_ps(m + 8 * k, tail);
       __m256 vv = _mm256_maskload_ps(v + 8 * k, tail);
       lanes(gv, pv, mv, vv);
@@ -395,7 +402,7 @@ struct Backward {
                                 _mm256_fnmadd_ps(coef, _mm256_maskload_ps(e + 8 * full, tail),
                                                  _mm256_mul_ps(rv, _mm256_loadu_ps(h + 8 * full))));
         }
-        if (adam) adam->step(row, e, out, d, tail, x);
+        if (adam) adam->step(row, e, out, true, d, tail, x);
       }
     }
   }
@@ -450,11 +457,28 @@ void fedenc_softmax_backward_adam(const float* SF, int bpad, int d, int dp, floa
                                   const float* r, int64_t n, const float* Z, float* M, float* V,
                                   int64_t ldm, float lr_c1, float one_b1, float b2, float one_b2,
                                   float inv_c2, float eps, float wd, const int64_t* xidx,
-                                  const float* xrows, int64_t xm, int threads) {
-  const AdamRows a{M, V, ldm, lr_c1, one_b1, b2, one_b2, inv_c2, eps, wd, xidx, xrows, xm};
+                                  const int64_t* xoff, const float* xrows, int64_t xm,
+                                  int threads) {
+  const AdamRows a{M, V, ldm, lr_c1, one_b1, b2, one_b2, inv_c2, eps, wd, xidx, xoff, xrows, xm};
   const Backward b{SF, bpad, d, dp, E, ld, r, n, Z, nullptr, 0, &a};
   const int64_t panels = (n + W - 1) / W;
   split(panels, threads, [&](int, int64_t p0, int64_t p1) { b.run(p0, p1); });
+}
+
+// The same Adam step of rows [0, n) of P from a dense gradient G (rows ldg apart): what the
+// backward above does to each row, for a gradient that was written out (bit for bit the same
+// update for the same gradient row).
+void fedenc_adam_rows(float* P, int64_t ldp, const float* G, int64_t ldg, int64_t n, int d,
+                      float* M, float* V, int64_t ldm, float lr_c1, float one_b1, float b2,
+                      float one_b2, float inv_c2, float eps, float wd, int threads) {
+  const AdamRows a{M, V, ldm, lr_c1, one_b1, b2, one_b2, inv_c2, eps, wd, nullptr, nullptr, nullptr, 0};
+  const __m256i tail = lanes_below(d - 8 * (d / 8));
+  const int64_t blocks = (n + W - 1) / W;
+  split(blocks, threads, [&](int, int64_t b0, int64_t b1) {
+    int64_t x = 0;
+    for (int64_t row = b0 * W; row < std::min(n, b1 * W); ++row)
+      a.step(row, P + row * ldp, G + row * ldg, false, d, tail, x);
+  });
 }
 
 }  // extern "C"

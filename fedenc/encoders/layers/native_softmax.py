@@ -291,9 +291,11 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.fedenc_softmax_backward.restype = None
     f = ctypes.c_float
     lib.fedenc_softmax_backward_adam.argtypes = [
-        p, i, i, i, p, i64, p, i64, p, p, p, i64, f, f, f, f, f, f, f, p, p, i64, i,
+        p, i, i, i, p, i64, p, i64, p, p, p, i64, f, f, f, f, f, f, f, p, p, p, i64, i,
     ]  # fmt: skip
     lib.fedenc_softmax_backward_adam.restype = None
+    lib.fedenc_adam_rows.argtypes = [p, i64, p, i64, i64, i, p, p, i64, f, f, f, f, f, f, f, i]
+    lib.fedenc_adam_rows.restype = None
     if lib.fedenc_softmax_panel() != PANEL:
         raise RuntimeError(f"{path} has another panel width than {PANEL}")
     return lib
@@ -408,13 +410,15 @@ def backward_adam(
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     extra_index: Tensor,
+    extra_offsets: Tensor,
     extra_rows: Tensor,
     hyper: AdamHyper,
 ) -> None:
-    """:func:`backward`, with each item row's gradient (plus ``extra_rows[x]`` for item
-    ``extra_index[x]``: sorted, distinct, 0-based) going straight into an Adam step of that row:
-    ``items``, ``exp_avg`` and ``exp_avg_sq`` (all (n, d), rows of the same stride) are updated
-    in place, and the gradient is never written out."""
+    """:func:`backward`, with each item row's gradient going straight into an Adam step of that
+    row (:func:`adam_rows`' update): ``items``, ``exp_avg`` and ``exp_avg_sq`` (all (n, d), rows
+    of the same stride) are updated in place, and the gradient is never written out. Item
+    ``extra_index[x]`` (sorted, distinct, 0-based) first gets ``extra_rows[extra_offsets[x]]``,
+    ..., ``extra_rows[extra_offsets[x + 1] - 1]`` added, one by one in that order."""
     lib = _ensure_library()
     n, d = items.shape
     if n != blocks.num_items or session_f.shape[1] != d:
@@ -422,16 +426,55 @@ def backward_adam(
     for name, t in (("items", items), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         if t.shape != (n, d) or t.stride() != (items.stride(0), 1) or t.dtype != torch.float32:
             raise ValueError(f"{name} must be float32 ({n}, {d}) rows of stride {items.stride(0)}")
-    if extra_rows.shape != (extra_index.numel(), d) or not extra_rows.is_contiguous():
-        raise ValueError(f"extra_rows must be contiguous ({extra_index.numel()}, {d})")
+    m = extra_index.numel()
+    if extra_offsets.shape != (m + 1,):
+        raise ValueError(f"extra_offsets must have {m + 1} entries")
+    if extra_rows.shape != (int(extra_offsets[-1]), d):
+        raise ValueError(f"extra_rows must be ({int(extra_offsets[-1])}, {d})")
     sf = _interleave4(session_f.detach().t(), blocks.dp, blocks.bpad)
     r = None if inv_norm is None else inv_norm.contiguous()
     index = extra_index.to(torch.int64).contiguous()
-    rows = extra_rows.to(torch.float32)
+    offsets = extra_offsets.to(torch.int64).contiguous()
+    rows = extra_rows.to(torch.float32).contiguous()
     h = hyper
     lib.fedenc_softmax_backward_adam(
         _ptr(sf), blocks.bpad, d, blocks.dp, _ptr(items), items.stride(0), _ptr(r), n,
         _ptr(blocks.z), _ptr(exp_avg), _ptr(exp_avg_sq), exp_avg.stride(0), h.lr_c1, h.one_b1,
-        h.b2, h.one_b2, h.inv_c2, h.eps, h.wd, _ptr(index), _ptr(rows), index.numel(),
+        h.b2, h.one_b2, h.inv_c2, h.eps, h.wd, _ptr(index), _ptr(offsets), _ptr(rows), m,
         max(1, torch.get_num_threads()),
+    )  # fmt: skip
+
+
+def adam_rows(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, hyper: AdamHyper
+) -> None:
+    """One Adam step (L2 weight decay, bias-corrected) of the rows of ``param`` (n, d) from the
+    dense ``grad``, in place with the moments: per row, bit for bit the update
+    :func:`backward_adam` makes from the same gradient row.
+
+        g ← grad + wd·p;  m ← m + (1 − β1)(g − m);  v ← β2·v + (1 − β2)·g²
+        p ← p − lr/(1 − β1ᵗ) · m / (√v / √(1 − β2ᵗ) + ε)
+    """
+    lib = _ensure_library()
+    n, d = param.shape
+    for name, t in (
+        ("param", param),
+        ("grad", grad),
+        ("exp_avg", exp_avg),
+        ("exp_avg_sq", exp_avg_sq),
+    ):
+        if (
+            t.shape != (n, d)
+            or t.stride(1) != 1
+            or t.dtype != torch.float32
+            or t.device.type != "cpu"
+        ):
+            raise ValueError(f"{name} must be float32 CPU ({n}, {d}) rows of unit column stride")
+    if exp_avg.stride(0) != exp_avg_sq.stride(0):
+        raise ValueError("exp_avg and exp_avg_sq must have the same row stride")
+    h = hyper
+    lib.fedenc_adam_rows(
+        _ptr(param), param.stride(0), _ptr(grad), grad.stride(0), n, d, _ptr(exp_avg),
+        _ptr(exp_avg_sq), exp_avg.stride(0), h.lr_c1, h.one_b1, h.b2, h.one_b2, h.inv_c2, h.eps,
+        h.wd, max(1, torch.get_num_threads()),
     )  # fmt: skip
