@@ -5,9 +5,9 @@
 // 100, at roughly half the FMA units' peak, and every pass between them (normalising the items,
 // exp, row sums, the normalisation's backward) reads a 1.6 MB block back from L3. Here the catalog is
 // cut into panels of W = 24 items; a panel's unit item vectors are packed once into L1, and every
-// product, exp and sum on it runs while it is there. Each thread takes a contiguous range of
-// panels and keeps its own partial sums, which the caller adds up in thread order: the result
-// depends on the thread count only, not on timing.
+// product, exp and sum on it runs while it is there. Threads take units of 48 panels as they
+// free up; each unit keeps its own partial sums, which the caller adds up in unit order: the
+// result depends neither on timing nor on the thread count.
 //
 // Shapes: B sessions padded to bpad (a multiple of 4), width d padded to dp (a multiple of 8),
 // both with zeros. Padded dims add nothing to any product; a padded session row gets exp(0) = 1
@@ -15,8 +15,8 @@
 // in the backward is 0).
 //
 // Sums run in two levels: each 96-item group is summed from zero (in registers), and those group
-// sums are added to the running totals (the row sums in double). One float sum over a thread's
-// 20k items lost about 8x the accuracy of PyTorch's blockwise sums.
+// sums are added to the unit's running totals (the row sums in double). One float sum over 20k
+// items lost about 8x the accuracy of PyTorch's blockwise sums.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -29,6 +29,10 @@ namespace {
 
 constexpr int W = 24;  // items per panel: three 8-float vectors
 constexpr int NP = 4;  // panels per update of the session-gradient sum (96 items)
+// Panels per unit of work (a multiple of NP): threads take units as they free up, so a core
+// slowed by a neighbour does not hold the other back, and the forward's partial sums are kept
+// per unit, making the result independent of the thread count.
+constexpr int64_t CHUNK = 48;
 
 // 2^x for |x| < 126: 2^n times the Taylor series of 2^f = e^(f ln 2), f in [-0.5, 0.5], to
 // degree 7 (truncation error below 6e-9, under float rounding).
@@ -408,18 +412,17 @@ struct Backward {
   }
 };
 
-// body(thread, first panel, end panel) on `threads` threads of the OpenMP runtime torch loaded
-// (same soname, so the same pool: a second pool's threads would compete with torch's while they
-// spin after its last parallel op).
+// body(unit, first panel, end panel) for every unit of CHUNK panels, on `threads` threads of the
+// OpenMP runtime torch loaded (same soname, so the same pool: a second pool's threads would
+// compete with torch's while they spin after its last parallel op).
 template <class F>
-void split(int64_t panels, int threads, F&& body) {
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, panels)));
-#pragma omp parallel num_threads(threads)
-  {
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    body(t, panels * t / nt, panels * (t + 1) / nt);
-  }
+void chunked(int64_t panels, int threads, F&& body) {
+  const int64_t chunks = (panels + CHUNK - 1) / CHUNK;
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, chunks)));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t c = 0; c < chunks; ++c) body(c, c * CHUNK, std::min(panels, (c + 1) * CHUNK));
 }
+
 
 }  // namespace
 
@@ -427,20 +430,21 @@ extern "C" {
 
 int fedenc_softmax_panel() { return W; }
 
-// sums: [threads][bpad], acc: [threads][bpad][dp] zeroed, or null; both per-thread partials.
-// Returns the number of threads used (the partials past it are left untouched).
+int fedenc_softmax_chunk() { return static_cast<int>(CHUNK); }
+
+// sums: [units][bpad], acc: [units][bpad][dp] or null: each unit of CHUNK panels' partial sums
+// (acc zeroed here), for the caller to add in unit order. Returns the number of units.
 // r: out, n inverse norms (the items are then normalised), or null (items as they are).
 int fedenc_softmax_forward(const float* S, int bpad, int d, int dp, const float* E, int64_t ld,
                            float* r, int64_t n, float* Z, float* sums, float* acc, int threads) {
   const Forward f{S, bpad, d, dp, E, ld, r, n, Z};
   const int64_t panels = (n + W - 1) / W;
-  int used = 1;
-  split(panels, threads, [&](int t, int64_t p0, int64_t p1) {
-    if (t == 0) used = omp_get_num_threads();
-    f.run(p0, p1, sums + static_cast<int64_t>(t) * bpad,
-          acc ? acc + static_cast<int64_t>(t) * bpad * dp : nullptr);
+  chunked(panels, threads, [&](int64_t c, int64_t p0, int64_t p1) {
+    float* a = acc ? acc + c * bpad * dp : nullptr;
+    if (a) std::fill(a, a + static_cast<int64_t>(bpad) * dp, 0.0f);
+    f.run(p0, p1, sums + c * bpad, a);
   });
-  return used;
+  return static_cast<int>((panels + CHUNK - 1) / CHUNK);
 }
 
 void fedenc_softmax_backward(const float* SF, int bpad, int d, int dp, const float* E, int64_t ld,
@@ -448,7 +452,7 @@ void fedenc_softmax_backward(const float* SF, int bpad, int d, int dp, const flo
                              int threads) {
   const Backward b{SF, bpad, d, dp, const_cast<float*>(E), ld, r, n, Z, G, ldg, nullptr};
   const int64_t panels = (n + W - 1) / W;
-  split(panels, threads, [&](int, int64_t p0, int64_t p1) { b.run(p0, p1); });
+  chunked(panels, threads, [&](int64_t, int64_t p0, int64_t p1) { b.run(p0, p1); });
 }
 
 // The backward with Adam applied to every item row in place of writing G: E, M, V updated.
@@ -462,7 +466,7 @@ void fedenc_softmax_backward_adam(const float* SF, int bpad, int d, int dp, floa
   const AdamRows a{M, V, ldm, lr_c1, one_b1, b2, one_b2, inv_c2, eps, wd, xidx, xoff, xrows, xm};
   const Backward b{SF, bpad, d, dp, E, ld, r, n, Z, nullptr, 0, &a};
   const int64_t panels = (n + W - 1) / W;
-  split(panels, threads, [&](int, int64_t p0, int64_t p1) { b.run(p0, p1); });
+  chunked(panels, threads, [&](int64_t, int64_t p0, int64_t p1) { b.run(p0, p1); });
 }
 
 // The same Adam step of rows [0, n) of P from a dense gradient G (rows ldg apart): what the
@@ -474,7 +478,7 @@ void fedenc_adam_rows(float* P, int64_t ldp, const float* G, int64_t ldg, int64_
   const AdamRows a{M, V, ldm, lr_c1, one_b1, b2, one_b2, inv_c2, eps, wd, nullptr, nullptr, nullptr, 0};
   const __m256i tail = lanes_below(d - 8 * (d / 8));
   const int64_t blocks = (n + W - 1) / W;
-  split(blocks, threads, [&](int, int64_t b0, int64_t b1) {
+  chunked(blocks, threads, [&](int64_t, int64_t b0, int64_t b1) {
     int64_t x = 0;
     for (int64_t row = b0 * W; row < std::min(n, b1 * W); ++row)
       a.step(row, P + row * ldp, G + row * ldg, false, d, tail, x);

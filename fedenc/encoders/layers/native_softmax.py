@@ -285,6 +285,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     lib.fedenc_softmax_panel.restype = i
+    lib.fedenc_softmax_chunk.restype = i
     lib.fedenc_softmax_forward.argtypes = [p, i, i, i, p, i64, p, i64, p, p, p, i]
     lib.fedenc_softmax_forward.restype = i
     lib.fedenc_softmax_backward.argtypes = [p, i, i, i, p, i64, p, i64, p, p, i64, i]
@@ -296,12 +297,13 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.fedenc_softmax_backward_adam.restype = None
     lib.fedenc_adam_rows.argtypes = [p, i64, p, i64, i64, i, p, p, i64, f, f, f, f, f, f, f, i]
     lib.fedenc_adam_rows.restype = None
-    if lib.fedenc_softmax_panel() != PANEL:
-        raise RuntimeError(f"{path} has another panel width than {PANEL}")
+    if lib.fedenc_softmax_panel() != PANEL or lib.fedenc_softmax_chunk() != CHUNK:
+        raise RuntimeError(f"{path} has another panel width or unit than {PANEL}, {CHUNK}")
     return lib
 
 
 PANEL = 24  # items per panel, as in the kernels
+CHUNK = 48  # panels per unit of work, each with its own partial sums, as in the kernels
 
 
 def _ensure_library() -> ctypes.CDLL:
@@ -335,16 +337,18 @@ def forward(
     b, d = scaled_session.shape
     n = items.shape[0]
     bpad, dp = -(-b // 4) * 4, -(-d // 8) * 8
-    threads = max(1, torch.get_num_threads())
+    panels = -(-n // PANEL)
+    units = -(-panels // CHUNK)
     s = _interleave4(scaled_session.detach(), bpad, d)
     f32 = torch.float32  # whatever the default dtype: the kernels write float32
-    z = torch.empty(-(-n // PANEL) * bpad * PANEL, dtype=f32)
-    sums = torch.zeros(threads, bpad, dtype=f32)
-    acc = torch.zeros(threads, bpad, dp, dtype=f32) if want_acc else None
+    z = torch.empty(panels * bpad * PANEL, dtype=f32)
+    # Each unit's partial sums (the kernels fill them), added here in unit order.
+    sums = torch.empty(units, bpad, dtype=f32)
+    acc = torch.empty(units, bpad, dp, dtype=f32) if want_acc else None
     r = torch.empty(n, dtype=f32) if normalize else None
     lib.fedenc_softmax_forward(
         _ptr(s), bpad, d, dp, _ptr(items), items.stride(0), _ptr(r), n, _ptr(z),
-        _ptr(sums), _ptr(acc), threads,
+        _ptr(sums), _ptr(acc), max(1, torch.get_num_threads()),
     )  # fmt: skip
     calls += 1
     total = sums.sum(0)[:b]
