@@ -1,6 +1,6 @@
 """The native full-softmax kernels give the loss and gradients of autograd's expression, are
-deterministic whatever the thread count, fall back to the PyTorch path when they cannot be built, and
-are used by the encoders' training loss."""
+deterministic whatever the thread count, fall back to the PyTorch path when they cannot be
+built, and are used by the encoders' training loss."""
 
 from __future__ import annotations
 
