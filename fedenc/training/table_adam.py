@@ -102,12 +102,7 @@ class TableAdam(torch.optim.Adam):
         table = self._native_table() if closure is None else None
         if pending is not None and (table is None or pending.table.grad is not None):
             # Another gradient of the table as well (or no kernel step): the sum, dense.
-            grad = pending.materialize()
-            with torch.no_grad():
-                if pending.table.grad is None:
-                    pending.table.grad = grad
-                else:
-                    pending.table.grad += grad
+            pending.accumulate()
             pending = None
         dense = None
         if pending is None and table is not None and table.grad is not None:

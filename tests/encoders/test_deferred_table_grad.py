@@ -80,19 +80,25 @@ def test_sparse_rows_are_grouped_in_order_and_skip_padding() -> None:
     assert rows[:, 0].tolist() == [2.0, 9.0, 0.0, 3.0]  # each item's rows in the order added
 
 
-def test_the_deferred_step_is_the_dense_step_bit_for_bit() -> None:
-    """Adam from the deferred gradient equals adam_rows on the materialised one, bit for bit:
-    what lets the elastic data server (dense gradients) match the trainer exactly."""
+def _deferred_with_moments(seed: int):
+    """A deferred gradient over 300 items of width 20 (a masked tail vector), its dense form,
+    and random Adam moments for the table."""
     model, batch = _model_and_batch(items=300, hidden=20)
     table = model.embedding.weight
     with deferring(table) as slot:
         model.loss(batch).backward()
         pending = slot.take()
     assert pending is not None
-    grad = pending.materialize()
-    gen = torch.Generator().manual_seed(2)
-    m0 = torch.randn(table.shape, generator=gen) * 1e-2
-    v0 = torch.rand(table.shape, generator=gen) * 1e-4
+    gen = torch.Generator().manual_seed(seed)
+    exp_avg = torch.randn(table.shape, generator=gen) * 1e-2
+    exp_avg_sq = torch.rand(table.shape, generator=gen) * 1e-4
+    return table, pending, pending.materialize(), exp_avg, exp_avg_sq
+
+
+def test_the_deferred_step_is_the_dense_step_bit_for_bit() -> None:
+    """Adam from the deferred gradient equals adam_rows on the materialised one, bit for bit:
+    what lets the elastic data server (dense gradients) match the trainer exactly."""
+    table, pending, grad, m0, v0 = _deferred_with_moments(seed=2)
     hyper = AdamHyper.of(3e-3, 0.9, 0.999, 1e-8, 1e-4, 3)
     dense, m1, v1 = table.detach().clone(), m0.clone(), v0.clone()
     native_softmax.adam_rows(dense, grad, m1, v1, hyper)
@@ -104,16 +110,7 @@ def test_the_deferred_step_is_the_dense_step_bit_for_bit() -> None:
 
 @pytest.mark.parametrize(("weight_decay", "step"), [(0.0, 1), (1e-5, 1), (1e-2, 7)])
 def test_adam_step_is_torch_adam_on_the_dense_gradient(weight_decay: float, step: int) -> None:
-    model, batch = _model_and_batch(items=300, hidden=20)  # d = 20: a masked tail vector
-    table = model.embedding.weight
-    with deferring(table) as slot:
-        model.loss(batch).backward()
-        pending = slot.take()
-    assert pending is not None
-    grad = pending.materialize()
-    gen = torch.Generator().manual_seed(1)
-    exp_avg = torch.randn(table.shape, generator=gen) * 1e-2
-    exp_avg_sq = torch.rand(table.shape, generator=gen) * 1e-4
+    table, pending, grad, exp_avg, exp_avg_sq = _deferred_with_moments(seed=1)
     lr, betas, eps = 3e-3, (0.9, 0.999), 1e-8
     ref_param = table.detach().clone()
     ref_m, ref_v = exp_avg.clone(), exp_avg_sq.clone()

@@ -79,6 +79,15 @@ class DeferredTableGrad:
         grad.index_add_(0, index, rows)
         return grad.to(self.table.dtype)
 
+    def accumulate(self) -> None:
+        """Add the dense gradient to ``table.grad``, as autograd would have."""
+        grad = self.materialize()
+        with torch.no_grad():
+            if self.table.grad is None:
+                self.table.grad = grad
+            else:
+                self.table.grad += grad
+
     def adam_step(self, exp_avg: Tensor, exp_avg_sq: Tensor, hyper: AdamHyper) -> None:
         """One Adam step of the whole table (L2 weight decay, no amsgrad) with this gradient:
         the items' rows in the backward kernel, row 0 (gradient 0) here. ``exp_avg`` and
@@ -114,14 +123,8 @@ class DeferralSlot:
     def settle(self) -> None:
         """Add a deferred gradient no step took to ``table.grad``, as autograd would have."""
         pending = self.take()
-        if pending is None:
-            return
-        grad = pending.materialize()
-        with torch.no_grad():
-            if self.table.grad is None:
-                self.table.grad = grad
-            else:
-                self.table.grad += grad
+        if pending is not None:
+            pending.accumulate()
 
 
 _slot: ContextVar[DeferralSlot | None] = ContextVar("fedenc_deferral_slot", default=None)
