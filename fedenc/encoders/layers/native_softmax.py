@@ -5,7 +5,9 @@ the items are normalised (the default ``srgnn``); that path runs here when it ca
 panels of 24 items, each panel's unit item vectors packed once into L1 and every product, ``exp``
 and sum on it done while it is there, instead of MKL's products and torch's passes over 1.6 MB
 blocks. On the 2-core reference machine the loss's forward and backward take about 0.7x the
-time, a Diginetica training step 0.77-0.93x (``benchmarks/speed.py`` prints both paths).
+time; with the item table's Adam step inside the backward kernel (:func:`backward_adam`,
+:mod:`fedenc.training.table_adam`) a Diginetica training step takes 0.72x
+(``benchmarks/speed.py`` prints both paths).
 
 The kernels are compiled on first use (``$CXX`` or ``g++``, about 2 s) into
 ``$FEDENC_CACHE_DIR`` (default ``~/.cache/fedenc``), keyed by a hash of the source and flags, and
