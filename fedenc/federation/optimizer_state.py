@@ -117,7 +117,8 @@ def import_moments(
         # Adam keeps its step as a float32 tensor (on the parameter's device when fused).
         step = moments[f"{name}/step"].reshape(()).to(torch.float32)
         optimizer.state[p] = {
-            "step": step.to(p.device) if fused else step.clone(),
+            # A copy: the optimizer steps it in place, and the caller's moments stay as given.
+            "step": step.to(p.device, copy=True) if fused else step.clone(),
             "exp_avg": moments[f"{name}/exp_avg"].to(p.device, copy=True),
             "exp_avg_sq": moments[f"{name}/exp_avg_sq"].to(p.device, copy=True),
         }

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from fedenc.encoders.layers import native_softmax
-from fedenc.encoders.layers.deferred_table_grad import DeferralSlot, deferring
+from fedenc.encoders.layers.deferred_table_grad import DeferralSlot, deferring, suspended
 from fedenc.encoders.layers.native_softmax import AdamHyper
 
 
@@ -96,6 +96,12 @@ class TableAdam(torch.optim.Adam):
             finally:
                 self._slot = None
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Adam's, and a deferred table gradient not yet stepped is dropped with the rest."""
+        if self._slot is not None:
+            self._slot.take()
+        super().zero_grad(set_to_none)
+
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
         slot = self._slot
         pending = slot.take() if slot is not None else None
@@ -111,7 +117,11 @@ class TableAdam(torch.optim.Adam):
             else:
                 dense, table.grad = table.grad, None  # torch's Adam skips it
         try:
-            loss = super().step(closure)
+            loss = self._adam_step(closure)
+        except BaseException:
+            if pending is not None and slot is not None:
+                slot.pending = pending  # not stepped: settled into .grad when the block ends
+            raise
         finally:
             if dense is not None and table is not None:
                 table.grad = dense
@@ -127,6 +137,22 @@ class TableAdam(torch.optim.Adam):
             torch.autograd.graph.increment_version(table)
         return loss
 
+    def _adam_step(self, closure: Callable[[], float] | None) -> Any:
+        """torch's Adam step, without the optimizer hooks a second time (torch wraps each
+        optimizer class's ``step`` with them, Adam's too once a plain Adam exists), and with a
+        closure's loss taking its table gradient dense (torch's Adam steps it then)."""
+        adam_step = torch.optim.Adam.step
+        if getattr(adam_step, "hooked", False):
+            adam_step = adam_step.__wrapped__  # type: ignore[attr-defined]
+        if closure is None:
+            return adam_step(self, None)
+
+        def dense_closure() -> float:
+            with suspended():
+                return closure()
+
+        return adam_step(self, dense_closure)
+
     @torch.no_grad()
     def _step_table(
         self, table: Tensor, update: Callable[[AdamHyper, Tensor, Tensor], None]
@@ -137,7 +163,6 @@ class TableAdam(torch.optim.Adam):
             state["step"] = torch.zeros((), dtype=torch.float32, device=table.device)
             state["exp_avg"] = torch.zeros_like(table, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(table, memory_format=torch.preserve_format)
-        state["step"] += 1
         beta1, beta2 = group["betas"]
         hyper = AdamHyper.of(
             float(group["lr"]),
@@ -145,9 +170,10 @@ class TableAdam(torch.optim.Adam):
             float(beta2),
             float(group["eps"]),
             float(group["weight_decay"]),
-            float(state["step"]),
+            float(state["step"]) + 1,
         )
         update(hyper, state["exp_avg"], state["exp_avg_sq"])
+        state["step"] += 1  # after the update: a failed one leaves the count as it was
 
 
 @contextmanager

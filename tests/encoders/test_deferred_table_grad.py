@@ -130,3 +130,33 @@ def test_adam_step_is_torch_adam_on_the_dense_gradient(weight_decay: float, step
     torch.testing.assert_close(exp_avg, ref_m, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(exp_avg_sq, ref_v, rtol=1e-5, atol=1e-12)
     assert table._version > 0  # autograd sees the in-place update
+
+
+def test_the_kernel_wrappers_refuse_bad_input() -> None:
+    table, pending, grad, exp_avg, exp_avg_sq = _deferred_with_moments(seed=3)
+    items = table.detach()[1:]
+    hyper = AdamHyper.of(1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
+    good = (torch.tensor([1, 4]), torch.tensor([0, 1, 3]), torch.zeros(3, 20))
+
+    def call(index, offsets, rows, session_f=None, inv_norm=pending.inv_norm):
+        native_softmax.backward_adam(
+            pending.blocks, pending.session_f if session_f is None else session_f, items,
+            inv_norm, exp_avg[1:], exp_avg_sq[1:], index, offsets, rows, hyper,
+        )  # fmt: skip
+
+    with pytest.raises(ValueError, match="sorted, distinct"):
+        call(torch.tensor([4, 1]), good[1], good[2])
+    with pytest.raises(ValueError, match="sorted, distinct"):
+        call(torch.tensor([1, 300]), good[1], good[2])
+    with pytest.raises(ValueError, match="start at 0"):
+        call(good[0], torch.tensor([1, 2, 3]), torch.zeros(3, 20))
+    with pytest.raises(ValueError, match="session_f must be a float32"):
+        call(*good, session_f=pending.session_f.double())
+    with pytest.raises(ValueError, match="inv_norm must have"):
+        call(*good, inv_norm=pending.inv_norm[:-1])
+    with pytest.raises(ValueError, match="rows, 20 or more apart"):
+        native_softmax.adam_rows(
+            items.as_strided((4, 20), (1, 1)), grad[1:5], exp_avg[1:5], exp_avg_sq[1:5], hyper
+        )
+    with pytest.raises(ValueError, match="starts at 1"):
+        AdamHyper.of(1e-3, 0.9, 0.999, 1e-8, 0.0, 0)

@@ -130,3 +130,60 @@ def test_dense_and_deferred_steps_give_the_same_table_bit_for_bit() -> None:
         rtol=0,
         atol=0,
     )
+
+
+def test_a_frozen_table_is_not_stepped() -> None:
+    model, opt, _, _ = _pair()
+    model.embedding.weight.requires_grad_(False)
+    before = model.embedding.weight.detach().clone()
+    training_step(model, opt, _batches(1)[0])
+    assert torch.equal(model.embedding.weight, before)
+    assert model.embedding.weight not in opt.state
+
+
+def test_a_closure_steps_the_table_as_torch_adam_does() -> None:
+    model, opt, twin, ref = _pair()
+    batch = _batches(1)[0]
+    for m, o in ((model, opt), (twin, ref)):
+
+        def closure(m=m, o=o) -> float:
+            o.zero_grad(set_to_none=True)
+            loss = m.loss(batch)
+            loss.backward()
+            return float(loss.detach())
+
+        with deferring_table(o, m.embedding.weight):
+            o.step(closure)
+    _assert_same(model, twin, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(model.embedding.weight, _pair()[0].embedding.weight)
+
+
+def test_zero_grad_drops_a_deferred_gradient() -> None:
+    model, opt, _, _ = _pair()
+    before = model.embedding.weight.detach().clone()
+    with opt.deferring(model.embedding.weight):
+        model.loss(_batches(1)[0]).backward()
+        opt.zero_grad(set_to_none=True)
+        opt.step()
+    assert torch.equal(model.embedding.weight, before)
+    assert model.embedding.weight.grad is None
+
+
+def test_a_backward_after_the_block_gives_the_dense_gradient() -> None:
+    model, opt, twin, _ = _pair()
+    batch = _batches(1)[0]
+    with opt.deferring(model.embedding.weight):
+        loss = model.loss(batch)
+    loss.backward()
+    twin.loss(batch).backward()
+    torch.testing.assert_close(
+        model.embedding.weight.grad, twin.embedding.weight.grad, rtol=1e-5, atol=1e-7
+    )
+
+
+def test_step_hooks_run_once_even_after_a_plain_adam_exists() -> None:
+    model, opt, _, _ = _pair()  # _pair builds a plain torch Adam too
+    calls = []
+    opt.register_step_post_hook(lambda *_: calls.append(1))
+    training_step(model, opt, _batches(1)[0])
+    assert calls == [1]

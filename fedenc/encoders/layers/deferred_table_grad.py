@@ -108,13 +108,15 @@ class DeferredTableGrad:
 
 
 class DeferralSlot:
-    """Where a step's loss leaves the deferred gradient of ``table`` for the optimizer."""
+    """Where a step's loss leaves the deferred gradient of ``table`` for the optimizer. Once
+    its block has ended (``open`` false) a backward run later gives a dense gradient."""
 
-    __slots__ = ("pending", "table")
+    __slots__ = ("open", "pending", "table")
 
     def __init__(self, table: Tensor) -> None:
         self.table = table
         self.pending: DeferredTableGrad | None = None
+        self.open = True
 
     def take(self) -> DeferredTableGrad | None:
         pending, self.pending = self.pending, None
@@ -133,14 +135,28 @@ _slot: ContextVar[DeferralSlot | None] = ContextVar("fedenc_deferral_slot", defa
 @contextmanager
 def deferring(table: Tensor) -> Iterator[DeferralSlot]:
     """Within the block, a native loss over ``table`` leaves the table's gradient in the
-    returned slot instead of ``table.grad`` (see the module's docstring)."""
+    returned slot instead of ``table.grad`` (see the module's docstring). So inside the block
+    ``table.grad`` does not see it (gradient clipping, ``autograd.grad`` of the table): callers
+    that need it open no block."""
     slot = DeferralSlot(table)
     token = _slot.set(slot)
     try:
         yield slot
     finally:
         _slot.reset(token)
+        slot.open = False
         slot.settle()
+
+
+@contextmanager
+def suspended() -> Iterator[None]:
+    """Within the block no loss defers its table's gradient (an optimizer's closure that
+    recomputes the loss for torch's own step)."""
+    token = _slot.set(None)
+    try:
+        yield
+    finally:
+        _slot.reset(token)
 
 
 def current_slot(table: Tensor) -> DeferralSlot | None:
@@ -149,4 +165,4 @@ def current_slot(table: Tensor) -> DeferralSlot | None:
     return slot if slot is not None and slot.table is table else None
 
 
-__all__ = ["DeferralSlot", "DeferredTableGrad", "current_slot", "deferring"]
+__all__ = ["DeferralSlot", "DeferredTableGrad", "current_slot", "deferring", "suspended"]

@@ -57,8 +57,9 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
         inv_norm: Tensor | None
         ctx.slot = None
         if keep_exp and native_softmax.usable(session, items):
-            # A caller that takes the table's gradient deferred (.deferred_table_grad).
-            ctx.slot = current_slot(table)
+            # A caller that takes the table's gradient deferred (.deferred_table_grad); none
+            # when the table takes no gradient (frozen).
+            ctx.slot = current_slot(table) if ctx.needs_input_grad[1] else None
             # keep_exp implies normalize: the kernels take the norms while packing the items.
             blocks, sums, grad_acc, inv_norm = native_softmax.forward(
                 session * _LOG2E, items, True, any(ctx.needs_input_grad)
@@ -101,7 +102,7 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
         ctx.tie = None
         slot: DeferralSlot | None = ctx.slot
         ctx.slot = None
-        if isinstance(blocks, NativeBlocks) and slot is not None and slot.pending is None:
+        if isinstance(blocks, NativeBlocks) and slot and slot.open and slot.pending is None:
             # The optimizer takes the table's gradient unmaterialised; the tied lookup adds
             # its rows to it.
             deferred = _defer_kept(

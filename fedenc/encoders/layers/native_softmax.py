@@ -315,6 +315,12 @@ def _ensure_library() -> ctypes.CDLL:
     return lib
 
 
+def _check_float32_cpu(**tensors: Tensor) -> None:
+    for name, t in tensors.items():
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+
+
 def _ptr(t: Tensor | None) -> ctypes.c_void_p | None:
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
@@ -397,6 +403,8 @@ class AdamHyper:
     def of(
         cls, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: float
     ) -> AdamHyper:
+        if step < 1:
+            raise ValueError(f"an Adam step count starts at 1, got {step}")
         return cls(
             lr / (1.0 - beta1**step),
             1.0 - beta1,
@@ -427,14 +435,37 @@ def backward_adam(
     ..., ``extra_rows[extra_offsets[x + 1] - 1]`` added, one by one in that order."""
     lib = _ensure_library()
     n, d = items.shape
-    if n != blocks.num_items or session_f.shape[1] != d:
-        raise ValueError(f"items must be ({blocks.num_items}, {session_f.shape[1]})")
+    if n != blocks.num_items or session_f.dim() != 2 or session_f.shape[1] != d:
+        raise ValueError(f"items must be ({blocks.num_items}, {session_f.shape[-1]})")
     for name, t in (("items", items), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        if t.shape != (n, d) or t.stride() != (items.stride(0), 1) or t.dtype != torch.float32:
-            raise ValueError(f"{name} must be float32 ({n}, {d}) rows of stride {items.stride(0)}")
+        if (
+            t.shape != (n, d)
+            or t.stride() != (items.stride(0), 1)
+            or t.dtype != torch.float32
+            or t.device.type != "cpu"
+            or items.stride(0) < d
+        ):
+            raise ValueError(
+                f"{name} must be float32 CPU ({n}, {d}) rows of stride {items.stride(0)} >= {d}"
+            )
+    _check_float32_cpu(session_f=session_f, extra_rows=extra_rows)
+    if session_f.shape[0] > blocks.bpad:
+        raise ValueError(f"session_f has {session_f.shape[0]} rows, the blocks {blocks.bpad}")
+    if inv_norm is not None:
+        _check_float32_cpu(inv_norm=inv_norm)
+        if inv_norm.shape != (n,):
+            raise ValueError(f"inv_norm must have {n} entries, got {tuple(inv_norm.shape)}")
     m = extra_index.numel()
-    if extra_offsets.shape != (m + 1,):
-        raise ValueError(f"extra_offsets must have {m + 1} entries")
+    if extra_index.dim() != 1 or extra_offsets.shape != (m + 1,):
+        raise ValueError(f"extra_index must be 1-D and extra_offsets have {m + 1} entries")
+    if m and (
+        bool((extra_index[1:] <= extra_index[:-1]).any())
+        or int(extra_index[0]) < 0
+        or int(extra_index[-1]) >= n
+    ):
+        raise ValueError(f"extra_index must be sorted, distinct item ids in [0, {n})")
+    if int(extra_offsets[0]) != 0 or bool((extra_offsets[1:] < extra_offsets[:-1]).any()):
+        raise ValueError("extra_offsets must start at 0 and never decrease")
     if extra_rows.shape != (int(extra_offsets[-1]), d):
         raise ValueError(f"extra_rows must be ({int(extra_offsets[-1])}, {d})")
     sf = _interleave4(session_f.detach().t(), blocks.dp, blocks.bpad)
@@ -472,10 +503,11 @@ def adam_rows(
         if (
             t.shape != (n, d)
             or t.stride(1) != 1
+            or (n > 1 and t.stride(0) < d)
             or t.dtype != torch.float32
             or t.device.type != "cpu"
         ):
-            raise ValueError(f"{name} must be float32 CPU ({n}, {d}) rows of unit column stride")
+            raise ValueError(f"{name} must be float32 CPU ({n}, {d}) rows, {d} or more apart")
     if exp_avg.stride(0) != exp_avg_sq.stride(0):
         raise ValueError("exp_avg and exp_avg_sq must have the same row stride")
     h = hyper
