@@ -7,8 +7,8 @@ Two ways to score, a trade-off between exactness and memory:
 * ``full`` (catalogs that fit): the model keeps its whole embedding, which *is* the built-in
   PS's local table (slot = item id). Training is the plain trainer's step (full softmax over
   every item, the trainer's Adam on a dense gradient), equal to it to float rounding (about
-  3e-8: the exchanges reorder a few sums), not bit for bit. Its cost: the full softmax's gradient touches every row on every
-  batch, so each exchange pushes and pulls the whole table.
+  3e-8: the exchanges reorder a few sums), not bit for bit. Its cost: the full softmax's
+  gradient touches every row on every batch, so each exchange pushes and pulls the whole table.
 * ``sampled`` (catalogs larger than the trainer's memory): the model has no item table; each
   batch resolves the rows it touches (its clicked items, its targets and ``negatives`` items
   drawn uniformly from the catalog), pulls those the built-in PS lacks, and scores sessions
