@@ -9,6 +9,7 @@ import torch
 from fedenc.data.batching import batch_from_sessions
 from fedenc.encoders.layers import native_softmax
 from fedenc.encoders.layers.deferred_table_grad import deferring
+from fedenc.encoders.layers.full_softmax import full_softmax_cross_entropy
 from fedenc.encoders.layers.native_softmax import AdamHyper
 from fedenc.encoders.registry import build_encoder
 
@@ -160,3 +161,62 @@ def test_the_kernel_wrappers_refuse_bad_input() -> None:
         )
     with pytest.raises(ValueError, match="starts at 1"):
         AdamHyper.of(1e-3, 0.9, 0.999, 1e-8, 0.0, 0)
+
+
+def test_the_adam_kernels_across_units_of_work() -> None:
+    """Three units of work (2 threads), extra rows on the units' edges and repeated: adam_rows
+    is torch's Adam to float rounding, and backward_adam is adam_rows bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        n, d = 24 * 2 * native_softmax.CHUNK + 5, 13  # a masked tail vector too
+        gen = torch.Generator().manual_seed(3)
+        items = torch.randn(n, d, generator=gen)
+        session = torch.nn.functional.normalize(torch.randn(6, d, generator=gen), dim=1) * 4
+        blocks, _, _, r = native_softmax.forward(session * 1.4426950408889634, items, True, False)
+        session_f = torch.randn(6, d, generator=gen) * 0.01
+        unit = 24 * native_softmax.CHUNK
+        index = torch.tensor([0, unit - 1, unit, unit, 2 * unit - 1, 2 * unit, 2 * unit, n - 1])
+        rows = torch.randn(len(index), d, generator=gen)
+        hyper = AdamHyper.of(1e-2, 0.9, 0.999, 1e-8, 1e-2, 2)
+        m0, v0 = torch.randn(n, d, generator=gen) * 1e-2, torch.rand(n, d, generator=gen) * 1e-4
+        grad = torch.empty(n, d)
+        native_softmax.backward(blocks, session_f, items, r, grad)
+        grad.index_add_(0, index, rows)
+        ref_p, ref_m, ref_v = items.clone(), m0.clone(), v0.clone()
+        torch._fused_adam_(
+            [ref_p], [grad], [ref_m], [ref_v], [], [torch.tensor(2.0)], lr=1e-2, beta1=0.9,
+            beta2=0.999, weight_decay=1e-2, eps=1e-8, amsgrad=False, maximize=False,
+        )  # fmt: skip
+        p1, m1, v1 = items.clone(), m0.clone(), v0.clone()
+        native_softmax.adam_rows(p1, grad, m1, v1, hyper)
+        moved = float((ref_p - items).abs().max())
+        torch.testing.assert_close(p1, ref_p, rtol=0, atol=moved * 1e-4)
+        torch.testing.assert_close(v1, ref_v, rtol=1e-5, atol=1e-12)
+        uniq, counts = torch.unique_consecutive(index, return_counts=True)
+        offsets = torch.zeros(len(uniq) + 1, dtype=torch.int64)
+        torch.cumsum(counts, 0, out=offsets[1:])
+        p2, m2, v2 = items.clone(), m0.clone(), v0.clone()
+        native_softmax.backward_adam(blocks, session_f, p2, r, m2, v2, uniq, offsets, rows, hyper)
+        assert torch.equal(p2, p1) and torch.equal(m2, m1) and torch.equal(v2, v1)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_rows_of_huge_norm_keep_their_gradient(monkeypatch) -> None:
+    # r^3 alone underflows for norms past ~1e13; the kernels form r (h.e) r^2 as the PyTorch
+    # path does.
+    gen = torch.Generator().manual_seed(4)
+    table = torch.randn(51, 16, generator=gen)
+    table[5] *= 3e15
+    session = torch.nn.functional.normalize(torch.randn(4, 16, generator=gen), dim=1) * 5
+    targets = torch.tensor([5, 9, 17, 50])
+    t64 = table.double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(
+        session.double() @ torch.nn.functional.normalize(t64[1:], dim=1).t(), targets - 1
+    )
+    (want,) = torch.autograd.grad(ref, t64)
+    monkeypatch.setenv(native_softmax.ENV_SWITCH, "1")
+    t = table.clone().requires_grad_()
+    (got,) = torch.autograd.grad(full_softmax_cross_entropy(session, t, targets, True), t)
+    assert float((got[5].double() - want[5]).norm() / want[5].norm()) < 1e-5

@@ -397,7 +397,8 @@ struct Backward {
                                   dot);
           const float rj = r[row];
           const __m256 rv = _mm256_set1_ps(rj);
-          const __m256 coef = _mm256_set1_ps(rj * rj * rj * sum8(dot));
+          // r (h.e) first: r^3 alone leaves float's normal range for rows past norm ~1e13.
+          const __m256 coef = _mm256_set1_ps(rj * sum8(dot) * (rj * rj));
           for (int k = 0; k < full; ++k)
             _mm256_storeu_ps(out + 8 * k, _mm256_fnmadd_ps(coef, _mm256_loadu_ps(e + 8 * k),
                                                            _mm256_mul_ps(rv, _mm256_loadu_ps(h + 8 * k))));
