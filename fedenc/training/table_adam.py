@@ -55,10 +55,9 @@ class TableAdam(torch.optim.Adam):
             return None
         if not table.is_contiguous():
             return None
-        groups = [g for g in self.param_groups if any(p is table for p in g["params"])]
-        if len(groups) != 1:
+        g = self._group_of(table)
+        if g is None:
             return None
-        g = groups[0]
         if (
             g["amsgrad"]
             or g["maximize"]
@@ -69,6 +68,11 @@ class TableAdam(torch.optim.Adam):
         ):
             return None
         return table if native_softmax.library() is not None else None
+
+    def _group_of(self, table: Tensor) -> dict[str, Any] | None:
+        """The one param group holding ``table``; None if none or several do."""
+        groups = [g for g in self.param_groups if any(p is table for p in g["params"])]
+        return groups[0] if len(groups) == 1 else None
 
     def _state_fits(self, table: Tensor) -> bool:
         """Whether the table's Adam state (if any) is laid out as the kernels need it."""
@@ -157,7 +161,8 @@ class TableAdam(torch.optim.Adam):
     def _step_table(
         self, table: Tensor, update: Callable[[AdamHyper, Tensor, Tensor], None]
     ) -> None:
-        group = next(g for g in self.param_groups if any(p is table for p in g["params"]))
+        group = self._group_of(table)
+        assert group is not None  # _native_table checked it
         state = self.state[table]
         if len(state) == 0:  # as torch's Adam initialises it (fused: step on the device)
             state["step"] = torch.zeros((), dtype=torch.float32, device=table.device)

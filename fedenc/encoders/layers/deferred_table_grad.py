@@ -26,6 +26,7 @@ from torch import Tensor
 
 from fedenc.encoders.layers import native_softmax
 from fedenc.encoders.layers.native_softmax import AdamHyper, NativeBlocks
+from fedenc.encoders.layers.tied_lookup import accumulate_grad
 
 
 @dataclass
@@ -81,12 +82,7 @@ class DeferredTableGrad:
 
     def accumulate(self) -> None:
         """Add the dense gradient to ``table.grad``, as autograd would have."""
-        grad = self.materialize()
-        with torch.no_grad():
-            if self.table.grad is None:
-                self.table.grad = grad
-            else:
-                self.table.grad += grad
+        accumulate_grad(self.table, self.materialize())
 
     def adam_step(self, exp_avg: Tensor, exp_avg_sq: Tensor, hyper: AdamHyper) -> None:
         """One Adam step of the whole table (L2 weight decay, no amsgrad) with this gradient:

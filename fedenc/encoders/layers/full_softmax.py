@@ -288,25 +288,32 @@ def _backward_kept(
     only, and added after the blocks: no per-block search for targets (nor a host sync).
     The native kernels' blocks (:mod:`.native_softmax`) get the same sums, every item row
     written by the kernels in one pass."""
-    factor = scale * torch.exp(-lse)
-    grad_s.addcmul_(grad_acc, factor[:, None])
-    s_f = session * factor[:, None]
+    s_f = _session_share(session, lse, scale, grad_s, grad_acc)
     if isinstance(blocks, NativeBlocks):
         n = blocks.num_items
         native_softmax.backward(blocks, s_f, items, inv_norm, grad_table[1 + lo : 1 + lo + n])
-        _one_hot_part(lo, n, session, items, inv_norm, cols, scale, grad_s, grad_table)
-        return
-    n = sum(z.shape[0] for z in blocks)
-    # Last block first: the forward's last blocks and items are the ones still in cache.
-    b = lo + n
-    for z in reversed(blocks):
-        a = b - z.shape[0]
-        out = grad_table[1 + a : 1 + b]
-        torch.mm(z, s_f, out=out)
-        if inv_norm is not None:
-            _unit_backward(out, items[a:b], inv_norm[a:b, None])
-        b = a
-    _one_hot_part(lo, n, session, items, inv_norm, cols, scale, grad_s, grad_table)
+    else:
+        n = sum(z.shape[0] for z in blocks)
+        # Last block first: the forward's last blocks and items are the ones still in cache.
+        b = lo + n
+        for z in reversed(blocks):
+            a = b - z.shape[0]
+            out = grad_table[1 + a : 1 + b]
+            torch.mm(z, s_f, out=out)
+            if inv_norm is not None:
+                _unit_backward(out, items[a:b], inv_norm[a:b, None])
+            b = a
+    grad_table.index_add_(0, *_one_hot_rows(lo, n, session, items, inv_norm, cols, scale, grad_s))
+
+
+def _session_share(
+    session: Tensor, lse: Tensor, scale: Tensor, grad_s: Tensor, grad_acc: Tensor
+) -> Tensor:
+    """Adds ``diag(f) Σ_j Z_jᵀ ê_j`` (``grad_acc``, summed in the forward) to ``grad_s`` and
+    returns the rows ``f_b s_b`` the table's gradient takes, for ``f = scale·exp(−lse)``."""
+    factor = scale * torch.exp(-lse)
+    grad_s.addcmul_(grad_acc, factor[:, None])
+    return session * factor[:, None]
 
 
 def _defer_kept(
@@ -323,31 +330,13 @@ def _defer_kept(
     """:func:`_backward_kept` over the whole catalog with the table's gradient left deferred:
     ``grad_s`` is completed, the table's share kept as the blocks, the rows ``f_b s_b`` and the
     one-hot part's sparse rows (:mod:`.deferred_table_grad`)."""
-    factor = scale * torch.exp(-lse)
-    grad_s.addcmul_(grad_acc, factor[:, None])
-    deferred = DeferredTableGrad(table, blocks, session * factor[:, None], inv_norm)
+    s_f = _session_share(session, lse, scale, grad_s, grad_acc)
+    deferred = DeferredTableGrad(table, blocks, s_f, inv_norm)
     rows, g_t = _one_hot_rows(
         0, blocks.num_items, session, table[1:], inv_norm, cols, scale, grad_s
     )
     deferred.add_rows(rows, g_t)
     return deferred
-
-
-def _one_hot_part(
-    lo: int,
-    n: int,
-    session: Tensor,
-    items: Tensor,
-    inv_norm: Tensor | None,
-    cols: Tensor,
-    scale: Tensor,
-    grad_s: Tensor,
-    grad_table: Tensor,
-) -> None:
-    """The ``-scale·onehot(t)`` part of the softmax gradient, for the sessions whose target lies
-    in items ``lo..lo+n`` (the others weigh 0), added to ``grad_s`` and ``grad_table``."""
-    rows, g_t = _one_hot_rows(lo, n, session, items, inv_norm, cols, scale, grad_s)
-    grad_table.index_add_(0, rows, g_t)
 
 
 def _one_hot_rows(
@@ -360,8 +349,9 @@ def _one_hot_rows(
     scale: Tensor,
     grad_s: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`_one_hot_part`'s session share added to ``grad_s``; its table share returned as
-    table rows (B,) and their gradient rows (B, d), 0 for targets outside the range."""
+    """The ``-scale·onehot(t)`` part of the softmax gradient, for the sessions whose target lies
+    in items ``lo..lo+n`` (the others weigh 0): its session share added to ``grad_s``, its table
+    share returned as table rows (B,) and their gradient rows (B, d)."""
     here = ((cols >= lo) & (cols < lo + n)).to(session.dtype)[:, None]
     col = cols.clamp(lo, lo + n - 1)
     e_t = items[col]

@@ -100,19 +100,17 @@ inline float inverse_norm(const float* e, int d, int full, __m256i tail) {
 }
 
 // Q[j][k] = r_j e_jk for the panel's w items (item-major, dp wide; zero past d and past w) and
-// P = Qᵀ (dp x W, k-major): the layout whose rows the tiles load along items. r_j comes from
-// r (null: 1), or, with r_out, is each row's inverse norm, computed here and written there (the
-// rows are read here anyway: a separate pass over the table cost about 1 ms a step).
-void pack(const float* E, int64_t ld, const float* r, float* r_out, int w, int d, int dp,
-          float* P, float* Q) {
+// P = Qᵀ (dp x W, k-major): the layout whose rows the tiles load along items. r_j is 1, or,
+// with r_out, each row's inverse norm, computed here and written there (the rows are read here
+// anyway: a separate pass over the table cost about 1 ms a step).
+void pack(const float* E, int64_t ld, float* r_out, int w, int d, int dp, float* P, float* Q) {
   const int full = d / 8;
   const __m256i tail = lanes_below(d - 8 * full);
   for (int j = 0; j < W; ++j) {
     float* q = Q + j * dp;
     if (j < w) {
       const float* e = E + j * ld;
-      float rj = r ? r[j] : 1.0f;
-      if (r_out) rj = r_out[j] = inverse_norm(e, d, full, tail);
+      const float rj = r_out ? (r_out[j] = inverse_norm(e, d, full, tail)) : 1.0f;
       const __m256 s = _mm256_set1_ps(rj);
       for (int v = 0; v < full; ++v)
         _mm256_storeu_ps(q + 8 * v, _mm256_mul_ps(_mm256_loadu_ps(e + 8 * v), s));
@@ -219,8 +217,7 @@ struct Forward {
         const int64_t p = sp + pp;
         const int64_t j0 = p * W;
         w = static_cast<int>(std::min<int64_t>(W, n - j0));  // only the last panel is short
-        pack(E + j0 * ld, ld, nullptr, r ? r + j0 : nullptr, w, d, dp, P.data(),
-             Q.data() + pp * W * dp);
+        pack(E + j0 * ld, ld, r ? r + j0 : nullptr, w, d, dp, P.data(), Q.data() + pp * W * dp);
         float* zp = Z + p * bpad * W;
         __m256 keep[3];  // exp2 of a padding lane's 0 is 1: zero it
         for (int v = 0; v < 3; ++v)

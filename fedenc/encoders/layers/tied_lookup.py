@@ -78,13 +78,17 @@ class TableGradTie:
     def settle(self) -> None:
         """Accumulate a gradient that no lookup took into ``table.grad``, as autograd would."""
         grad = self.take()
-        if grad is None:
-            return
-        with torch.no_grad():
-            if self.table.grad is None:
-                self.table.grad = grad
-            else:
-                self.table.grad += grad
+        if grad is not None:
+            accumulate_grad(self.table, grad)
+
+
+def accumulate_grad(table: Tensor, grad: Tensor) -> None:
+    """Add ``grad`` to ``table.grad`` (or make it that), as autograd accumulates a gradient."""
+    with torch.no_grad():
+        if table.grad is None:
+            table.grad = grad
+        else:
+            table.grad += grad
 
 
 _current: ContextVar[TableGradTie | None] = ContextVar("fedenc_table_grad_tie", default=None)
@@ -146,4 +150,4 @@ def tied_embedding(items: Tensor, table: Tensor) -> Tensor:
     return out
 
 
-__all__ = ["TableGradTie", "current_tie", "tied", "tied_embedding"]
+__all__ = ["TableGradTie", "accumulate_grad", "current_tie", "tied", "tied_embedding"]
